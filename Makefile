@@ -1,0 +1,50 @@
+# Tessera: the two commands a fresh machine needs are `make run` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= ./var
+PORT ?= 7790
+HOST ?= 127.0.0.1
+export TESSERA_KEY_PASSPHRASE_FILE ?=
+
+.PHONY: run test lint bench fuzz clean venv dev
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+dev: $(VENV)/.dev-installed
+
+# Initialises ./var (SQLite, vendor key, TLS CA + server certificate, first admin token)
+# on first use and serves HTTPS. Never waits for input.
+run: $(VENV)/.installed
+	@if [ ! -f $(DATA_DIR)/tessera.toml ]; then $(BIN)/tessera server init --data-dir $(DATA_DIR); fi
+	$(BIN)/tessera server run --data-dir $(DATA_DIR) --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.dev-installed
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy --strict src/tessera/core src/tessera/agent
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy --strict src/tessera/core src/tessera/agent
+
+bench: $(VENV)/.dev-installed
+	$(BIN)/python -m bench $(if $(QUICK),--quick,)
+
+fuzz: $(VENV)/.dev-installed
+	TESSERA_FUZZ_EXAMPLES=$${TESSERA_FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -m "not slow" tests -k "fuzz or property" -p no:randomly
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,106 @@
+"""What every CLI verb shares: one-line errors, exit codes, JSON output, secrets input.
+
+Exit codes (SPEC section 6): 0 success, 1 a negative verdict, 2 bad usage or bad input.
+No traceback ever reaches a user: :func:`tessera.cli.main.run` maps every exception to one
+line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_DENIED",
+    "CliError",
+    "console",
+    "emit_json",
+    "fail",
+    "read_input_file",
+    "read_passphrase",
+]
+
+EXIT_DENIED = 1
+EXIT_BAD_INPUT = 2
+MAX_INPUT_FILE = 16 * 1024 * 1024
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class CliError(Exception):
+    """A failure with a message meant for the user and the exit code that goes with it."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    raise CliError(message, code)
+
+
+def emit_json(obj: Any) -> None:
+    """Exactly one JSON object on stdout, for scripts."""
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def read_input_file(path: Path, what: str = "file") -> bytes:
+    """Read a user-supplied file with a size cap and one-line errors."""
+    try:
+        if path.is_dir():
+            fail(f"{what} {path} is a directory")
+        size = path.stat().st_size
+        if size > MAX_INPUT_FILE:
+            fail(f"{what} {path} is too large ({size} bytes)")
+        return path.read_bytes()
+    except FileNotFoundError:
+        fail(f"{what} {path} does not exist")
+    except PermissionError:
+        fail(f"{what} {path} cannot be read (permission denied)")
+    except OSError as exc:
+        fail(f"{what} {path} cannot be read: {exc.strerror}")
+
+
+def read_passphrase(*, confirm: bool = False, what: str = "vendor key") -> bytes:
+    """The key passphrase: ``TESSERA_KEY_PASSPHRASE``, else a prompt on a terminal."""
+    value = os.environ.get("TESSERA_KEY_PASSPHRASE")
+    if value:
+        return value.encode("utf-8")
+    if not sys.stdin.isatty():
+        fail(f"the {what} is encrypted: set TESSERA_KEY_PASSPHRASE (no terminal to ask on)")
+    entered: str = typer.prompt(f"Passphrase for the {what}", hide_input=True, confirmation_prompt=confirm)
+    if not entered:
+        fail("an empty passphrase is not allowed")
+    return entered.encode("utf-8")
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        fail(f"cannot write {path}: {exc.strerror}")

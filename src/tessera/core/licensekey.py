@@ -1,0 +1,38 @@
+"""License keys: the secret a customer types in, e.g. ``K7QXM-2VDRT-9HFNA-PC4WE-8BZJY``.
+
+25 symbols of Crockford base32 (125 bits). Input is forgiving (case, dashes, spaces and the
+look-alikes O/I/L are folded) because people type these; storage is not: the server keeps
+only an HMAC of the normalized key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+__all__ = ["generate_license_key", "license_key_digest", "normalize_license_key"]
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_FOLD = str.maketrans({"O": "0", "I": "1", "L": "1"})
+_LENGTH = 25
+
+
+def generate_license_key() -> str:
+    raw = "".join(secrets.choice(_ALPHABET) for _ in range(_LENGTH))
+    return "-".join(raw[i : i + 5] for i in range(0, _LENGTH, 5))
+
+
+def normalize_license_key(text: str) -> str:
+    """Canonical spelling (grouped, upper case); ``ValueError`` if it cannot be a key."""
+    if not isinstance(text, str) or len(text) > 100:
+        raise ValueError("not a license key")
+    raw = "".join(text.split()).replace("-", "").upper().translate(_FOLD)
+    if len(raw) != _LENGTH or any(ch not in _ALPHABET for ch in raw):
+        raise ValueError("not a license key (expected 25 letters and digits, e.g. XXXXX-XXXXX-...)")
+    return "-".join(raw[i : i + 5] for i in range(0, _LENGTH, 5))
+
+
+def license_key_digest(key: str, pepper: bytes = b"") -> str:
+    """What the server stores and looks keys up by: HMAC-SHA256(pepper, normalized key)."""
+    return hmac.new(pepper, normalize_license_key(key).encode("ascii"), hashlib.sha256).hexdigest()

@@ -1,0 +1,308 @@
+"""The Connect wire protocol ``tessera-connect/1``: what agent and server say to each other.
+
+Messages are JSON objects. Each is signed over its *canonical* JSON (sorted keys, no
+whitespace, ASCII) without the signature fields:
+
+* requests (activation, check-in, the offline request file) by the agent's own Ed25519 key,
+  made at activation; an activation request carries that public key and so proves
+  possession of it;
+* responses by the vendor key, and they echo the request's nonce, so a recorded response
+  cannot be replayed to another request.
+
+A request carries only what the spec allows on the wire: Locking ID, system ID, license
+key, nonce and signature (plus the agent's public key when activating). No user names, host
+names or addresses. ``docs/protocol.md`` is the prose version of this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar
+
+from tessera.core.errors import FormatError, SignatureError, VerificationError
+from tessera.core.fileformat import KEY_ID_RE, format_timestamp, parse_timestamp
+from tessera.core.fingerprint import LockingId
+from tessera.core.licensekey import normalize_license_key
+from tessera.core.model import SERIAL_RE
+from tessera.core.signing import Keyring, PublicKey, SigningKey
+
+__all__ = [
+    "DIRECTIVES",
+    "MAX_MESSAGE_SIZE",
+    "PROTOCOL",
+    "ActivationRequest",
+    "CheckinRequest",
+    "ServerResponse",
+    "canonical_json",
+    "new_nonce",
+    "new_system_id",
+]
+
+PROTOCOL = "tessera-connect/1"
+MAX_MESSAGE_SIZE = 1024 * 1024
+#: What a server may tell an agent to do: ``lock`` (honeypot: stop everything, a blacklisted
+#: container), ``revoke`` (this license is withdrawn here).
+DIRECTIVES = ("lock", "revoke")
+
+_NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
+_SYSTEM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_B64_RE = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
+
+
+def canonical_json(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def new_nonce() -> str:
+    return base64.urlsafe_b64encode(os.urandom(16)).decode("ascii").rstrip("=")
+
+
+def new_system_id() -> str:
+    """A random installation id: identifies the installation, says nothing about anyone."""
+    return base64.urlsafe_b64encode(os.urandom(12)).decode("ascii")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise FormatError(f"{what} is not base64") from None
+
+
+def _load_object(data: bytes | str | Mapping[str, Any], what: str) -> dict[str, Any]:
+    if isinstance(data, Mapping):
+        return dict(data)
+    if len(data) > MAX_MESSAGE_SIZE:
+        raise FormatError(f"{what} is too large")
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        raise FormatError(f"{what} is not JSON") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{what} must be a JSON object")
+    return obj
+
+
+def _fields(obj: dict[str, Any], required: set[str], optional: set[str], what: str) -> None:
+    missing = required - obj.keys()
+    if missing:
+        raise FormatError(f"{what} lacks field {sorted(missing)[0]!r}")
+    unknown = obj.keys() - required - optional
+    if unknown:
+        raise FormatError(f"{what} has unknown field {sorted(unknown)[0]!r}")
+    if obj.get("protocol") != PROTOCOL:
+        raise FormatError(f"{what}: unsupported protocol (expected {PROTOCOL})")
+
+
+def _string(obj: dict[str, Any], name: str, pattern: re.Pattern[str] | None = None) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str) or (pattern is not None and not pattern.match(value)):
+        raise FormatError(f"field {name!r} is malformed")
+    return value
+
+
+def _check_common(obj: dict[str, Any]) -> None:
+    try:
+        normalize_license_key(_string(obj, "license_key"))
+    except ValueError:
+        raise FormatError("field 'license_key' is malformed") from None
+    try:
+        LockingId.parse(_string(obj, "locking_id"))
+    except ValueError:
+        raise FormatError("field 'locking_id' is malformed") from None
+    _string(obj, "system_id", _SYSTEM_ID_RE)
+    _string(obj, "nonce", _NONCE_RE)
+
+
+@dataclass(frozen=True, slots=True)
+class _AgentRequest:
+    TYPE: ClassVar[str] = ""
+    license_key: str
+    locking_id: str
+    system_id: str
+    nonce: str
+    signature: str
+
+    def payload(self) -> dict[str, Any]:
+        obj = asdict(self)
+        obj.pop("signature")
+        obj["protocol"] = PROTOCOL
+        obj["type"] = self.TYPE
+        return obj
+
+    def to_json(self) -> bytes:
+        obj = self.payload()
+        obj["signature"] = self.signature
+        return canonical_json(obj)
+
+    def verify_with(self, agent_key: PublicKey | str) -> None:
+        key = PublicKey.from_base64(agent_key) if isinstance(agent_key, str) else agent_key
+        if not key.verify(_unb64(self.signature, "signature"), canonical_json(self.payload())):
+            raise SignatureError("request signature does not match the agent's key")
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationRequest(_AgentRequest):
+    """Online activation, and the offline request file: self-signed by the new agent key."""
+
+    TYPE: ClassVar[str] = "activate"
+    agent_key: str = ""
+
+    @classmethod
+    def create(
+        cls, license_key: str, locking_id: str, system_id: str, agent: SigningKey
+    ) -> ActivationRequest:
+        unsigned = cls(
+            normalize_license_key(license_key),
+            locking_id,
+            system_id,
+            new_nonce(),
+            "",
+            agent.public.to_base64(),
+        )
+        sig = agent.sign(canonical_json(unsigned.payload()))
+        return cls(**{**asdict(unsigned), "signature": _b64(sig)})
+
+    @classmethod
+    def from_json(cls, data: bytes | str | Mapping[str, Any]) -> ActivationRequest:
+        """Parse and check the self-signature; ``FormatError``/``SignatureError`` if bad."""
+        obj = _load_object(data, "activation request")
+        names = {"protocol", "type", "license_key", "locking_id", "system_id", "nonce", "agent_key"}
+        _fields(obj, names | {"signature"}, set(), "activation request")
+        if obj["type"] != cls.TYPE:
+            raise FormatError("not an activation request")
+        _check_common(obj)
+        PublicKey.from_base64(_string(obj, "agent_key", _B64_RE))
+        _string(obj, "signature", _B64_RE)
+        del obj["protocol"], obj["type"]
+        request = cls(**obj)
+        request.verify_with(request.agent_key)
+        return request
+
+
+@dataclass(frozen=True, slots=True)
+class CheckinRequest(_AgentRequest):
+    """Periodic validation; signed by the agent key the server registered at activation."""
+
+    TYPE: ClassVar[str] = "checkin"
+
+    @classmethod
+    def create(
+        cls, license_key: str, locking_id: str, system_id: str, agent: SigningKey
+    ) -> CheckinRequest:
+        unsigned = cls(normalize_license_key(license_key), locking_id, system_id, new_nonce(), "")
+        sig = agent.sign(canonical_json(unsigned.payload()))
+        return cls(**{**asdict(unsigned), "signature": _b64(sig)})
+
+    @classmethod
+    def from_json(cls, data: bytes | str | Mapping[str, Any]) -> CheckinRequest:
+        """Parse only: the caller verifies with the registered key (:meth:`verify_with`)."""
+        obj = _load_object(data, "check-in request")
+        names = {"protocol", "type", "license_key", "locking_id", "system_id", "nonce"}
+        _fields(obj, names | {"signature"}, set(), "check-in request")
+        if obj["type"] != cls.TYPE:
+            raise FormatError("not a check-in request")
+        _check_common(obj)
+        _string(obj, "signature", _B64_RE)
+        del obj["protocol"], obj["type"]
+        return cls(**obj)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerResponse:
+    """A vendor-signed answer to an activation or check-in.
+
+    ``license``/``identity`` carry complete signed files (which the agent verifies again on
+    their own); ``directives`` are orders such as ``lock``; ``message`` says why.
+    """
+
+    kind: str  # "activation" | "checkin"
+    nonce: str
+    server_time: datetime
+    serial: str
+    license: str | None = None
+    identity: str | None = None
+    directives: tuple[str, ...] = ()
+    message: str | None = None
+    key_id: str = field(default="", repr=False)
+    signature: str = field(default="", repr=False)
+
+    def payload(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "protocol": PROTOCOL,
+            "type": self.kind,
+            "nonce": self.nonce,
+            "server_time": format_timestamp(self.server_time),
+            "serial": self.serial,
+            "directives": list(self.directives),
+        }
+        for name in ("license", "identity", "message"):
+            value = getattr(self, name)
+            if value is not None:
+                obj[name] = value
+        return obj
+
+    def signed(self, key: SigningKey) -> ServerResponse:
+        sig = _b64(key.sign(canonical_json(self.payload())))
+        return ServerResponse(**{**_shallow(self), "key_id": key.key_id, "signature": sig})
+
+    def to_json(self) -> bytes:
+        obj = self.payload()
+        obj["key_id"] = self.key_id
+        obj["signature"] = self.signature
+        return canonical_json(obj)
+
+    @classmethod
+    def from_json(
+        cls, data: bytes | str | Mapping[str, Any], keyring: Keyring, expected_nonce: str
+    ) -> ServerResponse:
+        """Parse, verify the vendor signature and that it answers *this* request."""
+        obj = _load_object(data, "server response")
+        required = {"protocol", "type", "nonce", "server_time", "serial", "directives"}
+        _fields(obj, required | {"key_id", "signature"}, {"license", "identity", "message"}, "server response")
+        kind = obj["type"]
+        if kind not in ("activation", "checkin"):
+            raise FormatError("server response has an unknown type")
+        key_id = _string(obj, "key_id", KEY_ID_RE)
+        signature = _unb64(_string(obj, "signature", _B64_RE), "signature")
+        directives = obj["directives"]
+        if not isinstance(directives, list) or any(d not in DIRECTIVES for d in directives):
+            raise FormatError("server response has unknown directives")
+        for name in ("license", "identity", "message"):
+            if name in obj and not isinstance(obj[name], str):
+                raise FormatError(f"field {name!r} is malformed")
+        try:
+            server_time = parse_timestamp(_string(obj, "server_time"))
+        except ValueError:
+            raise FormatError("field 'server_time' is malformed") from None
+        response = cls(
+            kind,
+            _string(obj, "nonce", _NONCE_RE),
+            server_time,
+            _string(obj, "serial", SERIAL_RE),
+            obj.get("license"),
+            obj.get("identity"),
+            tuple(directives),
+            obj.get("message"),
+            key_id,
+            obj["signature"],
+        )
+        keyring.verify(key_id, signature, canonical_json(response.payload()))
+        if response.nonce != expected_nonce:
+            raise VerificationError("response does not answer this request (replayed?)")
+        return response
+
+
+def _shallow(obj: ServerResponse) -> dict[str, Any]:
+    return {f: getattr(obj, f) for f in obj.__dataclass_fields__}
