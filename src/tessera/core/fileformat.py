@@ -274,10 +274,20 @@ _LICENSE_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
     "recovery-allowance": ("recovery_allowance", _parse_int),
     "recovery-interval-days": ("recovery_interval_days", _parse_int),
 }
-_LICENSE_REQUIRED = (
-    "format licensee serial product version binding match revision issued connect "
-    "validation-hours failover-days"
-).split()
+_LICENSE_REQUIRED = [
+    "format",
+    "licensee",
+    "serial",
+    "product",
+    "version",
+    "binding",
+    "match",
+    "revision",
+    "issued",
+    "connect",
+    "validation-hours",
+    "failover-days",
+]
 
 _IDENTITY_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
     "format": ("format", str),

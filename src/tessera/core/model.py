@@ -209,9 +209,8 @@ class License:
             _check(B64_RE, self.sealed, "sealed entitlements")
         elif not self.locations:
             raise ValueError("a license needs at least one location")
-        if self.binding is Binding.MACHINE:
-            if self.locking_id is None:
-                raise ValueError("a machine-bound license needs a locking-id")
+        if self.binding is Binding.MACHINE and self.locking_id is None:
+            raise ValueError("a machine-bound license needs a locking-id")
         if self.binding is Binding.INSTANCE and self.instance_id is None:
             raise ValueError("an instance-bound license needs an instance-id")
         if self.binding is Binding.USER and self.user_id is None:

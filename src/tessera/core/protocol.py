@@ -270,7 +270,8 @@ class ServerResponse:
         """Parse, verify the vendor signature and that it answers *this* request."""
         obj = _load_object(data, "server response")
         required = {"protocol", "type", "nonce", "server_time", "serial", "directives"}
-        _fields(obj, required | {"key_id", "signature"}, {"license", "identity", "message"}, "server response")
+        optional = {"license", "identity", "message"}
+        _fields(obj, required | {"key_id", "signature"}, optional, "server response")
         kind = obj["type"]
         if kind not in ("activation", "checkin"):
             raise FormatError("server response has an unknown type")

@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import re
 from collections.abc import Iterable, Iterator
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey

@@ -60,22 +60,23 @@ def _entitlement(feature: str, value: Any) -> Entitlement:
         parts = [p.strip() for p in value.split(",")]
         if len(parts) != 2:
             raise ValueError(f"{feature}: expected 'count, expiry', got {value!r}")
-        count, expiry = parts
+        count, until = parts
         if not count.isdigit():
             raise ValueError(f"{feature}: bad count {count!r}")
-        return Entitlement(
-            feature, int(count), None if expiry == "permanent" else date.fromisoformat(expiry)
-        )
+        return Entitlement(feature, int(count), None if until == "permanent" else date.fromisoformat(until))
     if isinstance(value, dict):
         extra = set(value) - {"count", "expiry"}
         if extra or "count" not in value:
             raise ValueError(f"{feature}: expected {{ count = N, expiry = DATE }}")
-        expiry = value.get("expiry", "permanent")
-        if expiry == "permanent":
+        raw = value.get("expiry", "permanent")
+        expiry: date | None
+        if raw == "permanent":
             expiry = None
-        elif isinstance(expiry, str):
-            expiry = date.fromisoformat(expiry)
-        elif not isinstance(expiry, date) or isinstance(expiry, datetime):
+        elif isinstance(raw, str):
+            expiry = date.fromisoformat(raw)
+        elif isinstance(raw, date) and not isinstance(raw, datetime):
+            expiry = raw
+        else:
             raise ValueError(f"{feature}: expiry must be a date or 'permanent'")
         return Entitlement(feature, value["count"], expiry)
     raise ValueError(f"{feature}: expected a count, 'count, expiry' or a table")
