@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import contextlib
+import json
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tessera.core import Keyring, SigningKey, generate_license_key
+from tessera.core.errors import FormatError, SignatureError, VerificationError
+from tessera.core.fingerprint import collect_facts, locking_id_for
+from tessera.core.protocol import (
+    ActivationRequest,
+    CheckinRequest,
+    ServerResponse,
+    new_nonce,
+    new_system_id,
+)
+
+VENDOR = SigningKey.from_raw(bytes(range(32)))
+AGENT = SigningKey.from_raw(bytes(range(2, 34)))
+LOCKING_ID = str(locking_id_for(collect_facts(), "cortex"))
+KEY = generate_license_key()
+
+
+def test_activation_request_round_trips_and_self_verifies() -> None:
+    request = ActivationRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT)
+    again = ActivationRequest.from_json(request.to_json())
+    assert again == request
+    assert again.agent_key == AGENT.public.to_base64()
+
+
+def test_activation_request_carries_only_allowed_fields() -> None:
+    body = json.loads(ActivationRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT).to_json())
+    assert set(body) == {
+        "protocol",
+        "type",
+        "license_key",
+        "locking_id",
+        "system_id",
+        "nonce",
+        "agent_key",
+        "signature",
+    }
+    body = json.loads(CheckinRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT).to_json())
+    assert set(body) == {"protocol", "type", "license_key", "locking_id", "system_id", "nonce", "signature"}
+
+
+def test_tampered_activation_request_is_refused() -> None:
+    body = json.loads(ActivationRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT).to_json())
+    body["system_id"] = new_system_id()
+    with pytest.raises(SignatureError):
+        ActivationRequest.from_json(json.dumps(body))
+
+
+def test_checkin_request_verifies_only_with_the_registered_key() -> None:
+    request = CheckinRequest.from_json(
+        CheckinRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT).to_json()
+    )
+    request.verify_with(AGENT.public)
+    with pytest.raises(SignatureError):
+        request.verify_with(VENDOR.public)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda b: b.pop("nonce"),
+        lambda b: b.update(extra="x"),
+        lambda b: b.update(protocol="other/1"),
+        lambda b: b.update(license_key="nope"),
+        lambda b: b.update(locking_id="TL1-XYZ"),
+        lambda b: b.update(nonce=123),
+        lambda b: b.update(type="checkin"),
+    ],
+)
+def test_malformed_requests_are_format_errors(mutate) -> None:  # type: ignore[no-untyped-def]
+    body = json.loads(ActivationRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT).to_json())
+    mutate(body)
+    with pytest.raises(FormatError):
+        ActivationRequest.from_json(json.dumps(body))
+
+
+@given(st.binary(max_size=512))
+def test_random_request_bytes_never_crash(data: bytes) -> None:
+    for cls in (ActivationRequest, CheckinRequest):
+        with contextlib.suppress(FormatError, SignatureError):
+            cls.from_json(data)
+
+
+def response(nonce: str) -> ServerResponse:
+    return ServerResponse(
+        "checkin", nonce, datetime(2026, 11, 22, 12, 0, tzinfo=UTC), "2026-000123", directives=("lock",)
+    ).signed(VENDOR)
+
+
+def test_response_verifies_against_keyring_and_nonce() -> None:
+    nonce = new_nonce()
+    got = ServerResponse.from_json(response(nonce).to_json(), Keyring([VENDOR.public]), nonce)
+    assert got.directives == ("lock",)
+
+
+def test_replayed_response_is_refused() -> None:
+    old = response(new_nonce()).to_json()
+    with pytest.raises(VerificationError, match="replayed"):
+        ServerResponse.from_json(old, Keyring([VENDOR.public]), new_nonce())
+
+
+def test_response_signed_by_another_key_is_refused() -> None:
+    nonce = new_nonce()
+    forged = ServerResponse("checkin", nonce, datetime(2026, 1, 1, tzinfo=UTC), "x1").signed(AGENT)
+    with pytest.raises(VerificationError):
+        ServerResponse.from_json(forged.to_json(), Keyring([VENDOR.public]), nonce)
+
+
+def test_altered_response_is_refused() -> None:
+    nonce = new_nonce()
+    body = json.loads(response(nonce).to_json())
+    body["directives"] = []
+    with pytest.raises(SignatureError):
+        ServerResponse.from_json(json.dumps(body), Keyring([VENDOR.public]), nonce)
+
+
+@given(st.binary(max_size=512))
+def test_random_response_bytes_never_crash(data: bytes) -> None:
+    try:
+        ServerResponse.from_json(data, Keyring([VENDOR.public]), new_nonce())
+    except VerificationError:
+        pass
+    except FormatError:
+        pass
