@@ -70,14 +70,17 @@ def _entitlement(feature: str, value: Any) -> Entitlement:
         extra = set(value) - {"count", "expiry"}
         if extra or "count" not in value:
             raise ValueError(f"{feature}: expected {{ count = N, expiry = DATE }}")
-        expiry = value.get("expiry", "permanent")
-        if expiry == "permanent":
-            expiry = None
-        elif isinstance(expiry, str):
-            expiry = date.fromisoformat(expiry)
-        elif not isinstance(expiry, date) or isinstance(expiry, datetime):
+        raw_expiry: Any = value.get("expiry", "permanent")
+        until: date | None
+        if raw_expiry == "permanent":
+            until = None
+        elif isinstance(raw_expiry, str):
+            until = date.fromisoformat(raw_expiry)
+        elif not isinstance(raw_expiry, date) or isinstance(raw_expiry, datetime):
             raise ValueError(f"{feature}: expiry must be a date or 'permanent'")
-        return Entitlement(feature, value["count"], expiry)
+        else:
+            until = raw_expiry
+        return Entitlement(feature, value["count"], until)
     raise ValueError(f"{feature}: expected a count, 'count, expiry' or a table")
 
 
