@@ -565,9 +565,7 @@ class Agent:
         facts = self._facts_cache or self._load_facts()
         hours = facts.verified.license.validation_hours if facts.verified is not None else 24
         interval = timedelta(hours=hours) * random.uniform(0.75, 1.0)
-        if facts.last_failure is not None and (
-            facts.last_success is None or facts.last_failure > facts.last_success
-        ):
+        if facts.last_failure is not None:
             interval = min(interval, _RETRY_AFTER_FAILURE * random.uniform(0.5, 1.0))
             return interval.total_seconds()
         if facts.last_success is None:

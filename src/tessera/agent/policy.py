@@ -114,9 +114,8 @@ def decide(facts: Facts, clock_now: datetime) -> Snapshot:
     anchor = facts.last_success or facts.grace_start
     if lic.connect and anchor is not None:
         due = anchor + timedelta(hours=lic.validation_hours)
-        failed_last = facts.last_failure is not None and (
-            facts.last_success is None or facts.last_failure > facts.last_success
-        )
+        # a success clears last_failure, so any recorded failure is newer than the success
+        failed_last = facts.last_failure is not None
         end = anchor + timedelta(days=lic.failover_days)
         if now >= due or failed_last:
             why = facts.failure_reason or "the license server has not been reached since it was due"
