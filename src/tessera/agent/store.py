@@ -73,6 +73,11 @@ class StateStore:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StateError(_explain(exc, self.state_dir)) from None
+        if not os.access(self.state_dir, os.W_OK):
+            raise StateError(
+                f"the agent state directory {self.state_dir} is read-only; the agent needs to "
+                "write there (make it writable, or pass another --state-dir)"
+            )
         db_path = self.state_dir / DB_NAME
         fresh = not db_path.exists()
         self.secret = self._load_or_make_secret(fresh)
