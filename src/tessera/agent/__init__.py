@@ -14,6 +14,8 @@ See :mod:`tessera.agent.errors` for the exception hierarchy and :mod:`tessera.ag
 for the rules (failover, emergency mode, checkpoint, secure clock).
 """
 
+import logging
+
 from tessera.agent.agent import Agent
 from tessera.agent.errors import (
     AgentError,
@@ -46,3 +48,6 @@ __all__ = [
     "ServerUnreachable",
     "StateError",
 ]
+
+# A library logs, the application decides where to: silence the last-resort stderr handler.
+logging.getLogger("tessera.agent").addHandler(logging.NullHandler())

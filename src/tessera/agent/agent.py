@@ -131,10 +131,14 @@ class Agent:
         self._store = StateStore(Path(state_dir))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        stored_product = self._store.get("product")
-        if stored_product is None:
-            self._store.put({"product": product})
-        elif stored_product != product:
+        meta = self._store.get_all()
+        stored_product = meta.get("product")
+        if stored_product is None or meta.get("product_version") != product_version:
+            # remembered so the CLI needs neither option again
+            self._store.put(
+                {"product": stored_product or product, "product_version": product_version}
+            )
+        if stored_product is not None and stored_product != product:
             self._store.close()
             raise StateError(
                 f"state directory {state_dir} belongs to product {stored_product!r}, "
@@ -502,13 +506,19 @@ class Agent:
             return self._rebuild().status
 
     def _record_success(self, response: ServerResponse) -> None:
-        """Server time is trusted: it replaces the high-water mark, even lowering it."""
-        server_time = response.server_time
+        """Server time is trusted: it replaces the high-water mark, even lowering it.
+
+        The mark becomes max(server time, this clock), so a clock that ran ahead by mistake
+        is forgiven, and a clock behind the server stays "set back" until it is corrected.
+        The check-in is dated the same way, so failover is measured on the clock that
+        measures it.
+        """
+        trusted = max(response.server_time, self._clock.now().replace(microsecond=0))
         updates: dict[str, str | None] = {
-            "last_success": _ts(server_time),
+            "last_success": _ts(trusted),
             "last_failure": None,
             "failure_reason": None,
-            "high_water": _ts(server_time),
+            "high_water": _ts(trusted),
             "locked": None,
         }
         reason = f" ({response.message})" if response.message else ""
