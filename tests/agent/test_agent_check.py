@@ -120,3 +120,40 @@ def test_check_is_fast(open_agent: Callable[..., Agent], vendor: SigningKey) -> 
         agent.check("uniplex")
     per_call = (time.perf_counter() - start) / n
     assert per_call < 5e-6  # ~0.2 µs here; generous for a loaded CI machine
+
+
+def test_hot_update_from_another_process(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    running = open_agent()
+    running.import_license(make_license(vendor, {"uniplex": (5, None)}, connect=False))
+    running.start()
+    try:
+        admin = open_agent(running.state_dir)  # another connection, like `tessera agent import`
+        admin.import_license(
+            make_license(
+                vendor, {"uniplex": (5, None), "ctxjs": (1, None)}, revision=2, connect=False
+            )
+        )
+        deadline = time.monotonic() + 5
+        while not running.check("ctxjs") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running.check("ctxjs")
+    finally:
+        running.stop()
+
+
+def test_reload_without_threads(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
+    running = open_agent()
+    other = open_agent(running.state_dir)
+    other.import_license(make_license(vendor, connect=False))
+    assert not running.check("uniplex")  # not yet: check() never touches the disk
+    assert running.reload().state is AgentState.NORMAL
+    assert running.check("uniplex")
+
+
+def test_binary_garbage_is_a_format_error(open_agent: Callable[..., Agent]) -> None:
+    from tessera.core import FormatError
+
+    with pytest.raises(FormatError):
+        open_agent().import_license(b"\xff\xfe\x00garbage")

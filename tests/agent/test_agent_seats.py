@@ -25,6 +25,7 @@ def test_assign_up_to_the_count(open_agent: Callable[..., Agent], vendor: Signin
     assert agent.assign("uniplex", "carol")
     assert agent.seats()["uniplex"].subjects == ("bob", "carol")
     assert agent.holds("uniplex", "bob") and not agent.holds("uniplex", "alice")
+    assert not agent.holds("uniplex", "nobody")
 
 
 def test_unlicensed_feature_and_bad_subject(
@@ -53,6 +54,7 @@ def test_reduced_count_is_reported_not_enforced(
     assert status.over_assigned == {"uniplex": 2}
     seats = agent.seats()["uniplex"]
     assert seats.subjects == ("alice", "bob", "carol") and seats.over_assigned == 2
+    assert agent.holds("uniplex", "carol")  # nobody is dropped; the admin decides
     with pytest.raises(SeatError):
         agent.assign("uniplex", "dave")
 

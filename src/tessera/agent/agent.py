@@ -55,7 +55,7 @@ from tessera.core.errors import (
 from tessera.core.fileformat import format_timestamp, parse, parse_timestamp
 from tessera.core.fingerprint import collect_facts, locking_id_for
 from tessera.core.licensekey import normalize_license_key
-from tessera.core.model import Identity, License, check_feature_code
+from tessera.core.model import Identity, License, check_feature_code, check_product_code
 from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerResponse
 from tessera.core.signing import Keyring, SigningKey
 
@@ -66,6 +66,8 @@ log = logging.getLogger("tessera.agent")
 BACKUP_FORMAT = "tessera-agent-backup/1"
 _MAX_SUBJECT = 200
 _RETRY_AFTER_FAILURE = timedelta(minutes=15)
+#: how often a started agent looks for changes written by other processes (seconds)
+WATCH_INTERVAL = 1.0
 
 
 def _ts(value: datetime) -> str:
@@ -118,6 +120,7 @@ class Agent:
         location: str | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        check_product_code(product)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._now_ts: Callable[[], float] = (
             time.time
@@ -131,6 +134,7 @@ class Agent:
         self._store = StateStore(Path(state_dir))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         meta = self._store.get_all()
         stored_product = meta.get("product")
         if stored_product is None or meta.get("product_version") != product_version:
@@ -200,9 +204,9 @@ class Agent:
         if not self.check(feature):
             return False
         seats = self.seats().get(feature)
-        if seats is None or subject not in seats.subjects:
-            return False
-        return seats.subjects.index(subject) < seats.licensed
+        # Over-assignment after a central reduction is reported, not enforced: the
+        # administrator decides whom to unassign; until then nobody new gets a seat.
+        return seats is not None and subject in seats.subjects
 
     def _licensed_entitlements(self) -> tuple[Any, ...]:
         verified = self._facts_cache.verified if self._facts_cache is not None else None
@@ -211,10 +215,27 @@ class Agent:
     # ---------------------------------------------------------------- state rebuild
 
     _facts_cache: Facts | None = None
+    _data_version: int = -1
+
+    def reload(self) -> AgentStatus:
+        """Pick up what another process (``tessera agent import``) wrote, if anything."""
+        with self._write_lock:
+            version = self._store.data_version()
+            if version != self._data_version:
+                return self._rebuild().status
+            return self._current().status
 
     def _refresh(self) -> Snapshot:
         with self._write_lock:
-            facts = self._facts_cache or self._load_facts()
+            facts = self._facts_cache
+            try:
+                version = self._store.data_version()
+            except StateError:
+                version = self._data_version
+            if facts is None or version != self._data_version:
+                self._data_version = version
+                facts = self._load_facts()
+            self._facts_cache = facts
             now = self._clock.now()
             if facts.high_water is None or now > facts.high_water + timedelta(hours=1):
                 facts = self._record_time(facts, now)
@@ -236,6 +257,7 @@ class Agent:
 
     def _rebuild(self, *, record_time: bool = False) -> Snapshot:
         with self._write_lock:
+            self._data_version = self._store.data_version()
             facts = self._load_facts()
             self._facts_cache = facts
             now = self._clock.now()
@@ -334,8 +356,9 @@ class Agent:
 
     def import_license(self, data: bytes | str) -> AgentStatus:
         """Verify a ``.lic`` or ``.par`` file and, only if it passes, put it in force now."""
-        text = data.decode("utf-8", errors="strict") if isinstance(data, bytes) else data
-        kind = parse(text.encode("utf-8")).kind
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        kind = parse(raw).kind  # FormatError (naming the line) for anything unreadable
+        text = raw.decode("utf-8")
         with self._write_lock:
             if kind == "identity":
                 self._import_identity(text)
@@ -553,7 +576,8 @@ class Agent:
     # ---------------------------------------------------------------- background
 
     def start(self) -> None:
-        """Check in in a background thread, every ``validation-hours`` with jitter."""
+        """Start the background threads: check-ins every ``validation-hours`` with jitter,
+        and a watcher that puts licenses imported by other processes in force."""
         with self._write_lock:
             if self._thread is not None and self._thread.is_alive():
                 return
@@ -562,13 +586,26 @@ class Agent:
                 target=self._loop, name="tessera-agent-connect", daemon=True
             )
             self._thread.start()
+            self._watcher = threading.Thread(
+                target=self._watch, name="tessera-agent-watch", daemon=True
+            )
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        """Hot update from other processes: poll SQLite's data_version (no disk read)."""
+        while not self._stop.wait(WATCH_INTERVAL):
+            try:
+                self.reload()
+            except TesseraError as exc:
+                log.warning("cannot re-read the agent state: %s", exc)
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the background threads (check-in and watcher)."""
         self._stop.set()
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-        self._thread = None
+        for thread in (self._thread, self._watcher):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout)
+        self._thread = self._watcher = None
 
     def next_checkin_delay(self) -> float:
         """Seconds until the next check-in: the license's interval, jittered by -25%..0."""

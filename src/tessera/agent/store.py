@@ -175,6 +175,15 @@ class StateStore:
     def _wrap(self, exc: sqlite3.Error) -> StateError:
         return StateError(_explain(exc, self.state_dir))
 
+    def data_version(self) -> int:
+        """Changes whenever *another* connection (another process) committed: cheap to poll."""
+        try:
+            with self._lock:
+                row = self._db.execute("PRAGMA data_version").fetchone()
+        except sqlite3.Error as exc:
+            raise self._wrap(exc) from None
+        return int(row[0])
+
     # ------------------------------------------------------------------ meta values
 
     def get(self, name: str) -> str | None:
