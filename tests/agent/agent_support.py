@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 
 from tessera.core import (
+    Clock,
     Entitlement,
     License,
     Location,
-    ManualClock,
     SigningKey,
     VersionRange,
     locking_id_for,
@@ -76,7 +76,7 @@ def make_license(
 class FakeServer:
     """A license server in a function: modes simulate outages and attacks."""
 
-    def __init__(self, vendor: SigningKey, clock: ManualClock, license_text: Callable[[str], str]):
+    def __init__(self, vendor: SigningKey, clock: Clock, license_text: Callable[[str], str]):
         self.vendor = vendor
         self.clock = clock
         self.license_text = license_text  # agent_key -> signed license
@@ -95,6 +95,8 @@ class FakeServer:
         self.bodies.append(json.loads(body))
         if self.mode == "down":
             raise httpx.ConnectError("connection refused", request=request)
+        if self.mode == "slow":
+            raise httpx.ReadTimeout("timed out", request=request)
         if self.mode == "garbage":
             return httpx.Response(200, content=b"<html>proxy error</html>")
         if self.mode == "refuse":

@@ -152,6 +152,27 @@ def test_backup_restore_cli(run: Run, licensed: Path, tmp_path: Path) -> None:
     assert run("backup", "-o", "x").returncode == 2
 
 
+def test_offline_request_file(run: Run, tmp_path: Path) -> None:
+    from tessera.core.protocol import ActivationRequest
+
+    proc = run("request", "--key", LICENSE_KEY.lower(), "-o", "request.json")
+    assert proc.returncode == 0, proc.stderr
+    data = (tmp_path / "request.json").read_bytes()
+    request = ActivationRequest.from_json(data)  # checks the agent's self-signature
+    assert request.license_key == LICENSE_KEY
+    assert set(json.loads(data)) == {
+        "protocol",
+        "type",
+        "license_key",
+        "locking_id",
+        "system_id",
+        "nonce",
+        "agent_key",
+        "signature",
+    }
+    assert run("request", "--key", "not-a-key", "-o", "r.json").returncode == 2
+
+
 def test_read_only_state_dir_is_one_line(run: Run, env: dict[str, str], tmp_path: Path) -> None:
     env["TESSERA_AGENT_DIR"] = "/proc/version/state"
     proc = run("status")

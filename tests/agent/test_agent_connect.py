@@ -45,6 +45,7 @@ def test_checkin_delivers_central_change(
     ("mode", "error", "words"),
     [
         ("down", ServerUnreachable, "cannot reach"),
+        ("slow", ServerUnreachable, "timed out"),
         ("garbage", BadResponse, "not JSON"),
         ("unsigned", BadResponse, "signature"),
         ("badsig", BadResponse, "unknown key"),
@@ -130,3 +131,15 @@ def test_background_thread_checks_in(
     activated.stop()
     assert len(server.bodies) > calls
     assert activated.status().state is AgentState.NORMAL
+
+
+def test_a_failed_checkin_logs_one_clear_reason(
+    activated: Agent, server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.mode = "garbage"
+    with caplog.at_level("WARNING", logger="tessera.agent"), pytest.raises(BadResponse):
+        activated.connect()
+    records = [r for r in caplog.records if r.name == "tessera.agent"]
+    assert len(records) == 1
+    assert "running on the last verified state" in records[0].getMessage()
+    assert "not a valid response" in records[0].getMessage()
