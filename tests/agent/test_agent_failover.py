@@ -89,3 +89,22 @@ def test_connect_off_license_never_fails_over(
     agent.import_license(make_license(vendor, connect=False))
     clock.advance(days=400)
     assert agent.status().state is AgentState.NORMAL
+
+
+def test_fresh_installation_grace_features_once(
+    open_agent: Callable[..., Agent], vendor: SigningKey, clock: ManualClock
+) -> None:
+    agent = open_agent(grace_features=("basic",))
+    status = agent.status()
+    assert status.state is AgentState.UNLICENSED and status.failover_days_left == 30
+    assert agent.check("basic") and not agent.check("uniplex")
+    clock.advance(days=30)
+    assert not agent.check("basic")
+    assert agent.status().failover_days_left == 0
+    agent.close()
+    assert not open_agent(agent.state_dir, grace_features=("basic",)).check("basic")
+
+
+def test_no_grace_features_means_plain_unlicensed(open_agent: Callable[..., Agent]) -> None:
+    status = open_agent().status()
+    assert status.state is AgentState.UNLICENSED and status.failover_days_left is None

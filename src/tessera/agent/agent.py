@@ -119,8 +119,12 @@ class Agent:
         locking_id: str | None = None,
         location: str | None = None,
         transport: httpx.BaseTransport | None = None,
+        grace_features: tuple[str, ...] = (),
     ) -> None:
         check_product_code(product)
+        for code in grace_features:
+            check_feature_code(code)
+        self._grace_features = frozenset(grace_features)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._now_ts: Callable[[], float] = (
             time.time
@@ -140,7 +144,11 @@ class Agent:
         if stored_product is None or meta.get("product_version") != product_version:
             # remembered so the CLI needs neither option again
             self._store.put(
-                {"product": stored_product or product, "product_version": product_version}
+                {
+                    "product": stored_product or product,
+                    "product_version": product_version,
+                    "installed_at": meta.get("installed_at") or _ts(self._clock.now()),
+                }
             )
         if stored_product is not None and stored_product != product:
             self._store.close()
@@ -309,6 +317,8 @@ class Agent:
             high_water=_parse_ts(meta.get("high_water")),
             locked=meta.get("locked"),
             revoked=meta.get("revoked"),
+            installed_at=_parse_ts(meta.get("installed_at")),
+            grace_features=self._grace_features if "grace_start" not in meta else frozenset(),
             over_assigned=MappingProxyType(over),
         )
 

@@ -18,7 +18,10 @@ Rules, in order of precedence:
 * secure clock: trusted time is max(system clock, high-water mark). A system clock more
   than ``CLOCK_TOLERANCE`` behind the mark is *clock-tampered*: features with an expiry
   (and checkpoint licenses) are refused until the clock agrees with the server again;
-* an entitlement past its expiry (inclusive, UTC day) is not granted.
+* an entitlement past its expiry (inclusive, UTC day) is not granted;
+* a fresh installation that never had a license grants the product's *grace features*
+  (``Agent(grace_features=...)``, none by default) for ``FRESH_GRACE_DAYS`` after its first
+  start, once: state ``unlicensed`` with ``failover_days_left`` counting down.
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ from types import MappingProxyType
 from tessera.agent.status import AgentState, AgentStatus, FeatureGrant
 from tessera.agent.verification import VerifiedLicense
 
-__all__ = ["CLOCK_TOLERANCE", "Facts", "Snapshot", "decide"]
+__all__ = ["CLOCK_TOLERANCE", "FRESH_GRACE_DAYS", "Facts", "Snapshot", "decide"]
 
 CLOCK_TOLERANCE = timedelta(days=1)
+#: the one-time grace of a fresh, never-licensed installation (when the product names
+#: grace features; the same default as a license's failover period)
+FRESH_GRACE_DAYS = 30
 MAX_SNAPSHOT_AGE = timedelta(hours=1)
 DAY = timedelta(days=1)
 
@@ -52,6 +58,9 @@ class Facts:
     high_water: datetime | None = None
     locked: str | None = None
     revoked: str | None = None
+    installed_at: datetime | None = None
+    #: the product's grace features, empty once the installation ever had a license
+    grace_features: frozenset[str] = frozenset()
     over_assigned: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
 
@@ -96,6 +105,8 @@ def decide(facts: Facts, clock_now: datetime) -> Snapshot:
         message = facts.revoked or (
             "no license: activate online (tessera agent activate) or import a license file"
         )
+        if facts.revoked is None and facts.grace_features and facts.installed_at is not None:
+            return _fresh_grace(facts, facts.installed_at, now, clock_now, message, recompute)
         return refuse_all(AgentState.UNLICENSED, message)
     lic = verified.license
     about = {
@@ -183,6 +194,32 @@ def decide(facts: Facts, clock_now: datetime) -> Snapshot:
         clock_now,
         min(recompute),
     )
+
+
+def _fresh_grace(
+    facts: Facts,
+    installed_at: datetime,
+    now: datetime,
+    clock_now: datetime,
+    message: str,
+    recompute: list[datetime],
+) -> Snapshot:
+    """A fresh installation, never licensed: the product's grace features, once, for
+    ``FRESH_GRACE_DAYS`` from the first start (kept in the state, so it never restarts)."""
+    end = installed_at + timedelta(days=FRESH_GRACE_DAYS)
+    if now >= end:
+        status = AgentStatus(AgentState.UNLICENSED, 0, message=message + " (grace period over)")
+        return _snap(status, frozenset(), status.message, clock_now, min(recompute))
+    recompute.append(end)
+    left = _ceil_days(end - now)
+    grants = {f: FeatureGrant(f, 1, end.date()) for f in sorted(facts.grace_features)}
+    status = AgentStatus(
+        AgentState.UNLICENSED,
+        left,
+        MappingProxyType(grants),
+        message=f"{message}; first-start grace: {left} day(s) left with the grace features",
+    )
+    return _snap(status, frozenset(grants), message, clock_now, min(recompute))
 
 
 def _snap(
