@@ -55,9 +55,16 @@ from tessera.core.errors import (
 from tessera.core.fileformat import format_timestamp, parse, parse_timestamp
 from tessera.core.fingerprint import collect_facts, locking_id_for
 from tessera.core.licensekey import normalize_license_key
-from tessera.core.model import Identity, License, check_feature_code, check_product_code
+from tessera.core.model import (
+    Binding,
+    Identity,
+    License,
+    check_feature_code,
+    check_product_code,
+)
 from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerResponse
 from tessera.core.signing import Keyring, SigningKey
+from tessera.core.verify import check_binding, check_pair
 
 __all__ = ["Agent"]
 
@@ -241,8 +248,13 @@ class Agent:
             except StateError:
                 version = self._data_version
             if facts is None or version != self._data_version:
-                self._data_version = version
-                facts = self._load_facts()
+                try:
+                    facts = self._load_facts()
+                    self._data_version = version
+                except StateError as exc:
+                    # check() must answer, not raise: keep the last verified state
+                    log.warning("cannot re-read the agent state: %s", exc)
+                    facts = facts or Facts()
             self._facts_cache = facts
             now = self._clock.now()
             if facts.high_water is None or now > facts.high_water + timedelta(hours=1):
@@ -284,7 +296,7 @@ class Agent:
             try:
                 verified = self._verify_stored(meta, text)
             except BindingError as exc:
-                if "activated by another installation" in str(exc):
+                if not self._machine_changed(text):  # instance/agent-key: the files disagree
                     problem = (AgentState.INVALID, self._invalid_message(str(exc)))
                 else:
                     problem = (
@@ -321,6 +333,19 @@ class Agent:
             grace_features=self._grace_features if "grace_start" not in meta else frozenset(),
             over_assigned=MappingProxyType(over),
         )
+
+    def _machine_changed(self, text: str) -> bool:
+        """Is this a machine-bound license whose Locking ID no longer matches here?"""
+        try:
+            lic = parse(text.encode("utf-8")).document
+            if not isinstance(lic, License) or lic.binding is not Binding.MACHINE:
+                return False
+            check_binding(lic, self.locking_id)
+        except BindingError:
+            return True
+        except (TesseraError, ValueError):
+            return False
+        return False
 
     @staticmethod
     def _invalid_message(why: str) -> str:
@@ -383,8 +408,6 @@ class Agent:
         if current is not None:
             lic = parse(current.encode("utf-8")).document
             if isinstance(lic, License) and lic.serial == identity.serial:
-                from tessera.core.verify import check_pair
-
                 check_pair(identity, lic)
         self._store.put({"identity": text})
 
