@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agent_support import LICENSE_KEY, PRODUCT, FakeServer, LiveServer, make_license
+from agent_support import LICENSE_KEY, PRODUCT, FakeServer, LiveServer, make_license, make_tls
 
 from tessera.core import Keyring, SigningKey, SystemClock
 
@@ -230,3 +230,25 @@ def test_clock_set_back_a_year_cli(run: Run, licensed: Path) -> None:
     assert json.loads(run("status", "--json").stdout)["state"] == "normal"
     status = json.loads(run("status", "--json", faketime="-365d").stdout)
     assert status["state"] == "clock-tampered"
+
+
+def test_activate_over_tls_with_pinned_ca(
+    run: Run, vendor: SigningKey, machine_lid: str, tmp_path: Path
+) -> None:
+    ca_pem, cert, key = make_tls(tmp_path)
+    (tmp_path / "ca.pem").write_bytes(ca_pem)
+    fake = FakeServer(
+        vendor,
+        SystemClock(),
+        lambda agent_key: make_license(vendor, locking_id=machine_lid, agent_key=agent_key),
+    )
+    server = LiveServer(fake, tls=(cert, key))
+    try:
+        proc = run("activate", "--server", server.url, "--ca", "ca.pem", "--key", LICENSE_KEY)
+        assert proc.returncode == 0, proc.stderr
+        assert run("connect").returncode == 0
+        assert run("check", "uniplex").returncode == 0
+    finally:
+        server.stop()
+    wrong = run("activate", "--server", server.url, "--ca", "ca.pem", "--key", "bad")
+    assert wrong.returncode == 2 and "license key" in _one_line_error(wrong)
