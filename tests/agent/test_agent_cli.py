@@ -224,6 +224,14 @@ def test_failover_and_emergency_under_faketime(
     assert json.loads(back.stdout)["state"] == "normal"
     assert run("check", "uniplex", faketime="+31d").returncode == 0
 
+    # back to the real clock (behind what the agent saw): the server's time settles it
+    assert json.loads(run("status", "--json").stdout)["state"] == "clock-tampered"
+    fake.mode = "down"
+    assert run("connect").returncode == 1
+    fake.mode = "ok"
+    assert json.loads(run("connect", "--json").stdout)["state"] == "normal"
+    assert run("check", "uniplex").returncode == 0
+
 
 @pytest.mark.skipif(shutil.which("faketime") is None, reason="needs faketime")
 def test_clock_set_back_a_year_cli(run: Run, licensed: Path) -> None:

@@ -659,7 +659,7 @@ class Agent:
                 return
             try:
                 self.connect()
-            except (TesseraError, OSError) as exc:
+            except Exception as exc:  # the product must never lose its licensing thread
                 log.warning("background check-in: %s", exc)
                 if self._stop.wait(60.0):
                     return

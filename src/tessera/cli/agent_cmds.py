@@ -248,7 +248,9 @@ def locking_id(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Print this machine's Locking ID (salted hashes only; nothing raw leaves the machine)."""
-    lid = locking_id_for(collect_facts(), product_salt(product or _global.product))
+    chosen = product or _global.product or os.environ.get("TESSERA_PRODUCT")
+    chosen = chosen or _remembered(_state_dir()).get("product")
+    lid = locking_id_for(collect_facts(), product_salt(chosen))
     if as_json:
         emit_json({"locking_id": str(lid), "components": len(lid.components)})
     else:
