@@ -140,3 +140,42 @@ def test_sealed_license_opens_with_the_activation_key(
     assert agent.check("uniplex")
     agent.close()
     assert open_agent(agent.state_dir).check("uniplex")  # the key is kept (encrypted)
+
+
+def test_new_two_part_license_replaces_the_old_without_a_gap(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    agent = open_agent()
+    agent.import_license(_identity(vendor))
+    agent.import_license(_instance_license(vendor))
+    # the next license: a new serial, both parts; the first import must not break anything
+    new_par = _identity(vendor, serial="2026-000010")
+    new_lic = sign_document(
+        License(
+            licensee="myCompany, City",
+            serial="2026-000010",
+            product=PRODUCT,
+            version=VersionRange.parse("4.*"),
+            issued=START,
+            binding="instance",  # type: ignore[arg-type]
+            instance_id=INSTANCE,
+            connect=False,
+            locations=(Location("main", (Entitlement("uniplex", 3), Entitlement("ctxjs", 1))),),
+        ),
+        vendor,
+    )
+    assert agent.import_license(new_par).state is AgentState.NORMAL
+    assert agent.check("uniplex") and not agent.check("ctxjs")
+    assert agent.import_license(new_lic).state is AgentState.NORMAL
+    assert agent.check("ctxjs")
+    agent.close()
+    assert open_agent(agent.state_dir).status().serial == "2026-000010"
+
+
+def test_instance_license_with_an_identity_of_another_serial(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    agent = open_agent()
+    agent.import_license(_identity(vendor, serial="2026-000099"))
+    with pytest.raises(VerificationError, match="serial"):
+        agent.import_license(_instance_license(vendor))

@@ -402,21 +402,32 @@ class Agent:
             return self._rebuild().status
 
     def _import_identity(self, text: str) -> None:
+        """An identity file that pairs with the license in force replaces its identity at
+        once; one for another license waits (``identity_pending``) for its ``.lic``, so
+        importing the two parts of a new license never breaks the one in force."""
         identity = verify_identity(text, self.installation)
         meta = self._store.get_all()
         current = meta.get("license")
-        if current is not None:
-            lic = parse(current.encode("utf-8")).document
-            if isinstance(lic, License) and lic.serial == identity.serial:
-                check_pair(identity, lic)
-        self._store.put({"identity": text})
+        lic = parse(current.encode("utf-8")).document if current is not None else None
+        if isinstance(lic, License) and lic.serial == identity.serial:
+            check_pair(identity, lic)
+            self._store.put({"identity": text, "identity_pending": None})
+        elif isinstance(lic, License) and lic.binding is Binding.INSTANCE:
+            self._store.put({"identity_pending": text})
+        else:
+            self._store.put({"identity": text, "identity_pending": None})
 
     def _import_license_text(self, text: str, *, from_server: bool) -> VerifiedLicense:
         meta = self._store.get_all()
+        identity = self._stored_identity(meta)
+        pending_text = meta.get("identity_pending")
+        pending = None if pending_text is None else verify_identity(pending_text, self.installation)
+        serial = parse(text.encode("utf-8")).document.serial
+        use_pending = pending is not None and pending.serial == serial
         verified = verify_license(
             text,
             self.installation,
-            identity=self._stored_identity(meta),
+            identity=pending if use_pending else identity,
             agent_key=self._agent_public(meta),
             license_key=self._license_key(meta),
         )
@@ -444,6 +455,8 @@ class Agent:
             "license_revision": str(lic.revision),
             "revoked": None,
         }
+        if use_pending:
+            updates.update({"identity": pending_text, "identity_pending": None})
         if from_server:
             updates["revoked_serial"] = None
         if meta.get("grace_start") is None:

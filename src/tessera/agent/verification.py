@@ -87,7 +87,8 @@ def verify_license(
         raise BindingError(
             f"license {lic.serial} is user-bound: it is used through a credential, not installed"
         )
-    if identity is not None and identity.serial == lic.serial:
+    if lic.binding is Binding.INSTANCE or (identity is not None and identity.serial == lic.serial):
+        assert identity is not None  # checked above for instance binding
         check_pair(identity, lic)
     if lic.agent_key is not None and lic.agent_key != agent_key:
         raise BindingError(
