@@ -9,7 +9,6 @@ SQLite's write lock.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -379,9 +378,9 @@ class Agent:
             return None
         return SigningKey.from_raw(self._store.decrypt("agent key", blob))
 
-    def _agent_public(self, meta: Mapping[str, str]) -> str | None:
-        public = meta.get("agent_public")
-        return public
+    @staticmethod
+    def _agent_public(meta: Mapping[str, str]) -> str | None:
+        return meta.get("agent_public")
 
     def _license_key(self, meta: Mapping[str, str]) -> str | None:
         blob = meta.get("license_key")
@@ -740,12 +739,14 @@ class Agent:
         meta: dict[str, str] = dict(content["meta"])
         current = self._store.get_all()
         # Trusted time and the grace period never move backwards through a restore.
-        for name, pick in (("high_water", max), ("grace_start", min)):
+        for name, pick in (("high_water", max), ("grace_start", min), ("installed_at", min)):
             values = [v for v in (_parse_ts(meta.get(name)), _parse_ts(current.get(name))) if v]
             if values:
                 meta[name] = _ts(pick(values))
         rows = [SeatRow(s["feature"], s["subject"], s["assigned_at"]) for s in content["seats"]]
-        self._store.replace_everything(meta, rows)
+        self._store.replace_everything(
+            meta, rows, keep_meta=("system_id", "product", "product_version")
+        )
         return self._rebuild().status
 
     def _restore_portable(self, doc: dict[str, Any]) -> AgentStatus:
@@ -807,7 +808,3 @@ def _replace(facts: Facts, **changes: Any) -> Facts:
     from dataclasses import replace
 
     return replace(facts, **changes)
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
