@@ -708,7 +708,7 @@ class Agent:
         """Restore a backup; a with-license backup only into the installation that made it."""
         try:
             doc = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise BackupError("not a Tessera agent backup (not JSON)") from None
         if not isinstance(doc, dict) or doc.get("format") != BACKUP_FORMAT:
             raise BackupError(f"not a Tessera agent backup (expected format {BACKUP_FORMAT})")
