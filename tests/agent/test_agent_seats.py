@@ -8,7 +8,7 @@ import pytest
 from agent_support import make_license
 
 from tessera.agent import Agent, SeatError
-from tessera.core import SigningKey
+from tessera.core import FormatError, SigningKey
 
 
 def test_assign_up_to_the_count(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
@@ -35,7 +35,7 @@ def test_unlicensed_feature_and_bad_subject(
     agent.import_license(make_license(vendor, {"uniplex": (2, None)}, connect=False))
     with pytest.raises(SeatError, match="not licensed"):
         agent.assign("other", "alice")
-    with pytest.raises(SeatError, match="invalid subject"):
+    with pytest.raises(FormatError, match="invalid subject"):
         agent.assign("uniplex", "bad\nname")
     with pytest.raises(SeatError, match="holds no seat"):
         agent.unassign("uniplex", "nobody")

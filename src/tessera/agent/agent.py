@@ -101,7 +101,7 @@ def _check_subject(subject: str) -> str:
         or len(subject) > _MAX_SUBJECT
         or any(not ch.isprintable() for ch in subject)
     ):
-        raise SeatError(f"invalid subject {subject!r} (1-{_MAX_SUBJECT} printable characters)")
+        raise FormatError(f"invalid subject {subject!r} (1-{_MAX_SUBJECT} printable characters)")
     return subject
 
 
@@ -468,7 +468,7 @@ class Agent:
 
     def assign(self, feature: str, subject: str) -> bool:
         """Give ``subject`` a seat of ``feature``; False if it had one. Never over the count."""
-        check_feature_code(feature) if _valid_feature(feature) else None
+        _valid_feature(feature)
         _check_subject(subject)
         with self._write_lock:
             counts = {e.feature: e.count for e in self._licensed_entitlements()}
@@ -759,13 +759,16 @@ class Agent:
             if not isinstance(item, dict):
                 raise BackupError("the backup is damaged")
             feature, subject = item.get("feature"), item.get("subject")
-            if (
-                not isinstance(feature, str)
-                or not _valid_feature(feature)
-                or not isinstance(subject, str)
-            ):
+            if not isinstance(feature, str) or not isinstance(subject, str):
                 raise BackupError("the backup holds a malformed seat")
-            _check_subject(subject)
+            try:
+                _valid_feature(feature)
+            except FormatError as exc:
+                raise BackupError(f"the backup holds a malformed seat: {exc}") from None
+            try:
+                _check_subject(subject)
+            except FormatError as exc:
+                raise BackupError(f"the backup holds a malformed seat: {exc}") from None
             rows.append(
                 SeatRow(feature, subject, str(item.get("assigned_at") or _ts(self._clock.now())))
             )
@@ -800,7 +803,7 @@ def _valid_feature(feature: str) -> bool:
     try:
         check_feature_code(feature)
     except ValueError:
-        raise SeatError(f"invalid feature code {feature!r}") from None
+        raise FormatError(f"invalid feature code {feature!r}") from None
     return True
 
 

@@ -9,7 +9,8 @@ line (the CLI does) needs nothing new. Import failures keep the core types
     ├── FormatError, VerificationError, ...   (tessera.core: a file failed on import)
     └── AgentError                 something the agent cannot do, and why
         ├── FeatureDenied          require(feature): the feature may not be used now
-        ├── SeatError              assign/unassign: no free seat, unknown feature or subject
+        ├── SeatError              assign/unassign: no free seat, feature not licensed,
+        │                          subject holds no seat (a malformed code is a FormatError)
         ├── StateError             the state directory cannot be read or written
         │                          (read-only, disk full, locked, damaged); nothing was lost
         ├── BackupError            a backup file is unreadable or not for this installation
