@@ -108,3 +108,24 @@ def test_fresh_installation_grace_features_once(
 def test_no_grace_features_means_plain_unlicensed(open_agent: Callable[..., Agent]) -> None:
     status = open_agent().status()
     assert status.state is AgentState.UNLICENSED and status.failover_days_left is None
+
+
+def test_failover_since_is_the_first_failure(
+    open_agent: Callable[..., Agent], server: FakeServer, vendor: SigningKey, clock: ManualClock
+) -> None:
+    import contextlib
+
+    from tessera.agent import ConnectError
+
+    agent = _activate(open_agent, server, vendor)
+    server.mode = "down"
+    clock.advance(days=2)
+    first = clock.now().replace(microsecond=0)
+    for _ in range(3):
+        with contextlib.suppress(ConnectError):
+            agent.connect()
+        clock.advance(hours=5)
+    assert agent.status().failover_since == first
+    assert agent.status().to_json()["failover_since"] == first.strftime("%Y-%m-%dT%H:%M:%SZ")
+    server.mode = "ok"
+    assert agent.connect().failover_since is None

@@ -323,6 +323,7 @@ class Agent:
             problem=problem,
             last_success=_parse_ts(meta.get("last_success")),
             last_failure=_parse_ts(meta.get("last_failure")),
+            failover_since=_parse_ts(meta.get("failover_since")),
             failure_reason=meta.get("failure_reason"),
             grace_start=_parse_ts(meta.get("grace_start")),
             high_water=_parse_ts(meta.get("high_water")),
@@ -585,6 +586,7 @@ class Agent:
         updates: dict[str, str | None] = {
             "last_success": _ts(trusted),
             "last_failure": None,
+            "failover_since": None,
             "failure_reason": None,
             "high_water": _ts(trusted),
             "locked": None,
@@ -613,7 +615,11 @@ class Agent:
     def _record_failure(self, reason: str) -> None:
         log.warning("check-in failed, running on the last verified state: %s", reason)
         try:
-            self._store.put({"last_failure": _ts(self._clock.now()), "failure_reason": reason})
+            now = _ts(self._clock.now())
+            since = self._store.get("failover_since") or now
+            self._store.put(
+                {"last_failure": now, "failure_reason": reason, "failover_since": since}
+            )
         except StateError as exc:
             log.warning("cannot record the failed check-in: %s", exc)
         self._rebuild()

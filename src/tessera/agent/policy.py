@@ -53,6 +53,8 @@ class Facts:
     problem: tuple[AgentState, str] | None = None
     last_success: datetime | None = None
     last_failure: datetime | None = None
+    #: the first failed check-in since the last successful one
+    failover_since: datetime | None = None
     failure_reason: str | None = None
     grace_start: datetime | None = None
     high_water: datetime | None = None
@@ -114,6 +116,7 @@ def decide(facts: Facts, clock_now: datetime) -> Snapshot:
         "licensee": lic.licensee,
         "location": verified.location.name,
         "last_checkin": facts.last_success,
+        "failover_since": facts.failover_since,
         "over_assigned": facts.over_assigned,
     }
 

@@ -67,6 +67,10 @@ class FeatureSeats:
         }
 
 
+def _ts_or_none(value: datetime | None) -> str | None:
+    return None if value is None else format_timestamp(value)
+
+
 def _frozen(mapping: Mapping[str, FeatureGrant]) -> Mapping[str, FeatureGrant]:
     return MappingProxyType(dict(mapping))
 
@@ -88,6 +92,7 @@ class AgentStatus:
     licensee: str | None = None
     location: str | None = None
     last_checkin: datetime | None = None
+    failover_since: datetime | None = None
     over_assigned: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
     def to_json(self) -> dict[str, Any]:
@@ -103,5 +108,6 @@ class AgentStatus:
             "last_checkin": None
             if self.last_checkin is None
             else format_timestamp(self.last_checkin),
+            "failover_since": _ts_or_none(self.failover_since),
             "over_assigned": dict(sorted(self.over_assigned.items())),
         }
