@@ -143,3 +143,13 @@ def test_a_failed_checkin_logs_one_clear_reason(
     assert len(records) == 1
     assert "running on the last verified state" in records[0].getMessage()
     assert "not a valid response" in records[0].getMessage()
+
+
+def test_huge_answer_is_refused(activated: Agent) -> None:
+    import httpx
+
+    huge = b"{" + b" " * (2 * 1024 * 1024) + b"}"
+    activated._transport = httpx.MockTransport(lambda request: httpx.Response(200, content=huge))
+    with pytest.raises(BadResponse, match="too large"):
+        activated.connect()
+    assert activated.check("uniplex")

@@ -77,22 +77,24 @@ class ConnectClient:
     def post(self, path: str, body: bytes, expected_nonce: str) -> ServerResponse:
         url = self.server_url + path
         try:
-            response = self._client.post(
-                url, content=body, headers={"content-type": "application/json"}
-            )
+            with self._client.stream(
+                "POST", url, content=body, headers={"content-type": "application/json"}
+            ) as response:
+                content = _read_capped(response)
         except httpx.HTTPError as exc:
             raise ServerUnreachable(
                 f"cannot reach the license server at {self.server_url}: {_why(exc)}"
             ) from None
         if response.status_code != 200:
             raise ServerRefused(
-                f"the license server refused (HTTP {response.status_code}): {_detail(response)}",
+                f"the license server refused (HTTP {response.status_code}): "
+                f"{_detail(content, response.reason_phrase)}",
                 response.status_code,
             )
-        if len(response.content) > MAX_MESSAGE_SIZE:
+        if content is None:
             raise BadResponse("the license server's answer is too large")
         try:
-            return ServerResponse.from_json(response.content, self._keyring, expected_nonce)
+            return ServerResponse.from_json(content, self._keyring, expected_nonce)
         except FormatError as exc:
             raise BadResponse(
                 f"the license server's answer is not a valid response: {exc}"
@@ -110,13 +112,25 @@ def _why(exc: httpx.HTTPError) -> str:
     return text.splitlines()[0][:200]
 
 
-def _detail(response: httpx.Response) -> str:
+def _read_capped(response: httpx.Response) -> bytes | None:
+    """The body, or None past MAX_MESSAGE_SIZE: a hostile server cannot fill the memory."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > MAX_MESSAGE_SIZE:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _detail(content: bytes | None, reason: str) -> str:
     try:
-        obj = json.loads(response.content)
-    except ValueError:
-        return response.reason_phrase or "no reason given"
+        obj = json.loads(content or b"")
+    except (ValueError, RecursionError):
+        return reason or "no reason given"
     if isinstance(obj, dict) and isinstance(obj.get("detail"), str):
         return str(obj["detail"])[:300]
     if isinstance(obj, dict) and obj.get("detail") is not None:
         return json.dumps(obj["detail"])[:300]
-    return response.reason_phrase or "no reason given"
+    return reason or "no reason given"
