@@ -68,3 +68,31 @@ def test_two_agents_on_one_state_never_oversell(
     assert first.assign("uniplex", "alice")
     with pytest.raises(SeatError):
         second.assign("uniplex", "bob")
+
+
+def test_concurrent_assigns_from_threads(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    import threading
+
+    agent = open_agent()
+    agent.import_license(make_license(vendor, {"uniplex": (5, None)}, connect=False))
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        try:
+            agent.assign("uniplex", f"user-{i}")
+            ok = True
+        except SeatError:
+            ok = False
+        with lock:
+            results.append(ok)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 5
+    assert len(agent.seats()["uniplex"].subjects) == 5
