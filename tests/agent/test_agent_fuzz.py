@@ -34,12 +34,12 @@ json_values = st.recursive(
 @fuzz
 @given(data=st.binary(max_size=400) | st.text(max_size=400).map(str.encode))
 def test_fuzz_import(open_agent: Callable[..., Agent], vendor: SigningKey, data: bytes) -> None:
-    agent = open_agent()
-    if agent.status().state is AgentState.UNLICENSED:
-        agent.import_license(make_license(vendor, connect=False))
-    with contextlib.suppress(TesseraError):
-        agent.import_license(data)
-    assert agent.check("uniplex")
+    with open_agent() as agent:  # closed per example: `make fuzz` runs thousands
+        if agent.status().state is AgentState.UNLICENSED:
+            agent.import_license(make_license(vendor, connect=False))
+        with contextlib.suppress(TesseraError):
+            agent.import_license(data)
+        assert agent.check("uniplex")
 
 
 @fuzz
@@ -55,10 +55,10 @@ def test_fuzz_import(open_agent: Callable[..., Agent], vendor: SigningKey, data:
     | json_values
 )
 def test_fuzz_restore(open_agent: Callable[..., Agent], doc: object) -> None:
-    agent = open_agent()
-    with contextlib.suppress(BackupError, TesseraError):
-        agent.restore(json.dumps(doc).encode())
-    agent.status()
+    with open_agent() as agent:
+        with contextlib.suppress(BackupError, TesseraError):
+            agent.restore(json.dumps(doc).encode())
+        agent.status()
 
 
 @fuzz
