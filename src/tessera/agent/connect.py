@@ -1,0 +1,136 @@
+"""The Connect client: outbound HTTPS to the license server, nothing else.
+
+The agent opens no port. TLS is 1.2 or newer and, when the installation was given the
+server's CA (``--ca``, made at ``server init``), *only* that CA is trusted: a certificate from
+any other authority, even a public one, is refused like an unreachable server. The
+transport is pluggable so tests (and embedders) can pass ``httpx.MockTransport``.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+
+import httpx
+
+from tessera.agent.errors import BadResponse, ServerRefused, ServerUnreachable
+from tessera.core.errors import FormatError, VerificationError
+from tessera.core.protocol import MAX_MESSAGE_SIZE, ServerResponse
+from tessera.core.signing import Keyring
+
+__all__ = ["ACTIVATE_PATH", "CHECKIN_PATH", "ConnectClient", "pinned_ssl_context"]
+
+ACTIVATE_PATH = "/api/v1/activate"
+CHECKIN_PATH = "/api/v1/checkin"
+DEFAULT_TIMEOUT = 15.0
+
+
+def pinned_ssl_context(ca_pem: bytes | None) -> ssl.SSLContext:
+    """TLS 1.2+; with ``ca_pem`` that CA alone is trusted (the system store is not loaded)."""
+    if ca_pem is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
+        except (ssl.SSLError, UnicodeDecodeError, ValueError):
+            raise FormatError("the server CA file is not a PEM certificate") from None
+    else:
+        ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class ConnectClient:
+    """Posts one signed request and returns the verified response, or raises ConnectError."""
+
+    def __init__(
+        self,
+        server_url: str,
+        ca_pem: bytes | None,
+        keyring: Keyring,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        if not server_url.startswith(("https://", "http://")):
+            raise FormatError(f"server URL must start with https:// (got {server_url!r})")
+        self.server_url = server_url.rstrip("/")
+        self._keyring = keyring
+        verify: ssl.SSLContext | bool = pinned_ssl_context(ca_pem)
+        self._client = httpx.Client(
+            verify=verify,
+            transport=transport,
+            timeout=timeout,
+            trust_env=False,
+            follow_redirects=False,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> ConnectClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def post(self, path: str, body: bytes, expected_nonce: str) -> ServerResponse:
+        url = self.server_url + path
+        try:
+            with self._client.stream(
+                "POST", url, content=body, headers={"content-type": "application/json"}
+            ) as response:
+                content = _read_capped(response)
+        except httpx.HTTPError as exc:
+            raise ServerUnreachable(
+                f"cannot reach the license server at {self.server_url}: {_why(exc)}"
+            ) from None
+        if response.status_code != 200:
+            raise ServerRefused(
+                f"the license server refused (HTTP {response.status_code}): "
+                f"{_detail(content, response.reason_phrase)}",
+                response.status_code,
+            )
+        if content is None:
+            raise BadResponse("the license server's answer is too large")
+        try:
+            return ServerResponse.from_json(content, self._keyring, expected_nonce)
+        except FormatError as exc:
+            raise BadResponse(
+                f"the license server's answer is not a valid response: {exc}"
+            ) from None
+        except VerificationError as exc:
+            raise BadResponse(f"the license server's answer cannot be trusted: {exc}") from None
+
+
+def _why(exc: httpx.HTTPError) -> str:
+    text = str(exc) or type(exc).__name__
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate" in text.lower():
+        return "its TLS certificate is not signed by the pinned CA"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    return text.splitlines()[0][:200]
+
+
+def _read_capped(response: httpx.Response) -> bytes | None:
+    """The body, or None past MAX_MESSAGE_SIZE: a hostile server cannot fill the memory."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > MAX_MESSAGE_SIZE:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _detail(content: bytes | None, reason: str) -> str:
+    try:
+        obj = json.loads(content or b"")
+    except (ValueError, RecursionError):
+        return reason or "no reason given"
+    if isinstance(obj, dict) and isinstance(obj.get("detail"), str):
+        return str(obj["detail"])[:300]
+    if isinstance(obj, dict) and obj.get("detail") is not None:
+        return json.dumps(obj["detail"])[:300]
+    return reason or "no reason given"

@@ -1,0 +1,310 @@
+"""The agent's persistent state: one SQLite file plus the installation secret.
+
+Why SQLite in WAL mode with ``synchronous=FULL``: every change is one transaction, so a
+``kill -9`` or a power cut at any moment leaves either the old or the new state, never a
+mix, and a full disk makes the transaction fail as a whole (the old state stays). Readers
+in other processes (``tessera agent status`` while the product runs) never block writers.
+
+The *installation secret* (``installation.key``, 32 random bytes, mode 0600) lives beside
+the database, not in it. Keys derived from it encrypt the agent's private key at rest and
+the ``--with-license`` backups. What that protects against: a copy of the database alone
+(support bundle, a leaked backup, a file-level sync of ``state.db``) does not reveal the
+agent key, and a with-license backup restores only into the installation that wrote it. It
+does not protect against someone who can read the whole state directory on this machine
+(root): nothing that runs unattended can.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from tessera.agent.errors import SeatError, StateError
+from tessera.core.protocol import new_system_id
+
+__all__ = ["DB_NAME", "SECRET_NAME", "SeatRow", "StateStore"]
+
+DB_NAME = "state.db"
+SECRET_NAME = "installation.key"
+_SCHEMA_VERSION = "1"
+_BUSY_TIMEOUT_MS = 15_000
+
+
+@dataclass(frozen=True, slots=True)
+class SeatRow:
+    feature: str
+    subject: str
+    assigned_at: str
+
+
+def _explain(exc: BaseException, where: Path) -> str:
+    text = str(exc).lower()
+    if "readonly" in text or "read-only" in text or isinstance(exc, PermissionError):
+        return f"the agent state directory {where} is read-only; nothing was changed"
+    if "disk is full" in text or "no space" in text or getattr(exc, "errno", None) == 28:
+        return f"the disk holding {where} is full; nothing was changed"
+    if "locked" in text or "busy" in text:
+        return f"the agent state in {where} is locked by another process; try again"
+    if "unable to open" in text:
+        return f"cannot open the agent state in {where} (missing or not writable)"
+    if "malformed" in text or "not a database" in text:
+        return f"the agent state file {where / DB_NAME} is damaged; restore a backup"
+    return f"agent state in {where}: {exc}"
+
+
+class StateStore:
+    """Transactions over ``state.db``; every method is one transaction and thread-safe."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self._lock = threading.RLock()
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(_explain(exc, self.state_dir)) from None
+        if not os.access(self.state_dir, os.W_OK):
+            raise StateError(
+                f"the agent state directory {self.state_dir} is read-only; the agent needs to "
+                "write there (make it writable, or pass another --state-dir)"
+            )
+        db_path = self.state_dir / DB_NAME
+        fresh = not db_path.exists()
+        self.secret = self._load_or_make_secret(fresh)
+        try:
+            self._db = sqlite3.connect(
+                db_path,
+                timeout=_BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+            with self._tx() as db:
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
+                )
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS seats (feature TEXT NOT NULL,"
+                    " subject TEXT NOT NULL, assigned_at TEXT NOT NULL,"
+                    " PRIMARY KEY (feature, subject))"
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('system_id', ?)",
+                    (_SCHEMA_VERSION, new_system_id()),
+                )
+            check = self._db.execute("PRAGMA quick_check").fetchone()
+        except sqlite3.Error as exc:
+            self._close_quietly()
+            raise StateError(_explain(exc, self.state_dir)) from None
+        if check is None or check[0] != "ok":
+            self._close_quietly()
+            raise StateError(f"the agent state file {db_path} is damaged; restore a backup")
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _load_or_make_secret(self, fresh: bool) -> bytes:
+        path = self.state_dir / SECRET_NAME
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            if not fresh:
+                raise StateError(
+                    f"{path} is missing: this state directory was copied without its "
+                    "installation secret; restore it, or start a new installation and "
+                    "restore a --without-license backup"
+                ) from None
+            data = os.urandom(32)
+            tmp = path.with_name(f".{SECRET_NAME}.tmp{os.getpid()}")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+                dir_fd = os.open(self.state_dir, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+            except OSError as exc:
+                with suppress(OSError):
+                    tmp.unlink()
+                raise StateError(_explain(exc, self.state_dir)) from None
+        except OSError as exc:
+            raise StateError(_explain(exc, self.state_dir)) from None
+        if len(data) != 32:
+            raise StateError(f"{path} is damaged (expected 32 bytes)")
+        return data
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: other processes wait instead of failing mid-way."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _close_quietly(self) -> None:
+        with suppress(Exception):
+            self._db.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_quietly()
+
+    def _wrap(self, exc: sqlite3.Error) -> StateError:
+        return StateError(_explain(exc, self.state_dir))
+
+    def data_version(self) -> int:
+        """Changes whenever *another* connection (another process) committed: cheap to poll."""
+        try:
+            with self._lock:
+                row = self._db.execute("PRAGMA data_version").fetchone()
+        except sqlite3.Error as exc:
+            raise self._wrap(exc) from None
+        return int(row[0])
+
+    # ------------------------------------------------------------------ meta values
+
+    def get(self, name: str) -> str | None:
+        return self.get_all().get(name)
+
+    def get_all(self) -> dict[str, str]:
+        try:
+            with self._lock:
+                rows = self._db.execute("SELECT name, value FROM meta").fetchall()
+        except sqlite3.Error as exc:
+            raise self._wrap(exc) from None
+        return {str(k): str(v) for k, v in rows}
+
+    def put(self, values: Mapping[str, str | None]) -> None:
+        """Set (or, for ``None``, delete) several values in one transaction."""
+        try:
+            with self._tx() as db:
+                for name, value in values.items():
+                    if value is None:
+                        db.execute("DELETE FROM meta WHERE name = ?", (name,))
+                    else:
+                        db.execute(
+                            "INSERT INTO meta VALUES (?, ?)"
+                            " ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                            (name, value),
+                        )
+        except sqlite3.Error as exc:
+            raise self._wrap(exc) from None
+
+    # ------------------------------------------------------------------ seats
+
+    def seats(self) -> list[SeatRow]:
+        try:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT feature, subject, assigned_at FROM seats"
+                    " ORDER BY feature, assigned_at, subject"
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise self._wrap(exc) from None
+        return [SeatRow(str(f), str(s), str(a)) for f, s, a in rows]
+
+    def add_seat(self, feature: str, subject: str, assigned_at: str, limit: int) -> bool:
+        """Assign unless ``limit`` seats are taken; False when it was assigned already.
+
+        The count and the insert share one IMMEDIATE transaction, so two processes
+        assigning the last seat at once cannot both get it.
+        """
+        try:
+            with self._tx() as db:
+                if db.execute(
+                    "SELECT 1 FROM seats WHERE feature = ? AND subject = ?", (feature, subject)
+                ).fetchone():
+                    return False
+                (taken,) = db.execute(
+                    "SELECT COUNT(*) FROM seats WHERE feature = ?", (feature,)
+                ).fetchone()
+                if taken >= limit:
+                    raise SeatError(
+                        f"all {limit} seat(s) of {feature} are assigned; unassign one first"
+                    )
+                db.execute("INSERT INTO seats VALUES (?, ?, ?)", (feature, subject, assigned_at))
+                return True
+        except sqlite3.Error as exc:
+            raise self._wrap(exc) from None
+
+    def remove_seat(self, feature: str, subject: str) -> bool:
+        try:
+            with self._tx() as db:
+                cur = db.execute(
+                    "DELETE FROM seats WHERE feature = ? AND subject = ?", (feature, subject)
+                )
+                return cur.rowcount > 0
+        except sqlite3.Error as exc:
+            raise self._wrap(exc) from None
+
+    def replace_everything(
+        self,
+        meta: Mapping[str, str] | None,
+        seats: list[SeatRow],
+        *,
+        keep_meta: tuple[str, ...] = (),
+    ) -> None:
+        """Restore: swap meta values (unless ``meta`` is None) and all seats atomically."""
+        try:
+            with self._tx() as db:
+                if meta is not None:
+                    kept = {
+                        k: v
+                        for k, v in db.execute("SELECT name, value FROM meta").fetchall()
+                        if k in keep_meta
+                    }
+                    db.execute("DELETE FROM meta")
+                    for name, value in {**meta, **kept}.items():
+                        db.execute("INSERT INTO meta VALUES (?, ?)", (name, value))
+                db.execute("DELETE FROM seats")
+                for row in seats:
+                    db.execute(
+                        "INSERT OR IGNORE INTO seats VALUES (?, ?, ?)",
+                        (row.feature, row.subject, row.assigned_at),
+                    )
+        except sqlite3.Error as exc:
+            raise self._wrap(exc) from None
+
+    # ------------------------------------------------------------------ encryption at rest
+
+    def derive_key(self, purpose: str) -> bytes:
+        return HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=b"tessera-agent/1", info=purpose.encode()
+        ).derive(self.secret)
+
+    def encrypt(self, purpose: str, plaintext: bytes) -> str:
+        nonce = os.urandom(12)
+        blob = nonce + AESGCM(self.derive_key(purpose)).encrypt(nonce, plaintext, purpose.encode())
+        return base64.b64encode(blob).decode("ascii")
+
+    def decrypt(self, purpose: str, text: str) -> bytes:
+        try:
+            blob = base64.b64decode(text, validate=True)
+            return AESGCM(self.derive_key(purpose)).decrypt(blob[:12], blob[12:], purpose.encode())
+        except (InvalidTag, ValueError):
+            raise StateError(
+                f"cannot decrypt the {purpose}: it was written by another installation"
+            ) from None

@@ -1,0 +1,70 @@
+"""Backups with license (this installation only) and without (portable), seed 001's migration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from agent_support import OTHER_LOCKING_ID, FakeServer, make_license
+
+from tessera.agent import Agent, AgentState, BackupError
+from tessera.core import SigningKey
+
+
+def test_backup_with_license_restores_here_only(
+    open_agent: Callable[..., Agent], vendor: SigningKey, tmp_path: Path
+) -> None:
+    agent = open_agent()
+    agent.import_license(make_license(vendor, connect=False))
+    agent.assign("uniplex", "alice")
+    backup = agent.backup(with_license=True)
+    assert b"alice" not in backup and b"uniplex" not in backup  # encrypted
+    agent.unassign("uniplex", "alice")
+    agent.import_license(make_license(vendor, {"other": (1, None)}, revision=2, connect=False))
+    status = agent.restore(backup)
+    assert status.state is AgentState.NORMAL and agent.check("uniplex")
+    assert agent.seats()["uniplex"].subjects == ("alice",)
+
+    elsewhere = open_agent(tmp_path / "elsewhere")
+    with pytest.raises(BackupError, match="another installation"):
+        elsewhere.restore(backup)
+    assert elsewhere.status().state is AgentState.UNLICENSED
+
+
+def test_backup_keeps_the_agent_key(activated: Agent, server: FakeServer) -> None:
+    backup = activated.backup(with_license=True)
+    activated.restore(backup)
+    assert activated.connect().state is AgentState.NORMAL  # same agent key as registered
+
+
+def test_seed_001_migration(
+    open_agent: Callable[..., Agent], vendor: SigningKey, tmp_path: Path
+) -> None:
+    old = open_agent(tmp_path / "old")
+    old.import_license(make_license(vendor, {"uniplex": (5, None), "backup": (2, None)}))
+    for feature, who in (("uniplex", "alice"), ("uniplex", "bob"), ("backup", "if-backup-1")):
+        old.assign(feature, who)
+    portable = old.backup(with_license=False)
+    assert b"BEGIN" not in portable and b"[LICENSE]" not in portable
+    before = {code: s.subjects for code, s in old.seats().items()}
+
+    new = open_agent(tmp_path / "new", locking_id=OTHER_LOCKING_ID)
+    new.restore(portable)
+    assert new.status().state is AgentState.UNLICENSED
+    new.import_license(
+        make_license(
+            vendor,
+            {"uniplex": (5, None), "backup": (2, None)},
+            serial="2026-000002",
+            locking_id=OTHER_LOCKING_ID,
+        )
+    )
+    assert {code: s.subjects for code, s in new.seats().items()} == before
+    assert new.holds("uniplex", "alice") and new.holds("backup", "if-backup-1")
+
+
+@pytest.mark.parametrize("data", [b"", b"{}", b"[1]", b'{"format": "tessera-agent-backup/1"}'])
+def test_bad_backup_files(open_agent: Callable[..., Agent], data: bytes) -> None:
+    with pytest.raises(BackupError):
+        open_agent().restore(data)

@@ -1,0 +1,262 @@
+"""The ``tessera agent`` verbs as users run them: real processes, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from agent_support import LICENSE_KEY, PRODUCT, FakeServer, LiveServer, make_license, make_tls
+
+from tessera.core import Keyring, SigningKey, SystemClock
+
+TESSERA = str(Path(sys.executable).with_name("tessera"))
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(scope="module")
+def machine_lid() -> str:
+    out = subprocess.run(
+        [TESSERA, "agent", "locking-id", "--product", PRODUCT],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+@pytest.fixture
+def env(tmp_path: Path, vendor: SigningKey) -> dict[str, str]:
+    pub = tmp_path / "vendor.pub"
+    pub.write_text(Keyring([vendor.public]).dumps())
+    return {
+        **os.environ,
+        "TESSERA_AGENT_DIR": str(tmp_path / "state"),
+        "TESSERA_VENDOR_KEY": str(pub),
+        "TESSERA_PRODUCT": PRODUCT,
+        "TESSERA_PRODUCT_VERSION": "4.2",
+    }
+
+
+@pytest.fixture
+def run(env: dict[str, str], tmp_path: Path) -> Run:
+    def runner(*args: str, faketime: str | None = None) -> subprocess.CompletedProcess[str]:
+        cmd = [TESSERA, "agent", *args]
+        if faketime is not None:
+            cmd = ["faketime", "-f", faketime, *cmd]
+        return subprocess.run(
+            cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
+        )
+
+    return runner
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def licensed(run: Run, tmp_path: Path, vendor: SigningKey, machine_lid: str) -> Path:
+    lic = tmp_path / "cortex.lic"
+    lic.write_text(
+        make_license(
+            vendor,
+            {"uniplex": (2, None), "backup": (1, None)},
+            locking_id=machine_lid,
+            connect=False,
+        )
+    )
+    proc = run("import", str(lic))
+    assert proc.returncode == 0, proc.stderr
+    return lic
+
+
+def test_status_json_contract(run: Run, licensed: Path) -> None:
+    proc = run("status", "--json")
+    assert proc.returncode == 0
+    status = json.loads(proc.stdout)
+    assert status["state"] == "normal"
+    assert status["failover_days_left"] is None
+    assert status["features"] == {
+        "backup": {"count": 1, "expiry": "permanent"},
+        "uniplex": {"count": 2, "expiry": "permanent"},
+    }
+
+
+def test_unlicensed_status(run: Run) -> None:
+    status = json.loads(run("status", "--json").stdout)
+    assert status["state"] == "unlicensed" and status["features"] == {}
+
+
+def test_check_exit_codes(run: Run, licensed: Path) -> None:
+    assert run("check", "uniplex").returncode == 0
+    denied = run("check", "reporting")
+    assert denied.returncode == 1
+    assert "not licensed" in _one_line_error(denied)
+
+
+def test_seats_via_cli(run: Run, licensed: Path) -> None:
+    assert run("assign", "uniplex", "alice").returncode == 0
+    assert run("assign", "uniplex", "bob").returncode == 0
+    full = run("assign", "uniplex", "carol")
+    assert full.returncode == 1 and "seat" in _one_line_error(full)
+    seats = json.loads(run("seats", "--json").stdout)["seats"]
+    assert seats["uniplex"]["assigned"] == ["alice", "bob"] and seats["uniplex"]["free"] == 0
+    assert run("unassign", "uniplex", "alice").returncode == 0
+    assert run("unassign", "uniplex", "alice").returncode == 1
+
+
+def test_bad_and_forged_files(run: Run, licensed: Path, tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.lic"
+    garbage.write_text("hello\n")
+    assert run("import", str(garbage)).returncode == 2
+    assert run("import", str(tmp_path / "missing.lic")).returncode == 2
+    forged = tmp_path / "forged.lic"
+    forged.write_text(licensed.read_text().replace("uniplex = 2", "uniplex = 9"))
+    proc = run("import", str(forged))
+    assert proc.returncode == 1 and "altered" in _one_line_error(proc)
+    status = json.loads(run("status", "--json").stdout)
+    assert status["features"]["uniplex"]["count"] == 2
+
+
+def test_options_after_the_verb_and_remembered_product(
+    run: Run, licensed: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    bare = {k: v for k, v in env.items() if k not in ("TESSERA_PRODUCT", "TESSERA_PRODUCT_VERSION")}
+    proc = subprocess.run(
+        [TESSERA, "agent", "check", "uniplex", "--state-dir", env["TESSERA_AGENT_DIR"]],
+        capture_output=True,
+        text=True,
+        env=bare,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_backup_restore_cli(run: Run, licensed: Path, tmp_path: Path) -> None:
+    run("assign", "uniplex", "alice")
+    assert run("backup", "--without-license", "-o", "portable.json").returncode == 0
+    assert run("backup", "--with-license", "-o", "full.bak").returncode == 0
+    run("unassign", "uniplex", "alice")
+    assert run("restore", "full.bak").returncode == 0
+    seats = json.loads(run("seats", "--json").stdout)["seats"]
+    assert seats["uniplex"]["assigned"] == ["alice"]
+    assert run("backup", "-o", "x").returncode == 2
+
+
+def test_offline_request_file(run: Run, tmp_path: Path) -> None:
+    from tessera.core.protocol import ActivationRequest
+
+    proc = run("request", "--key", LICENSE_KEY.lower(), "-o", "request.json")
+    assert proc.returncode == 0, proc.stderr
+    data = (tmp_path / "request.json").read_bytes()
+    request = ActivationRequest.from_json(data)  # checks the agent's self-signature
+    assert request.license_key == LICENSE_KEY
+    assert set(json.loads(data)) == {
+        "protocol",
+        "type",
+        "license_key",
+        "locking_id",
+        "system_id",
+        "nonce",
+        "agent_key",
+        "signature",
+    }
+    assert run("request", "--key", "not-a-key", "-o", "r.json").returncode == 2
+
+
+def test_read_only_state_dir_is_one_line(run: Run, env: dict[str, str], tmp_path: Path) -> None:
+    env["TESSERA_AGENT_DIR"] = "/proc/version/state"
+    proc = run("status")
+    assert proc.returncode == 2
+    _one_line_error(proc)
+
+
+@pytest.fixture
+def live(vendor: SigningKey, machine_lid: str) -> Iterator[tuple[FakeServer, LiveServer]]:
+    fake = FakeServer(
+        vendor,
+        SystemClock(),  # type: ignore[arg-type]
+        lambda key: make_license(
+            vendor,
+            {"uniplex": (5, None), "ctxjs": (1, None)},
+            locking_id=machine_lid,
+            agent_key=key,
+            emergency=("ctxjs",),
+        ),
+    )
+    server = LiveServer(fake)
+    yield fake, server
+    server.stop()
+
+
+@pytest.mark.skipif(shutil.which("faketime") is None, reason="needs faketime")
+def test_failover_and_emergency_under_faketime(
+    run: Run, live: tuple[FakeServer, LiveServer]
+) -> None:
+    fake, server = live
+    proc = run("activate", "--server", server.url, "--key", LICENSE_KEY, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["state"] == "normal"
+    fake.mode = "down"
+    down = run("connect")
+    assert down.returncode == 1 and "license server" in _one_line_error(down)
+    assert run("check", "uniplex").returncode == 0  # keeps working
+
+    status = json.loads(run("status", "--json", faketime="+10d").stdout)
+    assert status["state"] == "failover" and status["failover_days_left"] == 20
+    status = json.loads(run("status", "--json", faketime="+31d").stdout)
+    assert status["state"] == "emergency" and list(status["features"]) == ["ctxjs"]
+    assert run("check", "uniplex", faketime="+31d").returncode == 1
+    assert run("check", "ctxjs", faketime="+31d").returncode == 0
+
+    fake.mode = "ok"
+    back = run("connect", "--json", faketime="+31d")
+    assert back.returncode == 0, back.stderr
+    assert json.loads(back.stdout)["state"] == "normal"
+    assert run("check", "uniplex", faketime="+31d").returncode == 0
+
+    # back to the real clock (behind what the agent saw): the server's time settles it
+    assert json.loads(run("status", "--json").stdout)["state"] == "clock-tampered"
+    fake.mode = "down"
+    assert run("connect").returncode == 1
+    fake.mode = "ok"
+    assert json.loads(run("connect", "--json").stdout)["state"] == "normal"
+    assert run("check", "uniplex").returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("faketime") is None, reason="needs faketime")
+def test_clock_set_back_a_year_cli(run: Run, licensed: Path) -> None:
+    assert json.loads(run("status", "--json").stdout)["state"] == "normal"
+    status = json.loads(run("status", "--json", faketime="-365d").stdout)
+    assert status["state"] == "clock-tampered"
+
+
+def test_activate_over_tls_with_pinned_ca(
+    run: Run, vendor: SigningKey, machine_lid: str, tmp_path: Path
+) -> None:
+    ca_pem, cert, key = make_tls(tmp_path)
+    (tmp_path / "ca.pem").write_bytes(ca_pem)
+    fake = FakeServer(
+        vendor,
+        SystemClock(),
+        lambda agent_key: make_license(vendor, locking_id=machine_lid, agent_key=agent_key),
+    )
+    server = LiveServer(fake, tls=(cert, key))
+    try:
+        proc = run("activate", "--server", server.url, "--ca", "ca.pem", "--key", LICENSE_KEY)
+        assert proc.returncode == 0, proc.stderr
+        assert run("connect").returncode == 0
+        assert run("check", "uniplex").returncode == 0
+    finally:
+        server.stop()
+    wrong = run("activate", "--server", server.url, "--ca", "ca.pem", "--key", "bad")
+    assert wrong.returncode == 2 and "license key" in _one_line_error(wrong)

@@ -1,0 +1,155 @@
+"""Connect: activation, check-in, refused responses, directives, and what goes on the wire."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from agent_support import LICENSE_KEY, LOCKING_ID, FakeServer, make_license
+
+from tessera.agent import Agent, AgentState, BadResponse, ServerRefused, ServerUnreachable
+from tessera.core import ManualClock, SigningKey
+
+ALLOWED_ACTIVATE = {
+    "protocol",
+    "type",
+    "license_key",
+    "locking_id",
+    "system_id",
+    "nonce",
+    "agent_key",
+    "signature",
+}
+ALLOWED_CHECKIN = ALLOWED_ACTIVATE - {"agent_key"}
+
+
+def test_activation_imports_the_license(activated: Agent, server: FakeServer) -> None:
+    status = activated.status()
+    assert status.state is AgentState.NORMAL
+    assert activated.check("uniplex")
+    assert server.agent_key is not None  # the license is bound to this agent's key
+
+
+def test_checkin_delivers_central_change(
+    activated: Agent, server: FakeServer, vendor: SigningKey
+) -> None:
+    server.pending_license = make_license(
+        vendor, {"uniplex": (9, None)}, revision=2, agent_key=server.agent_key
+    )
+    status = activated.connect()
+    assert status.features["uniplex"].count == 9
+    assert not activated.check("backup")
+
+
+@pytest.mark.parametrize(
+    ("mode", "error", "words"),
+    [
+        ("down", ServerUnreachable, "cannot reach"),
+        ("slow", ServerUnreachable, "timed out"),
+        ("garbage", BadResponse, "not JSON"),
+        ("unsigned", BadResponse, "signature"),
+        ("badsig", BadResponse, "unknown key"),
+        ("replay", BadResponse, "replayed"),
+        ("refuse", ServerRefused, "license revoked"),
+    ],
+)
+def test_untrusted_answers_are_refused_and_state_kept(
+    activated: Agent, server: FakeServer, mode: str, error: type[Exception], words: str
+) -> None:
+    activated.connect()  # a good answer the replay mode can record
+    server.mode = mode
+    with pytest.raises(error, match=words):
+        activated.connect()
+    status = activated.status()
+    assert status.state is AgentState.FAILOVER
+    assert status.failover_days_left == 30
+    assert activated.check("uniplex")
+
+
+def test_forged_license_in_a_good_response_is_ignored(activated: Agent, server: FakeServer) -> None:
+    server.pending_license = make_license(SigningKey.generate(), {"uniplex": (99, None)})
+    status = activated.connect()
+    assert status.state is AgentState.NORMAL
+    assert status.features["uniplex"].count == 5
+
+
+def test_lock_directive_and_release(activated: Agent, server: FakeServer) -> None:
+    server.directives = ("lock",)
+    assert activated.connect().state is AgentState.LOCKED
+    assert not activated.check("uniplex")
+    server.directives = ()
+    assert activated.connect().state is AgentState.NORMAL
+
+
+def test_revoke_directive_withdraws_the_license(
+    activated: Agent, server: FakeServer, vendor: SigningKey
+) -> None:
+    server.directives = ("revoke",)
+    status = activated.connect()
+    assert status.state is AgentState.UNLICENSED and "revoked" in status.message
+    with pytest.raises(Exception, match="revoked"):
+        activated.import_license(server.license_text(server.agent_key or ""))
+
+
+def test_license_of_another_installation_is_refused(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    agent = open_agent()
+    other = SigningKey.generate().public.to_base64()
+    with pytest.raises(Exception, match="another installation"):
+        agent.import_license(make_license(vendor, agent_key=other))
+
+
+def test_requests_carry_only_allowed_fields(activated: Agent, server: FakeServer) -> None:
+    activated.connect()
+    activate, checkin = server.bodies
+    assert set(activate) == ALLOWED_ACTIVATE and set(checkin) == ALLOWED_CHECKIN
+    assert activate["locking_id"] == LOCKING_ID
+    assert activate["license_key"] == LICENSE_KEY
+    import getpass
+    import socket
+
+    wire = repr(server.bodies)
+    for personal in {socket.gethostname(), getpass.getuser()}:
+        if len(personal) >= 4:  # shorter names occur in random base64 by chance
+            assert personal not in wire
+        for body in server.bodies:
+            assert personal not in body.values()
+
+
+def test_background_thread_checks_in(
+    activated: Agent, server: FakeServer, clock: ManualClock
+) -> None:
+    import time
+
+    calls = len(server.bodies)
+    clock.advance(days=2)  # a check-in is overdue: the thread runs one at once
+    activated.start()
+    deadline = time.monotonic() + 5
+    while len(server.bodies) == calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    activated.stop()
+    assert len(server.bodies) > calls
+    assert activated.status().state is AgentState.NORMAL
+
+
+def test_a_failed_checkin_logs_one_clear_reason(
+    activated: Agent, server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.mode = "garbage"
+    with caplog.at_level("WARNING", logger="tessera.agent"), pytest.raises(BadResponse):
+        activated.connect()
+    records = [r for r in caplog.records if r.name == "tessera.agent"]
+    assert len(records) == 1
+    assert "running on the last verified state" in records[0].getMessage()
+    assert "not a valid response" in records[0].getMessage()
+
+
+def test_huge_answer_is_refused(activated: Agent) -> None:
+    import httpx
+
+    huge = b"{" + b" " * (2 * 1024 * 1024) + b"}"
+    activated._transport = httpx.MockTransport(lambda request: httpx.Response(200, content=huge))
+    with pytest.raises(BadResponse, match="too large"):
+        activated.connect()
+    assert activated.check("uniplex")

@@ -1,0 +1,91 @@
+"""Broken (the machine changed) versus invalid (the stored file or state was altered)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from agent_support import OTHER_LOCKING_ID, make_license
+
+from tessera.agent import Agent, AgentState, StateError
+from tessera.core import SigningKey
+
+
+def _licensed(open_agent: Callable[..., Agent], vendor: SigningKey) -> Path:
+    agent = open_agent()
+    agent.import_license(make_license(vendor, connect=False))
+    agent.assign("uniplex", "alice")
+    agent.close()
+    return agent.state_dir
+
+
+def test_new_mainboard_is_broken(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
+    state_dir = _licensed(open_agent, vendor)
+    agent = open_agent(state_dir, locking_id=OTHER_LOCKING_ID)
+    status = agent.status()
+    assert status.state is AgentState.BROKEN
+    assert "rehost" in status.message and "locking-id" in status.message
+    assert not agent.check("uniplex")
+
+
+def test_one_replaced_nic_is_tolerated(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    from agent_support import MACHINE_FACTS, PRODUCT
+
+    from tessera.core import locking_id_for
+
+    state_dir = _licensed(open_agent, vendor)
+    facts = [(k, "11:22:33:44:55:66" if k == "n" else v) for k, v in MACHINE_FACTS]
+    agent = open_agent(state_dir, locking_id=str(locking_id_for(facts, PRODUCT)))
+    assert agent.status().state is AgentState.NORMAL
+
+
+def _edit(state_dir: Path, name: str, change: Callable[[str], str]) -> None:
+    db = sqlite3.connect(state_dir / "state.db")
+    (value,) = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+    db.execute("UPDATE meta SET value = ? WHERE name = ?", (change(value), name))
+    db.commit()
+    db.close()
+
+
+def test_edited_license_in_the_state_is_invalid(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    state_dir = _licensed(open_agent, vendor)
+    _edit(state_dir, "license", lambda text: text.replace("uniplex = 5", "uniplex = 500"))
+    status = open_agent(state_dir).status()
+    assert status.state is AgentState.INVALID
+    assert "altered" in status.message and "import" in status.message
+
+
+def test_file_and_state_disagree_is_invalid(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    state_dir = _licensed(open_agent, vendor)
+    other = make_license(vendor, {"uniplex": (50, None)}, serial="2026-000999", connect=False)
+    _edit(state_dir, "license", lambda _text: other)  # a validly signed file swapped in
+    assert open_agent(state_dir).status().state is AgentState.INVALID
+
+
+def test_invalid_is_repaired_by_importing_the_original(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    state_dir = _licensed(open_agent, vendor)
+    _edit(state_dir, "license", lambda text: text.replace("uniplex = 5", "uniplex = 500"))
+    agent = open_agent(state_dir)
+    assert agent.import_license(make_license(vendor, connect=False)).state is AgentState.NORMAL
+    assert agent.seats()["uniplex"].subjects == ("alice",)
+
+
+def test_product_mismatch_and_missing_secret(
+    open_agent: Callable[..., Agent], vendor: SigningKey, tmp_path: Path, keyring: object
+) -> None:
+    state_dir = _licensed(open_agent, vendor)
+    with pytest.raises(StateError, match="belongs to product"):
+        Agent(state_dir, keyring, "other", "1.0", locking_id=OTHER_LOCKING_ID)  # type: ignore[arg-type]
+    (state_dir / "installation.key").unlink()
+    with pytest.raises(StateError, match="installation secret"):
+        open_agent(state_dir)
