@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from tessera.cli import keys, offline  # noqa: F401  (register verbs)
-from tessera.cli import agent_cmds  # noqa: F401
+from tessera.cli import (  # noqa: F401  (register verbs)
+    admin,
+    agent_cmds,
+    keys,
+    offline,
+    server_cmds,
+)
 from tessera.cli._common import EXIT_BAD_INPUT, EXIT_DENIED, CliError, err_console
 from tessera.cli.apps import app
 from tessera.core.errors import FormatError, KeyFileError, TesseraError

@@ -1,0 +1,225 @@
+"""Online and offline activation, and Connect check-ins (``docs/protocol.md``).
+
+Activation binds a machine to one of the license's machine slots. The limit holds under
+concurrency because the license row is locked for the whole transaction (``SELECT ... FOR
+UPDATE`` on PostgreSQL; SQLite serializes writers with ``BEGIN IMMEDIATE``) and, as a
+second line, ``(license_id, slot)`` is unique. Every rule (revoked, expired, binding) is
+checked on every request, not only on the first binding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tessera.core import sign_document
+from tessera.core.clock import utc
+from tessera.core.errors import SignatureError, TesseraError
+from tessera.core.fingerprint import match_locking_ids
+from tessera.core.licensekey import license_key_digest
+from tessera.core.model import MatchLevel
+from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerResponse
+from tessera.core.signing import SigningKey
+from tessera.server import audit
+from tessera.server.errors import Forbidden, NotFound
+from tessera.server.licenses import check_access, license_document
+from tessera.server.models import Checkin, LicenseRow, Machine
+from tessera.server.tokens import Principal, Role, require
+
+__all__ = ["Activation", "activate", "activate_offline", "checkin"]
+
+
+@dataclass(frozen=True, slots=True)
+class Activation:
+    serial: str
+    slot: int
+    license_file: str
+
+
+def _license_by_key(session: Session, license_key: str, pepper: bytes, *, lock: bool) -> LicenseRow:
+    stmt = select(LicenseRow).where(
+        LicenseRow.key_digest == license_key_digest(license_key, pepper)
+    )
+    if lock:
+        stmt = stmt.with_for_update(of=LicenseRow)
+    row = session.execute(stmt).unique().scalar_one_or_none()
+    if row is None:
+        raise NotFound("unknown license key")
+    return row
+
+
+def _check_usable(row: LicenseRow, now: datetime) -> None:
+    if row.status == "revoked":
+        raise Forbidden(f"license {row.serial} has been revoked")
+    today = utc(now).date()
+    if not any(e.expiry is None or today <= e.expiry for e in row.entitlements):
+        raise Forbidden(f"license {row.serial} has expired")
+    if row.binding != "machine":
+        raise Forbidden(f"license {row.serial} is {row.binding}-bound; activate it as such")
+
+
+def _same_machine(machine: Machine, request: ActivationRequest, level: MatchLevel) -> bool:
+    if machine.system_id == request.system_id:
+        return True
+    try:
+        return match_locking_ids(machine.locking_id, request.locking_id, level).ok
+    except ValueError:
+        return False
+
+
+def _bind(
+    session: Session,
+    row: LicenseRow,
+    request: ActivationRequest,
+    now: datetime,
+    signing_key: SigningKey,
+    actor: str,
+    *,
+    offline: bool,
+) -> Activation:
+    _check_usable(row, now)
+    machines = list(
+        session.execute(
+            select(Machine).where(Machine.license_id == row.id).order_by(Machine.slot)
+        ).scalars()
+    )
+    level = MatchLevel(row.match_level)
+    machine = next((m for m in machines if _same_machine(m, request, level)), None)
+    action = "license.reactivate"
+    if machine is None:
+        used = {m.slot for m in machines}
+        free = next((s for s in range(row.machines_allowed) if s not in used), None)
+        if free is None:
+            raise Forbidden(
+                f"no free machine left on license {row.serial}: "
+                f"{len(machines)} of {row.machines_allowed} machines are bound"
+            )
+        machine = Machine(license_id=row.id, slot=free, activated_at=now, delivered_revision=0)
+        session.add(machine)
+        action = "license.activate"
+    machine.locking_id = request.locking_id
+    machine.system_id = request.system_id
+    machine.agent_key = request.agent_key
+    machine.activated_at = now
+    machine.offline = offline
+    machine.delivered_revision = row.revision
+    doc = license_document(
+        row, locking_id=request.locking_id, agent_key=request.agent_key, issued=now
+    )
+    license_file = sign_document(doc, signing_key)
+    session.flush()
+    audit.append(
+        session,
+        at=now,
+        actor=actor,
+        action=action,
+        target=row.serial,
+        details={
+            "slot": machine.slot,
+            "locking_id": request.locking_id,
+            "system_id": request.system_id,
+            "offline": offline,
+            "revision": row.revision,
+        },
+    )
+    return Activation(row.serial, machine.slot, license_file)
+
+
+def activate(
+    session: Session,
+    request: ActivationRequest,
+    now: datetime,
+    signing_key: SigningKey,
+    pepper: bytes,
+) -> ServerResponse:
+    """Online activation: bind (or re-bind) this machine and answer with its license file."""
+    row = _license_by_key(session, request.license_key, pepper, lock=True)
+    result = _bind(
+        session, row, request, now, signing_key, f"agent:{request.system_id}", offline=False
+    )
+    return ServerResponse(
+        kind="activation",
+        nonce=request.nonce,
+        server_time=utc(now).replace(microsecond=0),
+        serial=result.serial,
+        license=result.license_file,
+    ).signed(signing_key)
+
+
+def activate_offline(
+    session: Session,
+    principal: Principal,
+    request: ActivationRequest,
+    now: datetime,
+    signing_key: SigningKey,
+    pepper: bytes,
+) -> Activation:
+    """An uploaded request file: same rules as online, the license file goes back by hand."""
+    require(principal, Role.ADMIN, Role.SUPPORT, Role.SALES, Role.PARTNER, Role.CUSTOMER)
+    row = _license_by_key(session, request.license_key, pepper, lock=True)
+    if principal.role is Role.CUSTOMER and row.customer_id != principal.customer_id:
+        raise Forbidden("this license key belongs to another customer")
+    if principal.role is Role.PARTNER:
+        check_access(session, principal, row, write=False)
+    return _bind(session, row, request, now, signing_key, principal.actor, offline=True)
+
+
+def checkin(
+    session: Session, request: CheckinRequest, now: datetime, signing_key: SigningKey, pepper: bytes
+) -> ServerResponse:
+    """Periodic validation: record it, and ship the license again if it changed centrally."""
+    row = _license_by_key(session, request.license_key, pepper, lock=False)
+    machine = session.execute(
+        select(Machine).where(Machine.license_id == row.id, Machine.system_id == request.system_id)
+    ).scalar_one_or_none()
+    if machine is None:
+        raise Forbidden(f"this installation is not activated for license {row.serial}")
+    try:
+        request.verify_with(machine.agent_key)
+    except (SignatureError, TesseraError):
+        raise Forbidden(
+            "bad request signature (not signed by the key registered at activation)"
+        ) from None
+    try:
+        matched = match_locking_ids(
+            machine.locking_id, request.locking_id, MatchLevel(row.match_level)
+        )
+    except ValueError:
+        raise Forbidden("malformed Locking ID") from None
+    if not matched.ok:
+        raise Forbidden(f"this machine no longer matches the one license {row.serial} is bound to")
+    directives: tuple[str, ...] = ()
+    message: str | None = None
+    license_file: str | None = None
+    outcome = "ok"
+    if row.status == "revoked":
+        directives, message, outcome = (
+            ("revoke",),
+            f"license {row.serial} has been revoked",
+            "revoked",
+        )
+    elif machine.delivered_revision != row.revision:
+        doc = license_document(
+            row, locking_id=machine.locking_id, agent_key=machine.agent_key, issued=now
+        )
+        license_file = sign_document(doc, signing_key)
+        machine.delivered_revision = row.revision
+        outcome = "updated"
+    if outcome != "revoked" and not any(
+        e.expiry is None or utc(now).date() <= e.expiry for e in row.entitlements
+    ):
+        message, outcome = f"license {row.serial} has expired", "expired"
+    machine.last_checkin_at = now
+    session.add(Checkin(machine_id=machine.id, at=now, outcome=outcome))
+    return ServerResponse(
+        kind="checkin",
+        nonce=request.nonce,
+        server_time=utc(now).replace(microsecond=0),
+        serial=row.serial,
+        license=license_file,
+        directives=directives,
+        message=message,
+    ).signed(signing_key)
