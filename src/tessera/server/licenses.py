@@ -339,7 +339,11 @@ def update_license(
     session.flush()
     session.refresh(row, ["entitlements"])
     after = license_view(row, with_machines=False)
-    changed = {k: {"from": before[k], "to": after[k]} for k in after if before.get(k) != after[k]}
+    changed = {
+        k: {"from": before[k], "to": after[k]}
+        for k in after
+        if k != "features" and before.get(k) != after[k]  # "features" repeats a location
+    }
     if not changed:
         return row
     row.revision += 1

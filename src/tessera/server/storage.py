@@ -74,11 +74,9 @@ class Database:
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A read-only unit of work (a consistent snapshot; never blocks a writer)."""
+        # Closing (not committing) ends the transaction; loaded objects stay readable.
         with self._sessions() as session:
-            try:
-                yield session
-            finally:
-                session.rollback()
+            yield session
 
     @contextmanager
     def write(self) -> Iterator[Session]:
