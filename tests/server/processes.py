@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -78,7 +79,7 @@ def running_server(data_dir: Path, *, tls: bool = True, ca: str | None = None) -
     with log.open("wb") as out:
         proc = subprocess.Popen(args, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-    verify: str | bool = ca if (tls and ca) else True
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if (tls and ca) else True
     try:
         deadline = time.monotonic() + 30
         while True:
