@@ -233,12 +233,12 @@ def issue_license(
     features = {f.code: f.partner_id for f in product.features}
     seen: set[tuple[str, str]] = set()
     for i, e in enumerate(data.entitlements):
-        key = (e.location or data.location, e.feature)
-        if key in seen:
+        place = (e.location or data.location, e.feature)
+        if place in seen:
             raise Invalid(
-                f"entitlements[{i}]: feature {e.feature} listed twice for location {key[0]}"
+                f"entitlements[{i}]: feature {e.feature} listed twice for location {place[0]}"
             )
-        seen.add(key)
+        seen.add(place)
     _check_features(
         features,
         [(f"entitlements[{i}].feature", e.feature) for i, e in enumerate(data.entitlements)]

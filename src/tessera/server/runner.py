@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 
 import uvicorn
+from sqlalchemy.exc import SQLAlchemyError
 
 from tessera.core.clock import SystemClock
 from tessera.server.app import ServerState, create_app
 from tessera.server.config import ConfigError, load_config
 from tessera.server.migrate import upgrade
-from tessera.server.storage import Database
+from tessera.server.storage import Database, describe_db_error
 
 __all__ = ["build_state", "serve"]
 
@@ -21,7 +23,11 @@ def build_state(data_dir: Path) -> ServerState:
     signing_key = config.load_signing_key()
     pepper = config.read_pepper()
     db = Database(config.database)
-    upgrade(db)  # a newer server version brings its migrations; idempotent otherwise
+    try:
+        upgrade(db)  # a newer server version brings its migrations; idempotent otherwise
+    except SQLAlchemyError as exc:
+        db.dispose()
+        raise ConfigError(describe_db_error(config.database, exc)) from None
     return ServerState(db=db, signing_key=signing_key, pepper=pepper, clock=SystemClock())
 
 
@@ -55,7 +61,22 @@ def serve(data_dir: Path, host: str, port: int, *, tls: bool) -> None:
         server_config.load()
         assert server_config.ssl is not None
         server_config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+    listener = _listen(host, port)
     try:
-        server.run()
+        server.run(sockets=[listener])
     finally:
+        listener.close()
         state.db.dispose()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind here (not in uvicorn) so a busy port is one clear error line, not a log record."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    try:
+        return socket.create_server(address, family=family, backlog=2048)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from tessera.core.signing import Keyring, SigningKey
 from tessera.server.config import CONFIG_NAME, ConfigError, ServerConfig, render_config
 from tessera.server.migrate import upgrade
-from tessera.server.storage import Database, normalize_db_url
+from tessera.server.storage import Database, describe_db_error, normalize_db_url
 from tessera.server.tls import make_tls_material
 from tessera.server.tokens import Role, create_token
 
@@ -77,7 +79,10 @@ def initialize(data_dir: Path, db_url: str | None, now: datetime) -> InitResult:
 
     db = Database(url)
     try:
-        upgrade(db)
+        try:
+            upgrade(db)
+        except SQLAlchemyError as exc:
+            raise ConfigError(describe_db_error(url, exc)) from None
         key = SigningKey.generate()
         _write(config.vendor_key, key.to_pem(passphrase_text.encode("utf-8")), 0o600)
         _write(config.vendor_pub, Keyring([key.public]).dumps().encode("ascii"))

@@ -23,7 +23,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["Database", "normalize_db_url"]
+__all__ = ["Database", "describe_db_error", "normalize_db_url"]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -43,6 +43,14 @@ def normalize_db_url(url: str) -> str:
             f"unsupported database {parsed.get_backend_name()!r} (sqlite or postgresql)"
         )
     return url
+
+
+def describe_db_error(url: str, exc: Exception) -> str:
+    """One line for a database that cannot be used (password hidden)."""
+    shown = make_url(url).render_as_string(hide_password=True)
+    cause = getattr(exc, "orig", None) or exc
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return f"cannot use the database {shown}: {first}"
 
 
 class Database:
