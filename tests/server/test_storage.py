@@ -63,3 +63,13 @@ def test_serials_and_keys(state: ServerState, admin: Principal) -> None:
             for r in session.execute(text(f"SELECT * FROM {t}"))
         )
     assert key not in dump and key.replace("-", "") not in dump
+
+
+def test_the_models_match_the_migrations(database: Database) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from tessera.server.models import Base
+
+    with database.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 from tessera.core import sign_document
 from tessera.core.clock import utc
 from tessera.core.errors import SignatureError, TesseraError
-from tessera.core.fingerprint import match_locking_ids
+from tessera.core.fingerprint import LockingId, match_locking_ids
 from tessera.core.licensekey import license_key_digest
 from tessera.core.model import MatchLevel
 from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerResponse
@@ -61,13 +62,18 @@ def _check_usable(row: LicenseRow, now: datetime) -> None:
         raise Forbidden(f"license {row.serial} is {row.binding}-bound; activate it as such")
 
 
-def _same_machine(machine: Machine, request: ActivationRequest, level: MatchLevel) -> bool:
-    if machine.system_id == request.system_id:
-        return True
+@lru_cache(maxsize=65536)
+def _parsed(locking_id: str) -> LockingId | None:
+    """Parsed Locking IDs are immutable; caching them keeps the slot scan cheap."""
     try:
-        return match_locking_ids(machine.locking_id, request.locking_id, level).ok
+        return LockingId.parse(locking_id)
     except ValueError:
-        return False
+        return None
+
+
+def _same_hardware(locking_id: str, current: LockingId, level: MatchLevel) -> bool:
+    licensed = _parsed(locking_id)
+    return licensed is not None and match_locking_ids(licensed, current, level).ok
 
 
 def _bind(
@@ -81,25 +87,32 @@ def _bind(
     offline: bool,
 ) -> Activation:
     _check_usable(row, now)
-    machines = list(
-        session.execute(
-            select(Machine).where(Machine.license_id == row.id).order_by(Machine.slot)
-        ).scalars()
-    )
-    level = MatchLevel(row.match_level)
-    machine = next((m for m in machines if _same_machine(m, request, level)), None)
+    # The same installation again (indexed lookup), else the same hardware (tolerant match).
+    machine = session.execute(
+        select(Machine).where(Machine.license_id == row.id, Machine.system_id == request.system_id)
+    ).scalar_one_or_none()
     action = "license.reactivate"
     if machine is None:
-        used = {m.slot for m in machines}
-        free = next((s for s in range(row.machines_allowed) if s not in used), None)
-        if free is None:
-            raise Forbidden(
-                f"no free machine left on license {row.serial}: "
-                f"{len(machines)} of {row.machines_allowed} machines are bound"
-            )
-        machine = Machine(license_id=row.id, slot=free, activated_at=now, delivered_revision=0)
-        session.add(machine)
-        action = "license.activate"
+        # Plain rows, not ORM objects: a license with many seats is scanned cheaply.
+        bound = session.execute(
+            select(Machine.id, Machine.slot, Machine.locking_id).where(Machine.license_id == row.id)
+        ).all()
+        level = MatchLevel(row.match_level)
+        current = LockingId.parse(request.locking_id)
+        same = next((m.id for m in bound if _same_hardware(m.locking_id, current, level)), None)
+        if same is not None:
+            machine = session.get(Machine, same)
+        if machine is None:
+            used = {m.slot for m in bound}
+            free = next((s for s in range(row.machines_allowed) if s not in used), None)
+            if free is None:
+                raise Forbidden(
+                    f"no free machine left on license {row.serial}: "
+                    f"{len(bound)} of {row.machines_allowed} machines are bound"
+                )
+            machine = Machine(license_id=row.id, slot=free, activated_at=now, delivered_revision=0)
+            session.add(machine)
+            action = "license.activate"
     machine.locking_id = request.locking_id
     machine.system_id = request.system_id
     machine.agent_key = request.agent_key

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -65,7 +66,7 @@ class Product(Base):
     name: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     features: Mapped[list[ProductFeature]] = relationship(
-        back_populates="product", order_by="ProductFeature.code", lazy="selectin"
+        back_populates="product", order_by="ProductFeature.code", lazy="select"
     )
 
 
@@ -135,7 +136,7 @@ class LicenseRow(Base):
         cascade="all, delete-orphan",
     )
     machines: Mapped[list[Machine]] = relationship(
-        order_by="Machine.slot", lazy="selectin", viewonly=True
+        order_by="Machine.slot", lazy="select", viewonly=True
     )
 
     @property
@@ -171,11 +172,12 @@ class Machine(Base):
     """A bound machine slot. ``(license_id, slot)`` is unique so no slot is sold twice."""
 
     __tablename__ = "machines"
-    __table_args__ = (UniqueConstraint("license_id", "slot"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    license_id: Mapped[int] = mapped_column(
-        ForeignKey("licenses.id", ondelete="CASCADE"), index=True
+    __table_args__ = (
+        UniqueConstraint("license_id", "slot"),
+        Index("ix_machines_license_system", "license_id", "system_id"),
     )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    license_id: Mapped[int] = mapped_column(ForeignKey("licenses.id", ondelete="CASCADE"))
     slot: Mapped[int] = mapped_column(Integer)
     locking_id: Mapped[str] = mapped_column(String(410))
     system_id: Mapped[str] = mapped_column(String(64))

@@ -179,7 +179,9 @@ def upgrade() -> None:
         sa.UniqueConstraint("license_id", "slot"),
     )
     with op.batch_alter_table("machines", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_machines_license_id"), ["license_id"], unique=False)
+        batch_op.create_index(
+            "ix_machines_license_system", ["license_id", "system_id"], unique=False
+        )
 
     op.create_table(
         "checkins",
@@ -203,7 +205,7 @@ def downgrade() -> None:
 
     op.drop_table("checkins")
     with op.batch_alter_table("machines", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_machines_license_id"))
+        batch_op.drop_index("ix_machines_license_system")
 
     op.drop_table("machines")
     op.drop_table("license_revisions")
