@@ -49,6 +49,7 @@ from tessera.server.schemas import (
     ProductOut,
     TokenIn,
     TokenOut,
+    ValidationErrorBody,
 )
 from tessera.server.storage import Database
 from tessera.server.tokens import Principal, Role, create_token, require, resolve_token
@@ -59,7 +60,11 @@ log = logging.getLogger("tessera.server")
 T = TypeVar("T")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 422)
+    **{code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409)},
+    422: {"model": ValidationErrorBody},
+}
+_CONNECT_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 403, 404, 422, 503)
 }
 
 
@@ -188,11 +193,7 @@ def create_app(state: ServerState) -> FastAPI:
         "/api/v1/activate",
         tags=["connect"],
         openapi_extra=_body_schema(_ActivationBody),
-        responses={
-            200: {"description": "A vendor-signed server response"},
-            **_ERRORS,
-            503: {"model": ErrorBody},
-        },
+        responses={200: {"description": "A vendor-signed server response"}, **_CONNECT_ERRORS},
     )
     async def activate(request: Request) -> Response:
         """Online activation: bind this machine and return its signed license file."""
@@ -216,11 +217,7 @@ def create_app(state: ServerState) -> FastAPI:
         "/api/v1/checkin",
         tags=["connect"],
         openapi_extra=_body_schema(_CheckinBody),
-        responses={
-            200: {"description": "A vendor-signed server response"},
-            **_ERRORS,
-            503: {"model": ErrorBody},
-        },
+        responses={200: {"description": "A vendor-signed server response"}, **_CONNECT_ERRORS},
     )
     async def checkin(request: Request) -> Response:
         """Periodic validation (Connect): signed by the agent key registered at activation."""

@@ -22,7 +22,11 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from tessera.core.clock import utc
 
 __all__ = [
     "ApiToken",
@@ -38,7 +42,21 @@ __all__ = [
     "Product",
     "ProductFeature",
     "SerialCounter",
+    "UtcDateTime",
 ]
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timestamps are aware UTC datetimes on every backend (SQLite itself stores no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else utc(value)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else utc(value)
 
 
 class Base(DeclarativeBase):
@@ -52,7 +70,7 @@ class Partner(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     code: Mapped[str] = mapped_column(String(32), unique=True)
     name: Mapped[str] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
     @property
     def namespace(self) -> str:
@@ -64,7 +82,7 @@ class Product(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     code: Mapped[str] = mapped_column(String(32), unique=True)
     name: Mapped[str] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     features: Mapped[list[ProductFeature]] = relationship(
         back_populates="product", order_by="ProductFeature.code", lazy="select"
     )
@@ -86,7 +104,7 @@ class Customer(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     city: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
     @property
     def licensee(self) -> str:
@@ -125,8 +143,8 @@ class LicenseRow(Base):
     emergency: Mapped[str] = mapped_column(Text, default="")
     recovery_allowance: Mapped[int | None] = mapped_column(Integer, nullable=True)
     recovery_interval_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
     customer: Mapped[Customer] = relationship(lazy="joined")
     product: Mapped[Product] = relationship(lazy="joined")
@@ -165,7 +183,7 @@ class LicenseRevision(Base):
     revision: Mapped[int] = mapped_column(Integer)
     snapshot: Mapped[str] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class Machine(Base):
@@ -182,8 +200,8 @@ class Machine(Base):
     locking_id: Mapped[str] = mapped_column(String(410))
     system_id: Mapped[str] = mapped_column(String(64))
     agent_key: Mapped[str] = mapped_column(String(64))
-    activated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    last_checkin_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    activated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_checkin_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     delivered_revision: Mapped[int] = mapped_column(Integer, default=0)
     offline: Mapped[bool] = mapped_column(Boolean, default=False)
 
@@ -194,7 +212,7 @@ class Checkin(Base):
     machine_id: Mapped[int] = mapped_column(
         ForeignKey("machines.id", ondelete="CASCADE"), index=True
     )
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
     outcome: Mapped[str] = mapped_column(String(32))
 
 
@@ -208,7 +226,7 @@ class ApiToken(Base):
     role: Mapped[str] = mapped_column(String(16))
     partner_id: Mapped[int | None] = mapped_column(ForeignKey("partners.id"), nullable=True)
     customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
@@ -217,7 +235,7 @@ class AuditEntry(Base):
 
     __tablename__ = "audit_log"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
     actor: Mapped[str] = mapped_column(String(200))
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str] = mapped_column(String(200))

@@ -32,6 +32,8 @@ __all__ = [
     "ProductOut",
     "TokenIn",
     "TokenOut",
+    "ValidationErrorBody",
+    "ValidationItem",
 ]
 
 ProductCode = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$", examples=["cortex"])]
@@ -66,9 +68,26 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+class ValidationItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(BaseModel):
+    """422: FastAPI's list naming each field, or one line for rules beyond the schema."""
+
+    detail: str | list[ValidationItem]
+
+
 class FeatureIn(_In):
     code: FeatureCode
     description: str = Field("", max_length=200)
+
+    @field_validator("description")
+    @classmethod
+    def _description(cls, v: str) -> str:
+        return v if v == "" else (_text(v, "description") or v)
 
 
 class ProductIn(_In):
@@ -180,6 +199,11 @@ class TokenIn(_In):
     role: Role
     partner: PartnerCode | None = None
     customer_id: int | None = Field(None, ge=1, le=2**31 - 1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _text(v, "name") or v
 
 
 class TokenOut(BaseModel):
