@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import ssl
 import subprocess
 import warnings
@@ -222,6 +223,15 @@ def _journey(tmp_path: Path, db_url: str | None) -> None:
             env={**env, "TESSERA_CA": str(data_dir / "tls" / "server.pem")},
         )
         assert "TLS" in _one_line_error(wrong_ca, 1)
+
+        # The audit log recorded all of it, intact; an edited row is detected.
+        audited = cli("audit", "verify", "--json")
+        assert audited.returncode == 0, audited.stderr
+        assert json.loads(audited.stdout)["ok"] is True and json.loads(audited.stdout)["rows"] >= 5
+        if db_url is None:
+            with sqlite3.connect(data_dir / "tessera.db") as db:
+                db.execute("UPDATE audit_log SET actor = 'admin:nobody' WHERE id = 1")
+            assert "tampered" in _one_line_error(cli("audit", "verify"), 1)
 
     unreachable = tessera("license", "show", lic["serial"], env={**env, "TESSERA_URL": url})
     assert "cannot reach" in _one_line_error(unreachable, 1)

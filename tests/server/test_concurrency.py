@@ -99,3 +99,33 @@ def test_parallel_activations_across_two_server_processes(tmp_path: Path, backen
     finally:
         if pg is not None:
             drop_pg_database(pg)
+
+
+def test_parallel_issues_get_distinct_gap_free_serials(
+    live_server: LiveServer, admin_token: str
+) -> None:
+    admin = live_server.client(admin_token)
+    assert (
+        admin.post(
+            "/api/v1/products",
+            json={"code": "cortex", "name": "C", "features": [{"code": "uniplex"}]},
+        ).status_code
+        == 201
+    )
+    customer = admin.post("/api/v1/customers", json={"name": "Many Inc"}).json()["id"]
+    body = {
+        "customer_id": customer,
+        "product": "cortex",
+        "entitlements": [{"feature": "uniplex", "count": 1}],
+    }
+
+    def issue(_: int) -> str:
+        with live_server.client(admin_token) as client:
+            response = client.post("/api/v1/licenses", json=body)
+            assert response.status_code == 201, response.text
+            serial: str = response.json()["serial"]
+            return serial
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        serials = sorted(pool.map(issue, range(20)))
+    assert serials == [f"2026-{n:06d}" for n in range(1, 21)]

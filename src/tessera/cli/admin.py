@@ -33,6 +33,7 @@ from tessera.cli.apps import app, license_app
 
 __all__ = [
     "AdminClient",
+    "audit_app",
     "customer_app",
     "parse_entitlement",
     "partner_app",
@@ -45,10 +46,12 @@ product_app = typer.Typer(help="Products and their features (admin API).", **_se
 customer_app = typer.Typer(help="Customers (licensees).", **_settings)
 partner_app = typer.Typer(help="Partners and their feature namespaces.", **_settings)
 token_app = typer.Typer(help="API tokens and roles.", **_settings)
+audit_app = typer.Typer(help="The hash-chained audit log of license changes.", **_settings)
 app.add_typer(product_app, name="product")
 app.add_typer(customer_app, name="customer")
 app.add_typer(partner_app, name="partner")
 app.add_typer(token_app, name="token")
+app.add_typer(audit_app, name="audit")
 
 URL = typer.Option(None, "--url", envvar="TESSERA_URL", help="Server URL, e.g. https://host:7790.")
 TOKEN = typer.Option(None, "--token", envvar="TESSERA_TOKEN", help="API token.")
@@ -446,3 +449,26 @@ def license_activate_offline(
         emit_json({"serial": result["serial"], "file": str(out)})
     else:
         console.print(f"license {result['serial']} for this machine -> {out}")
+
+
+# ---------------------------------------------------------------------------- audit
+
+
+@audit_app.command("verify")
+def audit_verify(
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Check the audit chain: exit 0 intact, 1 when a row was removed or edited."""
+    report = AdminClient(url, token, ca).request("GET", "/api/v1/audit/verify")
+    if as_json:
+        emit_json(report)
+    else:
+        for problem in report["problems"]:
+            console.print(problem, markup=False)
+        if report["ok"]:
+            console.print(f"audit log intact: {report['rows']} entries, head {report['head']}")
+    if not report["ok"]:
+        fail(f"the audit log was tampered with ({len(report['problems'])} problems)", EXIT_DENIED)
