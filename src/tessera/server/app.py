@@ -13,13 +13,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -81,27 +81,40 @@ class ServerState:
         return self.clock.now().replace(microsecond=0)
 
 
+_KEY = Field(
+    pattern=r"^[0-9A-Za-z]{5}(-[0-9A-Za-z]{5}){4}$", examples=["K7QXM-2VDRT-9HFNA-PC4WE-8BZJY"]
+)
+_LOCKING_ID = Field(pattern=r"^TL1-[A-Z2-7]{8,400}$")
+_SYSTEM_ID = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+_NONCE = Field(pattern=r"^[A-Za-z0-9_-]{22}$")
+_B64 = Field(pattern=r"^[A-Za-z0-9+/]+={0,2}$")
+
+
 class _ActivationBody(BaseModel):
     """The activation request of ``docs/protocol.md`` (also the offline request file)."""
 
-    protocol: str = Field(examples=["tessera-connect/1"])
-    type: str = Field(examples=["activate"])
-    license_key: str
-    locking_id: str
-    system_id: str
-    nonce: str
-    agent_key: str
-    signature: str
+    model_config = ConfigDict(extra="forbid")
+    protocol: Literal["tessera-connect/1"]
+    type: Literal["activate"]
+    license_key: str = _KEY
+    locking_id: str = _LOCKING_ID
+    system_id: str = _SYSTEM_ID
+    nonce: str = _NONCE
+    agent_key: str = _B64
+    signature: str = _B64
 
 
 class _CheckinBody(BaseModel):
-    protocol: str
-    type: str
-    license_key: str
-    locking_id: str
-    system_id: str
-    nonce: str
-    signature: str
+    """The check-in request of ``docs/protocol.md``."""
+
+    model_config = ConfigDict(extra="forbid")
+    protocol: Literal["tessera-connect/1"]
+    type: Literal["checkin"]
+    license_key: str = _KEY
+    locking_id: str = _LOCKING_ID
+    system_id: str = _SYSTEM_ID
+    nonce: str = _NONCE
+    signature: str = _B64
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
