@@ -96,5 +96,19 @@ def test_api_errors_are_json_and_name_the_field(live_server: LiveServer, admin_t
     for body in (b"", b"[]", b'{"protocol":"tessera-connect/1"}', b"\x00" * 10):
         response = live_server.client().post("/api/v1/activate", content=body)
         assert response.status_code == 422 and isinstance(response.json()["detail"], str), body
+    made = admin.post("/api/v1/tokens", json={"name": "p", "role": "partner"})
+    assert made.status_code == 422 and made.json()["detail"].startswith("partner:")
     openapi = live_server.client().get("/openapi.json").json()
     assert {"/api/v1/activate", "/api/v1/checkin", "/api/v1/licenses"} <= set(openapi["paths"])
+
+
+def test_revisions_are_listed_over_the_api(
+    live_server: LiveServer, state: ServerState, admin: Principal, admin_token: str
+) -> None:
+    serial, _ = setup_license(state, admin, START)
+    client = live_server.client(admin_token)
+    changed = client.patch(f"/api/v1/licenses/{serial}", json={"failover_days": 3})
+    assert changed.status_code == 200 and changed.json()["revision"] == 2
+    revisions = client.get(f"/api/v1/licenses/{serial}/revisions").json()
+    assert [(r["revision"], r["license"]["failover_days"]) for r in revisions] == [(1, 30), (2, 3)]
+    assert revisions[1]["actor"] == "admin:http-admin"

@@ -30,7 +30,7 @@ from tessera.core.errors import FormatError, SignatureError, TesseraError
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest, CheckinRequest
 from tessera.core.signing import SigningKey
 from tessera.server import activation, audit, catalog, licenses
-from tessera.server.errors import Forbidden, ServiceError
+from tessera.server.errors import Invalid, ServiceError
 from tessera.server.models import AuditEntry, LicenseRevision
 from tessera.server.schemas import (
     AuditEntryOut,
@@ -485,11 +485,11 @@ def create_app(state: ServerState) -> FastAPI:
             partner_id = customer_id = None
             if data.role is Role.PARTNER:
                 if data.partner is None:
-                    raise Forbidden("a partner token needs partner (the partner's code)")
+                    raise Invalid("partner: a partner token needs the partner's code")
                 partner_id = catalog.get_partner_by_code(s, data.partner).id
             if data.role is Role.CUSTOMER:
                 if data.customer_id is None:
-                    raise Forbidden("a customer token needs customer_id")
+                    raise Invalid("customer_id: a customer token needs the customer's id")
                 customer_id = catalog.get_customer(s, p, data.customer_id).id
             row, secret = create_token(
                 s,
