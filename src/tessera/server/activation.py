@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
-from sqlalchemy import select
+from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from tessera.core import sign_document
@@ -27,7 +27,7 @@ from tessera.core.signing import SigningKey
 from tessera.server import audit
 from tessera.server.errors import Forbidden, NotFound
 from tessera.server.licenses import check_access, license_document
-from tessera.server.models import Checkin, LicenseRow, Machine
+from tessera.server.models import Checkin, EntitlementRow, LicenseRow, Machine
 from tessera.server.tokens import Principal, Role, require
 
 __all__ = ["Activation", "activate", "activate_offline", "checkin"]
@@ -180,58 +180,106 @@ def activate_offline(
     return _bind(session, row, request, now, signing_key, principal.actor, offline=True)
 
 
+# The check-in's statements, built once: constructing SQL per request costs more than
+# running it.
+_CHECKIN_LOOKUP = (
+    select(
+        LicenseRow.id,
+        LicenseRow.serial,
+        LicenseRow.status,
+        LicenseRow.revision,
+        LicenseRow.match_level,
+        Machine.id.label("machine_id"),
+        Machine.locking_id,
+        Machine.agent_key,
+        Machine.delivered_revision,
+    )
+    .select_from(LicenseRow)
+    .outerjoin(
+        Machine,
+        and_(Machine.license_id == LicenseRow.id, Machine.system_id == bindparam("system_id")),
+    )
+    .where(LicenseRow.key_digest == bindparam("digest"))
+)
+_VALID_ENTITLEMENT = (
+    select(EntitlementRow.id)
+    .where(
+        EntitlementRow.license_id == bindparam("license_id"),
+        or_(EntitlementRow.expiry.is_(None), EntitlementRow.expiry >= bindparam("today")),
+    )
+    .limit(1)
+)
+_RECORD_MACHINE = (
+    update(Machine)
+    .where(Machine.id == bindparam("machine_id"))
+    .values(last_checkin_at=bindparam("now"), delivered_revision=bindparam("delivered"))
+)
+_RECORD_CHECKIN = insert(Checkin).values(
+    machine_id=bindparam("machine_id"), at=bindparam("now"), outcome=bindparam("outcome")
+)
+
+
 def checkin(
     session: Session, request: CheckinRequest, now: datetime, signing_key: SigningKey, pepper: bytes
 ) -> ServerResponse:
-    """Periodic validation: record it, and ship the license again if it changed centrally."""
-    row = _license_by_key(session, request.license_key, pepper, lock=False)
-    machine = session.execute(
-        select(Machine).where(Machine.license_id == row.id, Machine.system_id == request.system_id)
-    ).scalar_one_or_none()
-    if machine is None:
-        raise Forbidden(f"this installation is not activated for license {row.serial}")
+    """Periodic validation: record it, and ship the license again if it changed centrally.
+
+    The hot path of the server, so it runs as a few Core statements on the session's
+    connection (no ORM objects) and loads the whole license only when it must be re-sent.
+    """
+    conn = session.connection()
+    found = conn.execute(
+        _CHECKIN_LOOKUP,
+        {"system_id": request.system_id, "digest": license_key_digest(request.license_key, pepper)},
+    ).first()
+    if found is None:
+        raise NotFound("unknown license key")
+    if found.machine_id is None:
+        raise Forbidden(f"this installation is not activated for license {found.serial}")
     try:
-        request.verify_with(machine.agent_key)
+        request.verify_with(found.agent_key)
     except (SignatureError, TesseraError):
         raise Forbidden(
             "bad request signature (not signed by the key registered at activation)"
         ) from None
-    try:
-        matched = match_locking_ids(
-            machine.locking_id, request.locking_id, MatchLevel(row.match_level)
+    licensed = _parsed(found.locking_id)
+    current = _parsed(request.locking_id)
+    if licensed is None or current is None:
+        raise Forbidden("malformed Locking ID")
+    if not match_locking_ids(licensed, current, MatchLevel(found.match_level)).ok:
+        raise Forbidden(
+            f"this machine no longer matches the one license {found.serial} is bound to"
         )
-    except ValueError:
-        raise Forbidden("malformed Locking ID") from None
-    if not matched.ok:
-        raise Forbidden(f"this machine no longer matches the one license {row.serial} is bound to")
     directives: tuple[str, ...] = ()
     message: str | None = None
     license_file: str | None = None
     outcome = "ok"
-    if row.status == "revoked":
-        directives, message, outcome = (
-            ("revoke",),
-            f"license {row.serial} has been revoked",
-            "revoked",
-        )
-    elif machine.delivered_revision != row.revision:
+    delivered = found.delivered_revision
+    if found.status == "revoked":
+        directives, outcome = ("revoke",), "revoked"
+        message = f"license {found.serial} has been revoked"
+    elif delivered != found.revision:
+        row = session.get(LicenseRow, found.id)
+        assert row is not None  # read in this transaction
         doc = license_document(
-            row, locking_id=machine.locking_id, agent_key=machine.agent_key, issued=now
+            row, locking_id=found.locking_id, agent_key=found.agent_key, issued=now
         )
         license_file = sign_document(doc, signing_key)
-        machine.delivered_revision = row.revision
-        outcome = "updated"
-    if outcome != "revoked" and not any(
-        e.expiry is None or utc(now).date() <= e.expiry for e in row.entitlements
-    ):
-        message, outcome = f"license {row.serial} has expired", "expired"
-    machine.last_checkin_at = now
-    session.add(Checkin(machine_id=machine.id, at=now, outcome=outcome))
+        delivered, outcome = found.revision, "updated"
+    if outcome != "revoked":
+        today = utc(now).date()
+        valid = conn.execute(_VALID_ENTITLEMENT, {"license_id": found.id, "today": today}).first()
+        if valid is None:
+            message, outcome = f"license {found.serial} has expired", "expired"
+    conn.execute(
+        _RECORD_MACHINE, {"machine_id": found.machine_id, "now": now, "delivered": delivered}
+    )
+    conn.execute(_RECORD_CHECKIN, {"machine_id": found.machine_id, "now": now, "outcome": outcome})
     return ServerResponse(
         kind="checkin",
         nonce=request.nonce,
         server_time=utc(now).replace(microsecond=0),
-        serial=row.serial,
+        serial=found.serial,
         license=license_file,
         directives=directives,
         message=message,
