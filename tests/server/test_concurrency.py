@@ -6,54 +6,71 @@ processes sharing one database, on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tessera.core.protocol import ServerResponse
 from tessera.core.signing import Keyring
+from tessera.core.verify import load_signed
 from tessera.server import licenses
 from tessera.server.app import ServerState
 from tessera.server.tokens import Principal
 
 from .conftest import START, LiveServer, create_pg_database, drop_pg_database
-from .helpers import agent, setup_license
+from .helpers import FakeAgent, agent, setup_license
 from .processes import init_data_dir, running_server
 
 N_REQUESTS = 50
 K_MACHINES = 5
 
 
-def _storm(urls: list[str], key: str, verify: str | bool = True) -> list[int]:
+def _storm(urls: list[str], key: str) -> dict[str, tuple[FakeAgent, int, bytes, str]]:
+    """Fire N activations at once; by system id: (agent, status, body, nonce)."""
     agents = [agent(i) for i in range(N_REQUESTS)]
     requests = [a.activation(key) for a in agents]
 
-    def post(i: int) -> int:
+    def post(i: int) -> tuple[FakeAgent, int, bytes, str]:
         url = urls[i % len(urls)]
-        r = httpx.post(
-            f"{url}/api/v1/activate", content=requests[i].to_json(), verify=verify, timeout=60
-        )
-        return r.status_code
+        r = httpx.post(f"{url}/api/v1/activate", content=requests[i].to_json(), timeout=60)
+        return agents[i], r.status_code, r.content, requests[i].nonce
 
     with ThreadPoolExecutor(max_workers=N_REQUESTS) as pool:
-        return list(pool.map(post, range(N_REQUESTS)))
+        return {result[0].system_id: result for result in pool.map(post, range(N_REQUESTS))}
+
+
+def _winners(results: dict[str, tuple[FakeAgent, int, bytes, str]]) -> set[str]:
+    codes = sorted(code for _, code, _, _ in results.values())
+    assert codes == [200] * K_MACHINES + [403] * (N_REQUESTS - K_MACHINES), codes
+    for _, code, body, _ in results.values():
+        if code == 403:
+            assert "no free machine left" in json.loads(body)["detail"]
+    return {system_id for system_id, (_, code, _, _) in results.items() if code == 200}
 
 
 def test_parallel_activations_bind_exactly_k(
     live_server: LiveServer, state: ServerState, admin: Principal, keyring: Keyring
 ) -> None:
     serial, key = setup_license(state, admin, START, machines=K_MACHINES)
-    codes = _storm([live_server.url], key)
-    assert sorted(codes) == [200] * K_MACHINES + [403] * (N_REQUESTS - K_MACHINES)
+    results = _storm([live_server.url], key)
+    winners = _winners(results)
     with state.db.read() as session:
         view = licenses.license_view(licenses.get_license(session, serial))
     assert sorted(m["slot"] for m in view["machines"]) == list(range(K_MACHINES))
-    # A machine that won a slot can check in with the key it registered.
-    bound = {m["system_id"] for m in view["machines"]}
-    winner = next(a for a in (agent(i) for i in range(N_REQUESTS)) if a.system_id in bound)
-    assert winner.system_id in bound
-    assert keyring  # the responses themselves are verified in test_activation
+    assert {m["system_id"] for m in view["machines"]} == winners
+    for system_id in winners:  # each winner got its own signed license and can check in
+        a, _, body, nonce = results[system_id]
+        response = ServerResponse.from_json(body, keyring, nonce)
+        assert (
+            load_signed(response.license or "", keyring).document.agent_key
+            == a.key.public.to_base64()
+        )  # type: ignore[union-attr]
+        checkin = a.checkin(key)
+        answer = httpx.post(f"{live_server.url}/api/v1/checkin", content=checkin.to_json())
+        assert answer.status_code == 200, answer.text
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -90,11 +107,11 @@ def test_parallel_activations_across_two_server_processes(tmp_path: Path, backen
                     "machines": K_MACHINES,
                 },
             ).json()
-            codes = _storm([url_a, url_b], issued["key"])
-            assert sorted(codes) == [200] * K_MACHINES + [403] * (N_REQUESTS - K_MACHINES), codes
+            winners = _winners(_storm([url_a, url_b], issued["key"]))
             view = admin.get(f"/api/v1/licenses/{issued['serial']}").json()
             assert len(view["machines"]) == K_MACHINES
             assert sorted(m["slot"] for m in view["machines"]) == list(range(K_MACHINES))
+            assert {m["system_id"] for m in view["machines"]} == winners
             assert admin.get("/api/v1/audit/verify").json()["ok"] is True
     finally:
         if pg is not None:
