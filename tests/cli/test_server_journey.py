@@ -163,6 +163,8 @@ def _journey(tmp_path: Path, db_url: str | None) -> None:
             assert view["features"]["uniplex"] == {"count": 5, "expiry": "2030-01-15"}
             assert [m["locking_id"] for m in view["machines"]] == [machine]
             assert "Traceback" not in cli("license", "show", lic["serial"]).stdout
+            listed = json.loads(cli("license", "list", "--json", token=ro_token).stdout)["licenses"]
+            assert [r["serial"] for r in listed] == [lic["serial"]]
 
             # A central change reaches the installation at its next check-in.
             updated = cli("license", "update", lic["serial"], "--feature", "uniplex=9,2030-01-15")

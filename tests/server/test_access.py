@@ -127,6 +127,16 @@ def test_roles(world: dict[str, Any]) -> None:
         == 403
     )
     assert issue(as_["customer"], world["alice"]).status_code == 403
+    # listing: everyone sees what they may read, no more
+    assert [r["serial"] for r in as_["customer"].get("/api/v1/licenses").json()] == [serial]
+    everything = {r["serial"] for r in as_["readonly"].get("/api/v1/licenses").json()}
+    assert {serial, bob_serial} <= everything
+    only_bob = as_["readonly"].get("/api/v1/licenses", params={"customer_id": world["bob"]}).json()
+    assert bob_serial in {r["serial"] for r in only_bob} and serial not in {
+        r["serial"] for r in only_bob
+    }
+    assert as_["partner"].get("/api/v1/licenses").json() == []
+    assert server.client().get("/api/v1/licenses").status_code == 401
 
 
 def test_partner_stays_in_its_namespace(world: dict[str, Any]) -> None:

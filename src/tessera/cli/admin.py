@@ -379,6 +379,37 @@ def license_show(
         _print_license(view)
 
 
+@license_app.command("list")
+def license_list(
+    customer: int | None = typer.Option(None, "--customer", help="Only this customer's licenses."),
+    revoked: bool = typer.Option(False, "--revoked", help="Only revoked licenses."),
+    limit: int = typer.Option(100, "--limit", min=1, max=1000),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """List licenses, newest first (partners and customers see their own)."""
+    params: dict[str, Any] = {"limit": limit}
+    if customer is not None:
+        params["customer_id"] = customer
+    if revoked:
+        params["status"] = "revoked"
+    rows = AdminClient(url, token, ca).request("GET", "/api/v1/licenses", params=params)
+    if as_json:
+        emit_json({"licenses": rows})
+        return
+    table = Table()
+    for col in ("serial", "status", "rev", "licensee", "product", "machines"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["serial"], r["status"], str(r["revision"]), r["licensee"], r["product"],
+            str(r["machines_allowed"]),
+        )  # fmt: skip
+    console.print(table)
+
+
 @license_app.command("update")
 def license_update(
     serial: str = typer.Argument(...),

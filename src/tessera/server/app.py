@@ -41,6 +41,7 @@ from tessera.server.schemas import (
     FeatureIn,
     LicenseIn,
     LicenseIssued,
+    LicenseSummary,
     LicenseUpdate,
     OfflineActivation,
     PartnerIn,
@@ -389,6 +390,27 @@ def create_app(state: ServerState) -> FastAPI:
             return {"serial": row.serial, "key": key, "revision": row.revision}
 
         return await in_transaction(work, credentials, write=True)
+
+    @app.get(
+        "/api/v1/licenses",
+        response_model=list[LicenseSummary],
+        tags=["licenses"],
+        responses=_ERRORS,
+    )
+    async def list_licenses(
+        customer_id: int | None = Query(None, ge=1, le=2**31 - 1),
+        status: Literal["active", "revoked"] | None = Query(None),
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0, le=2**31 - 1),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> Any:
+        return await in_transaction(
+            lambda s, p: licenses.list_licenses(
+                s, p, customer_id=customer_id, status=status, limit=limit, offset=offset
+            ),
+            credentials,
+            write=False,
+        )
 
     def _readable_license(s: Session, p: Principal, serial: str) -> Any:
         row = licenses.get_license(s, serial)

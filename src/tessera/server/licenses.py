@@ -41,6 +41,7 @@ __all__ = [
     "issue_license",
     "license_document",
     "license_view",
+    "list_licenses",
     "next_serial",
     "update_license",
 ]
@@ -152,6 +153,38 @@ def check_access(session: Session, principal: Principal, row: LicenseRow, *, wri
             raise Forbidden(f"license {row.serial} is not one of this partner's licenses")
     elif write and principal.role is Role.READONLY:
         raise Forbidden("role readonly may not change licenses")
+
+
+def list_licenses(
+    session: Session,
+    principal: Principal,
+    *,
+    customer_id: int | None,
+    status: str | None,
+    limit: int,
+    offset: int,
+) -> list[dict[str, Any]]:
+    """A page of licenses (newest first); partners and customers see only their own."""
+    stmt = select(LicenseRow).order_by(LicenseRow.id.desc()).limit(limit).offset(offset)
+    if principal.role is Role.CUSTOMER:
+        stmt = stmt.where(LicenseRow.customer_id == principal.customer_id)
+    elif principal.role is Role.PARTNER:
+        stmt = stmt.where(LicenseRow.partner_id == principal.partner_id)
+    if customer_id is not None:
+        stmt = stmt.where(LicenseRow.customer_id == customer_id)
+    if status is not None:
+        stmt = stmt.where(LicenseRow.status == status)
+    return [
+        {
+            "serial": row.serial,
+            "status": row.status,
+            "revision": row.revision,
+            "licensee": row.customer.licensee,
+            "product": row.product.code,
+            "machines_allowed": row.machines_allowed,
+        }
+        for row in session.execute(stmt).unique().scalars()
+    ]
 
 
 def get_license(session: Session, serial: str, *, for_update: bool = False) -> LicenseRow:

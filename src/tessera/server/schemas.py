@@ -24,6 +24,7 @@ __all__ = [
     "FeatureIn",
     "LicenseIn",
     "LicenseIssued",
+    "LicenseSummary",
     "LicenseUpdate",
     "OfflineActivation",
     "PartnerIn",
@@ -172,6 +173,15 @@ class LicenseIssued(BaseModel):
         description="The license key, shown this once: the server keeps only a digest."
     )
     revision: int
+
+
+class LicenseSummary(BaseModel):
+    serial: str
+    status: str
+    revision: int
+    licensee: str
+    product: str
+    machines_allowed: int
 
 
 class LicenseUpdate(_In):
