@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
-from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -55,7 +55,7 @@ from tessera.server.schemas import (
 from tessera.server.storage import Database
 from tessera.server.tokens import Principal, Role, create_token, require, resolve_token
 
-__all__ = ["ServerState", "create_app"]
+__all__ = ["Interfaces", "ServerState", "create_app"]
 
 log = logging.getLogger("tessera.server")
 T = TypeVar("T")
@@ -136,7 +136,19 @@ bearer = HTTPBearer(
 )
 
 
-def create_app(state: ServerState) -> FastAPI:
+@dataclass(frozen=True, slots=True)
+class Interfaces:
+    """Which optional interfaces this server offers (Connect is always on)."""
+
+    admin_api: bool = True
+    offline_activation: bool = True
+
+
+def create_app(state: ServerState, interfaces: Interfaces | None = None) -> FastAPI:
+    """The app; an interface switched off is not routed at all (404, absent from OpenAPI)."""
+    interfaces = interfaces or Interfaces()
+    admin = APIRouter()
+    offline = APIRouter()
     app = FastAPI(
         title="Tessera license server",
         version="1",
@@ -255,7 +267,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     # ------------------------------------------------------------------ catalog
 
-    @app.post(
+    @admin.post(
         "/api/v1/products",
         status_code=201,
         response_model=ProductOut,
@@ -272,7 +284,7 @@ def create_app(state: ServerState) -> FastAPI:
             write=True,
         )
 
-    @app.get(
+    @admin.get(
         "/api/v1/products", response_model=list[ProductOut], tags=["catalog"], responses=_ERRORS
     )
     async def list_products(credentials: HTTPAuthorizationCredentials | None = Auth) -> Any:
@@ -282,7 +294,7 @@ def create_app(state: ServerState) -> FastAPI:
             write=False,
         )
 
-    @app.get(
+    @admin.get(
         "/api/v1/products/{code}", response_model=ProductOut, tags=["catalog"], responses=_ERRORS
     )
     async def get_product(
@@ -294,7 +306,7 @@ def create_app(state: ServerState) -> FastAPI:
             write=False,
         )
 
-    @app.post(
+    @admin.post(
         "/api/v1/products/{code}/features",
         response_model=ProductOut,
         status_code=201,
@@ -312,7 +324,7 @@ def create_app(state: ServerState) -> FastAPI:
             write=True,
         )
 
-    @app.post(
+    @admin.post(
         "/api/v1/partners",
         response_model=PartnerOut,
         status_code=201,
@@ -338,7 +350,7 @@ def create_app(state: ServerState) -> FastAPI:
     def _customer(c: Any) -> dict[str, Any]:
         return {"id": c.id, "name": c.name, "city": c.city, "licensee": c.licensee}
 
-    @app.post(
+    @admin.post(
         "/api/v1/customers",
         response_model=CustomerOut,
         status_code=201,
@@ -355,7 +367,7 @@ def create_app(state: ServerState) -> FastAPI:
             write=True,
         )
 
-    @app.get(
+    @admin.get(
         "/api/v1/customers/{customer_id}",
         response_model=CustomerOut,
         tags=["catalog"],
@@ -373,7 +385,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     # ------------------------------------------------------------------ licenses
 
-    @app.post(
+    @admin.post(
         "/api/v1/licenses",
         response_model=LicenseIssued,
         status_code=201,
@@ -391,7 +403,7 @@ def create_app(state: ServerState) -> FastAPI:
 
         return await in_transaction(work, credentials, write=True)
 
-    @app.get(
+    @admin.get(
         "/api/v1/licenses",
         response_model=list[LicenseSummary],
         tags=["licenses"],
@@ -417,7 +429,7 @@ def create_app(state: ServerState) -> FastAPI:
         licenses.check_access(s, p, row, write=False)
         return row
 
-    @app.get("/api/v1/licenses/{serial}", tags=["licenses"], responses=_ERRORS)
+    @admin.get("/api/v1/licenses/{serial}", tags=["licenses"], responses=_ERRORS)
     async def show_license(
         serial: str = Path(max_length=64), credentials: HTTPAuthorizationCredentials | None = Auth
     ) -> dict[str, Any]:
@@ -427,7 +439,7 @@ def create_app(state: ServerState) -> FastAPI:
             write=False,
         )
 
-    @app.patch("/api/v1/licenses/{serial}", tags=["licenses"], responses=_ERRORS)
+    @admin.patch("/api/v1/licenses/{serial}", tags=["licenses"], responses=_ERRORS)
     async def update_license(
         data: LicenseUpdate,
         serial: str = Path(max_length=64),
@@ -440,7 +452,7 @@ def create_app(state: ServerState) -> FastAPI:
             write=True,
         )
 
-    @app.get("/api/v1/licenses/{serial}/revisions", tags=["licenses"], responses=_ERRORS)
+    @admin.get("/api/v1/licenses/{serial}/revisions", tags=["licenses"], responses=_ERRORS)
     async def license_revisions(
         serial: str = Path(max_length=64), credentials: HTTPAuthorizationCredentials | None = Auth
     ) -> list[dict[str, Any]]:
@@ -463,7 +475,7 @@ def create_app(state: ServerState) -> FastAPI:
 
         return await in_transaction(work, credentials, write=False)
 
-    @app.post(
+    @offline.post(
         "/api/v1/activate-offline",
         response_model=OfflineActivation,
         tags=["licenses"],
@@ -490,7 +502,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     # ------------------------------------------------------------------ tokens and audit
 
-    @app.post(
+    @admin.post(
         "/api/v1/tokens",
         response_model=TokenOut,
         status_code=201,
@@ -533,7 +545,9 @@ def create_app(state: ServerState) -> FastAPI:
 
         return await in_transaction(work, credentials, write=True)
 
-    @app.get("/api/v1/audit", response_model=list[AuditEntryOut], tags=["admin"], responses=_ERRORS)
+    @admin.get(
+        "/api/v1/audit", response_model=list[AuditEntryOut], tags=["admin"], responses=_ERRORS
+    )
     async def audit_log(
         target: str | None = Query(None, max_length=200),
         limit: int = Query(100, ge=1, le=10_000),
@@ -558,7 +572,9 @@ def create_app(state: ServerState) -> FastAPI:
 
         return await in_transaction(work, credentials, write=False)
 
-    @app.get("/api/v1/audit/verify", response_model=AuditReport, tags=["admin"], responses=_ERRORS)
+    @admin.get(
+        "/api/v1/audit/verify", response_model=AuditReport, tags=["admin"], responses=_ERRORS
+    )
     async def audit_verify(credentials: HTTPAuthorizationCredentials | None = Auth) -> Any:
         def work(s: Session, p: Principal) -> dict[str, Any]:
             require(p, Role.SUPPORT, Role.READONLY)
@@ -576,4 +592,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def _not_found(_request: Request, _exc: Exception) -> JSONResponse:
         return _error(404, "no such endpoint")
 
+    if interfaces.admin_api:
+        app.include_router(admin)
+    if interfaces.offline_activation:
+        app.include_router(offline)
     return app

@@ -46,6 +46,9 @@ class ConfigError(Exception):
 class ServerConfig:
     data_dir: Path
     database: str
+    #: Optional interfaces; each can be switched off in ``[interfaces]`` of tessera.toml.
+    admin_api: bool = True
+    offline_activation: bool = True
 
     @property
     def config_file(self) -> Path:
@@ -130,6 +133,11 @@ def render_config(config: ServerConfig) -> str:
         "# Tessera license server (written by `tessera server init`).\n"
         "[server]\n"
         f"database = {_toml_string(config.database)}\n"
+        "\n"
+        "# Optional interfaces; switch off what this deployment does not need.\n"
+        "[interfaces]\n"
+        f"admin_api = {'true' if config.admin_api else 'false'}\n"
+        f"offline_activation = {'true' if config.offline_activation else 'false'}\n"
     )
 
 
@@ -145,7 +153,20 @@ def load_config(data_dir: Path) -> ServerConfig:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    database = raw.get("server", {}).get("database")
+    server = raw.get("server", {})
+    database = server.get("database") if isinstance(server, dict) else None
     if not isinstance(database, str) or not database:
         raise ConfigError(f"{path}: [server] database is missing")
-    return ServerConfig(data_dir=data_dir.resolve(), database=database)
+    interfaces = raw.get("interfaces", {})
+    if not isinstance(interfaces, dict):
+        raise ConfigError(f"{path}: [interfaces] must be a table")
+    switches: dict[str, bool] = {}
+    for name in ("admin_api", "offline_activation"):
+        value = interfaces.get(name, True)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: [interfaces] {name} must be true or false")
+        switches[name] = value
+    unknown = set(interfaces) - set(switches)
+    if unknown:
+        raise ConfigError(f"{path}: [interfaces] has unknown key {sorted(unknown)[0]!r}")
+    return ServerConfig(data_dir=data_dir.resolve(), database=database, **switches)

@@ -10,7 +10,7 @@ import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 
 from tessera.core.clock import SystemClock
-from tessera.server.app import ServerState, create_app
+from tessera.server.app import Interfaces, ServerState, create_app
 from tessera.server.config import ConfigError, load_config
 from tessera.server.migrate import upgrade
 from tessera.server.storage import Database, describe_db_error
@@ -34,7 +34,9 @@ def build_state(data_dir: Path) -> ServerState:
 def serve(data_dir: Path, host: str, port: int, *, tls: bool) -> None:
     state = build_state(data_dir)
     config = load_config(data_dir)
-    app = create_app(state)
+    app = create_app(
+        state, Interfaces(admin_api=config.admin_api, offline_activation=config.offline_activation)
+    )
     options: dict[str, object] = {}
     if tls:
         for path in (config.server_cert, config.server_key):
