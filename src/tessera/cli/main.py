@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 
 from tessera.cli import (  # noqa: F401  (register verbs)
+    admin,
     agent_cmds,
     keys,
     offline,
+    server_cmds,
 )
 from tessera.cli._common import EXIT_BAD_INPUT, EXIT_DENIED, CliError, err_console
 from tessera.cli.apps import app

@@ -1,0 +1,505 @@
+"""The admin client: ``product``, ``customer``, ``partner``, ``token`` and server-side
+``license`` verbs, talking to the server's REST API.
+
+Connection: ``--url/--token/--ca`` or ``TESSERA_URL``, ``TESSERA_TOKEN``, ``TESSERA_CA``.
+Exit codes: 0 done; 1 the server refused or does not know the thing, or cannot be
+reached; 2 bad usage or input (the server's 422 names the field).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+from datetime import date
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import quote
+
+import httpx
+import typer
+from rich.table import Table
+
+from tessera.cli._common import (
+    EXIT_BAD_INPUT,
+    EXIT_DENIED,
+    console,
+    emit_json,
+    fail,
+    read_input_file,
+    write_file_atomic,
+)
+from tessera.cli.apps import app, license_app
+
+__all__ = [
+    "AdminClient",
+    "audit_app",
+    "customer_app",
+    "parse_entitlement",
+    "partner_app",
+    "product_app",
+    "token_app",
+]
+
+_settings: dict[str, Any] = {"no_args_is_help": True, "pretty_exceptions_enable": False}
+product_app = typer.Typer(help="Products and their features (admin API).", **_settings)
+customer_app = typer.Typer(help="Customers (licensees).", **_settings)
+partner_app = typer.Typer(help="Partners and their feature namespaces.", **_settings)
+token_app = typer.Typer(help="API tokens and roles.", **_settings)
+audit_app = typer.Typer(help="The hash-chained audit log of license changes.", **_settings)
+app.add_typer(product_app, name="product")
+app.add_typer(customer_app, name="customer")
+app.add_typer(partner_app, name="partner")
+app.add_typer(token_app, name="token")
+app.add_typer(audit_app, name="audit")
+
+URL = typer.Option(None, "--url", envvar="TESSERA_URL", help="Server URL, e.g. https://host:7790.")
+TOKEN = typer.Option(None, "--token", envvar="TESSERA_TOKEN", help="API token.")
+CA = typer.Option(None, "--ca", envvar="TESSERA_CA", help="CA certificate to trust (pinned).")
+JSON = typer.Option(False, "--json", help="Print one JSON object.")
+
+_ENTITLEMENT_RE = re.compile(
+    r"^([^=,\s]+)=([0-9]{1,10})(?:,([0-9]{4}-[0-9]{2}-[0-9]{2}|permanent))?$"
+)
+
+
+class AdminClient:
+    """A thin httpx client that turns every failure into one line and an exit code."""
+
+    def __init__(self, url: str | None, token: str | None, ca: Path | None) -> None:
+        if not url:
+            fail("--url is required (or set TESSERA_URL)")
+        if not url.startswith(("https://", "http://")):
+            fail(f"--url must start with https:// or http://, not {url!r}")
+        if not token:
+            fail("--token is required (or set TESSERA_TOKEN)")
+        verify: ssl.SSLContext | bool = True
+        if ca is not None:
+            if not ca.is_file():
+                fail(f"--ca {ca} does not exist")
+            try:
+                verify = ssl.create_default_context(cafile=str(ca))
+            except (ssl.SSLError, OSError):
+                fail(f"--ca {ca} is not a PEM CA certificate")
+            verify.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.url = url.rstrip("/")
+        self._client = httpx.Client(
+            base_url=self.url,
+            verify=verify,
+            timeout=30.0,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            if "CERTIFICATE" in str(exc).upper() or "SSL" in str(exc).upper():
+                fail(
+                    f"TLS failure talking to {self.url}: {_first_line(exc)} (check --ca)",
+                    EXIT_DENIED,
+                )
+            fail(f"cannot reach the server at {self.url}: {_first_line(exc)}", EXIT_DENIED)
+        except httpx.TimeoutException:
+            fail(f"the server at {self.url} did not answer in time", EXIT_DENIED)
+        except httpx.HTTPError as exc:
+            fail(f"talking to {self.url} failed: {_first_line(exc)}", EXIT_DENIED)
+        if response.status_code >= 400:
+            _refused(response)
+        try:
+            return response.json()
+        except ValueError:
+            fail(f"the server at {self.url} sent a response that is not JSON", EXIT_DENIED)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _refused(response: httpx.Response) -> NoReturn:
+    try:
+        detail: Any = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if isinstance(detail, list):  # FastAPI validation errors: name the field
+        parts = []
+        for item in detail[:3]:
+            loc = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
+            parts.append(f"{loc}: {item.get('msg', 'invalid')}" if loc else str(item.get("msg")))
+        detail = "; ".join(parts)
+    if not isinstance(detail, str) or not detail:
+        detail = response.reason_phrase or "error"
+    status = response.status_code
+    if status == 401:
+        fail(f"not authorized: {detail}", EXIT_DENIED)
+    if status == 403:
+        fail(f"refused: {detail}", EXIT_DENIED)
+    if status == 404:
+        fail(f"not found: {detail}", EXIT_DENIED)
+    if status == 422:
+        fail(f"invalid input: {detail}", EXIT_BAD_INPUT)
+    fail(f"server answered {status}: {detail}", EXIT_DENIED)
+
+
+def parse_entitlement(text: str, location: str | None = None) -> dict[str, Any]:
+    """``CODE=COUNT[,EXPIRY]`` (EXPIRY a date or ``permanent``) to the API's entitlement."""
+    m = _ENTITLEMENT_RE.match(text.strip())
+    if not m:
+        fail(f"--feature {text!r}: expected CODE=COUNT[,EXPIRY], e.g. uniplex=5,2027-01-15")
+    expiry: str | None = None
+    if m.group(3) and m.group(3) != "permanent":
+        try:
+            expiry = date.fromisoformat(m.group(3)).isoformat()
+        except ValueError:
+            fail(f"--feature {text!r}: {m.group(3)} is not a date (YYYY-MM-DD)")
+    item: dict[str, Any] = {"feature": m.group(1), "count": int(m.group(2)), "expiry": expiry}
+    if location:
+        item["location"] = location
+    return item
+
+
+# ---------------------------------------------------------------------------- product
+
+
+@product_app.command("create")
+def product_create(
+    code: str = typer.Argument(..., help="Product code, e.g. cortex."),
+    name: str = typer.Option(..., "--name", help="Product name."),
+    feature: list[str] = typer.Option([], "--feature", help="CODE[=DESCRIPTION], repeatable."),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Create a product with its features."""
+    features = []
+    for item in feature:
+        fcode, _, description = item.partition("=")
+        features.append({"code": fcode.strip(), "description": description.strip()})
+    result = AdminClient(url, token, ca).request(
+        "POST", "/api/v1/products", json={"code": code, "name": name, "features": features}
+    )
+    if as_json:
+        emit_json(result)
+    else:
+        console.print(f"product {result['code']} created with {len(result['features'])} features")
+
+
+@product_app.command("show")
+def product_show(
+    code: str = typer.Argument(...),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Show a product and its features."""
+    result = AdminClient(url, token, ca).request("GET", f"/api/v1/products/{_seg(code)}")
+    if as_json:
+        emit_json(result)
+        return
+    table = Table(title=f"{result['code']}: {result['name']}")
+    table.add_column("feature")
+    table.add_column("description")
+    for fcode, description in result["features"].items():
+        table.add_row(fcode, description)
+    console.print(table)
+
+
+def _seg(value: str) -> str:
+    """One URL path segment: a slash or dot-segment in user input must not change the route."""
+    if not value or value in (".", "..") or len(value) > 64:
+        fail(f"{value!r} is not a valid identifier")
+    return quote(value, safe="")
+
+
+# ---------------------------------------------------------------------------- customer
+
+
+@customer_app.command("create")
+def customer_create(
+    name: str = typer.Argument(..., help="Customer (licensee) name."),
+    city: str | None = typer.Option(None, "--city"),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Create a customer; prints its id."""
+    body: dict[str, Any] = {"name": name}
+    if city is not None:
+        body["city"] = city
+    result = AdminClient(url, token, ca).request("POST", "/api/v1/customers", json=body)
+    if as_json:
+        emit_json(result)
+    else:
+        typer.echo(str(result["id"]))
+
+
+# ---------------------------------------------------------------------------- partner
+
+
+@partner_app.command("create")
+def partner_create(
+    code: str = typer.Argument(..., help="Partner code; its namespace is partner.<code>."),
+    name: str = typer.Option(..., "--name"),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Create a partner with its own feature namespace."""
+    result = AdminClient(url, token, ca).request(
+        "POST", "/api/v1/partners", json={"code": code, "name": name}
+    )
+    if as_json:
+        emit_json(result)
+    else:
+        console.print(f"partner {result['code']} created; namespace {result['namespace']}")
+
+
+# ---------------------------------------------------------------------------- token
+
+
+@token_app.command("create")
+def token_create(
+    role: str = typer.Option(
+        ..., "--role", help="admin, support, sales, partner, customer or readonly."
+    ),
+    name: str = typer.Option(..., "--name", help="Who or what uses the token."),
+    partner: str | None = typer.Option(None, "--partner", help="Partner code (role partner)."),
+    customer: int | None = typer.Option(None, "--customer", help="Customer id (role customer)."),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Make an API token; the secret is printed only this once."""
+    body: dict[str, Any] = {"role": role, "name": name}
+    if partner is not None:
+        body["partner"] = partner
+    if customer is not None:
+        body["customer_id"] = customer
+    result = AdminClient(url, token, ca).request("POST", "/api/v1/tokens", json=body)
+    if as_json:
+        emit_json(result)
+    else:
+        typer.echo(result["token"])
+
+
+# ---------------------------------------------------------------------------- license
+
+
+@license_app.command("issue")
+def license_issue(
+    customer: int = typer.Option(..., "--customer", help="Customer id."),
+    product: str = typer.Option(..., "--product", help="Product code."),
+    feature: list[str] = typer.Option(..., "--feature", help="CODE=COUNT[,EXPIRY], repeatable."),
+    location: str = typer.Option("main", "--location", help="Location (site) of these features."),
+    binding: str = typer.Option("machine", "--binding", help="machine, instance or user."),
+    machines: int = typer.Option(1, "--machines", help="How many machines may be bound."),
+    version: str = typer.Option("*", "--version", help="Licensed product versions, e.g. 4.*."),
+    failover_days: int = typer.Option(30, "--failover-days"),
+    checkpoint_days: int | None = typer.Option(None, "--checkpoint-days"),
+    emergency_feature: list[str] = typer.Option([], "--emergency-feature", help="Repeatable."),
+    no_connect: bool = typer.Option(False, "--no-connect", help="No periodic validation."),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Turn an order into a license; prints its serial and license key (shown only once)."""
+    body: dict[str, Any] = {
+        "customer_id": customer,
+        "product": product,
+        "entitlements": [parse_entitlement(f) for f in feature],
+        "location": location,
+        "binding": binding,
+        "machines": machines,
+        "version": version,
+        "failover_days": failover_days,
+        "checkpoint_days": checkpoint_days,
+        "emergency": emergency_feature,
+        "connect": not no_connect,
+    }
+    result = AdminClient(url, token, ca).request("POST", "/api/v1/licenses", json=body)
+    if as_json:
+        emit_json(result)
+    else:
+        console.print(f"serial {result['serial']}")
+        console.print(f"key    {result['key']}")
+        console.print("the license key is shown only this once")
+
+
+def _print_license(view: dict[str, Any]) -> None:
+    table = Table(show_header=False, box=None)
+    for name in ("serial", "status", "revision", "licensee", "product", "version", "binding"):
+        table.add_row(name, str(view.get(name)))
+    table.add_row(
+        "machines", f"{len(view.get('machines', []))} of {view.get('machines_allowed')} bound"
+    )
+    table.add_row("failover days", str(view.get("failover_days")))
+    if view.get("checkpoint_days"):
+        table.add_row("checkpoint days", str(view["checkpoint_days"]))
+    if view.get("emergency"):
+        table.add_row("emergency", ", ".join(view["emergency"]))
+    console.print(table)
+    features = Table(title="entitlements")
+    for col in ("location", "feature", "count", "expiry"):
+        features.add_column(col)
+    for loc, items in view.get("locations", {}).items():
+        for code, ent in items.items():
+            features.add_row(loc, code, str(ent["count"]), ent["expiry"])
+    console.print(features)
+    if view.get("machines"):
+        bound = Table(title="machines")
+        for col in ("slot", "locking id", "activated", "last check-in"):
+            bound.add_column(col)
+        for m in view["machines"]:
+            bound.add_row(
+                str(m["slot"]), m["locking_id"], m["activated_at"], m["last_checkin_at"] or "-"
+            )
+        console.print(bound)
+
+
+@license_app.command("show")
+def license_show(
+    serial: str = typer.Argument(...),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Show a license: entitlements, policy, bound machines."""
+    view = AdminClient(url, token, ca).request("GET", f"/api/v1/licenses/{_seg(serial)}")
+    if as_json:
+        emit_json(view)
+    else:
+        _print_license(view)
+
+
+@license_app.command("list")
+def license_list(
+    customer: int | None = typer.Option(None, "--customer", help="Only this customer's licenses."),
+    revoked: bool = typer.Option(False, "--revoked", help="Only revoked licenses."),
+    limit: int = typer.Option(100, "--limit", min=1, max=1000),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """List licenses, newest first (partners and customers see their own)."""
+    params: dict[str, Any] = {"limit": limit}
+    if customer is not None:
+        params["customer_id"] = customer
+    if revoked:
+        params["status"] = "revoked"
+    rows = AdminClient(url, token, ca).request("GET", "/api/v1/licenses", params=params)
+    if as_json:
+        emit_json({"licenses": rows})
+        return
+    table = Table()
+    for col in ("serial", "status", "rev", "licensee", "product", "machines"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["serial"], r["status"], str(r["revision"]), r["licensee"], r["product"],
+            str(r["machines_allowed"]),
+        )  # fmt: skip
+    console.print(table)
+
+
+@license_app.command("update")
+def license_update(
+    serial: str = typer.Argument(...),
+    feature: list[str] = typer.Option(
+        [], "--feature", help="CODE=COUNT[,EXPIRY]: set (add or replace)."
+    ),
+    remove_feature: list[str] = typer.Option([], "--remove-feature", help="Remove a feature."),
+    location: str | None = typer.Option(None, "--location", help="Location of --feature."),
+    machines: int | None = typer.Option(None, "--machines"),
+    failover_days: int | None = typer.Option(None, "--failover-days"),
+    revoke: bool = typer.Option(False, "--revoke", help="Withdraw the license everywhere."),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Change a license centrally: a new revision reaches installations at their next check-in."""
+    body: dict[str, Any] = {
+        "entitlements": [parse_entitlement(f, location) for f in feature],
+        "remove": remove_feature,
+    }
+    if machines is not None:
+        body["machines"] = machines
+    if failover_days is not None:
+        body["failover_days"] = failover_days
+    if revoke:
+        body["status"] = "revoked"
+    if len(body) == 2 and not feature and not remove_feature:
+        fail("nothing to change (give --feature, --remove-feature, --machines, ... )")
+    view = AdminClient(url, token, ca).request(
+        "PATCH", f"/api/v1/licenses/{_seg(serial)}", json=body
+    )
+    if as_json:
+        emit_json(view)
+    else:
+        console.print(f"license {view['serial']} is now at revision {view['revision']}")
+
+
+@license_app.command("activate-offline")
+def license_activate_offline(
+    request_file: Path = typer.Argument(
+        ..., help="The request file written by `tessera agent request`."
+    ),
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write the license file."),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Activate an offline installation: upload its request file, write its license file."""
+    data = read_input_file(request_file, "request file")
+    try:
+        json.loads(data)
+    except ValueError:
+        fail(
+            f"request file {request_file} is not JSON "
+            "(expected the file `tessera agent request` writes)"
+        )
+    client = AdminClient(url, token, ca)
+    result = client.request(
+        "POST",
+        "/api/v1/activate-offline",
+        content=data,
+        headers={"Content-Type": "application/json"},
+    )
+    write_file_atomic(out, result["license"].encode("utf-8"))
+    if as_json:
+        emit_json({"serial": result["serial"], "file": str(out)})
+    else:
+        console.print(f"license {result['serial']} for this machine -> {out}")
+
+
+# ---------------------------------------------------------------------------- audit
+
+
+@audit_app.command("verify")
+def audit_verify(
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Check the audit chain: exit 0 intact, 1 when a row was removed or edited."""
+    report = AdminClient(url, token, ca).request("GET", "/api/v1/audit/verify")
+    if as_json:
+        emit_json(report)
+    else:
+        for problem in report["problems"]:
+            console.print(problem, markup=False)
+        if report["ok"]:
+            console.print(f"audit log intact: {report['rows']} entries, head {report['head']}")
+    if not report["ok"]:
+        fail(f"the audit log was tampered with ({len(report['problems'])} problems)", EXIT_DENIED)

@@ -1,0 +1,286 @@
+"""Online and offline activation, and Connect check-ins (``docs/protocol.md``).
+
+Activation binds a machine to one of the license's machine slots. The limit holds under
+concurrency because the license row is locked for the whole transaction (``SELECT ... FOR
+UPDATE`` on PostgreSQL; SQLite serializes writers with ``BEGIN IMMEDIATE``) and, as a
+second line, ``(license_id, slot)`` is unique. Every rule (revoked, expired, binding) is
+checked on every request, not only on the first binding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+
+from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from tessera.core import sign_document
+from tessera.core.clock import utc
+from tessera.core.errors import SignatureError, TesseraError
+from tessera.core.fingerprint import LockingId, match_locking_ids
+from tessera.core.licensekey import license_key_digest
+from tessera.core.model import MatchLevel
+from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerResponse
+from tessera.core.signing import SigningKey
+from tessera.server import audit
+from tessera.server.errors import Forbidden, NotFound
+from tessera.server.licenses import check_access, license_document
+from tessera.server.models import Checkin, EntitlementRow, LicenseRow, Machine
+from tessera.server.tokens import Principal, Role, require
+
+__all__ = ["Activation", "activate", "activate_offline", "checkin"]
+
+
+@dataclass(frozen=True, slots=True)
+class Activation:
+    serial: str
+    slot: int
+    license_file: str
+
+
+def _license_by_key(session: Session, license_key: str, pepper: bytes, *, lock: bool) -> LicenseRow:
+    stmt = select(LicenseRow).where(
+        LicenseRow.key_digest == license_key_digest(license_key, pepper)
+    )
+    if lock:
+        stmt = stmt.with_for_update(of=LicenseRow)
+    row = session.execute(stmt).unique().scalar_one_or_none()
+    if row is None:
+        raise NotFound("unknown license key")
+    return row
+
+
+def _check_usable(row: LicenseRow, now: datetime) -> None:
+    if row.status == "revoked":
+        raise Forbidden(f"license {row.serial} has been revoked")
+    today = utc(now).date()
+    if not any(e.expiry is None or today <= e.expiry for e in row.entitlements):
+        raise Forbidden(f"license {row.serial} has expired")
+    if row.binding != "machine":
+        raise Forbidden(f"license {row.serial} is {row.binding}-bound; activate it as such")
+
+
+@lru_cache(maxsize=65536)
+def _parsed(locking_id: str) -> LockingId | None:
+    """Parsed Locking IDs are immutable; caching them keeps the slot scan cheap."""
+    try:
+        return LockingId.parse(locking_id)
+    except ValueError:
+        return None
+
+
+def _same_hardware(locking_id: str, current: LockingId, level: MatchLevel) -> bool:
+    licensed = _parsed(locking_id)
+    return licensed is not None and match_locking_ids(licensed, current, level).ok
+
+
+def _bind(
+    session: Session,
+    row: LicenseRow,
+    request: ActivationRequest,
+    now: datetime,
+    signing_key: SigningKey,
+    actor: str,
+    *,
+    offline: bool,
+) -> Activation:
+    _check_usable(row, now)
+    # The same installation again (indexed lookup), else the same hardware (tolerant match).
+    machine = session.execute(
+        select(Machine).where(Machine.license_id == row.id, Machine.system_id == request.system_id)
+    ).scalar_one_or_none()
+    action = "license.reactivate"
+    if machine is None:
+        # Plain rows, not ORM objects: a license with many seats is scanned cheaply.
+        bound = session.execute(
+            select(Machine.id, Machine.slot, Machine.locking_id).where(Machine.license_id == row.id)
+        ).all()
+        level = MatchLevel(row.match_level)
+        current = LockingId.parse(request.locking_id)
+        same = next((m.id for m in bound if _same_hardware(m.locking_id, current, level)), None)
+        if same is not None:
+            machine = session.get(Machine, same)
+        if machine is None:
+            used = {m.slot for m in bound}
+            free = next((s for s in range(row.machines_allowed) if s not in used), None)
+            if free is None:
+                raise Forbidden(
+                    f"no free machine left on license {row.serial}: "
+                    f"{len(bound)} of {row.machines_allowed} machines are bound"
+                )
+            machine = Machine(license_id=row.id, slot=free, activated_at=now, delivered_revision=0)
+            session.add(machine)
+            action = "license.activate"
+    machine.locking_id = request.locking_id
+    machine.system_id = request.system_id
+    machine.agent_key = request.agent_key
+    machine.activated_at = now
+    machine.offline = offline
+    machine.delivered_revision = row.revision
+    doc = license_document(
+        row, locking_id=request.locking_id, agent_key=request.agent_key, issued=now
+    )
+    license_file = sign_document(doc, signing_key)
+    session.flush()
+    audit.append(
+        session,
+        at=now,
+        actor=actor,
+        action=action,
+        target=row.serial,
+        details={
+            "slot": machine.slot,
+            "locking_id": request.locking_id,
+            "system_id": request.system_id,
+            "offline": offline,
+            "revision": row.revision,
+        },
+    )
+    return Activation(row.serial, machine.slot, license_file)
+
+
+def activate(
+    session: Session,
+    request: ActivationRequest,
+    now: datetime,
+    signing_key: SigningKey,
+    pepper: bytes,
+) -> ServerResponse:
+    """Online activation: bind (or re-bind) this machine and answer with its license file."""
+    row = _license_by_key(session, request.license_key, pepper, lock=True)
+    result = _bind(
+        session, row, request, now, signing_key, f"agent:{request.system_id}", offline=False
+    )
+    return ServerResponse(
+        kind="activation",
+        nonce=request.nonce,
+        server_time=utc(now).replace(microsecond=0),
+        serial=result.serial,
+        license=result.license_file,
+    ).signed(signing_key)
+
+
+def activate_offline(
+    session: Session,
+    principal: Principal,
+    request: ActivationRequest,
+    now: datetime,
+    signing_key: SigningKey,
+    pepper: bytes,
+) -> Activation:
+    """An uploaded request file: same rules as online, the license file goes back by hand."""
+    require(principal, Role.ADMIN, Role.SUPPORT, Role.SALES, Role.PARTNER, Role.CUSTOMER)
+    row = _license_by_key(session, request.license_key, pepper, lock=True)
+    if principal.role is Role.CUSTOMER and row.customer_id != principal.customer_id:
+        raise Forbidden("this license key belongs to another customer")
+    if principal.role is Role.PARTNER:
+        check_access(session, principal, row, write=False)
+    return _bind(session, row, request, now, signing_key, principal.actor, offline=True)
+
+
+# The check-in's statements, built once: constructing SQL per request costs more than
+# running it.
+_CHECKIN_LOOKUP = (
+    select(
+        LicenseRow.id,
+        LicenseRow.serial,
+        LicenseRow.status,
+        LicenseRow.revision,
+        LicenseRow.match_level,
+        Machine.id.label("machine_id"),
+        Machine.locking_id,
+        Machine.agent_key,
+        Machine.delivered_revision,
+    )
+    .select_from(LicenseRow)
+    .outerjoin(
+        Machine,
+        and_(Machine.license_id == LicenseRow.id, Machine.system_id == bindparam("system_id")),
+    )
+    .where(LicenseRow.key_digest == bindparam("digest"))
+)
+_VALID_ENTITLEMENT = (
+    select(EntitlementRow.id)
+    .where(
+        EntitlementRow.license_id == bindparam("license_id"),
+        or_(EntitlementRow.expiry.is_(None), EntitlementRow.expiry >= bindparam("today")),
+    )
+    .limit(1)
+)
+_RECORD_MACHINE = (
+    update(Machine)
+    .where(Machine.id == bindparam("machine_id"))
+    .values(last_checkin_at=bindparam("now"), delivered_revision=bindparam("delivered"))
+)
+_RECORD_CHECKIN = insert(Checkin).values(
+    machine_id=bindparam("machine_id"), at=bindparam("now"), outcome=bindparam("outcome")
+)
+
+
+def checkin(
+    session: Session, request: CheckinRequest, now: datetime, signing_key: SigningKey, pepper: bytes
+) -> ServerResponse:
+    """Periodic validation: record it, and ship the license again if it changed centrally.
+
+    The hot path of the server, so it runs as a few Core statements on the session's
+    connection (no ORM objects) and loads the whole license only when it must be re-sent.
+    """
+    conn = session.connection()
+    found = conn.execute(
+        _CHECKIN_LOOKUP,
+        {"system_id": request.system_id, "digest": license_key_digest(request.license_key, pepper)},
+    ).first()
+    if found is None:
+        raise NotFound("unknown license key")
+    if found.machine_id is None:
+        raise Forbidden(f"this installation is not activated for license {found.serial}")
+    try:
+        request.verify_with(found.agent_key)
+    except (SignatureError, TesseraError):
+        raise Forbidden(
+            "bad request signature (not signed by the key registered at activation)"
+        ) from None
+    licensed = _parsed(found.locking_id)
+    current = _parsed(request.locking_id)
+    if licensed is None or current is None:
+        raise Forbidden("malformed Locking ID")
+    if not match_locking_ids(licensed, current, MatchLevel(found.match_level)).ok:
+        raise Forbidden(
+            f"this machine no longer matches the one license {found.serial} is bound to"
+        )
+    directives: tuple[str, ...] = ()
+    message: str | None = None
+    license_file: str | None = None
+    outcome = "ok"
+    delivered = found.delivered_revision
+    if found.status == "revoked":
+        directives, outcome = ("revoke",), "revoked"
+        message = f"license {found.serial} has been revoked"
+    elif delivered != found.revision:
+        row = session.get(LicenseRow, found.id)
+        assert row is not None  # read in this transaction
+        doc = license_document(
+            row, locking_id=found.locking_id, agent_key=found.agent_key, issued=now
+        )
+        license_file = sign_document(doc, signing_key)
+        delivered, outcome = found.revision, "updated"
+    if outcome != "revoked":
+        today = utc(now).date()
+        valid = conn.execute(_VALID_ENTITLEMENT, {"license_id": found.id, "today": today}).first()
+        if valid is None:
+            message, outcome = f"license {found.serial} has expired", "expired"
+    conn.execute(
+        _RECORD_MACHINE, {"machine_id": found.machine_id, "now": now, "delivered": delivered}
+    )
+    conn.execute(_RECORD_CHECKIN, {"machine_id": found.machine_id, "now": now, "outcome": outcome})
+    return ServerResponse(
+        kind="checkin",
+        nonce=request.nonce,
+        server_time=utc(now).replace(microsecond=0),
+        serial=found.serial,
+        license=license_file,
+        directives=directives,
+        message=message,
+    ).signed(signing_key)

@@ -1,0 +1,599 @@
+"""The FastAPI application: Connect endpoints for agents, the admin API for people and tools.
+
+Endpoints are ``async``; the blocking part of a request (the database transaction, with the
+token check and the signing inside it) runs as *one* hop to the thread pool, so the event
+loop never waits on the database and no request pays for several hops. Every refusal is a
+JSON body ``{"detail": "<one line>"}``; nothing a client sends produces a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from tessera.core.clock import Clock
+from tessera.core.errors import FormatError, SignatureError, TesseraError
+from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest, CheckinRequest
+from tessera.core.signing import SigningKey
+from tessera.server import activation, audit, catalog, licenses
+from tessera.server.errors import Invalid, ServiceError
+from tessera.server.models import AuditEntry, LicenseRevision
+from tessera.server.schemas import (
+    AuditEntryOut,
+    AuditReport,
+    CustomerIn,
+    CustomerOut,
+    ErrorBody,
+    FeatureIn,
+    LicenseIn,
+    LicenseIssued,
+    LicenseSummary,
+    LicenseUpdate,
+    OfflineActivation,
+    PartnerIn,
+    PartnerOut,
+    ProductIn,
+    ProductOut,
+    TokenIn,
+    TokenOut,
+    ValidationErrorBody,
+)
+from tessera.server.storage import Database
+from tessera.server.tokens import Principal, Role, create_token, require, resolve_token
+
+__all__ = ["Interfaces", "ServerState", "create_app"]
+
+log = logging.getLogger("tessera.server")
+T = TypeVar("T")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    **{code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409)},
+    422: {"model": ValidationErrorBody},
+}
+_CONNECT_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 403, 404, 422, 503)
+}
+
+
+@dataclass
+class ServerState:
+    """What a running server holds: the store, the vendor key, the pepper, a clock."""
+
+    db: Database
+    signing_key: SigningKey
+    pepper: bytes
+    clock: Clock
+
+    def now(self) -> datetime:
+        return self.clock.now().replace(microsecond=0)
+
+
+_KEY = Field(
+    pattern=r"^[0-9A-Za-z]{5}(-[0-9A-Za-z]{5}){4}$", examples=["K7QXM-2VDRT-9HFNA-PC4WE-8BZJY"]
+)
+_LOCKING_ID = Field(pattern=r"^TL1-[A-Z2-7]{8,400}$")
+_SYSTEM_ID = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+_NONCE = Field(pattern=r"^[A-Za-z0-9_-]{22}$")
+_B64 = Field(pattern=r"^[A-Za-z0-9+/]+={0,2}$")
+
+
+class _ActivationBody(BaseModel):
+    """The activation request of ``docs/protocol.md`` (also the offline request file)."""
+
+    model_config = ConfigDict(extra="forbid")
+    protocol: Literal["tessera-connect/1"]
+    type: Literal["activate"]
+    license_key: str = _KEY
+    locking_id: str = _LOCKING_ID
+    system_id: str = _SYSTEM_ID
+    nonce: str = _NONCE
+    agent_key: str = _B64
+    signature: str = _B64
+
+
+class _CheckinBody(BaseModel):
+    """The check-in request of ``docs/protocol.md``."""
+
+    model_config = ConfigDict(extra="forbid")
+    protocol: Literal["tessera-connect/1"]
+    type: Literal["checkin"]
+    license_key: str = _KEY
+    locking_id: str = _LOCKING_ID
+    system_id: str = _SYSTEM_ID
+    nonce: str = _NONCE
+    signature: str = _B64
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+def _error(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+bearer = HTTPBearer(
+    auto_error=False, description="An API token made by `server init` or POST /api/v1/tokens."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Interfaces:
+    """Which optional interfaces this server offers (Connect is always on)."""
+
+    admin_api: bool = True
+    offline_activation: bool = True
+
+
+def create_app(state: ServerState, interfaces: Interfaces | None = None) -> FastAPI:
+    """The app; an interface switched off is not routed at all (404, absent from OpenAPI)."""
+    interfaces = interfaces or Interfaces()
+    admin = APIRouter()
+    offline = APIRouter()
+    app = FastAPI(
+        title="Tessera license server",
+        version="1",
+        description="Connect protocol (tessera-connect/1) for agents and the admin API.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.tessera = state
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity(_request: Request, _exc: IntegrityError) -> JSONResponse:
+        return _error(
+            409, "conflicting change (the record exists already or was changed concurrently)"
+        )
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_request: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database error: %s", exc)
+        return _error(503, "the server cannot reach its database")
+
+    @app.exception_handler(DBAPIError)
+    async def _db_error(_request: Request, exc: DBAPIError) -> JSONResponse:
+        log.warning("database error: %s", exc)
+        return _error(503, "the server's database refused the request")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Keep FastAPI's documented list shape but make sure it is always JSON-safe.
+        errors = [
+            {
+                "loc": list(e.get("loc", ())),
+                "msg": str(e.get("msg", "")),
+                "type": str(e.get("type", "")),
+            }
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    async def in_transaction(
+        work: Callable[[Session, Principal], T],
+        credentials: HTTPAuthorizationCredentials | None,
+        *,
+        write: bool,
+    ) -> T:
+        token = credentials.credentials if credentials is not None else None
+
+        def run() -> T:
+            with state.db.write() if write else state.db.read() as session:
+                return work(session, resolve_token(session, token))
+
+        return await run_in_threadpool(run)
+
+    Auth = Depends(bearer)
+
+    # ------------------------------------------------------------------ connect
+
+    async def _read_json(request: Request) -> bytes:
+        body = await request.body()
+        if len(body) > MAX_MESSAGE_SIZE:
+            raise FormatError("request is too large")
+        return body
+
+    @app.post(
+        "/api/v1/activate",
+        tags=["connect"],
+        openapi_extra=_body_schema(_ActivationBody),
+        responses={200: {"description": "A vendor-signed server response"}, **_CONNECT_ERRORS},
+    )
+    async def activate(request: Request) -> Response:
+        """Online activation: bind this machine and return its signed license file."""
+        try:
+            parsed = ActivationRequest.from_json(await _read_json(request))
+        except FormatError as exc:
+            return _error(422, str(exc))
+        except (SignatureError, TesseraError) as exc:
+            return _error(403, f"bad request signature ({exc})")
+        now = state.now()
+
+        def run() -> bytes:
+            with state.db.write() as session:
+                return activation.activate(
+                    session, parsed, now, state.signing_key, state.pepper
+                ).to_json()
+
+        return Response(await run_in_threadpool(run), media_type="application/json")
+
+    @app.post(
+        "/api/v1/checkin",
+        tags=["connect"],
+        openapi_extra=_body_schema(_CheckinBody),
+        responses={200: {"description": "A vendor-signed server response"}, **_CONNECT_ERRORS},
+    )
+    async def checkin(request: Request) -> Response:
+        """Periodic validation (Connect): signed by the agent key registered at activation."""
+        try:
+            parsed = CheckinRequest.from_json(await _read_json(request))
+        except FormatError as exc:
+            return _error(422, str(exc))
+        now = state.now()
+
+        def run() -> bytes:
+            with state.db.write() as session:
+                return activation.checkin(
+                    session, parsed, now, state.signing_key, state.pepper
+                ).to_json()
+
+        return Response(await run_in_threadpool(run), media_type="application/json")
+
+    @app.get("/api/v1/health", tags=["connect"])
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "key_id": state.signing_key.key_id}
+
+    # ------------------------------------------------------------------ catalog
+
+    @admin.post(
+        "/api/v1/products",
+        status_code=201,
+        response_model=ProductOut,
+        tags=["catalog"],
+        responses=_ERRORS,
+    )
+    async def create_product(
+        data: ProductIn, credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> Any:
+        now = state.now()
+        return await in_transaction(
+            lambda s, p: catalog.product_view(catalog.create_product(s, p, data, now)),
+            credentials,
+            write=True,
+        )
+
+    @admin.get(
+        "/api/v1/products", response_model=list[ProductOut], tags=["catalog"], responses=_ERRORS
+    )
+    async def list_products(credentials: HTTPAuthorizationCredentials | None = Auth) -> Any:
+        return await in_transaction(
+            lambda s, p: [catalog.product_view(x) for x in catalog.list_products(s)],
+            credentials,
+            write=False,
+        )
+
+    @admin.get(
+        "/api/v1/products/{code}", response_model=ProductOut, tags=["catalog"], responses=_ERRORS
+    )
+    async def get_product(
+        code: str = Path(max_length=64), credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> Any:
+        return await in_transaction(
+            lambda s, p: catalog.product_view(catalog.get_product(s, code)),
+            credentials,
+            write=False,
+        )
+
+    @admin.post(
+        "/api/v1/products/{code}/features",
+        response_model=ProductOut,
+        status_code=201,
+        tags=["catalog"],
+        responses=_ERRORS,
+    )
+    async def add_feature(
+        data: FeatureIn,
+        code: str = Path(max_length=64),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> Any:
+        return await in_transaction(
+            lambda s, p: catalog.product_view(catalog.add_feature(s, p, code, data)),
+            credentials,
+            write=True,
+        )
+
+    @admin.post(
+        "/api/v1/partners",
+        response_model=PartnerOut,
+        status_code=201,
+        tags=["catalog"],
+        responses=_ERRORS,
+    )
+    async def create_partner(
+        data: PartnerIn, credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> Any:
+        now = state.now()
+
+        def work(s: Session, p: Principal) -> dict[str, Any]:
+            partner = catalog.create_partner(s, p, data, now)
+            return {
+                "id": partner.id,
+                "code": partner.code,
+                "name": partner.name,
+                "namespace": partner.namespace,
+            }
+
+        return await in_transaction(work, credentials, write=True)
+
+    def _customer(c: Any) -> dict[str, Any]:
+        return {"id": c.id, "name": c.name, "city": c.city, "licensee": c.licensee}
+
+    @admin.post(
+        "/api/v1/customers",
+        response_model=CustomerOut,
+        status_code=201,
+        tags=["catalog"],
+        responses=_ERRORS,
+    )
+    async def create_customer(
+        data: CustomerIn, credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> Any:
+        now = state.now()
+        return await in_transaction(
+            lambda s, p: _customer(catalog.create_customer(s, p, data, now)),
+            credentials,
+            write=True,
+        )
+
+    @admin.get(
+        "/api/v1/customers/{customer_id}",
+        response_model=CustomerOut,
+        tags=["catalog"],
+        responses=_ERRORS,
+    )
+    async def get_customer(
+        customer_id: int = Path(ge=1, le=2**31 - 1),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> Any:
+        return await in_transaction(
+            lambda s, p: _customer(catalog.get_customer(s, p, customer_id)),
+            credentials,
+            write=False,
+        )
+
+    # ------------------------------------------------------------------ licenses
+
+    @admin.post(
+        "/api/v1/licenses",
+        response_model=LicenseIssued,
+        status_code=201,
+        tags=["licenses"],
+        responses=_ERRORS,
+    )
+    async def issue_license(
+        data: LicenseIn, credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> Any:
+        now = state.now()
+
+        def work(s: Session, p: Principal) -> dict[str, Any]:
+            row, key = licenses.issue_license(s, p, data, now, state.pepper)
+            return {"serial": row.serial, "key": key, "revision": row.revision}
+
+        return await in_transaction(work, credentials, write=True)
+
+    @admin.get(
+        "/api/v1/licenses",
+        response_model=list[LicenseSummary],
+        tags=["licenses"],
+        responses=_ERRORS,
+    )
+    async def list_licenses(
+        customer_id: int | None = Query(None, ge=1, le=2**31 - 1),
+        status: Literal["active", "revoked"] | None = Query(None),
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0, le=2**31 - 1),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> Any:
+        return await in_transaction(
+            lambda s, p: licenses.list_licenses(
+                s, p, customer_id=customer_id, status=status, limit=limit, offset=offset
+            ),
+            credentials,
+            write=False,
+        )
+
+    def _readable_license(s: Session, p: Principal, serial: str) -> Any:
+        row = licenses.get_license(s, serial)
+        licenses.check_access(s, p, row, write=False)
+        return row
+
+    @admin.get("/api/v1/licenses/{serial}", tags=["licenses"], responses=_ERRORS)
+    async def show_license(
+        serial: str = Path(max_length=64), credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> dict[str, Any]:
+        return await in_transaction(
+            lambda s, p: licenses.license_view(_readable_license(s, p, serial)),
+            credentials,
+            write=False,
+        )
+
+    @admin.patch("/api/v1/licenses/{serial}", tags=["licenses"], responses=_ERRORS)
+    async def update_license(
+        data: LicenseUpdate,
+        serial: str = Path(max_length=64),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> dict[str, Any]:
+        now = state.now()
+        return await in_transaction(
+            lambda s, p: licenses.license_view(licenses.update_license(s, p, serial, data, now)),
+            credentials,
+            write=True,
+        )
+
+    @admin.get("/api/v1/licenses/{serial}/revisions", tags=["licenses"], responses=_ERRORS)
+    async def license_revisions(
+        serial: str = Path(max_length=64), credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> list[dict[str, Any]]:
+        def work(s: Session, p: Principal) -> list[dict[str, Any]]:
+            row = _readable_license(s, p, serial)
+            revisions = s.execute(
+                select(LicenseRevision)
+                .where(LicenseRevision.license_id == row.id)
+                .order_by(LicenseRevision.revision)
+            ).scalars()
+            return [
+                {
+                    "revision": r.revision,
+                    "actor": r.actor,
+                    "at": r.created_at.isoformat(),
+                    "license": json.loads(r.snapshot),
+                }
+                for r in revisions
+            ]
+
+        return await in_transaction(work, credentials, write=False)
+
+    @offline.post(
+        "/api/v1/activate-offline",
+        response_model=OfflineActivation,
+        tags=["licenses"],
+        openapi_extra=_body_schema(_ActivationBody),
+        responses=_ERRORS,
+    )
+    async def activate_offline(
+        request: Request, credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> Any:
+        """Upload an offline request file (``tessera agent request``); get the license file."""
+        try:
+            parsed = ActivationRequest.from_json(await _read_json(request))
+        except FormatError as exc:
+            return _error(422, f"request file: {exc}")
+        except (SignatureError, TesseraError) as exc:
+            return _error(403, f"request file: bad signature ({exc})")
+        now = state.now()
+
+        def work(s: Session, p: Principal) -> dict[str, Any]:
+            result = activation.activate_offline(s, p, parsed, now, state.signing_key, state.pepper)
+            return {"serial": result.serial, "license": result.license_file}
+
+        return await in_transaction(work, credentials, write=True)
+
+    # ------------------------------------------------------------------ tokens and audit
+
+    @admin.post(
+        "/api/v1/tokens",
+        response_model=TokenOut,
+        status_code=201,
+        tags=["admin"],
+        responses=_ERRORS,
+    )
+    async def make_token(
+        data: TokenIn, credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> Any:
+        now = state.now()
+
+        def work(s: Session, p: Principal) -> dict[str, Any]:
+            require(p, Role.ADMIN)
+            partner_id = customer_id = None
+            if data.role is Role.PARTNER:
+                if data.partner is None:
+                    raise Invalid("partner: a partner token needs the partner's code")
+                partner_id = catalog.get_partner_by_code(s, data.partner).id
+            if data.role is Role.CUSTOMER:
+                if data.customer_id is None:
+                    raise Invalid("customer_id: a customer token needs the customer's id")
+                customer_id = catalog.get_customer(s, p, data.customer_id).id
+            row, secret = create_token(
+                s,
+                name=data.name,
+                role=data.role,
+                now=now,
+                partner_id=partner_id,
+                customer_id=customer_id,
+            )
+            audit.append(
+                s,
+                at=now,
+                actor=p.actor,
+                action="token.create",
+                target=f"token:{row.id}",
+                details={"name": data.name, "role": data.role.value},
+            )
+            return {"id": row.id, "name": row.name, "role": data.role, "token": secret}
+
+        return await in_transaction(work, credentials, write=True)
+
+    @admin.get(
+        "/api/v1/audit", response_model=list[AuditEntryOut], tags=["admin"], responses=_ERRORS
+    )
+    async def audit_log(
+        target: str | None = Query(None, max_length=200),
+        limit: int = Query(100, ge=1, le=10_000),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> Any:
+        def work(s: Session, p: Principal) -> list[dict[str, Any]]:
+            require(p, Role.SUPPORT, Role.READONLY)
+            stmt = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+            if target is not None:
+                stmt = stmt.where(AuditEntry.target == target)
+            return [
+                {
+                    "id": e.id,
+                    "at": e.at,
+                    "actor": e.actor,
+                    "action": e.action,
+                    "target": e.target,
+                    "details": json.loads(e.details),
+                }
+                for e in s.execute(stmt).scalars()
+            ]
+
+        return await in_transaction(work, credentials, write=False)
+
+    @admin.get(
+        "/api/v1/audit/verify", response_model=AuditReport, tags=["admin"], responses=_ERRORS
+    )
+    async def audit_verify(credentials: HTTPAuthorizationCredentials | None = Auth) -> Any:
+        def work(s: Session, p: Principal) -> dict[str, Any]:
+            require(p, Role.SUPPORT, Role.READONLY)
+            report = audit.verify_chain(s)
+            return {
+                "ok": report.ok,
+                "rows": report.rows,
+                "head": report.head,
+                "problems": report.problems,
+            }
+
+        return await in_transaction(work, credentials, write=False)
+
+    @app.exception_handler(404)
+    async def _not_found(_request: Request, _exc: Exception) -> JSONResponse:
+        return _error(404, "no such endpoint")
+
+    if interfaces.admin_api:
+        app.include_router(admin)
+    if interfaces.offline_activation:
+        app.include_router(offline)
+    return app

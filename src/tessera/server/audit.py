@@ -1,0 +1,98 @@
+"""The append-only audit log of license changes, hash-chained so tampering shows.
+
+Each row stores the hash of the row before it and a hash over its own content plus that
+previous hash. Editing a row breaks its own hash; removing one breaks the next row's link;
+inserting one breaks a link too. :func:`verify_chain` walks the log and names the first
+row where the chain breaks. (Truncating the newest rows is only detectable against an
+externally kept head hash, which :func:`verify_chain` reports for that purpose.)
+
+Appends are serialized: on SQLite by the write transaction itself (``BEGIN IMMEDIATE``), on
+PostgreSQL by a transaction-scoped advisory lock, so two writers never chain onto the same
+predecessor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from tessera.core.clock import utc
+from tessera.core.fileformat import format_timestamp
+from tessera.server.models import AuditEntry
+
+__all__ = ["GENESIS", "ChainReport", "append", "entry_hash", "verify_chain"]
+
+GENESIS = "0" * 64
+_PG_AUDIT_LOCK = 0x7E55E8A0  # advisory lock key of the audit chain
+
+
+def entry_hash(
+    prev_hash: str, at: datetime, actor: str, action: str, target: str, details: str
+) -> str:
+    content = json.dumps(
+        [prev_hash, format_timestamp(utc(at)), actor, action, target, details],
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    return hashlib.sha256(content.encode("ascii")).hexdigest()
+
+
+def append(
+    session: Session, *, at: datetime, actor: str, action: str, target: str, details: dict[str, Any]
+) -> AuditEntry:
+    """Add one entry in the caller's transaction (so it commits with the change it records)."""
+    bind = session.get_bind()
+    if bind.dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_LOCK})
+    prev = session.execute(select(AuditEntry.hash).order_by(AuditEntry.id.desc()).limit(1)).scalar()
+    prev_hash = prev or GENESIS
+    at = utc(at).replace(microsecond=0)
+    body = json.dumps(
+        details, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str
+    )
+    entry = AuditEntry(
+        at=at,
+        actor=actor,
+        action=action,
+        target=target,
+        details=body,
+        prev_hash=prev_hash,
+        hash=entry_hash(prev_hash, at, actor, action, target, body),
+    )
+    session.add(entry)
+    session.flush()
+    return entry
+
+
+@dataclass
+class ChainReport:
+    ok: bool
+    rows: int
+    head: str
+    problems: list[str] = field(default_factory=list)
+
+
+def verify_chain(session: Session) -> ChainReport:
+    """Recompute every link; a removed, edited or inserted row is reported by id."""
+    expected_prev = GENESIS
+    problems: list[str] = []
+    rows = 0
+    for entry in session.execute(select(AuditEntry).order_by(AuditEntry.id)).scalars():
+        rows += 1
+        if entry.prev_hash != expected_prev:
+            problems.append(
+                f"entry {entry.id}: link to the previous entry is broken (row removed?)"
+            )
+        recomputed = entry_hash(
+            entry.prev_hash, entry.at, entry.actor, entry.action, entry.target, entry.details
+        )
+        if recomputed != entry.hash:
+            problems.append(f"entry {entry.id}: content does not match its hash (row edited)")
+        expected_prev = entry.hash
+    return ChainReport(ok=not problems, rows=rows, head=expected_prev, problems=problems)

@@ -1,0 +1,137 @@
+"""The catalog: products and their features, partners and their namespaces, customers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from tessera.server.errors import Conflict, Forbidden, NotFound
+from tessera.server.models import Customer, Partner, Product, ProductFeature
+from tessera.server.schemas import CustomerIn, FeatureIn, PartnerIn, ProductIn
+from tessera.server.tokens import Principal, Role, require
+
+__all__ = [
+    "add_feature",
+    "create_customer",
+    "create_partner",
+    "create_product",
+    "get_customer",
+    "get_partner_by_code",
+    "get_product",
+    "list_products",
+    "product_view",
+]
+
+
+def product_view(product: Product) -> dict[str, object]:
+    return {
+        "code": product.code,
+        "name": product.name,
+        "features": {f.code: f.description for f in product.features},
+    }
+
+
+def get_product(session: Session, code: str) -> Product:
+    product = session.execute(select(Product).where(Product.code == code)).scalar_one_or_none()
+    if product is None:
+        raise NotFound(f"product {code!r} not found")
+    return product
+
+
+def list_products(session: Session) -> list[Product]:
+    return list(session.execute(select(Product).order_by(Product.code)).scalars())
+
+
+def create_product(
+    session: Session, principal: Principal, data: ProductIn, now: datetime
+) -> Product:
+    require(principal, Role.ADMIN)
+    codes = [f.code for f in data.features]
+    if len(set(codes)) != len(codes):
+        raise Conflict("features: a feature code is listed twice")
+    if session.execute(select(Product.id).where(Product.code == data.code)).first():
+        raise Conflict(f"product {data.code!r} exists already")
+    product = Product(code=data.code, name=data.name, created_at=now)
+    session.add(product)
+    try:
+        session.flush()
+    except IntegrityError:
+        raise Conflict(f"product {data.code!r} exists already") from None
+    for feature in data.features:
+        session.add(
+            ProductFeature(
+                product_id=product.id, code=feature.code, description=feature.description
+            )
+        )
+    session.flush()
+    session.refresh(product)
+    return product
+
+
+def add_feature(
+    session: Session, principal: Principal, product_code: str, data: FeatureIn
+) -> Product:
+    """Admins add any feature; a partner only inside its namespace ``partner.<code>.``."""
+    require(principal, Role.ADMIN, Role.PARTNER)
+    product = get_product(session, product_code)
+    partner_id = None
+    if principal.role is Role.PARTNER:
+        partner = session.get(Partner, principal.partner_id)
+        if partner is None or not data.code.startswith(partner.namespace):
+            space = partner.namespace if partner else "partner.<code>."
+            raise Forbidden(f"a partner may only define features in its namespace {space}")
+        partner_id = partner.id
+    if any(f.code == data.code for f in product.features):
+        raise Conflict(f"product {product.code} has a feature {data.code!r} already")
+    session.add(
+        ProductFeature(
+            product_id=product.id,
+            code=data.code,
+            description=data.description,
+            partner_id=partner_id,
+        )
+    )
+    session.flush()
+    session.refresh(product)
+    return product
+
+
+def create_partner(
+    session: Session, principal: Principal, data: PartnerIn, now: datetime
+) -> Partner:
+    require(principal, Role.ADMIN)
+    if session.execute(select(Partner.id).where(Partner.code == data.code)).first():
+        raise Conflict(f"partner {data.code!r} exists already")
+    partner = Partner(code=data.code, name=data.name, created_at=now)
+    session.add(partner)
+    session.flush()
+    return partner
+
+
+def get_partner_by_code(session: Session, code: str) -> Partner:
+    partner = session.execute(select(Partner).where(Partner.code == code)).scalar_one_or_none()
+    if partner is None:
+        raise NotFound(f"partner {code!r} not found")
+    return partner
+
+
+def create_customer(
+    session: Session, principal: Principal, data: CustomerIn, now: datetime
+) -> Customer:
+    require(principal, Role.ADMIN, Role.SALES, Role.PARTNER)
+    customer = Customer(name=data.name, city=data.city, created_at=now)
+    session.add(customer)
+    session.flush()
+    return customer
+
+
+def get_customer(session: Session, principal: Principal, customer_id: int) -> Customer:
+    customer = session.get(Customer, customer_id)
+    if customer is None:
+        raise NotFound(f"customer {customer_id} not found")
+    if principal.role is Role.CUSTOMER and principal.customer_id != customer.id:
+        raise Forbidden("a customer token sees only its own customer record")
+    return customer

@@ -1,0 +1,172 @@
+"""The server's data directory and its config file ``tessera.toml``.
+
+Layout (made by ``tessera server init``)::
+
+    DATA_DIR/tessera.toml          what ``server run`` reads
+    DATA_DIR/tessera.db            the SQLite database (unless --db names another)
+    DATA_DIR/vendor.key            Ed25519 vendor signing key, passphrase-encrypted PKCS#8
+    DATA_DIR/vendor.pub            the vendor keyring to ship with the product
+    DATA_DIR/tls/ca.pem            the CA agents pin; tls/ca.key, tls/server.pem, tls/server.key
+    DATA_DIR/secrets/pepper        HMAC pepper of license-key digests (0600)
+    DATA_DIR/secrets/key-passphrase  only when TESSERA_KEY_PASSPHRASE was not given (0600)
+
+The passphrase of the vendor key comes from ``TESSERA_KEY_PASSPHRASE``, else the file named
+by ``TESSERA_KEY_PASSPHRASE_FILE``, else ``secrets/key-passphrase``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from tessera.core.errors import KeyFileError
+from tessera.core.signing import SigningKey
+
+__all__ = [
+    "CONFIG_NAME",
+    "DEFAULT_PORT",
+    "ConfigError",
+    "ServerConfig",
+    "load_config",
+    "read_passphrase",
+    "render_config",
+]
+
+CONFIG_NAME = "tessera.toml"
+DEFAULT_PORT = 7790
+
+
+class ConfigError(Exception):
+    """The data directory is missing, incomplete or unreadable."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    data_dir: Path
+    database: str
+    #: Optional interfaces; each can be switched off in ``[interfaces]`` of tessera.toml.
+    admin_api: bool = True
+    offline_activation: bool = True
+
+    @property
+    def config_file(self) -> Path:
+        return self.data_dir / CONFIG_NAME
+
+    @property
+    def vendor_key(self) -> Path:
+        return self.data_dir / "vendor.key"
+
+    @property
+    def vendor_pub(self) -> Path:
+        return self.data_dir / "vendor.pub"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.data_dir / "tls" / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.data_dir / "tls" / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.data_dir / "tls" / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.data_dir / "tls" / "server.key"
+
+    @property
+    def pepper_file(self) -> Path:
+        return self.data_dir / "secrets" / "pepper"
+
+    @property
+    def passphrase_file(self) -> Path:
+        return self.data_dir / "secrets" / "key-passphrase"
+
+    def read_pepper(self) -> bytes:
+        try:
+            pepper = self.pepper_file.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {self.pepper_file}: {exc.strerror}") from None
+        if len(pepper) < 32:
+            raise ConfigError(f"{self.pepper_file} is damaged (too short)")
+        return pepper
+
+    def load_signing_key(self) -> SigningKey:
+        try:
+            pem = self.vendor_key.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {self.vendor_key}: {exc.strerror}") from None
+        try:
+            return SigningKey.from_pem(pem, read_passphrase(self))
+        except KeyFileError as exc:
+            raise ConfigError(f"{self.vendor_key}: {exc}") from None
+
+
+def read_passphrase(config: ServerConfig) -> bytes:
+    value = os.environ.get("TESSERA_KEY_PASSPHRASE")
+    if value:
+        return value.encode("utf-8")
+    named = os.environ.get("TESSERA_KEY_PASSPHRASE_FILE")
+    path = Path(named) if named else config.passphrase_file
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        raise ConfigError(
+            "the vendor key's passphrase is unknown: set TESSERA_KEY_PASSPHRASE "
+            f"or TESSERA_KEY_PASSPHRASE_FILE ({path} is not readable)"
+        ) from None
+    if not text:
+        raise ConfigError(f"passphrase file {path} is empty")
+    return text.encode("utf-8")
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(config: ServerConfig) -> str:
+    return (
+        "# Tessera license server (written by `tessera server init`).\n"
+        "[server]\n"
+        f"database = {_toml_string(config.database)}\n"
+        "\n"
+        "# Optional interfaces; switch off what this deployment does not need.\n"
+        "[interfaces]\n"
+        f"admin_api = {'true' if config.admin_api else 'false'}\n"
+        f"offline_activation = {'true' if config.offline_activation else 'false'}\n"
+    )
+
+
+def load_config(data_dir: Path) -> ServerConfig:
+    path = data_dir / CONFIG_NAME
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{data_dir} is not an initialized data directory (run `tessera server init`)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    server = raw.get("server", {})
+    database = server.get("database") if isinstance(server, dict) else None
+    if not isinstance(database, str) or not database:
+        raise ConfigError(f"{path}: [server] database is missing")
+    interfaces = raw.get("interfaces", {})
+    if not isinstance(interfaces, dict):
+        raise ConfigError(f"{path}: [interfaces] must be a table")
+    switches: dict[str, bool] = {}
+    for name in ("admin_api", "offline_activation"):
+        value = interfaces.get(name, True)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: [interfaces] {name} must be true or false")
+        switches[name] = value
+    unknown = set(interfaces) - set(switches)
+    if unknown:
+        raise ConfigError(f"{path}: [interfaces] has unknown key {sorted(unknown)[0]!r}")
+    return ServerConfig(data_dir=data_dir.resolve(), database=database, **switches)

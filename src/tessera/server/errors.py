@@ -1,0 +1,37 @@
+"""Errors the services raise; the HTTP layer maps each to one status code and one line."""
+
+from __future__ import annotations
+
+__all__ = ["Conflict", "Forbidden", "Invalid", "NotFound", "ServiceError", "Unauthorized"]
+
+
+class ServiceError(Exception):
+    """Base: ``str(exc)`` is the one-line reason shown to the client."""
+
+    status = 400
+
+
+class Invalid(ServiceError):
+    """Well-formed JSON whose content breaks a rule (the field is named in the message)."""
+
+    status = 422
+
+
+class Unauthorized(ServiceError):
+    status = 401
+
+
+class Forbidden(ServiceError):
+    """Refused: outside the caller's role, no free machine left, revoked, bad signature."""
+
+    status = 403
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class Conflict(ServiceError):
+    """The thing exists already (product code, partner code)."""
+
+    status = 409

@@ -1,0 +1,393 @@
+"""Orders become licenses: serial numbers, license keys, entitlements, policy, revisions.
+
+The license key is shown once, when the license is issued; the database keeps only its
+HMAC with the server's pepper (:func:`tessera.core.licensekey.license_key_digest`), which
+is also how activations find the license. Every change bumps the revision, stores a
+snapshot and appends to the audit log in the same transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from tessera.core.clock import utc
+from tessera.core.licensekey import generate_license_key, license_key_digest
+from tessera.core.model import Binding, Entitlement, License, Location, MatchLevel
+from tessera.core.versions import VersionRange
+from tessera.server import audit
+from tessera.server.catalog import get_product
+from tessera.server.errors import Forbidden, Invalid, NotFound
+from tessera.server.models import (
+    Customer,
+    EntitlementRow,
+    LicenseRevision,
+    LicenseRow,
+    Partner,
+    SerialCounter,
+)
+from tessera.server.schemas import EntitlementIn, LicenseIn, LicenseUpdate
+from tessera.server.tokens import Principal, Role, require
+
+__all__ = [
+    "check_access",
+    "get_license",
+    "issue_license",
+    "license_document",
+    "license_view",
+    "list_licenses",
+    "next_serial",
+    "update_license",
+]
+
+
+def next_serial(session: Session, year: int) -> str:
+    """``YYYY-NNNNNN``, gap-free per year; the counter row is locked by the upsert."""
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    stmt = (
+        insert(SerialCounter)
+        .values(year=year, last=1)
+        .on_conflict_do_update(index_elements=["year"], set_={"last": SerialCounter.last + 1})
+        .returning(SerialCounter.last)
+    )
+    number = session.execute(stmt).scalar_one()
+    return f"{year:04d}-{number:06d}"
+
+
+def _expiry_text(expiry: date | None) -> str:
+    return "permanent" if expiry is None else expiry.isoformat()
+
+
+def license_view(row: LicenseRow, *, with_machines: bool = True) -> dict[str, Any]:
+    """The license as the API shows it (and as a revision snapshot stores it)."""
+    locations: dict[str, dict[str, dict[str, Any]]] = {}
+    for e in row.entitlements:
+        locations.setdefault(e.location, {})[e.feature] = {
+            "count": e.count,
+            "expiry": _expiry_text(e.expiry),
+        }
+    first = next(iter(locations.values()), {})
+    view: dict[str, Any] = {
+        "serial": row.serial,
+        "status": row.status,
+        "revision": row.revision,
+        "customer_id": row.customer_id,
+        "licensee": row.customer.licensee,
+        "product": row.product.code,
+        "version": row.version_range,
+        "binding": row.binding,
+        "match": row.match_level,
+        "machines_allowed": row.machines_allowed,
+        "connect": row.connect,
+        "validation_hours": row.validation_hours,
+        "failover_days": row.failover_days,
+        "checkpoint_days": row.checkpoint_days,
+        "emergency": list(row.emergency_features),
+        "recovery_allowance": row.recovery_allowance,
+        "recovery_interval_days": row.recovery_interval_days,
+        "features": first,
+        "locations": locations,
+    }
+    if with_machines:
+        view["machines"] = [
+            {
+                "slot": m.slot,
+                "locking_id": m.locking_id,
+                "system_id": m.system_id,
+                "activated_at": utc(m.activated_at).isoformat(),
+                "last_checkin_at": utc(m.last_checkin_at).isoformat()
+                if m.last_checkin_at
+                else None,
+                "delivered_revision": m.delivered_revision,
+                "offline": m.offline,
+            }
+            for m in row.machines
+        ]
+    return view
+
+
+def license_document(
+    row: LicenseRow, *, locking_id: str, agent_key: str | None, issued: datetime
+) -> License:
+    """The core license for one machine: what gets signed and shipped to that machine."""
+    locations: dict[str, list[Entitlement]] = {}
+    for e in row.entitlements:
+        locations.setdefault(e.location, []).append(Entitlement(e.feature, e.count, e.expiry))
+    return License(
+        licensee=row.customer.licensee,
+        serial=row.serial,
+        product=row.product.code,
+        version=VersionRange.parse(row.version_range),
+        issued=utc(issued).replace(microsecond=0),
+        locations=tuple(Location(name, tuple(ents)) for name, ents in locations.items()),
+        binding=Binding.MACHINE,
+        locking_id=locking_id,
+        match=MatchLevel(row.match_level),
+        revision=row.revision,
+        connect=row.connect,
+        validation_hours=row.validation_hours,
+        failover_days=row.failover_days,
+        checkpoint_days=row.checkpoint_days,
+        emergency=row.emergency_features,
+        recovery_allowance=row.recovery_allowance,
+        recovery_interval_days=row.recovery_interval_days,
+        agent_key=agent_key,
+    )
+
+
+def check_access(session: Session, principal: Principal, row: LicenseRow, *, write: bool) -> None:
+    """Partners see their own licenses, customers theirs; readonly never writes."""
+    if principal.role is Role.CUSTOMER:
+        if write:
+            raise Forbidden("a customer token may not change licenses")
+        if row.customer_id != principal.customer_id:
+            raise Forbidden(f"license {row.serial} belongs to another customer")
+    elif principal.role is Role.PARTNER:
+        if row.partner_id is None or row.partner_id != principal.partner_id:
+            raise Forbidden(f"license {row.serial} is not one of this partner's licenses")
+    elif write and principal.role is Role.READONLY:
+        raise Forbidden("role readonly may not change licenses")
+
+
+def list_licenses(
+    session: Session,
+    principal: Principal,
+    *,
+    customer_id: int | None,
+    status: str | None,
+    limit: int,
+    offset: int,
+) -> list[dict[str, Any]]:
+    """A page of licenses (newest first); partners and customers see only their own."""
+    stmt = select(LicenseRow).order_by(LicenseRow.id.desc()).limit(limit).offset(offset)
+    if principal.role is Role.CUSTOMER:
+        stmt = stmt.where(LicenseRow.customer_id == principal.customer_id)
+    elif principal.role is Role.PARTNER:
+        stmt = stmt.where(LicenseRow.partner_id == principal.partner_id)
+    if customer_id is not None:
+        stmt = stmt.where(LicenseRow.customer_id == customer_id)
+    if status is not None:
+        stmt = stmt.where(LicenseRow.status == status)
+    return [
+        {
+            "serial": row.serial,
+            "status": row.status,
+            "revision": row.revision,
+            "licensee": row.customer.licensee,
+            "product": row.product.code,
+            "machines_allowed": row.machines_allowed,
+        }
+        for row in session.execute(stmt).unique().scalars()
+    ]
+
+
+def get_license(session: Session, serial: str, *, for_update: bool = False) -> LicenseRow:
+    stmt = select(LicenseRow).where(LicenseRow.serial == serial)
+    if for_update:
+        stmt = stmt.with_for_update(of=LicenseRow)
+    row = session.execute(stmt).unique().scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"license {serial!r} not found")
+    return row
+
+
+def _check_features(
+    product_features: dict[str, int | None],
+    codes: list[tuple[str, str]],
+    product_code: str,
+    partner: Partner | None,
+) -> None:
+    for where, code in codes:
+        if code not in product_features:
+            raise Invalid(f"{where}: {code!r} is not a feature of product {product_code}")
+        if partner is not None and not code.startswith(partner.namespace):
+            raise Forbidden(f"{where}: {code!r} is outside partner namespace {partner.namespace}")
+
+
+def _version(text: str, where: str) -> str:
+    try:
+        return str(VersionRange.parse(text))
+    except ValueError as exc:
+        raise Invalid(f"{where}: {exc}") from None
+
+
+def _caller_partner(session: Session, principal: Principal) -> Partner | None:
+    if principal.role is not Role.PARTNER:
+        return None
+    partner = session.get(Partner, principal.partner_id)
+    if partner is None:
+        raise Forbidden("this partner token has no partner")
+    return partner
+
+
+def _set_entitlements(row: LicenseRow, items: list[EntitlementIn], default_location: str) -> None:
+    current = {(e.location, e.feature): e for e in row.entitlements}
+    for item in items:
+        location = item.location or default_location
+        existing = current.get((location, item.feature))
+        if existing is not None:
+            existing.count = item.count
+            existing.expiry = item.expiry
+        else:
+            new = EntitlementRow(
+                location=location, feature=item.feature, count=item.count, expiry=item.expiry
+            )
+            row.entitlements.append(new)
+            current[(location, item.feature)] = new
+
+
+def _snapshot(session: Session, row: LicenseRow, actor: str, now: datetime) -> None:
+    session.flush()
+    session.refresh(row, ["entitlements"])
+    snapshot = json.dumps(license_view(row, with_machines=False), sort_keys=True, default=str)
+    session.add(
+        LicenseRevision(
+            license_id=row.id, revision=row.revision, snapshot=snapshot, actor=actor, created_at=now
+        )
+    )
+
+
+def issue_license(
+    session: Session, principal: Principal, data: LicenseIn, now: datetime, pepper: bytes
+) -> tuple[LicenseRow, str]:
+    """Create the license; return it and its license key (the only time the key exists)."""
+    require(principal, Role.ADMIN, Role.SALES, Role.PARTNER)
+    customer = session.get(Customer, data.customer_id)
+    if customer is None:
+        raise NotFound(f"customer {data.customer_id} not found")
+    product = get_product(session, data.product)
+    partner = _caller_partner(session, principal)
+    features = {f.code: f.partner_id for f in product.features}
+    seen: set[tuple[str, str]] = set()
+    for i, e in enumerate(data.entitlements):
+        place = (e.location or data.location, e.feature)
+        if place in seen:
+            raise Invalid(
+                f"entitlements[{i}]: feature {e.feature} listed twice for location {place[0]}"
+            )
+        seen.add(place)
+    _check_features(
+        features,
+        [(f"entitlements[{i}].feature", e.feature) for i, e in enumerate(data.entitlements)]
+        + [(f"emergency[{i}]", code) for i, code in enumerate(data.emergency)],
+        product.code,
+        partner,
+    )
+    if len(set(data.emergency)) != len(data.emergency):
+        raise Invalid("emergency: a feature is listed twice")
+    if data.binding is not Binding.MACHINE:
+        raise Invalid(
+            f"binding: {data.binding.value}-bound licenses are not supported by this server yet"
+        )
+    version = _version(data.version, "version")
+    key = generate_license_key()
+    row = LicenseRow(
+        serial=next_serial(session, now.year),
+        key_digest=license_key_digest(key, pepper),
+        customer_id=customer.id,
+        product_id=product.id,
+        partner_id=partner.id if partner else None,
+        status="active",
+        revision=1,
+        version_range=version,
+        binding=data.binding.value,
+        match_level=data.match.value,
+        machines_allowed=data.machines,
+        connect=data.connect,
+        validation_hours=data.validation_hours,
+        failover_days=data.failover_days,
+        checkpoint_days=data.checkpoint_days,
+        emergency=",".join(data.emergency),
+        recovery_allowance=data.recovery_allowance,
+        recovery_interval_days=data.recovery_interval_days,
+        created_at=now,
+        updated_at=now,
+    )
+    row.customer = customer
+    row.product = product
+    session.add(row)
+    _set_entitlements(row, data.entitlements, data.location)
+    _snapshot(session, row, principal.actor, now)
+    audit.append(
+        session,
+        at=now,
+        actor=principal.actor,
+        action="license.issue",
+        target=row.serial,
+        details=license_view(row, with_machines=False),
+    )
+    return row, key
+
+
+def update_license(
+    session: Session, principal: Principal, serial: str, data: LicenseUpdate, now: datetime
+) -> LicenseRow:
+    """A central change: a new revision that reaches installations at their next check-in."""
+    require(principal, Role.ADMIN, Role.SALES, Role.SUPPORT, Role.PARTNER)
+    row = get_license(session, serial, for_update=True)
+    check_access(session, principal, row, write=True)
+    partner = _caller_partner(session, principal)
+    before = license_view(row, with_machines=False)
+    features = {f.code: f.partner_id for f in row.product.features}
+    _check_features(
+        features,
+        [(f"entitlements[{i}].feature", e.feature) for i, e in enumerate(data.entitlements)]
+        + [(f"emergency[{i}]", code) for i, code in enumerate(data.emergency or [])],
+        row.product.code,
+        partner,
+    )
+    default_location = row.entitlements[0].location if row.entitlements else "main"
+    _set_entitlements(row, data.entitlements, default_location)
+    for code in data.remove:
+        matches = [e for e in row.entitlements if e.feature == code]
+        if not matches:
+            raise Invalid(f"remove: license {serial} has no feature {code!r}")
+        for e in matches:
+            row.entitlements.remove(e)
+    if not row.entitlements:
+        raise Invalid("remove: a license needs at least one entitlement")
+    if data.status is not None:
+        row.status = data.status
+    if data.version is not None:
+        row.version_range = _version(data.version, "version")
+    if data.machines is not None:
+        bound = len(row.machines)
+        if data.machines < bound:
+            raise Invalid(f"machines: {bound} machines are bound already (release some first)")
+        row.machines_allowed = data.machines
+    for name in ("connect", "validation_hours", "failover_days", "checkpoint_days"):
+        value = getattr(data, name)
+        if value is not None:
+            setattr(row, name, value)
+    if data.emergency is not None:
+        if len(set(data.emergency)) != len(data.emergency):
+            raise Invalid("emergency: a feature is listed twice")
+        row.emergency = ",".join(data.emergency)
+    session.flush()
+    session.refresh(row, ["entitlements"])
+    after = license_view(row, with_machines=False)
+    changed = {
+        k: {"from": before[k], "to": after[k]}
+        for k in after
+        if k != "features" and before.get(k) != after[k]  # "features" repeats a location
+    }
+    if not changed:
+        return row
+    row.revision += 1
+    row.updated_at = now
+    _snapshot(session, row, principal.actor, now)
+    audit.append(
+        session,
+        at=now,
+        actor=principal.actor,
+        action="license.update",
+        target=row.serial,
+        details={"revision": row.revision, "changes": changed},
+    )
+    return row

@@ -1,0 +1,244 @@
+"""The server's tables (SQLAlchemy 2 declarative models).
+
+The schema itself is owned by the Alembic migrations in ``tessera/server/migrations``; these
+classes describe it for queries. License keys are never stored, only their peppered HMAC,
+and API tokens only as SHA-256 of a high-entropy secret: a copy of the database alone lets
+nobody activate a license or call the API.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from tessera.core.clock import utc
+
+__all__ = [
+    "ApiToken",
+    "AuditEntry",
+    "Base",
+    "Checkin",
+    "Customer",
+    "EntitlementRow",
+    "LicenseRevision",
+    "LicenseRow",
+    "Machine",
+    "Partner",
+    "Product",
+    "ProductFeature",
+    "SerialCounter",
+    "UtcDateTime",
+]
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timestamps are aware UTC datetimes on every backend (SQLite itself stores no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else utc(value)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else utc(value)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Partner(Base):
+    """A reseller or integrator that may define and license features in its own namespace."""
+
+    __tablename__ = "partners"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    @property
+    def namespace(self) -> str:
+        return f"partner.{self.code}."
+
+
+class Product(Base):
+    __tablename__ = "products"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    features: Mapped[list[ProductFeature]] = relationship(
+        back_populates="product", order_by="ProductFeature.code", lazy="select"
+    )
+
+
+class ProductFeature(Base):
+    __tablename__ = "product_features"
+    __table_args__ = (UniqueConstraint("product_id", "code"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))
+    code: Mapped[str] = mapped_column(String(330))
+    description: Mapped[str] = mapped_column(String(200), default="")
+    partner_id: Mapped[int | None] = mapped_column(ForeignKey("partners.id"), nullable=True)
+    product: Mapped[Product] = relationship(back_populates="features")
+
+
+class Customer(Base):
+    __tablename__ = "customers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    city: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    @property
+    def licensee(self) -> str:
+        """How the customer is named in every license file (``name, city``)."""
+        return f"{self.name}, {self.city}" if self.city else self.name
+
+
+class SerialCounter(Base):
+    """The last serial number handed out per year (``YYYY-NNNNNN``)."""
+
+    __tablename__ = "serial_counters"
+    year: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last: Mapped[int] = mapped_column(Integer)
+
+
+class LicenseRow(Base):
+    """The central, current state of one license; every change bumps ``revision``."""
+
+    __tablename__ = "licenses"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    serial: Mapped[str] = mapped_column(String(64), unique=True)
+    key_digest: Mapped[str] = mapped_column(String(64), unique=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"))
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"))
+    partner_id: Mapped[int | None] = mapped_column(ForeignKey("partners.id"), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    version_range: Mapped[str] = mapped_column(String(100), default="*")
+    binding: Mapped[str] = mapped_column(String(16), default="machine")
+    match_level: Mapped[str] = mapped_column(String(16), default="medium")
+    machines_allowed: Mapped[int] = mapped_column(Integer, default=1)
+    connect: Mapped[bool] = mapped_column(Boolean, default=True)
+    validation_hours: Mapped[int] = mapped_column(Integer, default=24)
+    failover_days: Mapped[int] = mapped_column(Integer, default=30)
+    checkpoint_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    emergency: Mapped[str] = mapped_column(Text, default="")
+    recovery_allowance: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    recovery_interval_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    customer: Mapped[Customer] = relationship(lazy="joined")
+    product: Mapped[Product] = relationship(lazy="joined")
+    entitlements: Mapped[list[EntitlementRow]] = relationship(
+        order_by="(EntitlementRow.location, EntitlementRow.feature)",
+        lazy="selectin",
+        cascade="all, delete-orphan",
+    )
+    machines: Mapped[list[Machine]] = relationship(
+        order_by="Machine.slot", lazy="select", viewonly=True
+    )
+
+    @property
+    def emergency_features(self) -> tuple[str, ...]:
+        return tuple(code for code in self.emergency.split(",") if code)
+
+
+class EntitlementRow(Base):
+    __tablename__ = "entitlements"
+    __table_args__ = (UniqueConstraint("license_id", "location", "feature"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    license_id: Mapped[int] = mapped_column(ForeignKey("licenses.id", ondelete="CASCADE"))
+    location: Mapped[str] = mapped_column(String(32))
+    feature: Mapped[str] = mapped_column(String(330))
+    count: Mapped[int] = mapped_column(Integer)
+    expiry: Mapped[date | None] = mapped_column(Date, nullable=True)
+
+
+class LicenseRevision(Base):
+    """A snapshot of every revision, so a central change can be traced and compared."""
+
+    __tablename__ = "license_revisions"
+    __table_args__ = (UniqueConstraint("license_id", "revision"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    license_id: Mapped[int] = mapped_column(ForeignKey("licenses.id", ondelete="CASCADE"))
+    revision: Mapped[int] = mapped_column(Integer)
+    snapshot: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Machine(Base):
+    """A bound machine slot. ``(license_id, slot)`` is unique so no slot is sold twice."""
+
+    __tablename__ = "machines"
+    __table_args__ = (
+        UniqueConstraint("license_id", "slot"),
+        Index("ix_machines_license_system", "license_id", "system_id"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    license_id: Mapped[int] = mapped_column(ForeignKey("licenses.id", ondelete="CASCADE"))
+    slot: Mapped[int] = mapped_column(Integer)
+    locking_id: Mapped[str] = mapped_column(String(410))
+    system_id: Mapped[str] = mapped_column(String(64))
+    agent_key: Mapped[str] = mapped_column(String(64))
+    activated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_checkin_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    delivered_revision: Mapped[int] = mapped_column(Integer, default=0)
+    offline: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Checkin(Base):
+    __tablename__ = "checkins"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    machine_id: Mapped[int] = mapped_column(
+        ForeignKey("machines.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    outcome: Mapped[str] = mapped_column(String(32))
+
+
+class ApiToken(Base):
+    """An API token: only the SHA-256 of the secret is kept (the secret has 256 bits)."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(16))
+    partner_id: Mapped[int | None] = mapped_column(ForeignKey("partners.id"), nullable=True)
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class AuditEntry(Base):
+    """One line of the append-only, hash-chained audit log (see :mod:`.audit`)."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(200))
+    details: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)

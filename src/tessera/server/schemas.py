@@ -1,0 +1,239 @@
+"""Request and response bodies of the admin API (pydantic; they make the OpenAPI document).
+
+Limits mirror :mod:`tessera.core.model`, so whatever passes here can become a license file;
+a violation is a 422 whose ``loc`` names the field.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tessera.core.model import MAX_COUNT, Binding, MatchLevel, check_text
+from tessera.server.tokens import Role
+
+__all__ = [
+    "AuditEntryOut",
+    "AuditReport",
+    "CustomerIn",
+    "CustomerOut",
+    "EntitlementIn",
+    "ErrorBody",
+    "FeatureIn",
+    "LicenseIn",
+    "LicenseIssued",
+    "LicenseSummary",
+    "LicenseUpdate",
+    "OfflineActivation",
+    "PartnerIn",
+    "PartnerOut",
+    "ProductIn",
+    "ProductOut",
+    "TokenIn",
+    "TokenOut",
+    "ValidationErrorBody",
+    "ValidationItem",
+]
+
+ProductCode = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$", examples=["cortex"])]
+FeatureCode = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}(\.[A-Za-z0-9][A-Za-z0-9_-]{0,63}){0,4}$",
+        examples=["uniplex"],
+    ),
+]
+LocationName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$", examples=["main"])]
+PartnerCode = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,31}$", examples=["acme"])]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Days = Annotated[int, Field(ge=0, le=36500)]
+PositiveDays = Annotated[int, Field(ge=1, le=36500)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _text(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_text(value, what)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+class ValidationItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(BaseModel):
+    """422: FastAPI's list naming each field, or one line for rules beyond the schema."""
+
+    detail: str | list[ValidationItem]
+
+
+class FeatureIn(_In):
+    code: FeatureCode
+    description: str = Field("", max_length=200)
+
+    @field_validator("description")
+    @classmethod
+    def _description(cls, v: str) -> str:
+        return v if v == "" else (_text(v, "description") or v)
+
+
+class ProductIn(_In):
+    code: ProductCode
+    name: str = Field(min_length=1, max_length=200)
+    features: list[FeatureIn] = Field(default_factory=list, max_length=1000)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _text(v, "name") or v
+
+
+class ProductOut(BaseModel):
+    code: str
+    name: str
+    features: dict[str, str]
+
+
+class PartnerIn(_In):
+    code: PartnerCode
+    name: str = Field(min_length=1, max_length=200)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _text(v, "name") or v
+
+
+class PartnerOut(BaseModel):
+    id: int
+    code: str
+    name: str
+    namespace: str
+
+
+class CustomerIn(_In):
+    name: str = Field(min_length=1, max_length=200)
+    city: str | None = Field(None, min_length=1, max_length=200)
+
+    @field_validator("name", "city")
+    @classmethod
+    def _printable(cls, v: str | None) -> str | None:
+        return _text(v, "text")
+
+
+class CustomerOut(BaseModel):
+    id: int
+    name: str
+    city: str | None
+    licensee: str
+
+
+class EntitlementIn(_In):
+    feature: FeatureCode
+    count: Count
+    expiry: date | None = Field(None, description="Last valid day (UTC); null means permanent.")
+    location: LocationName | None = Field(None, description="Default: the license's location.")
+
+
+class LicenseIn(_In):
+    customer_id: int = Field(ge=1, le=2**31 - 1)
+    product: ProductCode
+    entitlements: list[EntitlementIn] = Field(min_length=1, max_length=1000)
+    location: LocationName = "main"
+    version: str = Field("*", min_length=1, max_length=100, examples=["4.*"])
+    binding: Binding = Binding.MACHINE
+    match: MatchLevel = MatchLevel.MEDIUM
+    machines: int = Field(1, ge=1, le=100_000, description="How many machines may be bound.")
+    connect: bool = True
+    validation_hours: int = Field(24, ge=1, le=24 * 365)
+    failover_days: Days = 30
+    checkpoint_days: PositiveDays | None = None
+    emergency: list[FeatureCode] = Field(default_factory=list, max_length=1000)
+    recovery_allowance: Annotated[int, Field(ge=0, le=1000)] | None = None
+    recovery_interval_days: Days | None = None
+
+
+class LicenseIssued(BaseModel):
+    serial: str
+    key: str = Field(
+        description="The license key, shown this once: the server keeps only a digest."
+    )
+    revision: int
+
+
+class LicenseSummary(BaseModel):
+    serial: str
+    status: str
+    revision: int
+    licensee: str
+    product: str
+    machines_allowed: int
+
+
+class LicenseUpdate(_In):
+    entitlements: list[EntitlementIn] = Field(
+        default_factory=list, max_length=1000, description="Set (add or replace) these."
+    )
+    remove: list[FeatureCode] = Field(default_factory=list, max_length=1000)
+    status: Literal["active", "revoked"] | None = None
+    version: str | None = Field(None, min_length=1, max_length=100)
+    machines: int | None = Field(None, ge=1, le=100_000)
+    connect: bool | None = None
+    validation_hours: int | None = Field(None, ge=1, le=24 * 365)
+    failover_days: Days | None = None
+    checkpoint_days: PositiveDays | None = None
+    emergency: list[FeatureCode] | None = Field(None, max_length=1000)
+
+
+class OfflineActivation(BaseModel):
+    serial: str
+    license: str = Field(description="The signed license file for the requesting machine.")
+
+
+class TokenIn(_In):
+    name: str = Field(min_length=1, max_length=200)
+    role: Role
+    partner: PartnerCode | None = None
+    customer_id: int | None = Field(None, ge=1, le=2**31 - 1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _text(v, "name") or v
+
+
+class TokenOut(BaseModel):
+    id: int
+    name: str
+    role: Role
+    token: str = Field(description="The secret, shown this once.")
+
+
+class AuditReport(BaseModel):
+    ok: bool
+    rows: int
+    head: str
+    problems: list[str]
+
+
+class AuditEntryOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    details: dict[str, Any]

@@ -1,0 +1,102 @@
+"""``tessera server init``: everything a new server needs, made once, never asking anything.
+
+Creates the schema (Alembic), the vendor signing key (encrypted at rest), the pepper of
+license-key digests, a private CA and server certificate, ``vendor.pub`` and the first
+admin token. Re-initializing an initialized directory is refused: it would orphan every
+license signed with the old key.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from tessera.core.signing import Keyring, SigningKey
+from tessera.server.config import CONFIG_NAME, ConfigError, ServerConfig, render_config
+from tessera.server.migrate import upgrade
+from tessera.server.storage import Database, describe_db_error, normalize_db_url
+from tessera.server.tls import make_tls_material
+from tessera.server.tokens import Role, create_token
+
+__all__ = ["AlreadyInitialized", "InitResult", "initialize"]
+
+
+class AlreadyInitialized(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class InitResult:
+    config: ServerConfig
+    admin_token: str
+    key_id: str
+    passphrase_generated: bool
+
+
+def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def initialize(data_dir: Path, db_url: str | None, now: datetime) -> InitResult:
+    data_dir = data_dir.resolve()
+    if (data_dir / CONFIG_NAME).exists():
+        raise AlreadyInitialized(
+            f"{data_dir} is initialized already (refusing to replace its keys)"
+        )
+    try:
+        url = normalize_db_url(db_url) if db_url else f"sqlite:///{data_dir / 'tessera.db'}"
+    except ValueError as exc:
+        raise ConfigError(f"--db: {exc}") from None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = ServerConfig(data_dir=data_dir, database=url)
+    os.makedirs(config.pepper_file.parent, mode=0o700, exist_ok=True)
+
+    passphrase_text = os.environ.get("TESSERA_KEY_PASSPHRASE") or ""
+    named = os.environ.get("TESSERA_KEY_PASSPHRASE_FILE")
+    if not passphrase_text and named:
+        try:
+            passphrase_text = Path(named).read_text(encoding="utf-8").strip()
+        except OSError:
+            raise ConfigError(f"TESSERA_KEY_PASSPHRASE_FILE {named} is not readable") from None
+    generated = not passphrase_text
+    if generated:
+        passphrase_text = secrets.token_urlsafe(32)
+        _write(config.passphrase_file, passphrase_text.encode("ascii") + b"\n", 0o600)
+
+    db = Database(url)
+    try:
+        try:
+            upgrade(db)
+        except SQLAlchemyError as exc:
+            raise ConfigError(describe_db_error(url, exc)) from None
+        key = SigningKey.generate()
+        _write(config.vendor_key, key.to_pem(passphrase_text.encode("utf-8")), 0o600)
+        _write(config.vendor_pub, Keyring([key.public]).dumps().encode("ascii"))
+        if not config.pepper_file.exists():
+            _write(config.pepper_file, secrets.token_bytes(32), 0o600)
+        tls = make_tls_material(now)
+        _write(config.ca_cert, tls.ca_cert_pem)
+        _write(config.ca_key, tls.ca_key_pem, 0o600)
+        _write(config.server_cert, tls.server_cert_pem)
+        _write(config.server_key, tls.server_key_pem, 0o600)
+        with db.write() as session:
+            _, admin_token = create_token(session, name="initial-admin", role=Role.ADMIN, now=now)
+    finally:
+        db.dispose()
+    # Written last: its presence means "initialized" (Makefile and re-init check it).
+    _write(config.config_file, render_config(config).encode("utf-8"))
+    return InitResult(config, admin_token, key.key_id, generated)

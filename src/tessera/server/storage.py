@@ -1,0 +1,118 @@
+"""Database access: engines for SQLite and PostgreSQL, read and write transactions.
+
+SQLite is the embedded default: WAL journal (readers never block the writer),
+``synchronous=NORMAL`` (no fsync per commit in WAL mode, still crash-safe) and a busy
+timeout. Every write transaction starts with ``BEGIN IMMEDIATE`` so two writers never both
+read "one machine slot left" and both take it: SQLite then serializes them, also across
+processes. In one process a lock additionally queues writers in Python instead of letting
+them spin in SQLite's busy handler.
+
+On PostgreSQL (``postgresql+psycopg://``) the services take row locks
+(``SELECT ... FOR UPDATE``) where a limit must hold, so several server processes can share
+one database.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+__all__ = ["Database", "describe_db_error", "normalize_db_url"]
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def normalize_db_url(url: str) -> str:
+    """Accept ``postgresql://`` and ``postgres://`` as psycopg 3 URLs; check the URL parses."""
+    if url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url[len("postgres://") :]
+    elif url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # sqlalchemy raises ArgumentError; keep one message
+        raise ValueError(f"not a database URL: {url!r}") from exc
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(
+            f"unsupported database {parsed.get_backend_name()!r} (sqlite or postgresql)"
+        )
+    return url
+
+
+def describe_db_error(url: str, exc: Exception) -> str:
+    """One line for a database that cannot be used (password hidden)."""
+    shown = make_url(url).render_as_string(hide_password=True)
+    cause = getattr(exc, "orig", None) or exc
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return f"cannot use the database {shown}: {first}"
+
+
+class Database:
+    """One engine and the two kinds of transactions the services use."""
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = normalize_db_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        self._write_lock = threading.Lock()
+        kwargs: dict[str, Any] = {}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {
+                "check_same_thread": False,
+                "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+            }
+        else:
+            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        self.engine: Engine = create_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            _configure_sqlite(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_engine = (
+            self.engine.execution_options(tessera_begin="BEGIN IMMEDIATE")
+            if self.is_sqlite
+            else self.engine
+        )
+        self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only unit of work (a consistent snapshot; never blocks a writer)."""
+        # Closing (not committing) ends the transaction; loaded objects stay readable.
+        with self._sessions() as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A write transaction: committed when the block ends, rolled back on error."""
+        if self.is_sqlite:
+            with self._write_lock, self._write_sessions() as session, session.begin():
+                yield session
+        else:
+            with self._write_sessions() as session, session.begin():
+                yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event below issue BEGIN itself (pysqlite's own implicit
+        # transaction handling would start a deferred one at the first write).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql(connection.get_execution_options().get("tessera_begin", "BEGIN"))

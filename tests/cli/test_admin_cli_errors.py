@@ -1,0 +1,83 @@
+"""The admin client's failures before and without a server: one line, the right exit code."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ..server.processes import clean_env, free_port, tessera
+
+
+def _error(result: subprocess.CompletedProcess[str], code: int) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "code", "needle"),
+    [
+        (["customer", "create", "x"], {}, 2, "--url is required"),
+        (
+            ["customer", "create", "x"],
+            {"TESSERA_URL": "https://127.0.0.1:1"},
+            2,
+            "--token is required",
+        ),
+        (
+            ["customer", "create", "x"],
+            {"TESSERA_URL": "ftp://h", "TESSERA_TOKEN": "t"},
+            2,
+            "https://",
+        ),
+        (
+            [
+                "license",
+                "issue",
+                "--customer",
+                "1",
+                "--product",
+                "p",
+                "--feature",
+                "a=1,2027-02-30",
+            ],
+            {"TESSERA_URL": "https://127.0.0.1:1", "TESSERA_TOKEN": "t"},
+            2,
+            "not a date",
+        ),
+        (
+            ["license", "show", "2026-000001"],
+            {
+                "TESSERA_URL": "https://127.0.0.1:1",
+                "TESSERA_TOKEN": "t",
+                "TESSERA_CA": "/nonexistent/ca.pem",
+            },
+            2,
+            "--ca",
+        ),
+        (
+            ["license", "show", "2026-000001"],
+            {"TESSERA_URL": "UNREACHABLE", "TESSERA_TOKEN": "t"},
+            1,
+            "cannot reach",
+        ),
+        (["server", "run", "--data-dir", "nowhere"], {}, 2, "not an initialized data directory"),
+        (
+            ["server", "init", "--data-dir", "d", "--db", "mysql://u@h/db"],
+            {},
+            2,
+            "unsupported database",
+        ),
+    ],
+)
+def test_admin_cli_errors(
+    tmp_path: Path, args: list[str], env: dict[str, str], code: int, needle: str
+) -> None:
+    if env.get("TESSERA_URL") == "UNREACHABLE":
+        env = {**env, "TESSERA_URL": f"http://127.0.0.1:{free_port()}"}
+    assert needle in _error(tessera(*args, env=clean_env(**env), cwd=tmp_path), code)
+    assert not (tmp_path / "d" / "tessera.toml").exists()

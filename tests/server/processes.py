@@ -1,0 +1,103 @@
+"""Real ``tessera`` subprocesses for the tests: init a data dir, run servers, stop them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+TESSERA = str(Path(sys.executable).parent / "tessera")
+PASSPHRASE = "server test passphrase"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    env.update({"TESSERA_KEY_PASSPHRASE": PASSPHRASE, "COLUMNS": "200"})
+    env.update(extra)
+    return env
+
+
+def tessera(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TESSERA, *args],
+        env=env or clean_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def init_data_dir(data_dir: Path, db_url: str | None = None) -> dict[str, str]:
+    args = ["server", "init", "--data-dir", str(data_dir), "--json"]
+    if db_url:
+        args += ["--db", db_url]
+    result = tessera(*args)
+    assert result.returncode == 0, result.stderr
+    info: dict[str, str] = json.loads(result.stdout)
+    return info
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_server(data_dir: Path, *, tls: bool = True, ca: str | None = None) -> Iterator[str]:
+    """``tessera server run`` on a free loopback port; yields its URL once /health answers."""
+    port = free_port()
+    args = [
+        TESSERA,
+        "server",
+        "run",
+        "--data-dir",
+        str(data_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    if not tls:
+        args.append("--no-tls")
+    log = data_dir / f"server-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if (tls and ca) else True
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text(errors='replace')}")
+            try:
+                if httpx.get(f"{url}/api/v1/health", verify=verify, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start: {log.read_text(errors='replace')}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

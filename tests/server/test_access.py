@@ -1,0 +1,181 @@
+"""API tokens and roles over real HTTP: 401 without a token, 403 outside the role."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from tessera.server.app import Interfaces, ServerState, create_app
+from tessera.server.models import ApiToken
+
+from .conftest import LiveServer
+from .helpers import agent
+
+
+def _token(admin: httpx.Client, role: str, **extra: Any) -> str:
+    response = admin.post("/api/v1/tokens", json={"name": f"{role}-token", "role": role, **extra})
+    assert response.status_code == 201, response.text
+    token: str = response.json()["token"]
+    return token
+
+
+@pytest.fixture
+def world(live_server: LiveServer, admin_token: str) -> dict[str, Any]:
+    """A product with a partner feature, two customers, a license each, a token per role."""
+    admin = live_server.client(admin_token)
+    assert (
+        admin.post(
+            "/api/v1/products",
+            json={
+                "code": "cortex",
+                "name": "Cortex",
+                "features": [{"code": "uniplex"}, {"code": "backup"}],
+            },
+        ).status_code
+        == 201
+    )
+    assert admin.post("/api/v1/partners", json={"code": "acme", "name": "ACME"}).status_code == 201
+    alice = admin.post("/api/v1/customers", json={"name": "Alice", "city": "Bonn"}).json()["id"]
+    bob = admin.post("/api/v1/customers", json={"name": "Bob"}).json()["id"]
+
+    def issue(client: httpx.Client, customer: int, feature: str = "uniplex") -> httpx.Response:
+        return client.post(
+            "/api/v1/licenses",
+            json={
+                "customer_id": customer,
+                "product": "cortex",
+                "entitlements": [{"feature": feature, "count": 1}],
+            },
+        )
+
+    tokens = {role: _token(admin, role) for role in ("support", "sales", "readonly")}
+    tokens["partner"] = _token(admin, "partner", partner="acme")
+    tokens["customer"] = _token(admin, "customer", customer_id=alice)
+    alice_license = issue(admin, alice).json()
+    bob_license = issue(admin, bob).json()
+    return {
+        "server": live_server,
+        "admin": admin,
+        "tokens": tokens,
+        "alice": alice,
+        "bob": bob,
+        "alice_license": alice_license,
+        "bob_license": bob_license,
+        "issue": issue,
+    }
+
+
+def test_no_or_bad_token_is_401(world: dict[str, Any]) -> None:
+    server: LiveServer = world["server"]
+    for client in (server.client(), server.client("tsk_not-a-real-token")):
+        for method, path in (("GET", "/api/v1/products"), ("POST", "/api/v1/customers")):
+            response = client.request(method, path, json={"name": "x"})
+            assert response.status_code == 401, (method, path, response.text)
+            assert "token" in response.json()["detail"]
+    # The health check and the Connect endpoints need no token (agents have none).
+    assert server.client().get("/api/v1/health").status_code == 200
+
+
+def test_tokens_are_stored_hashed(world: dict[str, Any]) -> None:
+    server: LiveServer = world["server"]
+    with server.state.db.read() as session:
+        hashes = set(session.execute(select(ApiToken.token_hash)).scalars())
+    for token in world["tokens"].values():
+        assert token not in hashes and len(token) > 40
+
+
+def test_roles(world: dict[str, Any]) -> None:
+    server: LiveServer = world["server"]
+    tokens = world["tokens"]
+    issue = world["issue"]
+    serial = world["alice_license"]["serial"]
+    bob_serial = world["bob_license"]["serial"]
+    as_ = {role: server.client(token) for role, token in tokens.items()}
+
+    # readonly: reads everything, changes nothing
+    assert as_["readonly"].get(f"/api/v1/licenses/{serial}").status_code == 200
+    assert as_["readonly"].post("/api/v1/customers", json={"name": "x"}).status_code == 403
+    assert (
+        as_["readonly"].patch(f"/api/v1/licenses/{serial}", json={"status": "revoked"}).status_code
+        == 403
+    )
+    # sales: customers and licenses, not products or tokens
+    assert as_["sales"].post("/api/v1/customers", json={"name": "Carol"}).status_code == 201
+    assert issue(as_["sales"], world["bob"]).status_code == 201
+    assert as_["sales"].post("/api/v1/products", json={"code": "x", "name": "X"}).status_code == 403
+    assert (
+        as_["sales"].post("/api/v1/tokens", json={"name": "t", "role": "admin"}).status_code == 403
+    )
+    # support: changes licenses, does not issue them
+    assert (
+        as_["support"]
+        .patch(
+            f"/api/v1/licenses/{serial}",
+            json={"entitlements": [{"feature": "uniplex", "count": 3}]},
+        )
+        .status_code
+        == 200
+    )
+    assert issue(as_["support"], world["bob"]).status_code == 403
+    # customer: only its own licenses, read only
+    assert as_["customer"].get(f"/api/v1/licenses/{serial}").status_code == 200
+    assert as_["customer"].get(f"/api/v1/licenses/{bob_serial}").status_code == 403
+    assert (
+        as_["customer"].patch(f"/api/v1/licenses/{serial}", json={"status": "revoked"}).status_code
+        == 403
+    )
+    assert issue(as_["customer"], world["alice"]).status_code == 403
+    # listing: everyone sees what they may read, no more
+    assert [r["serial"] for r in as_["customer"].get("/api/v1/licenses").json()] == [serial]
+    everything = {r["serial"] for r in as_["readonly"].get("/api/v1/licenses").json()}
+    assert {serial, bob_serial} <= everything
+    only_bob = as_["readonly"].get("/api/v1/licenses", params={"customer_id": world["bob"]}).json()
+    assert bob_serial in {r["serial"] for r in only_bob} and serial not in {
+        r["serial"] for r in only_bob
+    }
+    assert as_["partner"].get("/api/v1/licenses").json() == []
+    assert server.client().get("/api/v1/licenses").status_code == 401
+
+
+def test_partner_stays_in_its_namespace(world: dict[str, Any]) -> None:
+    server: LiveServer = world["server"]
+    partner = server.client(world["tokens"]["partner"])
+    issue = world["issue"]
+    outside = partner.post("/api/v1/products/cortex/features", json={"code": "partner.other.x"})
+    assert outside.status_code == 403 and "partner.acme." in outside.json()["detail"]
+    inside = partner.post(
+        "/api/v1/products/cortex/features", json={"code": "partner.acme.reporting"}
+    )
+    assert inside.status_code == 201, inside.text
+    assert issue(partner, world["alice"], "uniplex").status_code == 403
+    own = issue(partner, world["alice"], "partner.acme.reporting")
+    assert own.status_code == 201, own.text
+    assert partner.get(f"/api/v1/licenses/{own.json()['serial']}").status_code == 200
+    assert partner.get(f"/api/v1/licenses/{world['alice_license']['serial']}").status_code == 403
+
+
+def test_offline_activation_over_the_api(world: dict[str, Any]) -> None:
+    server: LiveServer = world["server"]
+    request = agent(7).activation(world["alice_license"]["key"])
+    customer = server.client(world["tokens"]["customer"])
+    response = customer.post("/api/v1/activate-offline", content=request.to_json())
+    assert response.status_code == 200, response.text
+    assert response.json()["serial"] == world["alice_license"]["serial"]
+    assert "[SIGNATURE]" in response.json()["license"]
+    other = agent(8).activation(world["bob_license"]["key"])
+    assert customer.post("/api/v1/activate-offline", content=other.to_json()).status_code == 403
+    assert (
+        server.client().post("/api/v1/activate-offline", content=other.to_json()).status_code == 401
+    )
+
+
+def test_optional_interfaces_can_be_switched_off(state: ServerState, admin_token: str) -> None:
+    app = create_app(state, Interfaces(admin_api=False, offline_activation=False))
+    paths = set(app.openapi()["paths"])
+    assert paths == {"/api/v1/activate", "/api/v1/checkin", "/api/v1/health"}
+    only_offline = create_app(state, Interfaces(admin_api=False, offline_activation=True))
+    assert "/api/v1/activate-offline" in only_offline.openapi()["paths"]
+    assert "/api/v1/licenses" not in only_offline.openapi()["paths"]

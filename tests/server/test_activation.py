@@ -1,0 +1,159 @@
+"""Online activation and Connect check-ins at the service level, on every backend."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from tessera.core.clock import ManualClock
+from tessera.core.errors import BindingError
+from tessera.core.protocol import ServerResponse
+from tessera.core.signing import Keyring, SigningKey
+from tessera.core.verify import check_binding, load_signed
+from tessera.server import activation, licenses
+from tessera.server.app import ServerState
+from tessera.server.errors import Forbidden, NotFound
+from tessera.server.models import Checkin, LicenseRow
+from tessera.server.schemas import LicenseUpdate
+from tessera.server.tokens import Principal
+
+from .conftest import START
+from .helpers import FakeAgent, agent, setup_license
+
+
+def _activate(state: ServerState, a: FakeAgent, key: str, keyring: Keyring) -> ServerResponse:
+    request = a.activation(key)
+    with state.db.write() as session:
+        raw = activation.activate(
+            session, request, state.now(), state.signing_key, state.pepper
+        ).to_json()
+    return ServerResponse.from_json(raw, keyring, request.nonce)
+
+
+def _checkin(state: ServerState, a: FakeAgent, key: str, keyring: Keyring) -> ServerResponse:
+    request = a.checkin(key)
+    with state.db.write() as session:
+        raw = activation.checkin(
+            session, request, state.now(), state.signing_key, state.pepper
+        ).to_json()
+    return ServerResponse.from_json(raw, keyring, request.nonce)
+
+
+def test_activation_returns_a_signed_license_bound_to_the_machine_and_agent(
+    state: ServerState, admin: Principal, keyring: Keyring
+) -> None:
+    serial, key = setup_license(state, admin, START)
+    a = agent(1)
+    response = _activate(state, a, key, keyring)
+    assert response.serial == serial and response.kind == "activation"
+    assert response.server_time == START
+    signed = load_signed(response.license or "", keyring)
+    lic = signed.document
+    assert lic.serial == serial and lic.licensee == "myCompany, Berlin"
+    assert lic.locking_id == a.locking_id and lic.agent_key == a.key.public.to_base64()
+    assert lic.location().get("uniplex").count == 5  # type: ignore[union-attr]
+    check_binding(lic, a.locking_id)
+    with pytest.raises(BindingError):
+        check_binding(lic, agent(2).locking_id)
+
+
+def test_machine_limit_and_reactivation_reuse_the_slot(
+    state: ServerState, admin: Principal, keyring: Keyring
+) -> None:
+    serial, key = setup_license(state, admin, START, machines=2)
+    first, second = agent(1), agent(2)
+    _activate(state, first, key, keyring)
+    _activate(state, second, key, keyring)
+    with pytest.raises(Forbidden, match=r"no free machine left.*2 of 2"):
+        _activate(state, agent(3), key, keyring)
+    # The same machine again, with a new agent key and one changed component: same slot.
+    again = FakeAgent(first.machine, first.system_id, facts=[*first.facts[:3], ("c", "new cpu")])
+    _activate(state, again, key, keyring)
+    # A reinstalled system (new system id) on the same hardware: same slot too.
+    reinstalled = FakeAgent(second.machine, "system-reinstalled-1")
+    _activate(state, reinstalled, key, keyring)
+    with state.db.read() as session:
+        view = licenses.license_view(licenses.get_license(session, serial))
+    assert [m["slot"] for m in view["machines"]] == [0, 1]
+    assert view["machines"][1]["system_id"] == "system-reinstalled-1"
+    # The old agent key of the first machine is no longer accepted; the new one is.
+    with pytest.raises(Forbidden, match="signature"):
+        _checkin(state, first, key, keyring)
+    assert _checkin(state, again, key, keyring).directives == ()
+
+
+def test_unknown_key_is_404_and_changes_nothing(
+    state: ServerState, admin: Principal, keyring: Keyring
+) -> None:
+    setup_license(state, admin, START)
+    with pytest.raises(NotFound):
+        _activate(state, agent(1), "AAAAA-AAAAA-AAAAA-AAAAA-AAAAA", keyring)
+    with state.db.read() as session:
+        assert session.execute(select(LicenseRow)).scalar_one().machines == []
+
+
+def test_checkin_delivers_a_central_change_once(
+    state: ServerState, admin: Principal, keyring: Keyring, clock: ManualClock
+) -> None:
+    serial, key = setup_license(state, admin, START)
+    a = agent(1)
+    _activate(state, a, key, keyring)
+    assert _checkin(state, a, key, keyring).license is None
+    with state.db.write() as session:
+        licenses.update_license(
+            session,
+            admin,
+            serial,
+            LicenseUpdate.model_validate({"entitlements": [{"feature": "uniplex", "count": 9}]}),
+            state.now(),
+        )
+    clock.advance(hours=1)
+    response = _checkin(state, a, key, keyring)
+    assert response.server_time == START + timedelta(hours=1)
+    lic = load_signed(response.license or "", keyring).document
+    assert lic.revision == 2 and lic.location().get("uniplex").count == 9  # type: ignore[union-attr]
+    assert lic.agent_key == a.key.public.to_base64()
+    assert _checkin(state, a, key, keyring).license is None
+    with state.db.read() as session:
+        assert len(session.execute(select(Checkin)).scalars().all()) == 3
+
+
+def test_every_rule_is_checked_on_every_validation(
+    state: ServerState, admin: Principal, keyring: Keyring, clock: ManualClock
+) -> None:
+    serial, key = setup_license(
+        state,
+        admin,
+        START,
+        entitlements=[{"feature": "uniplex", "count": 1, "expiry": "2026-12-31"}],
+    )
+    a = agent(1)
+    _activate(state, a, key, keyring)
+    clock.set(START.replace(year=2027))
+    assert "expired" in (_checkin(state, a, key, keyring).message or "")
+    with pytest.raises(Forbidden, match="expired"):
+        _activate(state, agent(2), key, keyring)
+    with state.db.write() as session:
+        licenses.update_license(
+            session, admin, serial, LicenseUpdate(status="revoked"), state.now()
+        )
+    response = _checkin(state, a, key, keyring)
+    assert response.directives == ("revoke",) and "revoked" in (response.message or "")
+    with pytest.raises(Forbidden, match="revoked"):
+        _activate(state, a, key, keyring)
+
+
+def test_checkin_refuses_strangers(state: ServerState, admin: Principal, keyring: Keyring) -> None:
+    _, key = setup_license(state, admin, START)
+    a = agent(1)
+    _activate(state, a, key, keyring)
+    with pytest.raises(Forbidden, match="not activated"):
+        _checkin(state, agent(2), key, keyring)
+    forged = FakeAgent(a.machine, a.system_id, key=SigningKey.generate())
+    with pytest.raises(Forbidden, match="signature"):
+        _checkin(state, forged, key, keyring)
+    moved = FakeAgent("elsewhere", a.system_id, key=a.key)
+    with pytest.raises(Forbidden, match="no longer matches"):
+        _checkin(state, moved, key, keyring)

@@ -1,0 +1,148 @@
+"""Nothing is oversold: N parallel activations against k machine slots bind exactly k.
+
+Once in one process (threads against the live app) and once across two real server
+processes sharing one database, on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tessera.core.protocol import ServerResponse
+from tessera.core.signing import Keyring
+from tessera.core.verify import load_signed
+from tessera.server import licenses
+from tessera.server.app import ServerState
+from tessera.server.tokens import Principal
+
+from .conftest import START, LiveServer, create_pg_database, drop_pg_database
+from .helpers import FakeAgent, agent, setup_license
+from .processes import init_data_dir, running_server
+
+N_REQUESTS = 50
+K_MACHINES = 5
+
+
+def _storm(urls: list[str], key: str) -> dict[str, tuple[FakeAgent, int, bytes, str]]:
+    """Fire N activations at once; by system id: (agent, status, body, nonce)."""
+    agents = [agent(i) for i in range(N_REQUESTS)]
+    requests = [a.activation(key) for a in agents]
+
+    def post(i: int) -> tuple[FakeAgent, int, bytes, str]:
+        url = urls[i % len(urls)]
+        r = httpx.post(f"{url}/api/v1/activate", content=requests[i].to_json(), timeout=60)
+        return agents[i], r.status_code, r.content, requests[i].nonce
+
+    with ThreadPoolExecutor(max_workers=N_REQUESTS) as pool:
+        return {result[0].system_id: result for result in pool.map(post, range(N_REQUESTS))}
+
+
+def _winners(results: dict[str, tuple[FakeAgent, int, bytes, str]]) -> set[str]:
+    codes = sorted(code for _, code, _, _ in results.values())
+    assert codes == [200] * K_MACHINES + [403] * (N_REQUESTS - K_MACHINES), codes
+    for _, code, body, _ in results.values():
+        if code == 403:
+            assert "no free machine left" in json.loads(body)["detail"]
+    return {system_id for system_id, (_, code, _, _) in results.items() if code == 200}
+
+
+def test_parallel_activations_bind_exactly_k(
+    live_server: LiveServer, state: ServerState, admin: Principal, keyring: Keyring
+) -> None:
+    serial, key = setup_license(state, admin, START, machines=K_MACHINES)
+    results = _storm([live_server.url], key)
+    winners = _winners(results)
+    with state.db.read() as session:
+        view = licenses.license_view(licenses.get_license(session, serial))
+    assert sorted(m["slot"] for m in view["machines"]) == list(range(K_MACHINES))
+    assert {m["system_id"] for m in view["machines"]} == winners
+    for system_id in winners:  # each winner got its own signed license and can check in
+        a, _, body, nonce = results[system_id]
+        response = ServerResponse.from_json(body, keyring, nonce)
+        assert (
+            load_signed(response.license or "", keyring).document.agent_key
+            == a.key.public.to_base64()
+        )  # type: ignore[union-attr]
+        checkin = a.checkin(key)
+        answer = httpx.post(f"{live_server.url}/api/v1/checkin", content=checkin.to_json())
+        assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_parallel_activations_across_two_server_processes(tmp_path: Path, backend: str) -> None:
+    import os
+
+    if backend == "postgresql" and not os.environ.get("TESSERA_TEST_POSTGRES_URL"):
+        pytest.skip("TESSERA_TEST_POSTGRES_URL not set")
+    pg = create_pg_database() if backend == "postgresql" else None
+    try:
+        data_dir = tmp_path / "data"
+        info = init_data_dir(data_dir, pg.url if pg else None)
+        with (
+            running_server(data_dir, tls=False) as url_a,
+            running_server(data_dir, tls=False) as url_b,
+        ):
+            admin = httpx.Client(
+                base_url=url_a, headers={"Authorization": f"Bearer {info['admin_token']}"}
+            )
+            assert (
+                admin.post(
+                    "/api/v1/products",
+                    json={"code": "cortex", "name": "Cortex", "features": [{"code": "uniplex"}]},
+                ).status_code
+                == 201
+            )
+            customer = admin.post("/api/v1/customers", json={"name": "Race Inc"}).json()
+            issued = admin.post(
+                "/api/v1/licenses",
+                json={
+                    "customer_id": customer["id"],
+                    "product": "cortex",
+                    "entitlements": [{"feature": "uniplex", "count": 1}],
+                    "machines": K_MACHINES,
+                },
+            ).json()
+            winners = _winners(_storm([url_a, url_b], issued["key"]))
+            view = admin.get(f"/api/v1/licenses/{issued['serial']}").json()
+            assert len(view["machines"]) == K_MACHINES
+            assert sorted(m["slot"] for m in view["machines"]) == list(range(K_MACHINES))
+            assert {m["system_id"] for m in view["machines"]} == winners
+            assert admin.get("/api/v1/audit/verify").json()["ok"] is True
+    finally:
+        if pg is not None:
+            drop_pg_database(pg)
+
+
+def test_parallel_issues_get_distinct_gap_free_serials(
+    live_server: LiveServer, admin_token: str
+) -> None:
+    admin = live_server.client(admin_token)
+    assert (
+        admin.post(
+            "/api/v1/products",
+            json={"code": "cortex", "name": "C", "features": [{"code": "uniplex"}]},
+        ).status_code
+        == 201
+    )
+    customer = admin.post("/api/v1/customers", json={"name": "Many Inc"}).json()["id"]
+    body = {
+        "customer_id": customer,
+        "product": "cortex",
+        "entitlements": [{"feature": "uniplex", "count": 1}],
+    }
+
+    def issue(_: int) -> str:
+        with live_server.client(admin_token) as client:
+            response = client.post("/api/v1/licenses", json=body)
+            assert response.status_code == 201, response.text
+            serial: str = response.json()["serial"]
+            return serial
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        serials = sorted(pool.map(issue, range(20)))
+    assert serials == [f"2026-{n:06d}" for n in range(1, 21)]

@@ -1,0 +1,114 @@
+"""Issuing and changing licenses: validation, revisions, the admin API's error shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import select
+
+from tessera.server import licenses
+from tessera.server.app import ServerState
+from tessera.server.errors import Invalid, NotFound
+from tessera.server.models import LicenseRevision
+from tessera.server.schemas import LicenseUpdate
+from tessera.server.tokens import Principal
+
+from .conftest import START, LiveServer
+from .helpers import setup_license
+
+
+def test_update_makes_a_new_revision_with_a_snapshot(state: ServerState, admin: Principal) -> None:
+    serial, _ = setup_license(state, admin, START, machines=3, emergency=["backup"], version="4.*")
+    with state.db.write() as session:
+        row = licenses.update_license(
+            session,
+            admin,
+            serial,
+            LicenseUpdate.model_validate(
+                {
+                    "entitlements": [{"feature": "reporting", "count": 2, "expiry": "2028-01-01"}],
+                    "remove": ["backup"],
+                    "failover_days": 10,
+                }
+            ),
+            START,
+        )
+        view = licenses.license_view(row)
+    assert view["revision"] == 2 and view["failover_days"] == 10 and view["version"] == "4.*"
+    assert view["features"] == {
+        "reporting": {"count": 2, "expiry": "2028-01-01"},
+        "uniplex": {"count": 5, "expiry": "2027-01-15"},
+    }
+    with state.db.read() as session:
+        snapshots = (
+            session.execute(select(LicenseRevision).order_by(LicenseRevision.revision))
+            .scalars()
+            .all()
+        )
+    assert [s.revision for s in snapshots] == [1, 2]
+    assert "backup" in json.loads(snapshots[0].snapshot)["features"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"entitlements": [{"feature": "nope", "count": 1}]}, "not a feature of product cortex"),
+        ({"version": "4.x"}, "version"),
+        ({"emergency": ["nope"]}, "emergency"),
+    ],
+)
+def test_bad_licenses_are_refused_naming_the_field(
+    state: ServerState, admin: Principal, fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(Invalid, match=message):
+        setup_license(state, admin, START, **fields)
+
+
+def test_unknown_serial_is_404(state: ServerState, admin: Principal) -> None:
+    with state.db.write() as session, pytest.raises(NotFound):
+        licenses.update_license(session, admin, "2026-999999", LicenseUpdate(), START)
+
+
+def test_api_errors_are_json_and_name_the_field(live_server: LiveServer, admin_token: str) -> None:
+    admin = live_server.client(admin_token)
+    bad = admin.post("/api/v1/customers", json={"name": ""})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "name"]
+    missing = admin.post(
+        "/api/v1/licenses", json={"customer_id": 1, "product": "cortex", "entitlements": []}
+    )
+    assert missing.status_code == 422 and "entitlements" in json.dumps(missing.json())
+    unknown = admin.post(
+        "/api/v1/licenses",
+        json={
+            "customer_id": 42,
+            "product": "cortex",
+            "entitlements": [{"feature": "a", "count": 1}],
+        },
+    )
+    assert unknown.status_code == 404 and unknown.json() == {"detail": "customer 42 not found"}
+    assert admin.get("/api/v1/customers/42").status_code == 404
+    assert admin.get("/api/v1/licenses/nope").status_code == 404
+    garbage = admin.post(
+        "/api/v1/customers", content=b"\xff{", headers={"Content-Type": "application/json"}
+    )
+    assert garbage.status_code in (400, 422) and "detail" in garbage.json()
+    for body in (b"", b"[]", b'{"protocol":"tessera-connect/1"}', b"\x00" * 10):
+        response = live_server.client().post("/api/v1/activate", content=body)
+        assert response.status_code == 422 and isinstance(response.json()["detail"], str), body
+    made = admin.post("/api/v1/tokens", json={"name": "p", "role": "partner"})
+    assert made.status_code == 422 and made.json()["detail"].startswith("partner:")
+    openapi = live_server.client().get("/openapi.json").json()
+    assert {"/api/v1/activate", "/api/v1/checkin", "/api/v1/licenses"} <= set(openapi["paths"])
+
+
+def test_revisions_are_listed_over_the_api(
+    live_server: LiveServer, state: ServerState, admin: Principal, admin_token: str
+) -> None:
+    serial, _ = setup_license(state, admin, START)
+    client = live_server.client(admin_token)
+    changed = client.patch(f"/api/v1/licenses/{serial}", json={"failover_days": 3})
+    assert changed.status_code == 200 and changed.json()["revision"] == 2
+    revisions = client.get(f"/api/v1/licenses/{serial}/revisions").json()
+    assert [(r["revision"], r["license"]["failover_days"]) for r in revisions] == [(1, 30), (2, 3)]
+    assert revisions[1]["actor"] == "admin:http-admin"

@@ -1,0 +1,75 @@
+"""Storage: migrations, SQLite settings, and what is (not) stored in clear."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from sqlalchemy import inspect, select, text
+
+from tessera.server.app import ServerState
+from tessera.server.migrate import upgrade
+from tessera.server.models import LicenseRow
+from tessera.server.storage import Database, normalize_db_url
+from tessera.server.tokens import Principal
+
+from .conftest import START
+from .helpers import setup_license
+
+
+def test_migrations_create_the_schema_and_are_idempotent(database: Database) -> None:
+    upgrade(database)  # a second run changes nothing
+    tables = set(inspect(database.engine).get_table_names())
+    assert {"licenses", "machines", "audit_log", "api_tokens", "alembic_version"} <= tables
+    with database.read() as session:
+        assert session.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+
+
+def test_sqlite_runs_in_wal_mode_with_normal_sync(tmp_path: object) -> None:
+    db = Database(f"sqlite:///{tmp_path}/x.db")
+    try:
+        with db.read() as session:
+            assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert session.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL
+            assert session.execute(text("PRAGMA busy_timeout")).scalar() >= 5000
+    finally:
+        db.dispose()
+
+
+def test_database_urls_are_checked() -> None:
+    assert normalize_db_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_db_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    for bad in ("mysql://u@h/db", "not a url"):
+        with pytest.raises(ValueError):
+            normalize_db_url(bad)
+
+
+def test_serials_and_keys(state: ServerState, admin: Principal) -> None:
+    serials = [setup_license(state, admin, START)[0] for _ in range(3)]
+    assert serials == ["2026-000001", "2026-000002", "2026-000003"]
+    serial, key = setup_license(state, admin, START.replace(year=2027))
+    assert serial == "2027-000001"
+    assert re.fullmatch(r"[0-9A-Z]{5}(-[0-9A-Z]{5}){4}", key)
+    with state.db.read() as session:
+        row = (
+            session.execute(select(LicenseRow).where(LicenseRow.serial == serial))
+            .unique()
+            .scalar_one()
+        )
+        assert row.key_digest != key and key not in row.key_digest
+        dump = "\n".join(
+            str(r)
+            for t in ("licenses", "license_revisions", "audit_log")
+            for r in session.execute(text(f"SELECT * FROM {t}"))
+        )
+    assert key not in dump and key.replace("-", "") not in dump
+
+
+def test_the_models_match_the_migrations(database: Database) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from tessera.server.models import Base
+
+    with database.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
