@@ -9,6 +9,7 @@ SQLite's write lock.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -76,6 +77,10 @@ _RETRY_AFTER_FAILURE = timedelta(minutes=15)
 WATCH_INTERVAL = 1.0
 
 
+#: The Locking ID salt of a generic agent that did not know its product when first opened.
+DEFAULT_SALT = "tessera"
+
+
 def _ts(value: datetime) -> str:
     return format_timestamp(value)
 
@@ -112,14 +117,18 @@ class Agent:
     everything else persists to ``state_dir`` before it takes effect. Thread-safe.
     ``locking_id`` and ``transport`` exist for tests and embedders; by default the Locking
     ID is this machine's, salted with ``product``.
+
+    ``product=None`` is the generic agent of the ``tessera agent`` CLI: it adopts the product
+    of the first license it accepts (and remembers it); ``product_version=None`` skips the
+    version-range check, for an administrator's tool that does not know the running version.
     """
 
     def __init__(
         self,
         state_dir: str | Path,
         keyring: Keyring,
-        product: str,
-        product_version: str,
+        product: str | None,
+        product_version: str | None,
         *,
         clock: Clock | None = None,
         locking_id: str | None = None,
@@ -127,7 +136,8 @@ class Agent:
         transport: httpx.BaseTransport | None = None,
         grace_features: tuple[str, ...] = (),
     ) -> None:
-        check_product_code(product)
+        if product is not None:
+            check_product_code(product)
         for code in grace_features:
             check_feature_code(code)
         self._grace_features = frozenset(grace_features)
@@ -137,8 +147,6 @@ class Agent:
             if isinstance(self._clock, SystemClock)
             else lambda: self._clock.now().timestamp()
         )
-        lid = locking_id or str(locking_id_for(collect_facts(), product))
-        self.installation = Installation(keyring, product, product_version, lid, location)
         self._transport = transport
         self._write_lock = threading.RLock()
         self._store = StateStore(Path(state_dir))
@@ -147,21 +155,31 @@ class Agent:
         self._watcher: threading.Thread | None = None
         meta = self._store.get_all()
         stored_product = meta.get("product")
-        if stored_product is None or meta.get("product_version") != product_version:
-            # remembered so the CLI needs neither option again
-            self._store.put(
-                {
-                    "product": stored_product or product,
-                    "product_version": product_version,
-                    "installed_at": meta.get("installed_at") or _ts(self._clock.now()),
-                }
-            )
-        if stored_product is not None and stored_product != product:
+        if stored_product is not None and product is not None and stored_product != product:
             self._store.close()
             raise StateError(
                 f"state directory {state_dir} belongs to product {stored_product!r}, "
                 f"not {product!r}"
             )
+        product = product or stored_product
+        if product_version is None:
+            product_version = meta.get("product_version")
+        # The Locking ID salt is fixed at first use: an installation that adopted its product
+        # from its first license keeps the salt its license was bound with.
+        salt = meta.get("lockid_salt") or product or DEFAULT_SALT
+        lid = locking_id or str(locking_id_for(collect_facts(), salt))
+        self.installation = Installation(keyring, product, product_version, lid, location)
+        updates: dict[str, str | None] = {}
+        if meta.get("lockid_salt") is None:
+            updates["lockid_salt"] = salt
+        if stored_product is None and product is not None:
+            updates["product"] = product
+        if product_version is not None and meta.get("product_version") != product_version:
+            updates["product_version"] = product_version  # remembered for the CLI
+        if meta.get("installed_at") is None:
+            updates["installed_at"] = _ts(self._clock.now())
+        if updates:
+            self._store.put(updates)
         self._snapshot: Snapshot = self._rebuild(record_time=True)
 
     # ---------------------------------------------------------------- reading
@@ -406,6 +424,7 @@ class Agent:
         once; one for another license waits (``identity_pending``) for its ``.lic``, so
         importing the two parts of a new license never breaks the one in force."""
         identity = verify_identity(text, self.installation)
+        self._adopt(identity.product)
         meta = self._store.get_all()
         current = meta.get("license")
         lic = parse(current.encode("utf-8")).document if current is not None else None
@@ -461,9 +480,19 @@ class Agent:
             updates["revoked_serial"] = None
         if meta.get("grace_start") is None:
             updates["grace_start"] = _ts(self._clock.now())
+        if self.installation.product is None:
+            updates["product"] = lic.product
         self._store.put(updates)
+        self._adopt(lic.product)
         log.info("license %s revision %d is in force", lic.serial, lic.revision)
         return verified
+
+    def _adopt(self, product: str | None) -> None:
+        """A generic agent takes on the product of the first file it accepts."""
+        if self.installation.product is None and product is not None:
+            check_product_code(product)
+            self._store.put({"product": product})
+            self.installation = dataclasses.replace(self.installation, product=product)
 
     # ---------------------------------------------------------------- seats
 
@@ -718,6 +747,11 @@ class Agent:
             raise BackupError("not a Tessera agent backup (not JSON)") from None
         if not isinstance(doc, dict) or doc.get("format") != BACKUP_FORMAT:
             raise BackupError(f"not a Tessera agent backup (expected format {BACKUP_FORMAT})")
+        if self.installation.product is None and isinstance(doc.get("product"), str):
+            try:
+                self._adopt(doc["product"])
+            except ValueError:
+                raise BackupError("the backup names an invalid product") from None
         if doc.get("product") != self.installation.product:
             raise BackupError(
                 f"this backup is for product {doc.get('product')!r}, "

@@ -25,8 +25,8 @@ class Installation:
     """What this installation is, against which every file is checked."""
 
     keyring: Keyring
-    product: str
-    product_version: str
+    product: str | None
+    product_version: str | None
     locking_id: str
     location: str | None = None
 
@@ -50,12 +50,13 @@ def verify_identity(text: str, inst: Installation) -> Identity:
     if not isinstance(doc, Identity):
         raise FormatError("expected an identity file (.par), got a license file")
     _check_product(doc, inst)
-    check_version(doc, inst.product_version)
+    if inst.product_version is not None:
+        check_version(doc, inst.product_version)
     return doc
 
 
 def _check_product(doc: License | Identity, inst: Installation) -> None:
-    if doc.product != inst.product:
+    if inst.product is not None and doc.product != inst.product:
         raise VerificationError(
             f"license {doc.serial} is for product {doc.product!r}, this is {inst.product!r}"
         )
@@ -75,7 +76,8 @@ def verify_license(
     if not isinstance(lic, License):
         raise FormatError("expected a license file (.lic), got an identity file")
     _check_product(lic, inst)
-    check_version(lic, inst.product_version)
+    if inst.product_version is not None:
+        check_version(lic, inst.product_version)
     if lic.binding is Binding.MACHINE:
         check_binding(lic, inst.locking_id)
     elif lic.binding is Binding.INSTANCE:

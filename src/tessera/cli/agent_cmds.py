@@ -148,7 +148,7 @@ def _remembered(state_dir: Path) -> dict[str, str]:
         db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
         try:
             rows = db.execute(
-                "SELECT name, value FROM meta WHERE name IN ('product', 'product_version')"
+                "SELECT name, value FROM meta WHERE name IN ('product', 'product_version', 'lockid_salt')"
             ).fetchall()
         finally:
             db.close()
@@ -157,20 +157,14 @@ def _remembered(state_dir: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in rows}
 
 
-def _product_version(product: str, remembered: dict[str, str]) -> str:
+def _product_version(product: str | None, remembered: dict[str, str]) -> str | None:
+    """The running version: given, remembered, or unknown (then no version-range check)."""
     value = _global.product_version or os.environ.get("TESSERA_PRODUCT_VERSION")
     if value:
         return value
     if remembered.get("product") == product and remembered.get("product_version"):
         return remembered["product_version"]
-    if product == DEFAULT_PRODUCT:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return version("tessera")
-        except PackageNotFoundError:
-            pass
-    fail("--product-version is required (or set TESSERA_PRODUCT_VERSION)")
+    return None
 
 
 def _open_agent() -> Any:
@@ -178,8 +172,8 @@ def _open_agent() -> Any:
 
     state_dir = _state_dir()
     remembered = _remembered(state_dir)
+    # Without a product the CLI is the generic agent: it adopts the product of its license.
     product = _global.product or os.environ.get("TESSERA_PRODUCT") or remembered.get("product")
-    product = product or DEFAULT_PRODUCT
     version = _product_version(product, remembered)
     key_path = _global.vendor_key or (
         Path(os.environ["TESSERA_VENDOR_KEY"]) if os.environ.get("TESSERA_VENDOR_KEY") else None
@@ -249,7 +243,8 @@ def locking_id(
 ) -> None:
     """Print this machine's Locking ID (salted hashes only; nothing raw leaves the machine)."""
     chosen = product or _global.product or os.environ.get("TESSERA_PRODUCT")
-    chosen = chosen or _remembered(_state_dir()).get("product")
+    remembered = _remembered(_state_dir())
+    chosen = chosen or remembered.get("lockid_salt") or remembered.get("product")
     lid = locking_id_for(collect_facts(), product_salt(chosen))
     if as_json:
         emit_json({"locking_id": str(lid), "components": len(lid.components)})
