@@ -59,9 +59,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(data_dir: Path, *, tls: bool = True, ca: str | None = None) -> Iterator[str]:
-    """``tessera server run`` on a free loopback port; yields its URL once /health answers."""
-    port = free_port()
+def running_server(
+    data_dir: Path, *, tls: bool = True, ca: str | None = None, port: int | None = None
+) -> Iterator[str]:
+    """``tessera server run`` on a (free) loopback port; yields its URL once /health answers."""
+    port = port or free_port()
     args = [
         TESSERA,
         "server",
