@@ -1,0 +1,66 @@
+"""The baseline servers: an empty FastAPI POST endpoint, and a trivial raw HTTP responder.
+
+``app`` is what SPEC section 7 compares the license server with: the same web stack
+(FastAPI on one uvicorn worker) doing no work at all, so the ratio says what Tessera's own
+per-request work costs. ``python -m bench.emptyapp --null PORT`` serves a fixed response
+from a bare asyncio protocol: it costs almost nothing, so the rate the load generator
+reaches against it is the generator's own ceiling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from fastapi import FastAPI
+
+app = FastAPI()
+
+
+@app.post("/empty")
+async def empty() -> dict[str, str]:
+    return {}
+
+
+_RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+
+class _Null(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            length = 0
+            for line in bytes(self.buffer[:end]).lower().split(b"\r\n"):
+                if line.startswith(b"content-length:"):
+                    length = int(line[15:])
+            if len(self.buffer) < end + 4 + length:
+                return
+            del self.buffer[: end + 4 + length]
+            assert self.transport is not None
+            self.transport.write(_RESPONSE)
+
+
+async def _serve_null(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_Null, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "--null":
+        sys.exit("usage: python -m bench.emptyapp --null PORT")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(_serve_null(int(sys.argv[2])))
