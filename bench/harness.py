@@ -161,8 +161,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def code_version() -> str:
+    """Which tessera was measured: the package's directory and its git commit."""
+    import subprocess
+
+    import tessera
+
+    where = Path(tessera.__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(where), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{where} ({sha or 'no git'})"
+
+
 def machine_info(quick: bool) -> dict[str, str]:
     return {
+        "code": code_version(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
         "cores": str(os.cpu_count() or 1),
@@ -209,6 +230,7 @@ def render_markdown(rows: Iterable[Row], info: dict[str, str]) -> str:
         f"- date: {info['date']}",
         f"- CPU: {info['cpu']}, {info['cores']} cores",
         f"- Python {info['python']} on {info['system']}",
+        f"- tessera: {info['code']}",
         f"- mode: {info['mode']} (`make bench{' QUICK=1' if info['mode'] == 'quick' else ''}`)",
         "",
         "| " + " | ".join(COLUMNS) + " |",
