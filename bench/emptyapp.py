@@ -10,6 +10,7 @@ reaches against it is the generator's own ceiling.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import sys
 
 from fastapi import FastAPI
@@ -47,20 +48,24 @@ class _Null(asyncio.Protocol):
             self.transport.write(_RESPONSE)
 
 
-async def _serve_null(port: int) -> None:
+async def _serve_null(port: int, tls: ssl.SSLContext | None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(_Null, "127.0.0.1", port)
+    server = await loop.create_server(_Null, "127.0.0.1", port, ssl=tls)
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "--null":
-        sys.exit("usage: python -m bench.emptyapp --null PORT")
+    if len(sys.argv) not in (3, 5) or sys.argv[1] != "--null":
+        sys.exit("usage: python -m bench.emptyapp --null PORT [CERTFILE KEYFILE]")
+    context = None
+    if len(sys.argv) == 5:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(sys.argv[3], sys.argv[4])
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(_serve_null(int(sys.argv[2])))
+    asyncio.run(_serve_null(int(sys.argv[2]), context))

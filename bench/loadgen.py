@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import statistics
 import sys
 import time
@@ -48,6 +49,13 @@ class _Source:
         self._left = max_requests
         self.deadline = deadline
 
+    def more(self) -> bool:
+        return (
+            self._left > 0
+            and time.perf_counter() < self.deadline
+            and (self._repeat or self._next < len(self._requests))
+        )
+
     def take(self) -> bytes | None:
         if self._left <= 0 or time.perf_counter() >= self.deadline:
             return None
@@ -65,9 +73,17 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection: send, parse the response incrementally, send the next."""
 
     def __init__(
-        self, source: _Source, latencies: list[float], statuses: Counter[int], done: asyncio.Future[None]
+        self,
+        source: _Source,
+        latencies: list[float],
+        statuses: Counter[int],
+        done: asyncio.Future[None],
+        opened_at: float | None = None,
     ) -> None:
         self.source = source
+        # With a connection per request, latency counts from before the TCP connect (and the
+        # TLS handshake): that is what an agent checking in once a day waits for.
+        self.opened_at = opened_at
         self.latencies = latencies
         self.statuses = statuses
         self.done = done
@@ -85,7 +101,7 @@ class _Connection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
-        self.sent_at = time.perf_counter()
+        self.sent_at = self.opened_at if self.opened_at is not None else time.perf_counter()
         assert self.transport is not None
         self.transport.write(request)
 
@@ -109,7 +125,7 @@ class _Connection(asyncio.Protocol):
             del self.buffer[:total]
             self.latencies.append(time.perf_counter() - self.sent_at)
             self.statuses[status] += 1
-            if b"connection: close" in head:
+            if self.opened_at is not None or b"connection: close" in head:
                 assert self.transport is not None
                 self.transport.close()
                 return
@@ -136,17 +152,43 @@ async def run_raw(args: argparse.Namespace, requests: list[bytes]) -> tuple[list
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
+    ssl_context = _client_tls(args.tls_ca)
+    tls = {"ssl": ssl_context, "server_hostname": args.host} if ssl_context else {}
     start = time.perf_counter()
     source = _Source(requests, args.repeat, args.max_requests, start + args.duration)
-    dones: list[asyncio.Future[None]] = []
-    for _ in range(args.connections):
+
+    async def keep_alive() -> None:
         done: asyncio.Future[None] = loop.create_future()
-        dones.append(done)
         await loop.create_connection(
-            lambda d=done: _Connection(source, latencies, statuses, d), args.host, args.port
+            lambda: _Connection(source, latencies, statuses, done), args.host, args.port, **tls
         )
-    await asyncio.wait_for(asyncio.gather(*dones), timeout=args.duration + 30)
+        await done
+
+    async def connection_per_request() -> None:
+        while source.more():
+            done: asyncio.Future[None] = loop.create_future()
+            opened = time.perf_counter()
+            await loop.create_connection(
+                lambda d=done, t=opened: _Connection(source, latencies, statuses, d, t),
+                args.host,
+                args.port,
+                **tls,
+            )
+            await done
+
+    slot = connection_per_request if args.new_connection else keep_alive
+    await asyncio.wait_for(
+        asyncio.gather(*(slot() for _ in range(args.connections))), timeout=args.duration + 30
+    )
     return latencies, statuses, time.perf_counter() - start
+
+
+def _client_tls(ca_file: Path | None) -> ssl.SSLContext | None:
+    if ca_file is None:
+        return None
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
 
 
 async def run_httpx(args: argparse.Namespace, bodies: list[bytes]) -> tuple[list[float], Counter[int], float]:
@@ -197,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", action="store_true", help="cycle through the bodies")
     parser.add_argument("--header", action="append", default=[], help="extra 'Name: value' header")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw")
+    parser.add_argument("--tls-ca", type=Path, help="speak TLS, trusting only this CA (raw client)")
+    parser.add_argument(
+        "--new-connection", action="store_true", help="one connection (and handshake) per request"
+    )
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "::1", "localhost"):
         parser.error("load targets must be on loopback")
@@ -224,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ms": percentile(latencies, 0.99) * 1000,
         "mean_ms": statistics.fmean(latencies) * 1000 if latencies else float("nan"),
         "client": args.client,
+        "tls": args.tls_ca is not None,
+        "new_connection": args.new_connection,
         "connections": args.connections,
     }
     json.dump(result, sys.stdout)

@@ -32,14 +32,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_http(
+    url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, verify: str | bool = True
+) -> None:
     """Until ``url`` answers at all (any status), or raise naming what went wrong."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before answering")
         try:
-            httpx.get(url, timeout=1.0, trust_env=False)
+            httpx.get(url, timeout=1.0, trust_env=False, verify=verify)
             return
         except httpx.HTTPError:
             time.sleep(0.1)
@@ -61,7 +63,12 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def serving(
-    args: Sequence[str], *, port: int, health: str | None = None, env: dict[str, str] | None = None
+    args: Sequence[str],
+    *,
+    port: int,
+    health: str | None = None,
+    env: dict[str, str] | None = None,
+    verify: str | bool = True,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run a server process for the duration of the block; stop it by its pid afterwards."""
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
@@ -75,7 +82,7 @@ def serving(
     try:
         try:
             if health is not None:
-                wait_http(health, 60, proc)
+                wait_http(health, 60, proc, verify)
             else:
                 wait_port(port, 30, proc)
         except RuntimeError as exc:
@@ -107,6 +114,8 @@ def run_load(
     client: str = "raw",
     max_requests: int | None = None,
     headers: Sequence[str] = (),
+    tls_ca: Path | None = None,
+    new_connection: bool = False,
 ) -> LoadResult:
     """Run ``bench.loadgen`` in its own process against ``127.0.0.1:port``; its JSON result."""
     with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as f:
@@ -124,6 +133,10 @@ def run_load(
             cmd += ["--max-requests", str(max_requests)]
         for h in headers:
             cmd += ["--header", h]
+        if tls_ca is not None:
+            cmd += ["--tls-ca", str(tls_ca)]
+        if new_connection:
+            cmd.append("--new-connection")
         out = subprocess.run(
             cmd,
             capture_output=True,

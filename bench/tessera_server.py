@@ -1,4 +1,4 @@
-"""A real Tessera license server for the benchmarks: ``server init`` + ``server run --no-tls``.
+"""A real Tessera license server for the benchmarks: ``server init`` + ``server run``.
 
 It is driven from the outside, exactly as an operator and the agents would: the CLI for
 init and run, the admin REST API for the catalog and the licenses, the Connect endpoints
@@ -67,10 +67,12 @@ class Server:
     token: str
     data_dir: Path
     database: str
+    ca: Path | None = None  # set when serving TLS
 
     def admin(self) -> httpx.Client:
         return httpx.Client(
             base_url=self.url,
+            verify=str(self.ca) if self.ca else True,
             headers={"Authorization": f"Bearer {self.token}"},
             timeout=60,
             trust_env=False,
@@ -105,8 +107,8 @@ class Server:
 
 
 @contextmanager
-def tessera_server(database: str | None = None) -> Iterator[Server]:
-    """An initialized server in a scratch directory, serving plain HTTP on a free port."""
+def tessera_server(database: str | None = None, *, tls: bool = False) -> Iterator[Server]:
+    """An initialized server in a scratch directory on a free port (plain HTTP unless ``tls``)."""
     with tempfile.TemporaryDirectory(prefix="tessera-bench-server-") as tmp:
         data_dir = Path(tmp) / "data"
         env = {**os.environ, "TESSERA_KEY_PASSPHRASE": "bench passphrase"}
@@ -118,23 +120,15 @@ def tessera_server(database: str | None = None) -> Iterator[Server]:
             raise RuntimeError(f"server init failed: {out.stderr.strip()[-300:]}")
         token = json.loads(out.stdout)["admin_token"]
         port = free_port()
-        url = f"http://{LOOPBACK}:{port}"
-        run = [
-            TESSERA,
-            "server",
-            "run",
-            "--data-dir",
-            str(data_dir),
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(port),
-            "--no-tls",
-        ]
-        with serving(
-            run, port=port, health=f"{url}/api/v1/health", env={"TESSERA_KEY_PASSPHRASE": "bench passphrase"}
-        ):
-            yield Server(url, port, token, data_dir, database or "sqlite")
+        url = f"{'https' if tls else 'http'}://{LOOPBACK}:{port}"
+        ca = data_dir / "tls" / "ca.pem"
+        run = [TESSERA, "server", "run", "--data-dir", str(data_dir), "--host", LOOPBACK, "--port", str(port)]
+        if not tls:
+            run.append("--no-tls")
+        health = f"{url}/api/v1/health"
+        env = {"TESSERA_KEY_PASSPHRASE": "bench passphrase"}
+        with serving(run, port=port, health=health, env=env, verify=str(ca) if tls else True):
+            yield Server(url, port, token, data_dir, database or "sqlite", ca if tls else None)
 
 
 @contextmanager
