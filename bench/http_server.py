@@ -129,7 +129,7 @@ def measure_tls_baselines(duration: float, empty: LoadResult) -> tuple[list[Row]
             fresh["rps"],
             note="generator is not the bottleneck"
             if headroom >= 3
-            else "info: handshakes cost the generator too; TLS rates are lower bounds",
+            else "info: near the generator's limit; the TLS baseline is a lower bound",
         ),
         Row(
             "empty FastAPI POST, TLS keep-alive",
