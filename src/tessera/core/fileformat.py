@@ -467,7 +467,8 @@ def parse(data: bytes | str) -> SignedDocument:
             raise FormatError(f"unknown section [{middle[0].name}] in an identity file", middle[0].line)
         doc = _build(Identity, values, lines, first.line)
 
-    body_lines = text.split("\n")[: sections[-1].line - 1]
-    body_text = "".join(line + "\n" for line in body_lines)
+    # Everything above the one line that is exactly "[SIGNATURE]" (checked above: a header
+    # without a name, the only SIGNATURE section, never on line 1); a slice, not a re-join.
+    body_text = text[: text.index("\n[SIGNATURE]\n") + 1]
     _check_canonical(body_text, serialize_body(doc))
     return SignedDocument(doc, body_text.encode("utf-8"), key_id, signature)
