@@ -9,6 +9,7 @@ generator against a server that does nothing, to show it is not what limits the 
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -274,7 +275,9 @@ def http(ctx: Context) -> list[Row]:
                 for what in ("activations", "check-ins")
             ]
             continue
-        rows += guarded(ctx, f"server ({name})", lambda name=name: measure_server(ctx, name, duration, empty))
+        rows += guarded(
+            ctx, f"server ({name})", functools.partial(measure_server, ctx, name, duration, empty)
+        )
     return rows
 
 

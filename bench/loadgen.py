@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import ssl
 import statistics
@@ -169,7 +170,7 @@ async def run_raw(args: argparse.Namespace, requests: list[bytes]) -> tuple[list
             done: asyncio.Future[None] = loop.create_future()
             opened = time.perf_counter()
             await loop.create_connection(
-                lambda d=done, t=opened: _Connection(source, latencies, statuses, d, t),
+                functools.partial(_Connection, source, latencies, statuses, done, opened),
                 args.host,
                 args.port,
                 **tls,
