@@ -24,6 +24,7 @@ __all__ = ["LoadResult", "free_port", "run_load", "serving", "wait_http"]
 
 LOOPBACK = "127.0.0.1"
 PYTHON = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -78,6 +79,7 @@ def serving(
         stdout=log,
         stderr=log,
         env={**os.environ, **(env or {})},
+        cwd=ROOT,  # so ``-m bench...`` resolves wherever the caller runs from
     )
     try:
         try:
@@ -141,7 +143,7 @@ def run_load(
             cmd,
             capture_output=True,
             timeout=duration + 60,
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=ROOT,
             check=False,
         )
         if out.returncode != 0:
