@@ -1,8 +1,9 @@
 """The baseline servers: an empty FastAPI POST endpoint, and a trivial raw HTTP responder.
 
 ``app`` is what SPEC section 7 compares the license server with: the same web stack
-(FastAPI on one uvicorn worker) doing no work at all, so the ratio says what Tessera's own
-per-request work costs. ``python -m bench.emptyapp --null PORT`` serves a fixed response
+(FastAPI on one uvicorn worker) doing no work at all (``/empty``), so the ratio says what
+Tessera's own per-request work costs; ``/floor`` adds only the signature work a check-in
+cannot avoid. ``python -m bench.emptyapp --null PORT`` serves a fixed response
 from a bare asyncio protocol: it costs almost nothing, so the rate the load generator
 reaches against it is the generator's own ceiling.
 """
@@ -12,15 +13,36 @@ from __future__ import annotations
 import asyncio
 import ssl
 import sys
+from datetime import UTC, datetime
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+
+from tessera.core.protocol import CheckinRequest, ServerResponse
+from tessera.core.signing import SigningKey
 
 app = FastAPI()
+
+#: Fixed keys, so the load generator's pre-signed bodies verify in this separate process.
+AGENT_KEY = SigningKey.from_raw(bytes(range(32)))
+VENDOR_KEY = SigningKey.from_raw(bytes(range(32, 64)))
 
 
 @app.post("/empty")
 async def empty() -> dict[str, str]:
     return {}
+
+
+@app.post("/floor")
+async def floor(request: Request) -> Response:
+    """The work no correct check-in can skip, and nothing else: no database.
+
+    Parse and check the request, verify the agent's Ed25519 signature, sign the answer.
+    The license server's check-ins are compared with this too: the gap is the database.
+    """
+    parsed = CheckinRequest.from_json(await request.body())
+    parsed.verify_with(AGENT_KEY.public)
+    answer = ServerResponse("checkin", parsed.nonce, datetime.now(UTC).replace(microsecond=0), "2026-000001")
+    return Response(answer.signed(VENDOR_KEY).to_json(), media_type="application/json")
 
 
 _RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.emptyapp import AGENT_KEY
 from bench.harness import Context, Row, benchmark, skipped
 from bench.processes import PYTHON, LoadResult, free_port, run_load, serving
 from bench.tessera_server import (
@@ -28,7 +29,6 @@ from bench.tessera_server import (
 )
 from bench.tlsfiles import make_tls_files
 from tessera.core.protocol import CheckinRequest
-from tessera.core.signing import SigningKey
 
 TARGET_RATIO = 0.5
 CONNECTIONS = 16
@@ -49,7 +49,7 @@ def sample_body() -> bytes:
     """A check-in request: the baseline receives the same bytes a real endpoint does."""
     return CheckinRequest.create(
         "K7QXM-2VDRT-9HFNA-PC4WE-8BZJY", "TL1-MP5UNZP2ZRSFQMXIPVBGRKZMPWZZK3IG57Y7CM3V5T6EEOS5",
-        "bench-system-0001", SigningKey.generate(),
+        "bench-system-0001", AGENT_KEY,
     ).to_json()  # fmt: skip
 
 
@@ -65,6 +65,9 @@ def measure_baselines(ctx: Context, duration: float) -> tuple[list[Row], LoadRes
     with serving([*uvicorn_args(port), "--log-level", "warning", "--no-access-log"], port=port):
         run_load(port, "/empty", [body], duration=0.5, repeat=True)  # warm up
         empty = run_load(port, "/empty", [body], duration=duration, repeat=True, connections=CONNECTIONS)
+        bodies = [sample_body() for _ in range(200)]  # own nonces, as real requests
+        run_load(port, "/floor", bodies, duration=0.5, repeat=True)
+        floor = run_load(port, "/floor", bodies, duration=duration, repeat=True, connections=CONNECTIONS)
     rows = [
         Row(
             "loadgen capacity (raw asyncio)",
@@ -89,6 +92,16 @@ def measure_baselines(ctx: Context, duration: float) -> tuple[list[Row], LoadRes
             )
         )
     rows.append(Row("empty FastAPI POST (1 uvicorn worker)", empty["rps"], "req/s", note=latency_note(empty)))
+    rows.append(
+        Row(
+            "crypto floor POST (verify + sign, no DB)",
+            floor["rps"],
+            "req/s",
+            "empty FastAPI POST",
+            empty["rps"],
+            note=f"info: the most a check-in can reach; {latency_note(floor)}",
+        )
+    )
     return rows, empty
 
 
