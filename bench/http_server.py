@@ -1,0 +1,328 @@
+"""Server throughput over loopback HTTP: the empty-endpoint baseline, activations, check-ins.
+
+SPEC section 7: activations and check-ins per second on 2 cores at least half of what the
+same web stack (FastAPI, one uvicorn worker) serves for an empty endpoint, on SQLite and on
+PostgreSQL, with p99 latency. The load generator runs in its own process (one core), the
+server in another (one worker, so one core plus its database). A first row measures the
+generator against a server that does nothing, to show it is not what limits the figures.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench.emptyapp import AGENT_KEY
+from bench.harness import Context, Row, benchmark, skipped
+from bench.processes import PYTHON, LoadResult, free_port, run_load, serving
+from bench.tessera_server import (
+    activation_bodies,
+    checkin_bodies,
+    installations,
+    postgres_database,
+    server_unavailable,
+    tessera_server,
+)
+from bench.tlsfiles import make_tls_files
+from tessera.core.protocol import CheckinRequest
+
+TARGET_RATIO = 0.5
+CONNECTIONS = 16
+PER_LICENSE = 50  # machines per license: a site license, and a short slot scan per activation
+BACKENDS = ("SQLite", "PostgreSQL")
+BULK, BULK_SECONDS = 100_000, 60.0
+
+
+def latency_note(r: LoadResult) -> str:
+    note = f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms"
+    bad = {code: n for code, n in r["statuses"].items() if not code.startswith("2")}
+    if bad:
+        note += ", errors " + ", ".join(f"{n}x HTTP {code}" for code, n in bad.items())
+    return note
+
+
+def sample_body() -> bytes:
+    """A check-in request: the baseline receives the same bytes a real endpoint does."""
+    return CheckinRequest.create(
+        "K7QXM-2VDRT-9HFNA-PC4WE-8BZJY", "TL1-MP5UNZP2ZRSFQMXIPVBGRKZMPWZZK3IG57Y7CM3V5T6EEOS5",
+        "bench-system-0001", AGENT_KEY,
+    ).to_json()  # fmt: skip
+
+
+def measure_baselines(ctx: Context, duration: float) -> tuple[list[Row], LoadResult]:
+    body = sample_body()
+    port = free_port()
+    with serving([PYTHON, "-m", "bench.emptyapp", "--null", str(port)], port=port):
+        capacity = run_load(port, "/null", [body], duration=min(duration, 2.0), repeat=True)
+        httpx_capacity = None
+        if not ctx.quick:
+            httpx_capacity = run_load(port, "/null", [body], duration=2.0, repeat=True, client="httpx")
+    port = free_port()
+    with serving([*uvicorn_args(port), "--log-level", "warning", "--no-access-log"], port=port):
+        run_load(port, "/empty", [body], duration=0.5, repeat=True)  # warm up
+        empty = run_load(port, "/empty", [body], duration=duration, repeat=True, connections=CONNECTIONS)
+        bodies = [sample_body() for _ in range(200)]  # own nonces, as real requests
+        run_load(port, "/floor", bodies, duration=0.5, repeat=True)
+        floor = run_load(port, "/floor", bodies, duration=duration, repeat=True, connections=CONNECTIONS)
+    rows = [
+        Row(
+            "loadgen capacity (raw asyncio)",
+            capacity["rps"],
+            "req/s",
+            "empty FastAPI POST",
+            empty["rps"],
+            ">= 3x",
+            capacity["rps"] >= 3 * empty["rps"],
+            "generator is not the bottleneck" if capacity["rps"] >= 3 * empty["rps"] else "generator-bound",
+        ),
+    ]
+    if httpx_capacity is not None:
+        rows.append(
+            Row(
+                "loadgen capacity (httpx, not used)",
+                httpx_capacity["rps"],
+                "req/s",
+                "empty FastAPI POST",
+                empty["rps"],
+                note="info: too slow to drive the server",
+            )
+        )
+    rows.append(Row("empty FastAPI POST (1 uvicorn worker)", empty["rps"], "req/s", note=latency_note(empty)))
+    rows.append(
+        Row(
+            "crypto floor POST (verify + sign, no DB)",
+            floor["rps"],
+            "req/s",
+            "empty FastAPI POST",
+            empty["rps"],
+            note=f"info: the most a check-in can reach; {latency_note(floor)}",
+        )
+    )
+    return rows, empty
+
+
+def uvicorn_args(port: int) -> list[str]:
+    return [PYTHON, "-m", "uvicorn", "bench.emptyapp:app", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def measure_tls_baselines(duration: float, empty: LoadResult) -> tuple[list[Row], LoadResult]:
+    """The same endpoint over TLS: kept-alive connections, and one new connection per request.
+
+    An agent checks in once per validation interval (a day by default), so in production
+    every check-in opens a new TLS connection: the handshake is part of its cost.
+    """
+    body = sample_body()
+    with tempfile.TemporaryDirectory(prefix="tessera-bench-tls-") as tmp:
+        files = make_tls_files(Path(tmp))
+        port = free_port()
+        with serving(
+            [PYTHON, "-m", "bench.emptyapp", "--null", str(port), str(files.cert), str(files.key)], port=port
+        ):
+            capacity = run_load(
+                port, "/null", [body], duration=2.0, repeat=True, tls_ca=files.ca, new_connection=True
+            )
+        port = free_port()
+        tls_args = ["--ssl-certfile", str(files.cert), "--ssl-keyfile", str(files.key)]
+        with serving(
+            [*uvicorn_args(port), *tls_args, "--log-level", "warning", "--no-access-log"], port=port
+        ):
+            run_load(port, "/empty", [body], duration=0.5, repeat=True, tls_ca=files.ca)  # warm up
+            kept = run_load(port, "/empty", [body], duration=duration, repeat=True, tls_ca=files.ca)
+            fresh = run_load(
+                port, "/empty", [body], duration=duration, repeat=True, tls_ca=files.ca, new_connection=True
+            )
+    headroom = capacity["rps"] / fresh["rps"]
+    return [
+        Row(
+            "loadgen capacity (TLS, new connection each)",
+            capacity["rps"],
+            "req/s",
+            "empty FastAPI POST, TLS, new conn.",
+            fresh["rps"],
+            note="generator is not the bottleneck"
+            if headroom >= 3
+            else "info: near the generator's limit; the TLS baseline is a lower bound",
+        ),
+        Row(
+            "empty FastAPI POST, TLS keep-alive",
+            kept["rps"],
+            "req/s",
+            "empty FastAPI POST",
+            empty["rps"],
+            note=latency_note(kept),
+        ),
+        Row(
+            "empty FastAPI POST, TLS new connection each",
+            fresh["rps"],
+            "req/s",
+            "empty FastAPI POST",
+            empty["rps"],
+            note=latency_note(fresh),
+        ),
+    ], fresh
+
+
+def measure_server_tls(ctx: Context, duration: float, fresh: LoadResult) -> Row:
+    """Check-ins as they arrive in production: TLS, one new connection per check-in (SQLite)."""
+    with tessera_server(None, tls=True) as server:
+        assert server.ca is not None
+        keys = server.seed(4, PER_LICENSE)
+        insts = installations(keys, PER_LICENSE, prefix="tls")
+        act = run_load(
+            server.port,
+            "/api/v1/activate",
+            activation_bodies(insts),
+            duration=60,
+            connections=4,
+            tls_ca=server.ca,
+        )
+        if act["ok"] != len(insts):
+            raise RuntimeError(f"activations over TLS failed: {act['statuses']}")
+        ctx.log(f"  SQLite over TLS: check-ins for {duration:.0f} s, a new connection each")
+        r = run_load(
+            server.port,
+            "/api/v1/checkin",
+            checkin_bodies(insts, int(duration * 1000)),
+            duration=duration,
+            connections=CONNECTIONS,
+            tls_ca=server.ca,
+            new_connection=True,
+        )
+    ratio = r["rps"] / fresh["rps"]
+    return Row(
+        "check-ins/s (SQLite, TLS, new connection each)",
+        r["rps"],
+        "req/s",
+        "empty FastAPI POST, TLS, new conn.",
+        fresh["rps"],
+        f">= {TARGET_RATIO}x",
+        ratio >= TARGET_RATIO and r["ok"] == r["requests"],
+        latency_note(r),
+    )
+
+
+@contextmanager
+def backend(name: str) -> Iterator[str | None]:
+    if name == "SQLite":
+        yield None
+    else:
+        with postgres_database() as url:
+            yield url
+
+
+def measure_server(ctx: Context, name: str, duration: float, empty: LoadResult) -> list[Row]:
+    expected_rate = 2000  # generous: bodies run out rather than the clock
+    count = int(expected_rate * duration)
+    licenses = max(2, count // PER_LICENSE + 1)
+    rows: list[Row] = []
+    with backend(name) as url, tessera_server(url) as server:
+        ctx.log(f"  {name}: issuing {licenses} licenses x {PER_LICENSE} machines")
+        start = time.perf_counter()
+        keys = server.seed(licenses, PER_LICENSE)
+        issue_rate = licenses / (time.perf_counter() - start)
+        insts = installations(keys, PER_LICENSE)
+        warm, insts = insts[:64], insts[64:]
+        run_load(server.port, "/api/v1/activate", activation_bodies(warm), duration=5, connections=4)
+        ctx.log(f"  {name}: activations for {duration:.0f} s")
+        act = run_load(
+            server.port,
+            "/api/v1/activate",
+            activation_bodies(insts),
+            duration=duration,
+            connections=CONNECTIONS,
+        )
+        # The generator takes bodies in order: the first ``requests`` were sent. Check in with
+        # those only if every one was bound (else fall back to the warm-up machines).
+        ok = insts[: act["requests"]] if act["ok"] == act["requests"] else warm
+        ctx.log(f"  {name}: check-ins for {duration:.0f} s over {len(ok)} installations")
+        chk = run_load(
+            server.port,
+            "/api/v1/checkin",
+            checkin_bodies(ok, count),
+            duration=duration,
+            connections=CONNECTIONS,
+        )
+    for what, r in (("activations", act), ("check-ins", chk)):
+        ratio = r["rps"] / empty["rps"]
+        clean = r["ok"] == r["requests"]
+        rows.append(
+            Row(
+                f"{what}/s ({name})",
+                r["rps"],
+                "req/s",
+                "empty FastAPI POST",
+                empty["rps"],
+                f">= {TARGET_RATIO}x",
+                ratio >= TARGET_RATIO and clean,
+                latency_note(r),
+            )
+        )
+    projected = BULK / issue_rate
+    rows.append(
+        Row(
+            f"licenses issued via admin API ({name})",
+            issue_rate,
+            "licenses/s",
+            target=f"{BULK:,} < {BULK_SECONDS:.0f} s",
+            passed=projected < BULK_SECONDS,
+            note=f"{BULK:,} in {projected:,.0f} s; one per request, 4 clients, not signed yet",
+        )
+    )
+    return rows
+
+
+@benchmark("http")
+def http(ctx: Context) -> list[Row]:
+    """empty FastAPI baseline, activations and check-ins/s over loopback (SQLite, PostgreSQL)"""
+    duration = ctx.budget(3.0, 10.0)
+    rows, empty = measure_baselines(ctx, duration)
+    reason = server_unavailable()
+    for name in BACKENDS:
+        if reason is not None:
+            rows += [
+                skipped(f"{what}/s ({name})", "req/s", reason, "empty FastAPI POST", f">= {TARGET_RATIO}x")
+                for what in ("activations", "check-ins")
+            ]
+            continue
+        rows += guarded(
+            ctx, f"server ({name})", functools.partial(measure_server, ctx, name, duration, empty)
+        )
+    return rows
+
+
+@benchmark("tls")
+def tls(ctx: Context) -> list[Row]:
+    """the same over TLS with a new connection per request (handshake cost), SQLite"""
+    duration = ctx.budget(2.0, 6.0)
+    empty = run_empty_plain(duration)
+    rows, fresh = measure_tls_baselines(duration, empty)
+    name = "check-ins/s (SQLite, TLS, new connection each)"
+    reason = server_unavailable()
+    if reason is not None:
+        return [
+            *rows,
+            skipped(name, "req/s", reason, "empty FastAPI POST, TLS, new conn.", f">= {TARGET_RATIO}x"),
+        ]
+    return rows + guarded(ctx, "server (TLS)", lambda: [measure_server_tls(ctx, duration, fresh)])
+
+
+def run_empty_plain(duration: float) -> LoadResult:
+    port = free_port()
+    with serving([*uvicorn_args(port), "--log-level", "warning", "--no-access-log"], port=port):
+        run_load(port, "/empty", [sample_body()], duration=0.5, repeat=True)
+        return run_load(
+            port, "/empty", [sample_body()], duration=duration, repeat=True, connections=CONNECTIONS
+        )
+
+
+def guarded(ctx: Context, what: str, measure: Callable[[], list[Row]]) -> list[Row]:
+    """One backend failing (PostgreSQL down, a server bug) must not hide the others' rows."""
+    try:
+        return measure()
+    except Exception as exc:
+        ctx.log(f"  {what}: {type(exc).__name__}: {exc}")
+        return [Row(what, None, "req/s", passed=False, note=f"error: {type(exc).__name__}: {str(exc)[:120]}")]
