@@ -13,10 +13,9 @@ import re
 import ssl
 from datetime import date
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote
 
-import httpx
 import typer
 from rich.table import Table
 
@@ -30,6 +29,9 @@ from tessera.cli._common import (
     write_file_atomic,
 )
 from tessera.cli.apps import app, license_app
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "AdminClient",
@@ -82,6 +84,8 @@ class AdminClient:
             except (ssl.SSLError, OSError):
                 fail(f"--ca {ca} is not a PEM CA certificate")
             verify.minimum_version = ssl.TLSVersion.TLSv1_2
+        import httpx  # here, not at the top: every other verb starts faster without it
+
         self.url = url.rstrip("/")
         self._client = httpx.Client(
             base_url=self.url,
@@ -91,6 +95,8 @@ class AdminClient:
         )
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
         try:
             response = self._client.request(method, path, **kwargs)
         except httpx.ConnectError as exc:
