@@ -192,7 +192,7 @@ class Machine(Base):
     __tablename__ = "machines"
     __table_args__ = (
         UniqueConstraint("license_id", "slot"),
-        Index("ix_machines_license_system", "license_id", "system_id"),
+        Index("ix_machines_license_system", "license_id", "system_id", unique=True),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     license_id: Mapped[int] = mapped_column(ForeignKey("licenses.id", ondelete="CASCADE"))

@@ -180,7 +180,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("machines", schema=None) as batch_op:
         batch_op.create_index(
-            "ix_machines_license_system", ["license_id", "system_id"], unique=False
+            "ix_machines_license_system", ["license_id", "system_id"], unique=True
         )
 
     op.create_table(
