@@ -4,6 +4,8 @@ license can check in with the key it registered last."""
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
@@ -18,13 +20,15 @@ from tessera.server.tokens import Principal
 from .conftest import START
 from .helpers import FakeAgent, setup_license
 
+EXAMPLES = min(int(os.environ.get("TESSERA_FUZZ_EXAMPLES", "25")), 500)
+
 # (hardware 0-5, installation 0-3 on that hardware, nic swapped?)
 events = st.lists(
     st.tuples(st.integers(0, 5), st.integers(0, 3), st.booleans()), min_size=1, max_size=12
 )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(k=st.integers(1, 4), sequence=events)
 def _never_oversold(
     state: ServerState,
@@ -72,5 +76,7 @@ def _never_oversold(
             activation.checkin(session, a.checkin(key), START, state.signing_key, state.pepper)
 
 
-def test_activation_never_oversells(state: ServerState, admin: Principal, keyring: Keyring) -> None:
+def test_activation_never_oversells_property(
+    state: ServerState, admin: Principal, keyring: Keyring
+) -> None:
     _never_oversold(state, admin, keyring)
