@@ -310,6 +310,13 @@ def license_issue(
     checkpoint_days: int | None = typer.Option(None, "--checkpoint-days"),
     emergency_feature: list[str] = typer.Option([], "--emergency-feature", help="Repeatable."),
     no_connect: bool = typer.Option(False, "--no-connect", help="No periodic validation."),
+    validation_hours: int = typer.Option(24, "--validation-hours", help="Check-in interval."),
+    match: str = typer.Option(
+        "medium", "--match", help="Locking ID tolerance: strict, medium, loose."
+    ),
+    recovery_allowance: int | None = typer.Option(None, "--recovery-allowance"),
+    recovery_interval_days: int | None = typer.Option(None, "--recovery-interval-days"),
+    order: str | None = typer.Option(None, "--order", help="The order this license fulfils."),
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
@@ -328,6 +335,11 @@ def license_issue(
         "checkpoint_days": checkpoint_days,
         "emergency": emergency_feature,
         "connect": not no_connect,
+        "validation_hours": validation_hours,
+        "match": match,
+        "recovery_allowance": recovery_allowance,
+        "recovery_interval_days": recovery_interval_days,
+        "order": order,
     }
     result = AdminClient(url, token, ca).request("POST", "/api/v1/licenses", json=body)
     if as_json:

@@ -91,6 +91,7 @@ def license_view(row: LicenseRow, *, with_machines: bool = True) -> dict[str, An
         "emergency": list(row.emergency_features),
         "recovery_allowance": row.recovery_allowance,
         "recovery_interval_days": row.recovery_interval_days,
+        "order": row.order_ref,
         "features": first,
         "locations": locations,
     }
@@ -306,6 +307,7 @@ def issue_license(
         emergency=",".join(data.emergency),
         recovery_allowance=data.recovery_allowance,
         recovery_interval_days=data.recovery_interval_days,
+        order_ref=data.order,
         created_at=now,
         updated_at=now,
     )

@@ -143,6 +143,7 @@ class LicenseRow(Base):
     emergency: Mapped[str] = mapped_column(Text, default="")
     recovery_allowance: Mapped[int | None] = mapped_column(Integer, nullable=True)
     recovery_interval_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    order_ref: Mapped[str | None] = mapped_column(String(100), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
