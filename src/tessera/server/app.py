@@ -210,10 +210,15 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
     # ------------------------------------------------------------------ connect
 
     async def _read_json(request: Request) -> bytes:
-        body = await request.body()
-        if len(body) > MAX_MESSAGE_SIZE:
-            raise FormatError("request is too large")
-        return body
+        """The body, read only up to the protocol's size limit (a huge upload is cut off)."""
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_MESSAGE_SIZE:
+                raise FormatError("request is too large")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     @app.post(
         "/api/v1/activate",
