@@ -317,6 +317,7 @@ def license_issue(
     recovery_allowance: int | None = typer.Option(None, "--recovery-allowance"),
     recovery_interval_days: int | None = typer.Option(None, "--recovery-interval-days"),
     order: str | None = typer.Option(None, "--order", help="The order this license fulfils."),
+    seal: bool = typer.Option(False, "--seal", help="Encrypt entitlements to the license key."),
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
@@ -340,6 +341,7 @@ def license_issue(
         "recovery_allowance": recovery_allowance,
         "recovery_interval_days": recovery_interval_days,
         "order": order,
+        "seal": seal,
     }
     result = AdminClient(url, token, ca).request("POST", "/api/v1/licenses", json=body)
     if as_json:

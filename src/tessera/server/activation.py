@@ -124,7 +124,11 @@ def _bind(
     machine.offline = offline
     machine.delivered_revision = row.revision
     doc = license_document(
-        row, locking_id=request.locking_id, agent_key=request.agent_key, issued=now
+        row,
+        locking_id=request.locking_id,
+        agent_key=request.agent_key,
+        issued=now,
+        license_key=request.license_key,
     )
     license_file = sign_document(doc, signing_key)
     session.flush()
@@ -269,7 +273,11 @@ def checkin(
         row = session.get(LicenseRow, found.id)
         assert row is not None  # read in this transaction
         doc = license_document(
-            row, locking_id=found.locking_id, agent_key=found.agent_key, issued=now
+            row,
+            locking_id=found.locking_id,
+            agent_key=found.agent_key,
+            issued=now,
+            license_key=request.license_key,
         )
         license_file = sign_document(doc, signing_key)
         delivered, outcome = found.revision, "updated"

@@ -144,6 +144,8 @@ class LicenseRow(Base):
     recovery_allowance: Mapped[int | None] = mapped_column(Integer, nullable=True)
     recovery_interval_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
     order_ref: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    #: Encrypt the entitlements of every file shipped (key derived from the license key).
+    sealed: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
 

@@ -168,6 +168,9 @@ class LicenseIn(_In):
     order: str | None = Field(
         None, min_length=1, max_length=100, description="The order this license fulfils."
     )
+    seal: bool = Field(
+        False, description="Encrypt the entitlements in every shipped file to the license key."
+    )
 
     @field_validator("order")
     @classmethod

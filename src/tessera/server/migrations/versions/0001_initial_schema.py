@@ -106,6 +106,7 @@ def upgrade() -> None:
         sa.Column("recovery_allowance", sa.Integer(), nullable=True),
         sa.Column("recovery_interval_days", sa.Integer(), nullable=True),
         sa.Column("order_ref", sa.String(length=100), nullable=True),
+        sa.Column("sealed", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
