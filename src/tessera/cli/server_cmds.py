@@ -47,6 +47,9 @@ def init(
                 "key_id": result.key_id,
                 "data_dir": str(config.data_dir),
                 "config": str(config.config_file),
+                "passphrase_file": (
+                    str(config.passphrase_file) if result.passphrase_generated else None
+                ),
             }
         )
         return
