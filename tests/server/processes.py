@@ -58,10 +58,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start(data_dir: Path, tls: bool) -> tuple[subprocess.Popen[bytes], int, Path]:
+def _start(
+    data_dir: Path, tls: bool, extra: list[str]
+) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_port()
     args = [TESSERA, "server", "run", "--data-dir", str(data_dir), "--host", "127.0.0.1"]
-    args += ["--port", str(port)] + ([] if tls else ["--no-tls"])
+    args += ["--port", str(port), *([] if tls else ["--no-tls"]), *extra]
     log = data_dir / f"server-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(args, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
@@ -78,14 +80,16 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def running_server(data_dir: Path, *, tls: bool = True, ca: str | None = None) -> Iterator[str]:
+def running_server(
+    data_dir: Path, *, tls: bool = True, ca: str | None = None, extra: list[str] | None = None
+) -> Iterator[str]:
     """``tessera server run`` on a free loopback port; yields its URL once /health answers.
 
     A port taken by someone else between choosing and binding it is retried with another.
     """
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if (tls and ca) else True
     for attempt in range(3):
-        proc, port, log = _start(data_dir, tls)
+        proc, port, log = _start(data_dir, tls, extra or [])
         url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         try:
