@@ -59,9 +59,9 @@ def free_port() -> int:
 
 
 def _start(
-    data_dir: Path, tls: bool, extra: list[str]
+    data_dir: Path, tls: bool, extra: list[str], port: int | None
 ) -> tuple[subprocess.Popen[bytes], int, Path]:
-    port = free_port()
+    port = port or free_port()
     args = [TESSERA, "server", "run", "--data-dir", str(data_dir), "--host", "127.0.0.1"]
     args += ["--port", str(port), *([] if tls else ["--no-tls"]), *extra]
     log = data_dir / f"server-{port}.log"
@@ -81,22 +81,28 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def running_server(
-    data_dir: Path, *, tls: bool = True, ca: str | None = None, extra: list[str] | None = None
+    data_dir: Path,
+    *,
+    tls: bool = True,
+    ca: str | None = None,
+    port: int | None = None,
+    extra: list[str] | None = None,
 ) -> Iterator[str]:
-    """``tessera server run`` on a free loopback port; yields its URL once /health answers.
+    """``tessera server run`` on a (free) loopback port; yields its URL once /health answers.
 
-    A port taken by someone else between choosing and binding it is retried with another.
+    A free port taken by someone else between choosing and binding it is retried with
+    another; a port the caller names is used as is.
     """
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if (tls and ca) else True
     for attempt in range(3):
-        proc, port, log = _start(data_dir, tls, extra or [])
-        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        proc, bound, log = _start(data_dir, tls, extra or [], port)
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{bound}"
         deadline = time.monotonic() + 30
         try:
             while True:
                 if proc.poll() is not None:
                     text = log.read_text(errors="replace")
-                    if "cannot listen" in text and attempt < 2:
+                    if "cannot listen" in text and attempt < 2 and port is None:
                         break
                     raise RuntimeError(f"server exited: {text}")
                 try:
@@ -114,6 +120,8 @@ def running_server(
             _stop(proc)
             raise
         if proc.poll() is not None:
+            if port is not None:
+                raise RuntimeError(f"server exited: {log.read_text(errors='replace')}")
             continue  # the port was taken: try another
         try:
             yield url
