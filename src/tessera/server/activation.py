@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import and_, bindparam, exists, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from tessera.core import sign_document
@@ -62,9 +62,13 @@ def _check_usable(row: LicenseRow, now: datetime) -> None:
         raise Forbidden(f"license {row.serial} is {row.binding}-bound; activate it as such")
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=16384)
 def _parsed(locking_id: str) -> LockingId | None:
-    """Parsed Locking IDs are immutable; caching them keeps the slot scan cheap."""
+    """Bound machines' Locking IDs, parsed once: keeps slot scans and check-ins cheap.
+
+    Only IDs read from the database come here, never a client's, so clients cannot fill
+    the cache.
+    """
     try:
         return LockingId.parse(locking_id)
     except ValueError:
@@ -120,7 +124,11 @@ def _bind(
     machine.offline = offline
     machine.delivered_revision = row.revision
     doc = license_document(
-        row, locking_id=request.locking_id, agent_key=request.agent_key, issued=now
+        row,
+        locking_id=request.locking_id,
+        agent_key=request.agent_key,
+        issued=now,
+        license_key=request.license_key,
     )
     license_file = sign_document(doc, signing_key)
     session.flush()
@@ -193,6 +201,13 @@ _CHECKIN_LOOKUP = (
         Machine.locking_id,
         Machine.agent_key,
         Machine.delivered_revision,
+        # Any entitlement still valid today? (every rule on every validation, same trip)
+        exists()
+        .where(
+            EntitlementRow.license_id == LicenseRow.id,
+            or_(EntitlementRow.expiry.is_(None), EntitlementRow.expiry >= bindparam("today")),
+        )
+        .label("valid"),
     )
     .select_from(LicenseRow)
     .outerjoin(
@@ -200,14 +215,6 @@ _CHECKIN_LOOKUP = (
         and_(Machine.license_id == LicenseRow.id, Machine.system_id == bindparam("system_id")),
     )
     .where(LicenseRow.key_digest == bindparam("digest"))
-)
-_VALID_ENTITLEMENT = (
-    select(EntitlementRow.id)
-    .where(
-        EntitlementRow.license_id == bindparam("license_id"),
-        or_(EntitlementRow.expiry.is_(None), EntitlementRow.expiry >= bindparam("today")),
-    )
-    .limit(1)
 )
 _RECORD_MACHINE = (
     update(Machine)
@@ -230,7 +237,11 @@ def checkin(
     conn = session.connection()
     found = conn.execute(
         _CHECKIN_LOOKUP,
-        {"system_id": request.system_id, "digest": license_key_digest(request.license_key, pepper)},
+        {
+            "system_id": request.system_id,
+            "digest": license_key_digest(request.license_key, pepper),
+            "today": utc(now).date(),
+        },
     ).first()
     if found is None:
         raise NotFound("unknown license key")
@@ -242,9 +253,12 @@ def checkin(
         raise Forbidden(
             "bad request signature (not signed by the key registered at activation)"
         ) from None
-    licensed = _parsed(found.locking_id)
-    current = _parsed(request.locking_id)
-    if licensed is None or current is None:
+    licensed = _parsed(found.locking_id)  # cached: only IDs the server stored itself
+    try:
+        current = LockingId.parse(request.locking_id)
+    except ValueError:
+        raise Forbidden("malformed Locking ID") from None
+    if licensed is None:
         raise Forbidden("malformed Locking ID")
     if not match_locking_ids(licensed, current, MatchLevel(found.match_level)).ok:
         raise Forbidden(
@@ -262,15 +276,16 @@ def checkin(
         row = session.get(LicenseRow, found.id)
         assert row is not None  # read in this transaction
         doc = license_document(
-            row, locking_id=found.locking_id, agent_key=found.agent_key, issued=now
+            row,
+            locking_id=found.locking_id,
+            agent_key=found.agent_key,
+            issued=now,
+            license_key=request.license_key,
         )
         license_file = sign_document(doc, signing_key)
         delivered, outcome = found.revision, "updated"
-    if outcome != "revoked":
-        today = utc(now).date()
-        valid = conn.execute(_VALID_ENTITLEMENT, {"license_id": found.id, "today": today}).first()
-        if valid is None:
-            message, outcome = f"license {found.serial} has expired", "expired"
+    if outcome != "revoked" and not found.valid:
+        message, outcome = f"license {found.serial} has expired", "expired"
     conn.execute(
         _RECORD_MACHINE, {"machine_id": found.machine_id, "now": now, "delivered": delivered}
     )
