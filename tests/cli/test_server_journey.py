@@ -104,7 +104,8 @@ def _journey(tmp_path: Path, db_url: str | None) -> None:
         issued = cli(
             "license", "issue", "--customer", customer_id, "--product", "cortex",
             "--feature", "uniplex=5,2030-01-15", "--feature", "backup=1", "--version", "4.*",
-            "--failover-days", "14", "--emergency-feature", "backup", "--json",
+            "--failover-days", "14", "--emergency-feature", "backup", "--order", "PO-4711",
+            "--validation-hours", "12", "--recovery-allowance", "2", "--json",
         )  # fmt: skip
         assert issued.returncode == 0, issued.stderr
         lic = json.loads(issued.stdout)
@@ -124,6 +125,8 @@ def _journey(tmp_path: Path, db_url: str | None) -> None:
             document = load_signed(response.license or "", keyring).document
             check_binding(document, machine)  # type: ignore[arg-type]
             assert document.serial == lic["serial"] and document.failover_days == 14  # type: ignore[union-attr]
+            assert document.validation_hours == 12 and document.emergency == ("backup",)  # type: ignore[union-attr]
+            assert document.recovery_allowance == 2 and str(document.version) == "4.*"  # type: ignore[union-attr]
             license_file = tmp_path / "machine-one.lic"
             license_file.write_text(response.license or "")
             verified = tessera(
@@ -159,7 +162,7 @@ def _journey(tmp_path: Path, db_url: str | None) -> None:
             shown = cli("license", "show", lic["serial"], "--json", token=ro_token)
             assert shown.returncode == 0, shown.stderr
             view = json.loads(shown.stdout)
-            assert view["serial"] == lic["serial"]
+            assert view["serial"] == lic["serial"] and view["order"] == "PO-4711"
             assert view["features"]["uniplex"] == {"count": 5, "expiry": "2030-01-15"}
             assert [m["locking_id"] for m in view["machines"]] == [machine]
             assert "Traceback" not in cli("license", "show", lic["serial"]).stdout

@@ -58,48 +58,74 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextmanager
-def running_server(
-    data_dir: Path, *, tls: bool = True, ca: str | None = None, port: int | None = None
-) -> Iterator[str]:
-    """``tessera server run`` on a (free) loopback port; yields its URL once /health answers."""
+def _start(
+    data_dir: Path, tls: bool, extra: list[str], port: int | None
+) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = port or free_port()
-    args = [
-        TESSERA,
-        "server",
-        "run",
-        "--data-dir",
-        str(data_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    if not tls:
-        args.append("--no-tls")
+    args = [TESSERA, "server", "run", "--data-dir", str(data_dir), "--host", "127.0.0.1"]
+    args += ["--port", str(port), *([] if tls else ["--no-tls"]), *extra]
     log = data_dir / f"server-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(args, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
-    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if (tls and ca) else True
+    return proc, port, log
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
     try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+@contextmanager
+def running_server(
+    data_dir: Path,
+    *,
+    tls: bool = True,
+    ca: str | None = None,
+    port: int | None = None,
+    extra: list[str] | None = None,
+) -> Iterator[str]:
+    """``tessera server run`` on a (free) loopback port; yields its URL once /health answers.
+
+    A free port taken by someone else between choosing and binding it is retried with
+    another; a port the caller names is used as is.
+    """
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if (tls and ca) else True
+    for attempt in range(3):
+        proc, bound, log = _start(data_dir, tls, extra or [], port)
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{bound}"
         deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text(errors='replace')}")
-            try:
-                if httpx.get(f"{url}/api/v1/health", verify=verify, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {log.read_text(errors='replace')}")
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+            while True:
+                if proc.poll() is not None:
+                    text = log.read_text(errors="replace")
+                    if "cannot listen" in text and attempt < 2 and port is None:
+                        break
+                    raise RuntimeError(f"server exited: {text}")
+                try:
+                    if (
+                        httpx.get(f"{url}/api/v1/health", verify=verify, timeout=2).status_code
+                        == 200
+                    ):
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start: {log.read_text(errors='replace')}")
+                time.sleep(0.1)
+        except BaseException:
+            _stop(proc)
+            raise
+        if proc.poll() is not None:
+            if port is not None:
+                raise RuntimeError(f"server exited: {log.read_text(errors='replace')}")
+            continue  # the port was taken: try another
+        try:
+            yield url
+        finally:
+            _stop(proc)
+        return
+    raise RuntimeError("no free port for the server")

@@ -8,8 +8,9 @@ import pytest
 from sqlalchemy import select
 
 from tessera.core.clock import ManualClock
-from tessera.core.errors import BindingError
+from tessera.core.errors import BindingError, DecryptionError
 from tessera.core.protocol import ServerResponse
+from tessera.core.sealing import unseal
 from tessera.core.signing import Keyring, SigningKey
 from tessera.core.verify import check_binding, load_signed
 from tessera.server import activation, licenses
@@ -157,3 +158,20 @@ def test_checkin_refuses_strangers(state: ServerState, admin: Principal, keyring
     moved = FakeAgent("elsewhere", a.system_id, key=a.key)
     with pytest.raises(Forbidden, match="no longer matches"):
         _checkin(state, moved, key, keyring)
+
+
+def test_a_sealed_license_is_shipped_encrypted_to_its_key(
+    state: ServerState, admin: Principal, keyring: Keyring
+) -> None:
+    serial, key = setup_license(state, admin, START, seal=True)
+    a = agent(1)
+    shipped = load_signed(_activate(state, a, key, keyring).license or "", keyring).document
+    assert shipped.sealed is not None and shipped.locations == ()  # type: ignore[union-attr]
+    opened = unseal(shipped, key)  # type: ignore[arg-type]
+    assert opened.location().get("uniplex").count == 5  # type: ignore[union-attr]
+    with state.db.write() as session:
+        licenses.update_license(session, admin, serial, LicenseUpdate(failover_days=7), state.now())
+    again = load_signed(_checkin(state, a, key, keyring).license or "", keyring).document
+    assert again.sealed is not None and unseal(again, key).failover_days == 7  # type: ignore[arg-type]
+    with pytest.raises(DecryptionError):
+        unseal(again, "AAAAA-BBBBB-CCCCC-DDDDD-EEEEE")  # type: ignore[arg-type]

@@ -48,7 +48,11 @@ CHECKS = [
     content_type_conformance,
     response_schema_conformance,
 ]
-EXAMPLES = int(os.environ.get("TESSERA_API_FUZZ_EXAMPLES", "8"))
+# A few per operation in the normal suite; `make fuzz` (TESSERA_FUZZ_EXAMPLES) runs more.
+EXAMPLES = int(
+    os.environ.get("TESSERA_API_FUZZ_EXAMPLES")
+    or (200 if os.environ.get("TESSERA_FUZZ_EXAMPLES") else 8)
+)
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """Nothing is oversold: N parallel activations against k machine slots bind exactly k.
 
-Once in one process (threads against the live app) and once across two real server
-processes sharing one database, on SQLite and on PostgreSQL.
+Once in one process (threads against the live app) and once across real server processes
+sharing one database (one plain ``server run`` and one with ``--workers 2``), on SQLite and
+on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def test_parallel_activations_across_two_server_processes(tmp_path: Path, backen
         info = init_data_dir(data_dir, pg.url if pg else None)
         with (
             running_server(data_dir, tls=False) as url_a,
-            running_server(data_dir, tls=False) as url_b,
+            running_server(data_dir, tls=False, extra=["--workers", "2"]) as url_b,
         ):
             admin = httpx.Client(
                 base_url=url_a, headers={"Authorization": f"Bearer {info['admin_token']}"}

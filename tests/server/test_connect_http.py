@@ -43,6 +43,8 @@ def test_forged_and_malformed_requests_are_refused_and_change_nothing(
     unknown = agent(3).activation("AAAAA-BBBBB-CCCCC-DDDDD-EEEEE")
     response = client.post("/api/v1/activate", content=unknown.to_json())
     assert response.status_code == 404 and response.json() == {"detail": "unknown license key"}
+    huge = client.post("/api/v1/activate", content=b"{" + b" " * (2 * 1024 * 1024) + b"}")
+    assert huge.status_code == 422 and huge.json() == {"detail": "request is too large"}
     extra = {**request, "user_name": "alice"}
     response = client.post("/api/v1/activate", json=extra)
     assert response.status_code == 422 and "user_name" in response.json()["detail"]

@@ -98,6 +98,8 @@ def test_api_errors_are_json_and_name_the_field(live_server: LiveServer, admin_t
         assert response.status_code == 422 and isinstance(response.json()["detail"], str), body
     made = admin.post("/api/v1/tokens", json={"name": "p", "role": "partner"})
     assert made.status_code == 422 and made.json()["detail"].startswith("partner:")
+    huge = admin.post("/api/v1/customers", content=b"[" + b"1," * (3 * 1024 * 1024) + b"1]")
+    assert huge.status_code == 413 and "too large" in huge.json()["detail"]
     openapi = live_server.client().get("/openapi.json").json()
     assert {"/api/v1/activate", "/api/v1/checkin", "/api/v1/licenses"} <= set(openapi["paths"])
 

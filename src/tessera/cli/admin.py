@@ -13,10 +13,9 @@ import re
 import ssl
 from datetime import date
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote
 
-import httpx
 import typer
 from rich.table import Table
 
@@ -30,6 +29,9 @@ from tessera.cli._common import (
     write_file_atomic,
 )
 from tessera.cli.apps import app, license_app
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "AdminClient",
@@ -82,6 +84,8 @@ class AdminClient:
             except (ssl.SSLError, OSError):
                 fail(f"--ca {ca} is not a PEM CA certificate")
             verify.minimum_version = ssl.TLSVersion.TLSv1_2
+        import httpx  # here, not at the top: every other verb starts faster without it
+
         self.url = url.rstrip("/")
         self._client = httpx.Client(
             base_url=self.url,
@@ -91,6 +95,8 @@ class AdminClient:
         )
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
         try:
             response = self._client.request(method, path, **kwargs)
         except httpx.ConnectError as exc:
@@ -304,6 +310,14 @@ def license_issue(
     checkpoint_days: int | None = typer.Option(None, "--checkpoint-days"),
     emergency_feature: list[str] = typer.Option([], "--emergency-feature", help="Repeatable."),
     no_connect: bool = typer.Option(False, "--no-connect", help="No periodic validation."),
+    validation_hours: int = typer.Option(24, "--validation-hours", help="Check-in interval."),
+    match: str = typer.Option(
+        "medium", "--match", help="Locking ID tolerance: strict, medium, loose."
+    ),
+    recovery_allowance: int | None = typer.Option(None, "--recovery-allowance"),
+    recovery_interval_days: int | None = typer.Option(None, "--recovery-interval-days"),
+    order: str | None = typer.Option(None, "--order", help="The order this license fulfils."),
+    seal: bool = typer.Option(False, "--seal", help="Encrypt entitlements to the license key."),
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
@@ -322,6 +336,12 @@ def license_issue(
         "checkpoint_days": checkpoint_days,
         "emergency": emergency_feature,
         "connect": not no_connect,
+        "validation_hours": validation_hours,
+        "match": match,
+        "recovery_allowance": recovery_allowance,
+        "recovery_interval_days": recovery_interval_days,
+        "order": order,
+        "seal": seal,
     }
     result = AdminClient(url, token, ca).request("POST", "/api/v1/licenses", json=body)
     if as_json:

@@ -47,6 +47,9 @@ def init(
                 "key_id": result.key_id,
                 "data_dir": str(config.data_dir),
                 "config": str(config.config_file),
+                "passphrase_file": (
+                    str(config.passphrase_file) if result.passphrase_generated else None
+                ),
             }
         )
         return
@@ -71,11 +74,14 @@ def run(
     no_tls: bool = typer.Option(
         False, "--no-tls", help="Plain HTTP, for behind a TLS-terminating proxy."
     ),
+    workers: int = typer.Option(
+        1, "--workers", min=1, max=64, help="Worker processes sharing the port (one per core)."
+    ),
 ) -> None:
     """Serve the Connect protocol and the admin API (HTTPS, TLS 1.2+ by default)."""
     from tessera.server.runner import serve
 
     try:
-        serve(data_dir, host, port, tls=not no_tls)
+        serve(data_dir, host, port, tls=not no_tls, workers=workers)
     except ConfigError as exc:
         fail(str(exc))

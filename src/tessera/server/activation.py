@@ -62,9 +62,13 @@ def _check_usable(row: LicenseRow, now: datetime) -> None:
         raise Forbidden(f"license {row.serial} is {row.binding}-bound; activate it as such")
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=16384)
 def _parsed(locking_id: str) -> LockingId | None:
-    """Parsed Locking IDs are immutable; caching them keeps the slot scan cheap."""
+    """Bound machines' Locking IDs, parsed once: keeps slot scans and check-ins cheap.
+
+    Only IDs read from the database come here, never a client's, so clients cannot fill
+    the cache.
+    """
     try:
         return LockingId.parse(locking_id)
     except ValueError:
@@ -120,7 +124,11 @@ def _bind(
     machine.offline = offline
     machine.delivered_revision = row.revision
     doc = license_document(
-        row, locking_id=request.locking_id, agent_key=request.agent_key, issued=now
+        row,
+        locking_id=request.locking_id,
+        agent_key=request.agent_key,
+        issued=now,
+        license_key=request.license_key,
     )
     license_file = sign_document(doc, signing_key)
     session.flush()
@@ -242,9 +250,12 @@ def checkin(
         raise Forbidden(
             "bad request signature (not signed by the key registered at activation)"
         ) from None
-    licensed = _parsed(found.locking_id)
-    current = _parsed(request.locking_id)
-    if licensed is None or current is None:
+    licensed = _parsed(found.locking_id)  # cached: only IDs the server stored itself
+    try:
+        current = LockingId.parse(request.locking_id)
+    except ValueError:
+        raise Forbidden("malformed Locking ID") from None
+    if licensed is None:
         raise Forbidden("malformed Locking ID")
     if not match_locking_ids(licensed, current, MatchLevel(found.match_level)).ok:
         raise Forbidden(
@@ -262,7 +273,11 @@ def checkin(
         row = session.get(LicenseRow, found.id)
         assert row is not None  # read in this transaction
         doc = license_document(
-            row, locking_id=found.locking_id, agent_key=found.agent_key, issued=now
+            row,
+            locking_id=found.locking_id,
+            agent_key=found.agent_key,
+            issued=now,
+            license_key=request.license_key,
         )
         license_file = sign_document(doc, signing_key)
         delivered, outcome = found.revision, "updated"

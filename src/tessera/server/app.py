@@ -31,6 +31,7 @@ from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest, CheckinRe
 from tessera.core.signing import SigningKey
 from tessera.server import activation, audit, catalog, licenses
 from tessera.server.errors import Invalid, ServiceError
+from tessera.server.limits import BodySizeLimit
 from tessera.server.models import AuditEntry, LicenseRevision
 from tessera.server.schemas import (
     AuditEntryOut,
@@ -58,14 +59,16 @@ from tessera.server.tokens import Principal, Role, create_token, require, resolv
 __all__ = ["Interfaces", "ServerState", "create_app"]
 
 log = logging.getLogger("tessera.server")
+#: No request body may be larger (Connect messages are capped lower, at MAX_MESSAGE_SIZE).
+MAX_REQUEST_BODY = 4 * 1024 * 1024
 T = TypeVar("T")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    **{code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409)},
+    **{code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413)},
     422: {"model": ValidationErrorBody},
 }
 _CONNECT_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 403, 404, 422, 503)
+    code: {"model": ErrorBody} for code in (400, 403, 404, 413, 422, 503)
 }
 
 
@@ -157,6 +160,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         redoc_url=None,
     )
     app.state.tessera = state
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_REQUEST_BODY)
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
@@ -210,10 +214,15 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
     # ------------------------------------------------------------------ connect
 
     async def _read_json(request: Request) -> bytes:
-        body = await request.body()
-        if len(body) > MAX_MESSAGE_SIZE:
-            raise FormatError("request is too large")
-        return body
+        """The body, read only up to the protocol's size limit (a huge upload is cut off)."""
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_MESSAGE_SIZE:
+                raise FormatError("request is too large")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     @app.post(
         "/api/v1/activate",

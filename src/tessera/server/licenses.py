@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from tessera.core.clock import utc
 from tessera.core.licensekey import generate_license_key, license_key_digest
 from tessera.core.model import Binding, Entitlement, License, Location, MatchLevel
+from tessera.core.sealing import seal
 from tessera.core.versions import VersionRange
 from tessera.server import audit
 from tessera.server.catalog import get_product
@@ -91,6 +92,8 @@ def license_view(row: LicenseRow, *, with_machines: bool = True) -> dict[str, An
         "emergency": list(row.emergency_features),
         "recovery_allowance": row.recovery_allowance,
         "recovery_interval_days": row.recovery_interval_days,
+        "order": row.order_ref,
+        "sealed": row.sealed,
         "features": first,
         "locations": locations,
     }
@@ -113,13 +116,22 @@ def license_view(row: LicenseRow, *, with_machines: bool = True) -> dict[str, An
 
 
 def license_document(
-    row: LicenseRow, *, locking_id: str, agent_key: str | None, issued: datetime
+    row: LicenseRow,
+    *,
+    locking_id: str,
+    agent_key: str | None,
+    issued: datetime,
+    license_key: str | None = None,
 ) -> License:
-    """The core license for one machine: what gets signed and shipped to that machine."""
+    """The core license for one machine: what gets signed and shipped to that machine.
+
+    A sealed license is encrypted to ``license_key`` (which the agent sent in the clear
+    over TLS; the server itself keeps only its digest).
+    """
     locations: dict[str, list[Entitlement]] = {}
     for e in row.entitlements:
         locations.setdefault(e.location, []).append(Entitlement(e.feature, e.count, e.expiry))
-    return License(
+    document = License(
         licensee=row.customer.licensee,
         serial=row.serial,
         product=row.product.code,
@@ -139,6 +151,11 @@ def license_document(
         recovery_interval_days=row.recovery_interval_days,
         agent_key=agent_key,
     )
+    if row.sealed:
+        if license_key is None:
+            raise ValueError(f"license {row.serial} is sealed: its license key is needed")
+        document = seal(document, license_key)
+    return document
 
 
 def check_access(session: Session, principal: Principal, row: LicenseRow, *, write: bool) -> None:
@@ -306,6 +323,8 @@ def issue_license(
         emergency=",".join(data.emergency),
         recovery_allowance=data.recovery_allowance,
         recovery_interval_days=data.recovery_interval_days,
+        order_ref=data.order,
+        sealed=data.seal,
         created_at=now,
         updated_at=now,
     )

@@ -143,6 +143,9 @@ class LicenseRow(Base):
     emergency: Mapped[str] = mapped_column(Text, default="")
     recovery_allowance: Mapped[int | None] = mapped_column(Integer, nullable=True)
     recovery_interval_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    order_ref: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    #: Encrypt the entitlements of every file shipped (key derived from the license key).
+    sealed: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
@@ -192,7 +195,7 @@ class Machine(Base):
     __tablename__ = "machines"
     __table_args__ = (
         UniqueConstraint("license_id", "slot"),
-        Index("ix_machines_license_system", "license_id", "system_id"),
+        Index("ix_machines_license_system", "license_id", "system_id", unique=True),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     license_id: Mapped[int] = mapped_column(ForeignKey("licenses.id", ondelete="CASCADE"))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 from sqlalchemy.exc import SQLAlchemyError
+from uvicorn.supervisors import Multiprocess
 
 from tessera.core.clock import SystemClock
 from tessera.server.app import Interfaces, ServerState, create_app
@@ -15,29 +19,56 @@ from tessera.server.config import ConfigError, load_config
 from tessera.server.migrate import upgrade
 from tessera.server.storage import Database, describe_db_error
 
-__all__ = ["build_state", "serve"]
+__all__ = ["TlsFloorConfig", "build_state", "serve", "worker_app"]
 
 
-def build_state(data_dir: Path) -> ServerState:
+WORKER_ENV = "TESSERA_SERVER_DATA_DIR"
+
+
+class TlsFloorConfig(uvicorn.Config):
+    """uvicorn's config with the TLS floor raised to 1.2 wherever the SSL context is made
+    (in each worker process too, which is why this is a class and not a tweak after load)."""
+
+    def load(self) -> None:
+        super().load()
+        if self.ssl is not None:
+            self.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+
+
+def build_state(data_dir: Path, *, migrate: bool = True) -> ServerState:
     config = load_config(data_dir)
     signing_key = config.load_signing_key()
     pepper = config.read_pepper()
     db = Database(config.database)
-    try:
-        upgrade(db)  # a newer server version brings its migrations; idempotent otherwise
-    except SQLAlchemyError as exc:
-        db.dispose()
-        raise ConfigError(describe_db_error(config.database, exc)) from None
+    if migrate:
+        try:
+            upgrade(db)  # a newer server version brings its migrations; idempotent otherwise
+        except SQLAlchemyError as exc:
+            db.dispose()
+            raise ConfigError(describe_db_error(config.database, exc)) from None
     return ServerState(db=db, signing_key=signing_key, pepper=pepper, clock=SystemClock())
 
 
-def serve(data_dir: Path, host: str, port: int, *, tls: bool) -> None:
-    state = build_state(data_dir)
+def _app_for(data_dir: Path, state: ServerState) -> FastAPI:
     config = load_config(data_dir)
-    app = create_app(
-        state, Interfaces(admin_api=config.admin_api, offline_activation=config.offline_activation)
+    interfaces = Interfaces(
+        admin_api=config.admin_api, offline_activation=config.offline_activation
     )
-    options: dict[str, object] = {}
+    return create_app(state, interfaces)
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process (``--workers N``); the parent already migrated."""
+    data_dir = Path(os.environ[WORKER_ENV])
+    return _app_for(data_dir, build_state(data_dir, migrate=False))
+
+
+def serve(data_dir: Path, host: str, port: int, *, tls: bool, workers: int = 1) -> None:
+    """Serve until stopped. Several workers share one listening socket (and the database)."""
+    data_dir = data_dir.resolve()
+    state = build_state(data_dir)  # checks key, pepper and database before anything listens
+    config = load_config(data_dir)
+    options: dict[str, Any] = {}
     if tls:
         for path in (config.server_cert, config.server_key):
             if not path.is_file():
@@ -49,23 +80,25 @@ def serve(data_dir: Path, host: str, port: int, *, tls: bool) -> None:
             ssl_keyfile=str(config.server_key),
             ssl_version=ssl.PROTOCOL_TLS_SERVER,
         )
-    server_config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        **options,  # type: ignore[arg-type]
-    )
-    server = uvicorn.Server(server_config)
-    if tls:
-        # uvicorn builds the SSLContext in Config.load(); raise its floor to TLS 1.2.
-        server_config.load()
-        assert server_config.ssl is not None
-        server_config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+    common: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_level": "warning",
+        "access_log": False,
+        **options,
+    }
     listener = _listen(host, port)
     try:
-        server.run(sockets=[listener])
+        if workers <= 1:
+            server_config = TlsFloorConfig(_app_for(data_dir, state), **common)
+            uvicorn.Server(server_config).run(sockets=[listener])
+        else:
+            state.db.dispose()
+            os.environ[WORKER_ENV] = str(data_dir)
+            server_config = TlsFloorConfig(
+                "tessera.server.runner:worker_app", factory=True, workers=workers, **common
+            )
+            Multiprocess(server_config, sockets=[listener]).run()
     finally:
         listener.close()
         state.db.dispose()

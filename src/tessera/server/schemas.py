@@ -165,6 +165,17 @@ class LicenseIn(_In):
     emergency: list[FeatureCode] = Field(default_factory=list, max_length=1000)
     recovery_allowance: Annotated[int, Field(ge=0, le=1000)] | None = None
     recovery_interval_days: Days | None = None
+    order: str | None = Field(
+        None, min_length=1, max_length=100, description="The order this license fulfils."
+    )
+    seal: bool = Field(
+        False, description="Encrypt the entitlements in every shipped file to the license key."
+    )
+
+    @field_validator("order")
+    @classmethod
+    def _order(cls, v: str | None) -> str | None:
+        return _text(v, "order")
 
 
 class LicenseIssued(BaseModel):

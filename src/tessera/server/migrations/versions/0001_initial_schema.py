@@ -105,6 +105,8 @@ def upgrade() -> None:
         sa.Column("emergency", sa.Text(), nullable=False),
         sa.Column("recovery_allowance", sa.Integer(), nullable=True),
         sa.Column("recovery_interval_days", sa.Integer(), nullable=True),
+        sa.Column("order_ref", sa.String(length=100), nullable=True),
+        sa.Column("sealed", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
@@ -180,7 +182,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("machines", schema=None) as batch_op:
         batch_op.create_index(
-            "ix_machines_license_system", ["license_id", "system_id"], unique=False
+            "ix_machines_license_system", ["license_id", "system_id"], unique=True
         )
 
     op.create_table(
