@@ -24,10 +24,17 @@ from tessera.core.licensekey import license_key_digest
 from tessera.core.model import MatchLevel
 from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerResponse
 from tessera.core.signing import SigningKey
-from tessera.server import audit
-from tessera.server.errors import Forbidden, NotFound
+from tessera.server import audit, recovery
+from tessera.server.errors import Forbidden, NotFound, RecordedRefusal
 from tessera.server.licenses import check_access, license_document
-from tessera.server.models import Checkin, EntitlementRow, LicenseRow, Machine
+from tessera.server.models import (
+    BlacklistEntryRow,
+    Checkin,
+    EntitlementRow,
+    LicenseRow,
+    Machine,
+    RecoveredMachine,
+)
 from tessera.server.tokens import Principal, Role, require
 
 __all__ = ["Activation", "activate", "activate_offline", "checkin"]
@@ -62,6 +69,12 @@ def _check_usable(row: LicenseRow, now: datetime) -> None:
         raise Forbidden(f"license {row.serial} is {row.binding}-bound; activate it as such")
 
 
+def _recoverable(row: LicenseRow) -> bool:
+    """Only licenses with a recovery rule turn a surplus activation into a recovery; the
+    others keep refusing it (a second machine must not silently take over a slot)."""
+    return row.recovery_allowance is not None or row.recovery_interval_days is not None
+
+
 @lru_cache(maxsize=16384)
 def _parsed(locking_id: str) -> LockingId | None:
     """Bound machines' Locking IDs, parsed once: keeps slot scans and check-ins cheap.
@@ -80,6 +93,25 @@ def _same_hardware(locking_id: str, current: LockingId, level: MatchLevel) -> bo
     return licensed is not None and match_locking_ids(licensed, current, level).ok
 
 
+def _refuse_blacklisted(session: Session, row: LicenseRow, locking_id: str, now: datetime) -> None:
+    """A blacklisted container activates nothing; the attempt is a hit for follow-up."""
+    entry = recovery.blacklist_entry(session, locking_id)
+    if entry is None or entry.scope != "container":
+        return
+    serial = row.serial
+
+    def record(fresh: Session) -> None:
+        recovery.record_hit(
+            fresh, at=now, locking_id=locking_id, serial=serial, how="activation", action="refused"
+        )
+
+    raise RecordedRefusal(
+        f"this machine (Locking ID {locking_id}) is blacklisted by the vendor: "
+        "activation refused; contact the vendor's support",
+        record,
+    )
+
+
 def _bind(
     session: Session,
     row: LicenseRow,
@@ -90,6 +122,7 @@ def _bind(
     *,
     offline: bool,
 ) -> Activation:
+    _refuse_blacklisted(session, row, request.locking_id, now)
     _check_usable(row, now)
     # The same installation again (indexed lookup), else the same hardware (tolerant match).
     machine = session.execute(
@@ -109,14 +142,30 @@ def _bind(
         if machine is None:
             used = {m.slot for m in bound}
             free = next((s for s in range(row.machines_allowed) if s not in used), None)
-            if free is None:
+            if free is None and not _recoverable(row):
                 raise Forbidden(
                     f"no free machine left on license {row.serial}: "
                     f"{len(bound)} of {row.machines_allowed} machines are bound"
                 )
-            machine = Machine(license_id=row.id, slot=free, activated_at=now, delivered_revision=0)
-            session.add(machine)
-            action = "license.activate"
+            if free is None:
+                # A new machine with the key of a fully bound license: a recovery request.
+                # The machine heard of least recently is the one being replaced.
+                machine = min(
+                    session.execute(select(Machine).where(Machine.license_id == row.id)).scalars(),
+                    key=lambda m: (m.last_checkin_at or m.activated_at, m.slot),
+                )
+                recovery.recover_machine(
+                    session, row, machine, new_locking_id=request.locking_id, now=now,
+                    actor=actor, via="activation", old_container=None,
+                )  # fmt: skip
+                machine.last_checkin_at = None
+                action = "license.recover"
+            else:
+                machine = Machine(
+                    license_id=row.id, slot=free, activated_at=now, delivered_revision=0
+                )
+                session.add(machine)
+                action = "license.activate"
     machine.locking_id = request.locking_id
     machine.system_id = request.system_id
     machine.agent_key = request.agent_key
@@ -217,6 +266,10 @@ _VALID_ENTITLEMENT = (
     )
     .limit(1)
 )
+_BLACKLISTED = select(BlacklistEntryRow.id).where(
+    BlacklistEntryRow.locking_id == bindparam("locking_id"),
+    BlacklistEntryRow.scope == "container",
+)
 _RECORD_MACHINE = (
     update(Machine)
     .where(Machine.id == bindparam("machine_id"))
@@ -243,7 +296,7 @@ def checkin(
     if found is None:
         raise NotFound("unknown license key")
     if found.machine_id is None:
-        raise Forbidden(f"this installation is not activated for license {found.serial}")
+        return _checkin_recovered(session, request, found.id, found.serial, now, signing_key)
     try:
         request.verify_with(found.agent_key)
     except (SignatureError, TesseraError):
@@ -266,7 +319,16 @@ def checkin(
     license_file: str | None = None
     outcome = "ok"
     delivered = found.delivered_revision
-    if found.status == "revoked":
+    blacklisted = conn.execute(_BLACKLISTED, {"locking_id": found.locking_id}).first()
+    if blacklisted is not None:
+        # The honeypot: the whole container stops, every license on it.
+        directives, outcome = ("lock",), "locked"
+        message = "this machine's container is blacklisted by the vendor"
+        recovery.record_hit(
+            session, at=now, locking_id=found.locking_id, serial=found.serial, how="checkin",
+            action="lock",
+        )  # fmt: skip
+    elif found.status == "revoked":
         directives, outcome = ("revoke",), "revoked"
         message = f"license {found.serial} has been revoked"
     elif delivered != found.revision:
@@ -281,7 +343,7 @@ def checkin(
         )
         license_file = sign_document(doc, signing_key)
         delivered, outcome = found.revision, "updated"
-    if outcome != "revoked":
+    if outcome not in ("revoked", "locked"):
         today = utc(now).date()
         valid = conn.execute(_VALID_ENTITLEMENT, {"license_id": found.id, "today": today}).first()
         if valid is None:
@@ -296,6 +358,53 @@ def checkin(
         server_time=utc(now).replace(microsecond=0),
         serial=found.serial,
         license=license_file,
+        directives=directives,
+        message=message,
+    ).signed(signing_key)
+
+
+def _checkin_recovered(
+    session: Session,
+    request: CheckinRequest,
+    license_id: int,
+    serial: str,
+    now: datetime,
+    signing_key: SigningKey,
+) -> ServerResponse:
+    """The old machine of a recovered license checks in: it learns what became of it."""
+    old = session.execute(
+        select(RecoveredMachine)
+        .where(
+            RecoveredMachine.license_id == license_id,
+            RecoveredMachine.system_id == request.system_id,
+        )
+        .order_by(RecoveredMachine.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    if old is None:
+        raise Forbidden(f"this installation is not activated for license {serial}")
+    try:
+        request.verify_with(old.agent_key)
+    except (SignatureError, TesseraError):
+        raise Forbidden(
+            "bad request signature (not signed by the key registered at activation)"
+        ) from None
+    entry = recovery.blacklist_entry(session, old.locking_id)
+    if entry is not None and entry.scope == "container":
+        directives: tuple[str, ...] = ("lock",)
+        message = "this machine's container is blacklisted by the vendor"
+    else:
+        directives = ("revoke",)
+        message = f"license {serial} was recovered to another machine"
+    recovery.record_hit(
+        session, at=now, locking_id=old.locking_id, serial=serial, how="checkin",
+        action=directives[0],
+    )  # fmt: skip
+    return ServerResponse(
+        kind="checkin",
+        nonce=request.nonce,
+        server_time=utc(now).replace(microsecond=0),
+        serial=serial,
         directives=directives,
         message=message,
     ).signed(signing_key)

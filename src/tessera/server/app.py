@@ -29,13 +29,15 @@ from tessera.core.clock import Clock
 from tessera.core.errors import FormatError, SignatureError, TesseraError
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest, CheckinRequest
 from tessera.core.signing import SigningKey
-from tessera.server import activation, audit, catalog, licenses
-from tessera.server.errors import Invalid, ServiceError
+from tessera.server import activation, audit, catalog, licenses, recovery
+from tessera.server.errors import Invalid, RecordedRefusal, ServiceError
 from tessera.server.limits import BodySizeLimit
 from tessera.server.models import AuditEntry, LicenseRevision
 from tessera.server.schemas import (
     AuditEntryOut,
     AuditReport,
+    AuthorizeRecoveryIn,
+    BlacklistAddIn,
     CustomerIn,
     CustomerOut,
     ErrorBody,
@@ -49,6 +51,7 @@ from tessera.server.schemas import (
     PartnerOut,
     ProductIn,
     ProductOut,
+    RehostIn,
     TokenIn,
     TokenOut,
     ValidationErrorBody,
@@ -204,10 +207,19 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         token = credentials.credentials if credentials is not None else None
 
         def run() -> T:
-            with state.db.write() if write else state.db.read() as session:
-                return work(session, resolve_token(session, token))
+            try:
+                with state.db.write() if write else state.db.read() as session:
+                    return work(session, resolve_token(session, token))
+            except RecordedRefusal as exc:
+                keep_record(exc)
+                raise
 
         return await run_in_threadpool(run)
+
+    def keep_record(refusal: RecordedRefusal) -> None:
+        """The refused transaction was rolled back; its record goes in on its own."""
+        with state.db.write() as session:
+            refusal.record(session)
 
     Auth = Depends(bearer)
 
@@ -241,10 +253,14 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         now = state.now()
 
         def run() -> bytes:
-            with state.db.write() as session:
-                return activation.activate(
-                    session, parsed, now, state.signing_key, state.pepper
-                ).to_json()
+            try:
+                with state.db.write() as session:
+                    return activation.activate(
+                        session, parsed, now, state.signing_key, state.pepper
+                    ).to_json()
+            except RecordedRefusal as exc:
+                keep_record(exc)
+                raise
 
         return Response(await run_in_threadpool(run), media_type="application/json")
 
@@ -508,6 +524,105 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             return {"serial": result.serial, "license": result.license_file}
 
         return await in_transaction(work, credentials, write=True)
+
+    # ------------------------------------------------------------------ recovery and blacklist
+
+    @admin.post("/api/v1/licenses/{serial}/rehost", tags=["recovery"], responses=_ERRORS)
+    async def rehost_license(
+        data: RehostIn,
+        serial: str = Path(max_length=64),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> dict[str, Any]:
+        """Move the license to a new container (Locking ID) under its recovery rule."""
+        now = state.now()
+        return await in_transaction(
+            lambda s, p: recovery.rehost(
+                s,
+                p,
+                serial,
+                locking_id=data.locking_id,
+                slot=data.slot,
+                old_container=data.old_container,
+                delay_days=data.delay_days,
+                now=now,
+                signing_key=state.signing_key,
+            ),
+            credentials,
+            write=True,
+        )
+
+    @admin.post(
+        "/api/v1/licenses/{serial}/authorize-recovery", tags=["recovery"], responses=_ERRORS
+    )
+    async def authorize_recovery(
+        data: AuthorizeRecoveryIn,
+        serial: str = Path(max_length=64),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> dict[str, Any]:
+        """Support grants extra recoveries beyond the license's rule."""
+        now = state.now()
+        return await in_transaction(
+            lambda s, p: recovery.authorize_recovery(s, p, serial, data.count, now),
+            credentials,
+            write=True,
+        )
+
+    @admin.get("/api/v1/licenses/{serial}/recoveries", tags=["recovery"], responses=_ERRORS)
+    async def license_recoveries(
+        serial: str = Path(max_length=64), credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> list[dict[str, Any]]:
+        """Every recovery decision on the license, granted or denied, with its reason."""
+        return await in_transaction(
+            lambda s, p: recovery.list_recoveries(s, p, serial), credentials, write=False
+        )
+
+    @admin.post("/api/v1/blacklist", status_code=201, tags=["recovery"], responses=_ERRORS)
+    async def blacklist_add(
+        data: BlacklistAddIn, credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> dict[str, Any]:
+        now = state.now()
+        return await in_transaction(
+            lambda s, p: recovery.add_to_blacklist(
+                s,
+                p,
+                data.locking_id,
+                recovered_only=data.revoke_recovered_only,
+                delay_days=data.delay_days,
+                reason=data.reason,
+                now=now,
+            ),
+            credentials,
+            write=True,
+        )
+
+    @admin.get("/api/v1/blacklist", tags=["recovery"], responses=_ERRORS)
+    async def blacklist_list(
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> list[dict[str, Any]]:
+        return await in_transaction(
+            lambda s, p: recovery.list_blacklist(s, p), credentials, write=False
+        )
+
+    @admin.post("/api/v1/blacklist/export", tags=["recovery"], responses=_ERRORS)
+    async def blacklist_export(
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> dict[str, Any]:
+        """A signed blacklist file with the next sequence number, to ship with the product."""
+        now = state.now()
+        return await in_transaction(
+            lambda s, p: recovery.export_blacklist(s, p, now, state.signing_key),
+            credentials,
+            write=True,
+        )
+
+    @admin.get("/api/v1/reports/blacklist-hits", tags=["recovery"], responses=_ERRORS)
+    async def blacklist_hits(
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> list[dict[str, Any]]:
+        """Every time a blacklisted or recovered container was caught, for follow-up."""
+        return await in_transaction(
+            lambda s, p: recovery.blacklist_hits(s, p), credentials, write=False
+        )
 
     # ------------------------------------------------------------------ tokens and audit
 
