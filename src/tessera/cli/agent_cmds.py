@@ -292,6 +292,22 @@ def import_file(
         _print_status(agent.import_license(data), as_json)
 
 
+@_verb("import-blacklist")
+def import_blacklist(
+    file: Path = typer.Argument(..., help="A blacklist file from `tessera blacklist export`."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Put the vendor's signed blacklist in force (forged, altered or older files are refused)."""
+    data = read_input_file(file, "blacklist file")
+    with _open_agent() as agent:
+        sequence = agent.import_blacklist(data)
+        status = agent.status()
+    if as_json:
+        emit_json({"sequence": sequence, "state": status.state.value})
+    else:
+        typer.echo(f"blacklist {sequence} is in force; this installation is {status.state.value}")
+
+
 @_verb("assign")
 def assign(
     feature: str = typer.Argument(...),
