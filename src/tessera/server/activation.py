@@ -35,6 +35,7 @@ from tessera.server.models import (
     Machine,
     RecoveredMachine,
 )
+from tessera.server.portal import PortalVerdict
 from tessera.server.tokens import Principal, Role, require
 
 __all__ = ["Activation", "activate", "activate_offline", "checkin"]
@@ -121,6 +122,8 @@ def _bind(
     actor: str,
     *,
     offline: bool,
+    portal: bool = False,
+    portal_verdict: PortalVerdict | None = None,
 ) -> Activation:
     _refuse_blacklisted(session, row, request.locking_id, now)
     _check_usable(row, now)
@@ -156,7 +159,8 @@ def _bind(
                 )
                 recovery.recover_machine(
                     session, row, machine, new_locking_id=request.locking_id, now=now,
-                    actor=actor, via="activation", old_container=None,
+                    actor=actor, via="activation", old_container=None, portal=portal,
+                    portal_verdict=portal_verdict,
                 )  # fmt: skip
                 machine.last_checkin_at = None
                 action = "license.recover"
@@ -204,11 +208,15 @@ def activate(
     now: datetime,
     signing_key: SigningKey,
     pepper: bytes,
+    *,
+    portal: bool = False,
+    portal_verdict: PortalVerdict | None = None,
 ) -> ServerResponse:
     """Online activation: bind (or re-bind) this machine and answer with its license file."""
     row = _license_by_key(session, request.license_key, pepper, lock=True)
     result = _bind(
-        session, row, request, now, signing_key, f"agent:{request.system_id}", offline=False
+        session, row, request, now, signing_key, f"agent:{request.system_id}", offline=False,
+        portal=portal, portal_verdict=portal_verdict,
     )
     return ServerResponse(
         kind="activation",
@@ -226,6 +234,9 @@ def activate_offline(
     now: datetime,
     signing_key: SigningKey,
     pepper: bytes,
+    *,
+    portal: bool = False,
+    portal_verdict: PortalVerdict | None = None,
 ) -> Activation:
     """An uploaded request file: same rules as online, the license file goes back by hand."""
     require(principal, Role.ADMIN, Role.SUPPORT, Role.SALES, Role.PARTNER, Role.CUSTOMER)
@@ -234,7 +245,10 @@ def activate_offline(
         raise Forbidden("this license key belongs to another customer")
     if principal.role is Role.PARTNER:
         check_access(session, principal, row, write=False)
-    return _bind(session, row, request, now, signing_key, principal.actor, offline=True)
+    return _bind(
+        session, row, request, now, signing_key, principal.actor, offline=True, portal=portal,
+        portal_verdict=portal_verdict,
+    )  # fmt: skip
 
 
 # The check-in's statements, built once: constructing SQL per request costs more than

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeVar
@@ -33,6 +33,7 @@ from tessera.server import activation, audit, catalog, licenses, recovery
 from tessera.server.errors import Invalid, RecordedRefusal, ServiceError
 from tessera.server.limits import BodySizeLimit
 from tessera.server.models import AuditEntry, LicenseRevision
+from tessera.server.portal import PortalVerdict, RecoveryPortal
 from tessera.server.schemas import (
     AuditEntryOut,
     AuditReport,
@@ -83,6 +84,8 @@ class ServerState:
     signing_key: SigningKey
     pepper: bytes
     clock: Clock
+    #: The vendor's recovery portal, asked when a recovery rule says no (optional).
+    portal: RecoveryPortal | None = None
 
     def now(self) -> datetime:
         return self.clock.now().replace(microsecond=0)
@@ -216,6 +219,16 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
 
         return await run_in_threadpool(run)
 
+    async def asking_portal(once: Callable[[PortalVerdict | None], Awaitable[T]]) -> T:
+        """Run ``once``; if a recovery needs the portal, ask it (no transaction is open
+        while it answers) and run ``once`` again with its verdict."""
+        try:
+            return await once(None)
+        except recovery.NeedsPortal as exc:
+            assert state.portal is not None  # only raised when a portal is configured
+            verdict = await run_in_threadpool(state.portal.ask, exc.question)
+            return await once(verdict)
+
     def keep_record(refusal: RecordedRefusal) -> None:
         """The refused transaction was rolled back; its record goes in on its own."""
         with state.db.write() as session:
@@ -252,17 +265,21 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             return _error(403, f"bad request signature ({exc})")
         now = state.now()
 
-        def run() -> bytes:
+        def run(verdict: PortalVerdict | None) -> bytes:
             try:
                 with state.db.write() as session:
                     return activation.activate(
-                        session, parsed, now, state.signing_key, state.pepper
-                    ).to_json()
+                        session, parsed, now, state.signing_key, state.pepper,
+                        portal=state.portal is not None, portal_verdict=verdict,
+                    ).to_json()  # fmt: skip
             except RecordedRefusal as exc:
                 keep_record(exc)
                 raise
 
-        return Response(await run_in_threadpool(run), media_type="application/json")
+        async def once(verdict: PortalVerdict | None) -> bytes:
+            return await run_in_threadpool(run, verdict)
+
+        return Response(await asking_portal(once), media_type="application/json")
 
     @app.post(
         "/api/v1/checkin",
@@ -519,11 +536,17 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             return _error(403, f"request file: bad signature ({exc})")
         now = state.now()
 
-        def work(s: Session, p: Principal) -> dict[str, Any]:
-            result = activation.activate_offline(s, p, parsed, now, state.signing_key, state.pepper)
-            return {"serial": result.serial, "license": result.license_file}
+        async def once(verdict: PortalVerdict | None) -> dict[str, Any]:
+            def work(s: Session, p: Principal) -> dict[str, Any]:
+                result = activation.activate_offline(
+                    s, p, parsed, now, state.signing_key, state.pepper,
+                    portal=state.portal is not None, portal_verdict=verdict,
+                )  # fmt: skip
+                return {"serial": result.serial, "license": result.license_file}
 
-        return await in_transaction(work, credentials, write=True)
+            return await in_transaction(work, credentials, write=True)
+
+        return await asking_portal(once)
 
     # ------------------------------------------------------------------ recovery and blacklist
 
@@ -535,21 +558,27 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
     ) -> dict[str, Any]:
         """Move the license to a new container (Locking ID) under its recovery rule."""
         now = state.now()
-        return await in_transaction(
-            lambda s, p: recovery.rehost(
-                s,
-                p,
-                serial,
-                locking_id=data.locking_id,
-                slot=data.slot,
-                old_container=data.old_container,
-                delay_days=data.delay_days,
-                now=now,
-                signing_key=state.signing_key,
-            ),
-            credentials,
-            write=True,
-        )
+
+        async def once(verdict: PortalVerdict | None) -> dict[str, Any]:
+            return await in_transaction(
+                lambda s, p: recovery.rehost(
+                    s,
+                    p,
+                    serial,
+                    locking_id=data.locking_id,
+                    slot=data.slot,
+                    old_container=data.old_container,
+                    delay_days=data.delay_days,
+                    now=now,
+                    signing_key=state.signing_key,
+                    portal=state.portal is not None,
+                    portal_verdict=verdict,
+                ),
+                credentials,
+                write=True,
+            )
+
+        return await asking_portal(once)
 
     @admin.post(
         "/api/v1/licenses/{serial}/authorize-recovery", tags=["recovery"], responses=_ERRORS

@@ -14,6 +14,11 @@ ID. It is granted by the first rule that allows it, in this order:
 ``authorized``
     Support authorized extra recoveries (``license authorize-recovery``); one is used up.
 
+``portal``
+    The vendor's recovery portal (``[recovery]`` in ``tessera.toml``, see
+    :mod:`.portal`) is asked, outside any transaction; its answer decides, and a timeout
+    or error denies.
+
 Otherwise it is denied. Every decision, granted or denied, is a row of ``recoveries`` and
 a line in the audit log. The old container is then either blacklisted (whole container:
 ``lock`` at its next check-in, refusal at its next activation, an entry in the exported
@@ -47,10 +52,12 @@ from tessera.server.models import (
     RecoveredMachine,
     Recovery,
 )
+from tessera.server.portal import PortalVerdict
 from tessera.server.tokens import Principal, Role, require
 
 __all__ = [
     "Decision",
+    "NeedsPortal",
     "OldContainer",
     "add_to_blacklist",
     "authorize_recovery",
@@ -68,6 +75,15 @@ __all__ = [
 OldContainer = Literal["blacklist", "revoke"]
 #: System ID of a slot reserved by ``rehost`` until the new machine activates.
 PENDING_PREFIX = "rehost-"
+
+
+class NeedsPortal(Exception):
+    """The rule says no and a portal is configured: ask it (outside the transaction, which
+    is rolled back) and run the request again with its verdict."""
+
+    def __init__(self, question: dict[str, Any]) -> None:
+        super().__init__("the recovery portal must be asked")
+        self.question = question
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +256,8 @@ def recover_machine(
     via: str,
     old_container: OldContainer | None,
     delay_days: int = 0,
+    portal: bool = False,
+    portal_verdict: PortalVerdict | None = None,
 ) -> Decision:
     """Decide; when granted, release ``old`` and deal with its container. The caller binds
     the slot to the new machine. Raises :class:`RecordedRefusal` when denied."""
@@ -262,6 +280,21 @@ def recover_machine(
             **details,
         )
     decision = decide(session, row, old, now)
+    if not decision.granted and portal:
+        if portal_verdict is None:
+            raise NeedsPortal(
+                {
+                    "serial": row.serial,
+                    "customer_id": row.customer_id,
+                    "licensee": row.customer.licensee,
+                    "from": old.locking_id,
+                    "to": new_locking_id,
+                    "via": via,
+                    "at": utc(now).isoformat(),
+                    "rule": decision.reason,
+                }
+            )
+        decision = Decision(portal_verdict.allow, "portal", portal_verdict.reason)
     if not decision.granted:
         raise _refuse(row.id, decision, **details)
     if decision.rule == "authorized":
@@ -297,6 +330,8 @@ def rehost(
     delay_days: int,
     now: datetime,
     signing_key: SigningKey,
+    portal: bool = False,
+    portal_verdict: PortalVerdict | None = None,
 ) -> dict[str, Any]:
     """Support moves a license to a new container; the new machine then activates with the
     same key (its slot is reserved for that Locking ID) or imports the file returned here."""
@@ -328,7 +363,8 @@ def rehost(
         raise Conflict(f"license {serial} is already bound to {locking_id}")
     decision = recover_machine(
         session, row, old, new_locking_id=locking_id, now=now, actor=principal.actor,
-        via="rehost", old_container=old_container, delay_days=delay_days,
+        via="rehost", old_container=old_container, delay_days=delay_days, portal=portal,
+        portal_verdict=portal_verdict,
     )  # fmt: skip
     # The slot is reserved for the new Locking ID; its agent binds it at activation.
     old.locking_id = locking_id
