@@ -215,3 +215,37 @@ def test_bad_rehost_input_changes_nothing(
         machines = licenses.license_view(licenses.get_license(session, serial))["machines"]
     assert [m["system_id"] for m in machines] == [agent(1).system_id]
     assert _count(state, BlacklistHit) == 0
+
+
+def test_roles_and_a_narrower_blacklist_entry(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    admin_token: str,
+    keyring: Keyring,
+) -> None:
+    serial, key = setup_license(state, admin, START)
+    api = live_server.client(admin_token)
+    sales = api.post("/api/v1/tokens", json={"name": "seller", "role": "sales"}).json()["token"]
+    as_sales = live_server.client(sales)
+    first = agent(1)
+    _activate(live_server.client(), first, key, keyring)
+    refused = as_sales.post(
+        f"/api/v1/licenses/{serial}/rehost", json={"locking_id": agent(2).locking_id}
+    )
+    assert refused.status_code == 403 and "role sales" in refused.json()["detail"]
+    assert as_sales.post("/api/v1/blacklist/export").status_code == 403
+    assert as_sales.get("/api/v1/reports/blacklist-hits").status_code == 200
+    # A container blacklisted whole stays so when a narrower entry is added later.
+    lid = first.locking_id
+    assert api.post("/api/v1/blacklist", json={"locking_id": lid}).json()["scope"] == "container"
+    narrower = api.post(
+        "/api/v1/blacklist", json={"locking_id": lid, "revoke_recovered_only": True}
+    )
+    assert narrower.json()["scope"] == "container"
+    assert _checkin(live_server.client(), first, key, keyring).directives == ("lock",)
+    # "revoke only" entries do not lock the container.
+    other = agent(5).locking_id
+    api.post("/api/v1/blacklist", json={"locking_id": other, "revoke_recovered_only": True})
+    export = parse_blacklist(api.post("/api/v1/blacklist/export").json()["file"]).verify(keyring)
+    assert export.container_entry(lid) is not None and export.container_entry(other) is None

@@ -16,6 +16,7 @@ import pytest
 
 from tessera.core.signing import Keyring
 from tessera.server.app import ServerState
+from tessera.server.config import ConfigError, load_config
 from tessera.server.portal import SIGNATURE_HEADER, PortalConfig, RecoveryPortal, sign_body
 from tessera.server.tokens import Principal
 
@@ -132,3 +133,28 @@ def test_an_unreachable_portal_denies(
     refused = connect.post("/api/v1/activate", content=agent(2).activation(key).to_json())
     assert refused.status_code == 403
     assert refused.json()["detail"].startswith("the recovery portal cannot be reached")
+
+
+def test_the_portal_is_configured_in_tessera_toml(tmp_path: Path) -> None:
+    base = '[server]\ndatabase = "sqlite:///x.db"\n'
+    (tmp_path / "tessera.toml").write_text(base)
+    assert load_config(tmp_path).portal is None
+    (tmp_path / "tessera.toml").write_text(
+        base + '[recovery]\nportal_url = "https://127.0.0.1:9/r"\n'
+        'portal_secret_file = "secrets/portal"\nportal_timeout_seconds = 2\n'
+    )
+    portal = load_config(tmp_path).portal
+    assert portal is not None and portal.timeout_seconds == 2.0
+    assert portal.secret_file == tmp_path.resolve() / "secrets" / "portal"
+    for bad, why in (
+        ('portal_url = "ftp://x"\nportal_secret_file = "s"\n', "https://"),
+        ('portal_url = "https://x"\n', "portal_secret_file is missing"),
+        (
+            'portal_url = "https://x"\nportal_secret_file = "s"\nportal_timeout_seconds = 0\n',
+            "0-60",
+        ),
+        ('portal_urll = "https://x"\n', "unknown key"),
+    ):
+        (tmp_path / "tessera.toml").write_text(base + "[recovery]\n" + bad)
+        with pytest.raises(ConfigError, match=why):
+            load_config(tmp_path)
