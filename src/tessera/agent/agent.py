@@ -409,8 +409,12 @@ class Agent:
         (lower sequence, or the same sequence with other content) is refused as a replay,
         since going back to it could lift a blacklisting. The same file again is a no-op.
         """
-        signed = parse_blacklist(data)  # FormatError for anything malformed
-        listed = signed.verify(self.installation.keyring)  # SignatureError when forged
+        try:
+            signed = parse_blacklist(data)  # FormatError for anything malformed
+            listed = signed.verify(self.installation.keyring)  # SignatureError when forged
+        except TesseraError as exc:
+            log.warning("blacklist file refused: %s", exc)
+            raise
         text = data.decode("utf-8") if isinstance(data, bytes) else data
         with self._write_lock:
             meta = self._store.get_all()
@@ -418,6 +422,7 @@ class Agent:
             if current is not None:
                 have = int(meta.get("blacklist_sequence", "0"))
                 if listed.sequence < have:
+                    log.warning("blacklist %d refused: %d is in force", listed.sequence, have)
                     raise StaleBlacklist(
                         f"blacklist {listed.sequence} is older than the one in force "
                         f"({have}): refused"
