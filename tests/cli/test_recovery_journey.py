@@ -180,7 +180,12 @@ def _journey(tmp: Path, db_url: str | None) -> None:
         def rehost(box: Box) -> subprocess.CompletedProcess[str]:
             return cli("license", "rehost", off_serial, "--locking-id", box.locking_id(), env=support)
 
-        assert rehost(boxes[1]).returncode == 0
+        # The agent-side flow: the new machine asks for the license itself.
+        plain = boxes[1].agent(*activate, str(offline["key"]))
+        assert "no free machine" in _one_line_error(plain, 1)
+        recovered = boxes[1].agent(*activate, str(offline["key"]), "--recover")
+        assert recovered.returncode == 0, recovered.stderr
+        assert boxes[1].state() == "normal"
         denied = rehost(boxes[2])
         assert "allowance is used up (1 of 1)" in _one_line_error(denied, 1)
         assert cli("license", "authorize-recovery", off_serial, "--count", "1", env=support).returncode == 0

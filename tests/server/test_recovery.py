@@ -21,10 +21,14 @@ from tessera.server.tokens import Principal
 from .conftest import START, LiveServer
 from .helpers import FakeAgent, agent, setup_license
 
+RECOVER = "/api/v1/recover"
 
-def _activate(client: httpx.Client, a: FakeAgent, key: str, keyring: Keyring) -> ServerResponse:
+
+def _activate(
+    client: httpx.Client, a: FakeAgent, key: str, keyring: Keyring, path: str = "/api/v1/activate"
+) -> ServerResponse:
     request = a.activation(key)
-    response = client.post("/api/v1/activate", content=request.to_json())
+    response = client.post(path, content=request.to_json())
     assert response.status_code == 200, response.text
     return ServerResponse.from_json(response.content, keyring, request.nonce)
 
@@ -137,12 +141,15 @@ def test_without_connect_the_allowance_then_support_decides(
     connect, api = live_server.client(), live_server.client(admin_token)
     machines = [agent(n) for n in range(1, 6)]
     _activate(connect, machines[0], key, keyring)
+    # A plain activation beyond the count is refused, whatever the rule.
+    plain = connect.post("/api/v1/activate", content=machines[1].activation(key).to_json())
+    assert plain.status_code == 403 and "no free machine" in plain.json()["detail"]
     # Agent-side recovery: a new machine with the same key, all machines bound.
     for n in (1, 2):
         clock.advance(timedelta(days=1))
-        _activate(connect, machines[n], key, keyring)
+        _activate(connect, machines[n], key, keyring, RECOVER)
     clock.advance(timedelta(days=1))
-    refused = connect.post("/api/v1/activate", content=machines[3].activation(key).to_json())
+    refused = connect.post(RECOVER, content=machines[3].activation(key).to_json())
     assert refused.status_code == 403
     assert "allowance is used up (2 of 2)" in refused.json()["detail"]
     rehost = api.post(
@@ -152,8 +159,8 @@ def test_without_connect_the_allowance_then_support_decides(
     # Support authorizes exactly one more.
     granted = api.post(f"/api/v1/licenses/{serial}/authorize-recovery", json={"count": 1})
     assert granted.json()["recoveries_authorized"] == 1
-    _activate(connect, machines[3], key, keyring)
-    again = connect.post("/api/v1/activate", content=machines[4].activation(key).to_json())
+    _activate(connect, machines[3], key, keyring, RECOVER)
+    again = connect.post(RECOVER, content=machines[4].activation(key).to_json())
     assert again.status_code == 403
     decisions = api.get(f"/api/v1/licenses/{serial}/recoveries").json()
     assert [(d["granted"], d["rule"]) for d in decisions] == [
@@ -182,12 +189,12 @@ def test_recovery_interval_gives_another_one_later(
     connect = live_server.client()
     _activate(connect, agent(1), key, keyring)
     clock.advance(timedelta(days=1))
-    early = connect.post("/api/v1/activate", content=agent(2).activation(key).to_json())
+    early = connect.post(RECOVER, content=agent(2).activation(key).to_json())
     assert early.status_code == 403 and "from 2026-12-22" in early.json()["detail"]
     clock.advance(timedelta(days=30))
-    _activate(connect, agent(2), key, keyring)
+    _activate(connect, agent(2), key, keyring, RECOVER)
     clock.advance(timedelta(days=1))
-    late = connect.post("/api/v1/activate", content=agent(3).activation(key).to_json())
+    late = connect.post(RECOVER, content=agent(3).activation(key).to_json())
     assert late.status_code == 403 and "from 2027-01-22" in late.json()["detail"]
 
 

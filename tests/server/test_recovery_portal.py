@@ -89,7 +89,7 @@ def test_the_portal_decides_when_the_rule_says_no(
     assert connect.post("/api/v1/activate", content=agent(1).activation(key).to_json()).is_success
     assert portal.questions == []  # a free slot needs nobody's permission
     # Allowed by the portal: the agent-side recovery goes through.
-    allowed = connect.post("/api/v1/activate", content=agent(2).activation(key).to_json())
+    allowed = connect.post("/api/v1/recover", content=agent(2).activation(key).to_json())
     assert allowed.status_code == 200, allowed.text
     question = portal.questions[-1]
     assert question["signed"] and question["serial"] == serial
@@ -130,7 +130,7 @@ def test_an_unreachable_portal_denies(
     _, key = setup_license(state, admin, START, connect=False, recovery_allowance=0)
     connect = live_server.client()
     assert connect.post("/api/v1/activate", content=agent(1).activation(key).to_json()).is_success
-    refused = connect.post("/api/v1/activate", content=agent(2).activation(key).to_json())
+    refused = connect.post("/api/v1/recover", content=agent(2).activation(key).to_json())
     assert refused.status_code == 403
     assert refused.json()["detail"].startswith("the recovery portal cannot be reached")
 

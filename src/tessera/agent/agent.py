@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from tessera.agent.connect import ACTIVATE_PATH, CHECKIN_PATH, ConnectClient
+from tessera.agent.connect import ACTIVATE_PATH, CHECKIN_PATH, RECOVER_PATH, ConnectClient
 from tessera.agent.errors import (
     AgentError,
     BackupError,
@@ -631,14 +631,26 @@ class Agent:
             return ActivationRequest.create(key_text, self.locking_id, self.system_id, agent_key)
 
     def activate(
-        self, server_url: str, license_key: str, ca_pem: bytes | None = None
+        self,
+        server_url: str,
+        license_key: str,
+        ca_pem: bytes | None = None,
+        *,
+        recover: bool = False,
     ) -> AgentStatus:
-        """Online activation: the server binds the license here and sends it, signed."""
+        """Online activation: the server binds the license here and sends it, signed.
+
+        ``recover`` asks the server to move the license here when all its machines are
+        bound (a mainboard swap); the license's recovery rule decides (docs/recovery.md).
+        Without it a machine beyond the count is refused, so nobody takes over a slot by
+        accident.
+        """
         with self._write_lock:
             client = self._client(server_url, ca_pem)
             request = self.activation_request(license_key)
             with client:
-                response = client.post(ACTIVATE_PATH, request.to_json(), request.nonce)
+                path = RECOVER_PATH if recover else ACTIVATE_PATH
+                response = client.post(path, request.to_json(), request.nonce)
             if response.license is None:
                 raise BadResponse("the activation response carries no license")
             if response.identity is not None:

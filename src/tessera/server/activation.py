@@ -70,12 +70,6 @@ def _check_usable(row: LicenseRow, now: datetime) -> None:
         raise Forbidden(f"license {row.serial} is {row.binding}-bound; activate it as such")
 
 
-def _recoverable(row: LicenseRow) -> bool:
-    """Only licenses with a recovery rule turn a surplus activation into a recovery; the
-    others keep refusing it (a second machine must not silently take over a slot)."""
-    return row.recovery_allowance is not None or row.recovery_interval_days is not None
-
-
 @lru_cache(maxsize=16384)
 def _parsed(locking_id: str) -> LockingId | None:
     """Bound machines' Locking IDs, parsed once: keeps slot scans and check-ins cheap.
@@ -122,6 +116,7 @@ def _bind(
     actor: str,
     *,
     offline: bool,
+    recover: bool = False,
     portal: bool = False,
     portal_verdict: PortalVerdict | None = None,
 ) -> Activation:
@@ -145,14 +140,14 @@ def _bind(
         if machine is None:
             used = {m.slot for m in bound}
             free = next((s for s in range(row.machines_allowed) if s not in used), None)
-            if free is None and not _recoverable(row):
+            if free is None and not recover:
                 raise Forbidden(
                     f"no free machine left on license {row.serial}: "
                     f"{len(bound)} of {row.machines_allowed} machines are bound"
                 )
             if free is None:
-                # A new machine with the key of a fully bound license: a recovery request.
-                # The machine heard of least recently is the one being replaced.
+                # A recovery request (``/api/v1/recover``): the machine heard of least
+                # recently is the one being replaced, if the recovery rule allows it.
                 machine = min(
                     session.execute(select(Machine).where(Machine.license_id == row.id)).scalars(),
                     key=lambda m: (m.last_checkin_at or m.activated_at, m.slot),
@@ -209,14 +204,17 @@ def activate(
     signing_key: SigningKey,
     pepper: bytes,
     *,
+    recover: bool = False,
     portal: bool = False,
     portal_verdict: PortalVerdict | None = None,
 ) -> ServerResponse:
-    """Online activation: bind (or re-bind) this machine and answer with its license file."""
+    """Online activation: bind (or re-bind) this machine and answer with its license file.
+
+    With ``recover`` a machine beyond the count is a recovery request (``recovery``)."""
     row = _license_by_key(session, request.license_key, pepper, lock=True)
     result = _bind(
         session, row, request, now, signing_key, f"agent:{request.system_id}", offline=False,
-        portal=portal, portal_verdict=portal_verdict,
+        recover=recover, portal=portal, portal_verdict=portal_verdict,
     )
     return ServerResponse(
         kind="activation",

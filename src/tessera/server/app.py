@@ -249,14 +249,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             chunks.append(chunk)
         return b"".join(chunks)
 
-    @app.post(
-        "/api/v1/activate",
-        tags=["connect"],
-        openapi_extra=_body_schema(_ActivationBody),
-        responses={200: {"description": "A vendor-signed server response"}, **_CONNECT_ERRORS},
-    )
-    async def activate(request: Request) -> Response:
-        """Online activation: bind this machine and return its signed license file."""
+    async def _activate(request: Request, *, recover: bool) -> Response:
         try:
             parsed = ActivationRequest.from_json(await _read_json(request))
         except FormatError as exc:
@@ -270,7 +263,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                 with state.db.write() as session:
                     return activation.activate(
                         session, parsed, now, state.signing_key, state.pepper,
-                        portal=state.portal is not None, portal_verdict=verdict,
+                        recover=recover, portal=state.portal is not None, portal_verdict=verdict,
                     ).to_json()  # fmt: skip
             except RecordedRefusal as exc:
                 keep_record(exc)
@@ -280,6 +273,26 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             return await run_in_threadpool(run, verdict)
 
         return Response(await asking_portal(once), media_type="application/json")
+
+    @app.post(
+        "/api/v1/activate",
+        tags=["connect"],
+        openapi_extra=_body_schema(_ActivationBody),
+        responses={200: {"description": "A vendor-signed server response"}, **_CONNECT_ERRORS},
+    )
+    async def activate(request: Request) -> Response:
+        """Online activation: bind this machine and return its signed license file."""
+        return await _activate(request, recover=False)
+
+    @app.post(
+        "/api/v1/recover",
+        tags=["connect"],
+        openapi_extra=_body_schema(_ActivationBody),
+        responses={200: {"description": "A vendor-signed server response"}, **_CONNECT_ERRORS},
+    )
+    async def recover(request: Request) -> Response:
+        """Activation that may move the license here from a bound machine (recovery rule)."""
+        return await _activate(request, recover=True)
 
     @app.post(
         "/api/v1/checkin",
