@@ -6,10 +6,17 @@ from collections.abc import Callable
 from datetime import date, timedelta
 
 import pytest
-from agent_support import LOCKING_ID, OTHER_LOCKING_ID, START, make_license
+from agent_support import (
+    LOCKING_ID,
+    MACHINE_FACTS,
+    OTHER_LOCKING_ID,
+    PRODUCT,
+    START,
+    make_license,
+)
 
 from tessera.agent import Agent, AgentState, StaleBlacklist
-from tessera.core import SigningKey
+from tessera.core import SigningKey, locking_id_for
 from tessera.core.blacklist import Blacklist, BlacklistEntry, sign_blacklist
 from tessera.core.clock import ManualClock
 from tessera.core.errors import FormatError, SignatureError, UnknownKeyError
@@ -124,3 +131,17 @@ def test_the_list_shipped_with_the_product_is_an_agent_option(
     older.close()
     newer = _blacklist(vendor, 8, containers=(BlacklistEntry(LOCKING_ID, START.date(), 0),))
     assert open_agent(blacklist=newer).status().state is AgentState.LOCKED
+
+
+def test_a_listed_container_whose_hardware_drifted_a_little_is_still_caught(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    agent = open_agent()
+    agent.import_license(make_license(vendor, connect=False))
+    facts = [(k, "disk-serial-2" if k == "d" else v) for k, v in MACHINE_FACTS]
+    listed_as = str(locking_id_for(facts, PRODUCT))  # as listed, before its disk was replaced
+    assert listed_as != LOCKING_ID
+    agent.import_blacklist(
+        _blacklist(vendor, 1, containers=(BlacklistEntry(listed_as, START.date(), 0),))
+    )
+    assert agent.status().state is AgentState.LOCKED

@@ -256,3 +256,29 @@ def test_roles_and_a_narrower_blacklist_entry(
     api.post("/api/v1/blacklist", json={"locking_id": other, "revoke_recovered_only": True})
     export = parse_blacklist(api.post("/api/v1/blacklist/export").json()["file"]).verify(keyring)
     assert export.container_entry(lid) is not None and export.container_entry(other) is None
+
+
+def test_a_blacklisted_container_whose_hardware_drifted_is_still_refused(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    admin_token: str,
+) -> None:
+    _, key = setup_license(state, admin, START)
+    listed = agent(1)
+    api = live_server.client(admin_token)
+    assert api.post("/api/v1/blacklist", json={"locking_id": listed.locking_id}).is_success
+    drifted = FakeAgent(
+        machine="m1",
+        system_id="system-0001-abcdef",
+        facts=[(k, "new-nic" if k == "n" else v) for k, v in listed.facts],
+    )
+    assert drifted.locking_id != listed.locking_id
+    refused = live_server.client().post(
+        "/api/v1/activate", content=drifted.activation(key).to_json()
+    )
+    assert refused.status_code == 403 and "blacklisted" in refused.json()["detail"]
+    stranger = live_server.client().post(
+        "/api/v1/activate", content=agent(2).activation(key).to_json()
+    )
+    assert stranger.status_code == 200

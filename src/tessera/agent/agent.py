@@ -55,12 +55,13 @@ from tessera.core.errors import (
     VersionError,
 )
 from tessera.core.fileformat import format_timestamp, parse, parse_timestamp
-from tessera.core.fingerprint import collect_facts, locking_id_for
+from tessera.core.fingerprint import collect_facts, locking_id_for, match_locking_ids
 from tessera.core.licensekey import normalize_license_key
 from tessera.core.model import (
     Binding,
     Identity,
     License,
+    MatchLevel,
     check_feature_code,
     check_product_code,
 )
@@ -380,7 +381,17 @@ class Agent:
                 AgentState.INVALID,
                 self._invalid_message(f"the stored blacklist fails verification ({exc})"),
             )
-        entry = listed.container_entry(self.locking_id)
+        # Tolerant, like a binding: a container whose hardware drifted a little since it
+        # was listed (a new disk, another NIC) is still the listed container.
+        level = verified.license.match if verified is not None else MatchLevel.MEDIUM
+        entry = listed.container_entry(self.locking_id) or next(
+            (
+                e
+                for e in listed.containers
+                if match_locking_ids(e.subject, self.locking_id, level).ok
+            ),
+            None,
+        )
         if entry is not None:
             return (
                 entry.enforced_from(),

@@ -92,7 +92,14 @@ def _refuse_blacklisted(session: Session, row: LicenseRow, locking_id: str, now:
     """A blacklisted container activates nothing; the attempt is a hit for follow-up."""
     entry = recovery.blacklist_entry(session, locking_id)
     if entry is None or entry.scope != "container":
-        return
+        # Tolerant, like a binding: a listed container whose hardware drifted a little.
+        level = MatchLevel(row.match_level)
+        current = LockingId.parse(locking_id)
+        listed = session.execute(
+            select(BlacklistEntryRow.locking_id).where(BlacklistEntryRow.scope == "container")
+        ).scalars()
+        if not any(_same_hardware(lid, current, level) for lid in listed):
+            return
     serial = row.serial
 
     def record(fresh: Session) -> None:
