@@ -27,6 +27,7 @@ blacklist file) or only loses this license (``revoke`` at its next check-in).
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -72,6 +73,7 @@ __all__ = [
     "rehost",
 ]
 
+log = logging.getLogger("tessera.server")
 OldContainer = Literal["blacklist", "revoke"]
 #: System ID of a slot reserved by ``rehost`` until the new machine activates.
 PENDING_PREFIX = "rehost-"
@@ -146,6 +148,13 @@ def blacklist_entry(session: Session, locking_id: str) -> BlacklistEntryRow | No
 def record_hit(
     session: Session, *, at: datetime, locking_id: str, serial: str | None, how: str, action: str
 ) -> None:
+    log.warning(
+        "blacklist hit: container %s, license %s, caught at %s (%s)",
+        locking_id,
+        serial,
+        how,
+        action,
+    )
     session.add(BlacklistHit(at=at, locking_id=locking_id, serial=serial, how=how, action=action))
     audit.append(
         session,
