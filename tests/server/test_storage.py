@@ -22,7 +22,7 @@ def test_migrations_create_the_schema_and_are_idempotent(database: Database) -> 
     tables = set(inspect(database.engine).get_table_names())
     assert {"licenses", "machines", "audit_log", "api_tokens", "alembic_version"} <= tables
     with database.read() as session:
-        assert session.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert session.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
 
 
 def test_sqlite_runs_in_wal_mode_with_normal_sync(tmp_path: object) -> None:

@@ -26,6 +26,7 @@ from tessera.agent.errors import (
     SeatError,
     ServerRefused,
     ServerUnreachable,
+    StaleBlacklist,
     StateError,
 )
 from tessera.agent.policy import CLOCK_TOLERANCE
@@ -46,6 +47,7 @@ __all__ = [
     "SeatError",
     "ServerRefused",
     "ServerUnreachable",
+    "StaleBlacklist",
     "StateError",
 ]
 

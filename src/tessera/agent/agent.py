@@ -17,14 +17,14 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import httpx
 
-from tessera.agent.connect import ACTIVATE_PATH, CHECKIN_PATH, ConnectClient
+from tessera.agent.connect import ACTIVATE_PATH, CHECKIN_PATH, RECOVER_PATH, ConnectClient
 from tessera.agent.errors import (
     AgentError,
     BackupError,
@@ -32,6 +32,7 @@ from tessera.agent.errors import (
     ConnectError,
     FeatureDenied,
     SeatError,
+    StaleBlacklist,
     StateError,
 )
 from tessera.agent.policy import Facts, Snapshot, decide
@@ -44,6 +45,7 @@ from tessera.agent.verification import (
     verify_identity,
     verify_license,
 )
+from tessera.core.blacklist import parse_blacklist
 from tessera.core.clock import Clock, SystemClock
 from tessera.core.errors import (
     BindingError,
@@ -53,12 +55,13 @@ from tessera.core.errors import (
     VersionError,
 )
 from tessera.core.fileformat import format_timestamp, parse, parse_timestamp
-from tessera.core.fingerprint import collect_facts, locking_id_for
+from tessera.core.fingerprint import collect_facts, locking_id_for, match_locking_ids
 from tessera.core.licensekey import normalize_license_key
 from tessera.core.model import (
     Binding,
     Identity,
     License,
+    MatchLevel,
     check_feature_code,
     check_product_code,
 )
@@ -135,6 +138,7 @@ class Agent:
         location: str | None = None,
         transport: httpx.BaseTransport | None = None,
         grace_features: tuple[str, ...] = (),
+        blacklist: bytes | str | None = None,
     ) -> None:
         if product is not None:
             check_product_code(product)
@@ -181,6 +185,12 @@ class Agent:
         if updates:
             self._store.put(updates)
         self._snapshot: Snapshot = self._rebuild(record_time=True)
+        if blacklist is not None:
+            # The list shipped with this product version; a newer one in force stays.
+            try:
+                self.import_blacklist(blacklist)
+            except StaleBlacklist:
+                log.debug("the shipped blacklist is older than the one in force")
 
     # ---------------------------------------------------------------- reading
 
@@ -337,6 +347,7 @@ class Agent:
                 taken[row.feature] = taken.get(row.feature, 0) + 1
             over = {f: n - counts.get(f, 0) for f, n in taken.items() if n > counts.get(f, 0)}
         return Facts(
+            blacklisted=self._blacklisted(meta, verified),
             verified=verified,
             problem=problem,
             last_success=_parse_ts(meta.get("last_success")),
@@ -351,6 +362,93 @@ class Agent:
             grace_features=self._grace_features if "grace_start" not in meta else frozenset(),
             over_assigned=MappingProxyType(over),
         )
+
+    def _blacklisted(
+        self, meta: Mapping[str, str], verified: VerifiedLicense | None
+    ) -> tuple[date, AgentState, str] | None:
+        """What the stored blacklist file says about this container and its license.
+
+        The file is verified again on every rebuild: an edited state file lifts nothing.
+        """
+        text = meta.get("blacklist")
+        if text is None:
+            return None
+        try:
+            listed = parse_blacklist(text).verify(self.installation.keyring)
+        except (TesseraError, ValueError) as exc:
+            return (
+                date.min,
+                AgentState.INVALID,
+                self._invalid_message(f"the stored blacklist fails verification ({exc})"),
+            )
+        # Tolerant, like a binding: a container whose hardware drifted a little since it
+        # was listed (a new disk, another NIC) is still the listed container.
+        level = verified.license.match if verified is not None else MatchLevel.MEDIUM
+        entry = listed.container_entry(self.locking_id) or next(
+            (
+                e
+                for e in listed.containers
+                if match_locking_ids(e.subject, self.locking_id, level).ok
+            ),
+            None,
+        )
+        if entry is not None:
+            return (
+                entry.enforced_from(),
+                AgentState.LOCKED,
+                f"this installation's container is blacklisted by the vendor (blacklist "
+                f"{listed.sequence}); contact the vendor's support",
+            )
+        if verified is None:
+            return None
+        lic = verified.license
+        entry = listed.serial_entry(lic.serial)
+        # Only copies issued before the recovery: the new machine's file is issued after it.
+        if entry is not None and lic.issued.date() < entry.since:
+            return (
+                entry.enforced_from(),
+                AgentState.UNLICENSED,
+                f"license {lic.serial} was recovered to another machine and withdrawn here "
+                f"(blacklist {listed.sequence}); contact the vendor's support",
+            )
+        return None
+
+    def import_blacklist(self, data: bytes | str) -> int:
+        """Put the vendor's signed blacklist file in force; returns its sequence number.
+
+        A forged or altered file fails its signature; a file older than the one in force
+        (lower sequence, or the same sequence with other content) is refused as a replay,
+        since going back to it could lift a blacklisting. The same file again is a no-op.
+        """
+        try:
+            signed = parse_blacklist(data)  # FormatError for anything malformed
+            listed = signed.verify(self.installation.keyring)  # SignatureError when forged
+        except TesseraError as exc:
+            log.warning("blacklist file refused: %s", exc)
+            raise
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        with self._write_lock:
+            meta = self._store.get_all()
+            current = meta.get("blacklist")
+            if current is not None:
+                have = int(meta.get("blacklist_sequence", "0"))
+                if listed.sequence < have:
+                    log.warning("blacklist %d refused: %d is in force", listed.sequence, have)
+                    raise StaleBlacklist(
+                        f"blacklist {listed.sequence} is older than the one in force "
+                        f"({have}): refused"
+                    )
+                if listed.sequence == have:
+                    if parse_blacklist(current).body != signed.body:
+                        raise StaleBlacklist(
+                            f"blacklist {listed.sequence} differs from the one in force with "
+                            "the same sequence number: refused"
+                        )
+                    return listed.sequence
+            self._store.put({"blacklist": text, "blacklist_sequence": str(listed.sequence)})
+            log.info("blacklist %d is in force", listed.sequence)
+            self._rebuild()
+            return listed.sequence
 
     def _machine_changed(self, text: str) -> bool:
         """Is this a machine-bound license whose Locking ID no longer matches here?"""
@@ -544,14 +642,26 @@ class Agent:
             return ActivationRequest.create(key_text, self.locking_id, self.system_id, agent_key)
 
     def activate(
-        self, server_url: str, license_key: str, ca_pem: bytes | None = None
+        self,
+        server_url: str,
+        license_key: str,
+        ca_pem: bytes | None = None,
+        *,
+        recover: bool = False,
     ) -> AgentStatus:
-        """Online activation: the server binds the license here and sends it, signed."""
+        """Online activation: the server binds the license here and sends it, signed.
+
+        ``recover`` asks the server to move the license here when all its machines are
+        bound (a mainboard swap); the license's recovery rule decides (docs/recovery.md).
+        Without it a machine beyond the count is refused, so nobody takes over a slot by
+        accident.
+        """
         with self._write_lock:
             client = self._client(server_url, ca_pem)
             request = self.activation_request(license_key)
             with client:
-                response = client.post(ACTIVATE_PATH, request.to_json(), request.nonce)
+                path = RECOVER_PATH if recover else ACTIVATE_PATH
+                response = client.post(path, request.to_json(), request.nonce)
             if response.license is None:
                 raise BadResponse("the activation response carries no license")
             if response.identity is not None:

@@ -35,6 +35,7 @@ __all__ = [
     "SeatError",
     "ServerRefused",
     "ServerUnreachable",
+    "StaleBlacklist",
     "StateError",
 ]
 
@@ -82,3 +83,7 @@ class ServerRefused(ConnectError):
 
 class BadResponse(ConnectError):
     """The answer cannot be trusted: not JSON, not signed by the vendor, or replayed."""
+
+
+class StaleBlacklist(AgentError):
+    """A blacklist file older than the one in force (a replay that could lift an entry)."""

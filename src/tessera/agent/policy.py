@@ -8,6 +8,9 @@ until ``recompute_at`` (the next moment any answer could change).
 Rules, in order of precedence:
 
 * locked (vendor's ``lock`` directive) and broken/invalid refuse everything;
+* an entry of the vendor's blacklist file (``Agent.import_blacklist``) naming this
+  container locks it, one naming the license withdraws it, from the entry's day on
+  (``since + delay``, measured in trusted time);
 * unlicensed: nothing is granted;
 * failover: a Connect license whose check-in is overdue (``validation-hours`` after the last
   successful check-in) or whose last attempt failed. Everything keeps working until
@@ -64,6 +67,9 @@ class Facts:
     #: the product's grace features, empty once the installation ever had a license
     grace_features: frozenset[str] = frozenset()
     over_assigned: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    #: an entry of the vendor's blacklist file naming this installation: from which (trusted)
+    #: day it acts, the state it puts the installation in, and why
+    blacklisted: tuple[date, AgentState, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +106,8 @@ def decide(facts: Facts, clock_now: datetime) -> Snapshot:
 
     if facts.locked is not None:
         return refuse_all(AgentState.LOCKED, facts.locked)
+    if facts.blacklisted is not None and now.date() >= facts.blacklisted[0]:
+        return refuse_all(facts.blacklisted[1], facts.blacklisted[2])
     if facts.problem is not None:
         return refuse_all(facts.problem[0], facts.problem[1])
     verified = facts.verified

@@ -316,6 +316,11 @@ def license_issue(
     ),
     recovery_allowance: int | None = typer.Option(None, "--recovery-allowance"),
     recovery_interval_days: int | None = typer.Option(None, "--recovery-interval-days"),
+    on_recovery: str = typer.Option(
+        "blacklist",
+        "--on-recovery",
+        help="After a recovery: blacklist the old container, or revoke only this license there.",
+    ),
     order: str | None = typer.Option(None, "--order", help="The order this license fulfils."),
     seal: bool = typer.Option(False, "--seal", help="Encrypt entitlements to the license key."),
     url: str | None = URL,
@@ -340,6 +345,7 @@ def license_issue(
         "match": match,
         "recovery_allowance": recovery_allowance,
         "recovery_interval_days": recovery_interval_days,
+        "recovery_old_container": on_recovery,
         "order": order,
         "seal": seal,
     }

@@ -292,6 +292,22 @@ def import_file(
         _print_status(agent.import_license(data), as_json)
 
 
+@_verb("import-blacklist")
+def import_blacklist(
+    file: Path = typer.Argument(..., help="A blacklist file from `tessera blacklist export`."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Put the vendor's signed blacklist in force (forged, altered or older files are refused)."""
+    data = read_input_file(file, "blacklist file")
+    with _open_agent() as agent:
+        sequence = agent.import_blacklist(data)
+        status = agent.status()
+    if as_json:
+        emit_json({"sequence": sequence, "state": status.state.value})
+    else:
+        typer.echo(f"blacklist {sequence} is in force; this installation is {status.state.value}")
+
+
 @_verb("assign")
 def assign(
     feature: str = typer.Argument(...),
@@ -331,12 +347,18 @@ def activate(
     server: str = typer.Option(..., "--server", help="License server URL (https://...)."),
     ca: Path | None = typer.Option(None, "--ca", help="The server's CA certificate, pinned."),
     key: str = typer.Option(..., "--key", help="The license key."),
+    recover: bool = typer.Option(
+        False,
+        "--recover",
+        help="Move the license here from its bound machine (hardware replaced); the "
+        "license's recovery rule decides.",
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Activate online: the server binds the license to this machine and sends it."""
     ca_pem = read_input_file(ca, "CA certificate") if ca is not None else None
     with _open_agent() as agent:
-        _print_status(agent.activate(server, key, ca_pem), as_json)
+        _print_status(agent.activate(server, key, ca_pem, recover=recover), as_json)
 
 
 @_verb("request")

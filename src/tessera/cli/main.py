@@ -9,6 +9,7 @@ from tessera.cli import (  # noqa: F401  (register verbs)
     agent_cmds,
     keys,
     offline,
+    recovery_cmds,
     server_cmds,
 )
 from tessera.cli._common import EXIT_BAD_INPUT, EXIT_DENIED, CliError, err_console

@@ -24,10 +24,18 @@ from tessera.core.licensekey import license_key_digest
 from tessera.core.model import MatchLevel
 from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerResponse
 from tessera.core.signing import SigningKey
-from tessera.server import audit
-from tessera.server.errors import Forbidden, NotFound
+from tessera.server import audit, recovery
+from tessera.server.errors import Forbidden, NotFound, RecordedRefusal
 from tessera.server.licenses import check_access, license_document
-from tessera.server.models import Checkin, EntitlementRow, LicenseRow, Machine
+from tessera.server.models import (
+    BlacklistEntryRow,
+    Checkin,
+    EntitlementRow,
+    LicenseRow,
+    Machine,
+    RecoveredMachine,
+)
+from tessera.server.portal import PortalVerdict
 from tessera.server.tokens import Principal, Role, require
 
 __all__ = ["Activation", "activate", "activate_offline", "checkin"]
@@ -80,6 +88,32 @@ def _same_hardware(locking_id: str, current: LockingId, level: MatchLevel) -> bo
     return licensed is not None and match_locking_ids(licensed, current, level).ok
 
 
+def _refuse_blacklisted(session: Session, row: LicenseRow, locking_id: str, now: datetime) -> None:
+    """A blacklisted container activates nothing; the attempt is a hit for follow-up."""
+    entry = recovery.blacklist_entry(session, locking_id)
+    if entry is None or entry.scope != "container":
+        # Tolerant, like a binding: a listed container whose hardware drifted a little.
+        level = MatchLevel(row.match_level)
+        current = LockingId.parse(locking_id)
+        listed = session.execute(
+            select(BlacklistEntryRow.locking_id).where(BlacklistEntryRow.scope == "container")
+        ).scalars()
+        if not any(_same_hardware(lid, current, level) for lid in listed):
+            return
+    serial = row.serial
+
+    def record(fresh: Session) -> None:
+        recovery.record_hit(
+            fresh, at=now, locking_id=locking_id, serial=serial, how="activation", action="refused"
+        )
+
+    raise RecordedRefusal(
+        f"this machine (Locking ID {locking_id}) is blacklisted by the vendor: "
+        "activation refused; contact the vendor's support",
+        record,
+    )
+
+
 def _bind(
     session: Session,
     row: LicenseRow,
@@ -89,7 +123,11 @@ def _bind(
     actor: str,
     *,
     offline: bool,
+    recover: bool = False,
+    portal: bool = False,
+    portal_verdict: PortalVerdict | None = None,
 ) -> Activation:
+    _refuse_blacklisted(session, row, request.locking_id, now)
     _check_usable(row, now)
     # The same installation again (indexed lookup), else the same hardware (tolerant match).
     machine = session.execute(
@@ -109,14 +147,31 @@ def _bind(
         if machine is None:
             used = {m.slot for m in bound}
             free = next((s for s in range(row.machines_allowed) if s not in used), None)
-            if free is None:
+            if free is None and not recover:
                 raise Forbidden(
                     f"no free machine left on license {row.serial}: "
                     f"{len(bound)} of {row.machines_allowed} machines are bound"
                 )
-            machine = Machine(license_id=row.id, slot=free, activated_at=now, delivered_revision=0)
-            session.add(machine)
-            action = "license.activate"
+            if free is None:
+                # A recovery request (``/api/v1/recover``): the machine heard of least
+                # recently is the one being replaced, if the recovery rule allows it.
+                machine = min(
+                    session.execute(select(Machine).where(Machine.license_id == row.id)).scalars(),
+                    key=lambda m: (m.last_checkin_at or m.activated_at, m.slot),
+                )
+                recovery.recover_machine(
+                    session, row, machine, new_locking_id=request.locking_id, now=now,
+                    actor=actor, via="activation", old_container=None, portal=portal,
+                    portal_verdict=portal_verdict,
+                )  # fmt: skip
+                machine.last_checkin_at = None
+                action = "license.recover"
+            else:
+                machine = Machine(
+                    license_id=row.id, slot=free, activated_at=now, delivered_revision=0
+                )
+                session.add(machine)
+                action = "license.activate"
     machine.locking_id = request.locking_id
     machine.system_id = request.system_id
     machine.agent_key = request.agent_key
@@ -155,11 +210,18 @@ def activate(
     now: datetime,
     signing_key: SigningKey,
     pepper: bytes,
+    *,
+    recover: bool = False,
+    portal: bool = False,
+    portal_verdict: PortalVerdict | None = None,
 ) -> ServerResponse:
-    """Online activation: bind (or re-bind) this machine and answer with its license file."""
+    """Online activation: bind (or re-bind) this machine and answer with its license file.
+
+    With ``recover`` a machine beyond the count is a recovery request (``recovery``)."""
     row = _license_by_key(session, request.license_key, pepper, lock=True)
     result = _bind(
-        session, row, request, now, signing_key, f"agent:{request.system_id}", offline=False
+        session, row, request, now, signing_key, f"agent:{request.system_id}", offline=False,
+        recover=recover, portal=portal, portal_verdict=portal_verdict,
     )
     return ServerResponse(
         kind="activation",
@@ -177,6 +239,9 @@ def activate_offline(
     now: datetime,
     signing_key: SigningKey,
     pepper: bytes,
+    *,
+    portal: bool = False,
+    portal_verdict: PortalVerdict | None = None,
 ) -> Activation:
     """An uploaded request file: same rules as online, the license file goes back by hand."""
     require(principal, Role.ADMIN, Role.SUPPORT, Role.SALES, Role.PARTNER, Role.CUSTOMER)
@@ -185,7 +250,10 @@ def activate_offline(
         raise Forbidden("this license key belongs to another customer")
     if principal.role is Role.PARTNER:
         check_access(session, principal, row, write=False)
-    return _bind(session, row, request, now, signing_key, principal.actor, offline=True)
+    return _bind(
+        session, row, request, now, signing_key, principal.actor, offline=True, portal=portal,
+        portal_verdict=portal_verdict,
+    )  # fmt: skip
 
 
 # The check-in's statements, built once: constructing SQL per request costs more than
@@ -208,6 +276,13 @@ _CHECKIN_LOOKUP = (
             or_(EntitlementRow.expiry.is_(None), EntitlementRow.expiry >= bindparam("today")),
         )
         .label("valid"),
+        # Is this machine's container blacklisted? (the honeypot, in the same trip)
+        exists()
+        .where(
+            BlacklistEntryRow.locking_id == Machine.locking_id,
+            BlacklistEntryRow.scope == "container",
+        )
+        .label("blacklisted"),
     )
     .select_from(LicenseRow)
     .outerjoin(
@@ -246,7 +321,7 @@ def checkin(
     if found is None:
         raise NotFound("unknown license key")
     if found.machine_id is None:
-        raise Forbidden(f"this installation is not activated for license {found.serial}")
+        return _checkin_recovered(session, request, found.id, found.serial, now, signing_key)
     try:
         request.verify_with(found.agent_key)
     except (SignatureError, TesseraError):
@@ -269,7 +344,15 @@ def checkin(
     license_file: str | None = None
     outcome = "ok"
     delivered = found.delivered_revision
-    if found.status == "revoked":
+    if found.blacklisted:
+        # The honeypot: the whole container stops, every license on it.
+        directives, outcome = ("lock",), "locked"
+        message = "this machine's container is blacklisted by the vendor"
+        recovery.record_hit(
+            session, at=now, locking_id=found.locking_id, serial=found.serial, how="checkin",
+            action="lock",
+        )  # fmt: skip
+    elif found.status == "revoked":
         directives, outcome = ("revoke",), "revoked"
         message = f"license {found.serial} has been revoked"
     elif delivered != found.revision:
@@ -284,7 +367,7 @@ def checkin(
         )
         license_file = sign_document(doc, signing_key)
         delivered, outcome = found.revision, "updated"
-    if outcome != "revoked" and not found.valid:
+    if outcome not in ("revoked", "locked") and not found.valid:
         message, outcome = f"license {found.serial} has expired", "expired"
     conn.execute(
         _RECORD_MACHINE, {"machine_id": found.machine_id, "now": now, "delivered": delivered}
@@ -296,6 +379,53 @@ def checkin(
         server_time=utc(now).replace(microsecond=0),
         serial=found.serial,
         license=license_file,
+        directives=directives,
+        message=message,
+    ).signed(signing_key)
+
+
+def _checkin_recovered(
+    session: Session,
+    request: CheckinRequest,
+    license_id: int,
+    serial: str,
+    now: datetime,
+    signing_key: SigningKey,
+) -> ServerResponse:
+    """The old machine of a recovered license checks in: it learns what became of it."""
+    old = session.execute(
+        select(RecoveredMachine)
+        .where(
+            RecoveredMachine.license_id == license_id,
+            RecoveredMachine.system_id == request.system_id,
+        )
+        .order_by(RecoveredMachine.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    if old is None:
+        raise Forbidden(f"this installation is not activated for license {serial}")
+    try:
+        request.verify_with(old.agent_key)
+    except (SignatureError, TesseraError):
+        raise Forbidden(
+            "bad request signature (not signed by the key registered at activation)"
+        ) from None
+    entry = recovery.blacklist_entry(session, old.locking_id)
+    if entry is not None and entry.scope == "container":
+        directives: tuple[str, ...] = ("lock",)
+        message = "this machine's container is blacklisted by the vendor"
+    else:
+        directives = ("revoke",)
+        message = f"license {serial} was recovered to another machine"
+    recovery.record_hit(
+        session, at=now, locking_id=old.locking_id, serial=serial, how="checkin",
+        action=directives[0],
+    )  # fmt: skip
+    return ServerResponse(
+        kind="checkin",
+        nonce=request.nonce,
+        server_time=utc(now).replace(microsecond=0),
+        serial=serial,
         directives=directives,
         message=message,
     ).signed(signing_key)

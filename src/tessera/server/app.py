@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeVar
@@ -29,13 +29,16 @@ from tessera.core.clock import Clock
 from tessera.core.errors import FormatError, SignatureError, TesseraError
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest, CheckinRequest
 from tessera.core.signing import SigningKey
-from tessera.server import activation, audit, catalog, licenses
-from tessera.server.errors import Invalid, ServiceError
+from tessera.server import activation, audit, catalog, licenses, recovery
+from tessera.server.errors import Invalid, RecordedRefusal, ServiceError
 from tessera.server.limits import BodySizeLimit
 from tessera.server.models import AuditEntry, LicenseRevision
+from tessera.server.portal import PortalVerdict, RecoveryPortal
 from tessera.server.schemas import (
     AuditEntryOut,
     AuditReport,
+    AuthorizeRecoveryIn,
+    BlacklistAddIn,
     CustomerIn,
     CustomerOut,
     ErrorBody,
@@ -49,6 +52,7 @@ from tessera.server.schemas import (
     PartnerOut,
     ProductIn,
     ProductOut,
+    RehostIn,
     TokenIn,
     TokenOut,
     ValidationErrorBody,
@@ -80,6 +84,8 @@ class ServerState:
     signing_key: SigningKey
     pepper: bytes
     clock: Clock
+    #: The vendor's recovery portal, asked when a recovery rule says no (optional).
+    portal: RecoveryPortal | None = None
 
     def now(self) -> datetime:
         return self.clock.now().replace(microsecond=0)
@@ -204,10 +210,29 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         token = credentials.credentials if credentials is not None else None
 
         def run() -> T:
-            with state.db.write() if write else state.db.read() as session:
-                return work(session, resolve_token(session, token))
+            try:
+                with state.db.write() if write else state.db.read() as session:
+                    return work(session, resolve_token(session, token))
+            except RecordedRefusal as exc:
+                keep_record(exc)
+                raise
 
         return await run_in_threadpool(run)
+
+    async def asking_portal(once: Callable[[PortalVerdict | None], Awaitable[T]]) -> T:
+        """Run ``once``; if a recovery needs the portal, ask it (no transaction is open
+        while it answers) and run ``once`` again with its verdict."""
+        try:
+            return await once(None)
+        except recovery.NeedsPortal as exc:
+            assert state.portal is not None  # only raised when a portal is configured
+            verdict = await run_in_threadpool(state.portal.ask, exc.question)
+            return await once(verdict)
+
+    def keep_record(refusal: RecordedRefusal) -> None:
+        """The refused transaction was rolled back; its record goes in on its own."""
+        with state.db.write() as session:
+            refusal.record(session)
 
     Auth = Depends(bearer)
 
@@ -224,14 +249,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             chunks.append(chunk)
         return b"".join(chunks)
 
-    @app.post(
-        "/api/v1/activate",
-        tags=["connect"],
-        openapi_extra=_body_schema(_ActivationBody),
-        responses={200: {"description": "A vendor-signed server response"}, **_CONNECT_ERRORS},
-    )
-    async def activate(request: Request) -> Response:
-        """Online activation: bind this machine and return its signed license file."""
+    async def _activate(request: Request, *, recover: bool) -> Response:
         try:
             parsed = ActivationRequest.from_json(await _read_json(request))
         except FormatError as exc:
@@ -240,13 +258,41 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             return _error(403, f"bad request signature ({exc})")
         now = state.now()
 
-        def run() -> bytes:
-            with state.db.write() as session:
-                return activation.activate(
-                    session, parsed, now, state.signing_key, state.pepper
-                ).to_json()
+        def run(verdict: PortalVerdict | None) -> bytes:
+            try:
+                with state.db.write() as session:
+                    return activation.activate(
+                        session, parsed, now, state.signing_key, state.pepper,
+                        recover=recover, portal=state.portal is not None, portal_verdict=verdict,
+                    ).to_json()  # fmt: skip
+            except RecordedRefusal as exc:
+                keep_record(exc)
+                raise
 
-        return Response(await run_in_threadpool(run), media_type="application/json")
+        async def once(verdict: PortalVerdict | None) -> bytes:
+            return await run_in_threadpool(run, verdict)
+
+        return Response(await asking_portal(once), media_type="application/json")
+
+    @app.post(
+        "/api/v1/activate",
+        tags=["connect"],
+        openapi_extra=_body_schema(_ActivationBody),
+        responses={200: {"description": "A vendor-signed server response"}, **_CONNECT_ERRORS},
+    )
+    async def activate(request: Request) -> Response:
+        """Online activation: bind this machine and return its signed license file."""
+        return await _activate(request, recover=False)
+
+    @app.post(
+        "/api/v1/recover",
+        tags=["connect"],
+        openapi_extra=_body_schema(_ActivationBody),
+        responses={200: {"description": "A vendor-signed server response"}, **_CONNECT_ERRORS},
+    )
+    async def recover(request: Request) -> Response:
+        """Activation that may move the license here from a bound machine (recovery rule)."""
+        return await _activate(request, recover=True)
 
     @app.post(
         "/api/v1/checkin",
@@ -503,11 +549,122 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             return _error(403, f"request file: bad signature ({exc})")
         now = state.now()
 
-        def work(s: Session, p: Principal) -> dict[str, Any]:
-            result = activation.activate_offline(s, p, parsed, now, state.signing_key, state.pepper)
-            return {"serial": result.serial, "license": result.license_file}
+        async def once(verdict: PortalVerdict | None) -> dict[str, Any]:
+            def work(s: Session, p: Principal) -> dict[str, Any]:
+                result = activation.activate_offline(
+                    s, p, parsed, now, state.signing_key, state.pepper,
+                    portal=state.portal is not None, portal_verdict=verdict,
+                )  # fmt: skip
+                return {"serial": result.serial, "license": result.license_file}
 
-        return await in_transaction(work, credentials, write=True)
+            return await in_transaction(work, credentials, write=True)
+
+        return await asking_portal(once)
+
+    # ------------------------------------------------------------------ recovery and blacklist
+
+    @admin.post("/api/v1/licenses/{serial}/rehost", tags=["recovery"], responses=_ERRORS)
+    async def rehost_license(
+        data: RehostIn,
+        serial: str = Path(max_length=64),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> dict[str, Any]:
+        """Move the license to a new container (Locking ID) under its recovery rule."""
+        now = state.now()
+
+        async def once(verdict: PortalVerdict | None) -> dict[str, Any]:
+            return await in_transaction(
+                lambda s, p: recovery.rehost(
+                    s,
+                    p,
+                    serial,
+                    locking_id=data.locking_id,
+                    slot=data.slot,
+                    old_container=data.old_container,
+                    delay_days=data.delay_days,
+                    now=now,
+                    signing_key=state.signing_key,
+                    portal=state.portal is not None,
+                    portal_verdict=verdict,
+                ),
+                credentials,
+                write=True,
+            )
+
+        return await asking_portal(once)
+
+    @admin.post(
+        "/api/v1/licenses/{serial}/authorize-recovery", tags=["recovery"], responses=_ERRORS
+    )
+    async def authorize_recovery(
+        data: AuthorizeRecoveryIn,
+        serial: str = Path(max_length=64),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> dict[str, Any]:
+        """Support grants extra recoveries beyond the license's rule."""
+        now = state.now()
+        return await in_transaction(
+            lambda s, p: recovery.authorize_recovery(s, p, serial, data.count, now),
+            credentials,
+            write=True,
+        )
+
+    @admin.get("/api/v1/licenses/{serial}/recoveries", tags=["recovery"], responses=_ERRORS)
+    async def license_recoveries(
+        serial: str = Path(max_length=64), credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> list[dict[str, Any]]:
+        """Every recovery decision on the license, granted or denied, with its reason."""
+        return await in_transaction(
+            lambda s, p: recovery.list_recoveries(s, p, serial), credentials, write=False
+        )
+
+    @admin.post("/api/v1/blacklist", status_code=201, tags=["recovery"], responses=_ERRORS)
+    async def blacklist_add(
+        data: BlacklistAddIn, credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> dict[str, Any]:
+        now = state.now()
+        return await in_transaction(
+            lambda s, p: recovery.add_to_blacklist(
+                s,
+                p,
+                data.locking_id,
+                recovered_only=data.revoke_recovered_only,
+                delay_days=data.delay_days,
+                reason=data.reason,
+                now=now,
+            ),
+            credentials,
+            write=True,
+        )
+
+    @admin.get("/api/v1/blacklist", tags=["recovery"], responses=_ERRORS)
+    async def blacklist_list(
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> list[dict[str, Any]]:
+        return await in_transaction(
+            lambda s, p: recovery.list_blacklist(s, p), credentials, write=False
+        )
+
+    @admin.post("/api/v1/blacklist/export", tags=["recovery"], responses=_ERRORS)
+    async def blacklist_export(
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> dict[str, Any]:
+        """A signed blacklist file with the next sequence number, to ship with the product."""
+        now = state.now()
+        return await in_transaction(
+            lambda s, p: recovery.export_blacklist(s, p, now, state.signing_key),
+            credentials,
+            write=True,
+        )
+
+    @admin.get("/api/v1/reports/blacklist-hits", tags=["recovery"], responses=_ERRORS)
+    async def blacklist_hits(
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> list[dict[str, Any]]:
+        """Every time a blacklisted or recovered container was caught, for follow-up."""
+        return await in_transaction(
+            lambda s, p: recovery.blacklist_hits(s, p), credentials, write=False
+        )
 
     # ------------------------------------------------------------------ tokens and audit
 

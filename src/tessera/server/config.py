@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tessera.core.errors import KeyFileError
 from tessera.core.signing import SigningKey
+from tessera.server.portal import PortalConfig
 
 __all__ = [
     "CONFIG_NAME",
@@ -49,6 +50,8 @@ class ServerConfig:
     #: Optional interfaces; each can be switched off in ``[interfaces]`` of tessera.toml.
     admin_api: bool = True
     offline_activation: bool = True
+    #: The vendor's recovery portal (``[recovery]``; off unless configured).
+    portal: PortalConfig | None = None
 
     @property
     def config_file(self) -> Path:
@@ -169,4 +172,37 @@ def load_config(data_dir: Path) -> ServerConfig:
     unknown = set(interfaces) - set(switches)
     if unknown:
         raise ConfigError(f"{path}: [interfaces] has unknown key {sorted(unknown)[0]!r}")
-    return ServerConfig(data_dir=data_dir.resolve(), database=database, **switches)
+    portal = _portal_config(raw.get("recovery", {}), path, data_dir.resolve())
+    return ServerConfig(
+        data_dir=data_dir.resolve(), database=database, portal=portal, **switches
+    )
+
+
+def _portal_config(section: object, path: Path, data_dir: Path) -> PortalConfig | None:
+    """``[recovery]``: portal_url, portal_secret_file, portal_timeout_seconds, portal_ca."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [recovery] must be a table")
+    known = {"portal_url", "portal_secret_file", "portal_timeout_seconds", "portal_ca"}
+    unknown = set(section) - known
+    if unknown:
+        raise ConfigError(f"{path}: [recovery] has unknown key {sorted(unknown)[0]!r}")
+    url = section.get("portal_url")
+    if url is None:
+        return None
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        raise ConfigError(f"{path}: [recovery] portal_url must be an https:// URL")
+    secret = section.get("portal_secret_file")
+    if not isinstance(secret, str) or not secret:
+        raise ConfigError(f"{path}: [recovery] portal_secret_file is missing")
+    timeout = section.get("portal_timeout_seconds", 5)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 60:
+        raise ConfigError(f"{path}: [recovery] portal_timeout_seconds must be 0-60")
+    ca = section.get("portal_ca")
+    if ca is not None and not isinstance(ca, str):
+        raise ConfigError(f"{path}: [recovery] portal_ca must be a path")
+    return PortalConfig(
+        url=url,
+        secret_file=data_dir / secret,
+        timeout_seconds=float(timeout),
+        ca_file=None if ca is None else data_dir / ca,
+    )

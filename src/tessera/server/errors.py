@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-__all__ = ["Conflict", "Forbidden", "Invalid", "NotFound", "ServiceError", "Unauthorized"]
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session
+
+__all__ = [
+    "Conflict",
+    "Forbidden",
+    "Invalid",
+    "NotFound",
+    "RecordedRefusal",
+    "ServiceError",
+    "Unauthorized",
+]
 
 
 class ServiceError(Exception):
@@ -35,3 +47,16 @@ class Conflict(ServiceError):
     """The thing exists already (product code, partner code)."""
 
     status = 409
+
+
+class RecordedRefusal(Forbidden):
+    """A refusal that must leave a trace although the transaction that refused rolls back.
+
+    The request's own transaction is rolled back (nothing changed), then ``record`` runs in
+    a fresh write transaction: a denied recovery or a blacklisted container caught at
+    activation is on file for support and sales.
+    """
+
+    def __init__(self, message: str, record: Callable[[Session], None]) -> None:
+        super().__init__(message)
+        self.record = record

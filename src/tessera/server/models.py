@@ -32,6 +32,9 @@ __all__ = [
     "ApiToken",
     "AuditEntry",
     "Base",
+    "BlacklistEntryRow",
+    "BlacklistExport",
+    "BlacklistHit",
     "Checkin",
     "Customer",
     "EntitlementRow",
@@ -41,6 +44,8 @@ __all__ = [
     "Partner",
     "Product",
     "ProductFeature",
+    "RecoveredMachine",
+    "Recovery",
     "SerialCounter",
     "UtcDateTime",
 ]
@@ -143,6 +148,10 @@ class LicenseRow(Base):
     emergency: Mapped[str] = mapped_column(Text, default="")
     recovery_allowance: Mapped[int | None] = mapped_column(Integer, nullable=True)
     recovery_interval_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: What happens to the old container after a recovery: ``blacklist`` or ``revoke``.
+    recovery_old_container: Mapped[str] = mapped_column(String(16), default="blacklist")
+    #: Extra recoveries support has authorized and that are not used yet.
+    recoveries_authorized: Mapped[int] = mapped_column(Integer, default=0)
     order_ref: Mapped[str | None] = mapped_column(String(100), nullable=True)
     #: Encrypt the entitlements of every file shipped (key derived from the license key).
     sealed: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -245,3 +254,79 @@ class AuditEntry(Base):
     details: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class Recovery(Base):
+    """Every recovery decision (granted or denied) and why: the rules are auditable."""
+
+    __tablename__ = "recoveries"
+    __table_args__ = (Index("ix_recoveries_license", "license_id", "at"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    license_id: Mapped[int] = mapped_column(ForeignKey("licenses.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    actor: Mapped[str] = mapped_column(String(200))
+    #: ``rehost`` (admin/support) or ``activation`` (a new machine used the same key).
+    via: Mapped[str] = mapped_column(String(16))
+    old_locking_id: Mapped[str | None] = mapped_column(String(410), nullable=True)
+    new_locking_id: Mapped[str] = mapped_column(String(410))
+    granted: Mapped[bool] = mapped_column(Boolean)
+    #: ``connect``, ``allowance``, ``interval``, ``authorized``, ``portal`` or ``none``.
+    rule: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    old_container: Mapped[str | None] = mapped_column(String(16), nullable=True)
+
+
+class RecoveredMachine(Base):
+    """An installation whose license moved away: its next check-in is answered with
+    ``lock`` (container blacklisted) or ``revoke`` (only this license withdrawn)."""
+
+    __tablename__ = "recovered_machines"
+    __table_args__ = (Index("ix_recovered_license_system", "license_id", "system_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    license_id: Mapped[int] = mapped_column(ForeignKey("licenses.id", ondelete="CASCADE"))
+    system_id: Mapped[str] = mapped_column(String(64))
+    locking_id: Mapped[str] = mapped_column(String(410))
+    agent_key: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(16))
+    recovered_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class BlacklistEntryRow(Base):
+    """A blacklisted container. ``scope`` is ``container`` (everything on it is locked) or
+    ``recovered`` (only licenses recovered away from it are withdrawn)."""
+
+    __tablename__ = "blacklist"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    locking_id: Mapped[str] = mapped_column(String(410), unique=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    since: Mapped[date] = mapped_column(Date)
+    #: Days the shipped blacklist file waits before it acts (check-in and activation don't).
+    delay_days: Mapped[int] = mapped_column(Integer)
+    added_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+
+
+class BlacklistHit(Base):
+    """A blacklisted container caught in the act, for sales to follow up."""
+
+    __tablename__ = "blacklist_hits"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    locking_id: Mapped[str] = mapped_column(String(410))
+    serial: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: ``checkin`` or ``activation``.
+    how: Mapped[str] = mapped_column(String(16))
+    #: What it got: ``lock``, ``revoke`` or ``refused``.
+    action: Mapped[str] = mapped_column(String(16))
+
+
+class BlacklistExport(Base):
+    """One exported blacklist file; its id is the file's sequence number."""
+
+    __tablename__ = "blacklist_exports"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    actor: Mapped[str] = mapped_column(String(200))
+    containers: Mapped[int] = mapped_column(Integer)
+    serials: Mapped[int] = mapped_column(Integer)

@@ -17,6 +17,7 @@ from tessera.core.clock import SystemClock
 from tessera.server.app import Interfaces, ServerState, create_app
 from tessera.server.config import ConfigError, load_config
 from tessera.server.migrate import upgrade
+from tessera.server.portal import RecoveryPortal
 from tessera.server.storage import Database, describe_db_error
 
 __all__ = ["TlsFloorConfig", "build_state", "serve", "worker_app"]
@@ -46,7 +47,16 @@ def build_state(data_dir: Path, *, migrate: bool = True) -> ServerState:
         except SQLAlchemyError as exc:
             db.dispose()
             raise ConfigError(describe_db_error(config.database, exc)) from None
-    return ServerState(db=db, signing_key=signing_key, pepper=pepper, clock=SystemClock())
+    portal = None
+    if config.portal is not None:
+        try:
+            portal = RecoveryPortal(config.portal)
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            db.dispose()
+            raise ConfigError(f"recovery portal: {exc}") from None
+    return ServerState(
+        db=db, signing_key=signing_key, pepper=pepper, clock=SystemClock(), portal=portal
+    )
 
 
 def _app_for(data_dir: Path, state: ServerState) -> FastAPI:

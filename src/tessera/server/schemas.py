@@ -165,6 +165,10 @@ class LicenseIn(_In):
     emergency: list[FeatureCode] = Field(default_factory=list, max_length=1000)
     recovery_allowance: Annotated[int, Field(ge=0, le=1000)] | None = None
     recovery_interval_days: Days | None = None
+    recovery_old_container: Literal["blacklist", "revoke"] = Field(
+        "blacklist",
+        description="After a recovery: blacklist the old container or only revoke this license there.",
+    )
     order: str | None = Field(
         None, min_length=1, max_length=100, description="The order this license fulfils."
     )
@@ -248,3 +252,31 @@ class AuditEntryOut(BaseModel):
     action: str
     target: str
     details: dict[str, Any]
+
+
+class RehostIn(_In):
+    locking_id: str = Field(pattern=r"^TL1-[A-Z2-7]{8,400}$", description="The new container.")
+    slot: int | None = Field(
+        None, ge=0, le=100_000, description="Which bound machine moves (needed when several)."
+    )
+    old_container: Literal["blacklist", "revoke"] | None = Field(
+        None,
+        description="Blacklist the old container or only revoke this license there; "
+        "default: the license's rule.",
+    )
+    delay_days: int = Field(
+        0, ge=0, le=3650, description="Days the shipped blacklist file waits before it acts."
+    )
+
+
+class AuthorizeRecoveryIn(_In):
+    count: int = Field(1, ge=1, le=1000)
+
+
+class BlacklistAddIn(_In):
+    locking_id: str = Field(pattern=r"^TL1-[A-Z2-7]{8,400}$")
+    revoke_recovered_only: bool = Field(
+        False, description="Withdraw only licenses recovered away from it, not the container."
+    )
+    delay_days: int = Field(0, ge=0, le=3650)
+    reason: str = Field("added by hand", min_length=1, max_length=500)

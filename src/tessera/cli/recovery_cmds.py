@@ -1,0 +1,209 @@
+"""Recovery and blacklist verbs of the admin client: ``license rehost``,
+``license authorize-recovery``, ``license recoveries``, ``blacklist add|list|export`` and
+``report blacklist-hits`` (see ``docs/recovery.md``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from tessera.cli._common import console, emit_json, fail, write_file_atomic
+from tessera.cli.admin import CA, JSON, TOKEN, URL, AdminClient, _seg
+from tessera.cli.apps import app, license_app
+
+__all__ = ["blacklist_app", "report_app"]
+
+_settings: dict[str, Any] = {"no_args_is_help": True, "pretty_exceptions_enable": False}
+blacklist_app = typer.Typer(help="Blacklisted containers (Locking IDs).", **_settings)
+report_app = typer.Typer(help="Reports for follow-up.", **_settings)
+app.add_typer(blacklist_app, name="blacklist")
+app.add_typer(report_app, name="report")
+
+DELAY = typer.Option(
+    0, "--delay-days", min=0, max=3650, help="Days the shipped blacklist file waits before it acts."
+)
+
+
+@license_app.command("rehost")
+def license_rehost(
+    serial: str = typer.Argument(...),
+    locking_id: str = typer.Option(..., "--locking-id", help="The new container's Locking ID."),
+    slot: int | None = typer.Option(None, "--slot", help="Which bound machine moves."),
+    blacklist_old: bool = typer.Option(
+        False, "--blacklist-old", help="Blacklist the whole old container."
+    ),
+    revoke_only: bool = typer.Option(
+        False, "--revoke-only", help="Only withdraw this license from the old container."
+    ),
+    delay_days: int = DELAY,
+    out: Path | None = typer.Option(
+        None, "-o", "--out", help="Also write the new machine's license file here."
+    ),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Move a license to a new container under its recovery rule (support, admin)."""
+    if blacklist_old and revoke_only:
+        fail("--blacklist-old and --revoke-only exclude each other")
+    body: dict[str, Any] = {"locking_id": locking_id, "slot": slot, "delay_days": delay_days}
+    if blacklist_old or revoke_only:
+        body["old_container"] = "blacklist" if blacklist_old else "revoke"
+    result = AdminClient(url, token, ca).request(
+        "POST", f"/api/v1/licenses/{_seg(serial)}/rehost", json=body
+    )
+    if out is not None:
+        if result["license"] is None:
+            fail("this license is sealed: the new machine gets its file when it activates")
+        write_file_atomic(out, result["license"].encode("utf-8"))
+    if as_json:
+        emit_json(result)
+    else:
+        console.print(
+            f"license {result['serial']} moved to {result['locking_id']} "
+            f"(slot {result['slot']}): {result['reason']}",
+            markup=False,
+        )
+
+
+@license_app.command("authorize-recovery")
+def license_authorize_recovery(
+    serial: str = typer.Argument(...),
+    count: int = typer.Option(1, "--count", min=1, max=1000, help="How many extra recoveries."),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Allow extra recoveries beyond the license's rule (support, admin)."""
+    result = AdminClient(url, token, ca).request(
+        "POST", f"/api/v1/licenses/{_seg(serial)}/authorize-recovery", json={"count": count}
+    )
+    if as_json:
+        emit_json(result)
+    else:
+        console.print(
+            f"license {result['serial']}: {result['recoveries_authorized']} authorized "
+            "recoveries open"
+        )
+
+
+@license_app.command("recoveries")
+def license_recoveries(
+    serial: str = typer.Argument(...),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Every recovery decision on a license, granted or denied, and why."""
+    rows = AdminClient(url, token, ca).request("GET", f"/api/v1/licenses/{_seg(serial)}/recoveries")
+    if as_json:
+        emit_json({"serial": serial, "recoveries": rows})
+        return
+    table = Table()
+    for col in ("at", "via", "granted", "rule", "reason"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["at"], r["via"], "yes" if r["granted"] else "no", r["rule"], r["reason"])
+    console.print(table)
+
+
+@blacklist_app.command("add")
+def blacklist_add(
+    locking_id: str = typer.Argument(..., help="The container's Locking ID."),
+    revoke_recovered_only: bool = typer.Option(
+        False,
+        "--revoke-recovered-only",
+        help="Withdraw only the licenses recovered away from it, not the container.",
+    ),
+    delay_days: int = DELAY,
+    reason: str = typer.Option("added by hand", "--reason"),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Blacklist a container: locked at its next check-in, refused at its next activation."""
+    result = AdminClient(url, token, ca).request(
+        "POST",
+        "/api/v1/blacklist",
+        json={
+            "locking_id": locking_id,
+            "revoke_recovered_only": revoke_recovered_only,
+            "delay_days": delay_days,
+            "reason": reason,
+        },
+    )
+    if as_json:
+        emit_json(result)
+    else:
+        console.print(f"{result['locking_id']} is blacklisted ({result['scope']})", markup=False)
+
+
+@blacklist_app.command("list")
+def blacklist_list(
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """The blacklisted containers."""
+    rows = AdminClient(url, token, ca).request("GET", "/api/v1/blacklist")
+    if as_json:
+        emit_json({"entries": rows})
+        return
+    table = Table()
+    for col in ("locking_id", "scope", "since", "delay", "reason"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["locking_id"], r["scope"], r["since"], str(r["delay_days"]), r["reason"])
+    console.print(table)
+
+
+@blacklist_app.command("export")
+def blacklist_export(
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write the signed blacklist."),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Write the signed blacklist file to ship with the next product version."""
+    result = AdminClient(url, token, ca).request("POST", "/api/v1/blacklist/export")
+    write_file_atomic(out, result["file"].encode("utf-8"))
+    if as_json:
+        emit_json(
+            {k: result[k] for k in ("sequence", "containers", "serials")} | {"file": str(out)}
+        )
+    else:
+        console.print(
+            f"blacklist {result['sequence']} ({result['containers']} containers, "
+            f"{result['serials']} licenses) -> {out}",
+            markup=False,
+        )
+
+
+@report_app.command("blacklist-hits")
+def report_blacklist_hits(
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Every time a blacklisted or recovered container was caught, for sales to follow up."""
+    rows = AdminClient(url, token, ca).request("GET", "/api/v1/reports/blacklist-hits")
+    if as_json:
+        emit_json({"hits": rows})
+        return
+    table = Table()
+    for col in ("at", "locking_id", "serial", "how", "action"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["at"], r["locking_id"], r["serial"] or "-", r["how"], r["action"])
+    console.print(table)

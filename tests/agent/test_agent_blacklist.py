@@ -1,0 +1,147 @@
+"""The vendor's signed blacklist file: enforced after its delay, never rolled back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import date, timedelta
+
+import pytest
+from agent_support import (
+    LOCKING_ID,
+    MACHINE_FACTS,
+    OTHER_LOCKING_ID,
+    PRODUCT,
+    START,
+    make_license,
+)
+
+from tessera.agent import Agent, AgentState, StaleBlacklist
+from tessera.core import SigningKey, locking_id_for
+from tessera.core.blacklist import Blacklist, BlacklistEntry, sign_blacklist
+from tessera.core.clock import ManualClock
+from tessera.core.errors import FormatError, SignatureError, UnknownKeyError
+
+
+def _blacklist(
+    vendor: SigningKey,
+    sequence: int,
+    *,
+    containers: tuple[BlacklistEntry, ...] = (),
+    serials: tuple[BlacklistEntry, ...] = (),
+) -> str:
+    return sign_blacklist(Blacklist(START, sequence, containers, serials), vendor)
+
+
+def test_a_listed_container_is_locked_after_the_delay(
+    open_agent: Callable[..., Agent], vendor: SigningKey, clock: ManualClock
+) -> None:
+    agent = open_agent()
+    agent.import_license(make_license(vendor, connect=False))
+    listed = _blacklist(vendor, 3, containers=(BlacklistEntry(LOCKING_ID, START.date(), 14),))
+    assert agent.import_blacklist(listed) == 3
+    assert agent.status().state is AgentState.NORMAL and agent.check("uniplex")
+    clock.advance(timedelta(days=13))
+    assert agent.reload().state is AgentState.NORMAL
+    clock.advance(timedelta(days=1))
+    status = agent.reload()
+    assert status.state is AgentState.LOCKED and "blacklisted" in (status.message or "")
+    assert not agent.check("uniplex")
+    # A fresh process on the same state keeps it locked; re-importing a license does not help.
+    again = open_agent()
+    assert again.status().state is AgentState.LOCKED
+
+
+def test_a_clock_set_back_does_not_postpone_the_lock(
+    open_agent: Callable[..., Agent], vendor: SigningKey, clock: ManualClock
+) -> None:
+    agent = open_agent()
+    agent.import_license(make_license(vendor, connect=False))
+    clock.advance(timedelta(days=10))
+    agent.reload()  # the high-water mark is now day 10
+    agent.import_blacklist(
+        _blacklist(vendor, 1, containers=(BlacklistEntry(LOCKING_ID, START.date(), 5),))
+    )
+    clock.set(START)
+    assert agent.reload().state is AgentState.LOCKED
+
+
+def test_other_containers_and_new_copies_are_untouched(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    agent = open_agent()
+    agent.import_license(make_license(vendor, connect=False))
+    listed = _blacklist(
+        vendor,
+        1,
+        containers=(BlacklistEntry(OTHER_LOCKING_ID, START.date(), 0),),
+        # recovered on the day the file was issued: this copy (issued that day) is the new one
+        serials=(BlacklistEntry("2026-000001", START.date(), 0),),
+    )
+    agent.import_blacklist(listed)
+    assert agent.status().state is AgentState.NORMAL
+
+
+def test_a_recovered_license_is_withdrawn_but_the_container_is_not_locked(
+    open_agent: Callable[..., Agent], vendor: SigningKey, clock: ManualClock
+) -> None:
+    agent = open_agent()
+    agent.import_license(make_license(vendor, connect=False))
+    recovered_on = START.date() + timedelta(days=1)
+    agent.import_blacklist(
+        _blacklist(vendor, 1, serials=(BlacklistEntry("2026-000001", recovered_on, 0),))
+    )
+    clock.advance(timedelta(days=1))  # the file is issued after the recovery day
+    status = agent.reload()
+    assert status.state is AgentState.UNLICENSED and "recovered" in (status.message or "")
+
+
+def test_forged_altered_and_replayed_files_are_refused_and_change_nothing(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    agent = open_agent()
+    agent.import_license(make_license(vendor, connect=False))
+    entry = BlacklistEntry(LOCKING_ID, date(2026, 11, 22), 0)
+    with pytest.raises(UnknownKeyError):
+        agent.import_blacklist(_blacklist(SigningKey.generate(), 9, containers=(entry,)))
+    genuine = _blacklist(vendor, 5)
+    altered = genuine.replace("[CONTAINERS]\n", f"[CONTAINERS]\n{LOCKING_ID} = 2026-11-22, 0\n")
+    with pytest.raises(SignatureError):
+        agent.import_blacklist(altered)
+    with pytest.raises(FormatError):
+        agent.import_blacklist("[BLACKLIST]\nformat = nonsense\n")
+    assert agent.import_blacklist(genuine) == 5
+    assert agent.import_blacklist(genuine) == 5  # the same file again is fine
+    with pytest.raises(StaleBlacklist, match="older"):
+        agent.import_blacklist(_blacklist(vendor, 4, containers=(entry,)))
+    with pytest.raises(StaleBlacklist, match="same sequence"):
+        agent.import_blacklist(_blacklist(vendor, 5, containers=(entry,)))
+    assert agent.status().state is AgentState.NORMAL
+
+
+def test_the_list_shipped_with_the_product_is_an_agent_option(
+    open_agent: Callable[..., Agent], vendor: SigningKey, tmp_path: object
+) -> None:
+    first = open_agent()
+    first.import_license(make_license(vendor, connect=False))
+    first.import_blacklist(_blacklist(vendor, 7))
+    first.close()
+    listed = _blacklist(vendor, 6, containers=(BlacklistEntry(LOCKING_ID, START.date(), 0),))
+    older = open_agent(blacklist=listed)  # an older shipped list does not replace a newer one
+    assert older.status().state is AgentState.NORMAL
+    older.close()
+    newer = _blacklist(vendor, 8, containers=(BlacklistEntry(LOCKING_ID, START.date(), 0),))
+    assert open_agent(blacklist=newer).status().state is AgentState.LOCKED
+
+
+def test_a_listed_container_whose_hardware_drifted_a_little_is_still_caught(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    agent = open_agent()
+    agent.import_license(make_license(vendor, connect=False))
+    facts = [(k, "disk-serial-2" if k == "d" else v) for k, v in MACHINE_FACTS]
+    listed_as = str(locking_id_for(facts, PRODUCT))  # as listed, before its disk was replaced
+    assert listed_as != LOCKING_ID
+    agent.import_blacklist(
+        _blacklist(vendor, 1, containers=(BlacklistEntry(listed_as, START.date(), 0),))
+    )
+    assert agent.status().state is AgentState.LOCKED

@@ -1,0 +1,284 @@
+"""Recovery rules, rehost and the blacklist over the real HTTP API, on every backend."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import httpx
+from sqlalchemy import func, select
+
+from tessera.core.blacklist import parse_blacklist
+from tessera.core.clock import ManualClock
+from tessera.core.model import License
+from tessera.core.protocol import ServerResponse
+from tessera.core.signing import Keyring
+from tessera.core.verify import check_binding, load_signed
+from tessera.server import licenses
+from tessera.server.app import ServerState
+from tessera.server.models import AuditEntry, BlacklistHit, Recovery
+from tessera.server.tokens import Principal
+
+from .conftest import START, LiveServer
+from .helpers import FakeAgent, agent, setup_license
+
+RECOVER = "/api/v1/recover"
+
+
+def _activate(
+    client: httpx.Client, a: FakeAgent, key: str, keyring: Keyring, path: str = "/api/v1/activate"
+) -> ServerResponse:
+    request = a.activation(key)
+    response = client.post(path, content=request.to_json())
+    assert response.status_code == 200, response.text
+    return ServerResponse.from_json(response.content, keyring, request.nonce)
+
+
+def _checkin(client: httpx.Client, a: FakeAgent, key: str, keyring: Keyring) -> ServerResponse:
+    request = a.checkin(key)
+    response = client.post("/api/v1/checkin", content=request.to_json())
+    assert response.status_code == 200, response.text
+    return ServerResponse.from_json(response.content, keyring, request.nonce)
+
+
+def _count(state: ServerState, model: type, **where: object) -> int:
+    with state.db.read() as session:
+        stmt = select(func.count()).select_from(model)
+        for name, value in where.items():
+            stmt = stmt.where(getattr(model, name) == value)
+        return int(session.execute(stmt).scalar_one())
+
+
+def test_rehost_blacklists_the_old_container_everywhere(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    admin_token: str,
+    keyring: Keyring,
+) -> None:
+    serial, key = setup_license(state, admin, START)
+    _, other_key = setup_license(state, admin, START)
+    connect = live_server.client()
+    api = live_server.client(admin_token)
+    old, new = agent(1), agent(2)
+    _activate(connect, old, key, keyring)
+    response = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": new.locking_id})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["rule"] == "connect"  # the old machine was activated within its failover period
+    document = load_signed(body["license"], keyring).document
+    assert isinstance(document, License)
+    check_binding(document, new.locking_id)
+    # The new machine activates with the same key into the reserved slot.
+    got = _activate(connect, new, key, keyring)
+    assert got.license is not None
+    with state.db.read() as session:
+        machines = licenses.license_view(licenses.get_license(session, serial))["machines"]
+    assert [m["system_id"] for m in machines] == [new.system_id]
+    # (a) honeypot: the old machine's next check-in is told to lock.
+    assert _checkin(connect, old, key, keyring).directives == ("lock",)
+    # (b) it cannot activate anything else.
+    refused = connect.post("/api/v1/activate", content=old.activation(other_key).to_json())
+    assert refused.status_code == 403 and "blacklisted" in refused.json()["detail"]
+    hits = api.get("/api/v1/reports/blacklist-hits").json()
+    assert [(h["how"], h["action"]) for h in hits] == [
+        ("checkin", "lock"),
+        ("activation", "refused"),
+    ]
+    assert {h["locking_id"] for h in hits} == {old.locking_id}
+    # (c) the signed export lists it; every export gets a higher sequence.
+    first = api.post("/api/v1/blacklist/export").json()
+    second = api.post("/api/v1/blacklist/export").json()
+    assert second["sequence"] > first["sequence"]
+    listed = parse_blacklist(second["file"]).verify(keyring)
+    entry = listed.container_entry(old.locking_id)
+    assert entry is not None and entry.delay_days == 0
+    # The new machine keeps working.
+    assert _checkin(connect, new, key, keyring).directives == ()
+    # A blacklisted container is no target of a rehost either: refused, recorded.
+    again = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": old.locking_id})
+    assert again.status_code == 403 and "blacklisted" in again.json()["detail"]
+    assert _count(state, Recovery, granted=False) == 1
+    assert _count(state, AuditEntry, action="license.recover-denied") == 1
+
+
+def test_revoke_only_withdraws_just_the_recovered_license(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    admin_token: str,
+    keyring: Keyring,
+) -> None:
+    serial, key = setup_license(state, admin, START)
+    _, other_key = setup_license(state, admin, START)
+    connect, api = live_server.client(), live_server.client(admin_token)
+    old, new = agent(1), agent(2)
+    _activate(connect, old, key, keyring)
+    response = api.post(
+        f"/api/v1/licenses/{serial}/rehost",
+        json={"locking_id": new.locking_id, "old_container": "revoke"},
+    )
+    assert response.status_code == 200, response.text
+    answer = _checkin(connect, old, key, keyring)
+    assert answer.directives == ("revoke",)
+    # The container itself is not blacklisted: it may still activate other licenses.
+    _activate(connect, old, other_key, keyring)
+    assert _checkin(connect, old, other_key, keyring).directives == ()
+    export = parse_blacklist(api.post("/api/v1/blacklist/export").json()["file"]).verify(keyring)
+    assert export.containers == () and export.serial_entry(serial) is not None
+
+
+def test_without_connect_the_allowance_then_support_decides(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    admin_token: str,
+    keyring: Keyring,
+    clock: ManualClock,
+) -> None:
+    serial, key = setup_license(
+        state, admin, START, connect=False, recovery_allowance=2, recovery_old_container="revoke"
+    )
+    connect, api = live_server.client(), live_server.client(admin_token)
+    machines = [agent(n) for n in range(1, 6)]
+    _activate(connect, machines[0], key, keyring)
+    # A plain activation beyond the count is refused, whatever the rule.
+    plain = connect.post("/api/v1/activate", content=machines[1].activation(key).to_json())
+    assert plain.status_code == 403 and "no free machine" in plain.json()["detail"]
+    # Agent-side recovery: a new machine with the same key, all machines bound.
+    for n in (1, 2):
+        clock.advance(timedelta(days=1))
+        _activate(connect, machines[n], key, keyring, RECOVER)
+    clock.advance(timedelta(days=1))
+    refused = connect.post(RECOVER, content=machines[3].activation(key).to_json())
+    assert refused.status_code == 403
+    assert "allowance is used up (2 of 2)" in refused.json()["detail"]
+    rehost = api.post(
+        f"/api/v1/licenses/{serial}/rehost", json={"locking_id": machines[3].locking_id}
+    )
+    assert rehost.status_code == 403 and "support can authorize" in rehost.json()["detail"]
+    # Support authorizes exactly one more.
+    granted = api.post(f"/api/v1/licenses/{serial}/authorize-recovery", json={"count": 1})
+    assert granted.json()["recoveries_authorized"] == 1
+    _activate(connect, machines[3], key, keyring, RECOVER)
+    again = connect.post(RECOVER, content=machines[4].activation(key).to_json())
+    assert again.status_code == 403
+    decisions = api.get(f"/api/v1/licenses/{serial}/recoveries").json()
+    assert [(d["granted"], d["rule"]) for d in decisions] == [
+        (True, "allowance"),
+        (True, "allowance"),
+        (False, "none"),
+        (False, "none"),
+        (True, "authorized"),
+        (False, "none"),
+    ]
+    assert all(d["reason"] for d in decisions)
+    # Each old machine learns at its next check-in that the license went away.
+    assert _checkin(connect, machines[0], key, keyring).directives == ("revoke",)
+
+
+def test_recovery_interval_gives_another_one_later(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    keyring: Keyring,
+    clock: ManualClock,
+) -> None:
+    _, key = setup_license(
+        state, admin, START, connect=False, recovery_allowance=0, recovery_interval_days=30
+    )
+    connect = live_server.client()
+    _activate(connect, agent(1), key, keyring)
+    clock.advance(timedelta(days=1))
+    early = connect.post(RECOVER, content=agent(2).activation(key).to_json())
+    assert early.status_code == 403 and "from 2026-12-22" in early.json()["detail"]
+    clock.advance(timedelta(days=30))
+    _activate(connect, agent(2), key, keyring, RECOVER)
+    clock.advance(timedelta(days=1))
+    late = connect.post(RECOVER, content=agent(3).activation(key).to_json())
+    assert late.status_code == 403 and "from 2027-01-22" in late.json()["detail"]
+
+
+def test_bad_rehost_input_changes_nothing(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    admin_token: str,
+    keyring: Keyring,
+) -> None:
+    serial, key = setup_license(state, admin, START)
+    connect, api = live_server.client(), live_server.client(admin_token)
+    _activate(connect, agent(1), key, keyring)
+    unknown = api.post(
+        "/api/v1/licenses/2026-999999/rehost", json={"locking_id": agent(2).locking_id}
+    )
+    assert unknown.status_code == 404 and "not found" in unknown.json()["detail"]
+    malformed = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": "TL1-x"})
+    assert malformed.status_code == 422
+    added = api.post("/api/v1/blacklist", json={"locking_id": agent(3).locking_id})
+    assert added.status_code == 201
+    target = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": agent(3).locking_id})
+    assert target.status_code == 403
+    with state.db.read() as session:
+        machines = licenses.license_view(licenses.get_license(session, serial))["machines"]
+    assert [m["system_id"] for m in machines] == [agent(1).system_id]
+    assert _count(state, BlacklistHit) == 0
+
+
+def test_roles_and_a_narrower_blacklist_entry(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    admin_token: str,
+    keyring: Keyring,
+) -> None:
+    serial, key = setup_license(state, admin, START)
+    api = live_server.client(admin_token)
+    sales = api.post("/api/v1/tokens", json={"name": "seller", "role": "sales"}).json()["token"]
+    as_sales = live_server.client(sales)
+    first = agent(1)
+    _activate(live_server.client(), first, key, keyring)
+    refused = as_sales.post(
+        f"/api/v1/licenses/{serial}/rehost", json={"locking_id": agent(2).locking_id}
+    )
+    assert refused.status_code == 403 and "role sales" in refused.json()["detail"]
+    assert as_sales.post("/api/v1/blacklist/export").status_code == 403
+    assert as_sales.get("/api/v1/reports/blacklist-hits").status_code == 200
+    # A container blacklisted whole stays so when a narrower entry is added later.
+    lid = first.locking_id
+    assert api.post("/api/v1/blacklist", json={"locking_id": lid}).json()["scope"] == "container"
+    narrower = api.post(
+        "/api/v1/blacklist", json={"locking_id": lid, "revoke_recovered_only": True}
+    )
+    assert narrower.json()["scope"] == "container"
+    assert _checkin(live_server.client(), first, key, keyring).directives == ("lock",)
+    # "revoke only" entries do not lock the container.
+    other = agent(5).locking_id
+    api.post("/api/v1/blacklist", json={"locking_id": other, "revoke_recovered_only": True})
+    export = parse_blacklist(api.post("/api/v1/blacklist/export").json()["file"]).verify(keyring)
+    assert export.container_entry(lid) is not None and export.container_entry(other) is None
+
+
+def test_a_blacklisted_container_whose_hardware_drifted_is_still_refused(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    admin_token: str,
+) -> None:
+    _, key = setup_license(state, admin, START)
+    listed = agent(1)
+    api = live_server.client(admin_token)
+    assert api.post("/api/v1/blacklist", json={"locking_id": listed.locking_id}).is_success
+    drifted = FakeAgent(
+        machine="m1",
+        system_id="system-0001-abcdef",
+        facts=[(k, "new-nic" if k == "n" else v) for k, v in listed.facts],
+    )
+    assert drifted.locking_id != listed.locking_id
+    refused = live_server.client().post(
+        "/api/v1/activate", content=drifted.activation(key).to_json()
+    )
+    assert refused.status_code == 403 and "blacklisted" in refused.json()["detail"]
+    stranger = live_server.client().post(
+        "/api/v1/activate", content=agent(2).activation(key).to_json()
+    )
+    assert stranger.status_code == 200
