@@ -46,7 +46,14 @@ def build_state(data_dir: Path, *, migrate: bool = True) -> ServerState:
         except SQLAlchemyError as exc:
             db.dispose()
             raise ConfigError(describe_db_error(config.database, exc)) from None
-    return ServerState(db=db, signing_key=signing_key, pepper=pepper, clock=SystemClock())
+    return ServerState(
+        db=db,
+        signing_key=signing_key,
+        pepper=pepper,
+        clock=SystemClock(),
+        lease_seconds=config.lease_seconds,
+        webhook_settings=config.webhooks,
+    )
 
 
 def _app_for(data_dir: Path, state: ServerState) -> FastAPI:
