@@ -28,6 +28,7 @@ from tessera.agent.errors import (
     ServerUnreachable,
     StateError,
 )
+from tessera.agent.leasing import Lease, LeaseClient, LeaseError
 from tessera.agent.policy import CLOCK_TOLERANCE
 from tessera.agent.status import AgentState, AgentStatus, FeatureGrant, FeatureSeats
 
@@ -43,6 +44,9 @@ __all__ = [
     "FeatureDenied",
     "FeatureGrant",
     "FeatureSeats",
+    "Lease",
+    "LeaseClient",
+    "LeaseError",
     "SeatError",
     "ServerRefused",
     "ServerUnreachable",

@@ -34,7 +34,7 @@ import base64
 import binascii
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -378,13 +378,7 @@ class LeaseResponse:
 
     def signed(self, key: SigningKey) -> LeaseResponse:
         sig = _b64(key.sign(canonical_json(self.payload())))
-        return LeaseResponse(
-            **{
-                **{f: getattr(self, f) for f in self.__dataclass_fields__},
-                "key_id": key.key_id,
-                "signature": sig,
-            }
-        )
+        return replace(self, key_id=key.key_id, signature=sig)
 
     def to_json(self) -> bytes:
         obj = self.payload()

@@ -24,7 +24,7 @@ from tessera.core.licensekey import license_key_digest
 from tessera.core.model import MatchLevel
 from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerResponse
 from tessera.core.signing import SigningKey
-from tessera.server import audit
+from tessera.server import audit, webhooks
 from tessera.server.errors import Forbidden, NotFound
 from tessera.server.licenses import check_access, license_document
 from tessera.server.models import Checkin, EntitlementRow, LicenseRow, Machine
@@ -146,6 +146,14 @@ def _bind(
             "revision": row.revision,
         },
     )
+    if action == "license.activate":
+        webhooks.emit(
+            session,
+            "license.activated",
+            {"serial": row.serial, "slot": machine.slot, "locking_id": request.locking_id,
+             "offline": offline},
+            now,
+        )  # fmt: skip
     return Activation(row.serial, machine.slot, license_file)
 
 
