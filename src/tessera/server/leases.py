@@ -243,7 +243,7 @@ def handle_lease(
                 in_use=len(used),
                 count=count,
             )
-        lease_id = secrets.token_urlsafe(18)
+        lease_id = "ls_" + secrets.token_urlsafe(18)  # never starts with "-" (a CLI argument)
         session.add(
             Lease(
                 lease_id=lease_id,
