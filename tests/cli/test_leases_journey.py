@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -122,7 +123,7 @@ def _journey(tmp_path: Path, db_url: str | None, receiver: Receiver) -> None:
         holder = subprocess.Popen(
             [TESSERA, "agent", "lease", "uniplex", "--hold", "--credential", "ann2.cred",
              "--server", url, "--ca", ca, "--vendor-key", vendor, "--json"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
             assert holder.stdout is not None
@@ -151,7 +152,7 @@ def _journey(tmp_path: Path, db_url: str | None, receiver: Receiver) -> None:
 
         def post(_: int) -> int:
             request = LeaseRequest.create("lease", credential, "backup", datetime.now(UTC))
-            with httpx.Client(verify=ca, timeout=60) as client:
+            with httpx.Client(verify=ssl.create_default_context(cafile=ca), timeout=60) as client:
                 return client.post(f"{url}/api/v1/lease", content=request.to_json()).status_code
 
         with ThreadPoolExecutor(12) as pool:
