@@ -335,8 +335,9 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                     )
                     return 200, response.to_json()
             except leases.LeaseRefused as refusal:
-                with state.db.write() as session:
-                    leases.record_refusal(session, refusal, now)
+                if refusal.status != 404:  # an unknown serial has nobody to record it for
+                    with state.db.write() as session:
+                        leases.record_refusal(session, refusal, now)
                 return refusal.status, refusal.reason
 
         status, body = await run_in_threadpool(run)
