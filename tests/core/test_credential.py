@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from datetime import UTC, datetime
 
@@ -123,3 +124,26 @@ def test_lease_response_must_be_vendor_signed_and_echo_the_nonce() -> None:
         LeaseResponse.from_json(body, KEYRING, "B" * 22)
     with pytest.raises(SignatureError):
         LeaseResponse.from_json(body.replace(b'"in_use":1', b'"in_use":0'), KEYRING, "A" * 22)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+_VALID = json.loads(LeaseRequest.create("lease", parse_credential(GOOD), "uniplex", NOW).to_json())
+
+
+@given(st.sampled_from([*sorted(_VALID), "x"]), _JSON)
+def test_any_field_value_is_a_lease_request_or_a_format_error(name: str, value: object) -> None:
+    """A valid request with one field replaced by any JSON value: parsed or one FormatError."""
+    with contextlib.suppress(FormatError):
+        LeaseRequest.from_json(json.dumps({**_VALID, name: value}))
+
+
+@given(st.binary(max_size=512))
+def test_random_bytes_are_never_a_lease_request(data: bytes) -> None:
+    with contextlib.suppress(FormatError):
+        LeaseRequest.from_json(data)
