@@ -337,6 +337,18 @@ class WebhookWorker:
 
     def _claim(self) -> list[_Job]:
         now = self.now()
+        # Look first in a read transaction: an idle poll never takes SQLite's write lock.
+        with self._db.read() as session:
+            due_any = session.execute(
+                select(WebhookDelivery.id)
+                .where(
+                    WebhookDelivery.status == "pending",
+                    WebhookDelivery.next_attempt_at <= now,
+                )
+                .limit(1)
+            ).first()
+        if due_any is None:
+            return []
         with self._db.write() as session:
             due = session.execute(
                 select(WebhookDelivery, WebhookEndpoint)
