@@ -166,3 +166,27 @@ def _journey(tmp_path: Path, db_url: str | None, receiver: Receiver) -> None:
         assert verify_signature(SECRET, headers["Tessera-Signature"], body, at)
         events.append(json.loads(body)["event"])
     assert {"license.issued", "credential.issued"} <= set(events)
+
+
+def test_holder_side_bad_input_without_a_server(tmp_path: Path) -> None:
+    """Bad input is exit 2 naming what is wrong; an unreachable server is exit 1; one line."""
+    from tessera.core.credential import Credential, render_credential
+    from tessera.core.signing import Keyring, SigningKey
+
+    vendor = SigningKey.generate()
+    (tmp_path / "vendor.pub").write_text(Keyring([vendor.public]).dumps())
+    seed = os.urandom(32)
+    public = SigningKey.from_raw(seed).public.to_base64()
+    now = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+    text = render_credential(Credential("2026-000001", "cortex", "ann", 1, public, now), seed, vendor)
+    (tmp_path / "ann.cred").write_text(text)
+    (tmp_path / "bad.cred").write_text(text.replace("product = cortex", "product = Cortex!"))
+
+    def lease(feature: str, cred: str) -> subprocess.CompletedProcess[str]:
+        return tessera("agent", "lease", feature, "--credential", cred, "--server",
+                       "https://127.0.0.1:9", "--vendor-key", "vendor.pub", cwd=tmp_path)  # fmt: skip
+
+    assert "line 4: product" in _error(lease("uniplex", "bad.cred"), 2)
+    assert "does not exist" in _error(lease("uniplex", "missing.cred"), 2)
+    assert "invalid feature code" in _error(lease("no such", "ann.cred"), 2)
+    assert "cannot reach the license server" in _error(lease("uniplex", "ann.cred"), 1)

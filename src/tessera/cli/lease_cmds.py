@@ -174,10 +174,18 @@ VENDOR_KEY = typer.Option(
 )
 
 
-def _client(credential: Path, server: str, ca: Path | None, vendor_key: Path | None) -> Any:
+def _client(
+    credential: Path, server: str, ca: Path | None, vendor_key: Path | None, feature: str
+) -> Any:
     from tessera.agent.leasing import LeaseClient
     from tessera.cli.agent_cmds import _global
     from tessera.core.credential import parse_credential
+    from tessera.core.model import check_feature_code
+
+    try:
+        check_feature_code(feature)
+    except ValueError as exc:
+        fail(str(exc))
 
     key_path = vendor_key or _global.vendor_key
     if key_path is None:
@@ -211,7 +219,7 @@ def agent_lease(
     as_json: bool = JSON,
 ) -> None:
     """Lease FEATURE of a user-bound license (exit 1 with the reason when none is free)."""
-    client = _client(credential, server, ca, vendor_key)
+    client = _client(credential, server, ca, vendor_key, feature)
     try:
         lease = client.hold(feature) if hold else client.lease(feature)
         if as_json:
@@ -253,7 +261,7 @@ def agent_renew(
     """Heartbeat: keep LEASE_ID of FEATURE alive for another lease period."""
     from tessera.agent.leasing import Lease
 
-    client = _client(credential, server, ca, vendor_key)
+    client = _client(credential, server, ca, vendor_key, feature)
     try:
         lease = client.renew(Lease(feature, lease_id, datetime.now(UTC), 0, 0))
     finally:
@@ -275,7 +283,7 @@ def agent_release(
     as_json: bool = JSON,
 ) -> None:
     """Give LEASE_ID of FEATURE back now."""
-    client = _client(credential, server, ca, vendor_key)
+    client = _client(credential, server, ca, vendor_key, feature)
     try:
         in_use = client.release(lease_id, feature)
     finally:
