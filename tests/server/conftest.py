@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -150,6 +151,13 @@ class LiveServer:
 @pytest.fixture
 def live_server(state: ServerState) -> Iterator[LiveServer]:
     """The real app on a real loopback socket (uvicorn in a thread), plain HTTP."""
+    with serve(state) as live:
+        yield live
+
+
+@contextmanager
+def serve(state: ServerState) -> Iterator[LiveServer]:
+    """Serve ``state``'s app on a loopback port until the block ends."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

@@ -175,7 +175,13 @@ def test_offline_activation_over_the_api(world: dict[str, Any]) -> None:
 def test_optional_interfaces_can_be_switched_off(state: ServerState, admin_token: str) -> None:
     app = create_app(state, Interfaces(admin_api=False, offline_activation=False))
     paths = set(app.openapi()["paths"])
-    assert paths == {"/api/v1/activate", "/api/v1/recover", "/api/v1/checkin", "/api/v1/health"}
+    assert paths == {
+        "/api/v1/activate",
+        "/api/v1/recover",
+        "/api/v1/checkin",
+        "/api/v1/lease",
+        "/api/v1/health",
+    }
     only_offline = create_app(state, Interfaces(admin_api=False, offline_activation=True))
     assert "/api/v1/activate-offline" in only_offline.openapi()["paths"]
     assert "/api/v1/licenses" not in only_offline.openapi()["paths"]

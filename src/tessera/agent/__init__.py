@@ -29,6 +29,7 @@ from tessera.agent.errors import (
     StaleBlacklist,
     StateError,
 )
+from tessera.agent.leasing import Lease, LeaseClient, LeaseError
 from tessera.agent.policy import CLOCK_TOLERANCE
 from tessera.agent.status import AgentState, AgentStatus, FeatureGrant, FeatureSeats
 
@@ -44,6 +45,9 @@ __all__ = [
     "FeatureDenied",
     "FeatureGrant",
     "FeatureSeats",
+    "Lease",
+    "LeaseClient",
+    "LeaseError",
     "SeatError",
     "ServerRefused",
     "ServerUnreachable",

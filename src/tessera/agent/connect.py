@@ -77,6 +77,18 @@ class ConnectClient:
         self.close()
 
     def post(self, path: str, body: bytes, expected_nonce: str) -> ServerResponse:
+        content = self.post_raw(path, body)
+        try:
+            return ServerResponse.from_json(content, self._keyring, expected_nonce)
+        except FormatError as exc:
+            raise BadResponse(
+                f"the license server's answer is not a valid response: {exc}"
+            ) from None
+        except VerificationError as exc:
+            raise BadResponse(f"the license server's answer cannot be trusted: {exc}") from None
+
+    def post_raw(self, path: str, body: bytes) -> bytes:
+        """POST ``body``; the answer's bytes when HTTP 200, else the matching ConnectError."""
         url = self.server_url + path
         try:
             with self._client.stream(
@@ -95,14 +107,7 @@ class ConnectClient:
             )
         if content is None:
             raise BadResponse("the license server's answer is too large")
-        try:
-            return ServerResponse.from_json(content, self._keyring, expected_nonce)
-        except FormatError as exc:
-            raise BadResponse(
-                f"the license server's answer is not a valid response: {exc}"
-            ) from None
-        except VerificationError as exc:
-            raise BadResponse(f"the license server's answer cannot be trusted: {exc}") from None
+        return content
 
 
 def _why(exc: httpx.HTTPError) -> str:

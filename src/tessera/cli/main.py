@@ -8,6 +8,7 @@ from tessera.cli import (  # noqa: F401  (register verbs)
     admin,
     agent_cmds,
     keys,
+    lease_cmds,
     offline,
     recovery_cmds,
     server_cmds,

@@ -24,7 +24,7 @@ from tessera.core.licensekey import license_key_digest
 from tessera.core.model import MatchLevel
 from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerResponse
 from tessera.core.signing import SigningKey
-from tessera.server import audit, recovery
+from tessera.server import audit, recovery, webhooks
 from tessera.server.errors import Forbidden, NotFound, RecordedRefusal
 from tessera.server.licenses import check_access, license_document
 from tessera.server.models import (
@@ -201,6 +201,14 @@ def _bind(
             "revision": row.revision,
         },
     )
+    if action == "license.activate":
+        webhooks.emit(
+            session,
+            "license.activated",
+            {"serial": row.serial, "slot": machine.slot, "locking_id": request.locking_id,
+             "offline": offline},
+            now,
+        )  # fmt: skip
     return Activation(row.serial, machine.slot, license_file)
 
 

@@ -8,10 +8,13 @@ JSON body ``{"detail": "<one line>"}``; nothing a client sends produces a 500.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -26,10 +29,11 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from tessera.core.clock import Clock
+from tessera.core.credential import LeaseRequest
 from tessera.core.errors import FormatError, SignatureError, TesseraError
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest, CheckinRequest
 from tessera.core.signing import SigningKey
-from tessera.server import activation, audit, catalog, licenses, recovery
+from tessera.server import activation, audit, catalog, leases, licenses, recovery, webhooks
 from tessera.server.errors import Invalid, RecordedRefusal, ServiceError
 from tessera.server.limits import BodySizeLimit
 from tessera.server.models import AuditEntry, LicenseRevision
@@ -39,6 +43,8 @@ from tessera.server.schemas import (
     AuditReport,
     AuthorizeRecoveryIn,
     BlacklistAddIn,
+    CredentialIn,
+    CredentialIssued,
     CustomerIn,
     CustomerOut,
     ErrorBody,
@@ -56,9 +62,12 @@ from tessera.server.schemas import (
     TokenIn,
     TokenOut,
     ValidationErrorBody,
+    WebhookIn,
+    WebhookOut,
 )
 from tessera.server.storage import Database
 from tessera.server.tokens import Principal, Role, create_token, require, resolve_token
+from tessera.server.webhooks import WebhookSettings, WebhookWorker
 
 __all__ = ["Interfaces", "ServerState", "create_app"]
 
@@ -86,6 +95,8 @@ class ServerState:
     clock: Clock
     #: The vendor's recovery portal, asked when a recovery rule says no (optional).
     portal: RecoveryPortal | None = None
+    lease_seconds: int = leases.DEFAULT_LEASE_SECONDS
+    webhook_settings: WebhookSettings = field(default_factory=WebhookSettings)
 
     def now(self) -> datetime:
         return self.clock.now().replace(microsecond=0)
@@ -111,6 +122,23 @@ class _ActivationBody(BaseModel):
     system_id: str = _SYSTEM_ID
     nonce: str = _NONCE
     agent_key: str = _B64
+    signature: str = _B64
+
+
+class _LeaseBody(BaseModel):
+    """The lease request of ``docs/leases.md``."""
+
+    model_config = ConfigDict(extra="forbid")
+    protocol: Literal["tessera-connect/1"]
+    type: Literal["lease"]
+    action: Literal["lease", "renew", "release"]
+    serial: str
+    user_id: str
+    generation: int
+    feature: str
+    lease_id: str
+    nonce: str = _NONCE
+    sent: str
     signature: str = _B64
 
 
@@ -158,12 +186,26 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
     interfaces = interfaces or Interfaces()
     admin = APIRouter()
     offline = APIRouter()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Webhook delivery runs beside the requests, never inside one.
+        worker = WebhookWorker(state.db, state.pepper, state.clock, state.webhook_settings)
+        task = asyncio.create_task(worker.run(), name="tessera-webhooks")
+        try:
+            yield
+        finally:
+            worker.stop()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(task, 15)
+
     app = FastAPI(
         title="Tessera license server",
         version="1",
         description="Connect protocol (tessera-connect/1) for agents and the admin API.",
         docs_url=None,
         redoc_url=None,
+        lifespan=lifespan,
     )
     app.state.tessera = state
     app.add_middleware(BodySizeLimit, max_bytes=MAX_REQUEST_BODY)
@@ -315,6 +357,39 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                 ).to_json()
 
         return Response(await run_in_threadpool(run), media_type="application/json")
+
+    @app.post(
+        "/api/v1/lease",
+        tags=["connect"],
+        openapi_extra=_body_schema(_LeaseBody),
+        responses={200: {"description": "A vendor-signed lease response"}, **_CONNECT_ERRORS},
+    )
+    async def lease(request: Request) -> Response:
+        """Lease, renew (heartbeat) or release a feature of a user-bound license; signed by
+        the user's credential key (``docs/leases.md``)."""
+        try:
+            parsed = LeaseRequest.from_json(await _read_json(request))
+        except FormatError as exc:
+            return _error(422, str(exc))
+        now = state.now()
+
+        def run() -> tuple[int, bytes | str]:
+            try:
+                with state.db.write() as session:
+                    response = leases.handle_lease(
+                        session, parsed, now, state.signing_key, state.lease_seconds
+                    )
+                    return 200, response.to_json()
+            except leases.LeaseRefused as refusal:
+                if refusal.status != 404:  # an unknown serial has nobody to record it for
+                    with state.db.write() as session:
+                        leases.record_refusal(session, refusal, now)
+                return refusal.status, refusal.reason
+
+        status, body = await run_in_threadpool(run)
+        if status != 200:
+            return _error(status, str(body))
+        return Response(body, media_type="application/json")
 
     @app.get("/api/v1/health", tags=["connect"])
     async def health() -> dict[str, str]:
@@ -751,6 +826,125 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                 "head": report.head,
                 "problems": report.problems,
             }
+
+        return await in_transaction(work, credentials, write=False)
+
+    # ------------------------------------------------------------------ credentials, leases
+
+    @admin.post(
+        "/api/v1/licenses/{serial}/credentials",
+        response_model=CredentialIssued,
+        status_code=201,
+        tags=["licenses"],
+        responses=_ERRORS,
+    )
+    async def issue_credential(
+        data: CredentialIn,
+        serial: str = Path(max_length=64),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> Any:
+        """Issue (or re-issue, invalidating the old one) a user's credential file."""
+        now = state.now()
+
+        def work(s: Session, p: Principal) -> dict[str, Any]:
+            text, generation, freed = leases.issue_credential(
+                s, p, serial, data.user_id, now, state.signing_key
+            )
+            return {
+                "serial": serial,
+                "user_id": data.user_id,
+                "generation": generation,
+                "leases_freed": freed,
+                "credential": text,
+            }
+
+        return await in_transaction(work, credentials, write=True)
+
+    @admin.get("/api/v1/licenses/{serial}/leases", tags=["licenses"], responses=_ERRORS)
+    async def license_leases(
+        serial: str = Path(max_length=64), credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> dict[str, Any]:
+        """Credentials (user id, generation) and the leases in force now."""
+        now = state.now()
+        return await in_transaction(
+            lambda s, p: leases.list_leases(s, p, serial, now), credentials, write=False
+        )
+
+    # ------------------------------------------------------------------ webhooks
+
+    @admin.post(
+        "/api/v1/webhooks",
+        response_model=WebhookOut,
+        status_code=201,
+        tags=["webhooks"],
+        responses=_ERRORS,
+    )
+    async def add_webhook(
+        data: WebhookIn, credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> Any:
+        """Register an endpoint for license events; the secret is returned this once."""
+        now = state.now()
+
+        def work(s: Session, p: Principal) -> dict[str, Any]:
+            require(p, Role.ADMIN)
+            row, secret = webhooks.add_endpoint(
+                s,
+                url=data.url,
+                secret=data.secret,
+                events=data.events,
+                ca_pem=data.ca,
+                pepper=state.pepper,
+                now=now,
+            )
+            audit.append(
+                s,
+                at=now,
+                actor=p.actor,
+                action="webhook.add",
+                target=f"webhook:{row.id}",
+                details={"url": row.url, "events": data.events},
+            )
+            return {**webhooks.endpoint_view(row), "secret": secret}
+
+        return await in_transaction(work, credentials, write=True)
+
+    @admin.get("/api/v1/webhooks", tags=["webhooks"], responses=_ERRORS)
+    async def list_webhooks(
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> list[dict[str, Any]]:
+        def work(s: Session, p: Principal) -> list[dict[str, Any]]:
+            require(p, Role.ADMIN)
+            return webhooks.list_endpoints(s)
+
+        return await in_transaction(work, credentials, write=False)
+
+    @admin.delete("/api/v1/webhooks/{endpoint_id}", tags=["webhooks"], responses=_ERRORS)
+    async def remove_webhook(
+        endpoint_id: int = Path(ge=1, le=2**31 - 1),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> dict[str, Any]:
+        now = state.now()
+
+        def work(s: Session, p: Principal) -> dict[str, Any]:
+            require(p, Role.ADMIN)
+            webhooks.remove_endpoint(s, endpoint_id)
+            audit.append(
+                s, at=now, actor=p.actor, action="webhook.remove",
+                target=f"webhook:{endpoint_id}", details={},
+            )  # fmt: skip
+            return {"id": endpoint_id, "removed": True}
+
+        return await in_transaction(work, credentials, write=True)
+
+    @admin.get("/api/v1/webhooks/deliveries", tags=["webhooks"], responses=_ERRORS)
+    async def webhook_deliveries(
+        status: Literal["pending", "delivered", "failed", "cancelled"] | None = Query(None),
+        limit: int = Query(100, ge=1, le=10_000),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> list[dict[str, Any]]:
+        def work(s: Session, p: Principal) -> list[dict[str, Any]]:
+            require(p, Role.ADMIN, Role.SUPPORT)
+            return webhooks.list_deliveries(s, status, limit)
 
         return await in_transaction(work, credentials, write=False)
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tessera.core.errors import KeyFileError
 from tessera.core.signing import SigningKey
 from tessera.server.portal import PortalConfig
+from tessera.server.webhooks import WebhookSettings
 
 __all__ = [
     "CONFIG_NAME",
@@ -52,6 +53,9 @@ class ServerConfig:
     offline_activation: bool = True
     #: The vendor's recovery portal (``[recovery]``; off unless configured).
     portal: PortalConfig | None = None
+    #: How long a lease of a user-bound license lasts without a heartbeat (``[leases]``).
+    lease_seconds: int = 300
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     @property
     def config_file(self) -> Path:
@@ -173,8 +177,24 @@ def load_config(data_dir: Path) -> ServerConfig:
     if unknown:
         raise ConfigError(f"{path}: [interfaces] has unknown key {sorted(unknown)[0]!r}")
     portal = _portal_config(raw.get("recovery", {}), path, data_dir.resolve())
+    leases = _table(raw, "leases", path, {"duration_seconds"})
+    lease_seconds = _number(leases, "duration_seconds", 300, (1, 86400), path, whole=True)
+    hooks = _table(raw, "webhooks", path, set(WebhookSettings.__dataclass_fields__))
+    d = WebhookSettings()
+    settings = WebhookSettings(
+        retry_base_seconds=_number(hooks, "retry_base_seconds", d.retry_base_seconds, (0.01, 86400), path),
+        retry_max_seconds=_number(hooks, "retry_max_seconds", d.retry_max_seconds, (0.01, 604800), path),
+        max_attempts=int(_number(hooks, "max_attempts", d.max_attempts, (1, 1000), path, whole=True)),
+        timeout_seconds=_number(hooks, "timeout_seconds", d.timeout_seconds, (0.1, 300), path),
+        poll_seconds=_number(hooks, "poll_seconds", d.poll_seconds, (0.05, 3600), path),
+    )  # fmt: skip
     return ServerConfig(
-        data_dir=data_dir.resolve(), database=database, portal=portal, **switches
+        data_dir=data_dir.resolve(),
+        database=database,
+        portal=portal,
+        lease_seconds=int(lease_seconds),
+        webhooks=settings,
+        **switches,
     )
 
 
@@ -206,3 +226,34 @@ def _portal_config(section: object, path: Path, data_dir: Path) -> PortalConfig 
         timeout_seconds=float(timeout),
         ca_file=None if ca is None else data_dir / ca,
     )
+
+
+def _table(raw: dict[str, object], name: str, path: Path, known: set[str]) -> dict[str, object]:
+    table = raw.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [{name}] must be a table")
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"{path}: [{name}] has unknown key {sorted(unknown)[0]!r}")
+    table["__name__"] = name
+    return table
+
+
+def _number(
+    table: dict[str, object],
+    key: str,
+    default: float,
+    bounds: tuple[float, float],
+    path: Path,
+    *,
+    whole: bool = False,
+) -> float:
+    value = table.get(key, default)
+    kinds: tuple[type, ...] = (int,) if whole else (int, float)
+    low, high = bounds
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:  # type: ignore[operator]
+        kind = "a whole number" if whole else "a number"
+        raise ConfigError(
+            f"{path}: [{table['__name__']}] {key} must be {kind} from {low} to {high}"
+        )
+    return float(value) if not whole else int(value)  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ from tessera.core.licensekey import generate_license_key, license_key_digest
 from tessera.core.model import Binding, Entitlement, License, Location, MatchLevel
 from tessera.core.sealing import seal
 from tessera.core.versions import VersionRange
-from tessera.server import audit
+from tessera.server import audit, webhooks
 from tessera.server.catalog import get_product
 from tessera.server.errors import Forbidden, Invalid, NotFound
 from tessera.server.models import (
@@ -300,7 +300,7 @@ def issue_license(
     )
     if len(set(data.emergency)) != len(data.emergency):
         raise Invalid("emergency: a feature is listed twice")
-    if data.binding is not Binding.MACHINE:
+    if data.binding is Binding.INSTANCE:
         raise Invalid(
             f"binding: {data.binding.value}-bound licenses are not supported by this server yet"
         )
@@ -345,6 +345,13 @@ def issue_license(
         target=row.serial,
         details=license_view(row, with_machines=False),
     )
+    webhooks.emit(
+        session,
+        "license.issued",
+        {"serial": row.serial, "customer_id": row.customer_id, "product": product.code,
+         "binding": row.binding, "order": row.order_ref},
+        now,
+    )  # fmt: skip
     return row, key
 
 

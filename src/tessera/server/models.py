@@ -38,6 +38,8 @@ __all__ = [
     "Checkin",
     "Customer",
     "EntitlementRow",
+    "Lease",
+    "LeaseNonce",
     "LicenseRevision",
     "LicenseRow",
     "Machine",
@@ -47,7 +49,10 @@ __all__ = [
     "RecoveredMachine",
     "Recovery",
     "SerialCounter",
+    "UserCredential",
     "UtcDateTime",
+    "WebhookDelivery",
+    "WebhookEndpoint",
 ]
 
 
@@ -330,3 +335,90 @@ class BlacklistExport(Base):
     actor: Mapped[str] = mapped_column(String(200))
     containers: Mapped[int] = mapped_column(Integer)
     serials: Mapped[int] = mapped_column(Integer)
+# ---------------------------------------------------------------------------- user-bound
+# licenses (credentials and leases) and webhooks: migration 0003
+
+
+class UserCredential(Base):
+    """The current credential of one user on a user-bound license.
+
+    Only the credential's public key and generation are kept: the private key went into the
+    credential file and nowhere else. Re-issuing replaces the key and bumps the generation.
+    """
+
+    __tablename__ = "user_credentials"
+    __table_args__ = (UniqueConstraint("license_id", "user_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    license_id: Mapped[int] = mapped_column(ForeignKey("licenses.id", ondelete="CASCADE"))
+    user_id: Mapped[str] = mapped_column(String(64))
+    generation: Mapped[int] = mapped_column(Integer)
+    public_key: Mapped[str] = mapped_column(String(64))
+    issued_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Lease(Base):
+    """A feature in use under a credential until ``expires_at`` (renewed by heartbeats).
+
+    ``(license_id, feature, slot)`` is unique and slots run below the licensed count, so the
+    count holds even if two transactions ever raced past the row lock.
+    """
+
+    __tablename__ = "leases"
+    __table_args__ = (
+        UniqueConstraint("license_id", "feature", "slot"),
+        Index("ix_leases_expiry", "license_id", "feature", "expires_at"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    lease_id: Mapped[str] = mapped_column(String(64), unique=True)
+    license_id: Mapped[int] = mapped_column(ForeignKey("licenses.id", ondelete="CASCADE"))
+    credential_id: Mapped[int] = mapped_column(
+        ForeignKey("user_credentials.id", ondelete="CASCADE"), index=True
+    )
+    feature: Mapped[str] = mapped_column(String(330))
+    slot: Mapped[int] = mapped_column(Integer)
+    acquired_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class LeaseNonce(Base):
+    """Nonces of recent lease requests: a replayed request is refused (kept for the window
+    in which a request's own time is accepted)."""
+
+    __tablename__ = "lease_nonces"
+    nonce: Mapped[str] = mapped_column(String(32), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+
+
+class WebhookEndpoint(Base):
+    """A receiver of license events. The HMAC secret is stored encrypted (key from the pepper)."""
+
+    __tablename__ = "webhook_endpoints"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    secret: Mapped[str] = mapped_column(Text)
+    events: Mapped[str] = mapped_column(Text, default="")
+    ca_pem: Mapped[str | None] = mapped_column(Text, nullable=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class WebhookDelivery(Base):
+    """The outbox: one row per event and endpoint, written in the transaction that caused the
+    event, delivered (and retried) by the server's background worker."""
+
+    __tablename__ = "webhook_outbox"
+    __table_args__ = (Index("ix_webhook_outbox_due", "status", "next_attempt_at"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    endpoint_id: Mapped[int] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True
+    )
+    event_id: Mapped[str] = mapped_column(String(40))
+    event: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    locked_until: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String(300), nullable=True)

@@ -55,7 +55,13 @@ def build_state(data_dir: Path, *, migrate: bool = True) -> ServerState:
             db.dispose()
             raise ConfigError(f"recovery portal: {exc}") from None
     return ServerState(
-        db=db, signing_key=signing_key, pepper=pepper, clock=SystemClock(), portal=portal
+        db=db,
+        signing_key=signing_key,
+        pepper=pepper,
+        clock=SystemClock(),
+        portal=portal,
+        lease_seconds=config.lease_seconds,
+        webhook_settings=config.webhooks,
     )
 
 

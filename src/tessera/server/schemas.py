@@ -17,6 +17,8 @@ from tessera.server.tokens import Role
 __all__ = [
     "AuditEntryOut",
     "AuditReport",
+    "CredentialIn",
+    "CredentialIssued",
     "CustomerIn",
     "CustomerOut",
     "EntitlementIn",
@@ -35,6 +37,8 @@ __all__ = [
     "TokenOut",
     "ValidationErrorBody",
     "ValidationItem",
+    "WebhookIn",
+    "WebhookOut",
 ]
 
 ProductCode = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$", examples=["cortex"])]
@@ -280,3 +284,39 @@ class BlacklistAddIn(_In):
     )
     delay_days: int = Field(0, ge=0, le=3650)
     reason: str = Field("added by hand", min_length=1, max_length=500)
+class CredentialIn(_In):
+    user_id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$",
+        examples=["ann"],
+        description="Who the credential is for: an id, no further personal data.",
+    )
+
+
+class CredentialIssued(BaseModel):
+    serial: str
+    user_id: str
+    generation: int
+    leases_freed: int
+    credential: str = Field(description="The credential file (holds the private key).")
+
+
+class WebhookIn(_In):
+    url: str = Field(min_length=8, max_length=2000, examples=["https://hooks.example.com/t"])
+    secret: str | None = Field(
+        None, min_length=16, max_length=200, description="HMAC secret; generated if omitted."
+    )
+    events: list[str] = Field(
+        default_factory=list, max_length=50, description="Events to send; empty means all."
+    )
+    ca: str | None = Field(
+        None, max_length=65536, description="PEM CA to trust for this endpoint (private PKI)."
+    )
+
+
+class WebhookOut(BaseModel):
+    id: int
+    url: str
+    events: list[str]
+    active: bool
+    created_at: str
+    secret: str = Field(description="The HMAC secret, shown this once.")

@@ -1,0 +1,205 @@
+"""User-bound licenses: credentials, leases, heartbeats, refusals, concurrency (both backends)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from tessera.core.clock import ManualClock
+from tessera.core.credential import LeaseRequest, LeaseResponse, SignedCredential, parse_credential
+from tessera.core.signing import Keyring
+from tessera.server import leases
+from tessera.server.app import ServerState
+from tessera.server.errors import Invalid
+from tessera.server.models import AuditEntry, Lease, WebhookDelivery
+from tessera.server.tokens import Principal
+
+from .conftest import START, LiveServer
+from .helpers import setup_license
+
+
+def user_license(state: ServerState, admin: Principal, count: int = 2) -> str:
+    serial, _ = setup_license(
+        state,
+        admin,
+        START,
+        binding="user",
+        entitlements=[{"feature": "uniplex", "count": count}, {"feature": "backup", "count": 1}],
+    )
+    return serial
+
+
+def credential(state: ServerState, admin: Principal, serial: str, user: str = "ann") -> SignedCredential:
+    with state.db.write() as session:
+        text, _, _ = leases.issue_credential(session, admin, serial, user, state.now(), state.signing_key)
+    return parse_credential(text)
+
+
+def send(state: ServerState, request: LeaseRequest) -> LeaseResponse | leases.LeaseRefused:
+    now = state.now()
+    try:
+        with state.db.write() as session:
+            return leases.handle_lease(session, request, now, state.signing_key, state.lease_seconds)
+    except leases.LeaseRefused as refusal:
+        with state.db.write() as session:
+            leases.record_refusal(session, refusal, now)
+        return refusal
+
+
+def lease(state: ServerState, cred: SignedCredential, feature: str = "uniplex") -> Any:
+    return send(state, LeaseRequest.create("lease", cred, feature, state.now()))
+
+
+def in_use(state: ServerState) -> int:
+    with state.db.read() as session:
+        return int(
+            session.execute(
+                select(func.count()).select_from(Lease).where(Lease.expires_at > state.now())
+            ).scalar_one()
+        )
+
+
+def refusals(state: ServerState) -> list[dict[str, Any]]:
+    with state.db.read() as session:
+        rows = session.execute(
+            select(AuditEntry).where(AuditEntry.action == "lease.refused").order_by(AuditEntry.id)
+        ).scalars()
+        return [json.loads(r.details) for r in rows]
+
+
+def test_count_heartbeat_release_and_expiry(
+    state: ServerState, admin: Principal, keyring: Keyring, clock: ManualClock
+) -> None:
+    serial = user_license(state, admin)
+    ann = credential(state, admin, serial)
+    assert ann.verify(keyring).user_id == "ann"
+    first, second = lease(state, ann), lease(state, ann)
+    assert isinstance(first, LeaseResponse) and isinstance(second, LeaseResponse)
+    assert (first.in_use, second.in_use, second.count) == (1, 2, 2)
+    third = lease(state, ann)
+    assert isinstance(third, leases.LeaseRefused)
+    assert third.reason == f"all 2 leases of uniplex on license {serial} are in use"
+    assert refusals(state)[-1]["kind"] == "denied"
+    # Other features count on their own.
+    assert isinstance(lease(state, ann, "backup"), LeaseResponse)
+    # Release frees one at once.
+    released = send(state, LeaseRequest.create("release", ann, "uniplex", state.now(), first.lease_id))
+    assert isinstance(released, LeaseResponse) and released.in_use == 1
+    assert isinstance(lease(state, ann), LeaseResponse)
+    # A heartbeat keeps a lease; without one it is freed after the lease duration.
+    clock.advance(seconds=state.lease_seconds - 10)
+    renewed = send(state, LeaseRequest.create("renew", ann, "uniplex", state.now(), second.lease_id))
+    assert isinstance(renewed, LeaseResponse)
+    assert renewed.expires == state.now() + timedelta(seconds=state.lease_seconds)
+    clock.advance(seconds=20)  # the other uniplex lease (no heartbeat) is stale now
+    fresh = lease(state, ann)
+    assert isinstance(fresh, LeaseResponse) and fresh.in_use == 2
+    expired = send(state, LeaseRequest.create("renew", ann, "uniplex", state.now(), first.lease_id))
+    assert isinstance(expired, leases.LeaseRefused) and "expired or was released" in expired.reason
+
+
+def test_reissued_credential_makes_the_old_one_fail_at_once(state: ServerState, admin: Principal) -> None:
+    serial = user_license(state, admin)
+    old = credential(state, admin, serial)
+    held = lease(state, old)
+    assert isinstance(held, LeaseResponse)
+    new = credential(state, admin, serial)
+    assert new.credential.generation == 2
+    assert in_use(state) == 0  # the old credential's leases were freed with it
+    for request in (
+        LeaseRequest.create("lease", old, "uniplex", state.now()),
+        LeaseRequest.create("renew", old, "uniplex", state.now(), held.lease_id),
+    ):
+        refused = send(state, request)
+        assert isinstance(refused, leases.LeaseRefused)
+        assert "replaced by a newer one" in refused.reason
+    assert [r["kind"] for r in refusals(state)] == ["stale-credential", "stale-credential"]
+    assert in_use(state) == 0
+    assert isinstance(lease(state, new), LeaseResponse)
+
+
+def test_forged_and_replayed_requests_change_nothing(
+    state: ServerState, admin: Principal, clock: ManualClock
+) -> None:
+    serial = user_license(state, admin)
+    ann = credential(state, admin, serial)
+    other_serial = user_license(state, admin)
+    bob = credential(state, admin, other_serial, "bob")
+    # Bob's key, Ann's name and license: refused as forged.
+    forged = replace(LeaseRequest.create("lease", bob, "uniplex", state.now()), serial=serial, user_id="ann")
+    result = send(state, forged)
+    assert isinstance(result, leases.LeaseRefused) and "forged" in result.reason
+    # A user without a credential on this license.
+    nobody = replace(LeaseRequest.create("lease", bob, "uniplex", state.now()), serial=serial)
+    result = send(state, nobody)
+    assert isinstance(result, leases.LeaseRefused)
+    assert "no credential was issued to bob" in result.reason
+    # The same request twice: the second is a replay.
+    request = LeaseRequest.create("lease", ann, "uniplex", state.now())
+    assert isinstance(send(state, request), LeaseResponse)
+    replay = send(state, request)
+    assert isinstance(replay, leases.LeaseRefused) and "replayed" in replay.reason
+    # Much later (nonce forgotten): refused by its own time.
+    clock.advance(hours=2)
+    late = send(state, request)
+    assert isinstance(late, leases.LeaseRefused) and "too far from the server's time" in late.reason
+    assert in_use(state) == 0  # the one lease expired; none of the refused requests added one
+    kinds = [r["kind"] for r in refusals(state)]
+    assert kinds == ["forged", "forged", "replay", "replay"]
+    with state.db.read() as session:
+        events = session.execute(select(func.count()).select_from(WebhookDelivery)).scalar_one()
+    assert events == 0  # no endpoints configured: the outbox stays empty
+
+
+def test_credentials_only_for_user_bound_licenses(state: ServerState, admin: Principal) -> None:
+    serial, _ = setup_license(state, admin, START)
+    with pytest.raises(Invalid, match="machine-bound"), state.db.write() as session:
+        leases.issue_credential(session, admin, serial, "ann", state.now(), state.signing_key)
+
+
+def test_parallel_leases_never_exceed_the_count(
+    live_server: LiveServer, admin: Principal, admin_token: str, keyring: Keyring
+) -> None:
+    state = live_server.state
+    serial = user_license(state, admin, count=3)
+    with live_server.client(admin_token) as client:
+        issued = client.post(f"/api/v1/licenses/{serial}/credentials", json={"user_id": "ann"})
+        assert issued.status_code == 201, issued.text
+    ann = parse_credential(issued.json()["credential"])
+    requests = [LeaseRequest.create("lease", ann, "uniplex", state.now()) for _ in range(40)]
+
+    def post(request: LeaseRequest) -> int:
+        with httpx.Client(base_url=live_server.url, timeout=60) as c:
+            response = c.post("/api/v1/lease", content=request.to_json())
+        if response.status_code == 200:
+            LeaseResponse.from_json(response.content, keyring, request.nonce)
+        else:
+            assert "are in use" in response.json()["detail"], response.text
+        return response.status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(post, requests))
+    assert codes.count(200) == 3
+    assert codes.count(403) == 37
+    assert in_use(state) == 3
+    with live_server.client(admin_token) as client:
+        view = client.get(f"/api/v1/licenses/{serial}/leases").json()
+    assert len(view["leases"]) == 3
+    assert view["credentials"] == [
+        {"user_id": "ann", "generation": 1, "issued_at": view["credentials"][0]["issued_at"]}
+    ]
+
+
+def test_malformed_lease_requests_get_422(live_server: LiveServer) -> None:
+    with httpx.Client(base_url=live_server.url) as c:
+        for body in (b"", b"[]", b'{"protocol":"tessera-connect/1"}', b"\xff" * 10):
+            response = c.post("/api/v1/lease", content=body)
+            assert response.status_code == 422, response.text
+            assert isinstance(response.json()["detail"], str)

@@ -1,0 +1,231 @@
+"""Webhooks: outbox written with the change, delivered in the background, signed, retried with
+backoff against a real loopback receiver that fails the first attempts, kept across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from tessera.core.clock import SystemClock
+from tessera.core.signing import SigningKey
+from tessera.server import webhooks
+from tessera.server.app import ServerState
+from tessera.server.errors import Invalid
+from tessera.server.models import WebhookDelivery
+from tessera.server.storage import Database
+from tessera.server.tokens import Principal, Role, create_token
+
+from .conftest import START, serve, wait_until
+from .helpers import agent, setup_license
+
+SECRET = "whsec-" + "x" * 24
+
+
+class Receiver:
+    """A loopback HTTP endpoint that answers 500 to the first ``fail_first`` requests."""
+
+    def __init__(self, fail_first: int) -> None:
+        self.fail_first = fail_first
+        self.received: list[tuple[dict[str, str], bytes, datetime]] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with outer.lock:
+                    outer.received.append((dict(self.headers), body, datetime.now(UTC)))
+                    failing = len(outer.received) <= outer.fail_first
+                self.send_response(500 if failing else 204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver(fail_first=2)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def fast_state(database: Database) -> ServerState:
+    """A server on the real clock with fast retries (the policy of ``[webhooks]``)."""
+    return ServerState(
+        db=database,
+        signing_key=SigningKey.generate(),
+        pepper=secrets.token_bytes(32),
+        clock=SystemClock(),
+        webhook_settings=webhooks.WebhookSettings(
+            retry_base_seconds=0.3, max_attempts=5, poll_seconds=0.05, timeout_seconds=5
+        ),
+    )
+
+
+def deliveries(state: ServerState) -> list[WebhookDelivery]:
+    with state.db.read() as session:
+        return list(session.execute(select(WebhookDelivery).order_by(WebhookDelivery.id)).scalars())
+
+
+def add(state: ServerState, url: str, events: list[str] | None = None) -> None:
+    with state.db.write() as session:
+        webhooks.add_endpoint(
+            session, url=url, secret=SECRET, events=events or [], ca_pem=None,
+            pepper=state.pepper, now=START,
+        )  # fmt: skip
+
+
+def test_signature_scheme() -> None:
+    body = b'{"event":"license.issued"}'
+    now = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+    header = webhooks.sign_payload(SECRET, int(now.timestamp()), body)
+    assert webhooks.verify_signature(SECRET, header, body, now)
+    assert not webhooks.verify_signature(SECRET, header, body + b" ", now)
+    assert not webhooks.verify_signature("other-secret-123456", header, body, now)
+    assert not webhooks.verify_signature(SECRET, header, body, now.replace(hour=11))
+    assert not webhooks.verify_signature(SECRET, "garbage", body, now)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://example.com/hook", "ftp://127.0.0.1/x", "https://user:pw@example.com/", "not a url"],
+)
+def test_endpoint_urls_must_be_https_or_loopback(state: ServerState, url: str) -> None:
+    with pytest.raises(Invalid, match="url"):
+        add(state, url)
+
+
+def test_unknown_event_refused(state: ServerState) -> None:
+    with pytest.raises(Invalid, match="unknown event"), state.db.write() as session:
+        webhooks.add_endpoint(
+            session, url="https://h.example/", secret=None, events=["license.exploded"],
+            ca_pem=None, pepper=state.pepper, now=START,
+        )  # fmt: skip
+
+
+def test_events_are_written_with_the_change_and_only_then(state: ServerState, admin: Principal) -> None:
+    add(state, "https://hooks.example/all")
+    add(state, "https://hooks.example/leases", ["lease.denied"])
+    serial, _key = setup_license(state, admin, START)
+    rows = deliveries(state)
+    assert [(r.endpoint_id, r.event) for r in rows] == [(1, "license.issued")]
+    payload = json.loads(rows[0].payload)
+    assert payload["data"]["serial"] == serial and payload["event"] == "license.issued"
+    # A failed transaction leaves no event behind.
+    with pytest.raises(RuntimeError), state.db.write() as session:
+        webhooks.emit(session, "license.activated", {"serial": serial}, START)
+        raise RuntimeError("rolled back")
+    assert len(deliveries(state)) == 1
+    with pytest.raises(ValueError, match="unknown webhook event"), state.db.write() as session:
+        webhooks.emit(session, "nope", {}, START)
+
+
+def test_delivery_retries_with_backoff_until_the_receiver_accepts(
+    fast_state: ServerState, receiver: Receiver
+) -> None:
+    state = fast_state
+    add(state, receiver.url)
+    with state.db.write() as session:
+        event_id = webhooks.emit(session, "license.activated", {"serial": "2026-000001"})
+    worker = webhooks.WebhookWorker(state.db, state.pepper, state.clock, state.webhook_settings)
+
+    async def run_until_delivered() -> None:
+        task = asyncio.create_task(worker.run())
+        try:
+            for _ in range(200):
+                if deliveries(state)[0].status != "pending":
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            worker.stop()
+            await task
+
+    asyncio.run(run_until_delivered())
+    [row] = deliveries(state)
+    assert (row.status, row.attempts, row.last_error) == ("delivered", 3, None)
+    assert len(receiver.received) == 3
+    times = [t for _, _, t in receiver.received]
+    # Exponential backoff: 0.3 s, then 0.6 s (the worker polls every 0.05 s).
+    assert (times[1] - times[0]).total_seconds() >= 0.25
+    assert (times[2] - times[1]).total_seconds() >= 0.55
+    for headers, body, at in receiver.received:
+        assert headers["Tessera-Event"] == "license.activated"
+        assert headers["Tessera-Delivery"] == event_id
+        assert webhooks.verify_signature(SECRET, headers["Tessera-Signature"], body, at)
+        assert json.loads(body)["data"] == {"serial": "2026-000001"}
+
+
+def test_pending_events_survive_a_restart_and_give_up_after_max_attempts(
+    fast_state: ServerState, receiver: Receiver
+) -> None:
+    state = fast_state
+    add(state, receiver.url)
+    add(state, "http://127.0.0.1:9/closed")  # nothing listens on the discard port
+    with state.db.write() as session:
+        webhooks.emit(session, "lease.denied", {"serial": "2026-000001"})
+    # "Restart": a brand-new worker (another process would do the same) finds the outbox.
+    for _ in range(2):
+        worker = webhooks.WebhookWorker(state.db, state.pepper, state.clock, state.webhook_settings)
+        asyncio.run(worker.run_once())
+    wait_until(lambda: all(r.next_attempt_at <= datetime.now(UTC) for r in deliveries(state)))
+
+    async def drain() -> None:
+        worker = webhooks.WebhookWorker(state.db, state.pepper, state.clock, state.webhook_settings)
+        task = asyncio.create_task(worker.run())
+        for _ in range(300):
+            if all(r.status != "pending" for r in deliveries(state)):
+                break
+            await asyncio.sleep(0.05)
+        worker.stop()
+        await task
+
+    asyncio.run(drain())
+    ok, closed = deliveries(state)
+    assert ok.status == "delivered"
+    assert (closed.status, closed.attempts) == ("failed", 5)
+    assert closed.last_error
+
+
+def test_live_server_emits_and_delivers_without_blocking(fast_state: ServerState, receiver: Receiver) -> None:
+    """Through HTTP: the admin API registers the endpoint, an activation's answer does not
+    wait for the (failing) receiver, and the worker inside the server delivers later."""
+    state = fast_state
+    with state.db.write() as session:
+        _, token = create_token(session, name="t", role=Role.ADMIN, now=START)
+    admin = Principal(1, "t", Role.ADMIN)
+    serial, key = setup_license(state, admin, START)
+    with serve(state) as live, live.client(token) as client:
+        hook = client.post(
+            "/api/v1/webhooks",
+            json={"url": receiver.url, "secret": SECRET, "events": ["license.activated"]},
+        )
+        assert hook.status_code == 201, hook.text
+        assert client.post("/api/v1/webhooks", json={"url": "http://10.0.0.1/x"}).status_code == 422
+        response = client.post("/api/v1/activate", content=agent(1).activation(key).to_json())
+        assert response.status_code == 200, response.text
+        wait_until(lambda: any(r.status == "delivered" for r in deliveries(state)), 20)
+        listed = client.get("/api/v1/webhooks/deliveries").json()
+        assert listed[0]["event"] == "license.activated" and listed[0]["attempts"] == 3
+        assert client.get("/api/v1/webhooks").json()[0]["url"] == receiver.url
+    body = json.loads(receiver.received[-1][1])
+    assert body["data"]["serial"] == serial
