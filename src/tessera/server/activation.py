@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import and_, bindparam, exists, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from tessera.core import sign_document
@@ -201,6 +201,13 @@ _CHECKIN_LOOKUP = (
         Machine.locking_id,
         Machine.agent_key,
         Machine.delivered_revision,
+        # Any entitlement still valid today? (every rule on every validation, same trip)
+        exists()
+        .where(
+            EntitlementRow.license_id == LicenseRow.id,
+            or_(EntitlementRow.expiry.is_(None), EntitlementRow.expiry >= bindparam("today")),
+        )
+        .label("valid"),
     )
     .select_from(LicenseRow)
     .outerjoin(
@@ -208,14 +215,6 @@ _CHECKIN_LOOKUP = (
         and_(Machine.license_id == LicenseRow.id, Machine.system_id == bindparam("system_id")),
     )
     .where(LicenseRow.key_digest == bindparam("digest"))
-)
-_VALID_ENTITLEMENT = (
-    select(EntitlementRow.id)
-    .where(
-        EntitlementRow.license_id == bindparam("license_id"),
-        or_(EntitlementRow.expiry.is_(None), EntitlementRow.expiry >= bindparam("today")),
-    )
-    .limit(1)
 )
 _RECORD_MACHINE = (
     update(Machine)
@@ -238,7 +237,11 @@ def checkin(
     conn = session.connection()
     found = conn.execute(
         _CHECKIN_LOOKUP,
-        {"system_id": request.system_id, "digest": license_key_digest(request.license_key, pepper)},
+        {
+            "system_id": request.system_id,
+            "digest": license_key_digest(request.license_key, pepper),
+            "today": utc(now).date(),
+        },
     ).first()
     if found is None:
         raise NotFound("unknown license key")
@@ -281,11 +284,8 @@ def checkin(
         )
         license_file = sign_document(doc, signing_key)
         delivered, outcome = found.revision, "updated"
-    if outcome != "revoked":
-        today = utc(now).date()
-        valid = conn.execute(_VALID_ENTITLEMENT, {"license_id": found.id, "today": today}).first()
-        if valid is None:
-            message, outcome = f"license {found.serial} has expired", "expired"
+    if outcome != "revoked" and not found.valid:
+        message, outcome = f"license {found.serial} has expired", "expired"
     conn.execute(
         _RECORD_MACHINE, {"machine_id": found.machine_id, "now": now, "delivered": delivered}
     )
