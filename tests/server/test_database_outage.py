@@ -1,0 +1,162 @@
+"""The database unreachable: the server answers 503 with a reason, then recovers by itself.
+
+PostgreSQL is reached through a loopback TCP proxy that the test cuts (every connection
+reset, new ones refused) and restores; the machine's PostgreSQL itself is never touched.
+SQLite is made unavailable the way it happens in the field: another process holds an
+exclusive lock on the database file (a backup tool, a forgotten ``sqlite3`` shell). In both
+cases no request may get a 500 or hang, and once the database is back the same server
+process serves again without a restart.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from tessera.core.protocol import ServerResponse
+from tessera.core.signing import Keyring
+
+from .conftest import PG_ENV, _pg_admin_url, create_pg_database, drop_pg_database
+from .helpers import FakeAgent, agent
+from .processes import free_port, init_data_dir, start_server, stop_server
+from .tcp_proxy import TcpProxy
+
+#: Bounds every request: a server that hangs fails the test instead of stalling it.
+CLIENT_TIMEOUT = 20.0
+RECOVERY_ATTEMPTS = 50
+
+
+class Setup:
+    def __init__(self, data_dir: Path, token: str) -> None:
+        self.data_dir = data_dir
+        self.keyring = Keyring.loads((data_dir / "vendor.pub").read_bytes())
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.http = httpx.Client(base_url=self.url, timeout=CLIENT_TIMEOUT)
+        self.admin = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=CLIENT_TIMEOUT,
+        )
+        self.agent: FakeAgent = agent(1)
+        self.key = ""
+
+    def issue_and_activate(self) -> None:
+        product = {"code": "cortex", "name": "Cortex", "features": [{"code": "uniplex"}]}
+        assert self.admin.post("/api/v1/products", json=product).status_code == 201
+        customer = self.admin.post("/api/v1/customers", json={"name": "Outage Inc"}).json()
+        issued = self.admin.post(
+            "/api/v1/licenses",
+            json={
+                "customer_id": customer["id"],
+                "product": "cortex",
+                "entitlements": [{"feature": "uniplex", "count": 1}],
+                "machines": 3,
+            },
+        )
+        assert issued.status_code == 201, issued.text
+        self.key = issued.json()["key"]
+        answer = self.http.post("/api/v1/activate", content=self.agent.activation(self.key).to_json())
+        assert answer.status_code == 200, answer.text
+
+    def checkin(self) -> httpx.Response:
+        request = self.agent.checkin(self.key)
+        answer = self.http.post("/api/v1/checkin", content=request.to_json())
+        if answer.status_code == 200:
+            ServerResponse.from_json(answer.content, self.keyring, request.nonce)
+        return answer
+
+
+def _assert_unavailable(setup: Setup) -> None:
+    """Connect and admin requests get 503 with a one-line reason; health still answers."""
+    for answer in (
+        setup.checkin(),
+        setup.http.post("/api/v1/activate", content=agent(2).activation(setup.key).to_json()),
+        setup.admin.get("/api/v1/licenses"),
+        setup.admin.post("/api/v1/products", json={"code": "outage", "name": "During Outage"}),
+    ):
+        assert answer.status_code == 503, (answer.request.url, answer.status_code, answer.text)
+        detail = answer.json()["detail"]
+        assert isinstance(detail, str)
+        assert "database" in detail
+
+
+def _assert_recovers(setup: Setup) -> None:
+    """Without a restart: within a few attempts everything answers as before."""
+    for _ in range(RECOVERY_ATTEMPTS):
+        answer = setup.checkin()
+        if answer.status_code == 200:
+            break
+        assert answer.status_code == 503, answer.text
+        time.sleep(0.1)
+    else:
+        pytest.fail("the server did not recover once the database was back")
+    assert setup.admin.get("/api/v1/licenses").status_code == 200
+    assert setup.checkin().status_code == 200
+    # The refused writes changed nothing: the product made during the outage is absent.
+    assert "outage" not in [p["code"] for p in setup.admin.get("/api/v1/products").json()]
+    assert setup.admin.get("/api/v1/audit/verify").json()["ok"] is True
+
+
+@pytest.fixture
+def postgres_proxy() -> Iterator[tuple[str, TcpProxy]]:
+    if _pg_admin_url() is None:
+        pytest.skip(f"{PG_ENV} not set")
+    pg = create_pg_database()
+    url = make_url(pg.url)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    try:
+        yield url.set(port=proxy.port).render_as_string(hide_password=False), proxy
+    finally:
+        proxy.close()
+        drop_pg_database(pg)
+
+
+def test_postgresql_unreachable_gives_503_and_recovers(
+    postgres_proxy: tuple[str, TcpProxy], tmp_path: Path
+) -> None:
+    db_url, proxy = postgres_proxy
+    info = init_data_dir(tmp_path / "data", db_url)
+    setup = Setup(tmp_path / "data", info["admin_token"])
+    proc = start_server(setup.data_dir, setup.port)
+    try:
+        setup.issue_and_activate()
+        assert setup.checkin().status_code == 200
+        for _outage in range(2):  # the pool survives more than one outage
+            proxy.cut()
+            _assert_unavailable(setup)
+            assert setup.http.get("/api/v1/health").status_code == 200
+            proxy.restore()
+            _assert_recovers(setup)
+    finally:
+        stop_server(proc)
+    assert proc.returncode is not None
+
+
+def test_sqlite_locked_gives_503_and_recovers(tmp_path: Path) -> None:
+    info = init_data_dir(tmp_path / "data")
+    setup = Setup(tmp_path / "data", info["admin_token"])
+    proc = start_server(setup.data_dir, setup.port)
+    try:
+        setup.issue_and_activate()
+        assert setup.checkin().status_code == 200
+        # Another process's view of the file: exclusive locking mode keeps every other
+        # connection out, readers included, until it lets go.
+        holder = sqlite3.connect(setup.data_dir / "tessera.db", isolation_level=None)
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("SELECT count(*) FROM customers").fetchone()
+        try:
+            _assert_unavailable(setup)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        _assert_recovers(setup)
+    finally:
+        stop_server(proc)
