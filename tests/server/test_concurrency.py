@@ -26,6 +26,8 @@ from .conftest import START, LiveServer, backends, create_pg_database, drop_pg_d
 from .helpers import FakeAgent, agent, setup_license
 from .processes import init_data_dir, running_server
 
+pytestmark = pytest.mark.reliability
+
 N_REQUESTS = 50
 K_MACHINES = 5
 # Across processes: the storm of issue 6. The requests are signed before the storm starts

@@ -10,6 +10,7 @@ process serves again without a restart.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -28,9 +29,12 @@ from .helpers import FakeAgent, agent
 from .processes import free_port, init_data_dir, start_server, stop_server
 from .tcp_proxy import TcpProxy
 
+pytestmark = pytest.mark.reliability
+
 #: Bounds every request: a server that hangs fails the test instead of stalling it.
 CLIENT_TIMEOUT = 20.0
 RECOVERY_ATTEMPTS = 50
+OUTAGES = 2 * int(os.environ.get("TESSERA_RELIABILITY_SCALE", "1"))  # `make reliability`: more
 
 
 class Setup:
@@ -138,7 +142,7 @@ def test_postgresql_unreachable_gives_503_and_recovers(
     try:
         setup.issue_and_activate()
         assert setup.checkin().status_code == 200
-        for _outage in range(2):  # the pool survives more than one outage
+        for _outage in range(OUTAGES):  # the pool survives more than one outage
             proxy.cut()
             _assert_unavailable(setup)
             proxy.restore()

@@ -35,11 +35,13 @@ from .conftest import backends, create_pg_database, drop_pg_database
 from .helpers import FakeAgent, agent
 from .processes import free_port, init_data_dir, start_server, stop_server
 
+pytestmark = pytest.mark.reliability
+
 MACHINES = 4
-KILLS = 3
+KILLS = 3 * int(os.environ.get("TESSERA_RELIABILITY_SCALE", "1"))  # `make reliability`: more
 ACKS_BETWEEN_KILLS = 25  # the stream must be flowing before each kill
 MAX_CHECKINS_PER_AGENT = 400  # bounded in count ...
-STREAM_SECONDS = 90  # ... and in time
+STREAM_SECONDS = 30 * KILLS  # ... and in time
 
 
 @pytest.fixture(params=backends())
