@@ -1,8 +1,9 @@
 """A loopback TCP proxy the tests can cut and restore: a database outage without root.
 
 Cutting closes the listening socket and every open connection (each side sees its peer go
-away, as when a database host dies or a firewall resets the link); restoring listens on the
-same port again. Only loopback addresses are used.
+away, as when a database host dies or a firewall resets the link); stalling resets the open
+connections and then accepts new ones but never answers (a host that drops packets, where
+only a timeout helps); restoring forwards again on the same port. Loopback only.
 """
 
 from __future__ import annotations
@@ -23,11 +24,20 @@ class TcpProxy:
         self.port = 0
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
+        self._held: list[socket.socket] = []
+        self._stalled = False
         self._lock = threading.Lock()
         self.restore()
 
     def restore(self) -> None:
         """Listen (again, on the same port once one was chosen) and forward."""
+        with self._lock:
+            self._stalled = False
+            held, self._held = self._held, []
+        for conn in held:
+            conn.close()
+        if self._listener is not None:
+            return  # was only stalled
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -50,7 +60,23 @@ class TcpProxy:
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
 
-    close = cut
+    def stall(self) -> None:
+        """Reset the open connections; accept new ones but never forward a byte."""
+        with self._lock:
+            self._stalled = True
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def close(self) -> None:
+        """Cut, and let go of the connections held while stalled."""
+        self.cut()
+        with self._lock:
+            held, self._held = self._held, []
+        for conn in held:
+            conn.close()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -58,6 +84,10 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return  # cut
+            with self._lock:
+                if self._stalled:
+                    self._held.append(client)
+                    continue
             try:
                 upstream = socket.create_connection(self.upstream, timeout=5)
                 upstream.settimeout(None)

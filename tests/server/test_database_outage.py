@@ -152,6 +152,29 @@ def test_postgresql_unreachable_gives_503_and_recovers(
     assert proc.returncode is not None
 
 
+def test_postgresql_dropping_packets_gives_503_not_a_hang(
+    postgres_proxy: tuple[str, TcpProxy], tmp_path: Path
+) -> None:
+    """A database host that accepts but never answers: the connect timeout turns it into 503."""
+    db_url, proxy = postgres_proxy
+    # The shortest connect timeout libpq honours, to keep the test quick; the server's
+    # default (5 s) behaves the same.
+    info = init_data_dir(tmp_path / "data", f"{db_url}?connect_timeout=2")
+    setup = Setup(tmp_path / "data", info["admin_token"])
+    proc = start_server(setup.data_dir, setup.port)
+    try:
+        setup.issue_and_activate()
+        assert setup.checkin().status_code == 200
+        proxy.stall()
+        answer = setup.checkin()  # bounded by CLIENT_TIMEOUT: a hang fails here
+        assert answer.status_code == 503, answer.text
+        assert "database" in answer.json()["detail"]
+        proxy.restore()
+        _assert_recovers(setup)
+    finally:
+        stop_server(proc)
+
+
 def test_sqlite_locked_gives_503_and_recovers(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     # A short lock wait keeps the test quick; the default (5 s) is tested the same way.
