@@ -41,10 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         print(reason, file=sys.stderr)
         return 1
     os.environ["TESSERA_KEY_PASSPHRASE"] = "bench passphrase"
-    from tessera.server.runner import build_state
-
     from tessera.core.protocol import CheckinRequest
     from tessera.server import activation
+    from tessera.server.runner import build_state
 
     db_cm = postgres_database() if args.postgres else nullcontext(None)
     with db_cm as url, tessera_server(url) as server:
