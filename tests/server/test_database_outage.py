@@ -18,11 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from tessera.core.protocol import ServerResponse
 from tessera.core.signing import Keyring
+from tessera.server.outage import outage_reason
 
 from .conftest import PG_ENV, _pg_admin_url, create_pg_database, drop_pg_database
 from .helpers import FakeAgent, agent
@@ -201,3 +205,18 @@ def test_sqlite_locked_gives_503_and_recovers(tmp_path: Path) -> None:
         _assert_recovers(setup)
     finally:
         stop_server(proc)
+
+
+def test_each_kind_of_database_trouble_has_its_own_reason() -> None:
+    """The reason tells an operator where to look, and never carries the database's address."""
+    refused = psycopg.OperationalError("connection to server at 10.0.0.7, port 5432 failed")
+    cases = {
+        OperationalError("SELECT 1", None, refused): "cannot reach its database",
+        OperationalError("BEGIN", None, sqlite3.OperationalError("database is locked")): "busy",
+        PoolTimeout("QueuePool limit of size 10 overflow 10 reached"): "overloaded",
+        DBAPIError("SELECT 1", None, psycopg.DataError("bad")): "refused the request",
+    }
+    for exc, expected in cases.items():
+        reason = outage_reason(exc)
+        assert expected in reason
+        assert "10.0.0.7" not in reason and "5432" not in reason
