@@ -40,7 +40,8 @@ pytestmark = pytest.mark.reliability
 MACHINES = 4
 KILLS = 3 * int(os.environ.get("TESSERA_RELIABILITY_SCALE", "1"))  # `make reliability`: more
 ACKS_BETWEEN_KILLS = 25  # the stream must be flowing before each kill
-MAX_CHECKINS_PER_AGENT = 400  # bounded in count ...
+# Bounded in count (attempts, failed ones included: ~75 per agent while a server restarts) ...
+MAX_ATTEMPTS_PER_AGENT = 500 * KILLS
 STREAM_SECONDS = 30 * KILLS  # ... and in time
 
 
@@ -90,7 +91,7 @@ class Stream:
     def run(self, a: FakeAgent) -> None:
         deadline = time.monotonic() + STREAM_SECONDS
         with httpx.Client(timeout=10) as client:
-            for _ in range(MAX_CHECKINS_PER_AGENT):
+            for _ in range(MAX_ATTEMPTS_PER_AGENT):
                 if self.stop.is_set() or time.monotonic() > deadline:
                     return
                 request = a.checkin(self.key)
