@@ -7,7 +7,7 @@ PORT ?= 7790
 HOST ?= 127.0.0.1
 export TESSERA_KEY_PASSPHRASE_FILE ?=
 
-.PHONY: run test lint bench fuzz clean venv dev
+.PHONY: run test lint bench fuzz reliability clean venv dev
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,8 +43,22 @@ lint: $(VENV)/.dev-installed
 bench: $(VENV)/.dev-installed
 	$(BIN)/python -m bench $(if $(QUICK),--quick,)
 
+# Every property/fuzz test (the `fuzz` marker: each hypothesis test gets it in
+# tests/conftest.py) with many more examples; schemathesis with TESSERA_API_FUZZ_EXAMPLES
+# per API operation. Both overridable: `make fuzz TESSERA_FUZZ_EXAMPLES=500`.
+TESSERA_FUZZ_EXAMPLES ?= 20000
+TESSERA_API_FUZZ_EXAMPLES ?= 1000
 fuzz: $(VENV)/.dev-installed
-	TESSERA_FUZZ_EXAMPLES=$${TESSERA_FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -m "not slow" tests -k "fuzz or property" -p no:randomly
+	TESSERA_FUZZ_EXAMPLES=$(TESSERA_FUZZ_EXAMPLES) TESSERA_API_FUZZ_EXAMPLES=$(TESSERA_API_FUZZ_EXAMPLES) \
+		$(BIN)/python -m pytest -n 2 -m fuzz --timeout 0 tests $(PYTEST_ARGS)
+
+# The reliability tests (kills, restarts, outages, races; marker `reliability`) scaled up:
+# 1000 agent kills, 30 server kills per backend, 20 database outages. Set
+# TESSERA_TEST_POSTGRES_URL to include PostgreSQL.
+TESSERA_RELIABILITY_SCALE ?= 10
+reliability: $(VENV)/.dev-installed
+	TESSERA_RELIABILITY_SCALE=$(TESSERA_RELIABILITY_SCALE) \
+		$(BIN)/python -m pytest -n 2 -m "reliability or slow" --timeout 1800 tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,9 +1,12 @@
-"""Suite-wide settings: hypothesis profiles (``make fuzz`` raises the example count)."""
+"""Suite-wide settings: hypothesis profiles (``make fuzz`` raises the example count) and the
+``fuzz`` marker, put on every hypothesis test here so ``make fuzz`` (``-m fuzz``) selects
+each property test by what it is, not by what it happens to be called."""
 
 from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -13,3 +16,10 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("default")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+            item.add_marker(pytest.mark.fuzz)

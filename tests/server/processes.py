@@ -129,3 +129,28 @@ def running_server(
             _stop(proc)
         return
     raise RuntimeError("no free port for the server")
+
+
+def start_server(data_dir: Path, port: int, *, tls: bool = False) -> subprocess.Popen[bytes]:
+    """A ``server run`` the caller owns (to SIGKILL it, say); returns once /health answers."""
+    proc, _, log = _start(data_dir, tls, [], port)
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text(errors='replace')}")
+        try:
+            if httpx.get(f"{url}/api/v1/health", verify=False, timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            _stop(proc)
+            raise RuntimeError(f"server did not start: {log.read_text(errors='replace')}")
+        time.sleep(0.05)
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it does not go within 15 s."""
+    if proc.poll() is None:
+        _stop(proc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
@@ -19,6 +20,8 @@ from tessera.server.tokens import Principal
 
 from .conftest import START
 from .helpers import FakeAgent, setup_license
+
+pytestmark = pytest.mark.fuzz  # the @given function is inside the test, not the test itself
 
 EXAMPLES = min(int(os.environ.get("TESSERA_FUZZ_EXAMPLES", "25")), 500)
 

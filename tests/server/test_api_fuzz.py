@@ -38,6 +38,8 @@ from tessera.server.tokens import Role, create_token
 
 from .conftest import START, LiveServer
 
+pytestmark = pytest.mark.fuzz
+
 # Every response is documented (status, content type, body schema). Not "positive data
 # acceptance" (a schema-valid Connect request still carries a signature that must verify; a
 # schema-valid license must name features the product has) and not "negative data

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -37,6 +37,7 @@ from tessera.server import activation, audit, catalog, leases, licenses, recover
 from tessera.server.errors import Invalid, RecordedRefusal, ServiceError
 from tessera.server.limits import BodySizeLimit
 from tessera.server.models import AuditEntry, LicenseRevision
+from tessera.server.outage import install_outage_handlers
 from tessera.server.portal import PortalVerdict, RecoveryPortal
 from tessera.server.schemas import (
     AuditEntryOut,
@@ -220,15 +221,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             409, "conflicting change (the record exists already or was changed concurrently)"
         )
 
-    @app.exception_handler(OperationalError)
-    async def _db_down(_request: Request, exc: OperationalError) -> JSONResponse:
-        log.warning("database error: %s", exc)
-        return _error(503, "the server cannot reach its database")
-
-    @app.exception_handler(DBAPIError)
-    async def _db_error(_request: Request, exc: DBAPIError) -> JSONResponse:
-        log.warning("database error: %s", exc)
-        return _error(503, "the server's database refused the request")
+    install_outage_handlers(app)  # database down, locked or out of connections: 503
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -14,6 +14,7 @@ one database.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,11 +22,20 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["Database", "describe_db_error", "normalize_db_url"]
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: How long a SQLite writer waits for the lock (first its turn in this process, then the
+#: file lock) before the request fails with 503: well under the agent's 15 s HTTP timeout,
+#: so a database locked by another process is reported, not a hang. ``?timeout=<seconds>``
+#: on the database URL sets another value (as SQLAlchemy's own SQLite URLs do).
+SQLITE_BUSY_TIMEOUT_S = 5.0
+#: How long a PostgreSQL connection attempt may take (``?connect_timeout=`` overrides):
+#: an unreachable host that drops packets answers 503 instead of holding the request.
+PG_CONNECT_TIMEOUT_S = 5
+SQLITE_BUSY_TIMEOUT_MS = int(SQLITE_BUSY_TIMEOUT_S * 1000)
 
 
 def normalize_db_url(url: str) -> str:
@@ -61,16 +71,18 @@ class Database:
         self.is_sqlite = self.url.startswith("sqlite")
         self._write_lock = threading.Lock()
         kwargs: dict[str, Any] = {}
+        query = make_url(self.url).query
         if self.is_sqlite:
-            kwargs["connect_args"] = {
-                "check_same_thread": False,
-                "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
-            }
+            self.busy_timeout = float(str(query.get("timeout", SQLITE_BUSY_TIMEOUT_S)))
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": self.busy_timeout}
         else:
+            self.busy_timeout = 0.0
+            if "connect_timeout" not in query:
+                kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
         self.engine: Engine = create_engine(self.url, **kwargs)
         if self.is_sqlite:
-            _configure_sqlite(self.engine)
+            _configure_sqlite(self.engine, int(self.busy_timeout * 1000))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_engine = (
             self.engine.execution_options(tessera_begin="BEGIN IMMEDIATE")
@@ -90,8 +102,16 @@ class Database:
     def write(self) -> Iterator[Session]:
         """A write transaction: committed when the block ends, rolled back on error."""
         if self.is_sqlite:
-            with self._write_lock, self._write_sessions() as session, session.begin():
-                yield session
+            # Bounded: behind a writer stuck on a locked file, the queue must not wait forever.
+            if not self._write_lock.acquire(timeout=self.busy_timeout):
+                raise OperationalError(
+                    "BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked")
+                )
+            try:
+                with self._write_sessions() as session, session.begin():
+                    yield session
+            finally:
+                self._write_lock.release()
         else:
             with self._write_sessions() as session, session.begin():
                 yield session
@@ -100,7 +120,7 @@ class Database:
         self.engine.dispose()
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event below issue BEGIN itself (pysqlite's own implicit
@@ -109,7 +129,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

@@ -1,0 +1,54 @@
+"""Property: whatever ``tessera.toml`` holds, loading it is a config or a ``ConfigError``
+(one line for ``server run`` to print), never a traceback."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tessera.server.config import ConfigError, load_config
+from tessera.server.storage import Database
+
+VALID = (
+    '[server]\ndatabase = "sqlite:///x.db"\n\n'
+    "[interfaces]\nadmin_api = true\noffline_activation = false\n"
+)
+
+toml_values = st.one_of(
+    st.booleans(),
+    st.integers(),
+    st.text(max_size=30).map(lambda t: '"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"'),
+    st.just("[1, 2]"),
+    st.just("{ a = 1 }"),
+)
+
+
+@given(st.data())
+def test_any_config_file_loads_or_is_a_config_error(data: st.DataObject) -> None:
+    lines = VALID.split("\n")
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(lines) - 1))
+        if data.draw(st.booleans()):
+            key = data.draw(st.sampled_from(["database", "admin_api", "offline_activation", "x"]))
+            lines[i] = f"{key} = {data.draw(toml_values)}"
+        else:
+            lines[i] = data.draw(st.text(max_size=40))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tessera.toml").write_text("\n".join(lines), encoding="utf-8", errors="replace")
+        try:
+            config = load_config(Path(tmp))
+        except ConfigError:
+            return
+        assert isinstance(config.database, str)
+
+
+@given(st.text(max_size=80))
+def test_any_database_url_is_a_database_or_a_value_error(url: str) -> None:
+    try:
+        db = Database(url)
+    except ValueError:
+        return
+    db.dispose()
