@@ -15,7 +15,7 @@ from tessera.core.signing import Keyring
 from tessera.core.verify import check_binding, load_signed
 from tessera.server import licenses
 from tessera.server.app import ServerState
-from tessera.server.models import AuditEntry, BlacklistHit, Recovery
+from tessera.server.models import AuditEntry, BlacklistHit, Recovery, WebhookDelivery
 from tessera.server.tokens import Principal
 
 from .conftest import START, LiveServer
@@ -60,6 +60,9 @@ def test_rehost_blacklists_the_old_container_everywhere(
     connect = live_server.client()
     api = live_server.client(admin_token)
     old, new = agent(1), agent(2)
+    # A loopback receiver that is not there: the events still land in the outbox.
+    hook = api.post("/api/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"})
+    assert hook.status_code in (200, 201), hook.text
     _activate(connect, old, key, keyring)
     response = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": new.locking_id})
     assert response.status_code == 200, response.text
@@ -99,6 +102,9 @@ def test_rehost_blacklists_the_old_container_everywhere(
     assert again.status_code == 403 and "blacklisted" in again.json()["detail"]
     assert _count(state, Recovery, granted=False) == 1
     assert _count(state, AuditEntry, action="license.recover-denied") == 1
+    with state.db.read() as session:
+        events = set(session.execute(select(WebhookDelivery.event)).scalars())
+    assert {"license.rehosted", "license.blacklisted", "blacklist.hit"} <= events
 
 
 def test_revoke_only_withdraws_just_the_recovered_license(

@@ -41,7 +41,7 @@ from tessera.core.blacklist import Blacklist, BlacklistEntry, sign_blacklist
 from tessera.core.clock import utc
 from tessera.core.fingerprint import LockingId
 from tessera.core.signing import SigningKey
-from tessera.server import audit
+from tessera.server import audit, webhooks
 from tessera.server.errors import Conflict, Invalid, NotFound, RecordedRefusal
 from tessera.server.licenses import check_access, get_license, license_document
 from tessera.server.models import (
@@ -164,6 +164,12 @@ def record_hit(
         target=locking_id,
         details={"serial": serial, "how": how, "action": action},
     )
+    webhooks.emit(
+        session,
+        "blacklist.hit",
+        {"locking_id": locking_id, "serial": serial, "how": how, "action": action},
+        at,
+    )
 
 
 def _record_decision(
@@ -251,6 +257,12 @@ def _blacklist(
         target=locking_id,
         details={"scope": scope, "delay_days": delay_days, "reason": reason},
     )
+    webhooks.emit(
+        session,
+        "license.blacklisted",
+        {"locking_id": locking_id, "scope": scope, "delay_days": delay_days, "reason": reason},
+        now,
+    )
     return entry
 
 
@@ -309,6 +321,19 @@ def recover_machine(
     if decision.rule == "authorized":
         row.recoveries_authorized -= 1
     _record_decision(session, row, decision, **details)
+    webhooks.emit(
+        session,
+        "license.rehosted",
+        {
+            "serial": row.serial,
+            "from": old.locking_id,
+            "to": new_locking_id,
+            "via": via,
+            "rule": decision.rule,
+            "old_container": action,
+        },
+        now,
+    )
     if not old.system_id.startswith(PENDING_PREFIX):
         session.add(
             RecoveredMachine(
