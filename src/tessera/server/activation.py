@@ -302,7 +302,11 @@ _CHECKIN_LOOKUP = (
 _RECORD_MACHINE = (
     update(Machine)
     .where(Machine.id == bindparam("machine_id"))
-    .values(last_checkin_at=bindparam("now"), delivered_revision=bindparam("delivered"))
+    .values(
+        last_checkin_at=bindparam("now"),
+        delivered_revision=bindparam("delivered"),
+        checkpoint_overdue_at=None,
+    )
 )
 _RECORD_CHECKIN = insert(Checkin).values(
     machine_id=bindparam("machine_id"), at=bindparam("now"), outcome=bindparam("outcome")

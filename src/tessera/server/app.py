@@ -34,6 +34,7 @@ from tessera.core.errors import FormatError, SignatureError, TesseraError
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest, CheckinRequest
 from tessera.core.signing import SigningKey
 from tessera.server import activation, audit, catalog, leases, licenses, recovery, webhooks
+from tessera.server.checkpoints import CheckpointWatch
 from tessera.server.errors import Invalid, RecordedRefusal, ServiceError
 from tessera.server.limits import BodySizeLimit
 from tessera.server.models import AuditEntry, LicenseRevision
@@ -193,12 +194,15 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         # Webhook delivery runs beside the requests, never inside one.
         worker = WebhookWorker(state.db, state.pepper, state.clock, state.webhook_settings)
         task = asyncio.create_task(worker.run(), name="tessera-webhooks")
+        watch = CheckpointWatch(state.db, state.clock)
+        watch_task = asyncio.create_task(watch.run(), name="tessera-checkpoints")
         try:
             yield
         finally:
             worker.stop()
+            watch.stop()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(task, 15)
+                await asyncio.wait_for(asyncio.gather(task, watch_task), 15)
 
     app = FastAPI(
         title="Tessera license server",

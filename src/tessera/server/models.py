@@ -221,6 +221,8 @@ class Machine(Base):
     last_checkin_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     delivered_revision: Mapped[int] = mapped_column(Integer, default=0)
     offline: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: When the checkpoint-overdue event was sent; a check-in clears it (migration 0004).
+    checkpoint_overdue_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
 class Checkin(Base):

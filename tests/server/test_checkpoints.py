@@ -1,0 +1,62 @@
+"""checkpoint.overdue: a machine of a checkpoint license that stopped checking in is reported
+once per lapse, on every backend."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from tessera.server import activation, webhooks
+from tessera.server.app import ServerState
+from tessera.server.checkpoints import sweep
+from tessera.server.models import WebhookDelivery
+from tessera.server.tokens import Principal
+
+from .conftest import START
+from .helpers import agent, setup_license
+
+
+def _overdue_events(state: ServerState) -> list[dict[str, object]]:
+    with state.db.read() as session:
+        rows = session.execute(
+            select(WebhookDelivery.payload).where(WebhookDelivery.event == "checkpoint.overdue")
+        ).scalars()
+        return [json.loads(p)["data"] for p in rows]
+
+
+def test_overdue_once_per_lapse_and_cleared_by_a_checkin(state: ServerState, admin: Principal) -> None:
+    with state.db.write() as session:
+        webhooks.add_endpoint(
+            session,
+            url="http://127.0.0.1:9/hook",
+            secret=None,
+            events=[],
+            ca_pem=None,
+            pepper=state.pepper,
+            now=START,
+        )
+    serial, key = setup_license(state, admin, START, checkpoint_days=2)
+    plain_serial, plain_key = setup_license(state, admin, START)
+    a, b = agent(1), agent(2)
+    with state.db.write() as session:
+        activation.activate(session, a.activation(key), START, state.signing_key, state.pepper)
+        activation.activate(session, b.activation(plain_key), START, state.signing_key, state.pepper)
+
+    assert sweep(state.db, START + timedelta(days=1)) == 0  # within the checkpoint
+    assert sweep(state.db, START + timedelta(days=3)) == 1
+    assert sweep(state.db, START + timedelta(days=4)) == 0  # once per lapse
+    events = _overdue_events(state)
+    assert [e["serial"] for e in events] == [serial]
+    assert events[0]["locking_id"] == a.locking_id and events[0]["checkpoint_days"] == 2
+
+    # A check-in renews the checkpoint and re-arms the notice.
+    with state.db.write() as session:
+        activation.checkin(
+            session, a.checkin(key), START + timedelta(days=4), state.signing_key, state.pepper
+        )
+    assert sweep(state.db, START + timedelta(days=5)) == 0
+    assert sweep(state.db, START + timedelta(days=7)) == 1
+    assert len(_overdue_events(state)) == 2
+    assert plain_serial not in {e["serial"] for e in _overdue_events(state)}
