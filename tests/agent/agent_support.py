@@ -64,9 +64,7 @@ def make_license(
         product=policy.pop("product", PRODUCT),
         version=VersionRange.parse(policy.pop("version", "4.*")),
         issued=START,
-        locations=(
-            Location(location, tuple(Entitlement(f, c, e) for f, (c, e) in features.items())),
-        ),
+        locations=(Location(location, tuple(Entitlement(f, c, e) for f, (c, e) in features.items())),),
         locking_id=locking_id,
         **policy,
     )
@@ -208,9 +206,7 @@ def make_tls(directory: Path) -> tuple[bytes, Path, Path]:
             x509.KeyUsage(False, False, False, False, False, True, True, False, False),
             critical=True,
         )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())

@@ -38,9 +38,7 @@ def test_backup_keeps_the_agent_key(activated: Agent, server: FakeServer) -> Non
     assert activated.connect().state is AgentState.NORMAL  # same agent key as registered
 
 
-def test_seed_001_migration(
-    open_agent: Callable[..., Agent], vendor: SigningKey, tmp_path: Path
-) -> None:
+def test_seed_001_migration(open_agent: Callable[..., Agent], vendor: SigningKey, tmp_path: Path) -> None:
     old = open_agent(tmp_path / "old")
     old.import_license(make_license(vendor, {"uniplex": (5, None), "backup": (2, None)}))
     for feature, who in (("uniplex", "alice"), ("uniplex", "bob"), ("backup", "if-backup-1")):

@@ -58,9 +58,7 @@ def _instance_license(vendor: SigningKey, instance_id: str = INSTANCE) -> str:
     return sign_document(lic, vendor)
 
 
-def test_instance_license_needs_its_identity(
-    open_agent: Callable[..., Agent], vendor: SigningKey
-) -> None:
+def test_instance_license_needs_its_identity(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
     agent = open_agent()
     with pytest.raises(BindingError, match="identity file"):
         agent.import_license(_instance_license(vendor))
@@ -72,9 +70,7 @@ def test_instance_license_needs_its_identity(
         agent.import_license(_instance_license(vendor, "inst-9999-zzzzzz"))
 
 
-def test_identity_of_another_license_is_refused(
-    open_agent: Callable[..., Agent], vendor: SigningKey
-) -> None:
+def test_identity_of_another_license_is_refused(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
     agent = open_agent()
     agent.import_license(_identity(vendor))
     agent.import_license(_instance_license(vendor))
@@ -103,9 +99,7 @@ def test_configured_location(open_agent: Callable[..., Agent], vendor: SigningKe
         open_agent(location="elsewhere").import_license(text)
 
 
-def test_other_product_and_user_binding(
-    open_agent: Callable[..., Agent], vendor: SigningKey
-) -> None:
+def test_other_product_and_user_binding(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
     agent = open_agent()
     with pytest.raises(VerificationError, match="for product 'other'"):
         agent.import_license(make_license(vendor, product="other"))

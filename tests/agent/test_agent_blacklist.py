@@ -58,9 +58,7 @@ def test_a_clock_set_back_does_not_postpone_the_lock(
     agent.import_license(make_license(vendor, connect=False))
     clock.advance(timedelta(days=10))
     agent.reload()  # the high-water mark is now day 10
-    agent.import_blacklist(
-        _blacklist(vendor, 1, containers=(BlacklistEntry(LOCKING_ID, START.date(), 5),))
-    )
+    agent.import_blacklist(_blacklist(vendor, 1, containers=(BlacklistEntry(LOCKING_ID, START.date(), 5),)))
     clock.set(START)
     assert agent.reload().state is AgentState.LOCKED
 
@@ -87,9 +85,7 @@ def test_a_recovered_license_is_withdrawn_but_the_container_is_not_locked(
     agent = open_agent()
     agent.import_license(make_license(vendor, connect=False))
     recovered_on = START.date() + timedelta(days=1)
-    agent.import_blacklist(
-        _blacklist(vendor, 1, serials=(BlacklistEntry("2026-000001", recovered_on, 0),))
-    )
+    agent.import_blacklist(_blacklist(vendor, 1, serials=(BlacklistEntry("2026-000001", recovered_on, 0),)))
     clock.advance(timedelta(days=1))  # the file is issued after the recovery day
     status = agent.reload()
     assert status.state is AgentState.UNLICENSED and "recovered" in (status.message or "")
@@ -141,7 +137,5 @@ def test_a_listed_container_whose_hardware_drifted_a_little_is_still_caught(
     facts = [(k, "disk-serial-2" if k == "d" else v) for k, v in MACHINE_FACTS]
     listed_as = str(locking_id_for(facts, PRODUCT))  # as listed, before its disk was replaced
     assert listed_as != LOCKING_ID
-    agent.import_blacklist(
-        _blacklist(vendor, 1, containers=(BlacklistEntry(listed_as, START.date(), 0),))
-    )
+    agent.import_blacklist(_blacklist(vendor, 1, containers=(BlacklistEntry(listed_as, START.date(), 0),)))
     assert agent.status().state is AgentState.LOCKED

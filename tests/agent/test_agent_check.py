@@ -39,13 +39,9 @@ def test_import_grants_features(open_agent: Callable[..., Agent], vendor: Signin
     }
 
 
-def test_expired_entitlement_is_not_granted(
-    open_agent: Callable[..., Agent], vendor: SigningKey
-) -> None:
+def test_expired_entitlement_is_not_granted(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
     agent = open_agent()
-    agent.import_license(
-        make_license(vendor, {"old": (1, date(2026, 1, 1)), "new": (1, date(2027, 1, 1))})
-    )
+    agent.import_license(make_license(vendor, {"old": (1, date(2026, 1, 1)), "new": (1, date(2027, 1, 1))}))
     assert agent.check("new") and not agent.check("old")
     with pytest.raises(FeatureDenied, match="expired on 2026-01-01"):
         agent.require("old")
@@ -61,9 +57,7 @@ def test_state_survives_reopen(
     assert again.check("uniplex")
 
 
-def test_failed_import_keeps_old_license(
-    open_agent: Callable[..., Agent], vendor: SigningKey
-) -> None:
+def test_failed_import_keeps_old_license(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
     agent = open_agent()
     agent.import_license(make_license(vendor, {"uniplex": (5, None)}, connect=False))
     forged = make_license(SigningKey.generate(), {"uniplex": (500, None), "extra": (1, None)})
@@ -122,18 +116,14 @@ def test_check_is_fast(open_agent: Callable[..., Agent], vendor: SigningKey) -> 
     assert per_call < 5e-6  # ~0.2 µs here; generous for a loaded CI machine
 
 
-def test_hot_update_from_another_process(
-    open_agent: Callable[..., Agent], vendor: SigningKey
-) -> None:
+def test_hot_update_from_another_process(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
     running = open_agent()
     running.import_license(make_license(vendor, {"uniplex": (5, None)}, connect=False))
     running.start()
     try:
         admin = open_agent(running.state_dir)  # another connection, like `tessera agent import`
         admin.import_license(
-            make_license(
-                vendor, {"uniplex": (5, None), "ctxjs": (1, None)}, revision=2, connect=False
-            )
+            make_license(vendor, {"uniplex": (5, None), "ctxjs": (1, None)}, revision=2, connect=False)
         )
         deadline = time.monotonic() + 5
         while not running.check("ctxjs") and time.monotonic() < deadline:

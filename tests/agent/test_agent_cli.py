@@ -49,9 +49,7 @@ def run(env: dict[str, str], tmp_path: Path) -> Run:
         cmd = [TESSERA, "agent", *args]
         if faketime is not None:
             cmd = ["faketime", "-f", faketime, *cmd]
-        return subprocess.run(
-            cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
-        )
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
 
     return runner
 
@@ -199,9 +197,7 @@ def live(vendor: SigningKey, machine_lid: str) -> Iterator[tuple[FakeServer, Liv
 
 
 @pytest.mark.skipif(shutil.which("faketime") is None, reason="needs faketime")
-def test_failover_and_emergency_under_faketime(
-    run: Run, live: tuple[FakeServer, LiveServer]
-) -> None:
+def test_failover_and_emergency_under_faketime(run: Run, live: tuple[FakeServer, LiveServer]) -> None:
     fake, server = live
     proc = run("activate", "--server", server.url, "--key", LICENSE_KEY, "--json")
     assert proc.returncode == 0, proc.stderr

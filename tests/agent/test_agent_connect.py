@@ -30,9 +30,7 @@ def test_activation_imports_the_license(activated: Agent, server: FakeServer) ->
     assert server.agent_key is not None  # the license is bound to this agent's key
 
 
-def test_checkin_delivers_central_change(
-    activated: Agent, server: FakeServer, vendor: SigningKey
-) -> None:
+def test_checkin_delivers_central_change(activated: Agent, server: FakeServer, vendor: SigningKey) -> None:
     server.pending_license = make_license(
         vendor, {"uniplex": (9, None)}, revision=2, agent_key=server.agent_key
     )
@@ -117,9 +115,7 @@ def test_requests_carry_only_allowed_fields(activated: Agent, server: FakeServer
             assert personal not in body.values()
 
 
-def test_background_thread_checks_in(
-    activated: Agent, server: FakeServer, clock: ManualClock
-) -> None:
+def test_background_thread_checks_in(activated: Agent, server: FakeServer, clock: ManualClock) -> None:
     import time
 
     calls = len(server.bodies)

@@ -153,9 +153,7 @@ def test_full_disk_loses_nothing(
     again.assign("uniplex", "bob")
 
 
-def test_read_only_state_dir(
-    open_agent: Callable[..., Agent], vendor: SigningKey, small_fs: Path
-) -> None:
+def test_read_only_state_dir(open_agent: Callable[..., Agent], vendor: SigningKey, small_fs: Path) -> None:
     agent = open_agent(small_fs / "state")
     agent.import_license(make_license(vendor, connect=False))
     agent.assign("uniplex", "alice")

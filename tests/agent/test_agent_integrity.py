@@ -30,9 +30,7 @@ def test_new_mainboard_is_broken(open_agent: Callable[..., Agent], vendor: Signi
     assert not agent.check("uniplex")
 
 
-def test_one_replaced_nic_is_tolerated(
-    open_agent: Callable[..., Agent], vendor: SigningKey
-) -> None:
+def test_one_replaced_nic_is_tolerated(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
     from agent_support import MACHINE_FACTS, PRODUCT
 
     from tessera.core import locking_id_for
@@ -51,9 +49,7 @@ def _edit(state_dir: Path, name: str, change: Callable[[str], str]) -> None:
     db.close()
 
 
-def test_edited_license_in_the_state_is_invalid(
-    open_agent: Callable[..., Agent], vendor: SigningKey
-) -> None:
+def test_edited_license_in_the_state_is_invalid(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
     state_dir = _licensed(open_agent, vendor)
     _edit(state_dir, "license", lambda text: text.replace("uniplex = 5", "uniplex = 500"))
     status = open_agent(state_dir).status()
@@ -61,9 +57,7 @@ def test_edited_license_in_the_state_is_invalid(
     assert "altered" in status.message and "import" in status.message
 
 
-def test_file_and_state_disagree_is_invalid(
-    open_agent: Callable[..., Agent], vendor: SigningKey
-) -> None:
+def test_file_and_state_disagree_is_invalid(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
     state_dir = _licensed(open_agent, vendor)
     other = make_license(vendor, {"uniplex": (50, None)}, serial="2026-000999", connect=False)
     _edit(state_dir, "license", lambda _text: other)  # a validly signed file swapped in

@@ -28,9 +28,7 @@ def test_assign_up_to_the_count(open_agent: Callable[..., Agent], vendor: Signin
     assert not agent.holds("uniplex", "nobody")
 
 
-def test_unlicensed_feature_and_bad_subject(
-    open_agent: Callable[..., Agent], vendor: SigningKey
-) -> None:
+def test_unlicensed_feature_and_bad_subject(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
     agent = open_agent()
     agent.import_license(make_license(vendor, {"uniplex": (2, None)}, connect=False))
     with pytest.raises(SeatError, match="not licensed"):
@@ -41,16 +39,12 @@ def test_unlicensed_feature_and_bad_subject(
         agent.unassign("uniplex", "nobody")
 
 
-def test_reduced_count_is_reported_not_enforced(
-    open_agent: Callable[..., Agent], vendor: SigningKey
-) -> None:
+def test_reduced_count_is_reported_not_enforced(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
     agent = open_agent()
     agent.import_license(make_license(vendor, {"uniplex": (3, None)}, connect=False))
     for who in ("alice", "bob", "carol"):
         agent.assign("uniplex", who)
-    status = agent.import_license(
-        make_license(vendor, {"uniplex": (1, None)}, revision=2, connect=False)
-    )
+    status = agent.import_license(make_license(vendor, {"uniplex": (1, None)}, revision=2, connect=False))
     assert status.over_assigned == {"uniplex": 2}
     seats = agent.seats()["uniplex"]
     assert seats.subjects == ("alice", "bob", "carol") and seats.over_assigned == 2
@@ -59,9 +53,7 @@ def test_reduced_count_is_reported_not_enforced(
         agent.assign("uniplex", "dave")
 
 
-def test_two_agents_on_one_state_never_oversell(
-    open_agent: Callable[..., Agent], vendor: SigningKey
-) -> None:
+def test_two_agents_on_one_state_never_oversell(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
     first = open_agent()
     first.import_license(make_license(vendor, {"uniplex": (1, None)}, connect=False))
     second = open_agent()
@@ -70,9 +62,7 @@ def test_two_agents_on_one_state_never_oversell(
         second.assign("uniplex", "bob")
 
 
-def test_concurrent_assigns_from_threads(
-    open_agent: Callable[..., Agent], vendor: SigningKey
-) -> None:
+def test_concurrent_assigns_from_threads(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
     import threading
 
     agent = open_agent()

@@ -39,9 +39,7 @@ def test_certificate_of_another_ca_is_refused(
         live.stop()
 
 
-def test_server_stopped_means_failover(
-    open_agent: Callable[..., Agent], server: FakeServer
-) -> None:
+def test_server_stopped_means_failover(open_agent: Callable[..., Agent], server: FakeServer) -> None:
     live = LiveServer(server)
     agent = open_agent(transport=None)
     agent.activate(live.url, LICENSE_KEY)

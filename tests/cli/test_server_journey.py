@@ -71,9 +71,7 @@ def _journey(tmp_path: Path, db_url: str | None) -> None:
         env = clean_env(TESSERA_URL=url, TESSERA_TOKEN=info["admin_token"], TESSERA_CA=ca)
 
         def cli(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
-            return tessera(
-                *args, env={**env, **({"TESSERA_TOKEN": token} if token else {})}, cwd=tmp_path
-            )
+            return tessera(*args, env={**env, **({"TESSERA_TOKEN": token} if token else {})}, cwd=tmp_path)
 
         # TLS is real: without the pinned CA the certificate is not trusted; TLS 1.1 is refused.
         with pytest.raises(httpx.ConnectError):
@@ -113,9 +111,7 @@ def _journey(tmp_path: Path, db_url: str | None) -> None:
 
         # Online activation, as the agent does it: self-signed request, CA pinned.
         agent_key = SigningKey.generate()
-        machine = str(
-            locking_id_for([("m", "machine-one"), ("n", "nic-one"), ("c", "cpu")], "cortex")
-        )
+        machine = str(locking_id_for([("m", "machine-one"), ("n", "nic-one"), ("c", "cpu")], "cortex"))
         request = ActivationRequest.create(lic["key"], machine, "install-one-0001", agent_key)
         pinned = ssl.create_default_context(cafile=ca)
         with httpx.Client(base_url=url, verify=pinned, timeout=30) as agent_http:
@@ -142,9 +138,7 @@ def _journey(tmp_path: Path, db_url: str | None) -> None:
 
             # A second machine beyond the count is refused with a clear reason.
             other = str(locking_id_for([("m", "machine-two"), ("n", "nic-two")], "cortex"))
-            second = ActivationRequest.create(
-                lic["key"], other, "install-two-0002", SigningKey.generate()
-            )
+            second = ActivationRequest.create(lic["key"], other, "install-two-0002", SigningKey.generate())
             refused = agent_http.post("/api/v1/activate", content=second.to_json())
             assert refused.status_code == 403
             assert (

@@ -106,10 +106,7 @@ def running_server(
                         break
                     raise RuntimeError(f"server exited: {text}")
                 try:
-                    if (
-                        httpx.get(f"{url}/api/v1/health", verify=verify, timeout=2).status_code
-                        == 200
-                    ):
+                    if httpx.get(f"{url}/api/v1/health", verify=verify, timeout=2).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass

@@ -98,17 +98,12 @@ def test_roles(world: dict[str, Any]) -> None:
     # readonly: reads everything, changes nothing
     assert as_["readonly"].get(f"/api/v1/licenses/{serial}").status_code == 200
     assert as_["readonly"].post("/api/v1/customers", json={"name": "x"}).status_code == 403
-    assert (
-        as_["readonly"].patch(f"/api/v1/licenses/{serial}", json={"status": "revoked"}).status_code
-        == 403
-    )
+    assert as_["readonly"].patch(f"/api/v1/licenses/{serial}", json={"status": "revoked"}).status_code == 403
     # sales: customers and licenses, not products or tokens
     assert as_["sales"].post("/api/v1/customers", json={"name": "Carol"}).status_code == 201
     assert issue(as_["sales"], world["bob"]).status_code == 201
     assert as_["sales"].post("/api/v1/products", json={"code": "x", "name": "X"}).status_code == 403
-    assert (
-        as_["sales"].post("/api/v1/tokens", json={"name": "t", "role": "admin"}).status_code == 403
-    )
+    assert as_["sales"].post("/api/v1/tokens", json={"name": "t", "role": "admin"}).status_code == 403
     # support: changes licenses, does not issue them
     assert (
         as_["support"]
@@ -123,19 +118,14 @@ def test_roles(world: dict[str, Any]) -> None:
     # customer: only its own licenses, read only
     assert as_["customer"].get(f"/api/v1/licenses/{serial}").status_code == 200
     assert as_["customer"].get(f"/api/v1/licenses/{bob_serial}").status_code == 403
-    assert (
-        as_["customer"].patch(f"/api/v1/licenses/{serial}", json={"status": "revoked"}).status_code
-        == 403
-    )
+    assert as_["customer"].patch(f"/api/v1/licenses/{serial}", json={"status": "revoked"}).status_code == 403
     assert issue(as_["customer"], world["alice"]).status_code == 403
     # listing: everyone sees what they may read, no more
     assert [r["serial"] for r in as_["customer"].get("/api/v1/licenses").json()] == [serial]
     everything = {r["serial"] for r in as_["readonly"].get("/api/v1/licenses").json()}
     assert {serial, bob_serial} <= everything
     only_bob = as_["readonly"].get("/api/v1/licenses", params={"customer_id": world["bob"]}).json()
-    assert bob_serial in {r["serial"] for r in only_bob} and serial not in {
-        r["serial"] for r in only_bob
-    }
+    assert bob_serial in {r["serial"] for r in only_bob} and serial not in {r["serial"] for r in only_bob}
     assert as_["partner"].get("/api/v1/licenses").json() == []
     assert server.client().get("/api/v1/licenses").status_code == 401
 
@@ -146,9 +136,7 @@ def test_partner_stays_in_its_namespace(world: dict[str, Any]) -> None:
     issue = world["issue"]
     outside = partner.post("/api/v1/products/cortex/features", json={"code": "partner.other.x"})
     assert outside.status_code == 403 and "partner.acme." in outside.json()["detail"]
-    inside = partner.post(
-        "/api/v1/products/cortex/features", json={"code": "partner.acme.reporting"}
-    )
+    inside = partner.post("/api/v1/products/cortex/features", json={"code": "partner.acme.reporting"})
     assert inside.status_code == 201, inside.text
     assert issue(partner, world["alice"], "uniplex").status_code == 403
     own = issue(partner, world["alice"], "partner.acme.reporting")
@@ -167,9 +155,7 @@ def test_offline_activation_over_the_api(world: dict[str, Any]) -> None:
     assert "[SIGNATURE]" in response.json()["license"]
     other = agent(8).activation(world["bob_license"]["key"])
     assert customer.post("/api/v1/activate-offline", content=other.to_json()).status_code == 403
-    assert (
-        server.client().post("/api/v1/activate-offline", content=other.to_json()).status_code == 401
-    )
+    assert server.client().post("/api/v1/activate-offline", content=other.to_json()).status_code == 401
 
 
 def test_optional_interfaces_can_be_switched_off(state: ServerState, admin_token: str) -> None:

@@ -27,18 +27,14 @@ from .helpers import FakeAgent, agent, setup_license
 def _activate(state: ServerState, a: FakeAgent, key: str, keyring: Keyring) -> ServerResponse:
     request = a.activation(key)
     with state.db.write() as session:
-        raw = activation.activate(
-            session, request, state.now(), state.signing_key, state.pepper
-        ).to_json()
+        raw = activation.activate(session, request, state.now(), state.signing_key, state.pepper).to_json()
     return ServerResponse.from_json(raw, keyring, request.nonce)
 
 
 def _checkin(state: ServerState, a: FakeAgent, key: str, keyring: Keyring) -> ServerResponse:
     request = a.checkin(key)
     with state.db.write() as session:
-        raw = activation.checkin(
-            session, request, state.now(), state.signing_key, state.pepper
-        ).to_json()
+        raw = activation.checkin(session, request, state.now(), state.signing_key, state.pepper).to_json()
     return ServerResponse.from_json(raw, keyring, request.nonce)
 
 
@@ -137,9 +133,7 @@ def test_every_rule_is_checked_on_every_validation(
     with pytest.raises(Forbidden, match="expired"):
         _activate(state, agent(2), key, keyring)
     with state.db.write() as session:
-        licenses.update_license(
-            session, admin, serial, LicenseUpdate(status="revoked"), state.now()
-        )
+        licenses.update_license(session, admin, serial, LicenseUpdate(status="revoked"), state.now())
     response = _checkin(state, a, key, keyring)
     assert response.directives == ("revoke",) and "revoked" in (response.message or "")
     with pytest.raises(Forbidden, match="revoked"):

@@ -26,9 +26,7 @@ pytestmark = pytest.mark.fuzz  # the @given function is inside the test, not the
 EXAMPLES = min(int(os.environ.get("TESSERA_FUZZ_EXAMPLES", "25")), 500)
 
 # (hardware 0-5, installation 0-3 on that hardware, nic swapped?)
-events = st.lists(
-    st.tuples(st.integers(0, 5), st.integers(0, 3), st.booleans()), min_size=1, max_size=12
-)
+events = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3), st.booleans()), min_size=1, max_size=12)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -52,25 +50,15 @@ def _never_oversold(
         a = FakeAgent(f"hw{hardware}", f"inst-{hardware}-{install}-xx", facts=facts)
         try:
             with state.db.write() as session:
-                activation.activate(
-                    session, a.activation(key), START, state.signing_key, state.pepper
-                )
+                activation.activate(session, a.activation(key), START, state.signing_key, state.pepper)
             registered[a.system_id] = a
         except Forbidden as exc:
             assert "no free machine left" in str(exc)
     with state.db.read() as session:
-        row = (
-            session.execute(select(LicenseRow).where(LicenseRow.serial == serial))
-            .unique()
-            .scalar_one()
-        )
-        machines = (
-            session.execute(select(Machine).where(Machine.license_id == row.id)).scalars().all()
-        )
+        row = session.execute(select(LicenseRow).where(LicenseRow.serial == serial)).unique().scalar_one()
+        machines = session.execute(select(Machine).where(Machine.license_id == row.id)).scalars().all()
         assert len(machines) <= k
-        assert len({m.slot for m in machines}) == len(machines) and all(
-            0 <= m.slot < k for m in machines
-        )
+        assert len({m.slot for m in machines}) == len(machines) and all(0 <= m.slot < k for m in machines)
         bound = {m.system_id: m.agent_key for m in machines}
     for system_id, agent_key in bound.items():
         a = registered[system_id]
@@ -79,7 +67,5 @@ def _never_oversold(
             activation.checkin(session, a.checkin(key), START, state.signing_key, state.pepper)
 
 
-def test_activation_never_oversells_property(
-    state: ServerState, admin: Principal, keyring: Keyring
-) -> None:
+def test_activation_never_oversells_property(state: ServerState, admin: Principal, keyring: Keyring) -> None:
     _never_oversold(state, admin, keyring)

@@ -52,8 +52,7 @@ CHECKS = [
 ]
 # A few per operation in the normal suite; `make fuzz` (TESSERA_FUZZ_EXAMPLES) runs more.
 EXAMPLES = int(
-    os.environ.get("TESSERA_API_FUZZ_EXAMPLES")
-    or (200 if os.environ.get("TESSERA_FUZZ_EXAMPLES") else 8)
+    os.environ.get("TESSERA_API_FUZZ_EXAMPLES") or (200 if os.environ.get("TESSERA_FUZZ_EXAMPLES") else 8)
 )
 
 
@@ -68,9 +67,7 @@ def fuzz_server(tmp_path: Path) -> Iterator[tuple[LiveServer, str]]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(state), log_level="critical", access_log=False)
-    )
+    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="critical", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -92,9 +89,7 @@ def fuzz_server(tmp_path: Path) -> Iterator[tuple[LiveServer, str]]:
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=str)
-def test_no_input_gives_a_server_error(
-    fuzz_server: tuple[LiveServer, str], mode: GenerationMode
-) -> None:
+def test_no_input_gives_a_server_error(fuzz_server: tuple[LiveServer, str], mode: GenerationMode) -> None:
     server, token = fuzz_server
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     headers = {"Authorization": f"Bearer {token}"}
@@ -116,8 +111,7 @@ def test_no_input_gives_a_server_error(
             response = case.call(base_url=server.url, headers=headers, timeout=30)
             if response.status_code >= 500:
                 failures.append(
-                    f"{case.method} {case.formatted_path}: {response.status_code} "
-                    f"{response.text[:200]}"
+                    f"{case.method} {case.formatted_path}: {response.status_code} {response.text[:200]}"
                 )
             case.validate_response(response, checks=CHECKS)
 

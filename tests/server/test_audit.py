@@ -24,9 +24,7 @@ def _history(state: ServerState, admin: Principal) -> str:
                 session,
                 admin,
                 serial,
-                LicenseUpdate.model_validate(
-                    {"entitlements": [{"feature": "uniplex", "count": count}]}
-                ),
+                LicenseUpdate.model_validate({"entitlements": [{"feature": "uniplex", "count": count}]}),
                 START,
             )
     return serial
@@ -74,23 +72,17 @@ def test_an_edited_row_is_detected(state: ServerState, admin: Principal) -> None
         second = session.execute(
             select(AuditEntry.id).order_by(AuditEntry.id).offset(1).limit(1)
         ).scalar_one()
-        session.execute(
-            update(AuditEntry).where(AuditEntry.id == second).values(actor="admin:someone-else")
-        )
+        session.execute(update(AuditEntry).where(AuditEntry.id == second).values(actor="admin:someone-else"))
     with state.db.read() as session:
         report = audit.verify_chain(session)
     assert not report.ok
     assert report.problems == [f"entry {second}: content does not match its hash (row edited)"]
 
 
-def test_an_edited_row_with_a_recomputed_hash_is_detected(
-    state: ServerState, admin: Principal
-) -> None:
+def test_an_edited_row_with_a_recomputed_hash_is_detected(state: ServerState, admin: Principal) -> None:
     _history(state, admin)
     with state.db.write() as session:
-        entry = session.execute(
-            select(AuditEntry).order_by(AuditEntry.id).offset(1).limit(1)
-        ).scalar_one()
+        entry = session.execute(select(AuditEntry).order_by(AuditEntry.id).offset(1).limit(1)).scalar_one()
         entry.details = '{"forged":true}'
         entry.hash = audit.entry_hash(
             entry.prev_hash, entry.at, entry.actor, entry.action, entry.target, entry.details
@@ -111,6 +103,4 @@ def test_a_removed_row_is_detected(state: ServerState, admin: Principal) -> None
     with state.db.read() as session:
         report = audit.verify_chain(session)
     assert not report.ok
-    assert report.problems == [
-        f"entry {ids[2]}: link to the previous entry is broken (row removed?)"
-    ]
+    assert report.problems == [f"entry {ids[2]}: link to the previous entry is broken (row removed?)"]

@@ -38,9 +38,7 @@ CROSS_K_MACHINES = 10
 CLIENT_THREADS = 64
 
 
-def _storm(
-    urls: list[str], key: str, n: int = N_REQUESTS
-) -> dict[str, tuple[FakeAgent, int, bytes, str]]:
+def _storm(urls: list[str], key: str, n: int = N_REQUESTS) -> dict[str, tuple[FakeAgent, int, bytes, str]]:
     """Fire n activations at once; by system id: (agent, status, body, nonce)."""
     agents = [agent(i) for i in range(n)]
     requests = [a.activation(key) for a in agents]
@@ -80,10 +78,7 @@ def test_parallel_activations_bind_exactly_k(
     for system_id in winners:  # each winner got its own signed license and can check in
         a, _, body, nonce = results[system_id]
         response = ServerResponse.from_json(body, keyring, nonce)
-        assert (
-            load_signed(response.license or "", keyring).document.agent_key
-            == a.key.public.to_base64()
-        )  # type: ignore[union-attr]
+        assert load_signed(response.license or "", keyring).document.agent_key == a.key.public.to_base64()  # type: ignore[union-attr]
         checkin = a.checkin(key)
         answer = httpx.post(f"{live_server.url}/api/v1/checkin", content=checkin.to_json())
         assert answer.status_code == 200, answer.text
@@ -99,9 +94,7 @@ def test_parallel_activations_across_two_server_processes(tmp_path: Path, backen
             running_server(data_dir, tls=False) as url_a,
             running_server(data_dir, tls=False, extra=["--workers", "2"]) as url_b,
         ):
-            admin = httpx.Client(
-                base_url=url_a, headers={"Authorization": f"Bearer {info['admin_token']}"}
-            )
+            admin = httpx.Client(base_url=url_a, headers={"Authorization": f"Bearer {info['admin_token']}"})
             assert (
                 admin.post(
                     "/api/v1/products",
@@ -129,14 +122,10 @@ def test_parallel_activations_across_two_server_processes(tmp_path: Path, backen
             for n, system_id in enumerate(sorted(winners)):
                 a = results[system_id][0]
                 url = (url_a, url_b)[n % 2]
-                answer = httpx.post(
-                    f"{url}/api/v1/checkin", content=a.checkin(issued["key"]).to_json()
-                )
+                answer = httpx.post(f"{url}/api/v1/checkin", content=a.checkin(issued["key"]).to_json())
                 assert answer.status_code == 200, answer.text
             loser = next(r[0] for s, r in results.items() if s not in winners)
-            refused = httpx.post(
-                f"{url_a}/api/v1/checkin", content=loser.checkin(issued["key"]).to_json()
-            )
+            refused = httpx.post(f"{url_a}/api/v1/checkin", content=loser.checkin(issued["key"]).to_json())
             assert refused.status_code in (403, 404), refused.text
             assert refused.json()["detail"]
             assert admin.get("/api/v1/audit/verify").json()["ok"] is True
@@ -145,9 +134,7 @@ def test_parallel_activations_across_two_server_processes(tmp_path: Path, backen
             drop_pg_database(pg)
 
 
-def test_parallel_issues_get_distinct_gap_free_serials(
-    live_server: LiveServer, admin_token: str
-) -> None:
+def test_parallel_issues_get_distinct_gap_free_serials(live_server: LiveServer, admin_token: str) -> None:
     admin = live_server.client(admin_token)
     assert (
         admin.post(

@@ -13,8 +13,7 @@ from tessera.server.config import ConfigError, load_config
 from tessera.server.storage import Database
 
 VALID = (
-    '[server]\ndatabase = "sqlite:///x.db"\n\n'
-    "[interfaces]\nadmin_api = true\noffline_activation = false\n"
+    '[server]\ndatabase = "sqlite:///x.db"\n\n[interfaces]\nadmin_api = true\noffline_activation = false\n'
 )
 
 toml_values = st.one_of(

@@ -37,9 +37,7 @@ def test_forged_and_malformed_requests_are_refused_and_change_nothing(
     assert response.status_code == 403 and "signature" in response.json()["detail"]
     bad_key = {**request, "license_key": "not a key"}
     response = client.post("/api/v1/activate", json=bad_key)
-    assert response.status_code == 422 and response.json() == {
-        "detail": "field 'license_key' is malformed"
-    }
+    assert response.status_code == 422 and response.json() == {"detail": "field 'license_key' is malformed"}
     unknown = agent(3).activation("AAAAA-BBBBB-CCCCC-DDDDD-EEEEE")
     response = client.post("/api/v1/activate", content=unknown.to_json())
     assert response.status_code == 404 and response.json() == {"detail": "unknown license key"}
@@ -62,10 +60,7 @@ def test_checkin_with_a_forged_signature_is_refused(
     _, key = setup_license(state, admin, START)
     a = agent(1)
     assert (
-        live_server.client()
-        .post("/api/v1/activate", content=a.activation(key).to_json())
-        .status_code
-        == 200
+        live_server.client().post("/api/v1/activate", content=a.activation(key).to_json()).status_code == 200
     )
     checkin = json.loads(a.checkin(key).to_json())
     checkin["signature"] = base64.b64encode(SigningKey.generate().sign(b"x")).decode()
@@ -80,9 +75,7 @@ def server_without_database() -> Iterator[str]:
     state = ServerState(db, SigningKey.generate(), secrets.token_bytes(32), ManualClock(START))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(state), log_level="critical", access_log=False)
-    )
+    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="critical", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -97,9 +90,7 @@ def server_without_database() -> Iterator[str]:
 
 def test_an_unreachable_database_is_503_not_500(server_without_database: str) -> None:
     request = agent(1).activation("AAAAA-BBBBB-CCCCC-DDDDD-EEEEE")
-    response = httpx.post(
-        f"{server_without_database}/api/v1/activate", content=request.to_json(), timeout=30
-    )
+    response = httpx.post(f"{server_without_database}/api/v1/activate", content=request.to_json(), timeout=30)
     assert response.status_code == 503
     assert response.json() == {"detail": "the server cannot reach its database"}
     response = httpx.get(

@@ -86,12 +86,8 @@ def _assert_unavailable(setup: Setup, *, reads_too: bool = True) -> None:
     """Connect and admin requests get 503 with a one-line reason; health still answers."""
     requests = [
         setup.checkin,
-        lambda: setup.http.post(
-            "/api/v1/activate", content=agent(2).activation(setup.key).to_json()
-        ),
-        lambda: setup.admin.post(
-            "/api/v1/products", json={"code": "outage", "name": "During Outage"}
-        ),
+        lambda: setup.http.post("/api/v1/activate", content=agent(2).activation(setup.key).to_json()),
+        lambda: setup.admin.post("/api/v1/products", json={"code": "outage", "name": "During Outage"}),
     ]
     if reads_too:
         requests.append(lambda: setup.admin.get("/api/v1/licenses"))

@@ -42,9 +42,7 @@ def test_update_makes_a_new_revision_with_a_snapshot(state: ServerState, admin: 
     }
     with state.db.read() as session:
         snapshots = (
-            session.execute(select(LicenseRevision).order_by(LicenseRevision.revision))
-            .scalars()
-            .all()
+            session.execute(select(LicenseRevision).order_by(LicenseRevision.revision)).scalars().all()
         )
     assert [s.revision for s in snapshots] == [1, 2]
     assert "backup" in json.loads(snapshots[0].snapshot)["features"]
@@ -74,9 +72,7 @@ def test_api_errors_are_json_and_name_the_field(live_server: LiveServer, admin_t
     admin = live_server.client(admin_token)
     bad = admin.post("/api/v1/customers", json={"name": ""})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "name"]
-    missing = admin.post(
-        "/api/v1/licenses", json={"customer_id": 1, "product": "cortex", "entitlements": []}
-    )
+    missing = admin.post("/api/v1/licenses", json={"customer_id": 1, "product": "cortex", "entitlements": []})
     assert missing.status_code == 422 and "entitlements" in json.dumps(missing.json())
     unknown = admin.post(
         "/api/v1/licenses",
@@ -89,9 +85,7 @@ def test_api_errors_are_json_and_name_the_field(live_server: LiveServer, admin_t
     assert unknown.status_code == 404 and unknown.json() == {"detail": "customer 42 not found"}
     assert admin.get("/api/v1/customers/42").status_code == 404
     assert admin.get("/api/v1/licenses/nope").status_code == 404
-    garbage = admin.post(
-        "/api/v1/customers", content=b"\xff{", headers={"Content-Type": "application/json"}
-    )
+    garbage = admin.post("/api/v1/customers", content=b"\xff{", headers={"Content-Type": "application/json"})
     assert garbage.status_code in (400, 422) and "detail" in garbage.json()
     for body in (b"", b"[]", b'{"protocol":"tessera-connect/1"}', b"\x00" * 10):
         response = live_server.client().post("/api/v1/activate", content=body)

@@ -158,9 +158,7 @@ def test_without_connect_the_allowance_then_support_decides(
     refused = connect.post(RECOVER, content=machines[3].activation(key).to_json())
     assert refused.status_code == 403
     assert "allowance is used up (2 of 2)" in refused.json()["detail"]
-    rehost = api.post(
-        f"/api/v1/licenses/{serial}/rehost", json={"locking_id": machines[3].locking_id}
-    )
+    rehost = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": machines[3].locking_id})
     assert rehost.status_code == 403 and "support can authorize" in rehost.json()["detail"]
     # Support authorizes exactly one more.
     granted = api.post(f"/api/v1/licenses/{serial}/authorize-recovery", json={"count": 1})
@@ -214,9 +212,7 @@ def test_bad_rehost_input_changes_nothing(
     serial, key = setup_license(state, admin, START)
     connect, api = live_server.client(), live_server.client(admin_token)
     _activate(connect, agent(1), key, keyring)
-    unknown = api.post(
-        "/api/v1/licenses/2026-999999/rehost", json={"locking_id": agent(2).locking_id}
-    )
+    unknown = api.post("/api/v1/licenses/2026-999999/rehost", json={"locking_id": agent(2).locking_id})
     assert unknown.status_code == 404 and "not found" in unknown.json()["detail"]
     malformed = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": "TL1-x"})
     assert malformed.status_code == 422
@@ -243,18 +239,14 @@ def test_roles_and_a_narrower_blacklist_entry(
     as_sales = live_server.client(sales)
     first = agent(1)
     _activate(live_server.client(), first, key, keyring)
-    refused = as_sales.post(
-        f"/api/v1/licenses/{serial}/rehost", json={"locking_id": agent(2).locking_id}
-    )
+    refused = as_sales.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": agent(2).locking_id})
     assert refused.status_code == 403 and "role sales" in refused.json()["detail"]
     assert as_sales.post("/api/v1/blacklist/export").status_code == 403
     assert as_sales.get("/api/v1/reports/blacklist-hits").status_code == 200
     # A container blacklisted whole stays so when a narrower entry is added later.
     lid = first.locking_id
     assert api.post("/api/v1/blacklist", json={"locking_id": lid}).json()["scope"] == "container"
-    narrower = api.post(
-        "/api/v1/blacklist", json={"locking_id": lid, "revoke_recovered_only": True}
-    )
+    narrower = api.post("/api/v1/blacklist", json={"locking_id": lid, "revoke_recovered_only": True})
     assert narrower.json()["scope"] == "container"
     assert _checkin(live_server.client(), first, key, keyring).directives == ("lock",)
     # "revoke only" entries do not lock the container.
@@ -280,11 +272,7 @@ def test_a_blacklisted_container_whose_hardware_drifted_is_still_refused(
         facts=[(k, "new-nic" if k == "n" else v) for k, v in listed.facts],
     )
     assert drifted.locking_id != listed.locking_id
-    refused = live_server.client().post(
-        "/api/v1/activate", content=drifted.activation(key).to_json()
-    )
+    refused = live_server.client().post("/api/v1/activate", content=drifted.activation(key).to_json())
     assert refused.status_code == 403 and "blacklisted" in refused.json()["detail"]
-    stranger = live_server.client().post(
-        "/api/v1/activate", content=agent(2).activation(key).to_json()
-    )
+    stranger = live_server.client().post("/api/v1/activate", content=agent(2).activation(key).to_json())
     assert stranger.status_code == 200

@@ -37,9 +37,7 @@ class Portal:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                signed = hmac.compare_digest(
-                    self.headers.get(SIGNATURE_HEADER, ""), sign_body(SECRET, body)
-                )
+                signed = hmac.compare_digest(self.headers.get(SIGNATURE_HEADER, ""), sign_body(SECRET, body))
                 portal.questions.append({**json.loads(body), "signed": signed})
                 if portal.mode == "slow":
                     time.sleep(1.5)
@@ -101,9 +99,7 @@ def test_the_portal_decides_when_the_rule_says_no(
         ("error", "the recovery portal answered 500"),
     ):
         portal.mode = mode
-        refused = api.post(
-            f"/api/v1/licenses/{serial}/rehost", json={"locking_id": agent(3).locking_id}
-        )
+        refused = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": agent(3).locking_id})
         assert refused.status_code == 403 and refused.json()["detail"] == reason
     portal.mode = "allow"
     moved = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": agent(3).locking_id})

@@ -53,11 +53,7 @@ def test_serials_and_keys(state: ServerState, admin: Principal) -> None:
     assert serial == "2027-000001"
     assert re.fullmatch(r"[0-9A-Z]{5}(-[0-9A-Z]{5}){4}", key)
     with state.db.read() as session:
-        row = (
-            session.execute(select(LicenseRow).where(LicenseRow.serial == serial))
-            .unique()
-            .scalar_one()
-        )
+        row = session.execute(select(LicenseRow).where(LicenseRow.serial == serial)).unique().scalar_one()
         assert row.key_digest != key and key not in row.key_digest
         dump = "\n".join(
             str(r)

@@ -147,9 +147,7 @@ class Agent:
         self._grace_features = frozenset(grace_features)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._now_ts: Callable[[], float] = (
-            time.time
-            if isinstance(self._clock, SystemClock)
-            else lambda: self._clock.now().timestamp()
+            time.time if isinstance(self._clock, SystemClock) else lambda: self._clock.now().timestamp()
         )
         self._transport = transport
         self._write_lock = threading.RLock()
@@ -162,8 +160,7 @@ class Agent:
         if stored_product is not None and product is not None and stored_product != product:
             self._store.close()
             raise StateError(
-                f"state directory {state_dir} belongs to product {stored_product!r}, "
-                f"not {product!r}"
+                f"state directory {state_dir} belongs to product {stored_product!r}, not {product!r}"
             )
         product = product or stored_product
         if product_version is None:
@@ -385,11 +382,7 @@ class Agent:
         # was listed (a new disk, another NIC) is still the listed container.
         level = verified.license.match if verified is not None else MatchLevel.MEDIUM
         entry = listed.container_entry(self.locking_id) or next(
-            (
-                e
-                for e in listed.containers
-                if match_locking_ids(e.subject, self.locking_id, level).ok
-            ),
+            (e for e in listed.containers if match_locking_ids(e.subject, self.locking_id, level).ok),
             None,
         )
         if entry is not None:
@@ -435,8 +428,7 @@ class Agent:
                 if listed.sequence < have:
                     log.warning("blacklist %d refused: %d is in force", listed.sequence, have)
                     raise StaleBlacklist(
-                        f"blacklist {listed.sequence} is older than the one in force "
-                        f"({have}): refused"
+                        f"blacklist {listed.sequence} is older than the one in force ({have}): refused"
                     )
                 if listed.sequence == have:
                     if parse_blacklist(current).body != signed.body:
@@ -756,9 +748,7 @@ class Agent:
         try:
             now = _ts(self._clock.now())
             since = self._store.get("failover_since") or now
-            self._store.put(
-                {"last_failure": now, "failure_reason": reason, "failover_since": since}
-            )
+            self._store.put({"last_failure": now, "failure_reason": reason, "failover_since": since})
         except StateError as exc:
             log.warning("cannot record the failed check-in: %s", exc)
         self._rebuild()
@@ -772,13 +762,9 @@ class Agent:
             if self._thread is not None and self._thread.is_alive():
                 return
             self._stop.clear()
-            self._thread = threading.Thread(
-                target=self._loop, name="tessera-agent-connect", daemon=True
-            )
+            self._thread = threading.Thread(target=self._loop, name="tessera-agent-connect", daemon=True)
             self._thread.start()
-            self._watcher = threading.Thread(
-                target=self._watch, name="tessera-agent-watch", daemon=True
-            )
+            self._watcher = threading.Thread(target=self._watch, name="tessera-agent-watch", daemon=True)
             self._watcher.start()
 
     def _watch(self) -> None:
@@ -864,8 +850,7 @@ class Agent:
                 raise BackupError("the backup names an invalid product") from None
         if doc.get("product") != self.installation.product:
             raise BackupError(
-                f"this backup is for product {doc.get('product')!r}, "
-                f"not {self.installation.product!r}"
+                f"this backup is for product {doc.get('product')!r}, not {self.installation.product!r}"
             )
         with self._write_lock:
             if doc.get("kind") == "with-license":
@@ -894,9 +879,7 @@ class Agent:
             if values:
                 meta[name] = _ts(pick(values))
         rows = [SeatRow(s["feature"], s["subject"], s["assigned_at"]) for s in content["seats"]]
-        self._store.replace_everything(
-            meta, rows, keep_meta=("system_id", "product", "product_version")
-        )
+        self._store.replace_everything(meta, rows, keep_meta=("system_id", "product", "product_version"))
         return self._rebuild().status
 
     def _restore_portable(self, doc: dict[str, Any]) -> AgentStatus:
@@ -919,9 +902,7 @@ class Agent:
                 _check_subject(subject)
             except FormatError as exc:
                 raise BackupError(f"the backup holds a malformed seat: {exc}") from None
-            rows.append(
-                SeatRow(feature, subject, str(item.get("assigned_at") or _ts(self._clock.now())))
-            )
+            rows.append(SeatRow(feature, subject, str(item.get("assigned_at") or _ts(self._clock.now()))))
         existing = self._store.seats()
         known = {(r.feature, r.subject) for r in existing}
         merged = existing + [r for r in rows if (r.feature, r.subject) not in known]

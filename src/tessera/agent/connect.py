@@ -81,9 +81,7 @@ class ConnectClient:
         try:
             return ServerResponse.from_json(content, self._keyring, expected_nonce)
         except FormatError as exc:
-            raise BadResponse(
-                f"the license server's answer is not a valid response: {exc}"
-            ) from None
+            raise BadResponse(f"the license server's answer is not a valid response: {exc}") from None
         except VerificationError as exc:
             raise BadResponse(f"the license server's answer cannot be trusted: {exc}") from None
 

@@ -105,9 +105,7 @@ class AgentStatus:
             "serial": self.serial,
             "licensee": self.licensee,
             "location": self.location,
-            "last_checkin": None
-            if self.last_checkin is None
-            else format_timestamp(self.last_checkin),
+            "last_checkin": None if self.last_checkin is None else format_timestamp(self.last_checkin),
             "failover_since": _ts_or_none(self.failover_since),
             "over_assigned": dict(sorted(self.over_assigned.items())),
         }

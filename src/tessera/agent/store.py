@@ -92,9 +92,7 @@ class StateStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             with self._tx() as db:
-                db.execute(
-                    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
-                )
+                db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
                 db.execute(
                     "CREATE TABLE IF NOT EXISTS seats (feature TEXT NOT NULL,"
                     " subject TEXT NOT NULL, assigned_at TEXT NOT NULL,"
@@ -219,8 +217,7 @@ class StateStore:
         try:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT feature, subject, assigned_at FROM seats"
-                    " ORDER BY feature, assigned_at, subject"
+                    "SELECT feature, subject, assigned_at FROM seats ORDER BY feature, assigned_at, subject"
                 ).fetchall()
         except sqlite3.Error as exc:
             raise self._wrap(exc) from None
@@ -238,13 +235,9 @@ class StateStore:
                     "SELECT 1 FROM seats WHERE feature = ? AND subject = ?", (feature, subject)
                 ).fetchone():
                     return False
-                (taken,) = db.execute(
-                    "SELECT COUNT(*) FROM seats WHERE feature = ?", (feature,)
-                ).fetchone()
+                (taken,) = db.execute("SELECT COUNT(*) FROM seats WHERE feature = ?", (feature,)).fetchone()
                 if taken >= limit:
-                    raise SeatError(
-                        f"all {limit} seat(s) of {feature} are assigned; unassign one first"
-                    )
+                    raise SeatError(f"all {limit} seat(s) of {feature} are assigned; unassign one first")
                 db.execute("INSERT INTO seats VALUES (?, ?, ?)", (feature, subject, assigned_at))
                 return True
         except sqlite3.Error as exc:
@@ -253,9 +246,7 @@ class StateStore:
     def remove_seat(self, feature: str, subject: str) -> bool:
         try:
             with self._tx() as db:
-                cur = db.execute(
-                    "DELETE FROM seats WHERE feature = ? AND subject = ?", (feature, subject)
-                )
+                cur = db.execute("DELETE FROM seats WHERE feature = ? AND subject = ?", (feature, subject))
                 return cur.rowcount > 0
         except sqlite3.Error as exc:
             raise self._wrap(exc) from None

@@ -93,14 +93,10 @@ def verify_license(
         assert identity is not None  # checked above for instance binding
         check_pair(identity, lic)
     if lic.agent_key is not None and lic.agent_key != agent_key:
-        raise BindingError(
-            f"license {lic.serial} was activated by another installation (agent key differs)"
-        )
+        raise BindingError(f"license {lic.serial} was activated by another installation (agent key differs)")
     if lic.sealed is not None:
         if license_key is None:
-            raise DecryptionError(
-                f"license {lic.serial} is sealed: activate with its license key first"
-            )
+            raise DecryptionError(f"license {lic.serial} is sealed: activate with its license key first")
         lic = unseal(lic, license_key)
     wanted = inst.location or (identity.location if identity is not None else None)
     try:

@@ -60,9 +60,7 @@ TOKEN = typer.Option(None, "--token", envvar="TESSERA_TOKEN", help="API token.")
 CA = typer.Option(None, "--ca", envvar="TESSERA_CA", help="CA certificate to trust (pinned).")
 JSON = typer.Option(False, "--json", help="Print one JSON object.")
 
-_ENTITLEMENT_RE = re.compile(
-    r"^([^=,\s]+)=([0-9]{1,10})(?:,([0-9]{4}-[0-9]{2}-[0-9]{2}|permanent))?$"
-)
+_ENTITLEMENT_RE = re.compile(r"^([^=,\s]+)=([0-9]{1,10})(?:,([0-9]{4}-[0-9]{2}-[0-9]{2}|permanent))?$")
 
 
 class AdminClient:
@@ -270,9 +268,7 @@ def partner_create(
 
 @token_app.command("create")
 def token_create(
-    role: str = typer.Option(
-        ..., "--role", help="admin, support, sales, partner, customer or readonly."
-    ),
+    role: str = typer.Option(..., "--role", help="admin, support, sales, partner, customer or readonly."),
     name: str = typer.Option(..., "--name", help="Who or what uses the token."),
     partner: str | None = typer.Option(None, "--partner", help="Partner code (role partner)."),
     customer: int | None = typer.Option(None, "--customer", help="Customer id (role customer)."),
@@ -311,9 +307,7 @@ def license_issue(
     emergency_feature: list[str] = typer.Option([], "--emergency-feature", help="Repeatable."),
     no_connect: bool = typer.Option(False, "--no-connect", help="No periodic validation."),
     validation_hours: int = typer.Option(24, "--validation-hours", help="Check-in interval."),
-    match: str = typer.Option(
-        "medium", "--match", help="Locking ID tolerance: strict, medium, loose."
-    ),
+    match: str = typer.Option("medium", "--match", help="Locking ID tolerance: strict, medium, loose."),
     recovery_allowance: int | None = typer.Option(None, "--recovery-allowance"),
     recovery_interval_days: int | None = typer.Option(None, "--recovery-interval-days"),
     on_recovery: str = typer.Option(
@@ -362,9 +356,7 @@ def _print_license(view: dict[str, Any]) -> None:
     table = Table(show_header=False, box=None)
     for name in ("serial", "status", "revision", "licensee", "product", "version", "binding"):
         table.add_row(name, str(view.get(name)))
-    table.add_row(
-        "machines", f"{len(view.get('machines', []))} of {view.get('machines_allowed')} bound"
-    )
+    table.add_row("machines", f"{len(view.get('machines', []))} of {view.get('machines_allowed')} bound")
     table.add_row("failover days", str(view.get("failover_days")))
     if view.get("checkpoint_days"):
         table.add_row("checkpoint days", str(view["checkpoint_days"]))
@@ -383,9 +375,7 @@ def _print_license(view: dict[str, Any]) -> None:
         for col in ("slot", "locking id", "activated", "last check-in"):
             bound.add_column(col)
         for m in view["machines"]:
-            bound.add_row(
-                str(m["slot"]), m["locking_id"], m["activated_at"], m["last_checkin_at"] or "-"
-            )
+            bound.add_row(str(m["slot"]), m["locking_id"], m["activated_at"], m["last_checkin_at"] or "-")
         console.print(bound)
 
 
@@ -439,9 +429,7 @@ def license_list(
 @license_app.command("update")
 def license_update(
     serial: str = typer.Argument(...),
-    feature: list[str] = typer.Option(
-        [], "--feature", help="CODE=COUNT[,EXPIRY]: set (add or replace)."
-    ),
+    feature: list[str] = typer.Option([], "--feature", help="CODE=COUNT[,EXPIRY]: set (add or replace)."),
     remove_feature: list[str] = typer.Option([], "--remove-feature", help="Remove a feature."),
     location: str | None = typer.Option(None, "--location", help="Location of --feature."),
     machines: int | None = typer.Option(None, "--machines"),
@@ -465,9 +453,7 @@ def license_update(
         body["status"] = "revoked"
     if len(body) == 2 and not feature and not remove_feature:
         fail("nothing to change (give --feature, --remove-feature, --machines, ... )")
-    view = AdminClient(url, token, ca).request(
-        "PATCH", f"/api/v1/licenses/{_seg(serial)}", json=body
-    )
+    view = AdminClient(url, token, ca).request("PATCH", f"/api/v1/licenses/{_seg(serial)}", json=body)
     if as_json:
         emit_json(view)
     else:
@@ -476,9 +462,7 @@ def license_update(
 
 @license_app.command("activate-offline")
 def license_activate_offline(
-    request_file: Path = typer.Argument(
-        ..., help="The request file written by `tessera agent request`."
-    ),
+    request_file: Path = typer.Argument(..., help="The request file written by `tessera agent request`."),
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the license file."),
     url: str | None = URL,
     token: str | None = TOKEN,
@@ -490,10 +474,7 @@ def license_activate_offline(
     try:
         json.loads(data)
     except ValueError:
-        fail(
-            f"request file {request_file} is not JSON "
-            "(expected the file `tessera agent request` writes)"
-        )
+        fail(f"request file {request_file} is not JSON (expected the file `tessera agent request` writes)")
     client = AdminClient(url, token, ca)
     result = client.request(
         "POST",

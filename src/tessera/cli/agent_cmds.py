@@ -60,9 +60,7 @@ def _option_params() -> list[inspect.Parameter]:
             "state_dir",
             kw,
             annotation=Path | None,
-            default=typer.Option(
-                None, "--state-dir", help="Agent state directory (TESSERA_AGENT_DIR)."
-            ),
+            default=typer.Option(None, "--state-dir", help="Agent state directory (TESSERA_AGENT_DIR)."),
         ),
         inspect.Parameter(
             "vendor_key",
@@ -114,9 +112,7 @@ def agent_options(
     state_dir: Path | None = typer.Option(
         None, "--state-dir", help="Agent state directory (TESSERA_AGENT_DIR)."
     ),
-    vendor_key: Path | None = typer.Option(
-        None, "--vendor-key", help="Vendor keyring (TESSERA_VENDOR_KEY)."
-    ),
+    vendor_key: Path | None = typer.Option(None, "--vendor-key", help="Vendor keyring (TESSERA_VENDOR_KEY)."),
     product: str | None = typer.Option(None, "--product", help="Product code (TESSERA_PRODUCT)."),
     product_version: str | None = typer.Option(None, "--product-version", help="Product version."),
 ) -> None:
@@ -389,9 +385,7 @@ def backup(
     with_license: bool = typer.Option(
         False, "--with-license", help="Everything, encrypted to this installation."
     ),
-    without_license: bool = typer.Option(
-        False, "--without-license", help="Portable: settings and seats."
-    ),
+    without_license: bool = typer.Option(False, "--without-license", help="Portable: settings and seats."),
     out: Path = typer.Option(..., "-o", "--out"),
 ) -> None:
     """Back up the agent state (one of --with-license / --without-license)."""

@@ -174,9 +174,7 @@ VENDOR_KEY = typer.Option(
 )
 
 
-def _client(
-    credential: Path, server: str, ca: Path | None, vendor_key: Path | None, feature: str
-) -> Any:
+def _client(credential: Path, server: str, ca: Path | None, vendor_key: Path | None, feature: str) -> Any:
     from tessera.agent.leasing import LeaseClient
     from tessera.cli.agent_cmds import _global
     from tessera.core.credential import parse_credential

@@ -33,9 +33,7 @@ def license_rehost(
     serial: str = typer.Argument(...),
     locking_id: str = typer.Option(..., "--locking-id", help="The new container's Locking ID."),
     slot: int | None = typer.Option(None, "--slot", help="Which bound machine moves."),
-    blacklist_old: bool = typer.Option(
-        False, "--blacklist-old", help="Blacklist the whole old container."
-    ),
+    blacklist_old: bool = typer.Option(False, "--blacklist-old", help="Blacklist the whole old container."),
     revoke_only: bool = typer.Option(
         False, "--revoke-only", help="Only withdraw this license from the old container."
     ),
@@ -54,9 +52,7 @@ def license_rehost(
     body: dict[str, Any] = {"locking_id": locking_id, "slot": slot, "delay_days": delay_days}
     if blacklist_old or revoke_only:
         body["old_container"] = "blacklist" if blacklist_old else "revoke"
-    result = AdminClient(url, token, ca).request(
-        "POST", f"/api/v1/licenses/{_seg(serial)}/rehost", json=body
-    )
+    result = AdminClient(url, token, ca).request("POST", f"/api/v1/licenses/{_seg(serial)}/rehost", json=body)
     if out is not None:
         if result["license"] is None:
             fail("this license is sealed: the new machine gets its file when it activates")
@@ -88,8 +84,7 @@ def license_authorize_recovery(
         emit_json(result)
     else:
         console.print(
-            f"license {result['serial']}: {result['recoveries_authorized']} authorized "
-            "recoveries open"
+            f"license {result['serial']}: {result['recoveries_authorized']} authorized recoveries open"
         )
 
 
@@ -178,9 +173,7 @@ def blacklist_export(
     result = AdminClient(url, token, ca).request("POST", "/api/v1/blacklist/export")
     write_file_atomic(out, result["file"].encode("utf-8"))
     if as_json:
-        emit_json(
-            {k: result[k] for k in ("sequence", "containers", "serials")} | {"file": str(out)}
-        )
+        emit_json({k: result[k] for k in ("sequence", "containers", "serials")} | {"file": str(out)})
     else:
         console.print(
             f"blacklist {result['sequence']} ({result['containers']} containers, "

@@ -18,9 +18,7 @@ DEFAULT_DATA_DIR = Path("./var")
 
 @server_app.command("init")
 def init(
-    data_dir: Path = typer.Option(
-        DEFAULT_DATA_DIR, "--data-dir", help="Where the server keeps its state."
-    ),
+    data_dir: Path = typer.Option(DEFAULT_DATA_DIR, "--data-dir", help="Where the server keeps its state."),
     db: str | None = typer.Option(
         None,
         "--db",
@@ -47,16 +45,12 @@ def init(
                 "key_id": result.key_id,
                 "data_dir": str(config.data_dir),
                 "config": str(config.config_file),
-                "passphrase_file": (
-                    str(config.passphrase_file) if result.passphrase_generated else None
-                ),
+                "passphrase_file": (str(config.passphrase_file) if result.passphrase_generated else None),
             }
         )
         return
     console.print(f"initialized {config.data_dir}")
-    console.print(
-        f"vendor keyring   {config.vendor_pub} (key id {result.key_id}; ship it with the product)"
-    )
+    console.print(f"vendor keyring   {config.vendor_pub} (key id {result.key_id}; ship it with the product)")
     console.print(f"TLS CA           {config.ca_cert} (agents pin this)")
     if result.passphrase_generated:
         console.print(f"key passphrase   {config.passphrase_file} (generated; keep it safe)")
@@ -66,14 +60,10 @@ def init(
 
 @server_app.command("run")
 def run(
-    data_dir: Path = typer.Option(
-        DEFAULT_DATA_DIR, "--data-dir", help="An initialized data directory."
-    ),
+    data_dir: Path = typer.Option(DEFAULT_DATA_DIR, "--data-dir", help="An initialized data directory."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(DEFAULT_PORT, "--port", min=1, max=65535),
-    no_tls: bool = typer.Option(
-        False, "--no-tls", help="Plain HTTP, for behind a TLS-terminating proxy."
-    ),
+    no_tls: bool = typer.Option(False, "--no-tls", help="Plain HTTP, for behind a TLS-terminating proxy."),
     workers: int = typer.Option(
         1, "--workers", min=1, max=64, help="Worker processes sharing the port (one per core)."
     ),

@@ -430,9 +430,7 @@ def parse(data: bytes | str) -> SignedDocument:
     sections = _split_sections(text)
     first = sections[0]
     if first.name not in ("LICENSE", "IDENTITY") or first.arg is not None:
-        raise FormatError(
-            f"file must start with [LICENSE] or [IDENTITY], not [{first.name}]", first.line
-        )
+        raise FormatError(f"file must start with [LICENSE] or [IDENTITY], not [{first.name}]", first.line)
     signature_at = next((i for i, s in enumerate(sections) if s.name == "SIGNATURE"), None)
     if signature_at is None:
         raise FormatError("missing [SIGNATURE] section (unsigned file?)")

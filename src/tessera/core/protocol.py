@@ -198,9 +198,7 @@ class CheckinRequest(_AgentRequest):
     TYPE: ClassVar[str] = "checkin"
 
     @classmethod
-    def create(
-        cls, license_key: str, locking_id: str, system_id: str, agent: SigningKey
-    ) -> CheckinRequest:
+    def create(cls, license_key: str, locking_id: str, system_id: str, agent: SigningKey) -> CheckinRequest:
         unsigned = cls(normalize_license_key(license_key), locking_id, system_id, new_nonce(), "")
         sig = agent.sign(canonical_json(unsigned.payload()))
         return cls(**{**asdict(unsigned), "signature": _b64(sig)})

@@ -49,9 +49,7 @@ class Activation:
 
 
 def _license_by_key(session: Session, license_key: str, pepper: bytes, *, lock: bool) -> LicenseRow:
-    stmt = select(LicenseRow).where(
-        LicenseRow.key_digest == license_key_digest(license_key, pepper)
-    )
+    stmt = select(LicenseRow).where(LicenseRow.key_digest == license_key_digest(license_key, pepper))
     if lock:
         stmt = stmt.with_for_update(of=LicenseRow)
     row = session.execute(stmt).unique().scalar_one_or_none()
@@ -167,9 +165,7 @@ def _bind(
                 machine.last_checkin_at = None
                 action = "license.recover"
             else:
-                machine = Machine(
-                    license_id=row.id, slot=free, activated_at=now, delivered_revision=0
-                )
+                machine = Machine(license_id=row.id, slot=free, activated_at=now, delivered_revision=0)
                 session.add(machine)
                 action = "license.activate"
     machine.locking_id = request.locking_id
@@ -228,8 +224,16 @@ def activate(
     With ``recover`` a machine beyond the count is a recovery request (``recovery``)."""
     row = _license_by_key(session, request.license_key, pepper, lock=True)
     result = _bind(
-        session, row, request, now, signing_key, f"agent:{request.system_id}", offline=False,
-        recover=recover, portal=portal, portal_verdict=portal_verdict,
+        session,
+        row,
+        request,
+        now,
+        signing_key,
+        f"agent:{request.system_id}",
+        offline=False,
+        recover=recover,
+        portal=portal,
+        portal_verdict=portal_verdict,
     )
     return ServerResponse(
         kind="activation",
@@ -337,9 +341,7 @@ def checkin(
     try:
         request.verify_with(found.agent_key)
     except (SignatureError, TesseraError):
-        raise Forbidden(
-            "bad request signature (not signed by the key registered at activation)"
-        ) from None
+        raise Forbidden("bad request signature (not signed by the key registered at activation)") from None
     licensed = _parsed(found.locking_id)  # cached: only IDs the server stored itself
     try:
         current = LockingId.parse(request.locking_id)
@@ -348,9 +350,7 @@ def checkin(
     if licensed is None:
         raise Forbidden("malformed Locking ID")
     if not match_locking_ids(licensed, current, MatchLevel(found.match_level)).ok:
-        raise Forbidden(
-            f"this machine no longer matches the one license {found.serial} is bound to"
-        )
+        raise Forbidden(f"this machine no longer matches the one license {found.serial} is bound to")
     directives: tuple[str, ...] = ()
     message: str | None = None
     license_file: str | None = None
@@ -381,9 +381,7 @@ def checkin(
         delivered, outcome = found.revision, "updated"
     if outcome not in ("revoked", "locked") and not found.valid:
         message, outcome = f"license {found.serial} has expired", "expired"
-    conn.execute(
-        _RECORD_MACHINE, {"machine_id": found.machine_id, "now": now, "delivered": delivered}
-    )
+    conn.execute(_RECORD_MACHINE, {"machine_id": found.machine_id, "now": now, "delivered": delivered})
     conn.execute(_RECORD_CHECKIN, {"machine_id": found.machine_id, "now": now, "outcome": outcome})
     return ServerResponse(
         kind="checkin",
@@ -419,9 +417,7 @@ def _checkin_recovered(
     try:
         request.verify_with(old.agent_key)
     except (SignatureError, TesseraError):
-        raise Forbidden(
-            "bad request signature (not signed by the key registered at activation)"
-        ) from None
+        raise Forbidden("bad request signature (not signed by the key registered at activation)") from None
     entry = recovery.blacklist_entry(session, old.locking_id)
     if entry is not None and entry.scope == "container":
         directives: tuple[str, ...] = ("lock",)

@@ -104,9 +104,7 @@ class ServerState:
         return self.clock.now().replace(microsecond=0)
 
 
-_KEY = Field(
-    pattern=r"^[0-9A-Za-z]{5}(-[0-9A-Za-z]{5}){4}$", examples=["K7QXM-2VDRT-9HFNA-PC4WE-8BZJY"]
-)
+_KEY = Field(pattern=r"^[0-9A-Za-z]{5}(-[0-9A-Za-z]{5}){4}$", examples=["K7QXM-2VDRT-9HFNA-PC4WE-8BZJY"])
 _LOCKING_ID = Field(pattern=r"^TL1-[A-Z2-7]{8,400}$")
 _SYSTEM_ID = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
 _NONCE = Field(pattern=r"^[A-Za-z0-9_-]{22}$")
@@ -221,9 +219,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
 
     @app.exception_handler(IntegrityError)
     async def _integrity(_request: Request, _exc: IntegrityError) -> JSONResponse:
-        return _error(
-            409, "conflicting change (the record exists already or was changed concurrently)"
-        )
+        return _error(409, "conflicting change (the record exists already or was changed concurrently)")
 
     install_outage_handlers(app)  # database down, locked or out of connections: 503
 
@@ -349,9 +345,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
 
         def run() -> bytes:
             with state.db.write() as session:
-                return activation.checkin(
-                    session, parsed, now, state.signing_key, state.pepper
-                ).to_json()
+                return activation.checkin(session, parsed, now, state.signing_key, state.pepper).to_json()
 
         return Response(await run_in_threadpool(run), media_type="application/json")
 
@@ -401,9 +395,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         tags=["catalog"],
         responses=_ERRORS,
     )
-    async def create_product(
-        data: ProductIn, credentials: HTTPAuthorizationCredentials | None = Auth
-    ) -> Any:
+    async def create_product(data: ProductIn, credentials: HTTPAuthorizationCredentials | None = Auth) -> Any:
         now = state.now()
         return await in_transaction(
             lambda s, p: catalog.product_view(catalog.create_product(s, p, data, now)),
@@ -411,9 +403,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             write=True,
         )
 
-    @admin.get(
-        "/api/v1/products", response_model=list[ProductOut], tags=["catalog"], responses=_ERRORS
-    )
+    @admin.get("/api/v1/products", response_model=list[ProductOut], tags=["catalog"], responses=_ERRORS)
     async def list_products(credentials: HTTPAuthorizationCredentials | None = Auth) -> Any:
         return await in_transaction(
             lambda s, p: [catalog.product_view(x) for x in catalog.list_products(s)],
@@ -421,9 +411,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             write=False,
         )
 
-    @admin.get(
-        "/api/v1/products/{code}", response_model=ProductOut, tags=["catalog"], responses=_ERRORS
-    )
+    @admin.get("/api/v1/products/{code}", response_model=ProductOut, tags=["catalog"], responses=_ERRORS)
     async def get_product(
         code: str = Path(max_length=64), credentials: HTTPAuthorizationCredentials | None = Auth
     ) -> Any:
@@ -458,9 +446,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         tags=["catalog"],
         responses=_ERRORS,
     )
-    async def create_partner(
-        data: PartnerIn, credentials: HTTPAuthorizationCredentials | None = Auth
-    ) -> Any:
+    async def create_partner(data: PartnerIn, credentials: HTTPAuthorizationCredentials | None = Auth) -> Any:
         now = state.now()
 
         def work(s: Session, p: Principal) -> dict[str, Any]:
@@ -519,9 +505,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         tags=["licenses"],
         responses=_ERRORS,
     )
-    async def issue_license(
-        data: LicenseIn, credentials: HTTPAuthorizationCredentials | None = Auth
-    ) -> Any:
+    async def issue_license(data: LicenseIn, credentials: HTTPAuthorizationCredentials | None = Auth) -> Any:
         now = state.now()
 
         def work(s: Session, p: Principal) -> dict[str, Any]:
@@ -665,9 +649,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
 
         return await asking_portal(once)
 
-    @admin.post(
-        "/api/v1/licenses/{serial}/authorize-recovery", tags=["recovery"], responses=_ERRORS
-    )
+    @admin.post("/api/v1/licenses/{serial}/authorize-recovery", tags=["recovery"], responses=_ERRORS)
     async def authorize_recovery(
         data: AuthorizeRecoveryIn,
         serial: str = Path(max_length=64),
@@ -713,9 +695,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
     async def blacklist_list(
         credentials: HTTPAuthorizationCredentials | None = Auth,
     ) -> list[dict[str, Any]]:
-        return await in_transaction(
-            lambda s, p: recovery.list_blacklist(s, p), credentials, write=False
-        )
+        return await in_transaction(lambda s, p: recovery.list_blacklist(s, p), credentials, write=False)
 
     @admin.post("/api/v1/blacklist/export", tags=["recovery"], responses=_ERRORS)
     async def blacklist_export(
@@ -734,9 +714,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         credentials: HTTPAuthorizationCredentials | None = Auth,
     ) -> list[dict[str, Any]]:
         """Every time a blacklisted or recovered container was caught, for follow-up."""
-        return await in_transaction(
-            lambda s, p: recovery.blacklist_hits(s, p), credentials, write=False
-        )
+        return await in_transaction(lambda s, p: recovery.blacklist_hits(s, p), credentials, write=False)
 
     # ------------------------------------------------------------------ tokens and audit
 
@@ -747,9 +725,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         tags=["admin"],
         responses=_ERRORS,
     )
-    async def make_token(
-        data: TokenIn, credentials: HTTPAuthorizationCredentials | None = Auth
-    ) -> Any:
+    async def make_token(data: TokenIn, credentials: HTTPAuthorizationCredentials | None = Auth) -> Any:
         now = state.now()
 
         def work(s: Session, p: Principal) -> dict[str, Any]:
@@ -783,9 +759,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
 
         return await in_transaction(work, credentials, write=True)
 
-    @admin.get(
-        "/api/v1/audit", response_model=list[AuditEntryOut], tags=["admin"], responses=_ERRORS
-    )
+    @admin.get("/api/v1/audit", response_model=list[AuditEntryOut], tags=["admin"], responses=_ERRORS)
     async def audit_log(
         target: str | None = Query(None, max_length=200),
         limit: int = Query(100, ge=1, le=10_000),
@@ -810,9 +784,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
 
         return await in_transaction(work, credentials, write=False)
 
-    @admin.get(
-        "/api/v1/audit/verify", response_model=AuditReport, tags=["admin"], responses=_ERRORS
-    )
+    @admin.get("/api/v1/audit/verify", response_model=AuditReport, tags=["admin"], responses=_ERRORS)
     async def audit_verify(credentials: HTTPAuthorizationCredentials | None = Auth) -> Any:
         def work(s: Session, p: Principal) -> dict[str, Any]:
             require(p, Role.SUPPORT, Role.READONLY)
@@ -876,9 +848,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         tags=["webhooks"],
         responses=_ERRORS,
     )
-    async def add_webhook(
-        data: WebhookIn, credentials: HTTPAuthorizationCredentials | None = Auth
-    ) -> Any:
+    async def add_webhook(data: WebhookIn, credentials: HTTPAuthorizationCredentials | None = Auth) -> Any:
         """Register an endpoint for license events; the secret is returned this once."""
         now = state.now()
 

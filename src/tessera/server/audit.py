@@ -32,9 +32,7 @@ GENESIS = "0" * 64
 _PG_AUDIT_LOCK = 0x7E55E8A0  # advisory lock key of the audit chain
 
 
-def entry_hash(
-    prev_hash: str, at: datetime, actor: str, action: str, target: str, details: str
-) -> str:
+def entry_hash(prev_hash: str, at: datetime, actor: str, action: str, target: str, details: str) -> str:
     content = json.dumps(
         [prev_hash, format_timestamp(utc(at)), actor, action, target, details],
         separators=(",", ":"),
@@ -53,9 +51,7 @@ def append(
     prev = session.execute(select(AuditEntry.hash).order_by(AuditEntry.id.desc()).limit(1)).scalar()
     prev_hash = prev or GENESIS
     at = utc(at).replace(microsecond=0)
-    body = json.dumps(
-        details, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str
-    )
+    body = json.dumps(details, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
     entry = AuditEntry(
         at=at,
         actor=actor,
@@ -86,9 +82,7 @@ def verify_chain(session: Session) -> ChainReport:
     for entry in session.execute(select(AuditEntry).order_by(AuditEntry.id)).scalars():
         rows += 1
         if entry.prev_hash != expected_prev:
-            problems.append(
-                f"entry {entry.id}: link to the previous entry is broken (row removed?)"
-            )
+            problems.append(f"entry {entry.id}: link to the previous entry is broken (row removed?)")
         recomputed = entry_hash(
             entry.prev_hash, entry.at, entry.actor, entry.action, entry.target, entry.details
         )

@@ -45,9 +45,7 @@ def list_products(session: Session) -> list[Product]:
     return list(session.execute(select(Product).order_by(Product.code)).scalars())
 
 
-def create_product(
-    session: Session, principal: Principal, data: ProductIn, now: datetime
-) -> Product:
+def create_product(session: Session, principal: Principal, data: ProductIn, now: datetime) -> Product:
     require(principal, Role.ADMIN)
     codes = [f.code for f in data.features]
     if len(set(codes)) != len(codes):
@@ -61,19 +59,13 @@ def create_product(
     except IntegrityError:
         raise Conflict(f"product {data.code!r} exists already") from None
     for feature in data.features:
-        session.add(
-            ProductFeature(
-                product_id=product.id, code=feature.code, description=feature.description
-            )
-        )
+        session.add(ProductFeature(product_id=product.id, code=feature.code, description=feature.description))
     session.flush()
     session.refresh(product)
     return product
 
 
-def add_feature(
-    session: Session, principal: Principal, product_code: str, data: FeatureIn
-) -> Product:
+def add_feature(session: Session, principal: Principal, product_code: str, data: FeatureIn) -> Product:
     """Admins add any feature; a partner only inside its namespace ``partner.<code>.``."""
     require(principal, Role.ADMIN, Role.PARTNER)
     product = get_product(session, product_code)
@@ -99,9 +91,7 @@ def add_feature(
     return product
 
 
-def create_partner(
-    session: Session, principal: Principal, data: PartnerIn, now: datetime
-) -> Partner:
+def create_partner(session: Session, principal: Principal, data: PartnerIn, now: datetime) -> Partner:
     require(principal, Role.ADMIN)
     if session.execute(select(Partner.id).where(Partner.code == data.code)).first():
         raise Conflict(f"partner {data.code!r} exists already")
@@ -118,9 +108,7 @@ def get_partner_by_code(session: Session, code: str) -> Partner:
     return partner
 
 
-def create_customer(
-    session: Session, principal: Principal, data: CustomerIn, now: datetime
-) -> Customer:
+def create_customer(session: Session, principal: Principal, data: CustomerIn, now: datetime) -> Customer:
     require(principal, Role.ADMIN, Role.SALES, Role.PARTNER)
     customer = Customer(name=data.name, city=data.city, created_at=now)
     session.add(customer)

@@ -253,7 +253,5 @@ def _number(
     low, high = bounds
     if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:  # type: ignore[operator]
         kind = "a whole number" if whole else "a number"
-        raise ConfigError(
-            f"{path}: [{table['__name__']}] {key} must be {kind} from {low} to {high}"
-        )
+        raise ConfigError(f"{path}: [{table['__name__']}] {key} must be {kind} from {low} to {high}")
     return float(value) if not whole else int(value)  # type: ignore[arg-type]

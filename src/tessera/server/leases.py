@@ -96,9 +96,7 @@ def issue_credential(
     row = get_license(session, serial, for_update=True)
     check_access(session, principal, row, write=True)
     if row.binding != "user":
-        raise Invalid(
-            f"license {serial} is {row.binding}-bound; credentials are for user-bound licenses"
-        )
+        raise Invalid(f"license {serial} is {row.binding}-bound; credentials are for user-bound licenses")
     if row.status == "revoked":
         raise Forbidden(f"license {serial} has been revoked")
     seed = os.urandom(32)
@@ -134,9 +132,7 @@ def _count(row: LicenseRow, feature: str, now: datetime) -> int | None:
     """The licensed count of ``feature`` today (None: not licensed or expired)."""
     today = utc(now).date()
     counts = [
-        e.count
-        for e in row.entitlements
-        if e.feature == feature and (e.expiry is None or today <= e.expiry)
+        e.count for e in row.entitlements if e.feature == feature and (e.expiry is None or today <= e.expiry)
     ]
     return max(counts) if counts else None
 
@@ -167,9 +163,7 @@ def handle_lease(
         )
     row = (
         session.execute(
-            select(LicenseRow)
-            .where(LicenseRow.serial == request.serial)
-            .with_for_update(of=LicenseRow)
+            select(LicenseRow).where(LicenseRow.serial == request.serial).with_for_update(of=LicenseRow)
         )
         .unique()
         .scalar_one_or_none()
@@ -229,9 +223,7 @@ def handle_lease(
         )
         used = set(
             session.execute(
-                select(Lease.slot).where(
-                    Lease.license_id == row.id, Lease.feature == request.feature
-                )
+                select(Lease.slot).where(Lease.license_id == row.id, Lease.feature == request.feature)
             ).scalars()
         )
         free = next((s for s in range(count) if s not in used), None)
@@ -316,17 +308,13 @@ def record_refusal(session: Session, refusal: LeaseRefused, now: datetime) -> No
     webhooks.emit(session, "lease.denied", {"serial": request.serial, **details}, now)
 
 
-def list_leases(
-    session: Session, principal: Principal, serial: str, now: datetime
-) -> dict[str, object]:
+def list_leases(session: Session, principal: Principal, serial: str, now: datetime) -> dict[str, object]:
     """Credentials (user id, generation) and the leases in force on a user-bound license."""
     row = get_license(session, serial)
     check_access(session, principal, row, write=False)
     credentials = (
         session.execute(
-            select(UserCredential)
-            .where(UserCredential.license_id == row.id)
-            .order_by(UserCredential.user_id)
+            select(UserCredential).where(UserCredential.license_id == row.id).order_by(UserCredential.user_id)
         )
         .scalars()
         .all()

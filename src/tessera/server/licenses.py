@@ -106,9 +106,7 @@ def license_view(row: LicenseRow, *, with_machines: bool = True) -> dict[str, An
                 "locking_id": m.locking_id,
                 "system_id": m.system_id,
                 "activated_at": utc(m.activated_at).isoformat(),
-                "last_checkin_at": utc(m.last_checkin_at).isoformat()
-                if m.last_checkin_at
-                else None,
+                "last_checkin_at": utc(m.last_checkin_at).isoformat() if m.last_checkin_at else None,
                 "delivered_revision": m.delivered_revision,
                 "offline": m.offline,
             }
@@ -287,9 +285,7 @@ def issue_license(
     for i, e in enumerate(data.entitlements):
         place = (e.location or data.location, e.feature)
         if place in seen:
-            raise Invalid(
-                f"entitlements[{i}]: feature {e.feature} listed twice for location {place[0]}"
-            )
+            raise Invalid(f"entitlements[{i}]: feature {e.feature} listed twice for location {place[0]}")
         seen.add(place)
     _check_features(
         features,
@@ -301,9 +297,7 @@ def issue_license(
     if len(set(data.emergency)) != len(data.emergency):
         raise Invalid("emergency: a feature is listed twice")
     if data.binding is Binding.INSTANCE:
-        raise Invalid(
-            f"binding: {data.binding.value}-bound licenses are not supported by this server yet"
-        )
+        raise Invalid(f"binding: {data.binding.value}-bound licenses are not supported by this server yet")
     version = _version(data.version, "version")
     key = generate_license_key()
     row = LicenseRow(

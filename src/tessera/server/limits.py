@@ -61,9 +61,7 @@ class BodySizeLimit:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            {"detail": f"request body too large (over {self.max_bytes} bytes)"}
-        ).encode()
+        body = json.dumps({"detail": f"request body too large (over {self.max_bytes} bytes)"}).encode()
         headers: list[Any] = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

@@ -170,9 +170,7 @@ class LicenseRow(Base):
         lazy="selectin",
         cascade="all, delete-orphan",
     )
-    machines: Mapped[list[Machine]] = relationship(
-        order_by="Machine.slot", lazy="select", viewonly=True
-    )
+    machines: Mapped[list[Machine]] = relationship(order_by="Machine.slot", lazy="select", viewonly=True)
 
     @property
     def emergency_features(self) -> tuple[str, ...]:
@@ -228,9 +226,7 @@ class Machine(Base):
 class Checkin(Base):
     __tablename__ = "checkins"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    machine_id: Mapped[int] = mapped_column(
-        ForeignKey("machines.id", ondelete="CASCADE"), index=True
-    )
+    machine_id: Mapped[int] = mapped_column(ForeignKey("machines.id", ondelete="CASCADE"), index=True)
     at: Mapped[datetime] = mapped_column(UtcDateTime())
     outcome: Mapped[str] = mapped_column(String(32))
 
@@ -337,6 +333,8 @@ class BlacklistExport(Base):
     actor: Mapped[str] = mapped_column(String(200))
     containers: Mapped[int] = mapped_column(Integer)
     serials: Mapped[int] = mapped_column(Integer)
+
+
 # ---------------------------------------------------------------------------- user-bound
 # licenses (credentials and leases) and webhooks: migration 0003
 

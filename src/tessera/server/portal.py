@@ -77,9 +77,7 @@ class RecoveryPortal:
         except httpx.TimeoutException:
             return PortalVerdict(False, "the recovery portal did not answer in time")
         except httpx.HTTPError as exc:
-            return PortalVerdict(
-                False, f"the recovery portal cannot be reached ({type(exc).__name__})"
-            )
+            return PortalVerdict(False, f"the recovery portal cannot be reached ({type(exc).__name__})")
         if response.status_code != 200:
             return PortalVerdict(False, f"the recovery portal answered {response.status_code}")
         try:
@@ -91,7 +89,5 @@ class RecoveryPortal:
         reason = answer.get("reason")
         text = reason[:200] if isinstance(reason, str) and reason.isprintable() else ""
         if answer["allow"]:
-            return PortalVerdict(
-                True, f"allowed by the recovery portal{': ' + text if text else ''}"
-            )
+            return PortalVerdict(True, f"allowed by the recovery portal{': ' + text if text else ''}")
         return PortalVerdict(False, f"the recovery portal refused{': ' + text if text else ''}")

@@ -106,9 +106,7 @@ def _connect_active(row: LicenseRow, old: Machine | None, now: datetime) -> bool
 def decide(session: Session, row: LicenseRow, old: Machine | None, now: datetime) -> Decision:
     """Apply the license's recovery rule (see the module docstring); changes nothing."""
     if _connect_active(row, old, now):
-        return Decision(
-            True, "connect", "Connect is active on the license: recoveries are unlimited"
-        )
+        return Decision(True, "connect", "Connect is active on the license: recoveries are unlimited")
     used, last = session.execute(
         select(func.count(Recovery.id), func.max(Recovery.at)).where(
             Recovery.license_id == row.id,
@@ -379,9 +377,7 @@ def rehost(
     if row.status == "revoked":
         raise Conflict(f"license {serial} has been revoked")
     machines = list(
-        session.execute(
-            select(Machine).where(Machine.license_id == row.id).order_by(Machine.slot)
-        ).scalars()
+        session.execute(select(Machine).where(Machine.license_id == row.id).order_by(Machine.slot)).scalars()
     )
     if slot is not None:
         old = next((m for m in machines if m.slot == slot), None)
@@ -509,9 +505,7 @@ def export_blacklist(
     require(principal, Role.ADMIN, Role.SUPPORT)
     entries = list(session.execute(select(BlacklistEntryRow)).scalars())
     containers = [
-        BlacklistEntry(e.locking_id, e.since, e.delay_days)
-        for e in entries
-        if e.scope == "container"
+        BlacklistEntry(e.locking_id, e.since, e.delay_days) for e in entries if e.scope == "container"
     ]
     # Licenses that only lost their old container: the serial is withdrawn on copies of the
     # license issued before the recovery day (the new machine's file is issued on or after).
@@ -527,9 +521,7 @@ def export_blacklist(
         serials[serial] = BlacklistEntry(
             serial, utc(machine.recovered_at).date(), delays.get(machine.locking_id, 0)
         )
-    export = BlacklistExport(
-        at=now, actor=principal.actor, containers=len(containers), serials=len(serials)
-    )
+    export = BlacklistExport(at=now, actor=principal.actor, containers=len(containers), serials=len(serials))
     session.add(export)
     session.flush()
     blacklist = Blacklist(

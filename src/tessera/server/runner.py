@@ -67,9 +67,7 @@ def build_state(data_dir: Path, *, migrate: bool = True) -> ServerState:
 
 def _app_for(data_dir: Path, state: ServerState) -> FastAPI:
     config = load_config(data_dir)
-    interfaces = Interfaces(
-        admin_api=config.admin_api, offline_activation=config.offline_activation
-    )
+    interfaces = Interfaces(admin_api=config.admin_api, offline_activation=config.offline_activation)
     return create_app(state, interfaces)
 
 
@@ -88,9 +86,7 @@ def serve(data_dir: Path, host: str, port: int, *, tls: bool, workers: int = 1) 
     if tls:
         for path in (config.server_cert, config.server_key):
             if not path.is_file():
-                raise ConfigError(
-                    f"TLS file {path} is missing (or use --no-tls behind a TLS proxy)"
-                )
+                raise ConfigError(f"TLS file {path} is missing (or use --no-tls behind a TLS proxy)")
         options.update(
             ssl_certfile=str(config.server_cert),
             ssl_keyfile=str(config.server_key),

@@ -188,9 +188,7 @@ class LicenseIn(_In):
 
 class LicenseIssued(BaseModel):
     serial: str
-    key: str = Field(
-        description="The license key, shown this once: the server keeps only a digest."
-    )
+    key: str = Field(description="The license key, shown this once: the server keeps only a digest.")
     revision: int
 
 
@@ -284,6 +282,8 @@ class BlacklistAddIn(_In):
     )
     delay_days: int = Field(0, ge=0, le=3650)
     reason: str = Field("added by hand", min_length=1, max_length=500)
+
+
 class CredentialIn(_In):
     user_id: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$",

@@ -54,9 +54,7 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
 def initialize(data_dir: Path, db_url: str | None, now: datetime) -> InitResult:
     data_dir = data_dir.resolve()
     if (data_dir / CONFIG_NAME).exists():
-        raise AlreadyInitialized(
-            f"{data_dir} is initialized already (refusing to replace its keys)"
-        )
+        raise AlreadyInitialized(f"{data_dir} is initialized already (refusing to replace its keys)")
     try:
         url = normalize_db_url(db_url) if db_url else f"sqlite:///{data_dir / 'tessera.db'}"
     except ValueError as exc:

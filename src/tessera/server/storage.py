@@ -49,9 +49,7 @@ def normalize_db_url(url: str) -> str:
     except Exception as exc:  # sqlalchemy raises ArgumentError; keep one message
         raise ValueError(f"not a database URL: {url!r}") from exc
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
-        raise ValueError(
-            f"unsupported database {parsed.get_backend_name()!r} (sqlite or postgresql)"
-        )
+        raise ValueError(f"unsupported database {parsed.get_backend_name()!r} (sqlite or postgresql)")
     return url
 
 
@@ -85,9 +83,7 @@ class Database:
             _configure_sqlite(self.engine, int(self.busy_timeout * 1000))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_engine = (
-            self.engine.execution_options(tessera_begin="BEGIN IMMEDIATE")
-            if self.is_sqlite
-            else self.engine
+            self.engine.execution_options(tessera_begin="BEGIN IMMEDIATE") if self.is_sqlite else self.engine
         )
         self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
 

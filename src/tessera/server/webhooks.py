@@ -116,9 +116,7 @@ def _secret_box(pepper: bytes) -> AESGCM:
 
 def _seal_secret(secret: str, pepper: bytes) -> str:
     nonce = os.urandom(12)
-    return base64.b64encode(
-        nonce + _secret_box(pepper).encrypt(nonce, secret.encode(), None)
-    ).decode()
+    return base64.b64encode(nonce + _secret_box(pepper).encrypt(nonce, secret.encode(), None)).decode()
 
 
 def _open_secret(sealed: str, pepper: bytes) -> str:
@@ -300,9 +298,7 @@ class WebhookWorker:
     CLAIM_SECONDS = 120
     BATCH = 20
 
-    def __init__(
-        self, db: Database, pepper: bytes, clock: Clock, settings: WebhookSettings
-    ) -> None:
+    def __init__(self, db: Database, pepper: bytes, clock: Clock, settings: WebhookSettings) -> None:
         self._db = db
         self._pepper = pepper
         self._clock = clock
@@ -438,6 +434,4 @@ class WebhookWorker:
                 )
                 values["next_attempt_at"] = now + timedelta(seconds=delay)
         with self._db.write() as session:
-            session.execute(
-                update(WebhookDelivery).where(WebhookDelivery.id == job.id).values(**values)
-            )
+            session.execute(update(WebhookDelivery).where(WebhookDelivery.id == job.id).values(**values))

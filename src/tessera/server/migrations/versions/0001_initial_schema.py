@@ -181,9 +181,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("license_id", "slot"),
     )
     with op.batch_alter_table("machines", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_machines_license_system", ["license_id", "system_id"], unique=True
-        )
+        batch_op.create_index("ix_machines_license_system", ["license_id", "system_id"], unique=True)
 
     op.create_table(
         "checkins",

@@ -27,9 +27,7 @@ def upgrade() -> None:
                 server_default="blacklist",
             )
         )
-        batch.add_column(
-            sa.Column("recoveries_authorized", sa.Integer(), nullable=False, server_default="0")
-        )
+        batch.add_column(sa.Column("recoveries_authorized", sa.Integer(), nullable=False, server_default="0"))
     op.create_table(
         "recoveries",
         sa.Column("id", _ID, nullable=False),
@@ -59,9 +57,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["license_id"], ["licenses.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
     )
-    op.create_index(
-        "ix_recovered_license_system", "recovered_machines", ["license_id", "system_id"]
-    )
+    op.create_index("ix_recovered_license_system", "recovered_machines", ["license_id", "system_id"])
     op.create_table(
         "blacklist",
         sa.Column("id", sa.Integer(), nullable=False),

@@ -57,9 +57,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("webhook_outbox", schema=None) as batch_op:
         batch_op.create_index("ix_webhook_outbox_due", ["status", "next_attempt_at"], unique=False)
-        batch_op.create_index(
-            batch_op.f("ix_webhook_outbox_endpoint_id"), ["endpoint_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_webhook_outbox_endpoint_id"), ["endpoint_id"], unique=False)
 
     op.create_table(
         "user_credentials",
@@ -90,12 +88,8 @@ def upgrade() -> None:
         sa.UniqueConstraint("license_id", "feature", "slot"),
     )
     with op.batch_alter_table("leases", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_leases_credential_id"), ["credential_id"], unique=False
-        )
-        batch_op.create_index(
-            "ix_leases_expiry", ["license_id", "feature", "expires_at"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_leases_credential_id"), ["credential_id"], unique=False)
+        batch_op.create_index("ix_leases_expiry", ["license_id", "feature", "expires_at"], unique=False)
 
     # ### end Alembic commands ###
 

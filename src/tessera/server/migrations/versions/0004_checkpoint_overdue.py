@@ -17,9 +17,7 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("machines", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column("checkpoint_overdue_at", sa.DateTime(timezone=True), nullable=True)
-        )
+        batch_op.add_column(sa.Column("checkpoint_overdue_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
