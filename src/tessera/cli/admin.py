@@ -482,11 +482,26 @@ def license_activate_offline(
         content=data,
         headers={"Content-Type": "application/json"},
     )
+    identity = result.get("identity")
+    identity_out = out.with_suffix(".par") if identity else None
+    if identity_out is not None:
+        # The identity part first: the agent imports it before the license it belongs to.
+        write_file_atomic(identity_out, identity.encode("utf-8"))
     write_file_atomic(out, result["license"].encode("utf-8"))
     if as_json:
-        emit_json({"serial": result["serial"], "file": str(out)})
+        emit_json(
+            {
+                "serial": result["serial"],
+                "file": str(out),
+                "identity_file": None if identity_out is None else str(identity_out),
+            }
+        )
     else:
         console.print(f"license {result['serial']} for this machine -> {out}")
+        if identity_out is not None:
+            console.print(
+                f"identity file -> {identity_out} (import it first; its admin secret is the license key)"
+            )
 
 
 # ---------------------------------------------------------------------------- audit

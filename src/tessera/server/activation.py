@@ -26,7 +26,12 @@ from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerRespo
 from tessera.core.signing import SigningKey
 from tessera.server import audit, recovery, webhooks
 from tessera.server.errors import Forbidden, NotFound, RecordedRefusal
-from tessera.server.licenses import check_access, license_document
+from tessera.server.licenses import (
+    check_access,
+    identity_document,
+    instance_id_for,
+    license_document,
+)
 from tessera.server.models import (
     BlacklistEntryRow,
     Checkin,
@@ -46,6 +51,8 @@ class Activation:
     serial: str
     slot: int
     license_file: str
+    #: The identity part (``.par``) of an instance-bound license, else None.
+    identity_file: str | None = None
 
 
 def _license_by_key(session: Session, license_key: str, pepper: bytes, *, lock: bool) -> LicenseRow:
@@ -64,8 +71,11 @@ def _check_usable(row: LicenseRow, now: datetime) -> None:
     today = utc(now).date()
     if not any(e.expiry is None or today <= e.expiry for e in row.entitlements):
         raise Forbidden(f"license {row.serial} has expired")
-    if row.binding != "machine":
-        raise Forbidden(f"license {row.serial} is {row.binding}-bound; activate it as such")
+    if row.binding not in ("machine", "instance"):
+        raise Forbidden(
+            f"license {row.serial} is {row.binding}-bound: it is used through a credential, "
+            "not activated on a machine"
+        )
 
 
 @lru_cache(maxsize=16384)
@@ -139,7 +149,12 @@ def _bind(
         ).all()
         level = MatchLevel(row.match_level)
         current = LockingId.parse(request.locking_id)
-        same = next((m.id for m in bound if _same_hardware(m.locking_id, current, level)), None)
+        # An instance is its installation, not its hardware: two instances may share a machine.
+        same = (
+            None
+            if row.binding == "instance"
+            else next((m.id for m in bound if _same_hardware(m.locking_id, current, level)), None)
+        )
         if same is not None:
             machine = session.get(Machine, same)
         if machine is None:
@@ -174,14 +189,22 @@ def _bind(
     machine.activated_at = now
     machine.offline = offline
     machine.delivered_revision = row.revision
+    instance_id = instance_id_for(row.serial, machine.slot) if row.binding == "instance" else None
     doc = license_document(
         row,
         locking_id=request.locking_id,
         agent_key=request.agent_key,
         issued=now,
         license_key=request.license_key,
+        instance_id=instance_id,
     )
     license_file = sign_document(doc, signing_key)
+    identity_file = None
+    if instance_id is not None:
+        identity = identity_document(
+            row, instance_id=instance_id, license_key=request.license_key, issued=now
+        )
+        identity_file = sign_document(identity, signing_key)
     session.flush()
     audit.append(
         session,
@@ -205,7 +228,7 @@ def _bind(
              "offline": offline},
             now,
         )  # fmt: skip
-    return Activation(row.serial, machine.slot, license_file)
+    return Activation(row.serial, machine.slot, license_file, identity_file)
 
 
 def activate(
@@ -241,6 +264,7 @@ def activate(
         server_time=utc(now).replace(microsecond=0),
         serial=result.serial,
         license=result.license_file,
+        identity=result.identity_file,
     ).signed(signing_key)
 
 
@@ -277,7 +301,9 @@ _CHECKIN_LOOKUP = (
         LicenseRow.status,
         LicenseRow.revision,
         LicenseRow.match_level,
+        LicenseRow.binding,
         Machine.id.label("machine_id"),
+        Machine.slot,
         Machine.locking_id,
         Machine.agent_key,
         Machine.delivered_revision,
@@ -349,7 +375,12 @@ def checkin(
         raise Forbidden("malformed Locking ID") from None
     if licensed is None:
         raise Forbidden("malformed Locking ID")
-    if not match_locking_ids(licensed, current, MatchLevel(found.match_level)).ok:
+    # An instance-bound license moves with its instance (identity file and agent key), so
+    # only a machine-bound one must still be on its machine.
+    if (
+        found.binding != "instance"
+        and not match_locking_ids(licensed, current, MatchLevel(found.match_level)).ok
+    ):
         raise Forbidden(f"this machine no longer matches the one license {found.serial} is bound to")
     directives: tuple[str, ...] = ()
     message: str | None = None
@@ -376,6 +407,7 @@ def checkin(
             agent_key=found.agent_key,
             issued=now,
             license_key=request.license_key,
+            instance_id=instance_id_for(found.serial, found.slot) if found.binding == "instance" else None,
         )
         license_file = sign_document(doc, signing_key)
         delivered, outcome = found.revision, "updated"

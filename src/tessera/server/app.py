@@ -611,7 +611,11 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                     s, p, parsed, now, state.signing_key, state.pepper,
                     portal=state.portal is not None, portal_verdict=verdict,
                 )  # fmt: skip
-                return {"serial": result.serial, "license": result.license_file}
+                return {
+                    "serial": result.serial,
+                    "license": result.license_file,
+                    "identity": result.identity_file,
+                }
 
             return await in_transaction(work, credentials, write=True)
 

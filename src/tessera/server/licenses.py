@@ -8,6 +8,7 @@ snapshot and appends to the audit log in the same transaction.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import date, datetime
 from typing import Any
@@ -18,8 +19,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from tessera.core.clock import utc
-from tessera.core.licensekey import generate_license_key, license_key_digest
-from tessera.core.model import Binding, Entitlement, License, Location, MatchLevel
+from tessera.core.licensekey import generate_license_key, license_key_digest, normalize_license_key
+from tessera.core.model import Binding, Entitlement, Identity, License, Location, MatchLevel
+from tessera.core.passwords import hash_secret
 from tessera.core.sealing import seal
 from tessera.core.versions import VersionRange
 from tessera.server import audit, webhooks
@@ -115,6 +117,32 @@ def license_view(row: LicenseRow, *, with_machines: bool = True) -> dict[str, An
     return view
 
 
+def instance_id_for(serial: str, slot: int) -> str:
+    """The id of an instance-bound license's instance in ``slot``: stable across re-activations
+    of that instance, different for every slot (and it says nothing about the machine)."""
+    return "inst-" + hashlib.sha256(f"instance|{serial}|{slot}".encode()).hexdigest()[:24]
+
+
+def identity_document(row: LicenseRow, *, instance_id: str, license_key: str, issued: datetime) -> Identity:
+    """The identity part (``.par``) of an instance-bound installation.
+
+    Its admin secret starts out as the license key, which the customer already holds and the
+    server never stores (the file carries only a scrypt hash); the product lets the
+    administrator change it, and re-importing the original ``.par`` restores it (seed 001).
+    """
+    location = row.entitlements[0].location if row.entitlements else "main"
+    return Identity(
+        licensee=row.customer.licensee,
+        serial=row.serial,
+        product=row.product.code,
+        version=VersionRange.parse(row.version_range),
+        location=location,
+        instance_id=instance_id,
+        admin_secret=hash_secret(normalize_license_key(license_key)),
+        issued=utc(issued).replace(microsecond=0),
+    )
+
+
 def license_document(
     row: LicenseRow,
     *,
@@ -122,11 +150,13 @@ def license_document(
     agent_key: str | None,
     issued: datetime,
     license_key: str | None = None,
+    instance_id: str | None = None,
 ) -> License:
-    """The core license for one machine: what gets signed and shipped to that machine.
+    """The core license for one machine or instance: what gets signed and shipped there.
 
     A sealed license is encrypted to ``license_key`` (which the agent sent in the clear
-    over TLS; the server itself keeps only its digest).
+    over TLS; the server itself keeps only its digest). An instance-bound license names its
+    instance instead of a Locking ID: it moves with the instance's identity file.
     """
     locations: dict[str, list[Entitlement]] = {}
     for e in row.entitlements:
@@ -138,8 +168,9 @@ def license_document(
         version=VersionRange.parse(row.version_range),
         issued=utc(issued).replace(microsecond=0),
         locations=tuple(Location(name, tuple(ents)) for name, ents in locations.items()),
-        binding=Binding.MACHINE,
-        locking_id=locking_id,
+        binding=Binding.INSTANCE if row.binding == "instance" else Binding.MACHINE,
+        locking_id=None if row.binding == "instance" else locking_id,
+        instance_id=instance_id if row.binding == "instance" else None,
         match=MatchLevel(row.match_level),
         revision=row.revision,
         connect=row.connect,
@@ -296,8 +327,6 @@ def issue_license(
     )
     if len(set(data.emergency)) != len(data.emergency):
         raise Invalid("emergency: a feature is listed twice")
-    if data.binding is Binding.INSTANCE:
-        raise Invalid(f"binding: {data.binding.value}-bound licenses are not supported by this server yet")
     version = _version(data.version, "version")
     key = generate_license_key()
     row = LicenseRow(

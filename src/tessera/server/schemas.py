@@ -219,6 +219,9 @@ class LicenseUpdate(_In):
 class OfflineActivation(BaseModel):
     serial: str
     license: str = Field(description="The signed license file for the requesting machine.")
+    identity: str | None = Field(
+        None, description="The signed identity file (.par) of an instance-bound license."
+    )
 
 
 class TokenIn(_In):
