@@ -42,7 +42,9 @@ for command in sys.stdin:
         i = start
         while True:
             agent.assign("uniplex", f"user-{{i}}")
-            print(i, flush=True)   # acknowledged: must survive the kill
+            # acknowledged: must survive the kill. One write(2) below PIPE_BUF is atomic, so
+            # a kill never leaves half a line (print() may split number and newline).
+            os.write(1, f"{{i}}\\n".encode())
             i += 1
     print("pid", pid, flush=True)
     os.waitpid(pid, 0)
