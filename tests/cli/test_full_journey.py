@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from ..server.conftest import create_pg_database, drop_pg_database
+from ..server.conftest import backend_database
 from ..server.processes import TESSERA, clean_env, free_port, running_server, tessera
 
 FAKETIME = shutil.which("faketime")
@@ -85,14 +85,8 @@ class Machine:
 @pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare for a second machine")
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_full_journey(tmp_path: Path, backend: str) -> None:
-    if backend == "postgresql" and not os.environ.get("TESSERA_TEST_POSTGRES_URL"):
-        pytest.skip("TESSERA_TEST_POSTGRES_URL not set")
-    pg = create_pg_database() if backend == "postgresql" else None
-    try:
-        _journey(tmp_path, pg.url if pg else None)
-    finally:
-        if pg is not None:
-            drop_pg_database(pg)
+    with backend_database(backend) as db_url:
+        _journey(tmp_path, db_url)
 
 
 def _journey(tmp: Path, db_url: str | None) -> None:

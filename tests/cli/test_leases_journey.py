@@ -27,7 +27,7 @@ import pytest
 from tessera.core.credential import LeaseRequest, parse_credential
 from tessera.server.webhooks import verify_signature
 
-from ..server.conftest import create_pg_database, drop_pg_database, wait_until
+from ..server.conftest import backend_database, wait_until
 from ..server.processes import TESSERA, clean_env, init_data_dir, running_server, tessera
 from ..server.test_webhooks import Receiver
 
@@ -46,16 +46,12 @@ def _error(result: subprocess.CompletedProcess[str], code: int) -> str:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_user_bound_license_journey(tmp_path: Path, backend: str) -> None:
-    if backend == "postgresql" and not os.environ.get("TESSERA_TEST_POSTGRES_URL"):
-        pytest.skip("TESSERA_TEST_POSTGRES_URL not set")
-    pg = create_pg_database() if backend == "postgresql" else None
-    receiver = Receiver(fail_first=1)
-    try:
-        _journey(tmp_path, pg.url if pg else None, receiver)
-    finally:
-        receiver.close()
-        if pg is not None:
-            drop_pg_database(pg)
+    with backend_database(backend) as db_url:
+        receiver = Receiver(fail_first=1)
+        try:
+            _journey(tmp_path, db_url, receiver)
+        finally:
+            receiver.close()
 
 
 def _journey(tmp_path: Path, db_url: str | None, receiver: Receiver) -> None:

@@ -11,7 +11,6 @@ On SQLite, and on PostgreSQL when ``TESSERA_TEST_POSTGRES_URL`` is set.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import ssl
 import subprocess
@@ -26,7 +25,7 @@ from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerRespo
 from tessera.core.signing import Keyring, SigningKey
 from tessera.core.verify import check_binding, load_signed
 
-from ..server.conftest import create_pg_database, drop_pg_database
+from ..server.conftest import backend_database
 from ..server.processes import clean_env, running_server, tessera
 
 
@@ -40,14 +39,8 @@ def _one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_server_journey(tmp_path: Path, backend: str) -> None:
-    if backend == "postgresql" and not os.environ.get("TESSERA_TEST_POSTGRES_URL"):
-        pytest.skip("TESSERA_TEST_POSTGRES_URL not set")
-    pg = create_pg_database() if backend == "postgresql" else None
-    try:
-        _journey(tmp_path, pg.url if pg else None)
-    finally:
-        if pg is not None:
-            drop_pg_database(pg)
+    with backend_database(backend) as db_url:
+        _journey(tmp_path, db_url)
 
 
 def _journey(tmp_path: Path, db_url: str | None) -> None:

@@ -67,6 +67,23 @@ def drop_pg_database(db: PgDatabase) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{db.name}" WITH (FORCE)')
 
 
+@contextmanager
+def backend_database(backend: str) -> Iterator[str | None]:
+    """The database URL a whole-process test passes to ``server init --db``: None for the
+    SQLite default, else a fresh PostgreSQL database dropped afterwards (skipped when
+    TESSERA_TEST_POSTGRES_URL is not set)."""
+    if backend != "postgresql":
+        yield None
+        return
+    if not os.environ.get("TESSERA_TEST_POSTGRES_URL"):
+        pytest.skip("TESSERA_TEST_POSTGRES_URL not set")
+    pg = create_pg_database()
+    try:
+        yield pg.url
+    finally:
+        drop_pg_database(pg)
+
+
 def backends() -> list[Any]:
     return [
         pytest.param("sqlite", id="sqlite"),
