@@ -169,3 +169,23 @@ def test_a_sealed_license_is_shipped_encrypted_to_its_key(
     assert again.sealed is not None and unseal(again, key).failover_days == 7  # type: ignore[arg-type]
     with pytest.raises(DecryptionError):
         unseal(again, "AAAAA-BBBBB-CCCCC-DDDDD-EEEEE")  # type: ignore[arg-type]
+
+
+def test_a_copied_installation_on_other_hardware_is_a_recovery_not_a_move(
+    state: ServerState, admin: Principal, keyring: Keyring
+) -> None:
+    serial, key = setup_license(state, admin, START, recovery_allowance=0, connect=False)
+    original = agent(1)
+    _activate(state, original, key, keyring)
+    # The same state directory (system id, agent key) copied to a different machine.
+    copied = FakeAgent("elsewhere", original.system_id, original.key)
+    with pytest.raises(Forbidden, match=r"other hardware.*--recover"):
+        _activate(state, copied, key, keyring)
+    # Asked for as a recovery, the license's rule decides (no allowance: refused, recorded).
+    with state.db.write() as session, pytest.raises(Forbidden, match="recover"):
+        activation.activate(
+            session, copied.activation(key), state.now(), state.signing_key, state.pepper, recover=True
+        )
+    with state.db.read() as session:
+        view = licenses.license_view(licenses.get_license(session, serial))
+    assert [m["locking_id"] for m in view["machines"]] == [original.locking_id]

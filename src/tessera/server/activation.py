@@ -142,6 +142,27 @@ def _bind(
         select(Machine).where(Machine.license_id == row.id, Machine.system_id == request.system_id)
     ).scalar_one_or_none()
     action = "license.reactivate"
+    if (
+        machine is not None
+        and row.binding == "machine"
+        and not _same_hardware(
+            machine.locking_id, LockingId.parse(request.locking_id), MatchLevel(row.match_level)
+        )
+    ):
+        # The same installation on other hardware (a copied state directory, or a new
+        # mainboard): that is a recovery, under the recovery rule, never a silent move.
+        if not recover:
+            raise Forbidden(
+                f"this installation now runs on other hardware than license {row.serial} is "
+                "bound to: ask the vendor for a rehost, or activate with --recover"
+            )
+        recovery.recover_machine(
+            session, row, machine, new_locking_id=request.locking_id, now=now,
+            actor=actor, via="activation", old_container=None, portal=portal,
+            portal_verdict=portal_verdict,
+        )  # fmt: skip
+        machine.last_checkin_at = None
+        action = "license.recover"
     if machine is None:
         # Plain rows, not ORM objects: a license with many seats is scanned cheaply.
         bound = session.execute(
