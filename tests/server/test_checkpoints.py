@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select
 
-from tessera.server import activation, webhooks
+from tessera.server import activation, checkpoints, webhooks
 from tessera.server.app import ServerState
 from tessera.server.checkpoints import sweep
 from tessera.server.models import WebhookDelivery
@@ -60,3 +61,15 @@ def test_overdue_once_per_lapse_and_cleared_by_a_checkin(state: ServerState, adm
     assert sweep(state.db, START + timedelta(days=7)) == 1
     assert len(_overdue_events(state)) == 2
     assert plain_serial not in {e["serial"] for e in _overdue_events(state)}
+
+
+def test_machines_not_yet_due_never_hide_the_due_ones(
+    state: ServerState, admin: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpoints, "BATCH", 1)  # one machine a page
+    _, patient_key = setup_license(state, admin, START, checkpoint_days=30)
+    _, due_key = setup_license(state, admin, START, checkpoint_days=2)
+    with state.db.write() as session:
+        for n, key in ((1, patient_key), (2, due_key)):
+            activation.activate(session, agent(n).activation(key), START, state.signing_key, state.pepper)
+    assert sweep(state.db, START + timedelta(days=3)) == 1

@@ -32,14 +32,15 @@ from tessera.cli.apps import agent_app
 from tessera.cli.keys import load_keyring
 from tessera.core.fingerprint import collect_facts, locking_id_for
 
-DEFAULT_PRODUCT = "tessera"
 _OPTION_NAMES = ("state_dir", "vendor_key", "product", "product_version")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def product_salt(product: str | None) -> str:
-    return product or os.environ.get("TESSERA_PRODUCT") or DEFAULT_PRODUCT
+    from tessera.agent.agent import DEFAULT_SALT  # one default, shared with the library
+
+    return product or os.environ.get("TESSERA_PRODUCT") or DEFAULT_SALT
 
 
 @dataclass

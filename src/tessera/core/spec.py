@@ -101,18 +101,15 @@ def license_from_spec(spec: dict[str, Any], now: datetime) -> License:
         locations = spec.get("locations")
         if not isinstance(locations, dict) or not locations:
             raise ValueError("the spec needs at least one [locations.NAME] table")
-        kwargs["locations"] = tuple(
-            Location(name, tuple(_entitlement(f, v) for f, v in features.items()))
-            for name, features in locations.items()
-            if isinstance(features, dict) or _raise(f"locations.{name} must be a table")
-        )
+        built: list[Location] = []
+        for name, features in locations.items():
+            if not isinstance(features, dict):
+                raise ValueError(f"locations.{name} must be a table")
+            built.append(Location(name, tuple(_entitlement(f, v) for f, v in features.items())))
+        kwargs["locations"] = tuple(built)
         return License(**kwargs)
     except (ValueError, TypeError) as exc:
         raise FormatError(f"license spec: {exc}") from None
-
-
-def _raise(message: str) -> bool:
-    raise ValueError(message)
 
 
 def load_spec(text: str, now: datetime) -> License:

@@ -142,12 +142,12 @@ def _bind(
         select(Machine).where(Machine.license_id == row.id, Machine.system_id == request.system_id)
     ).scalar_one_or_none()
     action = "license.reactivate"
+    level = MatchLevel(row.match_level)
+    current = LockingId.parse(request.locking_id)
     if (
         machine is not None
         and row.binding == "machine"
-        and not _same_hardware(
-            machine.locking_id, LockingId.parse(request.locking_id), MatchLevel(row.match_level)
-        )
+        and not _same_hardware(machine.locking_id, current, level)
     ):
         # The same installation on other hardware (a copied state directory, or a new
         # mainboard): that is a recovery, under the recovery rule, never a silent move.
@@ -168,8 +168,6 @@ def _bind(
         bound = session.execute(
             select(Machine.id, Machine.slot, Machine.locking_id).where(Machine.license_id == row.id)
         ).all()
-        level = MatchLevel(row.match_level)
-        current = LockingId.parse(request.locking_id)
         # An instance is its installation, not its hardware: two instances may share a machine.
         same = (
             None

@@ -32,27 +32,35 @@ BATCH = 500
 def sweep(db: Database, now: datetime) -> int:
     """Emit ``checkpoint.overdue`` for every machine past its checkpoint; returns how many."""
     now = utc(now).replace(microsecond=0)
-    with db.read() as session:
-        candidates = session.execute(
-            select(
-                Machine.id,
-                Machine.last_checkin_at,
-                Machine.activated_at,
-                LicenseRow.checkpoint_days,
-            )
-            .join(LicenseRow, LicenseRow.id == Machine.license_id)
-            .where(
-                LicenseRow.checkpoint_days.is_not(None),
-                LicenseRow.status == "active",
-                Machine.checkpoint_overdue_at.is_(None),
-            )
-            .limit(BATCH)
-        ).all()
-    due = [
-        row.id
-        for row in candidates
-        if utc(row.last_checkin_at or row.activated_at) + timedelta(days=row.checkpoint_days) < now
-    ]
+    due: list[int] = []
+    after = 0
+    while True:  # in pages by id, so machines not yet due never hide the due ones
+        with db.read() as session:
+            page = session.execute(
+                select(
+                    Machine.id,
+                    Machine.last_checkin_at,
+                    Machine.activated_at,
+                    LicenseRow.checkpoint_days,
+                )
+                .join(LicenseRow, LicenseRow.id == Machine.license_id)
+                .where(
+                    Machine.id > after,
+                    LicenseRow.checkpoint_days.is_not(None),
+                    LicenseRow.status == "active",
+                    Machine.checkpoint_overdue_at.is_(None),
+                )
+                .order_by(Machine.id)
+                .limit(BATCH)
+            ).all()
+        due.extend(
+            row.id
+            for row in page
+            if utc(row.last_checkin_at or row.activated_at) + timedelta(days=row.checkpoint_days) < now
+        )
+        if len(page) < BATCH:
+            break
+        after = page[-1].id
     emitted = 0
     for machine_id in due:
         with db.write() as session:
