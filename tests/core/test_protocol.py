@@ -209,3 +209,11 @@ def test_random_response_bytes_never_crash(data: bytes) -> None:
         pass
     except FormatError:
         pass
+
+
+def test_the_proof_covers_every_field_but_itself() -> None:
+    """A field added to a request later must be signed too, or it could be changed freely."""
+    import dataclasses
+
+    for cls in (ActivationRequest, CheckinRequest):
+        assert set(cls.COVERED) == {f.name for f in dataclasses.fields(cls)} - {"signature", "mac"}

@@ -185,6 +185,8 @@ def _check_common(obj: dict[str, Any]) -> None:
 @dataclass(frozen=True, slots=True)
 class _AgentRequest:
     TYPE: ClassVar[str] = ""
+    #: The fields the signature or MAC covers: all but the proof itself.
+    COVERED: ClassVar[tuple[str, ...]] = ("license_key", "locking_id", "system_id", "nonce")
     license_key: str
     locking_id: str
     system_id: str
@@ -192,9 +194,7 @@ class _AgentRequest:
     signature: str
 
     def payload(self) -> dict[str, Any]:
-        obj = asdict(self)
-        obj.pop("signature")
-        obj.pop("mac", None)
+        obj = {name: getattr(self, name) for name in self.COVERED}
         obj["protocol"] = PROTOCOL
         obj["type"] = self.TYPE
         return obj
@@ -215,6 +215,7 @@ class ActivationRequest(_AgentRequest):
     """Online activation, and the offline request file: self-signed by the new agent key."""
 
     TYPE: ClassVar[str] = "activate"
+    COVERED: ClassVar[tuple[str, ...]] = (*_AgentRequest.COVERED, "agent_key")
     agent_key: str = ""
 
     @classmethod
