@@ -154,7 +154,7 @@ class SigningKey:
 
     @classmethod
     def from_raw(cls, seed: bytes) -> SigningKey:
-        if not isinstance(seed, bytes | bytearray) or len(seed) != 32:
+        if not isinstance(seed, bytes | bytearray | memoryview) or len(seed) != 32:
             raise KeyFileError("an Ed25519 private key has 32 bytes")
         return cls(nacl.signing.SigningKey(bytes(seed)))
 
