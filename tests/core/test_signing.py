@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+import base64
 import contextlib
 
+import nacl.signing
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tessera.core import Keyring, PublicKey, SigningKey, sign_document
 from tessera.core.errors import FormatError, KeyFileError, SignatureError, UnknownKeyError
 from tessera.core.fileformat import parse
+from tessera.core.signing import key_id_of
 from tessera.core.verify import load_signed
 
 from .test_fileformat import sample
@@ -105,3 +110,67 @@ def test_garbage_is_a_format_error_not_a_signature_error() -> None:
         load_signed(b"garbage\n", KEYRING)
     with pytest.raises(FormatError):
         parse(SIGNED.replace(b"[SIGNATURE]", b"[SIGNATUR]"))
+
+
+# The eight points of small order and the non-canonical spellings of 0 and 1 (RFC 8032
+# section 5.1.3 decoding; libsodium refuses all of them as public keys).
+SMALL_ORDER_KEYS = [
+    bytes(32),
+    b"\x01" + bytes(31),
+    bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+    bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+    bytes.fromhex("ec" + "ff" * 30 + "7f"),
+    bytes.fromhex("ed" + "ff" * 30 + "7f"),
+    bytes.fromhex("ee" + "ff" * 30 + "7f"),
+]
+
+
+@pytest.mark.parametrize("raw", SMALL_ORDER_KEYS + [k[:31] + bytes([k[31] | 0x80]) for k in SMALL_ORDER_KEYS])
+def test_small_order_public_keys_are_refused(raw: bytes) -> None:
+    with pytest.raises(KeyFileError, match="not a valid Ed25519 public key"):
+        PublicKey(raw)
+    with pytest.raises(KeyFileError):
+        Keyring.loads(f"tessera-keyring/1\ned25519 {key_id_of(raw)} {base64.b64encode(raw).decode()}\n")
+
+
+@pytest.mark.parametrize("raw", [bytes([0xEF + i]) + b"\xff" * 30 + b"\x7f" for i in range(0x11)])
+def test_non_canonical_public_keys_are_refused(raw: bytes) -> None:
+    with pytest.raises(KeyFileError, match="non-canonical"):
+        PublicKey(raw)
+
+
+def test_signatures_are_plain_ed25519_interoperable_with_openssl() -> None:
+    """libsodium signs, OpenSSL verifies, and the other way round; the PEM is standard."""
+    openssl = Ed25519PrivateKey.from_private_bytes(KEY.to_raw())
+    data = b"any message"
+    assert KEY.sign(data) == openssl.sign(data)  # Ed25519 is deterministic
+    openssl.public_key().verify(KEY.sign(data), data)
+    assert KEY.public.verify(openssl.sign(data), data)
+    loaded = serialization.load_pem_private_key(KEY.to_pem(b"pw"), password=b"pw")
+    assert isinstance(loaded, Ed25519PrivateKey)
+    assert loaded.public_key().public_bytes_raw() == KEY.public.raw
+
+
+def test_the_identity_key_forgery_is_refused() -> None:
+    """R = identity, S = 0 "signs" anything under a small-order key in lenient verifiers."""
+    identity = b"\x01" + bytes(31)
+    key = object.__new__(PublicKey)  # bypass the constructor's refusal: test verify alone
+    object.__setattr__(key, "raw", identity)
+    object.__setattr__(key, "_key", nacl.signing.VerifyKey(identity))
+    assert not key.verify(identity + bytes(32), b"anything")
+
+
+@pytest.mark.parametrize("length", [0, 63, 65])
+def test_a_signature_of_the_wrong_length_is_false_not_an_exception(length: int) -> None:
+    assert not KEY.public.verify(KEY.sign(b"m")[:length].ljust(length, b"\0"), b"m")
+
+
+def test_a_non_canonical_s_is_refused() -> None:
+    """S + L is the same scalar as S; a strict verifier accepts only S < L."""
+    data = b"message"
+    sig = KEY.sign(data)
+    order = 2**252 + 27742317777372353535851937790883648493
+    s = int.from_bytes(sig[32:], "little") + order
+    assert s < 2**256
+    assert KEY.public.verify(sig, data)
+    assert not KEY.public.verify(sig[:32] + s.to_bytes(32, "little"), data)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 
 from tessera.core.clock import utc
@@ -38,6 +38,7 @@ LOCKING_ID_RE = re.compile(r"^TL1-[A-Z2-7]{8,400}$")
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$")
 B64_RE = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 SECRET_HASH_RE = re.compile(r"^scrypt\$[0-9]+\$[0-9]+\$[0-9]+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$")
+_FEATURE_MATCH = FEATURE_RE.match
 MAX_COUNT = 1_000_000_000
 MAX_TEXT = 200
 
@@ -86,13 +87,15 @@ def check_text(value: str, what: str) -> str:
         or not value
         or value != value.strip()
         or len(value) > MAX_TEXT
-        or any(not ch.isprintable() for ch in value)
+        or not value.isprintable()  # every character printable (and not empty, checked above)
     ):
         raise ValueError(f"invalid {what}: {value!r} (1-{MAX_TEXT} printable characters)")
     return value
 
 
 def _check_timestamp(value: datetime, what: str) -> None:
+    if type(value) is datetime and value.tzinfo is UTC and not value.microsecond:
+        return  # the usual case (parsers and clocks give exactly this): UTC, whole seconds
     if not isinstance(value, datetime) or value.tzinfo is None or value.microsecond:
         raise ValueError(f"invalid {what}: must be a UTC time in whole seconds")
     if utc(value) != value or value.utcoffset() is None or value.utcoffset().total_seconds():  # type: ignore[union-attr]
@@ -112,15 +115,21 @@ class Entitlement:
     expiry: date | None = None
 
     def __post_init__(self) -> None:
-        check_feature_code(self.feature)
-        if isinstance(self.count, bool) or not isinstance(self.count, int):
-            raise ValueError(f"invalid count for {self.feature}: {self.count!r}")
-        if not 0 <= self.count <= MAX_COUNT:
-            raise ValueError(f"invalid count for {self.feature}: {self.count} (0-{MAX_COUNT})")
-        if self.expiry is not None and (
-            not isinstance(self.expiry, date) or isinstance(self.expiry, datetime)
+        # Built thousands of times per bulk run and per file read: the exact types take the
+        # short way through each check, anything else the general one.
+        feature, count, expiry = self.feature, self.count, self.expiry
+        if type(feature) is not str or not _FEATURE_MATCH(feature):
+            check_feature_code(feature)
+        if type(count) is not int and (isinstance(count, bool) or not isinstance(count, int)):
+            raise ValueError(f"invalid count for {feature}: {count!r}")
+        if not 0 <= count <= MAX_COUNT:
+            raise ValueError(f"invalid count for {feature}: {count} (0-{MAX_COUNT})")
+        if (
+            expiry is not None
+            and type(expiry) is not date
+            and (not isinstance(expiry, date) or isinstance(expiry, datetime))
         ):
-            raise ValueError(f"invalid expiry for {self.feature}: {self.expiry!r}")
+            raise ValueError(f"invalid expiry for {feature}: {expiry!r}")
 
     @property
     def permanent(self) -> bool:
@@ -139,7 +148,8 @@ class Location:
 
     def __post_init__(self) -> None:
         check_location_name(self.name)
-        object.__setattr__(self, "entitlements", tuple(self.entitlements))
+        if type(self.entitlements) is not tuple:
+            object.__setattr__(self, "entitlements", tuple(self.entitlements))
         seen: set[str] = set()
         for e in self.entitlements:
             if not isinstance(e, Entitlement):
@@ -192,10 +202,15 @@ class License:
         if not isinstance(self.version, VersionRange):
             raise ValueError(f"invalid version range: {self.version!r}")
         _check_timestamp(self.issued, "issued time")
-        object.__setattr__(self, "binding", Binding(self.binding))
-        object.__setattr__(self, "match", MatchLevel(self.match))
-        object.__setattr__(self, "locations", tuple(self.locations))
-        object.__setattr__(self, "emergency", tuple(self.emergency))
+        # Normalize only what needs it (parsers already pass enums and tuples).
+        if type(self.binding) is not Binding:
+            object.__setattr__(self, "binding", Binding(self.binding))
+        if type(self.match) is not MatchLevel:
+            object.__setattr__(self, "match", MatchLevel(self.match))
+        if type(self.locations) is not tuple:
+            object.__setattr__(self, "locations", tuple(self.locations))
+        if type(self.emergency) is not tuple:
+            object.__setattr__(self, "emergency", tuple(self.emergency))
         names: set[str] = set()
         for loc in self.locations:
             if not isinstance(loc, Location):
