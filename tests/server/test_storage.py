@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import re
+import sqlite3
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, select, text
+from sqlalchemy.exc import OperationalError
 
 from tessera.server.app import ServerState
 from tessera.server.migrate import alembic_config, upgrade
 from tessera.server.models import LicenseRow
-from tessera.server.storage import Database, normalize_db_url
+from tessera.server.storage import SQLITE_CONNECTION_BUSY_MS, Database, normalize_db_url
 from tessera.server.tokens import Principal
 
 from .conftest import START
@@ -33,8 +38,38 @@ def test_sqlite_runs_in_wal_mode_with_normal_sync(tmp_path: object) -> None:
         with db.read() as session:
             assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"
             assert session.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL
-            assert session.execute(text("PRAGMA busy_timeout")).scalar() >= 5000
+            # Short: only starting a write transaction waits, and it polls (next test).
+            assert session.execute(text("PRAGMA busy_timeout")).scalar() == SQLITE_CONNECTION_BUSY_MS
     finally:
+        db.dispose()
+
+
+def test_a_writer_waits_for_another_process_and_gets_in_as_soon_as_it_is_done(tmp_path: Path) -> None:
+    """Another process's write transaction: the writer polls every few milliseconds, so it
+    starts soon after the other one ends (SQLite's own handler waits up to 100 ms between
+    tries, and under steady load a waiter lost every race); past the timeout it fails."""
+    path = tmp_path / "x.db"
+    db = Database(f"sqlite:///{path}")
+    upgrade(db)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.5, lambda: other.execute("COMMIT")).start()
+        started = time.monotonic()
+        with db.write() as session:
+            session.execute(text("CREATE TABLE waited (x INTEGER)"))  # the transaction begins here
+            waited = time.monotonic() - started
+        assert 0.45 < waited < 0.6, waited
+        impatient = Database(f"sqlite:///{path}?timeout=0.3")
+        other.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="locked"), impatient.write() as session:
+            session.execute(text("CREATE TABLE never (x INTEGER)"))
+        assert 0.29 < time.monotonic() - started < 1.0
+        other.execute("ROLLBACK")
+        impatient.dispose()
+    finally:
+        other.close()
         db.dispose()
 
 

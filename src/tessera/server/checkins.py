@@ -52,7 +52,7 @@ from tessera.server.activation import (
     plain_verdict,
 )
 from tessera.server.errors import NotFound, ServiceError
-from tessera.server.storage import Database
+from tessera.server.storage import Database, begin_immediate
 
 __all__ = ["FULL_PATH", "CheckinWriter"]
 
@@ -313,7 +313,7 @@ class _Transaction:
             if db.is_sqlite:
                 self._locked = db.acquire_write_lock()
                 cursor = self._connection.cursor()
-                cursor.execute("BEGIN IMMEDIATE")
+                begin_immediate(cursor.execute, db.busy_timeout)
             else:
                 cursor = self._connection.cursor()
         except BaseException:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,7 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["Database", "describe_db_error", "normalize_db_url"]
+__all__ = ["Database", "begin_immediate", "describe_db_error", "normalize_db_url"]
 
 #: How long a SQLite writer waits for the lock (first its turn in this process, then the
 #: file lock) before the request fails with 503: well under the agent's 15 s HTTP timeout,
@@ -36,6 +37,14 @@ SQLITE_BUSY_TIMEOUT_S = 5.0
 #: an unreachable host that drops packets answers 503 instead of holding the request.
 PG_CONNECT_TIMEOUT_S = 5
 SQLITE_BUSY_TIMEOUT_MS = int(SQLITE_BUSY_TIMEOUT_S * 1000)
+#: A writer waiting for another process's write transaction asks again this often. SQLite's
+#: own busy handler backs off to 100 ms between tries, so under steady writes from a second
+#: server process a waiter kept losing the file lock to that process's next writer and ran
+#: into its timeout (503). Short, even polls share the lock fairly between processes. The
+#: connection's own busy timeout is kept short to match; in WAL mode nothing but starting a
+#: write transaction waits for a lock.
+SQLITE_WRITE_POLL_S = 0.002
+SQLITE_CONNECTION_BUSY_MS = 20
 
 
 def normalize_db_url(url: str) -> str:
@@ -125,6 +134,24 @@ class Database:
         self.engine.dispose()
 
 
+def begin_immediate(execute: Callable[[str], object], timeout: float) -> None:
+    """``BEGIN IMMEDIATE``, asked again every few milliseconds while another process
+    writes, until ``timeout`` seconds have passed (then SQLite's "locked" error stands)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            execute("BEGIN IMMEDIATE")
+            return
+        except Exception as exc:
+            cause = getattr(exc, "orig", None) or exc
+            locked = isinstance(cause, sqlite3.OperationalError) and (
+                "locked" in str(cause) or "busy" in str(cause)
+            )
+            if not locked or time.monotonic() >= deadline:
+                raise
+        time.sleep(SQLITE_WRITE_POLL_S)
+
+
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -134,10 +161,13 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        cursor.execute(f"PRAGMA busy_timeout={min(busy_timeout_ms, SQLITE_CONNECTION_BUSY_MS)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql(connection.get_execution_options().get("tessera_begin", "BEGIN"))
+        if connection.get_execution_options().get("tessera_begin") == "BEGIN IMMEDIATE":
+            begin_immediate(connection.exec_driver_sql, busy_timeout_ms / 1000)
+        else:
+            connection.exec_driver_sql("BEGIN")
