@@ -324,8 +324,9 @@ def _insert_rows(conn: Connection, table: Table, columns: list[str], rows: Itera
     quote = dialect.identifier_preparer.quote
     names = ", ".join(quote(c) for c in columns)
     if dialect.name == "postgresql":
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        with cursor.copy(f"COPY {quote(table.name)} ({names}) FROM STDIN") as copy:
+        driver = conn.connection.driver_connection  # psycopg's, inside this transaction
+        assert driver is not None
+        with driver.cursor() as cursor, cursor.copy(f"COPY {quote(table.name)} ({names}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
         return
