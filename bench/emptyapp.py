@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from fastapi import FastAPI, Request, Response
 
-from tessera.core.protocol import CheckinRequest, ServerResponse
+from tessera.core.protocol import CheckinRequest, ServerResponse, derive_checkin_key
 from tessera.core.signing import SigningKey
 
 app = FastAPI()
@@ -25,6 +25,9 @@ app = FastAPI()
 #: Fixed keys, so the load generator's pre-signed bodies verify in this separate process.
 AGENT_KEY = SigningKey.from_raw(bytes(range(32)))
 VENDOR_KEY = SigningKey.from_raw(bytes(range(32, 64)))
+AGENT_PUBLIC = AGENT_KEY.public.to_base64()
+#: The check-in key an activation would have handed that agent.
+CHECKIN_KEY = derive_checkin_key(b"bench server secret", AGENT_PUBLIC)
 
 
 @app.post("/empty")
@@ -36,11 +39,12 @@ async def empty() -> dict[str, str]:
 async def floor(request: Request) -> Response:
     """The work no correct check-in can skip, and nothing else: no database.
 
-    Parse and check the request, verify the agent's Ed25519 signature, sign the answer.
-    The license server's check-ins are compared with this too: the gap is the database.
+    Parse and check the request, check its MAC with the installation's check-in key, sign
+    the answer with the vendor key. The license server's check-ins are compared with this
+    too: the gap is the database and the rules.
     """
     parsed = CheckinRequest.from_json(await request.body())
-    parsed.verify_with(AGENT_KEY.public)
+    parsed.authenticate(AGENT_PUBLIC, CHECKIN_KEY)
     answer = ServerResponse("checkin", parsed.nonce, datetime.now(UTC).replace(microsecond=0), "2026-000001")
     return Response(answer.signed(VENDOR_KEY).to_json(), media_type="application/json")
 

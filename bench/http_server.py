@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.emptyapp import AGENT_KEY
+from bench.emptyapp import AGENT_KEY, CHECKIN_KEY
 from bench.harness import Context, Row, benchmark, skipped
 from bench.processes import PYTHON, LoadResult, free_port, run_load, serving
 from bench.tessera_server import (
@@ -49,7 +49,7 @@ def sample_body() -> bytes:
     """A check-in request: the baseline receives the same bytes a real endpoint does."""
     return CheckinRequest.create(
         "K7QXM-2VDRT-9HFNA-PC4WE-8BZJY", "TL1-MP5UNZP2ZRSFQMXIPVBGRKZMPWZZK3IG57Y7CM3V5T6EEOS5",
-        "bench-system-0001", AGENT_KEY,
+        "bench-system-0001", AGENT_KEY, CHECKIN_KEY,
     ).to_json()  # fmt: skip
 
 
@@ -94,7 +94,7 @@ def measure_baselines(ctx: Context, duration: float) -> tuple[list[Row], LoadRes
     rows.append(Row("empty FastAPI POST (1 uvicorn worker)", empty["rps"], "req/s", note=latency_note(empty)))
     rows.append(
         Row(
-            "crypto floor POST (verify + sign, no DB)",
+            "crypto floor POST (MAC check + sign, no DB)",
             floor["rps"],
             "req/s",
             "empty FastAPI POST",
@@ -222,7 +222,9 @@ def measure_server(ctx: Context, name: str, duration: float, empty: LoadResult) 
     with backend(name) as url, tessera_server(url) as server:
         ctx.log(f"  {name}: issuing {licenses} licenses x {PER_LICENSE} machines")
         start = time.perf_counter()
-        keys = server.seed(licenses, PER_LICENSE)
+        keys = server.seed(licenses + 1, PER_LICENSE)
+        probe = installations(keys[-1:], 1, prefix="probe")[0]  # its own license, always free
+        keys = keys[:-1]
         issue_rate = licenses / (time.perf_counter() - start)
         insts = installations(keys, PER_LICENSE)
         warm, insts = insts[:64], insts[64:]
@@ -238,11 +240,13 @@ def measure_server(ctx: Context, name: str, duration: float, empty: LoadResult) 
         # The generator takes bodies in order: the first ``requests`` were sent. Check in with
         # those only if every one was bound (else fall back to the warm-up machines).
         ok = insts[: act["requests"]] if act["ok"] == act["requests"] else warm
+        if server.activate(probe) != server.checkin_keys([probe])[0]:
+            raise RuntimeError("the check-in keys derived for the load differ from what the server seals")
         ctx.log(f"  {name}: check-ins for {duration:.0f} s over {len(ok)} installations")
         chk = run_load(
             server.port,
             "/api/v1/checkin",
-            checkin_bodies(ok, count),
+            checkin_bodies(ok, count, server.checkin_keys(ok)),
             duration=duration,
             connections=CONNECTIONS,
         )

@@ -25,8 +25,15 @@ import httpx
 
 from bench.processes import LOOPBACK, free_port, serving
 from tessera.core.fingerprint import locking_id_for
-from tessera.core.protocol import ActivationRequest, CheckinRequest, new_system_id
-from tessera.core.signing import SigningKey
+from tessera.core.protocol import (
+    ActivationRequest,
+    CheckinRequest,
+    ServerResponse,
+    new_system_id,
+    open_checkin_key,
+)
+from tessera.core.signing import Keyring, SigningKey
+from tessera.server.activation import checkin_key_for
 
 __all__ = [
     "Installation",
@@ -77,6 +84,28 @@ class Server:
             timeout=60,
             trust_env=False,
         )
+
+    def checkin_keys(self, insts: Sequence[Installation]) -> list[bytes]:
+        """The check-in keys the activations of ``insts`` handed out, one per installation.
+
+        The load generator throws the activation responses away, so they are derived here as
+        the server derives them (from its secret in the data directory); :meth:`activate`
+        proves on a fresh installation that this is what the server really seals.
+        """
+        pepper = (self.data_dir / "secrets" / "pepper").read_bytes()
+        return [checkin_key_for(pepper, i.agent.public.to_base64()) for i in insts]
+
+    def activate(self, inst: Installation) -> bytes:
+        """Activate one installation the way an agent does; the check-in key it receives."""
+        request = ActivationRequest.create(inst.license_key, inst.locking_id, inst.system_id, inst.agent)
+        with self.admin() as client:
+            reply = client.post("/api/v1/activate", content=request.to_json())
+        reply.raise_for_status()
+        keyring = Keyring.loads((self.data_dir / "vendor.pub").read_bytes())
+        sealed = ServerResponse.from_json(reply.content, keyring, request.nonce).checkin_key
+        if sealed is None:
+            raise RuntimeError("the server handed out no check-in key")
+        return open_checkin_key(sealed, inst.agent)
 
     def seed(self, licenses: int, machines_per_license: int) -> list[str]:
         """A product, a customer, ``licenses`` licenses; their license keys."""
@@ -174,9 +203,18 @@ def activation_bodies(insts: Sequence[Installation]) -> list[bytes]:
     ]
 
 
-def checkin_bodies(insts: Sequence[Installation], count: int) -> list[bytes]:
-    """``count`` check-ins, round robin over ``insts``; each with its own nonce and signature."""
+def checkin_bodies(
+    insts: Sequence[Installation], count: int, checkin_keys: Sequence[bytes] | None = None
+) -> list[bytes]:
+    """``count`` check-ins, round robin over ``insts``; each with its own nonce and MAC (or
+    signature, without ``checkin_keys``)."""
     return [
-        CheckinRequest.create(i.license_key, i.locking_id, i.system_id, i.agent).to_json()
-        for i in (insts[n % len(insts)] for n in range(count))
+        CheckinRequest.create(
+            i.license_key,
+            i.locking_id,
+            i.system_id,
+            i.agent,
+            checkin_keys[n % len(insts)] if checkin_keys else None,
+        ).to_json()
+        for n, i in ((n, insts[n % len(insts)]) for n in range(count))
     ]

@@ -25,7 +25,14 @@ from tessera.core import (
     locking_id_for,
     sign_document,
 )
-from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerResponse
+from tessera.core.protocol import (
+    ActivationRequest,
+    CheckinRequest,
+    ServerResponse,
+    derive_checkin_key,
+    seal_checkin_key,
+)
+from tessera.core.signing import PublicKey
 
 PRODUCT = "cortex"
 VERSION = "4.2"
@@ -84,6 +91,8 @@ class FakeServer:
         self.bodies: list[dict[str, Any]] = []
         self.agent_key: str | None = None
         self.last_response: bytes | None = None
+        self.secret = b"fake server's check-in key secret"
+        self.hand_out_checkin_keys = True
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -110,11 +119,16 @@ class FakeServer:
                 self.clock.now().replace(microsecond=0),
                 "2026-000001",
                 license=self.license_text(act.agent_key),
+                checkin_key=seal_checkin_key(
+                    derive_checkin_key(self.secret, act.agent_key), PublicKey.from_base64(act.agent_key)
+                )
+                if self.hand_out_checkin_keys
+                else None,
             )
         else:
             chk = CheckinRequest.from_json(body)
             assert self.agent_key is not None
-            chk.verify_with(self.agent_key)
+            chk.authenticate(self.agent_key, derive_checkin_key(self.secret, self.agent_key))
             response = ServerResponse(
                 "checkin",
                 chk.nonce,

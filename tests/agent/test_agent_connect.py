@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 
 import pytest
@@ -9,6 +10,7 @@ from agent_support import LICENSE_KEY, LOCKING_ID, FakeServer, make_license
 
 from tessera.agent import Agent, AgentState, BadResponse, ServerRefused, ServerUnreachable
 from tessera.core import ManualClock, SigningKey
+from tessera.core.protocol import derive_checkin_key
 
 ALLOWED_ACTIVATE = {
     "protocol",
@@ -20,7 +22,7 @@ ALLOWED_ACTIVATE = {
     "agent_key",
     "signature",
 }
-ALLOWED_CHECKIN = ALLOWED_ACTIVATE - {"agent_key"}
+ALLOWED_CHECKIN = ALLOWED_ACTIVATE - {"agent_key", "signature"} | {"mac"}
 
 
 def test_activation_imports_the_license(activated: Agent, server: FakeServer) -> None:
@@ -113,6 +115,21 @@ def test_requests_carry_only_allowed_fields(activated: Agent, server: FakeServer
             assert personal not in wire
         for body in server.bodies:
             assert personal not in body.values()
+
+
+def test_checkins_are_maced_with_the_key_from_activation_else_signed(
+    activated: Agent, server: FakeServer
+) -> None:
+    activated.connect()
+    assert "mac" in server.bodies[-1] and "signature" not in server.bodies[-1]
+    assert activated._store.get_all()["checkin_key"] != ""  # kept encrypted, never in clear
+    raw = derive_checkin_key(server.secret, server.agent_key or "")
+    assert base64.b64encode(raw).decode() not in repr(activated._store.get_all())
+    # A server that hands out no check-in key (an older one) gets signed check-ins.
+    server.hand_out_checkin_keys = False
+    activated.activate("https://license.example", LICENSE_KEY)
+    activated.connect()
+    assert "signature" in server.bodies[-1] and "mac" not in server.bodies[-1]
 
 
 def test_background_thread_checks_in(activated: Agent, server: FakeServer, clock: ManualClock) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 from datetime import UTC, datetime
@@ -15,8 +16,11 @@ from tessera.core.protocol import (
     ActivationRequest,
     CheckinRequest,
     ServerResponse,
+    derive_checkin_key,
     new_nonce,
     new_system_id,
+    open_checkin_key,
+    seal_checkin_key,
 )
 
 VENDOR = SigningKey.from_raw(bytes(range(32)))
@@ -62,6 +66,80 @@ def test_checkin_request_verifies_only_with_the_registered_key() -> None:
     request.verify_with(AGENT.public)
     with pytest.raises(SignatureError):
         request.verify_with(VENDOR.public)
+
+
+def checkin_key() -> bytes:
+    return derive_checkin_key(b"server secret" * 3, AGENT.public.to_base64())
+
+
+def test_checkin_key_is_bound_to_the_agent_key_and_the_server_secret() -> None:
+    other_agent = derive_checkin_key(b"server secret" * 3, VENDOR.public.to_base64())
+    other_server = derive_checkin_key(b"another secret", AGENT.public.to_base64())
+    assert len(checkin_key()) == 32
+    assert len({checkin_key(), other_agent, other_server}) == 3
+
+
+def test_sealed_checkin_key_opens_only_for_its_agent() -> None:
+    sealed = seal_checkin_key(checkin_key(), AGENT.public)
+    assert checkin_key().hex() not in sealed and open_checkin_key(sealed, AGENT) == checkin_key()
+    with pytest.raises(FormatError):
+        open_checkin_key(sealed, VENDOR)
+    with pytest.raises(FormatError):
+        open_checkin_key("not base64!", AGENT)
+
+
+def test_maced_checkin_request_authenticates_only_with_its_key() -> None:
+    made = CheckinRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT, checkin_key())
+    body = json.loads(made.to_json())
+    assert set(body) == {"protocol", "type", "license_key", "locking_id", "system_id", "nonce", "mac"}
+    request = CheckinRequest.from_json(made.to_json())
+    assert request == made
+    request.authenticate(AGENT.public.to_base64(), checkin_key())
+    with pytest.raises(SignatureError):
+        request.authenticate(AGENT.public.to_base64(), bytes(32))
+    body["system_id"] = new_system_id()  # tampered: the MAC covers every field
+    with pytest.raises(SignatureError):
+        CheckinRequest.from_json(json.dumps(body)).authenticate(AGENT.public.to_base64(), checkin_key())
+
+
+def test_signed_checkin_request_still_authenticates_by_the_agent_key() -> None:
+    request = CheckinRequest.from_json(
+        CheckinRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT).to_json()
+    )
+    request.authenticate(AGENT.public.to_base64(), checkin_key())
+    with pytest.raises(SignatureError):
+        request.authenticate(VENDOR.public.to_base64(), checkin_key())
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda b: b.update(signature=base64.b64encode(bytes(64)).decode()),  # both
+        lambda b: b.pop("mac"),  # neither
+        lambda b: b.update(mac="AAAA"),  # not 32 bytes
+    ],
+)
+def test_checkin_request_needs_exactly_one_proof(mutate) -> None:  # type: ignore[no-untyped-def]
+    body = json.loads(CheckinRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT, checkin_key()).to_json())
+    mutate(body)
+    with pytest.raises(FormatError):
+        CheckinRequest.from_json(json.dumps(body))
+
+
+def test_checkin_key_only_travels_in_a_signed_activation_response() -> None:
+    nonce = new_nonce()
+    sealed = seal_checkin_key(checkin_key(), AGENT.public)
+    when = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+    good = ServerResponse("activation", nonce, when, "2026-000123", checkin_key=sealed).signed(VENDOR)
+    again = ServerResponse.from_json(good.to_json(), Keyring([VENDOR.public]), nonce)
+    assert again.checkin_key == sealed
+    body = json.loads(good.to_json())
+    body["checkin_key"] = seal_checkin_key(bytes(32), AGENT.public)  # swapped in transit
+    with pytest.raises(SignatureError):
+        ServerResponse.from_json(json.dumps(body), Keyring([VENDOR.public]), nonce)
+    wrong_kind = ServerResponse("checkin", nonce, when, "2026-000123", checkin_key=sealed).signed(VENDOR)
+    with pytest.raises(FormatError):
+        ServerResponse.from_json(wrong_kind.to_json(), Keyring([VENDOR.public]), nonce)
 
 
 @pytest.mark.parametrize(
@@ -131,3 +209,11 @@ def test_random_response_bytes_never_crash(data: bytes) -> None:
         pass
     except FormatError:
         pass
+
+
+def test_the_proof_covers_every_field_but_itself() -> None:
+    """A field added to a request later must be signed too, or it could be changed freely."""
+    import dataclasses
+
+    for cls in (ActivationRequest, CheckinRequest):
+        assert set(cls.COVERED) == {f.name for f in dataclasses.fields(cls)} - {"signature", "mac"}

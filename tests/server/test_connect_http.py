@@ -13,12 +13,14 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import uvicorn
+from sqlalchemy import select
 
 from tessera.core.clock import ManualClock
-from tessera.core.protocol import ServerResponse
+from tessera.core.protocol import CheckinRequest, ServerResponse, open_checkin_key
 from tessera.core.signing import Keyring, SigningKey
-from tessera.server import licenses
+from tessera.server import activation, licenses
 from tessera.server.app import ServerState, create_app
+from tessera.server.models import Checkin
 from tessera.server.storage import Database
 from tessera.server.tokens import Principal
 
@@ -66,6 +68,44 @@ def test_checkin_with_a_forged_signature_is_refused(
     checkin["signature"] = base64.b64encode(SigningKey.generate().sign(b"x")).decode()
     response = live_server.client().post("/api/v1/checkin", json=checkin)
     assert response.status_code == 403 and "signature" in response.json()["detail"]
+
+
+def test_checkin_key_from_activation_macs_check_ins(
+    live_server: LiveServer, state: ServerState, admin: Principal, keyring: Keyring
+) -> None:
+    """The activation response seals the installation's check-in key to its agent key; a
+    check-in MACed with it is recorded, a wrong MAC is refused and records nothing."""
+    serial, key = setup_license(state, admin, START)
+    a = agent(1)
+    request = a.activation(key)
+    reply = live_server.client().post("/api/v1/activate", content=request.to_json())
+    assert reply.status_code == 200
+    sealed = ServerResponse.from_json(reply.content, keyring, request.nonce).checkin_key
+    assert sealed is not None
+    checkin_key = open_checkin_key(sealed, a.key)
+    assert checkin_key == activation.checkin_key_for(state.pepper, a.key.public.to_base64())
+
+    def checkins() -> int:
+        with state.db.read() as session:
+            return len(session.execute(select(Checkin)).all())
+
+    maced = CheckinRequest.create(key, a.locking_id, a.system_id, a.key, checkin_key)
+    reply = live_server.client().post("/api/v1/checkin", content=maced.to_json())
+    assert reply.status_code == 200, reply.text
+    assert ServerResponse.from_json(reply.content, keyring, maced.nonce).serial == serial
+    assert checkins() == 1
+    wrong = CheckinRequest.create(key, a.locking_id, a.system_id, a.key, bytes(32))
+    reply = live_server.client().post("/api/v1/checkin", content=wrong.to_json())
+    assert reply.status_code == 403 and "signature" in reply.json()["detail"]
+    # Another installation's key does not fit either, though the server made it too.
+    other = activation.checkin_key_for(state.pepper, agent(2).key.public.to_base64())
+    stolen = CheckinRequest.create(key, a.locking_id, a.system_id, a.key, other)
+    assert live_server.client().post("/api/v1/checkin", content=stolen.to_json()).status_code == 403
+    assert checkins() == 1
+    # An agent that has no check-in key (activated offline) still signs, and is recorded.
+    signed = a.checkin(key)
+    assert live_server.client().post("/api/v1/checkin", content=signed.to_json()).status_code == 200
+    assert checkins() == 2
 
 
 @pytest.fixture

@@ -65,7 +65,7 @@ from tessera.core.model import (
     check_feature_code,
     check_product_code,
 )
-from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerResponse
+from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerResponse, open_checkin_key
 from tessera.core.signing import Keyring, SigningKey
 from tessera.core.verify import check_binding, check_pair
 
@@ -491,6 +491,11 @@ class Agent:
     def _agent_public(meta: Mapping[str, str]) -> str | None:
         return meta.get("agent_public")
 
+    def _checkin_key(self, meta: Mapping[str, str]) -> bytes | None:
+        """The key check-ins are MACed with (online activation only; else they are signed)."""
+        blob = meta.get("checkin_key")
+        return None if blob is None else self._store.decrypt("checkin key", blob)
+
     def _license_key(self, meta: Mapping[str, str]) -> str | None:
         blob = meta.get("license_key")
         return None if blob is None else self._store.decrypt("license key", blob).decode("ascii")
@@ -659,12 +664,17 @@ class Agent:
             if response.identity is not None:
                 self._import_identity(response.identity)
             self._import_license_text(response.license, from_server=True)
-            self._store.put(
-                {
-                    "server_url": server_url,
-                    "server_ca": None if ca_pem is None else ca_pem.decode("ascii"),
-                }
-            )
+            settings: dict[str, str | None] = {
+                "server_url": server_url,
+                "server_ca": None if ca_pem is None else ca_pem.decode("ascii"),
+                "checkin_key": None,  # another server's key would not fit
+            }
+            if response.checkin_key is not None:
+                agent_key = self._agent_signing_key(self._store.get_all())
+                assert agent_key is not None  # made by activation_request above
+                checkin_key = open_checkin_key(response.checkin_key, agent_key)
+                settings["checkin_key"] = self._store.encrypt("checkin key", checkin_key)
+            self._store.put(settings)
             self._record_success(response)
             return self._rebuild().status
 
@@ -681,7 +691,9 @@ class Agent:
                     "with (run 'tessera agent activate')"
                 )
             ca = meta.get("server_ca")
-            request = CheckinRequest.create(license_key, self.locking_id, self.system_id, key)
+            request = CheckinRequest.create(
+                license_key, self.locking_id, self.system_id, key, self._checkin_key(meta)
+            )
             try:
                 with self._client(url, None if ca is None else ca.encode("ascii")) as client:
                     response = client.post(CHECKIN_PATH, request.to_json(), request.nonce)

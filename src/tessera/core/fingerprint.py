@@ -19,6 +19,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import itertools
 import os
 import re
 import socket
@@ -100,10 +101,14 @@ class LockingId:
             if kind not in COMPONENT_KINDS:
                 raise ValueError("not a Locking ID (unknown component)")
             components.append(Component(kind, raw[i + 1 : i + step]))
-        result = cls(tuple(components))
-        if str(result) != text:
+        # Canonical means: the components strictly ascending (sorted, no duplicates) and the
+        # base32 spelled exactly as __str__ spells it. Checked on the parts, without
+        # re-encoding the whole ID through __post_init__ and __str__.
+        if any(a >= b for a, b in itertools.pairwise(components)) or (
+            base64.b32encode(raw).decode("ascii").rstrip("=") != body
+        ):
             raise ValueError("not a Locking ID (not canonical)")
-        return result
+        return cls(tuple(components))
 
     @property
     def weight(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 
 __all__ = ["generate_license_key", "license_key_digest", "normalize_license_key"]
@@ -16,6 +17,8 @@ __all__ = ["generate_license_key", "license_key_digest", "normalize_license_key"
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _FOLD = str.maketrans({"O": "0", "I": "1", "L": "1"})
 _LENGTH = 25
+#: The normalized spelling itself: such input needs no folding (the fast, common case).
+_CANONICAL_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{5}(?:-[0-9A-HJKMNP-TV-Z]{5}){4}")
 
 
 def generate_license_key() -> str:
@@ -33,6 +36,8 @@ def normalize_license_key(text: str) -> str:
     """Canonical spelling (grouped, upper case); ``ValueError`` if it cannot be a key."""
     if not isinstance(text, str) or len(text) > 100:
         raise ValueError("not a license key")
+    if _CANONICAL_RE.fullmatch(text):
+        return text
     raw = "".join(text.split()).replace("-", "").upper().translate(_FOLD)
     if len(raw) != _LENGTH or any(ch not in _ALPHABET for ch in raw):
         raise ValueError("not a license key (expected 25 letters and digits, e.g. XXXXX-XXXXX-...)")

@@ -6,8 +6,14 @@ whitespace, ASCII) without the signature fields:
 * requests (activation, check-in, the offline request file) by the agent's own Ed25519 key,
   made at activation; an activation request carries that public key and so proves
   possession of it;
+* or, for check-ins, by an HMAC-SHA256 with the installation's *check-in key*: the server
+  derives it from its own secret and the registered agent key (so it stores nothing new),
+  and hands it over once, in the activation response, sealed to the agent's key. Only the
+  server and that installation know it, so it authenticates the agent as well as a
+  signature does, for a fortieth of the server's cost (check-ins are most of its work);
 * responses by the vendor key, and they echo the request's nonce, so a recorded response
-  cannot be replayed to another request.
+  cannot be replayed to another request. Responses stay asymmetric: an agent must not be
+  able to forge its own server's answers.
 
 A request carries only what the spec allows on the wire: Locking ID, system ID, license
 key, nonce and signature (plus the agent's public key when activating). No user names, host
@@ -18,6 +24,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -25,6 +33,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
+
+from nacl.exceptions import CryptoError
+from nacl.public import PrivateKey as _BoxPrivateKey
+from nacl.public import SealedBox
+from nacl.signing import SigningKey as _NaclSigningKey
+from nacl.signing import VerifyKey as _NaclVerifyKey
 
 from tessera.core.errors import FormatError, SignatureError, VerificationError
 from tessera.core.fileformat import KEY_ID_RE, format_timestamp, parse_timestamp
@@ -41,8 +55,11 @@ __all__ = [
     "CheckinRequest",
     "ServerResponse",
     "canonical_json",
+    "derive_checkin_key",
     "new_nonce",
     "new_system_id",
+    "open_checkin_key",
+    "seal_checkin_key",
 ]
 
 PROTOCOL = "tessera-connect/1"
@@ -54,10 +71,50 @@ DIRECTIVES = ("lock", "revoke")
 _NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
 _SYSTEM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _B64_RE = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
+_MAC_RE = re.compile(r"^[A-Za-z0-9+/]{43}=$")  # 32 bytes
 
 
 def canonical_json(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+CHECKIN_KEY_SIZE = 32
+_CHECKIN_KEY_CONTEXT = b"tessera-connect/1 checkin key\0"
+
+
+def derive_checkin_key(server_secret: bytes, agent_key: str) -> bytes:
+    """The check-in key of the installation registered with ``agent_key`` (base64).
+
+    Bound to the agent key, so a new activation with a new key gets a new check-in key and
+    the server never stores one.
+    """
+    return hmac.digest(server_secret, _CHECKIN_KEY_CONTEXT + agent_key.encode("ascii"), hashlib.sha256)
+
+
+def seal_checkin_key(checkin_key: bytes, agent_key: PublicKey) -> str:
+    """``checkin_key`` readable only by the holder of ``agent_key``'s private key.
+
+    A libsodium sealed box to the X25519 form of the agent's Ed25519 key, so the key is not
+    in clear even where TLS is terminated on the way.
+    """
+    box_key = _NaclVerifyKey(agent_key.raw).to_curve25519_public_key()
+    return _b64(SealedBox(box_key).encrypt(checkin_key))
+
+
+def open_checkin_key(sealed: str, agent: SigningKey) -> bytes:
+    """The check-in key sealed to ``agent``; ``FormatError`` if it is not one."""
+    box_key: _BoxPrivateKey = _NaclSigningKey(agent.to_raw()).to_curve25519_private_key()
+    try:
+        key = SealedBox(box_key).decrypt(_unb64(sealed, "checkin_key"))
+    except CryptoError:
+        raise FormatError("field 'checkin_key' is not sealed to this agent's key") from None
+    if len(key) != CHECKIN_KEY_SIZE:
+        raise FormatError("field 'checkin_key' is malformed")
+    return key
+
+
+def _mac(checkin_key: bytes, payload: bytes) -> str:
+    return _b64(hmac.digest(checkin_key, payload, hashlib.sha256))
 
 
 def new_nonce() -> str:
@@ -128,6 +185,8 @@ def _check_common(obj: dict[str, Any]) -> None:
 @dataclass(frozen=True, slots=True)
 class _AgentRequest:
     TYPE: ClassVar[str] = ""
+    #: The fields the signature or MAC covers: all but the proof itself.
+    COVERED: ClassVar[tuple[str, ...]] = ("license_key", "locking_id", "system_id", "nonce")
     license_key: str
     locking_id: str
     system_id: str
@@ -135,8 +194,7 @@ class _AgentRequest:
     signature: str
 
     def payload(self) -> dict[str, Any]:
-        obj = asdict(self)
-        obj.pop("signature")
+        obj = {name: getattr(self, name) for name in self.COVERED}
         obj["protocol"] = PROTOCOL
         obj["type"] = self.TYPE
         return obj
@@ -157,6 +215,7 @@ class ActivationRequest(_AgentRequest):
     """Online activation, and the offline request file: self-signed by the new agent key."""
 
     TYPE: ClassVar[str] = "activate"
+    COVERED: ClassVar[tuple[str, ...]] = (*_AgentRequest.COVERED, "agent_key")
     agent_key: str = ""
 
     @classmethod
@@ -193,26 +252,60 @@ class ActivationRequest(_AgentRequest):
 
 @dataclass(frozen=True, slots=True)
 class CheckinRequest(_AgentRequest):
-    """Periodic validation; signed by the agent key the server registered at activation."""
+    """Periodic validation: a MAC with the installation's check-in key (``mac``) or, before
+    the agent has one (activated offline), a signature by its registered agent key."""
 
     TYPE: ClassVar[str] = "checkin"
+    mac: str = ""
 
     @classmethod
-    def create(cls, license_key: str, locking_id: str, system_id: str, agent: SigningKey) -> CheckinRequest:
+    def create(
+        cls,
+        license_key: str,
+        locking_id: str,
+        system_id: str,
+        agent: SigningKey,
+        checkin_key: bytes | None = None,
+    ) -> CheckinRequest:
         unsigned = cls(normalize_license_key(license_key), locking_id, system_id, new_nonce(), "")
-        sig = agent.sign(canonical_json(unsigned.payload()))
-        return cls(**{**asdict(unsigned), "signature": _b64(sig)})
+        payload = canonical_json(unsigned.payload())
+        if checkin_key is not None:
+            return cls(**{**asdict(unsigned), "mac": _mac(checkin_key, payload)})
+        return cls(**{**asdict(unsigned), "signature": _b64(agent.sign(payload))})
+
+    def to_json(self) -> bytes:
+        obj = self.payload()
+        if self.mac:
+            obj["mac"] = self.mac
+        else:
+            obj["signature"] = self.signature
+        return canonical_json(obj)
+
+    def authenticate(self, agent_key: str, checkin_key: bytes) -> None:
+        """Check the MAC with ``checkin_key``, or the signature with ``agent_key``."""
+        if not self.mac:
+            self.verify_with(agent_key)
+            return
+        expected = _mac(checkin_key, canonical_json(self.payload()))
+        if not hmac.compare_digest(expected, self.mac):
+            raise SignatureError("request MAC does not match the installation's check-in key")
 
     @classmethod
     def from_json(cls, data: bytes | str | Mapping[str, Any]) -> CheckinRequest:
-        """Parse only: the caller verifies with the registered key (:meth:`verify_with`)."""
+        """Parse only: the caller checks it with the registered key (:meth:`authenticate`)."""
         obj = _load_object(data, "check-in request")
         names = {"protocol", "type", "license_key", "locking_id", "system_id", "nonce"}
-        _fields(obj, names | {"signature"}, set(), "check-in request")
+        _fields(obj, names, {"signature", "mac"}, "check-in request")
         if obj["type"] != cls.TYPE:
             raise FormatError("not a check-in request")
         _check_common(obj)
-        _string(obj, "signature", _B64_RE)
+        if ("signature" in obj) == ("mac" in obj):
+            raise FormatError("check-in request needs exactly one of 'signature' and 'mac'")
+        if "mac" in obj:
+            _string(obj, "mac", _MAC_RE)
+            obj["signature"] = ""
+        else:
+            _string(obj, "signature", _B64_RE)
         del obj["protocol"], obj["type"]
         return cls(**obj)
 
@@ -233,6 +326,8 @@ class ServerResponse:
     identity: str | None = None
     directives: tuple[str, ...] = ()
     message: str | None = None
+    #: Activation only: the installation's check-in key, sealed to its agent key.
+    checkin_key: str | None = field(default=None, repr=False)
     key_id: str = field(default="", repr=False)
     signature: str = field(default="", repr=False)
 
@@ -245,7 +340,7 @@ class ServerResponse:
             "serial": self.serial,
             "directives": list(self.directives),
         }
-        for name in ("license", "identity", "message"):
+        for name in ("license", "identity", "message", "checkin_key"):
             value = getattr(self, name)
             if value is not None:
                 obj[name] = value
@@ -268,7 +363,7 @@ class ServerResponse:
         """Parse, verify the vendor signature and that it answers *this* request."""
         obj = _load_object(data, "server response")
         required = {"protocol", "type", "nonce", "server_time", "serial", "directives"}
-        optional = {"license", "identity", "message"}
+        optional = {"license", "identity", "message", "checkin_key"}
         _fields(obj, required | {"key_id", "signature"}, optional, "server response")
         kind = obj["type"]
         if kind not in ("activation", "checkin"):
@@ -281,6 +376,8 @@ class ServerResponse:
         for name in ("license", "identity", "message"):
             if name in obj and not isinstance(obj[name], str):
                 raise FormatError(f"field {name!r} is malformed")
+        if "checkin_key" in obj and (kind != "activation" or not isinstance(obj["checkin_key"], str)):
+            raise FormatError("field 'checkin_key' is malformed")
         try:
             server_time = parse_timestamp(_string(obj, "server_time"))
         except ValueError:
@@ -294,6 +391,7 @@ class ServerResponse:
             obj.get("identity"),
             tuple(directives),
             obj.get("message"),
+            obj.get("checkin_key"),
             key_id,
             obj["signature"],
         )

@@ -9,9 +9,12 @@ checked on every request, not only on the first binding.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from typing import NamedTuple
 
 from sqlalchemy import and_, bindparam, exists, insert, or_, select, update
 from sqlalchemy.orm import Session
@@ -22,8 +25,14 @@ from tessera.core.errors import SignatureError, TesseraError
 from tessera.core.fingerprint import LockingId, match_locking_ids
 from tessera.core.licensekey import license_key_digest
 from tessera.core.model import MatchLevel
-from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerResponse
-from tessera.core.signing import SigningKey
+from tessera.core.protocol import (
+    ActivationRequest,
+    CheckinRequest,
+    ServerResponse,
+    derive_checkin_key,
+    seal_checkin_key,
+)
+from tessera.core.signing import PublicKey, SigningKey
 from tessera.server import audit, recovery, webhooks
 from tessera.server.errors import Forbidden, NotFound, RecordedRefusal
 from tessera.server.licenses import (
@@ -43,7 +52,21 @@ from tessera.server.models import (
 from tessera.server.portal import PortalVerdict
 from tessera.server.tokens import Principal, Role, require
 
-__all__ = ["Activation", "activate", "activate_offline", "checkin"]
+__all__ = [
+    "CHECKIN_LOOKUP",
+    "RECORD_CHECKIN",
+    "RECORD_MACHINE",
+    "Activation",
+    "CheckinFound",
+    "CheckinVerdict",
+    "activate",
+    "activate_offline",
+    "check_checkin",
+    "checkin",
+    "checkin_key_for",
+    "lookup_checkin",
+    "plain_verdict",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +307,7 @@ def activate(
         serial=result.serial,
         license=result.license_file,
         identity=result.identity_file,
+        checkin_key=_sealed_checkin_key(pepper, request.agent_key),
     ).signed(signing_key)
 
 
@@ -313,7 +337,7 @@ def activate_offline(
 
 # The check-in's statements, built once: constructing SQL per request costs more than
 # running it.
-_CHECKIN_LOOKUP = (
+CHECKIN_LOOKUP = (
     select(
         LicenseRow.id,
         LicenseRow.serial,
@@ -348,7 +372,7 @@ _CHECKIN_LOOKUP = (
     )
     .where(LicenseRow.key_digest == bindparam("digest"))
 )
-_RECORD_MACHINE = (
+RECORD_MACHINE = (
     update(Machine)
     .where(Machine.id == bindparam("machine_id"))
     .values(
@@ -357,36 +381,97 @@ _RECORD_MACHINE = (
         checkpoint_overdue_at=None,
     )
 )
-_RECORD_CHECKIN = insert(Checkin).values(
+RECORD_CHECKIN = insert(Checkin).values(
     machine_id=bindparam("machine_id"), at=bindparam("now"), outcome=bindparam("outcome")
 )
 
 
-def checkin(
-    session: Session, request: CheckinRequest, now: datetime, signing_key: SigningKey, pepper: bytes
-) -> ServerResponse:
-    """Periodic validation: record it, and ship the license again if it changed centrally.
+class CheckinFound(NamedTuple):
+    """What one lookup (:data:`CHECKIN_LOOKUP`, same column order) knows of a check-in."""
 
-    The hot path of the server, so it runs as a few Core statements on the session's
-    connection (no ORM objects) and loads the whole license only when it must be re-sent.
-    """
-    conn = session.connection()
-    found = conn.execute(
-        _CHECKIN_LOOKUP,
-        {
-            "system_id": request.system_id,
-            "digest": license_key_digest(request.license_key, pepper),
-            "today": utc(now).date(),
-        },
-    ).first()
+    id: int
+    serial: str
+    status: str
+    revision: int
+    match_level: str
+    binding: str
+    machine_id: int | None
+    slot: int | None
+    locking_id: str | None
+    agent_key: str | None
+    delivered_revision: int | None
+    valid: bool
+    blacklisted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CheckinVerdict:
+    """What a check-in records and answers; the response is signed only once it is recorded."""
+
+    machine_id: int
+    serial: str
+    outcome: str
+    delivered_revision: int
+    directives: tuple[str, ...] = ()
+    message: str | None = None
+    license_file: str | None = None
+
+    def response(self, request: CheckinRequest, now: datetime, signing_key: SigningKey) -> ServerResponse:
+        return ServerResponse(
+            kind="checkin",
+            nonce=request.nonce,
+            server_time=utc(now).replace(microsecond=0),
+            serial=self.serial,
+            license=self.license_file,
+            directives=self.directives,
+            message=self.message,
+        ).signed(signing_key)
+
+
+def lookup_checkin(session: Session, request: CheckinRequest, now: datetime, pepper: bytes) -> CheckinFound:
+    found = (
+        session.connection()
+        .execute(
+            CHECKIN_LOOKUP,
+            {
+                "system_id": request.system_id,
+                "digest": license_key_digest(request.license_key, pepper),
+                "today": utc(now).date(),
+            },
+        )
+        .first()
+    )
     if found is None:
         raise NotFound("unknown license key")
-    if found.machine_id is None:
-        return _checkin_recovered(session, request, found.id, found.serial, now, signing_key)
+    return CheckinFound._make(found)
+
+
+@lru_cache(maxsize=4)
+def _checkin_secret(pepper: bytes) -> bytes:
+    """The server secret check-in keys are derived from (separate from key digests)."""
+    return hmac.digest(pepper, b"tessera checkin keys", hashlib.sha256)
+
+
+def checkin_key_for(pepper: bytes, agent_key: str) -> bytes:
+    """The check-in key of the installation registered with ``agent_key``."""
+    return derive_checkin_key(_checkin_secret(pepper), agent_key)
+
+
+def _sealed_checkin_key(pepper: bytes, agent_key: str) -> str:
+    return seal_checkin_key(checkin_key_for(pepper, agent_key), PublicKey.from_base64(agent_key))
+
+
+def _authenticate(request: CheckinRequest, agent_key: str, pepper: bytes) -> None:
     try:
-        request.verify_with(found.agent_key)
+        request.authenticate(agent_key, checkin_key_for(pepper, agent_key) if request.mac else b"")
     except (SignatureError, TesseraError):
         raise Forbidden("bad request signature (not signed by the key registered at activation)") from None
+
+
+def check_checkin(found: CheckinFound, request: CheckinRequest, pepper: bytes) -> None:
+    """The checks a check-in from a bound machine passes before anything is recorded."""
+    assert found.agent_key is not None and found.locking_id is not None  # a bound machine
+    _authenticate(request, found.agent_key, pepper)
     licensed = _parsed(found.locking_id)  # cached: only IDs the server stored itself
     try:
         current = LockingId.parse(request.locking_id)
@@ -401,23 +486,58 @@ def checkin(
         and not match_locking_ids(licensed, current, MatchLevel(found.match_level)).ok
     ):
         raise Forbidden(f"this machine no longer matches the one license {found.serial} is bound to")
-    directives: tuple[str, ...] = ()
-    message: str | None = None
-    license_file: str | None = None
-    outcome = "ok"
-    delivered = found.delivered_revision
+
+
+def plain_verdict(found: CheckinFound) -> CheckinVerdict | None:
+    """The verdict on a bound, not blacklisted machine; None when a new revision must go out."""
+    assert found.machine_id is not None and found.delivered_revision is not None
+    if found.status == "revoked":
+        return CheckinVerdict(
+            found.machine_id, found.serial, "revoked", found.delivered_revision, ("revoke",),
+            f"license {found.serial} has been revoked",
+        )  # fmt: skip
+    if found.delivered_revision != found.revision:
+        return None
+    return _expired_or(CheckinVerdict(found.machine_id, found.serial, "ok", found.delivered_revision), found)
+
+
+def _expired_or(verdict: CheckinVerdict, found: CheckinFound) -> CheckinVerdict:
+    if found.valid:
+        return verdict
+    return CheckinVerdict(
+        verdict.machine_id, verdict.serial, "expired", verdict.delivered_revision, verdict.directives,
+        f"license {found.serial} has expired", verdict.license_file,
+    )  # fmt: skip
+
+
+def checkin(
+    session: Session, request: CheckinRequest, now: datetime, signing_key: SigningKey, pepper: bytes
+) -> ServerResponse:
+    """Periodic validation: record it, and ship the license again if it changed centrally.
+
+    The plain case (most check-ins) is also served by :mod:`tessera.server.checkins` in
+    batches; this is the whole rule set, for every case, in a transaction of its own.
+    """
+    found = lookup_checkin(session, request, now, pepper)
+    if found.machine_id is None:
+        return _checkin_recovered(session, request, found.id, found.serial, now, signing_key, pepper)
+    assert found.locking_id is not None and found.agent_key is not None and found.slot is not None
+    check_checkin(found, request, pepper)
+    verdict: CheckinVerdict | None
     if found.blacklisted:
         # The honeypot: the whole container stops, every license on it.
-        directives, outcome = ("lock",), "locked"
-        message = "this machine's container is blacklisted by the vendor"
         recovery.record_hit(
             session, at=now, locking_id=found.locking_id, serial=found.serial, how="checkin",
             action="lock",
         )  # fmt: skip
-    elif found.status == "revoked":
-        directives, outcome = ("revoke",), "revoked"
-        message = f"license {found.serial} has been revoked"
-    elif delivered != found.revision:
+        assert found.delivered_revision is not None
+        verdict = CheckinVerdict(
+            found.machine_id, found.serial, "locked", found.delivered_revision, ("lock",),
+            "this machine's container is blacklisted by the vendor",
+        )  # fmt: skip
+    else:
+        verdict = plain_verdict(found)
+    if verdict is None:
         row = session.get(LicenseRow, found.id)
         assert row is not None  # read in this transaction
         doc = license_document(
@@ -428,21 +548,19 @@ def checkin(
             license_key=request.license_key,
             instance_id=instance_id_for(found.serial, found.slot) if found.binding == "instance" else None,
         )
-        license_file = sign_document(doc, signing_key)
-        delivered, outcome = found.revision, "updated"
-    if outcome not in ("revoked", "locked") and not found.valid:
-        message, outcome = f"license {found.serial} has expired", "expired"
-    conn.execute(_RECORD_MACHINE, {"machine_id": found.machine_id, "now": now, "delivered": delivered})
-    conn.execute(_RECORD_CHECKIN, {"machine_id": found.machine_id, "now": now, "outcome": outcome})
-    return ServerResponse(
-        kind="checkin",
-        nonce=request.nonce,
-        server_time=utc(now).replace(microsecond=0),
-        serial=found.serial,
-        license=license_file,
-        directives=directives,
-        message=message,
-    ).signed(signing_key)
+        verdict = _expired_or(
+            CheckinVerdict(
+                found.machine_id, found.serial, "updated", found.revision,
+                license_file=sign_document(doc, signing_key),
+            ),
+            found,
+        )  # fmt: skip
+    conn = session.connection()
+    conn.execute(
+        RECORD_MACHINE, {"machine_id": found.machine_id, "now": now, "delivered": verdict.delivered_revision}
+    )
+    conn.execute(RECORD_CHECKIN, {"machine_id": found.machine_id, "now": now, "outcome": verdict.outcome})
+    return verdict.response(request, now, signing_key)
 
 
 def _checkin_recovered(
@@ -452,6 +570,7 @@ def _checkin_recovered(
     serial: str,
     now: datetime,
     signing_key: SigningKey,
+    pepper: bytes,
 ) -> ServerResponse:
     """The old machine of a recovered license checks in: it learns what became of it."""
     old = session.execute(
@@ -465,10 +584,7 @@ def _checkin_recovered(
     ).scalar_one_or_none()
     if old is None:
         raise Forbidden(f"this installation is not activated for license {serial}")
-    try:
-        request.verify_with(old.agent_key)
-    except (SignatureError, TesseraError):
-        raise Forbidden("bad request signature (not signed by the key registered at activation)") from None
+    _authenticate(request, old.agent_key, pepper)
     entry = recovery.blacklist_entry(session, old.locking_id)
     if entry is not None and entry.scope == "container":
         directives: tuple[str, ...] = ("lock",)

@@ -34,6 +34,7 @@ from tessera.core.errors import FormatError, SignatureError, TesseraError
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest, CheckinRequest
 from tessera.core.signing import SigningKey
 from tessera.server import activation, audit, bulk, catalog, leases, licenses, recovery, webhooks
+from tessera.server.checkins import CheckinWriter
 from tessera.server.checkpoints import CheckpointWatch
 from tessera.server.errors import Invalid, RecordedRefusal, ServiceError
 from tessera.server.limits import BodySizeLimit
@@ -188,6 +189,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
     interfaces = interfaces or Interfaces()
     admin = APIRouter()
     offline = APIRouter()
+    checkins = CheckinWriter(state.db, state.pepper)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -201,6 +203,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         finally:
             worker.stop()
             watch.stop()
+            await run_in_threadpool(checkins.stop)
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(asyncio.gather(task, watch_task), 15)
 
@@ -344,8 +347,13 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         except FormatError as exc:
             return _error(422, str(exc))
         now = state.now()
+        verdict = await checkins.checkin(parsed, now)
+        if isinstance(verdict, activation.CheckinVerdict):
+            return Response(
+                verdict.response(parsed, now, state.signing_key).to_json(), media_type="application/json"
+            )
 
-        def run() -> bytes:
+        def run() -> bytes:  # the rare cases: a revision to ship, a recovered machine, a hit
             with state.db.write() as session:
                 return activation.checkin(session, parsed, now, state.signing_key, state.pepper).to_json()
 

@@ -94,15 +94,24 @@ class Database:
         with self._sessions() as session:
             yield session
 
+    def acquire_write_lock(self) -> bool:
+        """SQLite: this process's turn to write (every writer takes it before ``BEGIN
+        IMMEDIATE``), raising the "locked" outage when it does not come in time."""
+        if not self.is_sqlite:
+            return False
+        # Bounded: behind a writer stuck on a locked file, the queue must not wait forever.
+        if not self._write_lock.acquire(timeout=self.busy_timeout):
+            raise OperationalError("BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked"))
+        return True
+
+    def release_write_lock(self) -> None:
+        self._write_lock.release()
+
     @contextmanager
     def write(self) -> Iterator[Session]:
         """A write transaction: committed when the block ends, rolled back on error."""
         if self.is_sqlite:
-            # Bounded: behind a writer stuck on a locked file, the queue must not wait forever.
-            if not self._write_lock.acquire(timeout=self.busy_timeout):
-                raise OperationalError(
-                    "BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked")
-                )
+            self.acquire_write_lock()
             try:
                 with self._write_sessions() as session, session.begin():
                     yield session

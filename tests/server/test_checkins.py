@@ -1,0 +1,125 @@
+"""The check-in writer: batches of concurrent check-ins, each with its own verdict, recorded
+together or not at all."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from tessera.core.protocol import CheckinRequest
+from tessera.server import activation, licenses
+from tessera.server.app import ServerState
+from tessera.server.checkins import FULL_PATH, CheckinWriter
+from tessera.server.errors import Forbidden, NotFound
+from tessera.server.models import Checkin, LicenseRow, Machine
+from tessera.server.storage import Database
+from tessera.server.tokens import Principal
+
+from .conftest import START
+from .helpers import FakeAgent, agent, setup_license
+
+
+def activated(state: ServerState, admin: Principal, machines: int) -> tuple[str, str, list[FakeAgent]]:
+    serial, key = setup_license(state, admin, START, machines=machines)
+    agents = [agent(n) for n in range(machines)]
+    with state.db.write() as session:
+        for a in agents:
+            activation.activate(session, a.activation(key), START, state.signing_key, state.pepper)
+    return serial, key, agents
+
+
+def maced(state: ServerState, a: FakeAgent, key: str) -> CheckinRequest:
+    checkin_key = activation.checkin_key_for(state.pepper, a.key.public.to_base64())
+    return CheckinRequest.create(key, a.locking_id, a.system_id, a.key, checkin_key)
+
+
+async def run_all(writer: CheckinWriter, requests: list[CheckinRequest], now=START) -> list[object]:  # type: ignore[no-untyped-def]
+    try:
+        return await asyncio.gather(*(writer.checkin(r, now) for r in requests), return_exceptions=True)
+    finally:
+        writer.stop()
+
+
+def test_concurrent_checkins_are_all_recorded_as_the_orm_would(state: ServerState, admin: Principal) -> None:
+    serial, key, agents = activated(state, admin, 40)
+    later = START + timedelta(hours=5)
+    writer = CheckinWriter(state.db, state.pepper)
+    requests = [maced(state, a, key) for a in agents for _ in range(3)]
+    results = asyncio.run(run_all(writer, requests, later))
+    assert all(isinstance(r, activation.CheckinVerdict) and r.outcome == "ok" for r in results), results
+    with state.db.read() as session:
+        assert len(session.execute(select(Checkin)).all()) == 120
+        machines = session.execute(select(Machine)).scalars().all()
+        # Written as raw statements, read back through the ORM types: the same instant.
+        assert {m.last_checkin_at for m in machines} == {later}
+        assert {c.at for c in session.execute(select(Checkin)).scalars()} == {later}
+        view = licenses.license_view(licenses.get_license(session, serial))
+    assert len(view["machines"]) == 40
+
+
+def test_each_checkin_of_a_batch_gets_its_own_verdict(state: ServerState, admin: Principal) -> None:
+    serial, key, agents = activated(state, admin, 4)
+    good, stranger, forger, behind = agents
+    with state.db.write() as session:  # a central change: this one must get the new file
+        session.execute(
+            Machine.__table__.update()
+            .where(Machine.system_id == behind.system_id)
+            .values(delivered_revision=0)
+        )
+    wrong_key = CheckinRequest.create(
+        key, forger.locking_id, forger.system_id, forger.key, activation.checkin_key_for(b"x" * 32, "AAAA")
+    )
+    unknown = maced(state, stranger, "AAAAA-BBBBB-CCCCC-DDDDD-EEEEE")
+    writer = CheckinWriter(state.db, state.pepper)
+    results = asyncio.run(
+        run_all(writer, [maced(state, good, key), unknown, wrong_key, maced(state, behind, key)])
+    )
+    assert isinstance(results[0], activation.CheckinVerdict) and results[0].serial == serial
+    assert isinstance(results[1], NotFound)
+    assert isinstance(results[2], Forbidden) and "signature" in str(results[2])
+    assert results[3] is FULL_PATH  # the full path ships the revision, in its own transaction
+    with state.db.read() as session:
+        recorded = session.execute(select(Checkin.machine_id)).scalars().all()
+        good_id = session.execute(select(Machine.id).where(Machine.system_id == good.system_id)).scalar_one()
+    assert recorded == [good_id]
+
+
+def test_a_revoked_license_is_answered_on_the_fast_path(state: ServerState, admin: Principal) -> None:
+    serial, key, (a,) = activated(state, admin, 1)
+    with state.db.write() as session:
+        session.execute(
+            LicenseRow.__table__.update().where(LicenseRow.serial == serial).values(status="revoked")
+        )
+    (verdict,) = asyncio.run(run_all(CheckinWriter(state.db, state.pepper), [maced(state, a, key)]))
+    assert isinstance(verdict, activation.CheckinVerdict)
+    assert verdict.outcome == "revoked" and verdict.directives == ("revoke",)
+
+
+def test_a_batch_that_cannot_commit_acknowledges_nothing(
+    state: ServerState, admin: Principal, db_url: str
+) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("holds SQLite's file lock from outside; PostgreSQL outages: test_database_outage.py")
+    _, key, agents = activated(state, admin, 3)
+    impatient = Database(f"{db_url}?timeout=0.3")
+    blocker = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another process writing, for longer than we wait
+        writer = CheckinWriter(impatient, state.pepper)
+        results = asyncio.run(run_all(writer, [maced(state, a, key) for a in agents]))
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        impatient.dispose()
+    assert all(isinstance(r, OperationalError) and "locked" in str(r) for r in results), results
+    with state.db.read() as session:
+        assert session.execute(select(Checkin)).all() == []
+    # The writer recovers by itself once the lock is gone.
+    writer = CheckinWriter(state.db, state.pepper)
+    results = asyncio.run(run_all(writer, [maced(state, a, key) for a in agents]))
+    assert all(isinstance(r, activation.CheckinVerdict) for r in results)
