@@ -46,7 +46,7 @@ async def floor(request: Request) -> Response:
     parsed = CheckinRequest.from_json(await request.body())
     parsed.authenticate(AGENT_PUBLIC, CHECKIN_KEY)
     answer = ServerResponse("checkin", parsed.nonce, datetime.now(UTC).replace(microsecond=0), "2026-000001")
-    return Response(answer.signed(VENDOR_KEY).to_json(), media_type="application/json")
+    return Response(answer.signed_json(VENDOR_KEY), media_type="application/json")
 
 
 _RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"

@@ -216,4 +216,14 @@ def test_the_proof_covers_every_field_but_itself() -> None:
     import dataclasses
 
     for cls in (ActivationRequest, CheckinRequest):
-        assert set(cls.COVERED) == {f.name for f in dataclasses.fields(cls)} - {"signature", "mac"}
+        wire = {f.name for f in dataclasses.fields(cls)} - {"locking"}  # parsed locking_id, not sent
+        assert set(cls.COVERED) == wire - {"signature", "mac"}
+
+
+def test_signed_json_is_the_signed_response_serialized() -> None:
+    nonce = new_nonce()
+    r = ServerResponse(
+        "checkin", nonce, datetime(2026, 11, 22, 12, 0, tzinfo=UTC), "2026-000123", message="m"
+    )
+    assert r.signed_json(VENDOR) == r.signed(VENDOR).to_json()  # Ed25519 is deterministic
+    assert ServerResponse.from_json(r.signed_json(VENDOR), Keyring([VENDOR.public]), nonce).message == "m"

@@ -95,20 +95,21 @@ class LockingId:
         step = 1 + _HASH_BYTES
         if not raw or len(raw) % step:
             raise ValueError("not a Locking ID (wrong length)")
-        components = []
-        for i in range(0, len(raw), step):
-            kind = chr(raw[i])
-            if kind not in COMPONENT_KINDS:
+        chunks = [raw[i : i + step] for i in range(0, len(raw), step)]
+        for chunk in chunks:
+            if chr(chunk[0]) not in COMPONENT_KINDS:
                 raise ValueError("not a Locking ID (unknown component)")
-            components.append(Component(kind, raw[i + 1 : i + step]))
-        # Canonical means: the components strictly ascending (sorted, no duplicates) and the
-        # base32 spelled exactly as __str__ spells it. Checked on the parts, without
-        # re-encoding the whole ID through __post_init__ and __str__.
-        if any(a >= b for a, b in itertools.pairwise(components)) or (
+        # Canonical means: the components strictly ascending (sorted, no duplicates; the
+        # bytes of kind letter + digest order exactly as Component does) and the base32
+        # spelled exactly as __str__ spells it. Checked on the parts, without re-encoding
+        # the whole ID through __post_init__ and __str__.
+        if any(a >= b for a, b in itertools.pairwise(chunks)) or (
             base64.b32encode(raw).decode("ascii").rstrip("=") != body
         ):
             raise ValueError("not a Locking ID (not canonical)")
-        return cls(tuple(components))
+        result = object.__new__(cls)  # already sorted and unique: skip __post_init__'s sort
+        object.__setattr__(result, "components", tuple(Component(chr(c[0]), c[1:]) for c in chunks))
+        return result
 
     @property
     def weight(self) -> int:

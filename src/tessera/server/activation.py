@@ -417,6 +417,12 @@ class CheckinVerdict:
     license_file: str | None = None
 
     def response(self, request: CheckinRequest, now: datetime, signing_key: SigningKey) -> ServerResponse:
+        return self._unsigned(request, now).signed(signing_key)
+
+    def response_json(self, request: CheckinRequest, now: datetime, signing_key: SigningKey) -> bytes:
+        return self._unsigned(request, now).signed_json(signing_key)
+
+    def _unsigned(self, request: CheckinRequest, now: datetime) -> ServerResponse:
         return ServerResponse(
             kind="checkin",
             nonce=request.nonce,
@@ -425,7 +431,7 @@ class CheckinVerdict:
             license=self.license_file,
             directives=self.directives,
             message=self.message,
-        ).signed(signing_key)
+        )
 
 
 def lookup_checkin(session: Session, request: CheckinRequest, now: datetime, pepper: bytes) -> CheckinFound:
@@ -474,7 +480,7 @@ def check_checkin(found: CheckinFound, request: CheckinRequest, pepper: bytes) -
     _authenticate(request, found.agent_key, pepper)
     licensed = _parsed(found.locking_id)  # cached: only IDs the server stored itself
     try:
-        current = LockingId.parse(request.locking_id)
+        current = request.locking or LockingId.parse(request.locking_id)
     except ValueError:
         raise Forbidden("malformed Locking ID") from None
     if licensed is None:

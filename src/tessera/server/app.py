@@ -350,7 +350,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         verdict = await checkins.checkin(parsed, now)
         if isinstance(verdict, activation.CheckinVerdict):
             return Response(
-                verdict.response(parsed, now, state.signing_key).to_json(), media_type="application/json"
+                verdict.response_json(parsed, now, state.signing_key), media_type="application/json"
             )
 
         def run() -> bytes:  # the rare cases: a revision to ship, a recovered machine, a hit

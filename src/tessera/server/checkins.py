@@ -231,12 +231,13 @@ class CheckinWriter:
                     cursor.execute(self._lookup.sql, p)
                     rows.append(cursor.fetchone())
                 return rows
-            connection = self._local.connection.driver_connection
-            with connection.pipeline():
-                cursors = [connection.cursor() for _ in params]
-                for c, p in zip(cursors, params, strict=True):
-                    c.execute(self._lookup.sql, p)
-            return [c.fetchone() for c in cursors]
+            # psycopg pipelines executemany; with returning=True each statement's rows
+            # stay readable, one result set after the other.
+            cursor.executemany(self._lookup.sql, params, returning=True)
+            rows = [cursor.fetchone()]
+            while cursor.nextset():
+                rows.append(cursor.fetchone())
+            return rows
         except Exception as exc:
             raise _wrap(exc) from exc
 
