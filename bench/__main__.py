@@ -27,6 +27,7 @@ MODULES = (
     "bench.verify_license",
     "bench.bulk_sign",
     "bench.http_server",
+    "bench.bulk_issue",
     "bench.scale",
 )
 DEFAULT_OUTPUT = Path(__file__).with_name("results.md")

@@ -1,10 +1,10 @@
 """Bulk issue: licenses rendered and signed per second, extrapolated to 100,000.
 
 SPEC section 7 wants 100,000 licenses issued in one bulk run in under a minute. Signing is
-the floor of that cost (storage comes on top: the ``bulk issue stored`` row measures it
-through the server's own services when the server package is present), so the baseline is
-the raw Ed25519 sign rate on the same body (PyNaCl's SigningKey.sign, the library the product
-signs with): the ratio shows what building and rendering cost.
+the floor of that cost (storage comes on top: the ``bulk issue`` rows measure it
+through the real server, bench/bulk_issue.py), so the baseline is the raw Ed25519 sign
+rate on the same body (PyNaCl's SigningKey.sign, the library the product signs with): the
+ratio shows what building and rendering cost.
 """
 
 from __future__ import annotations

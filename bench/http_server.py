@@ -34,7 +34,7 @@ TARGET_RATIO = 0.5
 CONNECTIONS = 16
 PER_LICENSE = 50  # machines per license: a site license, and a short slot scan per activation
 BACKENDS = ("SQLite", "PostgreSQL")
-BULK, BULK_SECONDS = 100_000, 60.0
+BULK = 100_000
 
 
 def latency_note(r: LoadResult) -> str:
@@ -268,12 +268,11 @@ def measure_server(ctx: Context, name: str, duration: float, empty: LoadResult) 
     projected = BULK / issue_rate
     rows.append(
         Row(
-            f"licenses issued via admin API ({name})",
+            f"licenses issued one per request ({name})",
             issue_rate,
             "licenses/s",
-            target=f"{BULK:,} < {BULK_SECONDS:.0f} s",
-            passed=projected < BULK_SECONDS,
-            note=f"{BULK:,} in {projected:,.0f} s; one per request, 4 clients, not signed yet",
+            note=f"info: POST /api/v1/licenses, 4 clients ({BULK:,} would take {projected:,.0f} s); "
+            "the bulk path is the 'bulk issue' row",
         )
     )
     return rows

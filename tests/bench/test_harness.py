@@ -101,7 +101,7 @@ def test_a_benchmark_that_raises_becomes_an_error_row() -> None:
     assert errors and "boom" in errors[0]
 
 
-@pytest.mark.parametrize("name", ["agent-check", "verify", "bulk-sign", "http", "tls", "scale"])
+@pytest.mark.parametrize("name", ["agent-check", "verify", "bulk-sign", "http", "bulk-issue", "tls", "scale"])
 def test_every_benchmark_is_registered(name: str) -> None:
     from bench.__main__ import load_modules
     from bench.harness import BENCHMARKS

@@ -8,9 +8,12 @@ reached; 2 bad usage or input (the server's 422 names the field).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import ssl
+import time
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -22,6 +25,7 @@ from rich.table import Table
 from tessera.cli._common import (
     EXIT_BAD_INPUT,
     EXIT_DENIED,
+    CliError,
     console,
     emit_json,
     fail,
@@ -323,7 +327,42 @@ def license_issue(
     as_json: bool = JSON,
 ) -> None:
     """Turn an order into a license; prints its serial and license key (shown only once)."""
-    body: dict[str, Any] = {
+    body = _license_template(
+        customer, product, feature, location, binding, machines, version, failover_days,
+        checkpoint_days, emergency_feature, no_connect, validation_hours, match,
+        recovery_allowance, recovery_interval_days, on_recovery, order, seal,
+    )  # fmt: skip
+    result = AdminClient(url, token, ca).request("POST", "/api/v1/licenses", json=body)
+    if as_json:
+        emit_json(result)
+    else:
+        console.print(f"serial {result['serial']}")
+        console.print(f"key    {result['key']}")
+        console.print("the license key is shown only this once")
+
+
+def _license_template(
+    customer: int,
+    product: str,
+    feature: list[str],
+    location: str,
+    binding: str,
+    machines: int,
+    version: str,
+    failover_days: int,
+    checkpoint_days: int | None,
+    emergency_feature: list[str],
+    no_connect: bool,
+    validation_hours: int,
+    match: str,
+    recovery_allowance: int | None,
+    recovery_interval_days: int | None,
+    on_recovery: str,
+    order: str | None,
+    seal: bool,
+) -> dict[str, Any]:
+    """The API's license fields, shared by ``license issue`` and ``license issue-bulk``."""
+    return {
         "customer_id": customer,
         "product": product,
         "entitlements": [parse_entitlement(f) for f in feature],
@@ -343,13 +382,149 @@ def license_issue(
         "order": order,
         "seal": seal,
     }
-    result = AdminClient(url, token, ca).request("POST", "/api/v1/licenses", json=body)
+
+
+#: Most licenses per request the server accepts (``MAX_BULK`` in tessera.server.schemas).
+BULK_CAP = 10_000
+_LOCKING_ID_RE = re.compile(r"^TL1-[A-Z2-7]{8,400}$")
+
+
+def _read_locking_ids(path: Path) -> list[str]:
+    """One Locking ID per line (blank lines and ``#`` comments skipped), each checked here
+    so a bad file is refused before anything is issued."""
+    data = read_input_file(path, "--locking-ids file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        fail(f"--locking-ids {path}: not a text file (one Locking ID per line)")
+    ids: list[str] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        item = line.strip()
+        if not item or item.startswith("#"):
+            continue
+        if not _LOCKING_ID_RE.match(item):
+            shown = item if len(item) <= 60 else item[:57] + "..."
+            fail(f"--locking-ids {path} line {number}: {shown!r} is not a Locking ID (TL1-...)")
+        if item in seen:
+            fail(f"--locking-ids {path} line {number}: {item} is listed twice (also line {seen[item]})")
+        seen[item] = number
+        ids.append(item)
+    if not ids:
+        fail(f"--locking-ids {path}: no Locking IDs in the file")
+    return ids
+
+
+@license_app.command("issue-bulk")
+def license_issue_bulk(
+    customer: int = typer.Option(..., "--customer", help="Customer id."),
+    product: str = typer.Option(..., "--product", help="Product code."),
+    feature: list[str] = typer.Option(..., "--feature", help="CODE=COUNT[,EXPIRY], repeatable."),
+    count: int | None = typer.Option(None, "--count", help="Issue this many unbound licenses."),
+    locking_ids: Path | None = typer.Option(
+        None,
+        "--locking-ids",
+        help="File with one Locking ID per line: one license each, bound to that machine, "
+        "its license file signed now.",
+    ),
+    out: Path = typer.Option(
+        ..., "-o", "--out", help="JSON Lines file to create: serial, key (and license file) per line."
+    ),
+    chunk: int = typer.Option(
+        5000, "--chunk", min=1, max=BULK_CAP, help="Licenses per request (one transaction each)."
+    ),
+    location: str = typer.Option("main", "--location", help="Location (site) of these features."),
+    binding: str = typer.Option("machine", "--binding", help="machine, instance or user."),
+    machines: int = typer.Option(1, "--machines", help="How many machines may be bound."),
+    version: str = typer.Option("*", "--version", help="Licensed product versions, e.g. 4.*."),
+    failover_days: int = typer.Option(30, "--failover-days"),
+    checkpoint_days: int | None = typer.Option(None, "--checkpoint-days"),
+    emergency_feature: list[str] = typer.Option([], "--emergency-feature", help="Repeatable."),
+    no_connect: bool = typer.Option(False, "--no-connect", help="No periodic validation."),
+    validation_hours: int = typer.Option(24, "--validation-hours", help="Check-in interval."),
+    match: str = typer.Option("medium", "--match", help="Locking ID tolerance: strict, medium, loose."),
+    recovery_allowance: int | None = typer.Option(None, "--recovery-allowance"),
+    recovery_interval_days: int | None = typer.Option(None, "--recovery-interval-days"),
+    on_recovery: str = typer.Option(
+        "blacklist",
+        "--on-recovery",
+        help="After a recovery: blacklist the old container, or revoke only this license there.",
+    ),
+    order: str | None = typer.Option(None, "--order", help="The order these licenses fulfil."),
+    seal: bool = typer.Option(False, "--seal", help="Encrypt entitlements to each license key."),
+    url: str | None = URL,
+    token: str | None = TOKEN,
+    ca: Path | None = CA,
+    as_json: bool = JSON,
+) -> None:
+    """Issue many licenses from one template (--count N, or one per machine with
+    --locking-ids FILE); writes serial and key (shown only here) per line to OUT."""
+    if (count is None) == (locking_ids is None):
+        fail("give either --count N or --locking-ids FILE (exactly one)")
+    ids = _read_locking_ids(locking_ids) if locking_ids is not None else None
+    total = len(ids) if ids is not None else int(count or 0)
+    if total < 1:
+        fail("--count must be at least 1")
+    template = _license_template(
+        customer, product, feature, location, binding, machines, version, failover_days,
+        checkpoint_days, emergency_feature, no_connect, validation_hours, match,
+        recovery_allowance, recovery_interval_days, on_recovery, order, seal,
+    )  # fmt: skip
+    client = AdminClient(url, token, ca)
+    try:
+        # Exclusive create: an existing file may hold the only copy of earlier keys.
+        handle = out.open("x", encoding="utf-8")
+    except FileExistsError:
+        fail(f"-o {out} exists already: refusing to overwrite it (it may hold license keys)")
+    except OSError as exc:
+        fail(f"cannot create {out}: {exc.strerror}")
+    issued = 0
+    first_serial = last_serial = ""
+    start = time.perf_counter()
+    try:
+        with handle:
+            while issued < total:
+                size = min(chunk, total - issued)
+                body = dict(template)
+                if ids is not None:
+                    body["locking_ids"] = ids[issued : issued + size]
+                else:
+                    body["count"] = size
+                result = client.request("POST", "/api/v1/licenses/bulk", json=body)
+                # Each chunk is on disk before the next is asked for: keys exist only here.
+                lines = (json.dumps(item, separators=(",", ":")) + "\n" for item in result["licenses"])
+                handle.write("".join(lines))
+                handle.flush()
+                os.fsync(handle.fileno())
+                first_serial = first_serial or result["first_serial"]
+                last_serial = result["last_serial"]
+                issued += int(result["count"])
+    except CliError as exc:
+        if issued == 0:
+            with contextlib.suppress(OSError):
+                out.unlink()
+            raise
+        done = f"{issued} of {total} licenses were issued before: {first_serial}..{last_serial}"
+        raise CliError(f"{exc} ({done}, in {out})", exc.code) from None
+    seconds = time.perf_counter() - start
     if as_json:
-        emit_json(result)
+        emit_json(
+            {
+                "count": issued,
+                "first_serial": first_serial,
+                "last_serial": last_serial,
+                "prebound": ids is not None,
+                "output": str(out),
+                "seconds": round(seconds, 3),
+            }
+        )
     else:
-        console.print(f"serial {result['serial']}")
-        console.print(f"key    {result['key']}")
-        console.print("the license key is shown only this once")
+        what = "pre-bound licenses with signed files" if ids is not None else "licenses"
+        console.print(
+            f"{issued} {what} issued ({first_serial}..{last_serial}) in {seconds:.1f} s -> {out} "
+            "(the keys are only in this file)",
+            markup=False,
+        )
 
 
 def _print_license(view: dict[str, Any]) -> None:

@@ -22,7 +22,13 @@ _CANONICAL_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{5}(?:-[0-9A-HJKMNP-TV-Z]{5}){4}"
 
 
 def generate_license_key() -> str:
-    raw = "".join(secrets.choice(_ALPHABET) for _ in range(_LENGTH))
+    """125 random bits from the OS, 5 per symbol (uniform: the alphabet has 32 symbols).
+
+    One ``token_bytes`` call instead of 25 ``secrets.choice`` calls: a bulk issue of 100,000
+    licenses makes 100,000 keys, and this is several times cheaper.
+    """
+    bits = int.from_bytes(secrets.token_bytes(16), "big") >> 3  # 128 -> 125 bits
+    raw = "".join(_ALPHABET[(bits >> (5 * i)) & 31] for i in range(_LENGTH))
     return "-".join(raw[i : i + 5] for i in range(0, _LENGTH, 5))
 
 

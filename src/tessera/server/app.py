@@ -33,7 +33,7 @@ from tessera.core.credential import LeaseRequest
 from tessera.core.errors import FormatError, SignatureError, TesseraError
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest, CheckinRequest
 from tessera.core.signing import SigningKey
-from tessera.server import activation, audit, catalog, leases, licenses, recovery, webhooks
+from tessera.server import activation, audit, bulk, catalog, leases, licenses, recovery, webhooks
 from tessera.server.checkins import CheckinWriter
 from tessera.server.checkpoints import CheckpointWatch
 from tessera.server.errors import Invalid, RecordedRefusal, ServiceError
@@ -46,6 +46,8 @@ from tessera.server.schemas import (
     AuditReport,
     AuthorizeRecoveryIn,
     BlacklistAddIn,
+    BulkIssued,
+    BulkLicenseIn,
     CredentialIn,
     CredentialIssued,
     CustomerIn,
@@ -521,6 +523,26 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             return {"serial": row.serial, "key": key, "revision": row.revision}
 
         return await in_transaction(work, credentials, write=True)
+
+    @admin.post(
+        "/api/v1/licenses/bulk",
+        status_code=201,
+        tags=["licenses"],
+        responses={201: {"model": BulkIssued}, **_ERRORS},
+    )
+    async def issue_licenses_bulk(
+        data: BulkLicenseIn, credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> Response:
+        """Issue up to 10,000 licenses from one template in one transaction: ``count``
+        unbound ones, or one per ``locking_ids`` entry, pre-bound with its signed license
+        file. Keys (and files) are in this response only; one audit entry for the request."""
+        now = state.now()
+
+        def work(s: Session, p: Principal) -> bytes:
+            return bulk.issue_bulk(s, p, data, now, state.pepper, state.signing_key).to_json()
+
+        body = await in_transaction(work, credentials, write=True)
+        return Response(body, status_code=201, media_type="application/json")
 
     @admin.get(
         "/api/v1/licenses",

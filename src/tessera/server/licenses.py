@@ -33,33 +33,51 @@ from tessera.server.models import (
     LicenseRevision,
     LicenseRow,
     Partner,
+    Product,
     SerialCounter,
 )
 from tessera.server.schemas import EntitlementIn, LicenseIn, LicenseUpdate
 from tessera.server.tokens import Principal, Role, require
 
 __all__ = [
+    "allocate_serials",
     "check_access",
+    "check_template",
     "get_license",
     "issue_license",
     "license_document",
     "license_view",
     "list_licenses",
     "next_serial",
+    "plain_license_document",
+    "serial_text",
     "update_license",
 ]
 
 
 def next_serial(session: Session, year: int) -> str:
     """``YYYY-NNNNNN``, gap-free per year; the counter row is locked by the upsert."""
+    return serial_text(year, allocate_serials(session, year, 1))
+
+
+def allocate_serials(session: Session, year: int, count: int) -> int:
+    """Reserve ``count`` consecutive serial numbers of ``year`` in one statement; return the
+    first. The counter row stays locked until the transaction ends, so the block is gap-free
+    and nobody else's (a rolled-back transaction gives its block back)."""
+    if count < 1:
+        raise ValueError("count must be at least 1")
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     stmt = (
         insert(SerialCounter)
-        .values(year=year, last=1)
-        .on_conflict_do_update(index_elements=["year"], set_={"last": SerialCounter.last + 1})
+        .values(year=year, last=count)
+        .on_conflict_do_update(index_elements=["year"], set_={"last": SerialCounter.last + count})
         .returning(SerialCounter.last)
     )
-    number = session.execute(stmt).scalar_one()
+    last = int(session.execute(stmt).scalar_one())
+    return last - count + 1
+
+
+def serial_text(year: int, number: int) -> str:
     return f"{year:04d}-{number:06d}"
 
 
@@ -158,10 +176,29 @@ def license_document(
     over TLS; the server itself keeps only its digest). An instance-bound license names its
     instance instead of a Locking ID: it moves with the instance's identity file.
     """
+    document = plain_license_document(
+        row, locking_id=locking_id, agent_key=agent_key, issued=issued, instance_id=instance_id
+    )
+    if row.sealed:
+        if license_key is None:
+            raise ValueError(f"license {row.serial} is sealed: its license key is needed")
+        document = seal(document, license_key)
+    return document
+
+
+def plain_license_document(
+    row: LicenseRow,
+    *,
+    locking_id: str,
+    agent_key: str | None,
+    issued: datetime,
+    instance_id: str | None = None,
+) -> License:
+    """:func:`license_document` before sealing (bulk issue seals each copy with its own key)."""
     locations: dict[str, list[Entitlement]] = {}
     for e in row.entitlements:
         locations.setdefault(e.location, []).append(Entitlement(e.feature, e.count, e.expiry))
-    document = License(
+    return License(
         licensee=row.customer.licensee,
         serial=row.serial,
         product=row.product.code,
@@ -182,11 +219,6 @@ def license_document(
         recovery_interval_days=row.recovery_interval_days,
         agent_key=agent_key,
     )
-    if row.sealed:
-        if license_key is None:
-            raise ValueError(f"license {row.serial} is sealed: its license key is needed")
-        document = seal(document, license_key)
-    return document
 
 
 def check_access(session: Session, principal: Principal, row: LicenseRow, *, write: bool) -> None:
@@ -301,10 +333,12 @@ def _snapshot(session: Session, row: LicenseRow, actor: str, now: datetime) -> N
     )
 
 
-def issue_license(
-    session: Session, principal: Principal, data: LicenseIn, now: datetime, pepper: bytes
-) -> tuple[LicenseRow, str]:
-    """Create the license; return it and its license key (the only time the key exists)."""
+def check_template(
+    session: Session, principal: Principal, data: LicenseIn
+) -> tuple[Customer, Product, Partner | None, str]:
+    """Every rule a new license must meet (role, customer, product, features, partner
+    namespace, version): checked once, whether one license is issued or ten thousand.
+    Returns the customer, product, the caller's partner (if any) and the normalized version."""
     require(principal, Role.ADMIN, Role.SALES, Role.PARTNER)
     customer = session.get(Customer, data.customer_id)
     if customer is None:
@@ -327,7 +361,14 @@ def issue_license(
     )
     if len(set(data.emergency)) != len(data.emergency):
         raise Invalid("emergency: a feature is listed twice")
-    version = _version(data.version, "version")
+    return customer, product, partner, _version(data.version, "version")
+
+
+def issue_license(
+    session: Session, principal: Principal, data: LicenseIn, now: datetime, pepper: bytes
+) -> tuple[LicenseRow, str]:
+    """Create the license; return it and its license key (the only time the key exists)."""
+    customer, product, partner, version = check_template(session, principal, data)
     key = generate_license_key()
     row = LicenseRow(
         serial=next_serial(session, now.year),

@@ -15,8 +15,12 @@ from tessera.core.model import MAX_COUNT, Binding, MatchLevel, check_text
 from tessera.server.tokens import Role
 
 __all__ = [
+    "MAX_BULK",
     "AuditEntryOut",
     "AuditReport",
+    "BulkIssued",
+    "BulkLicenseIn",
+    "BulkLicenseOut",
     "CredentialIn",
     "CredentialIssued",
     "CustomerIn",
@@ -190,6 +194,43 @@ class LicenseIssued(BaseModel):
     serial: str
     key: str = Field(description="The license key, shown this once: the server keeps only a digest.")
     revision: int
+
+
+#: Most licenses one bulk request may issue; a client loops over chunks for more.
+MAX_BULK = 10_000
+
+
+class BulkLicenseIn(LicenseIn):
+    """The template of every license, plus how many: ``count`` unbound licenses, or one
+    license per entry of ``locking_ids``, each pre-bound to that machine at issue."""
+
+    count: int | None = Field(
+        None, ge=1, le=MAX_BULK, description=f"Issue this many unbound licenses (at most {MAX_BULK:,})."
+    )
+    locking_ids: list[Annotated[str, Field(pattern=r"^TL1-[A-Z2-7]{8,400}$")]] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_BULK,
+        description="One license per Locking ID, bound to that machine (slot 0) at issue, its "
+        f"license file signed now (at most {MAX_BULK:,}).",
+    )
+
+
+class BulkLicenseOut(BaseModel):
+    serial: str
+    key: str = Field(description="The license key, shown this once.")
+    locking_id: str | None = Field(None, description="Pre-bound: the machine it is bound to.")
+    license: str | None = Field(None, description="Pre-bound: the signed license file.")
+
+
+class BulkIssued(BaseModel):
+    count: int
+    first_serial: str
+    last_serial: str
+    serials_sha256: str = Field(
+        description="SHA-256 of the serials joined by newlines, as recorded in the audit log."
+    )
+    licenses: list[BulkLicenseOut]
 
 
 class LicenseSummary(BaseModel):

@@ -62,6 +62,7 @@ log = logging.getLogger("tessera.server.webhooks")
 #: blacklist, checkpoint) are emitted there through :func:`emit`.
 EVENTS = (
     "license.issued",
+    "license.bulk-issued",
     "license.activated",
     "license.rehosted",
     "license.blacklisted",

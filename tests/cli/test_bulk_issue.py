@@ -1,0 +1,134 @@
+"""``tessera license issue-bulk`` from the outside, against a real server (SQLite, and
+PostgreSQL when ``TESSERA_TEST_POSTGRES_URL`` is set): unbound licenses in chunks, licenses
+pre-bound to machines whose files an agent imports and which later activate and check in,
+and bad input that issues nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tessera.core.fingerprint import locking_id_for
+
+from ..server.conftest import backend_database
+from ..server.processes import clean_env, running_server, tessera
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def _lines(path: Path) -> list[dict[str, str]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_issue_bulk_journey(tmp_path: Path, backend: str) -> None:
+    with backend_database(backend) as db_url:
+        _journey(tmp_path, db_url)
+
+
+def _journey(tmp: Path, db_url: str | None) -> None:
+    data = tmp / "server"
+    init_args = ["server", "init", "--data-dir", str(data), "--json"]
+    if db_url:
+        init_args += ["--db", db_url]
+    init = tessera(*init_args)
+    assert init.returncode == 0, init.stderr
+    info = json.loads(init.stdout)
+    ca, vendor_pub = info["ca"], info["vendor_key"]
+    with running_server(data, tls=True, ca=ca) as url:
+        admin = clean_env(TESSERA_URL=url, TESSERA_TOKEN=info["admin_token"], TESSERA_CA=ca)
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return tessera(*args, env=admin, cwd=tmp)
+
+        assert cli("product", "create", "cortex", "--name", "CortexDB",
+                   "--feature", "uniplex", "--feature", "backup").returncode == 0  # fmt: skip
+        customer = json.loads(cli("customer", "create", "Factory", "--city", "Town", "--json").stdout)["id"]
+        template = ["--customer", str(customer), "--product", "cortex",
+                    "--feature", "uniplex=5,2099-01-15", "--feature", "backup=1"]  # fmt: skip
+
+        # Unbound licenses, three requests of at most 3: the summary is one JSON object.
+        made = cli(
+            "license", "issue-bulk", *template, "--count", "7", "--chunk", "3", "-o", "plain.jsonl", "--json"
+        )
+        assert made.returncode == 0, made.stderr
+        summary = json.loads(made.stdout)
+        assert summary["count"] == 7 and summary["prebound"] is False
+        assert (summary["first_serial"], summary["last_serial"]) == ("2026-000001", "2026-000007")
+        assert summary["output"] == "plain.jsonl" and summary["seconds"] >= 0
+        plain = _lines(tmp / "plain.jsonl")
+        assert [x["serial"] for x in plain] == [f"2026-{n:06d}" for n in range(1, 8)]
+        assert len({x["key"] for x in plain}) == 7
+        shown = json.loads(cli("license", "show", plain[6]["serial"], "--json").stdout)
+        assert shown["features"]["uniplex"] == {"count": 5, "expiry": "2099-01-15"}
+
+        # Pre-bound: this machine's Locking ID (as its agent computes it) and two others.
+        agent_env = clean_env(TESSERA_VENDOR_KEY=vendor_pub, TESSERA_AGENT_DIR=str(tmp / "agent"))
+
+        def agent(*args: str) -> subprocess.CompletedProcess[str]:
+            return tessera("agent", *args, env=agent_env, cwd=tmp)
+
+        here = agent("locking-id").stdout.strip()
+        others = [str(locking_id_for([("m", f"factory-{i}"), ("u", f"u-{i}")], "cortex")) for i in range(2)]
+        (tmp / "ids.txt").write_text(f"# line 1 is a comment\n{others[0]}\n\n{here}\n{others[1]}\n")
+        made = cli("license", "issue-bulk", *template, "--locking-ids", "ids.txt", "-o", "bound.jsonl")
+        assert made.returncode == 0, made.stderr
+        assert "3 pre-bound licenses" in made.stdout and "2026-000008..2026-000010" in made.stdout
+        bound = _lines(tmp / "bound.jsonl")
+        assert [x["locking_id"] for x in bound] == [others[0], here, others[1]]
+        mine = bound[1]
+        (tmp / "mine.lic").write_text(mine["license"])
+        verified = tessera(
+            "license", "verify", str(tmp / "mine.lic"), "--vendor-key", vendor_pub, "--locking-id", here
+        )
+        assert verified.returncode == 0, verified.stderr
+        (tmp / "other.lic").write_text(bound[0]["license"])
+        assert tessera("license", "verify", str(tmp / "other.lic"), "--vendor-key", vendor_pub,
+                       "--locking-id", here).returncode == 1  # fmt: skip
+
+        # The agent imports its file (no server needed), then activates online on the same
+        # slot and checks in.
+        imported = agent("import", "mine.lic")
+        assert imported.returncode == 0, imported.stderr
+        status = json.loads(agent("status", "--json").stdout)
+        assert status["state"] == "normal" and status["features"]["uniplex"]["count"] == 5
+        activated = agent("activate", "--server", url, "--ca", ca, "--key", mine["key"])
+        assert activated.returncode == 0, activated.stderr
+        connected = agent("connect")
+        assert connected.returncode == 0, connected.stderr
+        shown = json.loads(cli("license", "show", mine["serial"], "--json").stdout)
+        assert [(m["slot"], m["locking_id"]) for m in shown["machines"]] == [(0, here)]
+        assert shown["machines"][0]["last_checkin_at"] is not None
+
+        # Bad input: one line, exit 2, nothing issued, no output file left behind.
+        (tmp / "bad.txt").write_text(f"{others[0]}\nnot-a-locking-id\n")
+        bad = cli("license", "issue-bulk", *template, "--locking-ids", "bad.txt", "-o", "x.jsonl")
+        assert "bad.txt line 2" in _one_line_error(bad, 2)
+        (tmp / "dup.txt").write_text(f"{others[0]}\n{others[0]}\n")
+        dup = cli("license", "issue-bulk", *template, "--locking-ids", "dup.txt", "-o", "x.jsonl")
+        assert "listed twice" in _one_line_error(dup, 2)
+        feature = cli("license", "issue-bulk", "--customer", str(customer), "--product", "cortex",
+                      "--feature", "nope=1", "--count", "3", "-o", "x.jsonl")  # fmt: skip
+        assert "nope" in _one_line_error(feature, 2)
+        over = cli("license", "issue-bulk", *template, "--count", "5", "--chunk", "10001", "-o", "x.jsonl")
+        assert over.returncode == 2
+        both = cli(
+            "license", "issue-bulk", *template, "--count", "5", "--locking-ids", "ids.txt", "-o", "x.jsonl"
+        )
+        assert "exactly one" in _one_line_error(both, 2)
+        exists = cli("license", "issue-bulk", *template, "--count", "1", "-o", "plain.jsonl")
+        assert "exists already" in _one_line_error(exists, 2)
+        assert not (tmp / "x.jsonl").exists()
+        listed = json.loads(cli("license", "list", "--json").stdout)["licenses"]
+        assert len(listed) == 10
+        verify = cli("audit", "verify", "--json")
+        assert verify.returncode == 0 and json.loads(verify.stdout)["ok"] is True
