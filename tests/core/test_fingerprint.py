@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 from pathlib import Path
 
@@ -7,7 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tessera.core.fingerprint import LockingId, collect_facts, locking_id_for, match_locking_ids
+from tessera.core.fingerprint import (
+    LockingId,
+    _b32decode,
+    collect_facts,
+    locking_id_for,
+    match_locking_ids,
+)
 from tessera.core.model import MatchLevel
 
 MAC1 = "52:54:00:12:34:56".replace("52", "00", 1)
@@ -148,3 +156,20 @@ def test_malformed_locking_ids(text: str) -> None:
 def test_random_locking_id_text_never_crashes(text: str) -> None:
     with contextlib.suppress(ValueError):
         LockingId.parse("TL1-" + text)
+
+
+@given(st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ234567a1=", max_size=48))
+def test_fast_base32_accepts_exactly_what_the_standard_library_spells_so(body: str) -> None:
+    """The parser's own base32 decoder against ``base64``: same bytes for every canonical
+    spelling, and a refusal (bad characters or not canonical) for everything else."""
+    try:
+        raw = base64.b32decode(body + "=" * (-len(body) % 8))
+        expected: bytes | None = raw if base64.b32encode(raw).decode().rstrip("=") == body else None
+    except (binascii.Error, ValueError):
+        expected = None
+    try:
+        decoded, canonical = _b32decode(body)
+        got = decoded if canonical else None
+    except ValueError:
+        got = None
+    assert got == expected
