@@ -39,9 +39,10 @@ _FILL = (
     """
     INSERT INTO licenses (serial, key_digest, customer_id, product_id, status, revision,
         version_range, binding, match_level, machines_allowed, connect, validation_hours,
-        failover_days, emergency, created_at, updated_at)
+        failover_days, emergency, sealed, recoveries_authorized, created_at, updated_at)
     SELECT 'F-' || g, md5('a' || g) || md5('b' || g), %(customer)s::integer,
-        %(product)s::integer, 'active', 1, '*', 'machine', 'medium', 1, true, 24, 30, '', now(), now()
+        %(product)s::integer, 'active', 1, '*', 'machine', 'medium', 1, true, 24, 30, '', false, 0,
+        now(), now()
     FROM generate_series(%(first)s::integer, %(last)s::integer) AS g
     """,
     """
