@@ -1,11 +1,11 @@
 """Where a check-in's time goes: ``python -m bench.profile_checkin [--postgres] [--n N]``.
 
 Not a benchmark row: a diagnosis for when the ``check-ins/s`` rows fall short. It starts a
-real server (so the data is made the normal way), then replays check-ins *in this process*
-through the same service function the endpoint calls (``tessera.server.activation.checkin``
-inside ``Database.write()``), under cProfile, and prints the cost split into request
-parsing, signature work, ORM/database and the rest. HTTP and FastAPI are left out on
-purpose: the empty-endpoint baseline already measures them.
+real server (so the data is made the normal way), then replays MACed check-ins *in this
+process* through what the endpoint runs: ``CheckinRequest.from_json``, the check-in
+writer's batch (``tessera.server.checkins``, batches of 16, lookup, MAC, rules, writes,
+commit) and the response's signature, under cProfile, and prints the cost split. HTTP
+and FastAPI are left out on purpose: the empty-endpoint baseline already measures them.
 """
 
 from __future__ import annotations
@@ -41,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         print(reason, file=sys.stderr)
         return 1
     os.environ["TESSERA_KEY_PASSPHRASE"] = "bench passphrase"
+    import asyncio
+
     from tessera.core.protocol import CheckinRequest
-    from tessera.server import activation
+    from tessera.server.activation import CheckinVerdict
+    from tessera.server.checkins import CheckinWriter, _Job
     from tessera.server.runner import build_state
 
     db_cm = postgres_database() if args.postgres else nullcontext(None)
@@ -50,39 +53,47 @@ def main(argv: list[str] | None = None) -> int:
         keys = server.seed(10, 10)
         insts = installations(keys, 10)
         run_load(server.port, "/api/v1/activate", activation_bodies(insts), duration=60, connections=4)
-        bodies = checkin_bodies(insts, args.n)
+        bodies = checkin_bodies(insts, args.n, server.checkin_keys(insts))
         state = build_state(server.data_dir)
+        writer = CheckinWriter(state.db, state.pepper)
+        loop = asyncio.new_event_loop()
 
-        def one(body: bytes) -> None:
-            parsed = CheckinRequest.from_json(body)
-            with state.db.write() as session:
-                activation.checkin(
-                    session, parsed, datetime.now(UTC).replace(microsecond=0), state.signing_key, state.pepper
-                ).to_json()
+        def batch(chunk: list[bytes]) -> None:
+            now = datetime.now(UTC).replace(microsecond=0)
+            parsed = [CheckinRequest.from_json(body) for body in chunk]
+            jobs = [_Job(p, now, loop.create_future(), loop) for p in parsed]
+            writer._run_batch(jobs)
+            loop.run_until_complete(asyncio.sleep(0))  # let the writer's results land
+            for p, job in zip(parsed, jobs, strict=True):
+                verdict = job.future.result()
+                assert isinstance(verdict, CheckinVerdict), verdict
+                verdict.response_json(p, now, state.signing_key)
 
-        for body in bodies[:50]:
-            one(body)  # warm up: pools, caches
-        half = (len(bodies) - 50) // 2
+        def replay(some: list[bytes]) -> None:
+            for i in range(0, len(some), 16):
+                batch(some[i : i + 16])
+
+        replay(bodies[:64])  # warm up: pools, caches, prepared statements
+        half = (len(bodies) - 64) // 2
         start = time.perf_counter()
-        for body in bodies[50 : 50 + half]:
-            one(body)
+        replay(bodies[64 : 64 + half])
         plain = (time.perf_counter() - start) / half
         profiler = cProfile.Profile()
         profiler.enable()
-        for body in bodies[50 + half :]:
-            one(body)
+        replay(bodies[64 + half :])
         profiler.disable()
         backend = "PostgreSQL" if args.postgres else "SQLite"
-        print(f"{backend}: {plain * 1e3:.2f} ms per check-in in process, one at a time ({half} replayed)")
+        print(f"{backend}: {plain * 1e6:.0f} us per check-in in process, batches of 16 ({half} replayed)")
         print("share of the time under cProfile:")
         stats = pstats.Stats(profiler)
-        total = sum(v[3] for k, v in stats.stats.items() if k[2] == "one")  # type: ignore[attr-defined]
+        total = sum(v[3] for k, v in stats.stats.items() if k[2] == "replay")  # type: ignore[attr-defined]
         groups = {
             "request parse (from_json)": ("protocol.py", "from_json"),
-            "verify agent signature": ("protocol.py", "verify_with"),
-            "sign response": ("protocol.py", "signed"),
-            "license lookup (ORM + SQL)": ("activation.py", "_license_by_key"),
-            "session commit": ("session.py", "commit"),
+            "MAC check": ("protocol.py", "authenticate"),
+            "database lookups": ("checkins.py", "_look_up"),
+            "database writes": ("checkins.py", "_record"),
+            "commit": ("checkins.py", "__exit__"),
+            "sign response": ("protocol.py", "signed_json"),
         }
         for label, (file, func) in groups.items():
             cum = sum(v[3] for k, v in stats.stats.items() if k[0].endswith(file) and k[2] == func)  # type: ignore[attr-defined]
