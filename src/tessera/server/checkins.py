@@ -180,7 +180,7 @@ class CheckinWriter:
                 if stop:
                     return
         finally:
-            self._close()
+            self._discard_connection(broken=False)
 
     def _run_batch(self, batch: list[_Job]) -> None:
         outcomes: list[Any] = []
@@ -282,21 +282,14 @@ class CheckinWriter:
             self._local.connection = self._db.engine.raw_connection()
         return _Transaction(self, self._local.connection)
 
-    def _discard_connection(self) -> None:
+    def _discard_connection(self, *, broken: bool = True) -> None:
+        """Give up this thread's connection: invalidated if it may be broken, else closed."""
         connection, self._local.connection = getattr(self._local, "connection", None), None
         if connection is not None:
             try:
-                connection.invalidate()
+                connection.invalidate() if broken else connection.close()
             except Exception:  # already broken: nothing more to release
-                log.debug("discarding the check-in connection failed", exc_info=True)
-
-    def _close(self) -> None:
-        connection, self._local.connection = getattr(self._local, "connection", None), None
-        if connection is not None:
-            try:
-                connection.close()
-            except Exception:
-                log.debug("closing the check-in connection failed", exc_info=True)
+                log.debug("releasing the check-in connection failed", exc_info=True)
 
 
 class _Transaction:
@@ -310,26 +303,23 @@ class _Transaction:
     def __enter__(self) -> Any:
         db = self._writer._db
         try:
+            self._locked = db.acquire_write_lock()  # SQLite only
+            cursor = self._connection.cursor()
             if db.is_sqlite:
-                self._locked = db.acquire_write_lock()
-                cursor = self._connection.cursor()
                 begin_immediate(cursor.execute, db.busy_timeout)
-            else:
-                cursor = self._connection.cursor()
+            # psycopg opens the transaction by itself with the first statement
         except BaseException:
             self._release()
             self._writer._discard_connection()
             raise
-        self._cursor = cursor
         return cursor
 
     def __exit__(self, kind: object, exc: BaseException | None, _tb: object) -> None:
+        # The DB-API's commit/rollback end the transaction on both drivers (sqlite3 ends
+        # an open one even in its autocommit mode, which the engine sets).
         try:
             if exc is None:
-                if self._writer._db.is_sqlite:
-                    self._cursor.execute("COMMIT")
-                else:
-                    self._connection.commit()
+                self._connection.commit()
             else:
                 self._rollback()
         except BaseException:
@@ -341,10 +331,7 @@ class _Transaction:
 
     def _rollback(self) -> None:
         try:
-            if self._writer._db.is_sqlite:
-                self._cursor.execute("ROLLBACK")
-            else:
-                self._connection.rollback()
+            self._connection.rollback()
         except Exception:
             self._writer._discard_connection()
 
@@ -354,11 +341,9 @@ class _Transaction:
             self._writer._db.release_write_lock()
 
 
-def _wrap(exc: BaseException) -> DBAPIError:
+def _wrap(exc: Exception) -> DBAPIError:
     """The driver's error as SQLAlchemy's, so the app's outage handler answers 503."""
-    if isinstance(exc, DBAPIError):
-        return exc
-    return OperationalError("check-in batch", None, exc if isinstance(exc, Exception) else Exception(exc))
+    return exc if isinstance(exc, DBAPIError) else OperationalError("check-in batch", None, exc)
 
 
 def _deliver(job: _Job, value: Any, *, error: bool) -> None:
