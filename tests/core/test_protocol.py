@@ -16,6 +16,7 @@ from tessera.core.protocol import (
     ActivationRequest,
     CheckinRequest,
     ServerResponse,
+    canonical_json,
     derive_checkin_key,
     new_nonce,
     new_system_id,
@@ -227,3 +228,40 @@ def test_signed_json_is_the_signed_response_serialized() -> None:
     )
     assert r.signed_json(VENDOR) == r.signed(VENDOR).to_json()  # Ed25519 is deterministic
     assert ServerResponse.from_json(r.signed_json(VENDOR), Keyring([VENDOR.public]), nonce).message == "m"
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.text(), _JSON_VALUES, max_size=6))
+def test_canonical_json_is_the_standard_librarys_definition(obj: dict[str, object]) -> None:
+    """The fast writer (orjson) must never change a byte that a signature covers."""
+    definition = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    assert canonical_json(obj) == definition
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"control": "".join(map(chr, range(128)))},  # every ASCII character, DEL included
+        {"umlaut": "Müller", "emoji": "\U0001f600", "surrogate": "\ud800"},
+        {"big": 2**64, "float": 1e16, "tuple": ("a", 1)},
+        {"é": 1, "e": 2},
+    ],
+)
+def test_canonical_json_edge_cases_keep_the_definition(obj: dict[str, object]) -> None:
+    definition = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    assert canonical_json(obj) == definition
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{", b'{"a": NaN}', b"\xff", b'"\\ud800"', b"[" * 2000 + b"]" * 2000, b'{"n": 1e400}'],
+)
+def test_request_that_is_not_strict_json_is_a_format_error(body: bytes) -> None:
+    with pytest.raises(FormatError):
+        CheckinRequest.from_json(body)

@@ -65,7 +65,9 @@ class SignedDocument:
 
 
 def format_timestamp(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """``YYYY-MM-DDTHH:MM:SSZ``, to the second (the server signs one per check-in, so
+    ``isoformat``, not the five times slower ``strftime``)."""
+    return value.astimezone(UTC).replace(tzinfo=None, microsecond=0).isoformat() + "Z"
 
 
 def _format_entitlement(e: Entitlement) -> str:
