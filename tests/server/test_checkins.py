@@ -123,3 +123,62 @@ def test_a_batch_that_cannot_commit_acknowledges_nothing(
     writer = CheckinWriter(state.db, state.pepper)
     results = asyncio.run(run_all(writer, [maced(state, a, key) for a in agents]))
     assert all(isinstance(r, activation.CheckinVerdict) for r in results)
+
+
+def test_sqlite_batches_never_make_the_event_loop_wait_for_the_write_lock(
+    state: ServerState, admin: Principal, db_url: str
+) -> None:
+    """Another process writing: the batch goes to the writer thread, the loop goes on."""
+    if not db_url.startswith("sqlite"):
+        pytest.skip("SQLite's file lock; PostgreSQL batches always run on the writer threads")
+    _, key, agents = activated(state, admin, 3)
+    blocker = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    writer = CheckinWriter(state.db, state.pepper)
+
+    async def scenario() -> list[object]:
+        pending = asyncio.gather(*(writer.checkin(maced(state, a, key), START) for a in agents))
+        for _ in range(5):  # the loop keeps turning while the lock is held elsewhere
+            await asyncio.sleep(0.01)
+        assert not pending.done()
+        blocker.execute("ROLLBACK")  # only the loop can let go: it must not be stuck
+        return await pending
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        writer.stop()
+        blocker.close()
+    assert all(isinstance(r, activation.CheckinVerdict) and r.outcome == "ok" for r in results), results
+    with state.db.read() as session:
+        assert len(session.execute(select(Checkin)).all()) == 3
+
+
+def test_the_writer_thread_checkpoints_what_the_loop_commits(
+    state: ServerState, admin: Principal, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("SQLite's WAL")
+    _, key, agents = activated(state, admin, 2)
+    monkeypatch.setattr("tessera.server.checkins.CHECKPOINT_EVERY", 3)
+    checkpoints: list[int] = []
+    original = CheckinWriter._checkpoint
+
+    def counted(self: CheckinWriter) -> None:
+        checkpoints.append(1)
+        original(self)
+
+    monkeypatch.setattr(CheckinWriter, "_checkpoint", counted)
+    writer = CheckinWriter(state.db, state.pepper)
+
+    async def one_batch_after_another() -> None:
+        for _ in range(9):
+            await asyncio.gather(*(writer.checkin(maced(state, a, key), START) for a in agents))
+
+    try:
+        asyncio.run(one_batch_after_another())
+    finally:
+        writer.stop()
+    assert len(checkpoints) >= 1
+    with state.db.read() as session:
+        assert len(session.execute(select(Checkin)).all()) == 18

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,7 +63,15 @@ log = logging.getLogger("tessera.server")
 FULL_PATH: Final = object()
 #: Check-ins per transaction at most: bounds how long one commit holds SQLite's write lock.
 MAX_BATCH = 256
+#: SQLite: after this many batches committed on the event loop (whose connection does not
+#: checkpoint, see :meth:`CheckinWriter._flush`), the writer thread checkpoints the WAL.
+CHECKPOINT_EVERY = 32
 _STOP: Final = object()
+_CHECKPOINT: Final = object()
+
+
+class _Busy(Exception):
+    """The write lock is not free this instant: the batch goes to the writer thread."""
 
 
 class _Compiled:
@@ -127,6 +136,11 @@ class CheckinWriter:
         self._thread_count = 1 if db.is_sqlite else threads
         self._start_lock = threading.Lock()
         self._local = threading.local()  # each writer thread's own connection
+        #: SQLite: check-ins that arrived in one turn of each event loop, flushed together.
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        self._loop_connection: Any = None
+        self._loop_batches = 0
+        self._checkpoint_queued = False
 
     async def checkin(self, request: CheckinRequest, now: datetime) -> CheckinVerdict | object:
         """Record a plain check-in and return its verdict (committed), or :data:`FULL_PATH`.
@@ -134,10 +148,17 @@ class CheckinWriter:
         Raises the service error a client gets (unknown key, bad signature, other
         hardware) or a database error (503).
         """
-        self._ensure_started()
         loop = asyncio.get_running_loop()
         job = _Job(request, now, loop.create_future(), loop)
-        self._queue.put(job)
+        if self._db.is_sqlite:
+            pending = self._pending.get(loop)
+            if pending is None:
+                self._pending[loop] = [job]
+                loop.call_soon(self._flush, loop)  # after the other requests of this turn
+            else:
+                pending.append(job)
+        else:
+            self._hand_over([job])
         return await job.future
 
     def stop(self) -> None:
@@ -147,8 +168,55 @@ class CheckinWriter:
             self._queue.put(_STOP)
         for thread in threads:
             thread.join(timeout=15)
+        self._discard_loop_connection(broken=False)
+
+    # ------------------------------------------------------------------ on the event loop
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SQLite: record this turn's check-ins right here, if the write lock is free *now*.
+
+        A batch on SQLite is a few hundred microseconds of work the GIL serializes anyway;
+        handing it to a thread and back cost more than that (10-25 % of the check-in rate,
+        ``docs/performance.md``). But the loop must never wait: if another thread of this
+        process or another process holds the write lock, the batch goes to the writer
+        thread, which waits for its turn. The loop's connection does not checkpoint the WAL
+        (a checkpoint writes and syncs the database file); the writer thread does that every
+        :data:`CHECKPOINT_EVERY` batches.
+        """
+        batch = self._pending.pop(loop)
+        for start in range(0, len(batch), MAX_BATCH):
+            part = batch[start : start + MAX_BATCH]
+            try:
+                self._run_batch(part, self._loop_transaction(), on_loop=True)
+            except _Busy:
+                self._hand_over(part)
+                continue
+            self._loop_batches += 1
+            if self._loop_batches % CHECKPOINT_EVERY == 0 and not self._checkpoint_queued:
+                self._checkpoint_queued = True
+                self._hand_over([_CHECKPOINT])
+
+    def _loop_transaction(self) -> _Transaction:
+        if self._loop_connection is None:
+            connection = self._db.engine.raw_connection()
+            connection.detach()  # its settings below must not reach the pool's other users
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA busy_timeout=0")  # a lock held elsewhere: _Busy at once
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
+            cursor.close()
+            self._loop_connection = connection
+        return _Transaction(self, self._loop_connection, self._discard_loop_connection, wait=False)
+
+    def _discard_loop_connection(self, *, broken: bool = True) -> None:
+        connection, self._loop_connection = self._loop_connection, None
+        _release_connection(connection, broken=broken)
 
     # ------------------------------------------------------------------ writer threads
+
+    def _hand_over(self, jobs: Sequence[_Job | object]) -> None:
+        self._ensure_started()
+        for job in jobs:
+            self._queue.put(job)
 
     def _ensure_started(self) -> None:
         if not self._threads:
@@ -176,16 +244,40 @@ class CheckinWriter:
                         stop = True
                         break
                     batch.append(more)
-                self._run_batch(batch)  # type: ignore[arg-type]  # only jobs besides _STOP
+                if _CHECKPOINT in batch:
+                    batch = [job for job in batch if job is not _CHECKPOINT]
+                    self._checkpoint()
+                if batch:
+                    self._run_batch(batch)  # type: ignore[arg-type]  # only jobs are left
                 if stop:
                     return
         finally:
             self._discard_connection(broken=False)
 
-    def _run_batch(self, batch: list[_Job]) -> None:
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database file without waiting for anyone (``PASSIVE``)."""
+        self._checkpoint_queued = False
+        try:
+            if getattr(self._local, "connection", None) is None:
+                self._local.connection = self._db.engine.raw_connection()
+            cursor = self._local.connection.cursor()
+            cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            cursor.close()
+        except Exception as exc:  # the next commit of any other connection checkpoints too
+            log.warning("WAL checkpoint failed: %s", exc)
+            self._discard_connection()
+
+    def _run_batch(
+        self, batch: list[_Job], transaction: _Transaction | None = None, *, on_loop: bool = False
+    ) -> None:
+        """Look up, decide and record ``batch`` in one transaction; settle every job.
+
+        ``transaction`` is the writer thread's (waiting for the write lock) unless given;
+        the event loop's raises :class:`_Busy` before any work if the lock is taken.
+        """
         outcomes: list[Any] = []
         try:
-            with self._transaction() as cursor:
+            with transaction if transaction is not None else self._transaction() as cursor:
                 recorded: list[tuple[CheckinVerdict, datetime]] = []
                 for job, row in zip(batch, self._look_up(cursor, batch), strict=True):
                     try:
@@ -202,14 +294,14 @@ class CheckinWriter:
                         recorded.append((verdict, job.now))
                 if recorded:
                     self._record(cursor, recorded)
+        except _Busy:
+            raise
         except Exception as exc:
             failure = _wrap(exc)
             log.warning("check-in batch of %d not recorded: %s", len(batch), exc)
-            for job in batch:
-                _deliver(job, failure, error=True)
+            _deliver(batch, [failure] * len(batch), on_loop=on_loop)
             return
-        for job, outcome in zip(batch, outcomes, strict=True):
-            _deliver(job, outcome, error=isinstance(outcome, BaseException))
+        _deliver(batch, outcomes, on_loop=on_loop)
 
     def _look_up(self, cursor: Any, batch: list[_Job]) -> list[Sequence[Any] | None]:
         """Every job's lookup row, in order: on PostgreSQL in one pipeline (one round trip
@@ -280,37 +372,64 @@ class CheckinWriter:
     def _transaction(self) -> _Transaction:
         if getattr(self._local, "connection", None) is None:
             self._local.connection = self._db.engine.raw_connection()
-        return _Transaction(self, self._local.connection)
+        return _Transaction(self, self._local.connection, self._discard_connection)
 
     def _discard_connection(self, *, broken: bool = True) -> None:
         """Give up this thread's connection: invalidated if it may be broken, else closed."""
         connection, self._local.connection = getattr(self._local, "connection", None), None
-        if connection is not None:
-            try:
-                connection.invalidate() if broken else connection.close()
-            except Exception:  # already broken: nothing more to release
-                log.debug("releasing the check-in connection failed", exc_info=True)
+        _release_connection(connection, broken=broken)
+
+
+def _release_connection(connection: Any, *, broken: bool) -> None:
+    if connection is not None:
+        try:
+            connection.invalidate() if broken else connection.close()
+        except Exception:  # already broken: nothing more to release
+            log.debug("releasing the check-in connection failed", exc_info=True)
 
 
 class _Transaction:
-    """One batch's transaction on the writer's connection, with SQLite's write lock."""
+    """One batch's transaction on a writer's connection, with SQLite's write lock.
 
-    def __init__(self, writer: CheckinWriter, connection: Any) -> None:
+    ``wait=False`` (the event loop's): :class:`_Busy` at once if this process's write lock
+    or the database file's is taken, instead of waiting for it.
+    """
+
+    def __init__(
+        self, writer: CheckinWriter, connection: Any, discard: Callable[[], None], *, wait: bool = True
+    ) -> None:
         self._writer = writer
         self._connection = connection
+        self._discard = discard
+        self._wait = wait
         self._locked = False
 
     def __enter__(self) -> Any:
         db = self._writer._db
         try:
+            if not self._wait:
+                self._locked = db.try_write_lock()
+                if not self._locked:
+                    raise _Busy
+                cursor = self._connection.cursor()
+                try:
+                    cursor.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc:
+                    if "locked" in str(exc) or "busy" in str(exc):
+                        raise _Busy from exc
+                    raise
+                return cursor
             self._locked = db.acquire_write_lock()  # SQLite only
             cursor = self._connection.cursor()
             if db.is_sqlite:
                 begin_immediate(cursor.execute, db.busy_timeout)
             # psycopg opens the transaction by itself with the first statement
+        except _Busy:
+            self._release()
+            raise
         except BaseException:
             self._release()
-            self._writer._discard_connection()
+            self._discard()
             raise
         return cursor
 
@@ -324,7 +443,7 @@ class _Transaction:
                 self._rollback()
         except BaseException:
             self._rollback()
-            self._writer._discard_connection()
+            self._discard()
             raise
         finally:
             self._release()
@@ -333,7 +452,7 @@ class _Transaction:
         try:
             self._connection.rollback()
         except Exception:
-            self._writer._discard_connection()
+            self._discard()
 
     def _release(self) -> None:
         if self._locked:
@@ -346,14 +465,28 @@ def _wrap(exc: Exception) -> DBAPIError:
     return exc if isinstance(exc, DBAPIError) else OperationalError("check-in batch", None, exc)
 
 
-def _deliver(job: _Job, value: Any, *, error: bool) -> None:
-    def settle() -> None:
-        if job.future.done():  # the client went away and the request was cancelled
-            return
-        if error:
-            job.future.set_exception(value)
-        else:
-            job.future.set_result(value)
+def _deliver(batch: list[_Job], outcomes: list[Any], *, on_loop: bool = False) -> None:
+    """Settle each job's future with its outcome (an exception fails it), on its loop.
 
-    with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
-        job.loop.call_soon_threadsafe(settle)
+    From a writer thread, one hand-over per loop and batch, not per job: each
+    ``call_soon_threadsafe`` wakes the loop through its self-pipe.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any]]] = {}
+    for job, outcome in zip(batch, outcomes, strict=True):
+        by_loop.setdefault(job.loop, []).append((job, outcome))
+
+    def settle(settled: list[tuple[_Job, Any]]) -> None:
+        for job, outcome in settled:
+            if job.future.done():  # the client went away and the request was cancelled
+                continue
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+
+    if on_loop:
+        settle([(job, outcome) for job, outcome in zip(batch, outcomes, strict=True)])
+        return
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
+            loop.call_soon_threadsafe(settle, settled)

@@ -113,6 +113,10 @@ class Database:
             raise OperationalError("BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked"))
         return True
 
+    def try_write_lock(self) -> bool:
+        """SQLite: this process's turn to write if nobody here has it this instant."""
+        return self._write_lock.acquire(blocking=False)
+
     def release_write_lock(self) -> None:
         self._write_lock.release()
 
