@@ -158,6 +158,7 @@ def test_offline_request_file(run: Run, tmp_path: Path) -> None:
     data = (tmp_path / "request.json").read_bytes()
     request = ActivationRequest.from_json(data)  # checks the agent's self-signature
     assert request.license_key == LICENSE_KEY
+    assert request.product == PRODUCT  # the vendor refuses a key for another product early
     assert set(json.loads(data)) == {
         "protocol",
         "type",
@@ -166,6 +167,7 @@ def test_offline_request_file(run: Run, tmp_path: Path) -> None:
         "system_id",
         "nonce",
         "agent_key",
+        "product",
         "signature",
     }
     assert run("request", "--key", "not-a-key", "-o", "r.json").returncode == 2

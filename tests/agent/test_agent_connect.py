@@ -20,9 +20,10 @@ ALLOWED_ACTIVATE = {
     "system_id",
     "nonce",
     "agent_key",
+    "product",  # the product the agent runs in: refused early if the key is for another
     "signature",
 }
-ALLOWED_CHECKIN = ALLOWED_ACTIVATE - {"agent_key", "signature"} | {"mac"}
+ALLOWED_CHECKIN = ALLOWED_ACTIVATE - {"agent_key", "product", "signature"} | {"mac"}
 
 
 def test_activation_imports_the_license(activated: Agent, server: FakeServer) -> None:
@@ -106,6 +107,7 @@ def test_requests_carry_only_allowed_fields(activated: Agent, server: FakeServer
     assert set(activate) == ALLOWED_ACTIVATE and set(checkin) == ALLOWED_CHECKIN
     assert activate["locking_id"] == LOCKING_ID
     assert activate["license_key"] == LICENSE_KEY
+    assert activate["product"] == activated.installation.product
     import getpass
     import socket
 

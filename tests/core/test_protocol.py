@@ -265,3 +265,22 @@ def test_canonical_json_edge_cases_keep_the_definition(obj: dict[str, object]) -
 def test_request_that_is_not_strict_json_is_a_format_error(body: bytes) -> None:
     with pytest.raises(FormatError):
         CheckinRequest.from_json(body)
+
+
+def test_activation_request_names_its_product_under_the_signature() -> None:
+    request = ActivationRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT, product="cortex")
+    body = json.loads(request.to_json())
+    assert body["product"] == "cortex"
+    assert ActivationRequest.from_json(request.to_json()).product == "cortex"
+    body["product"] = "reportix"  # another product for the same key: the signature breaks
+    with pytest.raises(SignatureError):
+        ActivationRequest.from_json(json.dumps(body))
+    body["product"] = "Not A Product"
+    with pytest.raises(FormatError, match="product"):
+        ActivationRequest.from_json(json.dumps(body))
+
+
+def test_activation_request_without_product_is_the_older_agents_message() -> None:
+    request = ActivationRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT)
+    assert "product" not in json.loads(request.to_json())  # signed bytes unchanged for them
+    assert ActivationRequest.from_json(request.to_json()).product == ""

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from tessera.core.clock import ManualClock
 from tessera.core.errors import BindingError, DecryptionError
-from tessera.core.protocol import ServerResponse
+from tessera.core.protocol import ActivationRequest, ServerResponse
 from tessera.core.sealing import unseal
 from tessera.core.signing import Keyring, SigningKey
 from tessera.core.verify import check_binding, load_signed
@@ -54,6 +54,22 @@ def test_activation_returns_a_signed_license_bound_to_the_machine_and_agent(
     check_binding(lic, a.locking_id)
     with pytest.raises(BindingError):
         check_binding(lic, agent(2).locking_id)
+
+
+def test_a_key_for_another_product_is_refused_before_it_takes_a_slot(
+    state: ServerState, admin: Principal, keyring: Keyring
+) -> None:
+    serial, key = setup_license(state, admin, START, machines=1)
+    a = agent(1)
+    wrong = ActivationRequest.create(key, a.locking_id, a.system_id, a.key, product="reportix")
+    with pytest.raises(Forbidden, match="product 'cortex', not 'reportix'"), state.db.write() as session:
+        activation.activate(session, wrong, START, state.signing_key, state.pepper)
+    with state.db.read() as session:
+        assert licenses.license_view(licenses.get_license(session, serial))["machines"] == []
+    right = ActivationRequest.create(key, a.locking_id, a.system_id, a.key, product="cortex")
+    with state.db.write() as session:
+        raw = activation.activate(session, right, START, state.signing_key, state.pepper).to_json()
+    assert ServerResponse.from_json(raw, keyring, right.nonce).serial == serial
 
 
 def test_machine_limit_and_reactivation_reuse_the_slot(

@@ -636,7 +636,9 @@ class Agent:
         with self._write_lock:
             agent_key = self._ensure_agent_key()
             self._store.put({"license_key": self._store.encrypt("license key", key_text.encode())})
-            return ActivationRequest.create(key_text, self.locking_id, self.system_id, agent_key)
+            return ActivationRequest.create(
+                key_text, self.locking_id, self.system_id, agent_key, self.installation.product
+            )
 
     def activate(
         self,

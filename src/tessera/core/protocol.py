@@ -45,7 +45,7 @@ from tessera.core.errors import FormatError, SignatureError, VerificationError
 from tessera.core.fileformat import KEY_ID_RE, format_timestamp, parse_timestamp
 from tessera.core.fingerprint import LockingId
 from tessera.core.licensekey import normalize_license_key
-from tessera.core.model import SERIAL_RE
+from tessera.core.model import PRODUCT_RE, SERIAL_RE
 from tessera.core.signing import Keyring, PublicKey, SigningKey
 
 __all__ = [
@@ -219,6 +219,8 @@ class _AgentRequest:
     TYPE: ClassVar[str] = ""
     #: The fields the signature or MAC covers: all but the proof itself.
     COVERED: ClassVar[tuple[str, ...]] = ("license_key", "locking_id", "system_id", "nonce")
+    #: Optional covered fields: left out of the message when empty (older agents).
+    OMITTED_IF_EMPTY: ClassVar[tuple[str, ...]] = ()
     license_key: str
     locking_id: str
     system_id: str
@@ -227,6 +229,9 @@ class _AgentRequest:
 
     def payload(self) -> dict[str, Any]:
         obj = {name: getattr(self, name) for name in self.COVERED}
+        for name in self.OMITTED_IF_EMPTY:
+            if not obj[name]:
+                del obj[name]
         obj["protocol"] = PROTOCOL
         obj["type"] = self.TYPE
         return obj
@@ -244,15 +249,28 @@ class _AgentRequest:
 
 @dataclass(frozen=True, slots=True)
 class ActivationRequest(_AgentRequest):
-    """Online activation, and the offline request file: self-signed by the new agent key."""
+    """Online activation, and the offline request file: self-signed by the new agent key.
+
+    ``product`` names the product the agent runs in, so the server refuses a key for
+    another product before it takes a machine slot (the agent would reject that license
+    file anyway, with the slot gone). Empty for the generic agent, which adopts the product
+    of the first license it accepts, and in requests of older agents.
+    """
 
     TYPE: ClassVar[str] = "activate"
-    COVERED: ClassVar[tuple[str, ...]] = (*_AgentRequest.COVERED, "agent_key")
+    COVERED: ClassVar[tuple[str, ...]] = (*_AgentRequest.COVERED, "agent_key", "product")
+    OMITTED_IF_EMPTY: ClassVar[tuple[str, ...]] = ("product",)
     agent_key: str = ""
+    product: str = ""
 
     @classmethod
     def create(
-        cls, license_key: str, locking_id: str, system_id: str, agent: SigningKey
+        cls,
+        license_key: str,
+        locking_id: str,
+        system_id: str,
+        agent: SigningKey,
+        product: str | None = None,
     ) -> ActivationRequest:
         unsigned = cls(
             normalize_license_key(license_key),
@@ -261,6 +279,7 @@ class ActivationRequest(_AgentRequest):
             new_nonce(),
             "",
             agent.public.to_base64(),
+            product or "",
         )
         sig = agent.sign(canonical_json(unsigned.payload()))
         return cls(**{**asdict(unsigned), "signature": _b64(sig)})
@@ -270,10 +289,12 @@ class ActivationRequest(_AgentRequest):
         """Parse and check the self-signature; ``FormatError``/``SignatureError`` if bad."""
         obj = _load_object(data, "activation request")
         names = {"protocol", "type", "license_key", "locking_id", "system_id", "nonce", "agent_key"}
-        _fields(obj, names | {"signature"}, set(), "activation request")
+        _fields(obj, names | {"signature"}, {"product"}, "activation request")
         if obj["type"] != cls.TYPE:
             raise FormatError("not an activation request")
         _check_common(obj)
+        if "product" in obj:
+            _string(obj, "product", PRODUCT_RE)
         PublicKey.from_base64(_string(obj, "agent_key", _B64_RE))
         _string(obj, "signature", _B64_RE)
         del obj["protocol"], obj["type"]

@@ -158,6 +158,9 @@ def _bind(
     portal: bool = False,
     portal_verdict: PortalVerdict | None = None,
 ) -> Activation:
+    if request.product and request.product != row.product.code:
+        # Before anything is bound: the agent would reject the file, the slot would be gone.
+        raise Forbidden(f"this license key is for product {row.product.code!r}, not {request.product!r}")
     _refuse_blacklisted(session, row, request.locking_id, now)
     _check_usable(row, now)
     # The same installation again (indexed lookup), else the same hardware (tolerant match).
