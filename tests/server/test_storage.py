@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -71,6 +72,35 @@ def test_a_writer_waits_for_another_process_and_gets_in_as_soon_as_it_is_done(tm
     finally:
         other.close()
         db.dispose()
+
+
+def test_postgresql_connections_detect_a_vanished_host(database: Database) -> None:
+    """Keepalive probes and a TCP user timeout on the real socket (not only in the DSN)."""
+    if database.is_sqlite:
+        pytest.skip("PostgreSQL connections only")
+
+    def options(db: Database) -> tuple[int, int, int, int]:
+        raw = db.engine.raw_connection()
+        try:
+            sock = socket.socket(fileno=raw.driver_connection.pgconn.socket)  # type: ignore[union-attr]
+            try:
+                return (
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+                )
+            finally:
+                sock.detach()  # the descriptor stays psycopg's
+        finally:
+            raw.close()
+
+    assert options(database) == (1, 30, 3, 20_000)
+    own = Database(f"{database.url}?keepalives_idle=7&tcp_user_timeout=9000")
+    try:
+        assert options(own) == (1, 7, 3, 9000)  # the URL's settings win
+    finally:
+        own.dispose()
 
 
 def test_database_urls_are_checked() -> None:

@@ -249,9 +249,12 @@ def _number(
     whole: bool = False,
 ) -> float:
     value = table.get(key, default)
-    kinds: tuple[type, ...] = (int,) if whole else (int, float)
     low, high = bounds
-    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:  # type: ignore[operator]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int if whole else (int, float))
+        or not low <= value <= high
+    ):
         kind = "a whole number" if whole else "a number"
         raise ConfigError(f"{path}: [{table['__name__']}] {key} must be {kind} from {low} to {high}")
-    return float(value) if not whole else int(value)  # type: ignore[arg-type]
+    return int(value) if whole else float(value)

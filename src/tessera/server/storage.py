@@ -36,6 +36,19 @@ SQLITE_BUSY_TIMEOUT_S = 5.0
 #: How long a PostgreSQL connection attempt may take (``?connect_timeout=`` overrides):
 #: an unreachable host that drops packets answers 503 instead of holding the request.
 PG_CONNECT_TIMEOUT_S = 5
+#: TCP settings of every PostgreSQL connection (libpq parameters; the URL's own win). A
+#: database host that vanishes without closing its connections (power cut, a firewall
+#: dropping state) would otherwise leave a request waiting on a dead socket for the
+#: kernel's two hours: keepalive probes find an idle dead peer within about a minute, and
+#: ``tcp_user_timeout`` fails a request whose data goes unacknowledged for 20 s, so it
+#: ends in 503 and the pool replaces the connection.
+PG_TCP_SETTINGS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 20_000,
+}
 SQLITE_BUSY_TIMEOUT_MS = int(SQLITE_BUSY_TIMEOUT_S * 1000)
 #: A writer waiting for another process's write transaction asks again this often. SQLite's
 #: own busy handler backs off to 100 ms between tries, so under steady writes from a second
@@ -84,8 +97,8 @@ class Database:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": self.busy_timeout}
         else:
             self.busy_timeout = 0.0
-            if "connect_timeout" not in query:
-                kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+            settings = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **PG_TCP_SETTINGS}
+            kwargs["connect_args"] = {k: v for k, v in settings.items() if k not in query}
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
         self.engine: Engine = create_engine(self.url, **kwargs)
         if self.is_sqlite:
