@@ -39,9 +39,11 @@ def tessera(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     return run
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -> None:
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
+    """The single ``error: ...`` line a failed command must print (no traceback); returned."""
     assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ")
     assert "Traceback" not in result.stderr
+    return lines[0]

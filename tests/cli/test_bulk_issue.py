@@ -15,14 +15,7 @@ from tessera.core.fingerprint import locking_id_for
 
 from ..server.conftest import backend_database
 from ..server.processes import clean_env, running_server, tessera
-
-
-def _one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[0]
+from .conftest import assert_one_line_error
 
 
 def _lines(path: Path) -> list[dict[str, str]]:
@@ -112,21 +105,21 @@ def _journey(tmp: Path, db_url: str | None) -> None:
         # Bad input: one line, exit 2, nothing issued, no output file left behind.
         (tmp / "bad.txt").write_text(f"{others[0]}\nnot-a-locking-id\n")
         bad = cli("license", "issue-bulk", *template, "--locking-ids", "bad.txt", "-o", "x.jsonl")
-        assert "bad.txt line 2" in _one_line_error(bad, 2)
+        assert "bad.txt line 2" in assert_one_line_error(bad, 2)
         (tmp / "dup.txt").write_text(f"{others[0]}\n{others[0]}\n")
         dup = cli("license", "issue-bulk", *template, "--locking-ids", "dup.txt", "-o", "x.jsonl")
-        assert "listed twice" in _one_line_error(dup, 2)
+        assert "listed twice" in assert_one_line_error(dup, 2)
         feature = cli("license", "issue-bulk", "--customer", str(customer), "--product", "cortex",
                       "--feature", "nope=1", "--count", "3", "-o", "x.jsonl")  # fmt: skip
-        assert "nope" in _one_line_error(feature, 2)
+        assert "nope" in assert_one_line_error(feature, 2)
         over = cli("license", "issue-bulk", *template, "--count", "5", "--chunk", "10001", "-o", "x.jsonl")
         assert over.returncode == 2
         both = cli(
             "license", "issue-bulk", *template, "--count", "5", "--locking-ids", "ids.txt", "-o", "x.jsonl"
         )
-        assert "exactly one" in _one_line_error(both, 2)
+        assert "exactly one" in assert_one_line_error(both, 2)
         exists = cli("license", "issue-bulk", *template, "--count", "1", "-o", "plain.jsonl")
-        assert "exists already" in _one_line_error(exists, 2)
+        assert "exists already" in assert_one_line_error(exists, 2)
         assert not (tmp / "x.jsonl").exists()
         listed = json.loads(cli("license", "list", "--json").stdout)["licenses"]
         assert len(listed) == 10

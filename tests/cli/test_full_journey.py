@@ -25,6 +25,7 @@ import pytest
 
 from ..server.conftest import backend_database
 from ..server.processes import TESSERA, clean_env, free_port, running_server, tessera
+from .conftest import assert_one_line_error
 
 FAKETIME = shutil.which("faketime")
 
@@ -34,13 +35,6 @@ def _can_unshare() -> bool:
         return False
     probe = subprocess.run(["unshare", "-mu", "true"], capture_output=True, check=False)
     return probe.returncode == 0
-
-
-def _one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 class Machine:
@@ -135,7 +129,7 @@ def _journey(tmp: Path, db_url: str | None) -> None:
 
         # A second machine beyond the sold count is refused with a clear reason.
         refused = b.run("activate", "--server", url, "--ca", ca, "--key", lic["key"])
-        assert "no free machine" in _one_line_error(refused, 1)
+        assert "no free machine" in assert_one_line_error(refused, 1)
         shown = json.loads(cli("license", "show", lic["serial"], "--json").stdout)
         assert shown["serial"] == lic["serial"] and len(shown["machines"]) == 1
 
@@ -144,7 +138,7 @@ def _journey(tmp: Path, db_url: str | None) -> None:
         secret = token.get("token") or token.get("secret")
         assert secret
         wrong = cli("customer", "create", "Sneaky Ltd", env={**admin, "TESSERA_TOKEN": secret})
-        assert "role readonly may not" in _one_line_error(wrong, 1)
+        assert "role readonly may not" in assert_one_line_error(wrong, 1)
 
         # Offline activation on machine B with a license of its own.
         second = json.loads(cli("license", "issue", "--customer", str(customer), "--product", "cortex",

@@ -23,7 +23,8 @@ import pytest
 
 from ..server.conftest import backend_database
 from ..server.processes import TESSERA, clean_env, free_port, running_server, tessera
-from .test_full_journey import _can_unshare, _one_line_error
+from .conftest import assert_one_line_error
+from .test_full_journey import _can_unshare
 
 FAKETIME = shutil.which("faketime")
 
@@ -120,7 +121,7 @@ def _journey(tmp: Path, db_url: str | None) -> None:
         assert a.agent("check", "uniplex").returncode == 1
         # (2) A cannot activate anything else; the attempt is refused and reported.
         refused = a.agent(*activate, str(other["key"]), state="second")
-        assert "blacklisted" in _one_line_error(refused, 1)
+        assert "blacklisted" in assert_one_line_error(refused, 1)
         hits = cli_json("report", "blacklist-hits", env=support)["hits"]
         assert isinstance(hits, list)
         assert [(h["locking_id"], h["serial"], h["how"]) for h in hits] == [
@@ -147,21 +148,21 @@ def _journey(tmp: Path, db_url: str | None) -> None:
         assert b.agent("check", "uniplex", faketime="+3d").returncode == 0
         # A replayed (older) list and an altered one are refused with one line.
         replay = a.agent("import-blacklist", str(tmp / "blacklist-1.txt"), state="fresh")
-        assert "older" in _one_line_error(replay, 1)
+        assert "older" in assert_one_line_error(replay, 1)
         text = (tmp / "blacklist-2.txt").read_text()
         (tmp / "forged.txt").write_text(text.replace(a.locking_id(), b.locking_id()))
         forged = a.agent("import-blacklist", str(tmp / "forged.txt"), state="fresh")
-        assert forged.returncode in (1, 2) and _one_line_error(forged, forged.returncode)
+        assert forged.returncode in (1, 2) and assert_one_line_error(forged, forged.returncode)
         assert a.state("fresh", faketime="+3d") == "locked"
 
         # Bad input: an unknown serial, a blacklisted target. Nothing changes.
         unknown = cli("license", "rehost", "2026-999999", "--locking-id", b.locking_id(), env=support)
-        assert "not found" in _one_line_error(unknown, 1)
+        assert "not found" in assert_one_line_error(unknown, 1)
         target = cli("license", "rehost", serial, "--locking-id", a.locking_id(), env=support)
-        assert "blacklisted" in _one_line_error(target, 1)
+        assert "blacklisted" in assert_one_line_error(target, 1)
         both = cli("license", "rehost", serial, "--locking-id", a.locking_id(), "--blacklist-old",
                    "--revoke-only", env=support)  # fmt: skip
-        _one_line_error(both, 2)
+        assert_one_line_error(both, 2)
         shown = cli_json("license", "show", serial)
         assert [m["locking_id"] for m in shown["machines"]] == [b.locking_id()]  # type: ignore[attr-defined]
 
@@ -176,16 +177,16 @@ def _journey(tmp: Path, db_url: str | None) -> None:
 
         # The agent-side flow: the new machine asks for the license itself.
         plain = boxes[1].agent(*activate, str(offline["key"]))
-        assert "no free machine" in _one_line_error(plain, 1)
+        assert "no free machine" in assert_one_line_error(plain, 1)
         recovered = boxes[1].agent(*activate, str(offline["key"]), "--recover")
         assert recovered.returncode == 0, recovered.stderr
         assert boxes[1].state() == "normal"
         denied = rehost(boxes[2])
-        assert "allowance is used up (1 of 1)" in _one_line_error(denied, 1)
+        assert "allowance is used up (1 of 1)" in assert_one_line_error(denied, 1)
         assert cli("license", "authorize-recovery", off_serial, "--count", "1", env=support).returncode == 0
         assert rehost(boxes[2]).returncode == 0
         again = rehost(boxes[3])
-        assert "support can authorize" in _one_line_error(again, 1)
+        assert "support can authorize" in assert_one_line_error(again, 1)
         decisions = cli_json("license", "recoveries", off_serial, env=support)["recoveries"]
         assert [(d["granted"], d["rule"]) for d in decisions] == [  # type: ignore[union-attr]
             (True, "allowance"), (False, "none"), (True, "authorized"), (False, "none"),

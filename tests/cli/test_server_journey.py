@@ -27,14 +27,7 @@ from tessera.core.verify import check_binding, load_signed
 
 from ..server.conftest import backend_database
 from ..server.processes import clean_env, running_server, tessera
-
-
-def _one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[0]
+from .conftest import assert_one_line_error
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -55,7 +48,7 @@ def _journey(tmp_path: Path, db_url: str | None) -> None:
     assert (data_dir / "tessera.toml").is_file()
     assert oct((data_dir / "vendor.key").stat().st_mode & 0o777) == "0o600"
     assert b"ENCRYPTED" in (data_dir / "vendor.key").read_bytes()
-    again = _one_line_error(tessera("server", "init", "--data-dir", str(data_dir)), 2)
+    again = assert_one_line_error(tessera("server", "init", "--data-dir", str(data_dir)), 2)
     assert "initialized already" in again
     keyring = Keyring.loads(Path(info["vendor_key"]).read_text())
     ca = info["ca"]
@@ -145,7 +138,7 @@ def _journey(tmp_path: Path, db_url: str | None) -> None:
             ro_token = json.loads(readonly.stdout)["token"]
             denied = cli("license", "issue", "--customer", customer_id, "--product", "cortex",
                          "--feature", "uniplex=1", token=ro_token)  # fmt: skip
-            assert "role readonly may not do this" in _one_line_error(denied, 1)
+            assert "role readonly may not do this" in assert_one_line_error(denied, 1)
             shown = cli("license", "show", lic["serial"], "--json", token=ro_token)
             assert shown.returncode == 0, shown.stderr
             view = json.loads(shown.stdout)
@@ -202,19 +195,19 @@ def _journey(tmp_path: Path, db_url: str | None) -> None:
             "-o",
             str(tmp_path / "x.lic"),
         )
-        assert "lacks field" in _one_line_error(junk, 2)
+        assert "lacks field" in assert_one_line_error(junk, 2)
         assert not (tmp_path / "x.lic").exists()
-        _one_line_error(cli("license", "show", "2099-000001"), 1)
-        _one_line_error(cli("license", "issue", "--customer", customer_id, "--product", "cortex",
+        assert_one_line_error(cli("license", "show", "2099-000001"), 1)
+        assert_one_line_error(cli("license", "issue", "--customer", customer_id, "--product", "cortex",
                             "--feature", "uniplex=lots"), 2)  # fmt: skip
-        _one_line_error(cli("customer", "create", "x", token="tsk_wrong"), 1)
+        assert_one_line_error(cli("customer", "create", "x", token="tsk_wrong"), 1)
         wrong_ca = tessera(
             "license",
             "show",
             lic["serial"],
             env={**env, "TESSERA_CA": str(data_dir / "tls" / "server.pem")},
         )
-        assert "TLS" in _one_line_error(wrong_ca, 1)
+        assert "TLS" in assert_one_line_error(wrong_ca, 1)
 
         # The audit log recorded all of it, intact; an edited row is detected.
         audited = cli("audit", "verify", "--json")
@@ -223,7 +216,7 @@ def _journey(tmp_path: Path, db_url: str | None) -> None:
         if db_url is None:
             with sqlite3.connect(data_dir / "tessera.db") as db:
                 db.execute("UPDATE audit_log SET actor = 'admin:nobody' WHERE id = 1")
-            assert "tampered" in _one_line_error(cli("audit", "verify"), 1)
+            assert "tampered" in assert_one_line_error(cli("audit", "verify"), 1)
 
     unreachable = tessera("license", "show", lic["serial"], env={**env, "TESSERA_URL": url})
-    assert "cannot reach" in _one_line_error(unreachable, 1)
+    assert "cannot reach" in assert_one_line_error(unreachable, 1)

@@ -260,7 +260,8 @@ def test_canonical_json_edge_cases_keep_the_definition(obj: dict[str, object]) -
 
 @pytest.mark.parametrize(
     "body",
-    [b"{", b'{"a": NaN}', b"\xff", b'"\\ud800"', b"[" * 2000 + b"]" * 2000, b'{"n": 1e400}'],
+    # Objects, so each is refused for what the stdlib parser let through, not for its shape.
+    [b"{", b'{"a": NaN}', b'{"a": "\xff"}', b'{"a": "\\ud800"}', b"[" * 2000 + b"]" * 2000, b'{"n": 1e400}'],
 )
 def test_request_that_is_not_strict_json_is_a_format_error(body: bytes) -> None:
     with pytest.raises(FormatError):

@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import select
 
 from tessera.core.fingerprint import locking_id_for
-from tessera.core.protocol import ActivationRequest, CheckinRequest
-from tessera.core.signing import SigningKey
-from tessera.server import catalog, licenses
+from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerResponse
+from tessera.core.signing import Keyring, SigningKey
+from tessera.server import activation, catalog, licenses
 from tessera.server.app import ServerState
 from tessera.server.models import Product
 from tessera.server.schemas import CustomerIn, LicenseIn, ProductIn
@@ -89,3 +89,19 @@ class FakeAgent:
 
 def agent(n: int) -> FakeAgent:
     return FakeAgent(machine=f"m{n}", system_id=f"system-{n:04d}-abcdef")
+
+
+def activate(state: ServerState, a: FakeAgent, key: str, keyring: Keyring) -> ServerResponse:
+    """Online activation through the service, its response verified as the agent would."""
+    request = a.activation(key)
+    with state.db.write() as session:
+        raw = activation.activate(session, request, state.now(), state.signing_key, state.pepper).to_json()
+    return ServerResponse.from_json(raw, keyring, request.nonce)
+
+
+def check_in(state: ServerState, a: FakeAgent, key: str, keyring: Keyring) -> ServerResponse:
+    """A (signed) check-in through the service's full path, its response verified."""
+    request = a.checkin(key)
+    with state.db.write() as session:
+        raw = activation.checkin(session, request, state.now(), state.signing_key, state.pepper).to_json()
+    return ServerResponse.from_json(raw, keyring, request.nonce)

@@ -21,21 +21,7 @@ from tessera.server.schemas import LicenseUpdate
 from tessera.server.tokens import Principal
 
 from .conftest import START
-from .helpers import FakeAgent, agent, setup_license
-
-
-def _activate(state: ServerState, a: FakeAgent, key: str, keyring: Keyring) -> ServerResponse:
-    request = a.activation(key)
-    with state.db.write() as session:
-        raw = activation.activate(session, request, state.now(), state.signing_key, state.pepper).to_json()
-    return ServerResponse.from_json(raw, keyring, request.nonce)
-
-
-def _checkin(state: ServerState, a: FakeAgent, key: str, keyring: Keyring) -> ServerResponse:
-    request = a.checkin(key)
-    with state.db.write() as session:
-        raw = activation.checkin(session, request, state.now(), state.signing_key, state.pepper).to_json()
-    return ServerResponse.from_json(raw, keyring, request.nonce)
+from .helpers import FakeAgent, activate, agent, check_in, setup_license
 
 
 def test_activation_returns_a_signed_license_bound_to_the_machine_and_agent(
@@ -43,7 +29,7 @@ def test_activation_returns_a_signed_license_bound_to_the_machine_and_agent(
 ) -> None:
     serial, key = setup_license(state, admin, START)
     a = agent(1)
-    response = _activate(state, a, key, keyring)
+    response = activate(state, a, key, keyring)
     assert response.serial == serial and response.kind == "activation"
     assert response.server_time == START
     signed = load_signed(response.license or "", keyring)
@@ -77,24 +63,24 @@ def test_machine_limit_and_reactivation_reuse_the_slot(
 ) -> None:
     serial, key = setup_license(state, admin, START, machines=2)
     first, second = agent(1), agent(2)
-    _activate(state, first, key, keyring)
-    _activate(state, second, key, keyring)
+    activate(state, first, key, keyring)
+    activate(state, second, key, keyring)
     with pytest.raises(Forbidden, match=r"no free machine left.*2 of 2"):
-        _activate(state, agent(3), key, keyring)
+        activate(state, agent(3), key, keyring)
     # The same machine again, with a new agent key and one changed component: same slot.
     again = FakeAgent(first.machine, first.system_id, facts=[*first.facts[:3], ("c", "new cpu")])
-    _activate(state, again, key, keyring)
+    activate(state, again, key, keyring)
     # A reinstalled system (new system id) on the same hardware: same slot too.
     reinstalled = FakeAgent(second.machine, "system-reinstalled-1")
-    _activate(state, reinstalled, key, keyring)
+    activate(state, reinstalled, key, keyring)
     with state.db.read() as session:
         view = licenses.license_view(licenses.get_license(session, serial))
     assert [m["slot"] for m in view["machines"]] == [0, 1]
     assert view["machines"][1]["system_id"] == "system-reinstalled-1"
     # The old agent key of the first machine is no longer accepted; the new one is.
     with pytest.raises(Forbidden, match="signature"):
-        _checkin(state, first, key, keyring)
-    assert _checkin(state, again, key, keyring).directives == ()
+        check_in(state, first, key, keyring)
+    assert check_in(state, again, key, keyring).directives == ()
 
 
 def test_unknown_key_is_404_and_changes_nothing(
@@ -102,7 +88,7 @@ def test_unknown_key_is_404_and_changes_nothing(
 ) -> None:
     setup_license(state, admin, START)
     with pytest.raises(NotFound):
-        _activate(state, agent(1), "AAAAA-AAAAA-AAAAA-AAAAA-AAAAA", keyring)
+        activate(state, agent(1), "AAAAA-AAAAA-AAAAA-AAAAA-AAAAA", keyring)
     with state.db.read() as session:
         assert session.execute(select(LicenseRow)).scalar_one().machines == []
 
@@ -112,8 +98,8 @@ def test_checkin_delivers_a_central_change_once(
 ) -> None:
     serial, key = setup_license(state, admin, START)
     a = agent(1)
-    _activate(state, a, key, keyring)
-    assert _checkin(state, a, key, keyring).license is None
+    activate(state, a, key, keyring)
+    assert check_in(state, a, key, keyring).license is None
     with state.db.write() as session:
         licenses.update_license(
             session,
@@ -123,12 +109,12 @@ def test_checkin_delivers_a_central_change_once(
             state.now(),
         )
     clock.advance(hours=1)
-    response = _checkin(state, a, key, keyring)
+    response = check_in(state, a, key, keyring)
     assert response.server_time == START + timedelta(hours=1)
     lic = load_signed(response.license or "", keyring).document
     assert lic.revision == 2 and lic.location().get("uniplex").count == 9  # type: ignore[union-attr]
     assert lic.agent_key == a.key.public.to_base64()
-    assert _checkin(state, a, key, keyring).license is None
+    assert check_in(state, a, key, keyring).license is None
     with state.db.read() as session:
         assert len(session.execute(select(Checkin)).scalars().all()) == 3
 
@@ -143,31 +129,31 @@ def test_every_rule_is_checked_on_every_validation(
         entitlements=[{"feature": "uniplex", "count": 1, "expiry": "2026-12-31"}],
     )
     a = agent(1)
-    _activate(state, a, key, keyring)
+    activate(state, a, key, keyring)
     clock.set(START.replace(year=2027))
-    assert "expired" in (_checkin(state, a, key, keyring).message or "")
+    assert "expired" in (check_in(state, a, key, keyring).message or "")
     with pytest.raises(Forbidden, match="expired"):
-        _activate(state, agent(2), key, keyring)
+        activate(state, agent(2), key, keyring)
     with state.db.write() as session:
         licenses.update_license(session, admin, serial, LicenseUpdate(status="revoked"), state.now())
-    response = _checkin(state, a, key, keyring)
+    response = check_in(state, a, key, keyring)
     assert response.directives == ("revoke",) and "revoked" in (response.message or "")
     with pytest.raises(Forbidden, match="revoked"):
-        _activate(state, a, key, keyring)
+        activate(state, a, key, keyring)
 
 
 def test_checkin_refuses_strangers(state: ServerState, admin: Principal, keyring: Keyring) -> None:
     _, key = setup_license(state, admin, START)
     a = agent(1)
-    _activate(state, a, key, keyring)
+    activate(state, a, key, keyring)
     with pytest.raises(Forbidden, match="not activated"):
-        _checkin(state, agent(2), key, keyring)
+        check_in(state, agent(2), key, keyring)
     forged = FakeAgent(a.machine, a.system_id, key=SigningKey.generate())
     with pytest.raises(Forbidden, match="signature"):
-        _checkin(state, forged, key, keyring)
+        check_in(state, forged, key, keyring)
     moved = FakeAgent("elsewhere", a.system_id, key=a.key)
     with pytest.raises(Forbidden, match="no longer matches"):
-        _checkin(state, moved, key, keyring)
+        check_in(state, moved, key, keyring)
 
 
 def test_a_sealed_license_is_shipped_encrypted_to_its_key(
@@ -175,13 +161,13 @@ def test_a_sealed_license_is_shipped_encrypted_to_its_key(
 ) -> None:
     serial, key = setup_license(state, admin, START, seal=True)
     a = agent(1)
-    shipped = load_signed(_activate(state, a, key, keyring).license or "", keyring).document
+    shipped = load_signed(activate(state, a, key, keyring).license or "", keyring).document
     assert shipped.sealed is not None and shipped.locations == ()  # type: ignore[union-attr]
     opened = unseal(shipped, key)  # type: ignore[arg-type]
     assert opened.location().get("uniplex").count == 5  # type: ignore[union-attr]
     with state.db.write() as session:
         licenses.update_license(session, admin, serial, LicenseUpdate(failover_days=7), state.now())
-    again = load_signed(_checkin(state, a, key, keyring).license or "", keyring).document
+    again = load_signed(check_in(state, a, key, keyring).license or "", keyring).document
     assert again.sealed is not None and unseal(again, key).failover_days == 7  # type: ignore[arg-type]
     with pytest.raises(DecryptionError):
         unseal(again, "AAAAA-BBBBB-CCCCC-DDDDD-EEEEE")  # type: ignore[arg-type]
@@ -192,11 +178,11 @@ def test_a_copied_installation_on_other_hardware_is_a_recovery_not_a_move(
 ) -> None:
     serial, key = setup_license(state, admin, START, recovery_allowance=0, connect=False)
     original = agent(1)
-    _activate(state, original, key, keyring)
+    activate(state, original, key, keyring)
     # The same state directory (system id, agent key) copied to a different machine.
     copied = FakeAgent("elsewhere", original.system_id, original.key)
     with pytest.raises(Forbidden, match=r"other hardware.*--recover"):
-        _activate(state, copied, key, keyring)
+        activate(state, copied, key, keyring)
     # Asked for as a recovery, the license's rule decides (no allowance: refused, recorded).
     with state.db.write() as session, pytest.raises(Forbidden, match="recover"):
         activation.activate(

@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from tessera.core.protocol import ServerResponse
 from tessera.core.signing import Keyring
 from tessera.core.verify import check_binding, load_signed
-from tessera.server import activation, audit, bulk, catalog, licenses, recovery
+from tessera.server import audit, bulk, catalog, licenses, recovery
 from tessera.server.app import ServerState
 from tessera.server.errors import Forbidden, Invalid
 from tessera.server.models import AuditEntry, LicenseRevision, LicenseRow, Machine, WebhookDelivery
@@ -22,7 +21,7 @@ from tessera.server.tokens import Principal, Role, create_token
 from tessera.server.webhooks import add_endpoint
 
 from .conftest import START, LiveServer
-from .helpers import FakeAgent, agent, setup_license
+from .helpers import FakeAgent, activate, agent, check_in, setup_license
 
 
 def _template(state: ServerState, admin: Principal, **extra: Any) -> dict[str, Any]:
@@ -52,20 +51,6 @@ def _issue(state: ServerState, principal: Principal, body: dict[str, Any]) -> bu
             state.pepper,
             state.signing_key,
         )
-
-
-def _activate(state: ServerState, a: FakeAgent, key: str, keyring: Keyring) -> ServerResponse:
-    request = a.activation(key)
-    with state.db.write() as session:
-        raw = activation.activate(session, request, state.now(), state.signing_key, state.pepper).to_json()
-    return ServerResponse.from_json(raw, keyring, request.nonce)
-
-
-def _checkin(state: ServerState, a: FakeAgent, key: str, keyring: Keyring) -> ServerResponse:
-    request = a.checkin(key)
-    with state.db.write() as session:
-        raw = activation.checkin(session, request, state.now(), state.signing_key, state.pepper).to_json()
-    return ServerResponse.from_json(raw, keyring, request.nonce)
 
 
 def _counts(state: ServerState) -> tuple[int, int, int, int]:
@@ -113,9 +98,9 @@ def test_count_issues_working_licenses_with_one_audit_entry(
     # Every key activates its own license, like a single-issued one, and checks in.
     for i in (0, 24):
         a = agent(i)
-        response = _activate(state, a, result.keys[i], keyring)
+        response = activate(state, a, result.keys[i], keyring)
         assert response.serial == result.serials[i]
-        assert _checkin(state, a, result.keys[i], keyring).serial == result.serials[i]
+        assert check_in(state, a, result.keys[i], keyring).serial == result.serials[i]
 
 
 def test_prebound_files_verify_and_their_machines_activate_and_check_in(
@@ -134,18 +119,18 @@ def test_prebound_files_verify_and_their_machines_activate_and_check_in(
     assert [(x["slot"], x["locking_id"]) for x in view["machines"]] == [(0, machines[1].locking_id)]
     # No agent key is registered yet: nothing can check in as the pre-bound machine.
     with pytest.raises(Forbidden):
-        _checkin(state, machines[1], result.keys[1], keyring)
+        check_in(state, machines[1], result.keys[1], keyring)
     # The key on another machine finds the only slot taken by the pre-bound one.
     with pytest.raises(Forbidden, match="no free machine left"):
-        _activate(state, agent(9), result.keys[1], keyring)
+        activate(state, agent(9), result.keys[1], keyring)
     # The machine itself activates onto its slot (its agent key is registered), then checks in.
-    response = _activate(state, machines[1], result.keys[1], keyring)
+    response = activate(state, machines[1], result.keys[1], keyring)
     online = load_signed((response.license or "").encode(), keyring).document
     assert online.agent_key == machines[1].key.public.to_base64()
     # The pre-bound file is the activation's file but for the agent key.
     offline = load_signed(result.files[1].encode(), keyring).document
     assert offline.evolve(agent_key=online.agent_key) == online
-    assert _checkin(state, machines[1], result.keys[1], keyring).serial == result.serials[1]
+    assert check_in(state, machines[1], result.keys[1], keyring).serial == result.serials[1]
     with state.db.read() as session:
         after = licenses.license_view(licenses.get_license(session, result.serials[1]))
     assert [(x["slot"], x["system_id"]) for x in after["machines"]] == [(0, machines[1].system_id)]

@@ -64,6 +64,30 @@ TOKEN = typer.Option(None, "--token", envvar="TESSERA_TOKEN", help="API token.")
 CA = typer.Option(None, "--ca", envvar="TESSERA_CA", help="CA certificate to trust (pinned).")
 JSON = typer.Option(False, "--json", help="Print one JSON object.")
 
+#: The license template's options, shared by `license issue` and `license issue-bulk`.
+CUSTOMER = typer.Option(..., "--customer", help="Customer id.")
+PRODUCT = typer.Option(..., "--product", help="Product code.")
+FEATURES = typer.Option(..., "--feature", help="CODE=COUNT[,EXPIRY], repeatable.")
+LOCATION = typer.Option("main", "--location", help="Location (site) of these features.")
+BINDING = typer.Option("machine", "--binding", help="machine, instance or user.")
+MACHINES = typer.Option(1, "--machines", help="How many machines may be bound.")
+VERSIONS = typer.Option("*", "--version", help="Licensed product versions, e.g. 4.*.")
+FAILOVER_DAYS = typer.Option(30, "--failover-days")
+CHECKPOINT_DAYS = typer.Option(None, "--checkpoint-days")
+EMERGENCY_FEATURES = typer.Option([], "--emergency-feature", help="Repeatable.")
+NO_CONNECT = typer.Option(False, "--no-connect", help="No periodic validation.")
+VALIDATION_HOURS = typer.Option(24, "--validation-hours", help="Check-in interval.")
+MATCH = typer.Option("medium", "--match", help="Locking ID tolerance: strict, medium, loose.")
+RECOVERY_ALLOWANCE = typer.Option(None, "--recovery-allowance")
+RECOVERY_INTERVAL_DAYS = typer.Option(None, "--recovery-interval-days")
+ON_RECOVERY = typer.Option(
+    "blacklist",
+    "--on-recovery",
+    help="After a recovery: blacklist the old container, or revoke only this license there.",
+)
+ORDER = typer.Option(None, "--order", help="The order the license fulfils.")
+SEAL = typer.Option(False, "--seal", help="Encrypt entitlements to the license key.")
+
 _ENTITLEMENT_RE = re.compile(r"^([^=,\s]+)=([0-9]{1,10})(?:,([0-9]{4}-[0-9]{2}-[0-9]{2}|permanent))?$")
 
 
@@ -299,28 +323,24 @@ def token_create(
 
 @license_app.command("issue")
 def license_issue(
-    customer: int = typer.Option(..., "--customer", help="Customer id."),
-    product: str = typer.Option(..., "--product", help="Product code."),
-    feature: list[str] = typer.Option(..., "--feature", help="CODE=COUNT[,EXPIRY], repeatable."),
-    location: str = typer.Option("main", "--location", help="Location (site) of these features."),
-    binding: str = typer.Option("machine", "--binding", help="machine, instance or user."),
-    machines: int = typer.Option(1, "--machines", help="How many machines may be bound."),
-    version: str = typer.Option("*", "--version", help="Licensed product versions, e.g. 4.*."),
-    failover_days: int = typer.Option(30, "--failover-days"),
-    checkpoint_days: int | None = typer.Option(None, "--checkpoint-days"),
-    emergency_feature: list[str] = typer.Option([], "--emergency-feature", help="Repeatable."),
-    no_connect: bool = typer.Option(False, "--no-connect", help="No periodic validation."),
-    validation_hours: int = typer.Option(24, "--validation-hours", help="Check-in interval."),
-    match: str = typer.Option("medium", "--match", help="Locking ID tolerance: strict, medium, loose."),
-    recovery_allowance: int | None = typer.Option(None, "--recovery-allowance"),
-    recovery_interval_days: int | None = typer.Option(None, "--recovery-interval-days"),
-    on_recovery: str = typer.Option(
-        "blacklist",
-        "--on-recovery",
-        help="After a recovery: blacklist the old container, or revoke only this license there.",
-    ),
-    order: str | None = typer.Option(None, "--order", help="The order this license fulfils."),
-    seal: bool = typer.Option(False, "--seal", help="Encrypt entitlements to the license key."),
+    customer: int = CUSTOMER,
+    product: str = PRODUCT,
+    feature: list[str] = FEATURES,
+    location: str = LOCATION,
+    binding: str = BINDING,
+    machines: int = MACHINES,
+    version: str = VERSIONS,
+    failover_days: int = FAILOVER_DAYS,
+    checkpoint_days: int | None = CHECKPOINT_DAYS,
+    emergency_feature: list[str] = EMERGENCY_FEATURES,
+    no_connect: bool = NO_CONNECT,
+    validation_hours: int = VALIDATION_HOURS,
+    match: str = MATCH,
+    recovery_allowance: int | None = RECOVERY_ALLOWANCE,
+    recovery_interval_days: int | None = RECOVERY_INTERVAL_DAYS,
+    on_recovery: str = ON_RECOVERY,
+    order: str | None = ORDER,
+    seal: bool = SEAL,
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
@@ -417,9 +437,9 @@ def _read_locking_ids(path: Path) -> list[str]:
 
 @license_app.command("issue-bulk")
 def license_issue_bulk(
-    customer: int = typer.Option(..., "--customer", help="Customer id."),
-    product: str = typer.Option(..., "--product", help="Product code."),
-    feature: list[str] = typer.Option(..., "--feature", help="CODE=COUNT[,EXPIRY], repeatable."),
+    customer: int = CUSTOMER,
+    product: str = PRODUCT,
+    feature: list[str] = FEATURES,
     count: int | None = typer.Option(None, "--count", help="Issue this many unbound licenses."),
     locking_ids: Path | None = typer.Option(
         None,
@@ -433,25 +453,21 @@ def license_issue_bulk(
     chunk: int = typer.Option(
         5000, "--chunk", min=1, max=BULK_CAP, help="Licenses per request (one transaction each)."
     ),
-    location: str = typer.Option("main", "--location", help="Location (site) of these features."),
-    binding: str = typer.Option("machine", "--binding", help="machine, instance or user."),
-    machines: int = typer.Option(1, "--machines", help="How many machines may be bound."),
-    version: str = typer.Option("*", "--version", help="Licensed product versions, e.g. 4.*."),
-    failover_days: int = typer.Option(30, "--failover-days"),
-    checkpoint_days: int | None = typer.Option(None, "--checkpoint-days"),
-    emergency_feature: list[str] = typer.Option([], "--emergency-feature", help="Repeatable."),
-    no_connect: bool = typer.Option(False, "--no-connect", help="No periodic validation."),
-    validation_hours: int = typer.Option(24, "--validation-hours", help="Check-in interval."),
-    match: str = typer.Option("medium", "--match", help="Locking ID tolerance: strict, medium, loose."),
-    recovery_allowance: int | None = typer.Option(None, "--recovery-allowance"),
-    recovery_interval_days: int | None = typer.Option(None, "--recovery-interval-days"),
-    on_recovery: str = typer.Option(
-        "blacklist",
-        "--on-recovery",
-        help="After a recovery: blacklist the old container, or revoke only this license there.",
-    ),
-    order: str | None = typer.Option(None, "--order", help="The order these licenses fulfil."),
-    seal: bool = typer.Option(False, "--seal", help="Encrypt entitlements to each license key."),
+    location: str = LOCATION,
+    binding: str = BINDING,
+    machines: int = MACHINES,
+    version: str = VERSIONS,
+    failover_days: int = FAILOVER_DAYS,
+    checkpoint_days: int | None = CHECKPOINT_DAYS,
+    emergency_feature: list[str] = EMERGENCY_FEATURES,
+    no_connect: bool = NO_CONNECT,
+    validation_hours: int = VALIDATION_HOURS,
+    match: str = MATCH,
+    recovery_allowance: int | None = RECOVERY_ALLOWANCE,
+    recovery_interval_days: int | None = RECOVERY_INTERVAL_DAYS,
+    on_recovery: str = ON_RECOVERY,
+    order: str | None = ORDER,
+    seal: bool = SEAL,
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,

@@ -16,8 +16,8 @@ whitespace, ASCII) without the signature fields:
   able to forge its own server's answers.
 
 A request carries only what the spec allows on the wire: Locking ID, system ID, license
-key, nonce and signature (plus the agent's public key when activating). No user names, host
-names or addresses. ``docs/protocol.md`` is the prose version of this module.
+key, nonce and signature (plus the agent's public key and its product code when activating).
+No user names, host names or addresses. ``docs/protocol.md`` is the prose version of this module.
 """
 
 from __future__ import annotations

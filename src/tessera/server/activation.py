@@ -145,6 +145,26 @@ def _refuse_blacklisted(session: Session, row: LicenseRow, locking_id: str, now:
     )
 
 
+def _recover_onto(
+    session: Session,
+    row: LicenseRow,
+    machine: Machine,
+    request: ActivationRequest,
+    now: datetime,
+    actor: str,
+    portal: bool,
+    portal_verdict: PortalVerdict | None,
+) -> str:
+    """Move ``machine``'s slot to the requesting hardware under the recovery rule; the
+    audit action of the activation."""
+    recovery.recover_machine(
+        session, row, machine, new_locking_id=request.locking_id, now=now, actor=actor,
+        via="activation", old_container=None, portal=portal, portal_verdict=portal_verdict,
+    )  # fmt: skip
+    machine.last_checkin_at = None  # not heard of on its new hardware yet
+    return "license.recover"
+
+
 def _bind(
     session: Session,
     row: LicenseRow,
@@ -182,13 +202,7 @@ def _bind(
                 f"this installation now runs on other hardware than license {row.serial} is "
                 "bound to: ask the vendor for a rehost, or activate with --recover"
             )
-        recovery.recover_machine(
-            session, row, machine, new_locking_id=request.locking_id, now=now,
-            actor=actor, via="activation", old_container=None, portal=portal,
-            portal_verdict=portal_verdict,
-        )  # fmt: skip
-        machine.last_checkin_at = None
-        action = "license.recover"
+        action = _recover_onto(session, row, machine, request, now, actor, portal, portal_verdict)
     if machine is None:
         # Plain rows, not ORM objects: a license with many seats is scanned cheaply.
         bound = session.execute(
@@ -217,13 +231,7 @@ def _bind(
                     session.execute(select(Machine).where(Machine.license_id == row.id)).scalars(),
                     key=lambda m: (m.last_checkin_at or m.activated_at, m.slot),
                 )
-                recovery.recover_machine(
-                    session, row, machine, new_locking_id=request.locking_id, now=now,
-                    actor=actor, via="activation", old_container=None, portal=portal,
-                    portal_verdict=portal_verdict,
-                )  # fmt: skip
-                machine.last_checkin_at = None
-                action = "license.recover"
+                action = _recover_onto(session, row, machine, request, now, actor, portal, portal_verdict)
             else:
                 machine = Machine(license_id=row.id, slot=free, activated_at=now, delivered_revision=0)
                 session.add(machine)

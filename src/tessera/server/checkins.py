@@ -258,9 +258,7 @@ class CheckinWriter:
         """Copy the WAL into the database file without waiting for anyone (``PASSIVE``)."""
         self._checkpoint_queued = False
         try:
-            if getattr(self._local, "connection", None) is None:
-                self._local.connection = self._db.engine.raw_connection()
-            cursor = self._local.connection.cursor()
+            cursor = self._thread_connection().cursor()
             cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
             cursor.close()
         except Exception as exc:  # the next commit of any other connection checkpoints too
@@ -370,9 +368,13 @@ class CheckinWriter:
     # ------------------------------------------------------------------ the connection
 
     def _transaction(self) -> _Transaction:
+        return _Transaction(self, self._thread_connection(), self._discard_connection)
+
+    def _thread_connection(self) -> Any:
+        """This writer thread's connection, kept from batch to batch."""
         if getattr(self._local, "connection", None) is None:
             self._local.connection = self._db.engine.raw_connection()
-        return _Transaction(self, self._local.connection, self._discard_connection)
+        return self._local.connection
 
     def _discard_connection(self, *, broken: bool = True) -> None:
         """Give up this thread's connection: invalidated if it may be broken, else closed."""
