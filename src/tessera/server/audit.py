@@ -17,19 +17,37 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, text
+from sqlalchemy import bindparam, insert, select, text
 from sqlalchemy.orm import Session
 
 from tessera.core.clock import utc
 from tessera.core.fileformat import format_timestamp
 from tessera.server.models import AuditEntry
 
-__all__ = ["GENESIS", "ChainReport", "append", "entry_hash", "verify_chain"]
+if TYPE_CHECKING:
+    from tessera.server.rawsql import RawTransaction
+
+__all__ = ["GENESIS", "ChainReport", "append", "append_raw", "entry_hash", "verify_chain"]
 
 GENESIS = "0" * 64
 _PG_AUDIT_LOCK = 0x7E55E8A0  # advisory lock key of the audit chain
+_PG_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+_HEAD = select(AuditEntry.hash).order_by(AuditEntry.id.desc()).limit(1)
+_INSERT = (
+    insert(AuditEntry)
+    .values(
+        at=bindparam("at"),
+        actor=bindparam("actor"),
+        action=bindparam("action"),
+        target=bindparam("target"),
+        details=bindparam("details"),
+        prev_hash=bindparam("prev_hash"),
+        hash=bindparam("hash"),
+    )
+    .inline()
+)
 
 
 def entry_hash(prev_hash: str, at: datetime, actor: str, action: str, target: str, details: str) -> str:
@@ -47,23 +65,41 @@ def append(
     """Add one entry in the caller's transaction (so it commits with the change it records)."""
     bind = session.get_bind()
     if bind.dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_LOCK})
-    prev = session.execute(select(AuditEntry.hash).order_by(AuditEntry.id.desc()).limit(1)).scalar()
-    prev_hash = prev or GENESIS
-    at = utc(at).replace(microsecond=0)
-    body = json.dumps(details, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
-    entry = AuditEntry(
-        at=at,
-        actor=actor,
-        action=action,
-        target=target,
-        details=body,
-        prev_hash=prev_hash,
-        hash=entry_hash(prev_hash, at, actor, action, target, body),
-    )
+        session.execute(_PG_LOCK, {"k": _PG_AUDIT_LOCK})
+    prev = session.execute(_HEAD).scalar()
+    entry = AuditEntry(**_entry(prev, at, actor, action, target, details))
     session.add(entry)
     session.flush()
     return entry
+
+
+def append_raw(
+    tx: RawTransaction, *, at: datetime, actor: str, action: str, target: str, details: dict[str, Any]
+) -> None:
+    """:func:`append` for a transaction on a plain DB-API connection (the activation path):
+    the same lock, the same predecessor, the same entry, without a session."""
+    if tx.is_postgresql:
+        tx.run(_PG_LOCK, k=_PG_AUDIT_LOCK)
+    prev = tx.one(_HEAD)
+    tx.run(_INSERT, **_entry(prev[0] if prev is not None else None, at, actor, action, target, details))
+
+
+def _entry(
+    prev: str | None, at: datetime, actor: str, action: str, target: str, details: dict[str, Any]
+) -> dict[str, Any]:
+    """The columns of the entry that follows ``prev`` (the newest entry's hash, if any)."""
+    prev_hash = prev or GENESIS
+    at = utc(at).replace(microsecond=0)
+    body = json.dumps(details, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return {
+        "at": at,
+        "actor": actor,
+        "action": action,
+        "target": target,
+        "details": body,
+        "prev_hash": prev_hash,
+        "hash": entry_hash(prev_hash, at, actor, action, target, body),
+    }
 
 
 @dataclass

@@ -25,16 +25,17 @@ import logging
 import os
 import secrets
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -43,12 +44,16 @@ from tessera.server.errors import Invalid, NotFound
 from tessera.server.models import WebhookDelivery, WebhookEndpoint
 from tessera.server.storage import Database
 
+if TYPE_CHECKING:
+    from tessera.server.rawsql import RawTransaction
+
 __all__ = [
     "EVENTS",
     "WebhookSettings",
     "WebhookWorker",
     "add_endpoint",
     "emit",
+    "emit_raw",
     "list_deliveries",
     "list_endpoints",
     "remove_endpoint",
@@ -234,33 +239,32 @@ def list_deliveries(session: Session, status: str | None, limit: int) -> list[di
 # ---------------------------------------------------------------------------- emitting
 
 
+_ACTIVE_ENDPOINTS = select(WebhookEndpoint.id, WebhookEndpoint.events).where(WebhookEndpoint.active.is_(True))
+_QUEUE = (
+    insert(WebhookDelivery)
+    .values(
+        endpoint_id=bindparam("endpoint_id"),
+        event_id=bindparam("event_id"),
+        event=bindparam("event"),
+        payload=bindparam("payload"),
+        created_at=bindparam("at"),
+        status="pending",
+        attempts=0,
+        next_attempt_at=bindparam("at"),
+    )
+    .inline()
+)
+
+
 def emit(session: Session, event: str, payload: dict[str, Any], at: datetime | None = None) -> str:
     """Queue ``event`` for every endpoint that wants it, in the caller's transaction.
 
     Cheap (one select of the endpoints, one insert per endpoint) and never touches the
     network, so any service may call it from inside its request. Returns the event id.
     """
-    if event not in EVENTS:
-        raise ValueError(f"unknown webhook event {event!r}")
-    at = utc(at or datetime.now(UTC)).replace(microsecond=0)
-    event_id = "evt_" + secrets.token_urlsafe(18)
-    endpoints = session.execute(
-        select(WebhookEndpoint.id, WebhookEndpoint.events).where(WebhookEndpoint.active.is_(True))
-    ).all()
-    body = json.dumps(
-        {
-            "id": event_id,
-            "event": event,
-            "created": at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "data": payload,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-        default=str,
-    )
-    for endpoint_id, wanted in endpoints:
-        if wanted and event not in wanted.split(","):
-            continue
+    event_id, at, body = _event(event, payload, at)
+    endpoints = session.execute(_ACTIVE_ENDPOINTS).all()
+    for endpoint_id in _wanting(endpoints, event):
         session.add(
             WebhookDelivery(
                 endpoint_id=endpoint_id,
@@ -275,6 +279,40 @@ def emit(session: Session, event: str, payload: dict[str, Any], at: datetime | N
         )
     session.flush()
     return event_id
+
+
+def emit_raw(tx: RawTransaction, event: str, payload: dict[str, Any], at: datetime) -> str:
+    """:func:`emit` for a transaction on a plain DB-API connection (the activation path):
+    the same outbox rows, without a session; nothing is written when no endpoint wants it."""
+    event_id, at, body = _event(event, payload, at)
+    for endpoint_id in _wanting(tx.all(_ACTIVE_ENDPOINTS), event):
+        tx.run(_QUEUE, endpoint_id=endpoint_id, event_id=event_id, event=event, payload=body, at=at)
+    return event_id
+
+
+def _event(event: str, payload: dict[str, Any], at: datetime | None) -> tuple[str, datetime, str]:
+    """A new event's id, its time (whole seconds) and the body every endpoint receives."""
+    if event not in EVENTS:
+        raise ValueError(f"unknown webhook event {event!r}")
+    at = utc(at or datetime.now(UTC)).replace(microsecond=0)
+    event_id = "evt_" + secrets.token_urlsafe(18)
+    body = json.dumps(
+        {
+            "id": event_id,
+            "event": event,
+            "created": at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "data": payload,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+    return event_id, at, body
+
+
+def _wanting(endpoints: Sequence[Sequence[Any]], event: str) -> list[int]:
+    """The active endpoints (id, comma-separated events or empty for all) that want ``event``."""
+    return [endpoint_id for endpoint_id, wanted in endpoints if not wanted or event in wanted.split(",")]
 
 
 # ---------------------------------------------------------------------------- delivering

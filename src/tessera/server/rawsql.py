@@ -1,0 +1,201 @@
+"""SQLAlchemy statements compiled once and run on a plain DB-API connection.
+
+For the request paths that run many times a second (activation). Executing a prepared Core
+statement through SQLAlchemy costs 15-30 us of Python per statement (cache key, execution
+context, result object), a plain cursor about 1.5 us; a session around it another 75 us.
+So the statements are still written with SQLAlchemy against the models (the SQL and the
+column types' conversions are the models'), compiled once per dialect, and run here.
+
+What SQLAlchemy would have done around them is kept: values go through the column types'
+bind and result processors (SQLite keeps dates and timestamps as text in SQLAlchemy's
+format, booleans as integers), so rows written here read back exactly like the ORM's;
+driver errors become SQLAlchemy's (``IntegrityError`` answers 409, the others 503 through
+the app's outage handlers); SQLite writers take the process's write lock and ``BEGIN
+IMMEDIATE`` exactly as :meth:`tessera.server.storage.Database.write` does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+from sqlalchemy import Dialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.selectable import Select
+
+from tessera.server.storage import Database, begin_immediate
+
+__all__ = ["Broken", "Compiled", "RawTransaction", "compiled", "raw_write", "transaction"]
+
+log = logging.getLogger("tessera.server")
+
+
+class Compiled:
+    """``statement`` compiled for ``dialect``: its SQL, how to bind values, how to read rows.
+
+    Literals in the statement (a ``'container'``, a ``NULL``) are bound parameters too:
+    their values are processed once, here.
+    """
+
+    def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
+        compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
+        self.sql = compiled.string
+        self.positional = compiled.positional
+        self.names: tuple[str, ...] = tuple(compiled.positiontup or ())
+        self.processors: dict[str, Callable[[Any], Any]] = {}
+        self.fixed: dict[str, Any] = {}
+        for bind, name in compiled.bind_names.items():
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                self.processors[name] = processor
+            if not bind.required:
+                self.fixed[name] = processor(bind.value) if processor is not None else bind.value
+        self.given = frozenset(name for name in compiled.bind_names.values() if name not in self.fixed)
+        self.results: tuple[Callable[[Any], Any] | None, ...] = ()
+        if isinstance(statement, Select):
+            self.results = tuple(
+                column.type.dialect_impl(dialect).result_processor(dialect, None)
+                for column in statement.selected_columns
+            )
+        self.converts = any(p is not None for p in self.results)
+
+    def params(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
+        if values.keys() != self.given:
+            raise ValueError(f"parameters {sorted(values)} given, {sorted(self.given)} expected")
+        processed = dict(self.fixed)
+        for name, value in values.items():
+            processor = self.processors.get(name)
+            processed[name] = processor(value) if processor is not None else value
+        if self.positional:
+            return tuple(processed[name] for name in self.names)
+        return processed
+
+    def row(self, raw: Sequence[Any]) -> tuple[Any, ...]:
+        if not self.converts:
+            return tuple(raw)
+        return tuple(v if p is None or v is None else p(v) for p, v in zip(self.results, raw, strict=True))
+
+
+_COMPILED: dict[tuple[int, str, str], tuple[ClauseElement, Compiled]] = {}
+
+
+def compiled(statement: ClauseElement, dialect: Dialect) -> Compiled:
+    """``statement`` compiled for ``dialect``'s kind, once per process.
+
+    Meant for statements built once at import; the statement itself is kept with its
+    compiled form, so a statement that went away can never lend its SQL to a new one that
+    happens to get the same ``id``.
+    """
+    key = (id(statement), dialect.name, dialect.driver)
+    entry = _COMPILED.get(key)
+    if entry is None or entry[0] is not statement:
+        entry = _COMPILED[key] = (statement, Compiled(statement, dialect))
+    return entry[1]
+
+
+class RawTransaction:
+    """The statements of one write transaction, on one DB-API cursor."""
+
+    def __init__(self, connection: Any, cursor: Any, dialect: Dialect) -> None:
+        self._connection = connection
+        self._cursor = cursor
+        self._dialect = dialect
+        self.is_postgresql = dialect.name == "postgresql"
+
+    def one(self, statement: ClauseElement, **values: Any) -> tuple[Any, ...] | None:
+        """The first row (converted), or None."""
+        prepared = compiled(statement, self._dialect)
+        row = self._execute(prepared, values).fetchone()
+        return None if row is None else prepared.row(row)
+
+    def all(self, statement: ClauseElement, **values: Any) -> list[tuple[Any, ...]]:
+        prepared = compiled(statement, self._dialect)
+        return [prepared.row(row) for row in self._execute(prepared, values).fetchall()]
+
+    def run(self, statement: ClauseElement, **values: Any) -> None:
+        self._execute(compiled(statement, self._dialect), values)
+
+    def _execute(self, statement: Compiled, values: Mapping[str, Any]) -> Any:
+        params = statement.params(values)
+        try:
+            self._cursor.execute(statement.sql, params)
+        except self._dialect.loaded_dbapi.Error as exc:
+            raise self.wrapped(exc, statement.sql, params) from exc
+        return self._cursor
+
+    def wrapped(self, exc: Exception, sql: str | None = None, params: Any = None) -> DBAPIError:
+        """The driver's error as SQLAlchemy's (``IntegrityError``, ``OperationalError``,
+        ...), marked ``connection_invalidated`` when the connection is gone."""
+        gone = self._dialect.is_disconnect(cast(Any, exc), self._connection, self._cursor)
+        error = DBAPIError.instance(
+            sql, params, exc, self._dialect.loaded_dbapi.Error, connection_invalidated=gone
+        )
+        return cast(DBAPIError, error)
+
+
+class Broken(Exception):
+    """The connection of a failed transaction could not even roll back: drop it."""
+
+
+@contextmanager
+def transaction(db: Database, connection: Any) -> Iterator[RawTransaction]:
+    """One write transaction on ``connection`` (a DB-API connection the caller keeps):
+    committed when the block ends, rolled back on any error.
+
+    SQLite: this process's write lock, then ``BEGIN IMMEDIATE`` (polling while another
+    process writes), as :meth:`Database.write`; the "locked" outage after the same wait.
+    If the rollback fails too, :class:`Broken` is raised from the error: the caller must
+    not use the connection again.
+    """
+    dialect = db.engine.dialect
+    dbapi_error = dialect.loaded_dbapi.Error
+    locked = db.acquire_write_lock()
+    try:
+        try:
+            cursor = connection.cursor()
+        except dbapi_error as exc:
+            raise Broken from RawTransaction(connection, None, dialect).wrapped(exc)
+        tx = RawTransaction(connection, cursor, dialect)
+        try:
+            if db.is_sqlite:
+                try:
+                    begin_immediate(cursor.execute, db.busy_timeout)
+                except dbapi_error as exc:
+                    raise tx.wrapped(exc, "BEGIN IMMEDIATE") from exc
+            # psycopg opens the transaction by itself with the first statement
+            yield tx
+            try:
+                connection.commit()
+            except dbapi_error as exc:
+                raise tx.wrapped(exc, "COMMIT") from exc
+        except BaseException as exc:
+            try:
+                connection.rollback()
+            except Exception:
+                log.debug("rollback failed; the connection is dropped", exc_info=True)
+                raise Broken from exc
+            raise
+    finally:
+        if locked:
+            db.release_write_lock()
+
+
+@contextmanager
+def raw_write(db: Database) -> Iterator[RawTransaction]:
+    """:func:`transaction` on a connection from the pool, for one transaction."""
+    try:
+        connection = db.engine.raw_connection()
+    except db.engine.dialect.loaded_dbapi.Error as exc:
+        raise RawTransaction(None, None, db.engine.dialect).wrapped(exc) from exc
+    try:
+        with transaction(db, connection) as tx:
+            yield tx
+    except Broken as broken:
+        connection.invalidate()
+        raise broken.__cause__ or broken from None
+    finally:
+        connection.close()  # back to the pool (a no-op after invalidate)
