@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -40,6 +41,7 @@ from tessera.server.schemas import EntitlementIn, LicenseIn, LicenseUpdate
 from tessera.server.tokens import Principal, Role, require
 
 __all__ = [
+    "LicenseContent",
     "allocate_serials",
     "check_access",
     "check_template",
@@ -135,13 +137,64 @@ def license_view(row: LicenseRow, *, with_machines: bool = True) -> dict[str, An
     return view
 
 
+class EntitlementContent(Protocol):
+    @property
+    def location(self) -> str: ...
+    @property
+    def feature(self) -> str: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def expiry(self) -> date | None: ...
+
+
+class LicenseContent(Protocol):
+    """What a license file is made of: a :class:`LicenseRow`, or the plain row the online
+    activation path reads with Core, so both render a file through the same code."""
+
+    @property
+    def serial(self) -> str: ...
+    @property
+    def licensee(self) -> str: ...
+    @property
+    def product_code(self) -> str: ...
+    @property
+    def version_range(self) -> str: ...
+    @property
+    def binding(self) -> str: ...
+    @property
+    def match_level(self) -> str: ...
+    @property
+    def revision(self) -> int: ...
+    @property
+    def connect(self) -> bool: ...
+    @property
+    def validation_hours(self) -> int: ...
+    @property
+    def failover_days(self) -> int: ...
+    @property
+    def checkpoint_days(self) -> int | None: ...
+    @property
+    def emergency_features(self) -> tuple[str, ...]: ...
+    @property
+    def recovery_allowance(self) -> int | None: ...
+    @property
+    def recovery_interval_days(self) -> int | None: ...
+    @property
+    def sealed(self) -> bool: ...
+    @property
+    def entitlements(self) -> Sequence[EntitlementContent]: ...
+
+
 def instance_id_for(serial: str, slot: int) -> str:
     """The id of an instance-bound license's instance in ``slot``: stable across re-activations
     of that instance, different for every slot (and it says nothing about the machine)."""
     return "inst-" + hashlib.sha256(f"instance|{serial}|{slot}".encode()).hexdigest()[:24]
 
 
-def identity_document(row: LicenseRow, *, instance_id: str, license_key: str, issued: datetime) -> Identity:
+def identity_document(
+    row: LicenseContent, *, instance_id: str, license_key: str, issued: datetime
+) -> Identity:
     """The identity part (``.par``) of an instance-bound installation.
 
     Its admin secret starts out as the license key, which the customer already holds and the
@@ -150,9 +203,9 @@ def identity_document(row: LicenseRow, *, instance_id: str, license_key: str, is
     """
     location = row.entitlements[0].location if row.entitlements else "main"
     return Identity(
-        licensee=row.customer.licensee,
+        licensee=row.licensee,
         serial=row.serial,
-        product=row.product.code,
+        product=row.product_code,
         version=VersionRange.parse(row.version_range),
         location=location,
         instance_id=instance_id,
@@ -162,7 +215,7 @@ def identity_document(row: LicenseRow, *, instance_id: str, license_key: str, is
 
 
 def license_document(
-    row: LicenseRow,
+    row: LicenseContent,
     *,
     locking_id: str,
     agent_key: str | None,
@@ -187,7 +240,7 @@ def license_document(
 
 
 def plain_license_document(
-    row: LicenseRow,
+    row: LicenseContent,
     *,
     locking_id: str,
     agent_key: str | None,
@@ -199,9 +252,9 @@ def plain_license_document(
     for e in row.entitlements:
         locations.setdefault(e.location, []).append(Entitlement(e.feature, e.count, e.expiry))
     return License(
-        licensee=row.customer.licensee,
+        licensee=row.licensee,
         serial=row.serial,
-        product=row.product.code,
+        product=row.product_code,
         version=VersionRange.parse(row.version_range),
         issued=utc(issued).replace(microsecond=0),
         locations=tuple(Location(name, tuple(ents)) for name, ents in locations.items()),

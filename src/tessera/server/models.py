@@ -53,6 +53,8 @@ __all__ = [
     "UtcDateTime",
     "WebhookDelivery",
     "WebhookEndpoint",
+    "format_licensee",
+    "parse_emergency",
 ]
 
 
@@ -67,6 +69,18 @@ class UtcDateTime(TypeDecorator[datetime]):
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return None if value is None else utc(value)
+
+
+def parse_emergency(stored: str) -> tuple[str, ...]:
+    """The stored emergency set (comma-separated codes) as a tuple: one reading for the
+    ORM rows and the activation path's plain rows alike."""
+    return tuple(code for code in stored.split(",") if code)
+
+
+def format_licensee(name: str, city: str | None) -> str:
+    """How a customer is named in every license file (``name, city``); one spelling for the
+    ORM rows and the activation path's plain rows alike."""
+    return f"{name}, {city}" if city else name
 
 
 class Base(DeclarativeBase):
@@ -118,8 +132,7 @@ class Customer(Base):
 
     @property
     def licensee(self) -> str:
-        """How the customer is named in every license file (``name, city``)."""
-        return f"{self.name}, {self.city}" if self.city else self.name
+        return format_licensee(self.name, self.city)
 
 
 class SerialCounter(Base):
@@ -174,7 +187,15 @@ class LicenseRow(Base):
 
     @property
     def emergency_features(self) -> tuple[str, ...]:
-        return tuple(code for code in self.emergency.split(",") if code)
+        return parse_emergency(self.emergency)
+
+    @property
+    def licensee(self) -> str:
+        return self.customer.licensee
+
+    @property
+    def product_code(self) -> str:
+        return self.product.code
 
 
 class EntitlementRow(Base):
