@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from sqlalchemy import and_, bindparam, exists, insert, or_, select, update
 from sqlalchemy.orm import Session
@@ -36,6 +37,7 @@ from tessera.core.signing import PublicKey, SigningKey
 from tessera.server import audit, recovery, webhooks
 from tessera.server.errors import Forbidden, NotFound, RecordedRefusal
 from tessera.server.licenses import (
+    EntitlementContent,
     check_access,
     identity_document,
     instance_id_for,
@@ -88,7 +90,24 @@ def _license_by_key(session: Session, license_key: str, pepper: bytes, *, lock: 
     return row
 
 
-def _check_usable(row: LicenseRow, now: datetime) -> None:
+class _Usable(Protocol):
+    @property
+    def serial(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def binding(self) -> str: ...
+    @property
+    def entitlements(self) -> Sequence[EntitlementContent]: ...
+
+
+def check_product(request: ActivationRequest, product_code: str) -> None:
+    """Before anything is bound: the agent would reject the file, the slot would be gone."""
+    if request.product and request.product != product_code:
+        raise Forbidden(f"this license key is for product {product_code!r}, not {request.product!r}")
+
+
+def check_usable(row: _Usable, now: datetime) -> None:
     if row.status == "revoked":
         raise Forbidden(f"license {row.serial} has been revoked")
     today = utc(now).date()
@@ -114,35 +133,90 @@ def _parsed(locking_id: str) -> LockingId | None:
         return None
 
 
-def _same_hardware(locking_id: str, current: LockingId, level: MatchLevel) -> bool:
+@lru_cache(maxsize=16384)
+def _component_keys(locking_id: str) -> frozenset[bytes]:
+    """A bound machine's components as plain bytes (kind letter + digest), for
+    :func:`same_hardware`'s quick test; cached like :func:`_parsed`."""
+    licensed = _parsed(locking_id)
+    return frozenset() if licensed is None else component_keys(licensed)
+
+
+def component_keys(locking_id: LockingId) -> frozenset[bytes]:
+    return frozenset(c.kind.encode("ascii") + c.digest for c in locking_id.components)
+
+
+def same_hardware(
+    locking_id: str, current: LockingId, level: MatchLevel, current_keys: frozenset[bytes] | None = None
+) -> bool:
+    """Is the bound machine with ``locking_id`` the machine ``current`` (tolerant match)?
+
+    Scanning a license's bound machines calls this once per machine. Given
+    ``current_keys`` (:func:`component_keys` of ``current``), a machine that shares no
+    component with ``current`` is ruled out by a set test instead of a full match: a match
+    needs at least one shared component under every level (each component weighs at least
+    1, and every level requires a positive share of the licensed weight; see
+    ``tests/server/test_activation_fast.py``).
+    """
+    if current_keys is not None and current_keys.isdisjoint(_component_keys(locking_id)):
+        return False
     licensed = _parsed(locking_id)
     return licensed is not None and match_locking_ids(licensed, current, level).ok
 
 
-def _refuse_blacklisted(session: Session, row: LicenseRow, locking_id: str, now: datetime) -> None:
+#: Every blacklisted container (a ``recovered`` entry only withdraws recovered licenses).
+BLACKLISTED_CONTAINERS = select(BlacklistEntryRow.locking_id).where(BlacklistEntryRow.scope == "container")
+
+
+def blacklisted(containers: Iterable[str], locking_id: str, level: MatchLevel) -> bool:
+    """Is ``locking_id`` one of the blacklisted ``containers``, exactly or, tolerant like a
+    binding, a listed container whose hardware drifted a little?"""
+    listed = list(containers)
+    if locking_id in listed:
+        return True
+    if not listed:
+        return False
+    current = LockingId.parse(locking_id)
+    return any(same_hardware(lid, current, level) for lid in listed)
+
+
+def blacklist_refusal(serial: str, locking_id: str, now: datetime) -> RecordedRefusal:
     """A blacklisted container activates nothing; the attempt is a hit for follow-up."""
-    entry = recovery.blacklist_entry(session, locking_id)
-    if entry is None or entry.scope != "container":
-        # Tolerant, like a binding: a listed container whose hardware drifted a little.
-        level = MatchLevel(row.match_level)
-        current = LockingId.parse(locking_id)
-        listed = session.execute(
-            select(BlacklistEntryRow.locking_id).where(BlacklistEntryRow.scope == "container")
-        ).scalars()
-        if not any(_same_hardware(lid, current, level) for lid in listed):
-            return
-    serial = row.serial
 
     def record(fresh: Session) -> None:
         recovery.record_hit(
             fresh, at=now, locking_id=locking_id, serial=serial, how="activation", action="refused"
         )
 
-    raise RecordedRefusal(
+    return RecordedRefusal(
         f"this machine (Locking ID {locking_id}) is blacklisted by the vendor: "
         "activation refused; contact the vendor's support",
         record,
     )
+
+
+def other_hardware(serial: str) -> Forbidden:
+    """The same installation on other hardware (a copied state directory, or a new
+    mainboard): that is a recovery, under the recovery rule, never a silent move."""
+    return Forbidden(
+        f"this installation now runs on other hardware than license {serial} is "
+        "bound to: ask the vendor for a rehost, or activate with --recover"
+    )
+
+
+def no_free_machine(serial: str, bound: int, allowed: int) -> Forbidden:
+    return Forbidden(f"no free machine left on license {serial}: {bound} of {allowed} machines are bound")
+
+
+def free_slot(used: Iterable[int], allowed: int) -> int | None:
+    """The lowest machine slot not taken, if any."""
+    taken = set(used)
+    return next((s for s in range(allowed) if s not in taken), None)
+
+
+def _refuse_blacklisted(session: Session, row: LicenseRow, locking_id: str, now: datetime) -> None:
+    containers = session.execute(BLACKLISTED_CONTAINERS).scalars()
+    if blacklisted(containers, locking_id, MatchLevel(row.match_level)):
+        raise blacklist_refusal(row.serial, locking_id, now)
 
 
 def _recover_onto(
@@ -178,11 +252,9 @@ def _bind(
     portal: bool = False,
     portal_verdict: PortalVerdict | None = None,
 ) -> Activation:
-    if request.product and request.product != row.product.code:
-        # Before anything is bound: the agent would reject the file, the slot would be gone.
-        raise Forbidden(f"this license key is for product {row.product.code!r}, not {request.product!r}")
+    check_product(request, row.product.code)
     _refuse_blacklisted(session, row, request.locking_id, now)
-    _check_usable(row, now)
+    check_usable(row, now)
     # The same installation again (indexed lookup), else the same hardware (tolerant match).
     machine = session.execute(
         select(Machine).where(Machine.license_id == row.id, Machine.system_id == request.system_id)
@@ -193,37 +265,30 @@ def _bind(
     if (
         machine is not None
         and row.binding == "machine"
-        and not _same_hardware(machine.locking_id, current, level)
+        and not same_hardware(machine.locking_id, current, level)
     ):
-        # The same installation on other hardware (a copied state directory, or a new
-        # mainboard): that is a recovery, under the recovery rule, never a silent move.
         if not recover:
-            raise Forbidden(
-                f"this installation now runs on other hardware than license {row.serial} is "
-                "bound to: ask the vendor for a rehost, or activate with --recover"
-            )
+            raise other_hardware(row.serial)
         action = _recover_onto(session, row, machine, request, now, actor, portal, portal_verdict)
     if machine is None:
         # Plain rows, not ORM objects: a license with many seats is scanned cheaply.
         bound = session.execute(
-            select(Machine.id, Machine.slot, Machine.locking_id).where(Machine.license_id == row.id)
+            select(Machine.id, Machine.slot, Machine.locking_id)
+            .where(Machine.license_id == row.id)
+            .order_by(Machine.slot)  # the first match is the lowest slot, on every backend
         ).all()
         # An instance is its installation, not its hardware: two instances may share a machine.
         same = (
             None
             if row.binding == "instance"
-            else next((m.id for m in bound if _same_hardware(m.locking_id, current, level)), None)
+            else next((m.id for m in bound if same_hardware(m.locking_id, current, level)), None)
         )
         if same is not None:
             machine = session.get(Machine, same)
         if machine is None:
-            used = {m.slot for m in bound}
-            free = next((s for s in range(row.machines_allowed) if s not in used), None)
+            free = free_slot((m.slot for m in bound), row.machines_allowed)
             if free is None and not recover:
-                raise Forbidden(
-                    f"no free machine left on license {row.serial}: "
-                    f"{len(bound)} of {row.machines_allowed} machines are bound"
-                )
+                raise no_free_machine(row.serial, len(bound), row.machines_allowed)
             if free is None:
                 # A recovery request (``/api/v1/recover``): the machine heard of least
                 # recently is the one being replaced, if the recovery rule allows it.
@@ -311,15 +376,29 @@ def activate(
         portal=portal,
         portal_verdict=portal_verdict,
     )
+    return activation_response(
+        request, now, result.serial, result.license_file, result.identity_file, pepper
+    ).signed(signing_key)
+
+
+def activation_response(
+    request: ActivationRequest,
+    now: datetime,
+    serial: str,
+    license_file: str,
+    identity_file: str | None,
+    pepper: bytes,
+) -> ServerResponse:
+    """The answer to an online activation, still to be signed (both activation paths)."""
     return ServerResponse(
         kind="activation",
         nonce=request.nonce,
         server_time=utc(now).replace(microsecond=0),
-        serial=result.serial,
-        license=result.license_file,
-        identity=result.identity_file,
+        serial=serial,
+        license=license_file,
+        identity=identity_file,
         checkin_key=_sealed_checkin_key(pepper, request.agent_key),
-    ).signed(signing_key)
+    )
 
 
 def activate_offline(

@@ -33,7 +33,7 @@ from tessera.core.credential import LeaseRequest
 from tessera.core.errors import FormatError, SignatureError, TesseraError
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest, CheckinRequest
 from tessera.core.signing import SigningKey
-from tessera.server import activation, audit, bulk, catalog, leases, licenses, recovery, webhooks
+from tessera.server import activation, activations, audit, bulk, catalog, leases, licenses, recovery, webhooks
 from tessera.server.checkins import CheckinWriter
 from tessera.server.checkpoints import CheckpointWatch
 from tessera.server.errors import Invalid, RecordedRefusal, ServiceError
@@ -190,6 +190,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
     admin = APIRouter()
     offline = APIRouter()
     checkins = CheckinWriter(state.db, state.pepper)
+    activation_writer = activations.ActivationWriter(state.db, state.signing_key, state.pepper)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -204,6 +205,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             worker.stop()
             watch.stop()
             await run_in_threadpool(checkins.stop)
+            await run_in_threadpool(activation_writer.stop)
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(asyncio.gather(task, watch_task), 15)
 
@@ -297,6 +299,13 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         except (SignatureError, TesseraError) as exc:
             return _error(403, f"bad request signature ({exc})")
         now = state.now()
+        if not recover:
+            try:
+                body = await activation_writer.activate(parsed, now)
+            except RecordedRefusal as exc:
+                await run_in_threadpool(keep_record, exc)
+                raise
+            return Response(body, media_type="application/json")
 
         def run(verdict: PortalVerdict | None) -> bytes:
             try:

@@ -1,0 +1,394 @@
+"""The online activation path (:mod:`tessera.server.activations`) against the ORM path.
+
+The ORM path (:func:`tessera.server.activation.activate`) is the reference: two databases
+of one backend get the same catalog, the same licenses (same keys), the same blacklist and
+the same requests at the same times; one answers through the ORM path, the other through
+the :class:`~tessera.server.activations.ActivationWriter`. Every answer and refusal must
+agree, and afterwards every row: machines, the whole audit chain (hash for hash),
+blacklist hits, the webhook outbox (but for the random event ids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import json
+import random
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select, text
+
+from tessera.core.clock import ManualClock
+from tessera.core.fingerprint import COMPONENT_KINDS, Component, LockingId, match_locking_ids
+from tessera.core.model import MatchLevel
+from tessera.core.passwords import verify_secret
+from tessera.core.protocol import ActivationRequest, ServerResponse, open_checkin_key
+from tessera.core.sealing import unseal
+from tessera.core.signing import Keyring, SigningKey
+from tessera.core.verify import load_signed
+from tessera.server import activation, activations, audit, licenses, recovery, webhooks
+from tessera.server.activation import checkin_key_for, same_hardware
+from tessera.server.app import ServerState
+from tessera.server.errors import RecordedRefusal, ServiceError
+from tessera.server.migrate import upgrade
+from tessera.server.models import (
+    AuditEntry,
+    BlacklistHit,
+    LicenseRow,
+    Machine,
+    WebhookDelivery,
+)
+from tessera.server.schemas import LicenseUpdate
+from tessera.server.storage import Database
+from tessera.server.tokens import Principal, Role, create_token
+
+from .conftest import START, create_pg_database, drop_pg_database
+from .helpers import FakeAgent, setup_license
+
+Outcome = tuple[str, Any]
+
+
+@dataclass
+class Side:
+    """One database and how it activates."""
+
+    state: ServerState
+    admin: Principal
+    activate: Callable[[ActivationRequest], bytes]
+    keyring: Keyring
+    keys: dict[str, str] = field(default_factory=dict)  # license name -> license key
+    serials: dict[str, str] = field(default_factory=dict)  # license name -> serial
+
+
+def _orm(state: ServerState) -> Callable[[ActivationRequest], bytes]:
+    def run(request: ActivationRequest) -> bytes:
+        with state.db.write() as session:
+            return activation.activate(
+                session, request, state.now(), state.signing_key, state.pepper
+            ).to_json()
+
+    return run
+
+
+@pytest.fixture
+def sides(db_url: str, clock: ManualClock) -> Iterator[tuple[Side, Side]]:
+    """The ORM side on ``db_url``, the writer's side on a second database of its backend."""
+    if db_url.startswith("sqlite"):
+        other_url = db_url.replace("tessera.db", "tessera-fast.db")
+        other_pg = None
+    else:
+        other_pg = create_pg_database()
+        other_url = other_pg.url
+    signing_key, pepper = SigningKey.generate(), secrets.token_bytes(32)
+    keyring = Keyring([signing_key.public])
+    dbs = [Database(db_url), Database(other_url)]
+    loop = asyncio.new_event_loop()
+    writer: activations.ActivationWriter | None = None
+    try:
+        made = []
+        for db in dbs:
+            upgrade(db)
+            state = ServerState(db=db, signing_key=signing_key, pepper=pepper, clock=clock)
+            with db.write() as session:
+                row, _ = create_token(session, name="admin", role=Role.ADMIN, now=START)
+                admin = Principal(row.id, row.name, Role.ADMIN)
+            made.append((state, admin))
+        (orm_state, orm_admin), (fast_state, fast_admin) = made
+        writer = activations.ActivationWriter(fast_state.db, signing_key, pepper)
+
+        def fast(request: ActivationRequest) -> bytes:
+            assert writer is not None
+            return loop.run_until_complete(writer.activate(request, fast_state.now()))
+
+        yield (
+            Side(orm_state, orm_admin, _orm(orm_state), keyring),
+            Side(fast_state, fast_admin, fast, keyring),
+        )
+    finally:
+        if writer is not None:
+            writer.stop()
+        loop.close()
+        for db in dbs:
+            db.dispose()
+        if other_pg is not None:
+            drop_pg_database(other_pg)
+
+
+def _both(sides: tuple[Side, Side], work: Callable[[Side], Any]) -> None:
+    for side in sides:
+        work(side)
+
+
+def _outcome(side: Side, request: ActivationRequest) -> Outcome:
+    """What the agent sees, normalized where the answer is random by design."""
+    try:
+        raw = side.activate(request)
+    except RecordedRefusal as refusal:
+        with side.state.db.write() as session:  # as the app does once the refusal rolled back
+            refusal.record(session)
+        return ("refused", (refusal.status, str(refusal)))
+    except ServiceError as exc:
+        return ("refused", (exc.status, str(exc)))
+    response = ServerResponse.from_json(raw, side.keyring, request.nonce)
+    key = request.license_key
+    assert response.checkin_key is not None
+    agent = _AGENT_KEYS[request.agent_key]
+    assert open_checkin_key(response.checkin_key, agent) == checkin_key_for(
+        side.state.pepper, request.agent_key
+    )
+    lic = unseal(load_signed(response.license or "", side.keyring).document, key)
+    identity = None
+    if response.identity is not None:
+        par = load_signed(response.identity, side.keyring).document
+        assert verify_secret(key, par.admin_secret)  # type: ignore[union-attr]
+        identity = dataclasses.replace(par, admin_secret="scrypt$1$1$1$AA$AA")  # salted: random
+    return (
+        "ok",
+        (
+            response.kind,
+            response.serial,
+            response.server_time,
+            response.directives,
+            response.message,
+            lic,
+            identity,
+        ),
+    )
+
+
+_AGENT_KEYS: dict[str, SigningKey] = {}
+
+
+def _facts(hardware: int, nic: int) -> list[tuple[str, str]]:
+    return [("m", f"mid-{hardware}"), ("u", f"uuid-{hardware}"), ("n", f"nic-{hardware}-{nic}"), ("c", "cpu")]
+
+
+def _locking_id(hardware: int, nic: int) -> str:
+    return FakeAgent(f"hw{hardware}", "unused-system", facts=_facts(hardware, nic)).locking_id
+
+
+def _request(
+    key: str, hardware: int, install: int, nic: int, product: str | None, *, copied: bool = False
+) -> ActivationRequest:
+    """An installation on ``hardware``; ``copied``: its state directory came from another
+    machine (the same system id on other hardware)."""
+    system_id = f"inst-copy-{install}-xx" if copied else f"inst-{hardware}-{install}-xx"
+    a = FakeAgent(f"hw{hardware}", system_id, facts=_facts(hardware, nic))
+    _AGENT_KEYS[a.key.public.to_base64()] = a.key
+    return ActivationRequest.create(key, a.locking_id, a.system_id, a.key, product=product)
+
+
+def _rows(db: Database) -> dict[str, list[tuple[Any, ...]]]:
+    with db.read() as session:
+        machines = session.execute(
+            select(
+                Machine.id, Machine.license_id, Machine.slot, Machine.locking_id, Machine.system_id,
+                Machine.agent_key, Machine.activated_at, Machine.last_checkin_at,
+                Machine.delivered_revision, Machine.offline, Machine.checkpoint_overdue_at,
+            ).order_by(Machine.id)
+        ).all()  # fmt: skip
+        chain = session.execute(
+            select(
+                AuditEntry.id, AuditEntry.at, AuditEntry.actor, AuditEntry.action, AuditEntry.target,
+                AuditEntry.details, AuditEntry.prev_hash, AuditEntry.hash,
+            ).order_by(AuditEntry.id)
+        ).all()  # fmt: skip
+        hits = session.execute(
+            select(
+                BlacklistHit.id, BlacklistHit.at, BlacklistHit.locking_id, BlacklistHit.serial,
+                BlacklistHit.how, BlacklistHit.action,
+            ).order_by(BlacklistHit.id)
+        ).all()  # fmt: skip
+        outbox = session.execute(
+            select(
+                WebhookDelivery.id, WebhookDelivery.endpoint_id, WebhookDelivery.event,
+                WebhookDelivery.payload, WebhookDelivery.created_at, WebhookDelivery.status,
+                WebhookDelivery.attempts, WebhookDelivery.next_attempt_at,
+            ).order_by(WebhookDelivery.id)
+        ).all()  # fmt: skip
+        licenses_ = session.execute(
+            select(LicenseRow.id, LicenseRow.serial, LicenseRow.status, LicenseRow.revision).order_by(
+                LicenseRow.id
+            )
+        ).all()
+        report = audit.verify_chain(session)
+    assert report.ok, report.problems
+    return {
+        "machines": [tuple(r) for r in machines],
+        "audit": [tuple(r) for r in chain],
+        "hits": [tuple(r) for r in hits],
+        # The event id is random (and in the payload): everything else must agree.
+        "outbox": [(*r[:3], _without_id(r[3]), *r[4:]) for r in outbox],
+        "licenses": [tuple(r) for r in licenses_],
+    }
+
+
+def _without_id(payload: str) -> str:
+    body = json.loads(payload)
+    assert body.pop("id").startswith("evt_")
+    return json.dumps(body, sort_keys=True)
+
+
+def _setup(side: Side, with_webhook: bool) -> None:
+    """The same catalog, licenses (with the same keys: they are random otherwise) and
+    webhook endpoints on each side."""
+    state, admin = side.state, side.admin
+    now = state.now()
+    plans: dict[str, dict[str, Any]] = {
+        "two": {"machines": 2},
+        "three-strict": {"machines": 3, "match": "strict"},
+        "loose": {"machines": 2, "match": "loose"},
+        "instance": {"machines": 2, "binding": "instance"},
+        "sealed": {"machines": 2, "seal": True, "emergency": ["backup"]},
+        "expired": {"entitlements": [{"feature": "uniplex", "count": 1, "expiry": "2026-01-01"}]},
+        "user": {"binding": "user", "machines": 1},
+        "versioned": {"machines": 1, "version": "4.*", "checkpoint_days": 7, "recovery_allowance": 1},
+    }
+    numbers = itertools.count()
+    with mock.patch.object(
+        licenses, "generate_license_key", lambda: f"{next(numbers):05d}-ABCDE-FGHJK-MNPQR-STVWX"
+    ):
+        for name, fields in plans.items():
+            side.serials[name], side.keys[name] = setup_license(state, admin, now, **fields)
+    if with_webhook:
+        with state.db.write() as session:
+            webhooks.add_endpoint(
+                session, url="http://127.0.0.1:9/hook", secret="s", events=[], ca_pem=None,
+                pepper=state.pepper, now=now,
+            )  # fmt: skip
+            webhooks.add_endpoint(
+                session, url="http://127.0.0.1:9/other", secret="s", events=["license.issued"], ca_pem=None,
+                pepper=state.pepper, now=now,
+            )  # fmt: skip
+
+
+def _blacklist(side: Side, locking_id: str, *, recovered_only: bool) -> None:
+    with side.state.db.write() as session:
+        recovery.add_to_blacklist(
+            session, side.admin, locking_id, recovered_only=recovered_only, delay_days=0, reason="test",
+            now=side.state.now(),
+        )  # fmt: skip
+
+
+def _revoke(side: Side, name: str) -> None:
+    with side.state.db.write() as session:
+        licenses.update_license(
+            session, side.admin, side.serials[name], LicenseUpdate(status="revoked"), side.state.now()
+        )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_writer_and_the_orm_path_answer_and_record_the_same(
+    sides: tuple[Side, Side], clock: ManualClock, seed: int
+) -> None:
+    rng = random.Random(seed)
+    _both(sides, lambda side: _setup(side, with_webhook=seed % 2 == 0))
+    names = list(sides[0].keys)
+    assert sides[0].keys == sides[1].keys
+    steps = 60
+    for step in range(steps):
+        clock.advance(timedelta(seconds=rng.choice([0, 1, 59, 3600])))
+        if step == steps // 3:
+            listed = _locking_id(rng.randrange(6), 0)
+            _both(sides, lambda side, lid=listed: _blacklist(side, lid, recovered_only=False))
+        if step == steps // 2:
+            drifted = _locking_id(rng.randrange(6), 1)  # a listed container, one NIC off
+            only = rng.random() < 0.5
+            _both(sides, lambda side, lid=drifted, o=only: _blacklist(side, lid, recovered_only=o))
+        if step == 2 * steps // 3:
+            victim = rng.choice(names)
+            _both(sides, lambda side, n=victim: _revoke(side, n))
+        name = rng.choice(names)
+        key = sides[0].keys[name] if rng.random() > 0.03 else "ZZZZZ-ZZZZZ-ZZZZZ-ZZZZZ-ZZZZZ"
+        product = rng.choice([None, None, None, "cortex", "reportix"])
+        copied = rng.random() < 0.15
+        request = _request(key, rng.randrange(6), rng.randrange(3), rng.randrange(2), product, copied=copied)
+        expected, got = (_outcome(side, request) for side in sides)
+        assert got == expected, f"step {step}: {request}"
+    assert _rows(sides[1].state.db) == _rows(sides[0].state.db)
+
+
+def test_a_blacklist_hit_over_the_writer_is_refused_and_recorded(sides: tuple[Side, Side]) -> None:
+    _both(sides, lambda side: _setup(side, with_webhook=True))
+    request = _request(sides[0].keys["two"], 1, 0, 0, None)
+    _both(sides, lambda side: _blacklist(side, request.locking_id, recovered_only=False))
+    expected, got = (_outcome(side, request) for side in sides)
+    assert got == expected and got[0] == "refused" and "blacklisted" in got[1][1]
+    rows = _rows(sides[1].state.db)
+    assert rows == _rows(sides[0].state.db)
+    assert [h[4:] for h in rows["hits"]] == [("activation", "refused")]
+    assert rows["machines"] == []
+
+
+# ------------------------------------------------------------------ the slot scan's quick test
+
+
+_component = st.builds(Component, st.sampled_from(sorted(COMPONENT_KINDS)), st.binary(min_size=5, max_size=5))
+
+
+@settings(max_examples=300)
+@given(
+    licensed=st.lists(_component, min_size=1, max_size=7, unique=True),
+    extra=st.lists(_component, max_size=7, unique=True),
+    kept=st.integers(0, 7),
+    level=st.sampled_from(list(MatchLevel)),
+)
+def test_the_quick_test_of_the_slot_scan_never_changes_a_verdict(
+    licensed: list[Component], extra: list[Component], kept: int, level: MatchLevel
+) -> None:
+    """Ruling out a machine that shares no component must never rule out a match: at
+    every level a match needs some shared weight."""
+    current = licensed[:kept] + extra
+    if not current:
+        return
+    lic, cur = LockingId(tuple(licensed)), LockingId(tuple(current))
+    full = match_locking_ids(lic, cur, level).ok
+    assert same_hardware(str(lic), cur, level, activation.component_keys(cur)) == full
+    if set(lic.components).isdisjoint(cur.components):
+        assert not full
+
+
+# ------------------------------------------------------------------ the writer's connection
+
+
+def test_the_writer_survives_a_lost_connection(
+    state: ServerState, admin: Principal, keyring: Keyring
+) -> None:
+    """Its kept connection killed between two activations: the next one still succeeds
+    (as the pool's pre-ping would have made it), and nothing is doubled."""
+    _, key = setup_license(state, admin, START, machines=3)
+    writer = activations.ActivationWriter(state.db, state.signing_key, state.pepper)
+    loop = asyncio.new_event_loop()
+    try:
+        first, second = FakeAgent("a", "system-a-123456"), FakeAgent("b", "system-b-123456")
+        loop.run_until_complete(writer.activate(first.activation(key), START))
+        connection = writer._connection  # the test reaches in to break it
+        assert connection is not None
+        if state.db.is_sqlite:
+            connection.dbapi_connection.close()
+        else:
+            with state.db.engine.connect() as admin_connection:
+                admin_connection.execute(
+                    text("SELECT pg_terminate_backend(:pid)"),
+                    {"pid": connection.dbapi_connection.info.backend_pid},
+                )
+        request = second.activation(key)
+        raw = loop.run_until_complete(writer.activate(request, START))
+        assert ServerResponse.from_json(raw, keyring, request.nonce).serial
+    finally:
+        writer.stop()
+        loop.close()
+    with state.db.read() as session:
+        slots = session.execute(select(Machine.slot).order_by(Machine.slot)).scalars().all()
+        actions = session.execute(select(AuditEntry.action).order_by(AuditEntry.id)).scalars().all()
+    assert slots == [0, 1]
+    assert actions.count("license.activate") == 2
