@@ -200,18 +200,17 @@ def _string(obj: dict[str, Any], name: str, pattern: re.Pattern[str] | None = No
     return value
 
 
-def _check_common(obj: dict[str, Any]) -> LockingId:
+def _check_common(obj: dict[str, Any]) -> None:
     try:
         normalize_license_key(_string(obj, "license_key"))
     except ValueError:
         raise FormatError("field 'license_key' is malformed") from None
     try:
-        locking = LockingId.parse(_string(obj, "locking_id"))
+        LockingId.check(_string(obj, "locking_id"))
     except ValueError:
         raise FormatError("field 'locking_id' is malformed") from None
     _string(obj, "system_id", _SYSTEM_ID_RE)
     _string(obj, "nonce", _NONCE_RE)
-    return locking
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,9 +309,6 @@ class CheckinRequest(_AgentRequest):
 
     TYPE: ClassVar[str] = "checkin"
     mac: str = ""
-    #: ``locking_id`` as parsed by :meth:`from_json` (not on the wire): the server matches
-    #: it against the bound machine without parsing it a second time.
-    locking: LockingId | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def create(
@@ -354,7 +350,7 @@ class CheckinRequest(_AgentRequest):
         _fields(obj, names, {"signature", "mac"}, "check-in request")
         if obj["type"] != cls.TYPE:
             raise FormatError("not a check-in request")
-        obj["locking"] = _check_common(obj)
+        _check_common(obj)
         if ("signature" in obj) == ("mac" in obj):
             raise FormatError("check-in request needs exactly one of 'signature' and 'mac'")
         if "mac" in obj:

@@ -489,9 +489,11 @@ def check_checkin(found: CheckinFound, request: CheckinRequest, pepper: bytes) -
     """The checks a check-in from a bound machine passes before anything is recorded."""
     assert found.agent_key is not None and found.locking_id is not None  # a bound machine
     _authenticate(request, found.agent_key, pepper)
+    if request.locking_id == found.locking_id:
+        return  # the very ID it was bound with: the same text, the same hardware
     licensed = _parsed(found.locking_id)  # cached: only IDs the server stored itself
     try:
-        current = request.locking or LockingId.parse(request.locking_id)
+        current = LockingId.parse(request.locking_id)
     except ValueError:
         raise Forbidden("malformed Locking ID") from None
     if licensed is None:
