@@ -428,12 +428,9 @@ class CheckinVerdict:
     license_file: str | None = None
 
     def response(self, request: CheckinRequest, now: datetime, signing_key: SigningKey) -> ServerResponse:
-        return self._unsigned(request, now).signed(signing_key)
+        return self.unsigned_response(request, now).signed(signing_key)
 
-    def response_json(self, request: CheckinRequest, now: datetime, signing_key: SigningKey) -> bytes:
-        return self._unsigned(request, now).signed_json(signing_key)
-
-    def _unsigned(self, request: CheckinRequest, now: datetime) -> ServerResponse:
+    def unsigned_response(self, request: CheckinRequest, now: datetime) -> ServerResponse:
         return ServerResponse(
             kind="checkin",
             nonce=request.nonce,

@@ -190,7 +190,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
     interfaces = interfaces or Interfaces()
     admin = APIRouter()
     offline = APIRouter()
-    checkins = CheckinWriter(state.db, state.pepper)
+    checkins = CheckinWriter(state.db, state.pepper, state.signing_key)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -358,11 +358,9 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         except FormatError as exc:
             return _error(422, str(exc))
         now = state.now()
-        verdict = await checkins.checkin(parsed, now)
-        if isinstance(verdict, activation.CheckinVerdict):
-            return Response(
-                verdict.response_json(parsed, now, state.signing_key), media_type="application/json"
-            )
+        answer = await checkins.checkin(parsed, now)
+        if isinstance(answer, bytes):
+            return Response(answer, media_type="application/json")
 
         def run() -> bytes:  # the rare cases: a revision to ship, a recovered machine, a hit
             with state.db.write() as session:
