@@ -4,7 +4,7 @@ Not a benchmark row: a diagnosis for when the ``check-ins/s`` rows fall short. I
 real server (so the data is made the normal way), then replays MACed check-ins *in this
 process* through what the endpoint runs: ``CheckinRequest.from_json``, the check-in
 writer's batch (``tessera.server.checkins``, batches of 16, lookup, MAC, rules, writes,
-commit) and the response's signature, under cProfile, and prints the cost split. HTTP
+commit, the responses signed together) under cProfile, and prints the cost split. HTTP
 and FastAPI are left out on purpose: the empty-endpoint baseline already measures them.
 """
 
@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     import asyncio
 
     from tessera.core.protocol import CheckinRequest
-    from tessera.server.activation import CheckinVerdict
     from tessera.server.checkins import CheckinWriter, _Job
     from tessera.server.runner import build_state
 
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         run_load(server.port, "/api/v1/activate", activation_bodies(insts), duration=60, connections=4)
         bodies = checkin_bodies(insts, args.n, server.checkin_keys(insts))
         state = build_state(server.data_dir)
-        writer = CheckinWriter(state.db, state.pepper)
+        writer = CheckinWriter(state.db, state.pepper, state.signing_key)
         loop = asyncio.new_event_loop()
 
         def batch(chunk: list[bytes]) -> None:
@@ -64,10 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             jobs = [_Job(p, now, loop.create_future(), loop) for p in parsed]
             writer._run_batch(jobs)
             loop.run_until_complete(asyncio.sleep(0))  # let the writer's results land
-            for p, job in zip(parsed, jobs, strict=True):
-                verdict = job.future.result()
-                assert isinstance(verdict, CheckinVerdict), verdict
-                verdict.response_json(p, now, state.signing_key)
+            for job in jobs:
+                answer = job.future.result()
+                assert isinstance(answer, bytes), answer  # signed in the batch
 
         def replay(some: list[bytes]) -> None:
             for i in range(0, len(some), 16):
@@ -93,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             "database lookups": ("checkins.py", "_look_up"),
             "database writes": ("checkins.py", "_record"),
             "commit": ("checkins.py", "__exit__"),
-            "sign response": ("protocol.py", "signed_json"),
+            "sign responses (one per batch)": ("protocol.py", "sign_batch"),
         }
         for label, (file, func) in groups.items():
             cum = sum(v[3] for k, v in stats.stats.items() if k[0].endswith(file) and k[2] == func)  # type: ignore[attr-defined]

@@ -30,7 +30,9 @@ from tessera.core.protocol import (
     CheckinRequest,
     ServerResponse,
     derive_checkin_key,
+    new_nonce,
     seal_checkin_key,
+    sign_batch,
 )
 from tessera.core.signing import PublicKey
 
@@ -110,6 +112,8 @@ class FakeServer:
             return httpx.Response(403, json={"detail": "license revoked"})
         if self.mode == "replay" and self.last_response is not None:
             return httpx.Response(200, content=self.last_response)
+        if self.mode == "old" and "accept" in self.bodies[-1]:  # before batch-signed answers
+            return httpx.Response(422, json={"detail": "check-in request has unknown field 'accept'"})
         if request.url.path == "/api/v1/activate":
             act = ActivationRequest.from_json(body)
             self.agent_key = act.agent_key
@@ -138,9 +142,13 @@ class FakeServer:
                 directives=self.directives,
             )
             self.pending_license = None
-        signer = SigningKey.generate() if self.mode == "badsig" else self.vendor
-        signed = response.signed(signer)
-        content = signed.to_json()
+        signer = SigningKey.generate() if self.mode in ("badsig", "batch-badsig") else self.vendor
+        if self.mode in ("batch", "batch-badsig") and response.kind == "checkin":
+            # Signed together with other agents' answers, this one in the middle.
+            others = [ServerResponse("checkin", new_nonce(), response.server_time, "2026-000009")] * 4
+            content = sign_batch([*others[:3], response, others[3]], signer)[3]
+        else:
+            content = response.signed(signer).to_json()
         if self.mode == "unsigned":
             obj = json.loads(content)
             obj["signature"] = ""

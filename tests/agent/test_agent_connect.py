@@ -23,7 +23,7 @@ ALLOWED_ACTIVATE = {
     "product",  # the product the agent runs in: refused early if the key is for another
     "signature",
 }
-ALLOWED_CHECKIN = ALLOWED_ACTIVATE - {"agent_key", "product", "signature"} | {"mac"}
+ALLOWED_CHECKIN = ALLOWED_ACTIVATE - {"agent_key", "product", "signature"} | {"mac", "accept"}
 
 
 def test_activation_imports_the_license(activated: Agent, server: FakeServer) -> None:
@@ -168,3 +168,25 @@ def test_huge_answer_is_refused(activated: Agent) -> None:
     with pytest.raises(BadResponse, match="too large"):
         activated.connect()
     assert activated.check("uniplex")
+
+
+def test_a_batch_signed_answer_is_taken_and_a_tampered_one_refused(
+    activated: Agent, server: FakeServer, vendor: SigningKey
+) -> None:
+    server.mode = "batch"
+    server.directives = ("lock",)
+    assert activated.connect().state is AgentState.LOCKED  # the answer in the batch counted
+    assert server.bodies[-1]["accept"] == "batch"
+    server.directives = ()
+    server.mode = "batch-badsig"  # the batch's root signed by another key: no answer
+    with pytest.raises(BadResponse):
+        activated.connect()
+    assert activated.status().state is AgentState.LOCKED  # nothing changed
+
+
+def test_an_older_server_is_asked_again_as_an_older_agent_asks(activated: Agent, server: FakeServer) -> None:
+    server.mode = "old"
+    activated.connect()
+    refused, asked_again = server.bodies[-2:]
+    assert refused["accept"] == "batch" and "accept" not in asked_again
+    assert "mac" in asked_again

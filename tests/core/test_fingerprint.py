@@ -173,3 +173,26 @@ def test_fast_base32_accepts_exactly_what_the_standard_library_spells_so(body: s
     except ValueError:
         got = None
     assert got == expected
+
+
+@given(st.one_of(st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ234567 ", max_size=60), st.text(max_size=60)))
+def test_check_accepts_exactly_what_parse_accepts(body: str) -> None:
+    """``check`` (the server's per-request test) and ``parse`` never disagree on an ID."""
+    for text in ("TL1-" + body, body):
+        try:
+            LockingId.parse(text)
+            parsed = True
+        except ValueError:
+            parsed = False
+        try:
+            LockingId.check(text)
+            checked = True
+        except ValueError:
+            checked = False
+        assert checked == parsed
+
+
+def test_check_accepts_real_locking_ids(tmp_path: Path) -> None:
+    text = str(lid(fake_machine(tmp_path)))
+    LockingId.check(text)
+    LockingId.check(f" {text} ")  # parse strips too

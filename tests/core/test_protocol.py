@@ -50,7 +50,8 @@ def test_activation_request_carries_only_allowed_fields() -> None:
         "signature",
     }
     body = json.loads(CheckinRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT).to_json())
-    assert set(body) == {"protocol", "type", "license_key", "locking_id", "system_id", "nonce", "signature"}
+    fields = {"protocol", "type", "license_key", "locking_id", "system_id", "nonce", "accept"}
+    assert set(body) == fields | {"signature"}
 
 
 def test_tampered_activation_request_is_refused() -> None:
@@ -92,7 +93,16 @@ def test_sealed_checkin_key_opens_only_for_its_agent() -> None:
 def test_maced_checkin_request_authenticates_only_with_its_key() -> None:
     made = CheckinRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT, checkin_key())
     body = json.loads(made.to_json())
-    assert set(body) == {"protocol", "type", "license_key", "locking_id", "system_id", "nonce", "mac"}
+    assert set(body) == {
+        "protocol",
+        "type",
+        "license_key",
+        "locking_id",
+        "system_id",
+        "nonce",
+        "accept",
+        "mac",
+    }
     request = CheckinRequest.from_json(made.to_json())
     assert request == made
     request.authenticate(AGENT.public.to_base64(), checkin_key())
@@ -285,3 +295,25 @@ def test_activation_request_without_product_is_the_older_agents_message() -> Non
     request = ActivationRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT)
     assert "product" not in json.loads(request.to_json())  # signed bytes unchanged for them
     assert ActivationRequest.from_json(request.to_json()).product == ""
+
+
+def test_checkin_request_says_under_its_mac_that_it_takes_batch_answers() -> None:
+    checkin_key = bytes(32)
+    request = CheckinRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT, checkin_key)
+    body = json.loads(request.to_json())
+    assert body["accept"] == "batch"
+    CheckinRequest.from_json(request.to_json()).authenticate(AGENT.public.to_base64(), checkin_key)
+    del body["accept"]  # stripped on the way: the MAC no longer fits
+    with pytest.raises(SignatureError):
+        CheckinRequest.from_json(json.dumps(body)).authenticate(AGENT.public.to_base64(), checkin_key)
+    body["accept"] = "everything"
+    with pytest.raises(FormatError, match="accept"):
+        CheckinRequest.from_json(json.dumps(body))
+
+
+def test_checkin_request_without_accept_is_the_older_agents_message() -> None:
+    request = CheckinRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT, accept_batch=False)
+    assert "accept" not in json.loads(request.to_json())  # signed bytes unchanged for them
+    parsed = CheckinRequest.from_json(request.to_json())
+    assert parsed.accept == ""
+    parsed.authenticate(AGENT.public.to_base64(), b"")

@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from tessera.core.protocol import CheckinRequest
+from tessera.core.protocol import CheckinRequest, ServerResponse
+from tessera.core.signing import Keyring
 from tessera.server import activation, licenses
 from tessera.server.app import ServerState
 from tessera.server.checkins import FULL_PATH, CheckinWriter
@@ -38,6 +39,18 @@ def maced(state: ServerState, a: FakeAgent, key: str) -> CheckinRequest:
     return CheckinRequest.create(key, a.locking_id, a.system_id, a.key, checkin_key)
 
 
+def answers(
+    state: ServerState, requests: list[CheckinRequest], results: list[object]
+) -> list[ServerResponse]:
+    """Each result as its agent reads it: a vendor-signed answer to its own request."""
+    keyring = Keyring([state.signing_key.public])
+    out = []
+    for request, result in zip(requests, results, strict=True):
+        assert isinstance(result, bytes), result
+        out.append(ServerResponse.from_json(result, keyring, request.nonce))
+    return out
+
+
 async def run_all(writer: CheckinWriter, requests: list[CheckinRequest], now=START) -> list[object]:  # type: ignore[no-untyped-def]
     try:
         return await asyncio.gather(*(writer.checkin(r, now) for r in requests), return_exceptions=True)
@@ -48,12 +61,12 @@ async def run_all(writer: CheckinWriter, requests: list[CheckinRequest], now=STA
 def test_concurrent_checkins_are_all_recorded_as_the_orm_would(state: ServerState, admin: Principal) -> None:
     serial, key, agents = activated(state, admin, 40)
     later = START + timedelta(hours=5)
-    writer = CheckinWriter(state.db, state.pepper)
+    writer = CheckinWriter(state.db, state.pepper, state.signing_key)
     requests = [maced(state, a, key) for a in agents for _ in range(3)]
     results = asyncio.run(run_all(writer, requests, later))
-    assert all(isinstance(r, activation.CheckinVerdict) and r.outcome == "ok" for r in results), results
+    assert all(r.serial == serial and r.directives == () for r in answers(state, requests, results))
     with state.db.read() as session:
-        assert len(session.execute(select(Checkin)).all()) == 120
+        assert session.execute(select(Checkin.outcome)).scalars().all() == ["ok"] * 120
         machines = session.execute(select(Machine)).scalars().all()
         # Written as raw statements, read back through the ORM types: the same instant.
         assert {m.last_checkin_at for m in machines} == {later}
@@ -75,11 +88,10 @@ def test_each_checkin_of_a_batch_gets_its_own_verdict(state: ServerState, admin:
         key, forger.locking_id, forger.system_id, forger.key, activation.checkin_key_for(b"x" * 32, "AAAA")
     )
     unknown = maced(state, stranger, "AAAAA-BBBBB-CCCCC-DDDDD-EEEEE")
-    writer = CheckinWriter(state.db, state.pepper)
-    results = asyncio.run(
-        run_all(writer, [maced(state, good, key), unknown, wrong_key, maced(state, behind, key)])
-    )
-    assert isinstance(results[0], activation.CheckinVerdict) and results[0].serial == serial
+    writer = CheckinWriter(state.db, state.pepper, state.signing_key)
+    first = maced(state, good, key)
+    results = asyncio.run(run_all(writer, [first, unknown, wrong_key, maced(state, behind, key)]))
+    assert answers(state, [first], results[:1])[0].serial == serial
     assert isinstance(results[1], NotFound)
     assert isinstance(results[2], Forbidden) and "signature" in str(results[2])
     assert results[3] is FULL_PATH  # the full path ships the revision, in its own transaction
@@ -95,9 +107,12 @@ def test_a_revoked_license_is_answered_on_the_fast_path(state: ServerState, admi
         session.execute(
             LicenseRow.__table__.update().where(LicenseRow.serial == serial).values(status="revoked")
         )
-    (verdict,) = asyncio.run(run_all(CheckinWriter(state.db, state.pepper), [maced(state, a, key)]))
-    assert isinstance(verdict, activation.CheckinVerdict)
-    assert verdict.outcome == "revoked" and verdict.directives == ("revoke",)
+    request = maced(state, a, key)
+    results = asyncio.run(run_all(CheckinWriter(state.db, state.pepper, state.signing_key), [request]))
+    (response,) = answers(state, [request], results)
+    assert response.directives == ("revoke",) and response.message == f"license {serial} has been revoked"
+    with state.db.read() as session:
+        assert session.execute(select(Checkin.outcome)).scalars().all() == ["revoked"]
 
 
 def test_a_batch_that_cannot_commit_acknowledges_nothing(
@@ -110,7 +125,7 @@ def test_a_batch_that_cannot_commit_acknowledges_nothing(
     blocker = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
     try:
         blocker.execute("BEGIN IMMEDIATE")  # another process writing, for longer than we wait
-        writer = CheckinWriter(impatient, state.pepper)
+        writer = CheckinWriter(impatient, state.pepper, state.signing_key)
         results = asyncio.run(run_all(writer, [maced(state, a, key) for a in agents]))
     finally:
         blocker.execute("ROLLBACK")
@@ -120,9 +135,10 @@ def test_a_batch_that_cannot_commit_acknowledges_nothing(
     with state.db.read() as session:
         assert session.execute(select(Checkin)).all() == []
     # The writer recovers by itself once the lock is gone.
-    writer = CheckinWriter(state.db, state.pepper)
-    results = asyncio.run(run_all(writer, [maced(state, a, key) for a in agents]))
-    assert all(isinstance(r, activation.CheckinVerdict) for r in results)
+    writer = CheckinWriter(state.db, state.pepper, state.signing_key)
+    requests = [maced(state, a, key) for a in agents]
+    results = asyncio.run(run_all(writer, requests))
+    assert len(answers(state, requests, results)) == 3
 
 
 def test_sqlite_batches_never_make_the_event_loop_wait_for_the_write_lock(
@@ -134,10 +150,12 @@ def test_sqlite_batches_never_make_the_event_loop_wait_for_the_write_lock(
     _, key, agents = activated(state, admin, 3)
     blocker = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
-    writer = CheckinWriter(state.db, state.pepper)
+    writer = CheckinWriter(state.db, state.pepper, state.signing_key)
+
+    requests = [maced(state, a, key) for a in agents]
 
     async def scenario() -> list[object]:
-        pending = asyncio.gather(*(writer.checkin(maced(state, a, key), START) for a in agents))
+        pending = asyncio.gather(*(writer.checkin(r, START) for r in requests))
         for _ in range(5):  # the loop keeps turning while the lock is held elsewhere
             await asyncio.sleep(0.01)
         assert not pending.done()
@@ -149,7 +167,7 @@ def test_sqlite_batches_never_make_the_event_loop_wait_for_the_write_lock(
     finally:
         writer.stop()
         blocker.close()
-    assert all(isinstance(r, activation.CheckinVerdict) and r.outcome == "ok" for r in results), results
+    assert all(r.directives == () for r in answers(state, requests, results))
     with state.db.read() as session:
         assert len(session.execute(select(Checkin)).all()) == 3
 
@@ -169,7 +187,7 @@ def test_the_writer_thread_checkpoints_what_the_loop_commits(
         original(self)
 
     monkeypatch.setattr(CheckinWriter, "_checkpoint", counted)
-    writer = CheckinWriter(state.db, state.pepper)
+    writer = CheckinWriter(state.db, state.pepper, state.signing_key)
 
     async def one_batch_after_another() -> None:
         for _ in range(9):
@@ -182,3 +200,26 @@ def test_the_writer_thread_checkpoints_what_the_loop_commits(
     assert len(checkpoints) >= 1
     with state.db.read() as session:
         assert len(session.execute(select(Checkin)).all()) == 18
+
+
+def test_one_signature_answers_a_batch_and_older_agents_get_their_own(
+    state: ServerState, admin: Principal
+) -> None:
+    """Agents that take a batch-signed answer share one signature (with a path each); an
+    older agent's answer in the same batch is signed alone, as it expects."""
+    serial, key, agents = activated(state, admin, 6)
+    older = [
+        CheckinRequest.create(
+            key, a.locking_id, a.system_id, a.key,
+            activation.checkin_key_for(state.pepper, a.key.public.to_base64()), accept_batch=False,
+        )
+        for a in agents[:2]
+    ]  # fmt: skip
+    requests = [*older, *(maced(state, a, key) for a in agents[2:])]
+    results = asyncio.run(run_all(CheckinWriter(state.db, state.pepper, state.signing_key), requests))
+    responses = answers(state, requests, results)
+    assert all(r.serial == serial for r in responses)
+    assert [r.batch_path is None for r in responses[:2]] == [True, True]
+    batched = [r for r in responses[2:] if r.batch_path is not None]
+    if state.db.is_sqlite:  # one turn of the loop, one batch (PostgreSQL's threads take what queued)
+        assert len(batched) == 4 and len({r.signature for r in batched}) == 1

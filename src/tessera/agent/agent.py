@@ -32,6 +32,7 @@ from tessera.agent.errors import (
     ConnectError,
     FeatureDenied,
     SeatError,
+    ServerRefused,
     StaleBlacklist,
     StateError,
 )
@@ -693,12 +694,21 @@ class Agent:
                     "with (run 'tessera agent activate')"
                 )
             ca = meta.get("server_ca")
-            request = CheckinRequest.create(
-                license_key, self.locking_id, self.system_id, key, self._checkin_key(meta)
-            )
+            checkin_key = self._checkin_key(meta)
+            request = CheckinRequest.create(license_key, self.locking_id, self.system_id, key, checkin_key)
             try:
                 with self._client(url, None if ca is None else ca.encode("ascii")) as client:
-                    response = client.post(CHECKIN_PATH, request.to_json(), request.nonce)
+                    try:
+                        response = client.post(CHECKIN_PATH, request.to_json(), request.nonce)
+                    except ServerRefused as exc:
+                        if exc.status_code != 422 or "'accept'" not in str(exc):
+                            raise
+                        # A server older than batch-signed answers: ask as older agents do.
+                        request = CheckinRequest.create(
+                            license_key, self.locking_id, self.system_id, key, checkin_key,
+                            accept_batch=False,
+                        )  # fmt: skip
+                        response = client.post(CHECKIN_PATH, request.to_json(), request.nonce)
             except ConnectError as exc:
                 self._record_failure(str(exc))
                 raise

@@ -57,6 +57,28 @@ _B32_DIGITS = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", "0123456789abcde
 _B32_RE = re.compile(r"[A-Z2-7]*")
 
 
+def _canonical_chunks(text: str) -> list[bytes]:
+    """The components' bytes (kind letter + digest) of a Locking ID in canonical form."""
+    text = text.strip()
+    if not text.startswith(_PREFIX) or len(text) > 400:
+        raise ValueError("not a Locking ID (expected TL1-...)")
+    raw, canonical = _b32decode(text[len(_PREFIX) :])
+    step = 1 + _HASH_BYTES
+    if not raw or len(raw) % step:
+        raise ValueError("not a Locking ID (wrong length)")
+    chunks = [raw[i : i + step] for i in range(0, len(raw), step)]
+    for chunk in chunks:
+        if chr(chunk[0]) not in COMPONENT_KINDS:
+            raise ValueError("not a Locking ID (unknown component)")
+    # Canonical means: the components strictly ascending (sorted, no duplicates; the
+    # bytes of kind letter + digest order exactly as Component does) and the base32
+    # spelled exactly as __str__ spells it (no stray bits after the last byte). Checked
+    # on the parts, without re-encoding the whole ID through __post_init__ and __str__.
+    if not canonical or any(a >= b for a, b in itertools.pairwise(chunks)):
+        raise ValueError("not a Locking ID (not canonical)")
+    return chunks
+
+
 def _b32decode(body: str) -> tuple[bytes, bool]:
     """Unpadded RFC 4648 base32 (as ``__str__`` writes it): the bytes, and whether ``body``
     is their canonical spelling (the bits after the last whole byte are zero).
@@ -104,26 +126,16 @@ class LockingId:
 
     @classmethod
     def parse(cls, text: str) -> LockingId:
-        text = text.strip()
-        if not text.startswith(_PREFIX) or len(text) > 400:
-            raise ValueError("not a Locking ID (expected TL1-...)")
-        raw, canonical = _b32decode(text[len(_PREFIX) :])
-        step = 1 + _HASH_BYTES
-        if not raw or len(raw) % step:
-            raise ValueError("not a Locking ID (wrong length)")
-        chunks = [raw[i : i + step] for i in range(0, len(raw), step)]
-        for chunk in chunks:
-            if chr(chunk[0]) not in COMPONENT_KINDS:
-                raise ValueError("not a Locking ID (unknown component)")
-        # Canonical means: the components strictly ascending (sorted, no duplicates; the
-        # bytes of kind letter + digest order exactly as Component does) and the base32
-        # spelled exactly as __str__ spells it (no stray bits after the last byte). Checked
-        # on the parts, without re-encoding the whole ID through __post_init__ and __str__.
-        if not canonical or any(a >= b for a, b in itertools.pairwise(chunks)):
-            raise ValueError("not a Locking ID (not canonical)")
+        chunks = _canonical_chunks(text)
         result = object.__new__(cls)  # already sorted and unique: skip __post_init__'s sort
         object.__setattr__(result, "components", tuple(Component(chr(c[0]), c[1:]) for c in chunks))
         return result
+
+    @staticmethod
+    def check(text: str) -> None:
+        """Raise ``ValueError`` unless :meth:`parse` would accept ``text``, without building
+        the ID: a server checks every request's ID but rarely needs its parts."""
+        _canonical_chunks(text)
 
     @property
     def weight(self) -> int:

@@ -46,4 +46,4 @@ def normalize_license_key(text: str) -> str:
 
 def license_key_digest(key: str, pepper: bytes = b"") -> str:
     """What the server stores and looks keys up by: HMAC-SHA256(pepper, normalized key)."""
-    return hmac.new(pepper, normalize_license_key(key).encode("ascii"), hashlib.sha256).hexdigest()
+    return hmac.digest(pepper, normalize_license_key(key).encode("ascii"), hashlib.sha256).hex()

@@ -29,7 +29,7 @@ import hmac
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
@@ -41,6 +41,7 @@ from nacl.public import SealedBox
 from nacl.signing import SigningKey as _NaclSigningKey
 from nacl.signing import VerifyKey as _NaclVerifyKey
 
+from tessera.core import merkle
 from tessera.core.errors import FormatError, SignatureError, VerificationError
 from tessera.core.fileformat import KEY_ID_RE, format_timestamp, parse_timestamp
 from tessera.core.fingerprint import LockingId
@@ -61,9 +62,12 @@ __all__ = [
     "new_system_id",
     "open_checkin_key",
     "seal_checkin_key",
+    "sign_batch",
 ]
 
 PROTOCOL = "tessera-connect/1"
+#: ``CheckinRequest.accept``: the agent takes an answer signed as part of a batch.
+BATCH = "batch"
 MAX_MESSAGE_SIZE = 1024 * 1024
 #: What a server may tell an agent to do: ``lock`` (honeypot: stop everything, a blacklisted
 #: container), ``revoke`` (this license is withdrawn here).
@@ -200,18 +204,17 @@ def _string(obj: dict[str, Any], name: str, pattern: re.Pattern[str] | None = No
     return value
 
 
-def _check_common(obj: dict[str, Any]) -> LockingId:
+def _check_common(obj: dict[str, Any]) -> None:
     try:
         normalize_license_key(_string(obj, "license_key"))
     except ValueError:
         raise FormatError("field 'license_key' is malformed") from None
     try:
-        locking = LockingId.parse(_string(obj, "locking_id"))
+        LockingId.check(_string(obj, "locking_id"))
     except ValueError:
         raise FormatError("field 'locking_id' is malformed") from None
     _string(obj, "system_id", _SYSTEM_ID_RE)
     _string(obj, "nonce", _NONCE_RE)
-    return locking
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,13 +309,18 @@ class ActivationRequest(_AgentRequest):
 @dataclass(frozen=True, slots=True)
 class CheckinRequest(_AgentRequest):
     """Periodic validation: a MAC with the installation's check-in key (``mac``) or, before
-    the agent has one (activated offline), a signature by its registered agent key."""
+    the agent has one (activated offline), a signature by its registered agent key.
+
+    ``accept`` is ``"batch"`` when the agent takes an answer signed as part of a batch
+    (:func:`sign_batch`); covered by the MAC, so nobody on the way can change what the
+    agent accepts. Empty in requests of older agents, whose bytes stay as they were.
+    """
 
     TYPE: ClassVar[str] = "checkin"
+    COVERED: ClassVar[tuple[str, ...]] = (*_AgentRequest.COVERED, "accept")
+    OMITTED_IF_EMPTY: ClassVar[tuple[str, ...]] = ("accept",)
     mac: str = ""
-    #: ``locking_id`` as parsed by :meth:`from_json` (not on the wire): the server matches
-    #: it against the bound machine without parsing it a second time.
-    locking: LockingId | None = field(default=None, compare=False, repr=False)
+    accept: str = ""
 
     @classmethod
     def create(
@@ -322,8 +330,13 @@ class CheckinRequest(_AgentRequest):
         system_id: str,
         agent: SigningKey,
         checkin_key: bytes | None = None,
+        *,
+        accept_batch: bool = True,
     ) -> CheckinRequest:
-        unsigned = cls(normalize_license_key(license_key), locking_id, system_id, new_nonce(), "")
+        unsigned = cls(
+            normalize_license_key(license_key), locking_id, system_id, new_nonce(), "",
+            accept=BATCH if accept_batch else "",
+        )  # fmt: skip
         payload = canonical_json(unsigned.payload())
         if checkin_key is not None:
             return cls(**{**asdict(unsigned), "mac": _mac(checkin_key, payload)})
@@ -351,10 +364,12 @@ class CheckinRequest(_AgentRequest):
         """Parse only: the caller checks it with the registered key (:meth:`authenticate`)."""
         obj = _load_object(data, "check-in request")
         names = {"protocol", "type", "license_key", "locking_id", "system_id", "nonce"}
-        _fields(obj, names, {"signature", "mac"}, "check-in request")
+        _fields(obj, names, {"signature", "mac", "accept"}, "check-in request")
         if obj["type"] != cls.TYPE:
             raise FormatError("not a check-in request")
-        obj["locking"] = _check_common(obj)
+        _check_common(obj)
+        if "accept" in obj and obj["accept"] != BATCH:
+            raise FormatError("field 'accept' is malformed")
         if ("signature" in obj) == ("mac" in obj):
             raise FormatError("check-in request needs exactly one of 'signature' and 'mac'")
         if "mac" in obj:
@@ -386,6 +401,10 @@ class ServerResponse:
     checkin_key: str | None = field(default=None, repr=False)
     key_id: str = field(default="", repr=False)
     signature: str = field(default="", repr=False)
+    #: Signed as part of a batch (:func:`sign_batch`): the position in the batch and the
+    #: sibling hashes up to the signed root (base64); None for a response signed alone.
+    batch_index: int | None = field(default=None, repr=False)
+    batch_path: str | None = field(default=None, repr=False)
 
     def payload(self) -> dict[str, Any]:
         obj: dict[str, Any] = {
@@ -417,6 +436,9 @@ class ServerResponse:
         obj = self.payload()
         obj["key_id"] = self.key_id
         obj["signature"] = self.signature
+        if self.batch_path is not None:
+            obj["batch_index"] = self.batch_index
+            obj["batch_path"] = self.batch_path
         return canonical_json(obj)
 
     @classmethod
@@ -426,7 +448,7 @@ class ServerResponse:
         """Parse, verify the vendor signature and that it answers *this* request."""
         obj = _load_object(data, "server response")
         required = {"protocol", "type", "nonce", "server_time", "serial", "directives"}
-        optional = {"license", "identity", "message", "checkin_key"}
+        optional = {"license", "identity", "message", "checkin_key", "batch_index", "batch_path"}
         _fields(obj, required | {"key_id", "signature"}, optional, "server response")
         kind = obj["type"]
         if kind not in ("activation", "checkin"):
@@ -445,6 +467,7 @@ class ServerResponse:
             server_time = parse_timestamp(_string(obj, "server_time"))
         except ValueError:
             raise FormatError("field 'server_time' is malformed") from None
+        batch_index, batch_path = _batch_fields(obj)
         response = cls(
             kind,
             _string(obj, "nonce", _NONCE_RE),
@@ -457,11 +480,53 @@ class ServerResponse:
             obj.get("checkin_key"),
             key_id,
             obj["signature"],
+            batch_index,
+            obj.get("batch_path"),
         )
-        keyring.verify(key_id, signature, canonical_json(response.payload()))
+        message = canonical_json(response.payload())
+        if batch_path is not None:
+            assert batch_index is not None
+            try:
+                root = merkle.root_from_path(merkle.leaf_hash(message), batch_index, batch_path)
+            except ValueError as exc:
+                raise FormatError(str(exc)) from None
+            message = merkle.ROOT_CONTEXT + root
+        keyring.verify(key_id, signature, message)
         if response.nonce != expected_nonce:
             raise VerificationError("response does not answer this request (replayed?)")
         return response
+
+
+def _batch_fields(obj: dict[str, Any]) -> tuple[int | None, bytes | None]:
+    """A batch-signed response's position and path (both or neither), checked for form."""
+    if ("batch_index" in obj) != ("batch_path" in obj):
+        raise FormatError("server response needs both 'batch_index' and 'batch_path' or neither")
+    if "batch_path" not in obj:
+        return None, None
+    index = obj["batch_index"]
+    if type(index) is not int or not 0 <= index < 1 << merkle.MAX_DEPTH:
+        raise FormatError("field 'batch_index' is malformed")
+    return index, _unb64(_string(obj, "batch_path", _B64_RE), "batch_path")
+
+
+def sign_batch(responses: Sequence[ServerResponse], key: SigningKey) -> list[bytes]:
+    """Every response's JSON, signed together with one signature (``core/merkle.py``).
+
+    For agents that ask for it (``CheckinRequest.accept``); each response verifies on its
+    own, with its path, like one signed alone.
+    """
+    payloads = [canonical_json(r.payload()) for r in responses]
+    root, paths = merkle.tree([merkle.leaf_hash(p) for p in payloads])
+    signature = _b64(key.sign(merkle.ROOT_CONTEXT + root))
+    out = []
+    for index, (response, path) in enumerate(zip(responses, paths, strict=True)):
+        obj = response.payload()
+        obj["key_id"] = key.key_id
+        obj["signature"] = signature
+        obj["batch_index"] = index
+        obj["batch_path"] = _b64(path)
+        out.append(canonical_json(obj))
+    return out
 
 
 def _shallow(obj: ServerResponse) -> dict[str, Any]:

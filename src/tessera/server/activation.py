@@ -507,12 +507,9 @@ class CheckinVerdict:
     license_file: str | None = None
 
     def response(self, request: CheckinRequest, now: datetime, signing_key: SigningKey) -> ServerResponse:
-        return self._unsigned(request, now).signed(signing_key)
+        return self.unsigned_response(request, now).signed(signing_key)
 
-    def response_json(self, request: CheckinRequest, now: datetime, signing_key: SigningKey) -> bytes:
-        return self._unsigned(request, now).signed_json(signing_key)
-
-    def _unsigned(self, request: CheckinRequest, now: datetime) -> ServerResponse:
+    def unsigned_response(self, request: CheckinRequest, now: datetime) -> ServerResponse:
         return ServerResponse(
             kind="checkin",
             nonce=request.nonce,
@@ -568,9 +565,11 @@ def check_checkin(found: CheckinFound, request: CheckinRequest, pepper: bytes) -
     """The checks a check-in from a bound machine passes before anything is recorded."""
     assert found.agent_key is not None and found.locking_id is not None  # a bound machine
     _authenticate(request, found.agent_key, pepper)
+    if request.locking_id == found.locking_id:
+        return  # the very ID it was bound with: the same text, the same hardware
     licensed = _parsed(found.locking_id)  # cached: only IDs the server stored itself
     try:
-        current = request.locking or LockingId.parse(request.locking_id)
+        current = LockingId.parse(request.locking_id)
     except ValueError:
         raise Forbidden("malformed Locking ID") from None
     if licensed is None:

@@ -37,6 +37,7 @@ from tessera.server import activation, activations, audit, bulk, catalog, leases
 from tessera.server.checkins import CheckinWriter
 from tessera.server.checkpoints import CheckpointWatch
 from tessera.server.errors import Invalid, RecordedRefusal, ServiceError
+from tessera.server.lane import ConnectLane
 from tessera.server.limits import BodySizeLimit
 from tessera.server.models import AuditEntry, LicenseRevision
 from tessera.server.outage import install_outage_handlers
@@ -189,7 +190,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
     interfaces = interfaces or Interfaces()
     admin = APIRouter()
     offline = APIRouter()
-    checkins = CheckinWriter(state.db, state.pepper)
+    checkins = CheckinWriter(state.db, state.pepper, state.signing_key)
     activation_writer = activations.ActivationWriter(state.db, state.signing_key, state.pepper)
 
     @asynccontextmanager
@@ -352,15 +353,23 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
     async def checkin(request: Request) -> Response:
         """Periodic validation (Connect): signed by the agent key registered at activation."""
         try:
-            parsed = CheckinRequest.from_json(await _read_json(request))
+            body = await _read_json(request)
+        except FormatError as exc:
+            return _error(422, str(exc))
+        return await answer_checkin(body)
+
+    async def answer_checkin(body: bytes) -> Response:
+        """The check-in route's work; :class:`ConnectLane` runs it too, ahead of the framework."""
+        try:
+            if len(body) > MAX_MESSAGE_SIZE:
+                raise FormatError("request is too large")
+            parsed = CheckinRequest.from_json(body)
         except FormatError as exc:
             return _error(422, str(exc))
         now = state.now()
-        verdict = await checkins.checkin(parsed, now)
-        if isinstance(verdict, activation.CheckinVerdict):
-            return Response(
-                verdict.response_json(parsed, now, state.signing_key), media_type="application/json"
-            )
+        answer = await checkins.checkin(parsed, now)
+        if isinstance(answer, bytes):
+            return Response(answer, media_type="application/json")
 
         def run() -> bytes:  # the rare cases: a revision to ship, a recovered machine, a hit
             with state.db.write() as session:
@@ -966,4 +975,12 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         app.include_router(admin)
     if interfaces.offline_activation:
         app.include_router(offline)
+    # Outermost of the app's own middleware, so check-ins skip the rest (``lane.py``).
+    app.add_middleware(
+        ConnectLane,
+        path="/api/v1/checkin",
+        handler=answer_checkin,
+        exception_handlers=app.exception_handlers,
+        max_body=MAX_MESSAGE_SIZE,
+    )
     return app

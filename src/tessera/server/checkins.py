@@ -42,7 +42,8 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from tessera.core.clock import utc
 from tessera.core.licensekey import license_key_digest
-from tessera.core.protocol import CheckinRequest
+from tessera.core.protocol import BATCH, CheckinRequest, ServerResponse, sign_batch
+from tessera.core.signing import SigningKey
 from tessera.server.activation import (
     CHECKIN_LOOKUP,
     RECORD_CHECKIN,
@@ -121,9 +122,10 @@ class _Job:
 class CheckinWriter:
     """The writer thread of one server process (started on first use, stopped with the app)."""
 
-    def __init__(self, db: Database, pepper: bytes, *, threads: int = 3) -> None:
+    def __init__(self, db: Database, pepper: bytes, signing_key: SigningKey, *, threads: int = 3) -> None:
         self._db = db
         self._pepper = pepper
+        self._signing_key = signing_key
         dialect = db.engine.dialect
         self._lookup = _Compiled(CHECKIN_LOOKUP, dialect)
         self._record_machine = _Compiled(RECORD_MACHINE, dialect)
@@ -142,8 +144,9 @@ class CheckinWriter:
         self._loop_batches = 0
         self._checkpoint_queued = False
 
-    async def checkin(self, request: CheckinRequest, now: datetime) -> CheckinVerdict | object:
-        """Record a plain check-in and return its verdict (committed), or :data:`FULL_PATH`.
+    async def checkin(self, request: CheckinRequest, now: datetime) -> bytes | object:
+        """Record a plain check-in and return its signed response (once committed), or
+        :data:`FULL_PATH`.
 
         Raises the service error a client gets (unknown key, bad signature, other
         hardware) or a database error (503).
@@ -299,7 +302,38 @@ class CheckinWriter:
             log.warning("check-in batch of %d not recorded: %s", len(batch), exc)
             _deliver(batch, [failure] * len(batch), on_loop=on_loop)
             return
-        _deliver(batch, outcomes, on_loop=on_loop)
+        _deliver(batch, self._answers(batch, outcomes), on_loop=on_loop)
+
+    def _answers(self, batch: list[_Job], outcomes: list[Any]) -> list[Any]:
+        """The recorded verdicts' signed responses; one signature for all whose agents take
+        a batch-signed answer (``core/merkle.py``), one each for the others."""
+        answers = list(outcomes)
+        together: list[tuple[int, ServerResponse]] = []
+        for i, (job, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+            if not isinstance(outcome, CheckinVerdict):
+                continue
+            response = outcome.unsigned_response(job.request, job.now)
+            try:
+                if job.request.accept == BATCH:
+                    together.append((i, response))
+                else:
+                    answers[i] = response.signed_json(self._signing_key)
+            except Exception as exc:  # a bug: this answer fails (500), the check-in is recorded
+                log.exception("signing a check-in response failed")
+                answers[i] = exc
+        if not together:
+            return answers
+        try:
+            if len(together) == 1:
+                signed = [together[0][1].signed_json(self._signing_key)]
+            else:
+                signed = sign_batch([response for _, response in together], self._signing_key)
+        except Exception as exc:  # a bug, as above
+            log.exception("signing a batch of check-in responses failed")
+            signed = [exc] * len(together)  # type: ignore[list-item]  # each fails alone
+        for (i, _), body in zip(together, signed, strict=True):
+            answers[i] = body
+        return answers
 
     def _look_up(self, cursor: Any, batch: list[_Job]) -> list[Sequence[Any] | None]:
         """Every job's lookup row, in order: on PostgreSQL in one pipeline (one round trip
