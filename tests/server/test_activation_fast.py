@@ -22,6 +22,7 @@ from datetime import timedelta
 from typing import Any
 from unittest import mock
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,7 +32,7 @@ from tessera.core.clock import ManualClock
 from tessera.core.fingerprint import COMPONENT_KINDS, Component, LockingId, match_locking_ids
 from tessera.core.model import MatchLevel
 from tessera.core.passwords import verify_secret
-from tessera.core.protocol import ActivationRequest, ServerResponse, open_checkin_key
+from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest, ServerResponse, open_checkin_key
 from tessera.core.sealing import unseal
 from tessera.core.signing import Keyring, SigningKey
 from tessera.core.verify import load_signed
@@ -51,8 +52,8 @@ from tessera.server.schemas import LicenseUpdate
 from tessera.server.storage import Database
 from tessera.server.tokens import Principal, Role, create_token
 
-from .conftest import START, create_pg_database, drop_pg_database
-from .helpers import FakeAgent, setup_license
+from .conftest import START, LiveServer, create_pg_database, drop_pg_database
+from .helpers import FakeAgent, agent, setup_license
 
 Outcome = tuple[str, Any]
 
@@ -392,3 +393,49 @@ def test_the_writer_survives_a_lost_connection(
         actions = session.execute(select(AuditEntry.action).order_by(AuditEntry.id)).scalars().all()
     assert slots == [0, 1]
     assert actions.count("license.activate") == 2
+
+
+# ------------------------------------------------------------------ over HTTP
+
+
+def test_the_activation_lane_answers_as_the_route(
+    live_server: LiveServer, state: ServerState, admin: Principal, keyring: Keyring
+) -> None:
+    """The same requests through the lane (a plain body) and through the route (chunked):
+    the same statuses and one-line refusals; a blacklist hit is recorded either way."""
+    serial, key = setup_license(state, admin, START, machines=2)
+    client = live_server.client()
+
+    def post(body: bytes, *, chunked: bool) -> httpx.Response:
+        return client.post("/api/v1/activate", content=iter([body]) if chunked else body)
+
+    for n, chunked in ((1, False), (2, True)):
+        request = agent(n).activation(key)
+        reply = post(request.to_json(), chunked=chunked)
+        assert reply.status_code == 200 and reply.headers["content-type"] == "application/json"
+        assert ServerResponse.from_json(reply.content, keyring, request.nonce).serial == serial
+    forged = json.loads(agent(3).activation(key).to_json())
+    forged["system_id"] = agent(4).system_id
+    banned = agent(5)
+    with state.db.write() as session:
+        recovery.add_to_blacklist(
+            session, admin, banned.locking_id, recovered_only=False, delay_days=0, reason="t", now=START
+        )
+    cases = [
+        (lambda: agent(6).activation("AAAAA-BBBBB-CCCCC-DDDDD-EEEEE").to_json(), 404, "unknown license key"),
+        (lambda: b"{not json", 422, None),
+        (lambda: b'{"type": "activate"}', 422, None),
+        (lambda: json.dumps(forged).encode(), 403, "bad request signature"),
+        (lambda: agent(7).activation(key).to_json(), 403, "no free machine left"),
+        (lambda: banned.activation(key).to_json(), 403, "blacklisted"),
+        (lambda: b"{" + b" " * MAX_MESSAGE_SIZE + b"}", 422, "request is too large"),
+    ]
+    for make, status, words in cases:
+        via_lane, via_route = post(make(), chunked=False), post(make(), chunked=True)
+        assert via_lane.status_code == via_route.status_code == status, (via_lane.text, via_route.text)
+        assert len(via_lane.json()) == 1 and len(via_route.json()) == 1  # {"detail": ...}
+        if words is not None:
+            assert words in via_lane.json()["detail"] and words in via_route.json()["detail"]
+    with state.db.read() as session:
+        hits = session.execute(select(BlacklistHit.how, BlacklistHit.action)).all()
+    assert [tuple(h) for h in hits] == [("activation", "refused")] * 2

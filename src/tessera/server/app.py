@@ -294,7 +294,17 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
 
     async def _activate(request: Request, *, recover: bool) -> Response:
         try:
-            parsed = ActivationRequest.from_json(await _read_json(request))
+            body = await _read_json(request)
+        except FormatError as exc:
+            return _error(422, str(exc))
+        return await answer_activation(body, recover=recover)
+
+    async def answer_activation(body: bytes, *, recover: bool = False) -> Response:
+        """The activation routes' work; :class:`ConnectLane` runs it too for ``/activate``."""
+        try:
+            if len(body) > MAX_MESSAGE_SIZE:
+                raise FormatError("request is too large")
+            parsed = ActivationRequest.from_json(body)
         except FormatError as exc:
             return _error(422, str(exc))
         except (SignatureError, TesseraError) as exc:
@@ -975,11 +985,19 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         app.include_router(admin)
     if interfaces.offline_activation:
         app.include_router(offline)
-    # Outermost of the app's own middleware, so check-ins skip the rest (``lane.py``).
+    # Outermost of the app's own middleware, so check-ins and online activations skip the
+    # rest (``lane.py``).
     app.add_middleware(
         ConnectLane,
         path="/api/v1/checkin",
         handler=answer_checkin,
+        exception_handlers=app.exception_handlers,
+        max_body=MAX_MESSAGE_SIZE,
+    )
+    app.add_middleware(
+        ConnectLane,
+        path="/api/v1/activate",
+        handler=answer_activation,
         exception_handlers=app.exception_handlers,
         max_body=MAX_MESSAGE_SIZE,
     )
