@@ -32,8 +32,21 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Final
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import (
+    Date,
+    Integer,
+    String,
+    bindparam,
+    cast,
+    insert,
+    literal_column,
+    null,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.elements import ClauseElement
 
 from tessera.core import sign_document
 from tessera.core.fingerprint import LockingId
@@ -43,7 +56,6 @@ from tessera.core.protocol import ActivationRequest
 from tessera.core.signing import SigningKey
 from tessera.server import audit, webhooks
 from tessera.server.activation import (
-    BLACKLISTED_CONTAINERS,
     activation_response,
     blacklist_refusal,
     blacklisted,
@@ -58,11 +70,13 @@ from tessera.server.activation import (
 from tessera.server.errors import NotFound, ServiceError
 from tessera.server.licenses import identity_document, instance_id_for, license_document
 from tessera.server.models import (
+    BlacklistEntryRow,
     Customer,
     EntitlementRow,
     LicenseRow,
     Machine,
     Product,
+    WebhookEndpoint,
     format_licensee,
     parse_emergency,
 )
@@ -106,17 +120,46 @@ LICENSE_FOR_ACTIVATION = (
     .where(LicenseRow.key_digest == bindparam("digest"))
     .with_for_update(of=LicenseRow)
 )
-ENTITLEMENTS = (
-    select(EntitlementRow.location, EntitlementRow.feature, EntitlementRow.count, EntitlementRow.expiry)
-    .where(EntitlementRow.license_id == bindparam("license_id"))
-    .order_by(EntitlementRow.location, EntitlementRow.feature)  # as LicenseRow.entitlements
-)
-#: The license's bound machines, lowest slot first (the order the ORM path scans them in).
-MACHINES = (
-    select(Machine.id, Machine.slot, Machine.locking_id, Machine.system_id)
-    .where(Machine.license_id == bindparam("license_id"))
-    .order_by(Machine.slot)
-)
+# Everything an activation reads once its license is locked, in one statement: on
+# PostgreSQL each statement is a round trip (about 60 us of server CPU each, measured),
+# and these four were four. Columns are shared by meaning: ``a``/``b`` text, ``n``/``m``
+# integers, ``day`` a date.
+_PART_ENTITLEMENT, _PART_MACHINE, _PART_CONTAINER, _PART_ENDPOINT = range(4)
+_NO_TEXT, _NO_NUMBER, _NO_DAY = cast(null(), String), cast(null(), Integer), cast(null(), Date)
+AFTER_LOCK: ClauseElement = union_all(
+    select(
+        literal_column(str(_PART_ENTITLEMENT), Integer).label("part"),
+        EntitlementRow.location.label("a"),
+        EntitlementRow.feature.label("b"),
+        EntitlementRow.count.label("n"),
+        _NO_NUMBER.label("m"),
+        EntitlementRow.expiry.label("day"),
+    ).where(EntitlementRow.license_id == bindparam("license_id")),
+    select(
+        literal_column(str(_PART_MACHINE), Integer),
+        Machine.locking_id,
+        Machine.system_id,
+        Machine.id,
+        Machine.slot,
+        _NO_DAY,
+    ).where(Machine.license_id == bindparam("license_id")),
+    select(
+        literal_column(str(_PART_CONTAINER), Integer),
+        BlacklistEntryRow.locking_id,
+        _NO_TEXT,
+        _NO_NUMBER,
+        _NO_NUMBER,
+        _NO_DAY,
+    ).where(BlacklistEntryRow.scope == "container"),
+    select(
+        literal_column(str(_PART_ENDPOINT), Integer),
+        WebhookEndpoint.events,
+        _NO_TEXT,
+        WebhookEndpoint.id,
+        _NO_NUMBER,
+        _NO_DAY,
+    ).where(WebhookEndpoint.active.is_(True)),
+).order_by("part", "a", "b")  # entitlements by (location, feature), as LicenseRow's
 BIND_NEW = (
     insert(Machine)
     .values(
@@ -203,16 +246,27 @@ def _activate(
     found = tx.one(LICENSE_FOR_ACTIVATION, digest=license_key_digest(request.license_key, pepper))
     if found is None:
         raise NotFound("unknown license key")
-    entitlements = [_Entitlement(*e) for e in tx.all(ENTITLEMENTS, license_id=found[0])]
-    row = _License(*(*found, entitlements))
+    parts: tuple[list[tuple[Any, ...]], ...] = ([], [], [], [])
+    for part, *values in tx.all(AFTER_LOCK, license_id=found[0]):
+        parts[part].append(values)
+    entitlements, machines, containers, endpoints = parts
+    row = _License(
+        *(
+            *found,
+            [
+                _Entitlement(location, feature, count, day)
+                for location, feature, count, _, day in entitlements
+            ],
+        )
+    )
     check_product(request, row.product_code)
     level = MatchLevel(row.match_level)
-    if blacklisted((lid for (lid,) in tx.all(BLACKLISTED_CONTAINERS)), request.locking_id, level):
+    if blacklisted((m[0] for m in containers), request.locking_id, level):
         raise blacklist_refusal(row.serial, request.locking_id, now)
     check_usable(row, now)
-    # The same installation again, else the same hardware (tolerant match). One read for
-    # both: on PostgreSQL a statement costs a round trip, and a new machine needs the scan.
-    bound = tx.all(MACHINES, license_id=row.id)
+    # The same installation again, else the same hardware (tolerant match), lowest slot
+    # first as the ORM path scans: (id, slot, locking id, system id).
+    bound = sorted(((n, m, a, b) for a, b, n, m, _ in machines), key=lambda m: m[1])
     machine = next((m for m in bound if m[3] == request.system_id), None)
     current = LockingId.parse(request.locking_id)
     action = "license.reactivate"
@@ -265,6 +319,7 @@ def _activate(
     if action == "license.activate":
         webhooks.emit_raw(
             tx,
+            sorted((n, a) for a, _, n, _, _ in endpoints),
             "license.activated",
             {"serial": row.serial, "slot": slot, "locking_id": request.locking_id, "offline": False},
             now,

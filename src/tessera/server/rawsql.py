@@ -25,7 +25,7 @@ from sqlalchemy import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
-from sqlalchemy.sql.selectable import Select
+from sqlalchemy.sql.selectable import CompoundSelect, Select
 
 from tessera.server.storage import Database, begin_immediate
 
@@ -56,7 +56,7 @@ class Compiled:
                 self.fixed[name] = processor(bind.value) if processor is not None else bind.value
         self.given = frozenset(name for name in compiled.bind_names.values() if name not in self.fixed)
         self.results: tuple[Callable[[Any], Any] | None, ...] = ()
-        if isinstance(statement, Select):
+        if isinstance(statement, Select | CompoundSelect):
             self.results = tuple(
                 column.type.dialect_impl(dialect).result_processor(dialect, None)
                 for column in statement.selected_columns

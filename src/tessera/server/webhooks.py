@@ -281,11 +281,21 @@ def emit(session: Session, event: str, payload: dict[str, Any], at: datetime | N
     return event_id
 
 
-def emit_raw(tx: RawTransaction, event: str, payload: dict[str, Any], at: datetime) -> str:
+def emit_raw(
+    tx: RawTransaction,
+    endpoints: Sequence[tuple[int, str]],
+    event: str,
+    payload: dict[str, Any],
+    at: datetime,
+) -> str:
     """:func:`emit` for a transaction on a plain DB-API connection (the activation path):
-    the same outbox rows, without a session; nothing is written when no endpoint wants it."""
+    the same outbox rows, without a session; nothing is written when no endpoint wants it.
+
+    ``endpoints`` are the active ones (id, events), read by the caller in this transaction
+    together with what else it reads: one statement less.
+    """
     event_id, at, body = _event(event, payload, at)
-    for endpoint_id in _wanting(tx.all(_ACTIVE_ENDPOINTS), event):
+    for endpoint_id in _wanting(endpoints, event):
         tx.run(_QUEUE, endpoint_id=endpoint_id, event_id=event_id, event=event, payload=body, at=at)
     return event_id
 
