@@ -133,34 +133,38 @@ def _parsed(locking_id: str) -> LockingId | None:
         return None
 
 
-@lru_cache(maxsize=16384)
-def _component_keys(locking_id: str) -> frozenset[bytes]:
-    """A bound machine's components as plain bytes (kind letter + digest), for
-    :func:`same_hardware`'s quick test; cached like :func:`_parsed`."""
-    licensed = _parsed(locking_id)
-    return frozenset() if licensed is None else component_keys(licensed)
-
-
-def component_keys(locking_id: LockingId) -> frozenset[bytes]:
-    return frozenset(c.kind.encode("ascii") + c.digest for c in locking_id.components)
-
-
-def same_hardware(
-    locking_id: str, current: LockingId, level: MatchLevel, current_keys: frozenset[bytes] | None = None
-) -> bool:
-    """Is the bound machine with ``locking_id`` the machine ``current`` (tolerant match)?
-
-    Scanning a license's bound machines calls this once per machine. Given
-    ``current_keys`` (:func:`component_keys` of ``current``), a machine that shares no
-    component with ``current`` is ruled out by a set test instead of a full match: a match
-    needs at least one shared component under every level (each component weighs at least
-    1, and every level requires a positive share of the licensed weight; see
-    ``tests/server/test_activation_fast.py``).
-    """
-    if current_keys is not None and current_keys.isdisjoint(_component_keys(locking_id)):
-        return False
+def same_hardware(locking_id: str, current: LockingId, level: MatchLevel) -> bool:
     licensed = _parsed(locking_id)
     return licensed is not None and match_locking_ids(licensed, current, level).ok
+
+
+@lru_cache(maxsize=16384)
+def _component_keys(locking_id: str) -> frozenset[bytes]:
+    """A bound machine's components as plain bytes (kind letter + digest); cached like
+    :func:`_parsed`, for the same reason and from the same source."""
+    licensed = _parsed(locking_id)
+    if licensed is None:
+        return frozenset()
+    return frozenset(c.kind.encode("ascii") + c.digest for c in licensed.components)
+
+
+def first_same_hardware(locking_ids: Iterable[str], current: LockingId, level: MatchLevel) -> int | None:
+    """The position of the first bound machine that is the machine ``current``, if any.
+
+    A new machine is compared with every bound one, so the scan is the activation's
+    dearest loop on a license with many seats. A bound machine that shares no component
+    with ``current`` is passed over by a set test instead of a full match: a match needs
+    shared weight at every level (each component weighs at least 1 and every level
+    requires a positive share of the licensed weight; ``tests/server/
+    test_activation_fast.py`` checks the two agree).
+    """
+    keys = frozenset(c.kind.encode("ascii") + c.digest for c in current.components)
+    for position, locking_id in enumerate(locking_ids):
+        if keys.isdisjoint(_component_keys(locking_id)):
+            continue
+        if same_hardware(locking_id, current, level):
+            return position
+    return None
 
 
 #: Every blacklisted container (a ``recovered`` entry only withdraws recovered licenses).

@@ -61,7 +61,7 @@ from tessera.server.activation import (
     blacklisted,
     check_product,
     check_usable,
-    component_keys,
+    first_same_hardware,
     free_slot,
     no_free_machine,
     other_hardware,
@@ -275,15 +275,12 @@ def _activate(
         if row.binding == "machine" and not same_hardware(locking_id, current, level):
             raise other_hardware(row.serial)
     else:
-        keys = component_keys(current)
         # An instance is its installation, not its hardware: two instances may share a machine.
         same = (
-            None
-            if row.binding == "instance"
-            else next((m for m in bound if same_hardware(m[2], current, level, keys)), None)
+            None if row.binding == "instance" else first_same_hardware((m[2] for m in bound), current, level)
         )
         if same is not None:
-            machine_id, slot, _, _ = same
+            machine_id, slot, _, _ = bound[same]
         else:
             free = free_slot((m[1] for m in bound), row.machines_allowed)
             if free is None:

@@ -55,6 +55,9 @@ class Compiled:
             if not bind.required:
                 self.fixed[name] = processor(bind.value) if processor is not None else bind.value
         self.given = frozenset(name for name in compiled.bind_names.values() if name not in self.fixed)
+        # Per value of the DB-API parameters, in their order: name, processor, fixed?
+        order = self.names if self.positional else tuple(dict.fromkeys(compiled.bind_names.values()))
+        self._plan = tuple((name, self.processors.get(name), name in self.fixed) for name in order)
         self.results: tuple[Callable[[Any], Any] | None, ...] = ()
         if isinstance(statement, Select | CompoundSelect):
             self.results = tuple(
@@ -66,13 +69,14 @@ class Compiled:
     def params(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
         if values.keys() != self.given:
             raise ValueError(f"parameters {sorted(values)} given, {sorted(self.given)} expected")
-        processed = dict(self.fixed)
-        for name, value in values.items():
-            processor = self.processors.get(name)
-            processed[name] = processor(value) if processor is not None else value
+        fixed = self.fixed
+        processed = [
+            fixed[name] if is_fixed else values[name] if processor is None else processor(values[name])
+            for name, processor, is_fixed in self._plan
+        ]
         if self.positional:
-            return tuple(processed[name] for name in self.names)
-        return processed
+            return processed
+        return dict(zip((name for name, _, _ in self._plan), processed, strict=True))
 
     def row(self, raw: Sequence[Any]) -> tuple[Any, ...]:
         if not self.converts:
