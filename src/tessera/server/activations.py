@@ -30,7 +30,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from sqlalchemy import (
     Date,
@@ -189,16 +189,16 @@ REBIND = (
 
 
 @dataclass(frozen=True, slots=True)
-class _Entitlement:
+class _Entitlement:  # not a named tuple: ``count`` would shadow tuple.count
     location: str
     feature: str
     count: int
     expiry: date | None
 
 
-@dataclass(frozen=True, slots=True)
-class _License:
-    """The license as one activation needs it (a :class:`~tessera.server.licenses.LicenseContent`)."""
+class _License(NamedTuple):
+    """The license as one activation needs it (a :class:`~tessera.server.licenses.LicenseContent`);
+    a named tuple because it is made from a row on every activation."""
 
     id: int
     serial: str
@@ -246,27 +246,20 @@ def _activate(
     found = tx.one(LICENSE_FOR_ACTIVATION, digest=license_key_digest(request.license_key, pepper))
     if found is None:
         raise NotFound("unknown license key")
-    parts: tuple[list[tuple[Any, ...]], ...] = ([], [], [], [])
-    for part, *values in tx.all(AFTER_LOCK, license_id=found[0]):
-        parts[part].append(values)
+    # (part, a, b, n, m, day): see AFTER_LOCK.
+    parts: tuple[list[Sequence[Any]], ...] = ([], [], [], [])
+    for read in tx.all(AFTER_LOCK, license_id=found[0]):
+        parts[read[0]].append(read)
     entitlements, machines, containers, endpoints = parts
-    row = _License(
-        *(
-            *found,
-            [
-                _Entitlement(location, feature, count, day)
-                for location, feature, count, _, day in entitlements
-            ],
-        )
-    )
+    row = _License._make((*found, [_Entitlement(e[1], e[2], e[3], e[5]) for e in entitlements]))
     check_product(request, row.product_code)
     level = MatchLevel(row.match_level)
-    if blacklisted((m[0] for m in containers), request.locking_id, level):
+    if blacklisted((c[1] for c in containers), request.locking_id, level):
         raise blacklist_refusal(row.serial, request.locking_id, now)
     check_usable(row, now)
     # The same installation again, else the same hardware (tolerant match), lowest slot
     # first as the ORM path scans: (id, slot, locking id, system id).
-    bound = sorted(((n, m, a, b) for a, b, n, m, _ in machines), key=lambda m: m[1])
+    bound = sorted(((m[3], m[4], m[1], m[2]) for m in machines), key=lambda m: m[1])
     machine = next((m for m in bound if m[3] == request.system_id), None)
     current = LockingId.parse(request.locking_id)
     action = "license.reactivate"
@@ -316,7 +309,7 @@ def _activate(
     if action == "license.activate":
         webhooks.emit_raw(
             tx,
-            sorted((n, a) for a, _, n, _, _ in endpoints),
+            sorted((e[3], e[1]) for e in endpoints),
             "license.activated",
             {"serial": row.serial, "slot": slot, "locking_id": request.locking_id, "offline": False},
             now,

@@ -64,7 +64,7 @@ class Compiled:
                 column.type.dialect_impl(dialect).result_processor(dialect, None)
                 for column in statement.selected_columns
             )
-        self.converts = any(p is not None for p in self.results)
+        self._converting = tuple((i, p) for i, p in enumerate(self.results) if p is not None)
 
     def params(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
         if values.keys() != self.given:
@@ -78,10 +78,15 @@ class Compiled:
             return processed
         return dict(zip((name for name, _, _ in self._plan), processed, strict=True))
 
-    def row(self, raw: Sequence[Any]) -> tuple[Any, ...]:
-        if not self.converts:
-            return tuple(raw)
-        return tuple(v if p is None or v is None else p(v) for p, v in zip(self.results, raw, strict=True))
+    def row(self, raw: Sequence[Any]) -> Sequence[Any]:
+        """``raw`` with the columns that need it converted (most need nothing)."""
+        if not self._converting:
+            return raw
+        row = list(raw)
+        for i, processor in self._converting:
+            if row[i] is not None:
+                row[i] = processor(row[i])
+        return row
 
 
 _COMPILED: dict[tuple[int, str, str], tuple[ClauseElement, Compiled]] = {}
@@ -110,13 +115,13 @@ class RawTransaction:
         self._dialect = dialect
         self.is_postgresql = dialect.name == "postgresql"
 
-    def one(self, statement: ClauseElement, **values: Any) -> tuple[Any, ...] | None:
+    def one(self, statement: ClauseElement, **values: Any) -> Sequence[Any] | None:
         """The first row (converted), or None."""
         prepared = compiled(statement, self._dialect)
         row = self._execute(prepared, values).fetchone()
         return None if row is None else prepared.row(row)
 
-    def all(self, statement: ClauseElement, **values: Any) -> list[tuple[Any, ...]]:
+    def all(self, statement: ClauseElement, **values: Any) -> list[Sequence[Any]]:
         prepared = compiled(statement, self._dialect)
         return [prepared.row(row) for row in self._execute(prepared, values).fetchall()]
 
