@@ -47,6 +47,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.selectable import Select
 
 from tessera.core import sign_document
 from tessera.core.fingerprint import LockingId
@@ -122,44 +123,42 @@ LICENSE_FOR_ACTIVATION = (
 )
 # Everything an activation reads once its license is locked, in one statement: on
 # PostgreSQL each statement is a round trip (about 60 us of server CPU each, measured),
-# and these four were four. Columns are shared by meaning: ``a``/``b`` text, ``n``/``m``
-# integers, ``day`` a date.
-_PART_ENTITLEMENT, _PART_MACHINE, _PART_CONTAINER, _PART_ENDPOINT = range(4)
-_NO_TEXT, _NO_NUMBER, _NO_DAY = cast(null(), String), cast(null(), Integer), cast(null(), Date)
+# and these four were four. Each row is (part, a, b, c, d, n, m, day); the database
+# sorts by (part, a, b, n), which puts entitlements in LicenseRow.entitlements' order
+# (location, feature), machines by slot and endpoints by id.
+_ENTITLEMENT, _MACHINE, _CONTAINER, _ENDPOINT = range(4)
+_TEXT, _NUMBER, _DAY = cast(null(), String), cast(null(), Integer), cast(null(), Date)
+
+
+def _part(
+    number: int,
+    a: Any = _TEXT,
+    b: Any = _TEXT,
+    c: Any = _TEXT,
+    d: Any = _TEXT,
+    n: Any = _NUMBER,
+    m: Any = _NUMBER,
+    day: Any = _DAY,
+) -> Select[Any]:
+    columns = {"a": a, "b": b, "c": c, "d": d, "n": n, "m": m, "day": day}
+    part = literal_column(str(number), Integer).label("part")
+    return select(part, *(column.label(name) for name, column in columns.items()))
+
+
 AFTER_LOCK: ClauseElement = union_all(
-    select(
-        literal_column(str(_PART_ENTITLEMENT), Integer).label("part"),
-        EntitlementRow.location.label("a"),
-        EntitlementRow.feature.label("b"),
-        EntitlementRow.count.label("n"),
-        _NO_NUMBER.label("m"),
-        EntitlementRow.expiry.label("day"),
+    _part(
+        _ENTITLEMENT,
+        a=EntitlementRow.location,
+        b=EntitlementRow.feature,
+        n=EntitlementRow.count,
+        day=EntitlementRow.expiry,
     ).where(EntitlementRow.license_id == bindparam("license_id")),
-    select(
-        literal_column(str(_PART_MACHINE), Integer),
-        Machine.locking_id,
-        Machine.system_id,
-        Machine.id,
-        Machine.slot,
-        _NO_DAY,
-    ).where(Machine.license_id == bindparam("license_id")),
-    select(
-        literal_column(str(_PART_CONTAINER), Integer),
-        BlacklistEntryRow.locking_id,
-        _NO_TEXT,
-        _NO_NUMBER,
-        _NO_NUMBER,
-        _NO_DAY,
-    ).where(BlacklistEntryRow.scope == "container"),
-    select(
-        literal_column(str(_PART_ENDPOINT), Integer),
-        WebhookEndpoint.events,
-        _NO_TEXT,
-        WebhookEndpoint.id,
-        _NO_NUMBER,
-        _NO_DAY,
-    ).where(WebhookEndpoint.active.is_(True)),
-).order_by("part", "a", "b")  # entitlements by (location, feature), as LicenseRow's
+    _part(_MACHINE, c=Machine.locking_id, d=Machine.system_id, n=Machine.slot, m=Machine.id).where(
+        Machine.license_id == bindparam("license_id")
+    ),
+    _part(_CONTAINER, c=BlacklistEntryRow.locking_id).where(BlacklistEntryRow.scope == "container"),
+    _part(_ENDPOINT, c=WebhookEndpoint.events, n=WebhookEndpoint.id).where(WebhookEndpoint.active.is_(True)),
+).order_by("part", "a", "b", "n")
 BIND_NEW = (
     insert(Machine)
     .values(
@@ -246,20 +245,20 @@ def _activate(
     found = tx.one(LICENSE_FOR_ACTIVATION, digest=license_key_digest(request.license_key, pepper))
     if found is None:
         raise NotFound("unknown license key")
-    # (part, a, b, n, m, day): see AFTER_LOCK.
+    # (part, a, b, c, d, n, m, day): see AFTER_LOCK.
     parts: tuple[list[Sequence[Any]], ...] = ([], [], [], [])
     for read in tx.all(AFTER_LOCK, license_id=found[0]):
         parts[read[0]].append(read)
     entitlements, machines, containers, endpoints = parts
-    row = _License._make((*found, [_Entitlement(e[1], e[2], e[3], e[5]) for e in entitlements]))
+    row = _License._make((*found, [_Entitlement(e[1], e[2], e[5], e[7]) for e in entitlements]))
     check_product(request, row.product_code)
     level = MatchLevel(row.match_level)
-    if blacklisted((c[1] for c in containers), request.locking_id, level):
+    if blacklisted((c[3] for c in containers), request.locking_id, level):
         raise blacklist_refusal(row.serial, request.locking_id, now)
     check_usable(row, now)
     # The same installation again, else the same hardware (tolerant match), lowest slot
     # first as the ORM path scans: (id, slot, locking id, system id).
-    bound = sorted(((m[3], m[4], m[1], m[2]) for m in machines), key=lambda m: m[1])
+    bound = [(m[6], m[5], m[3], m[4]) for m in machines]
     machine = next((m for m in bound if m[3] == request.system_id), None)
     current = LockingId.parse(request.locking_id)
     action = "license.reactivate"
@@ -309,7 +308,7 @@ def _activate(
     if action == "license.activate":
         webhooks.emit_raw(
             tx,
-            sorted((e[3], e[1]) for e in endpoints),
+            [(e[5], e[3]) for e in endpoints],
             "license.activated",
             {"serial": row.serial, "slot": slot, "locking_id": request.locking_id, "offline": False},
             now,
