@@ -99,7 +99,7 @@ def measure_baselines(ctx: Context, duration: float) -> tuple[list[Row], LoadRes
             "req/s",
             "empty FastAPI POST",
             empty["rps"],
-            note=f"info: the most a check-in can reach; {latency_note(floor)}",
+            note=f"info: one signature per answer (check-ins sign one per batch); {latency_note(floor)}",
         )
     )
     return rows, empty

@@ -15,7 +15,7 @@ from tessera.core.protocol import CheckinRequest, ServerResponse
 from tessera.core.signing import Keyring
 from tessera.server import activation, licenses
 from tessera.server.app import ServerState
-from tessera.server.checkins import FULL_PATH, CheckinWriter
+from tessera.server.checkins import FULL_PATH, CheckinWriter, _Job
 from tessera.server.errors import Forbidden, NotFound
 from tessera.server.models import Checkin, LicenseRow, Machine
 from tessera.server.storage import Database
@@ -223,3 +223,36 @@ def test_one_signature_answers_a_batch_and_older_agents_get_their_own(
     batched = [r for r in responses[2:] if r.batch_path is not None]
     if state.db.is_sqlite:  # one turn of the loop, one batch (PostgreSQL's threads take what queued)
         assert len(batched) == 4 and len({r.signature for r in batched}) == 1
+
+
+def test_one_batch_with_an_unknown_key_and_a_machine_twice(state: ServerState, admin: Principal) -> None:
+    """One batch, as the writer runs it (on PostgreSQL: one statement per step over arrays):
+    each check-in answered in its place, a machine seen twice keeps its later check-in."""
+    serial, key, (first, second) = activated(state, admin, 2)
+    later = START + timedelta(minutes=5)
+    requests = [
+        maced(state, first, key),
+        maced(state, agent(7), "AAAAA-BBBBB-CCCCC-DDDDD-EEEEE"),
+        maced(state, second, key),
+        maced(state, first, key),
+    ]
+    nows = [START, START, START, later]
+    writer = CheckinWriter(state.db, state.pepper, state.signing_key)
+
+    async def one_batch() -> list[object]:
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(r, now, loop.create_future(), loop) for r, now in zip(requests, nows, strict=True)]
+        writer._run_batch(jobs)
+        return await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
+
+    try:
+        results = asyncio.run(one_batch())
+    finally:
+        writer.stop()
+    assert isinstance(results[1], NotFound)
+    answered = answers(state, [requests[i] for i in (0, 2, 3)], [results[i] for i in (0, 2, 3)])
+    assert {r.serial for r in answered} == {serial}
+    with state.db.read() as session:
+        assert len(session.execute(select(Checkin)).all()) == 3
+        seen = dict(session.execute(select(Machine.system_id, Machine.last_checkin_at)).all())
+    assert seen == {first.system_id: later, second.system_id: START}
