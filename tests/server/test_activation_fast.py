@@ -16,9 +16,11 @@ import itertools
 import json
 import random
 import secrets
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -27,6 +29,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, text
+from sqlalchemy.exc import OperationalError
 
 from tessera.core.clock import ManualClock
 from tessera.core.fingerprint import COMPONENT_KINDS, Component, LockingId, match_locking_ids
@@ -373,7 +376,8 @@ def test_the_writer_survives_a_lost_connection(
     try:
         first, second = FakeAgent("a", "system-a-123456"), FakeAgent("b", "system-b-123456")
         loop.run_until_complete(writer.activate(first.activation(key), START))
-        connection = writer._connection  # the test reaches in to break it
+        # The test reaches in to break it (SQLite activates on the event loop's connection).
+        connection = writer._loop_connection if state.db.is_sqlite else writer._connection
         assert connection is not None
         if state.db.is_sqlite:
             connection.dbapi_connection.close()
@@ -440,3 +444,84 @@ def test_the_activation_lane_answers_as_the_route(
     with state.db.read() as session:
         hits = session.execute(select(BlacklistHit.how, BlacklistHit.action)).all()
     assert [tuple(h) for h in hits] == [("activation", "refused")] * 2
+
+
+# ------------------------------------------------------------------ SQLite: loop or thread
+
+
+def _sqlite_state(tmp_path: Path, *, timeout: float = 5.0) -> ServerState:
+    db = Database(f"sqlite:///{tmp_path / 'loop.db'}?timeout={timeout}")
+    upgrade(db)
+    return ServerState(
+        db=db, signing_key=SigningKey.generate(), pepper=secrets.token_bytes(32), clock=ManualClock(START)
+    )
+
+
+def _sqlite_admin(state: ServerState) -> Principal:
+    with state.db.write() as session:
+        row, _ = create_token(session, name="admin", role=Role.ADMIN, now=START)
+        return Principal(row.id, row.name, Role.ADMIN)
+
+
+def test_sqlite_activations_run_on_the_loop_and_wait_on_the_thread_when_the_lock_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another process writes, an activation never blocks the event loop: it waits
+    for the lock on the writer thread, and is answered once the lock is free."""
+    state = _sqlite_state(tmp_path)
+    _, key = setup_license(state, _sqlite_admin(state), START, machines=5)
+    checkpoints: list[int] = []
+    monkeypatch.setattr(activations, "CHECKPOINT_EVERY", 2)
+    writer = activations.ActivationWriter(state.db, state.signing_key, state.pepper)
+    original = writer._checkpoint
+    monkeypatch.setattr(writer, "_checkpoint", lambda: (checkpoints.append(1), original())[1])
+
+    async def scenario() -> list[str]:
+        events: list[str] = []
+        for n in (1, 2):  # the lock is free: right here, no thread at all
+            await writer.activate(agent(n).activation(key), START)
+        assert writer._thread is not None  # started for the checkpoint only
+        other = sqlite3.connect(tmp_path / "loop.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process writes
+        task = asyncio.ensure_future(writer.activate(agent(3).activation(key), START))
+        for _ in range(5):
+            await asyncio.sleep(0.02)
+            events.append("loop free")  # the loop keeps serving meanwhile
+        assert not task.done()
+        other.execute("COMMIT")
+        other.close()
+        await task
+        events.append("answered")
+        return events
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(scenario()) == ["loop free"] * 5 + ["answered"]
+    finally:
+        writer.stop()
+        loop.close()
+    assert checkpoints == [1]
+    with state.db.read() as session:
+        assert session.execute(select(Machine.slot).order_by(Machine.slot)).scalars().all() == [0, 1, 2]
+        assert audit.verify_chain(session).ok
+    state.db.dispose()
+
+
+def test_sqlite_locked_too_long_is_an_outage_and_changes_nothing(tmp_path: Path) -> None:
+    state = _sqlite_state(tmp_path, timeout=0.3)
+    _, key = setup_license(state, _sqlite_admin(state), START, machines=5)
+    writer = activations.ActivationWriter(state.db, state.signing_key, state.pepper)
+    other = sqlite3.connect(tmp_path / "loop.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(OperationalError, match="locked"):
+            loop.run_until_complete(writer.activate(agent(1).activation(key), START))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        writer.stop()
+        loop.close()
+    with state.db.read() as session:
+        assert session.execute(select(Machine.id)).first() is None
+    state.db.dispose()

@@ -81,17 +81,21 @@ from tessera.server.models import (
     format_licensee,
     parse_emergency,
 )
-from tessera.server.rawsql import Broken, RawTransaction, raw_write, transaction
+from tessera.server.rawsql import Broken, Busy, RawTransaction, raw_write, transaction
 from tessera.server.storage import Database
 
 __all__ = ["ActivationWriter", "activate"]
 
 log = logging.getLogger("tessera.server")
 
-#: Activations a writer thread takes from the queue at once; each still commits on its
+#: Activations the writer thread takes from the queue at once; each still commits on its
 #: own, the batch only shares the hand-back to the event loop.
 MAX_BATCH = 64
+#: SQLite: after this many activations committed on the event loop (whose connection does
+#: not checkpoint), the writer thread checkpoints the WAL.
+CHECKPOINT_EVERY = 64
 _STOP: Final = object()
+_CHECKPOINT: Final = object()
 
 # Built once: constructing SQL per request costs more than running it.
 LICENSE_FOR_ACTIVATION = (
@@ -341,20 +345,29 @@ class _Job:
 
 
 class ActivationWriter:
-    """The online activations of one server process, run by one writer thread.
+    """The online activations of one server process: on the event loop or one writer thread.
 
-    Each activation is its own transaction, exactly as :func:`activate` runs it, but on a
-    connection the thread keeps (no pool checkout, no ``pre_ping`` round trip on
-    PostgreSQL), and the answers of everything the thread took at once go back to the
-    event loop in one hand-over. Through the general thread pool each activation paid a
-    hop of its own and, with many requests in flight, most of them queued on SQLite's write
-    lock inside pool threads that kept waking each other: about as much server CPU as the
-    activation itself.
+    Each activation is its own transaction, exactly as :func:`activate` runs it, on a
+    connection kept for the purpose (no pool checkout, no ``pre_ping`` round trip on
+    PostgreSQL). Through the general thread pool each activation paid a hop of its own
+    and, with many requests in flight, most of them queued on SQLite's write lock inside
+    pool threads that kept waking each other: about as much server CPU as the activation
+    itself.
 
-    One thread on PostgreSQL too: every activation ends in the audit chain's lock, so
-    activations of one process hardly overlap anyway, and more threads only fought over
-    the GIL (measured with 16 clients: one thread 1.7 ms of server CPU per activation and
-    395/s, two 2.2 ms and 338/s, three 2.7 ms and 281/s).
+    SQLite: an activation runs right on the event loop when the write lock (this
+    process's and the file's) is free that instant, as check-ins do (``checkins.py``);
+    the database work is a few hundred microseconds the GIL serializes anyway, and
+    handing it to a thread and back cost 15-25 % of the activation's CPU. The loop never
+    waits: with the lock taken, the activation goes to the writer thread, which waits for
+    its turn. The loop's connection does not checkpoint the WAL (a checkpoint writes and
+    syncs the database file); the writer thread does that every :data:`CHECKPOINT_EVERY`
+    activations on the loop.
+
+    PostgreSQL: always the writer thread, whose answers of everything it took at once go
+    back to the loop in one hand-over. One thread: every activation ends in the audit
+    chain's lock, so activations of one process hardly overlap anyway, and more threads
+    only fought over the GIL (measured with 16 clients: one thread 1.7 ms of server CPU per
+    activation and 395/s, two 2.2 ms and 338/s, three 2.7 ms and 281/s).
     """
 
     def __init__(self, db: Database, signing_key: SigningKey, pepper: bytes) -> None:
@@ -365,6 +378,8 @@ class ActivationWriter:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._connection: Any = None  # the writer thread's own
+        self._loop_connection: Any = None  # SQLite: the event loop's own
+        self._loop_activations = 0
 
     async def activate(self, request: ActivationRequest, now: datetime) -> bytes:
         """The signed response (committed), or the refusal or database error raised.
@@ -372,10 +387,14 @@ class ActivationWriter:
         A :class:`~tessera.server.errors.RecordedRefusal` is raised with its record not yet
         written (its transaction was rolled back): the caller writes it.
         """
+        if self._db.is_sqlite:
+            try:
+                return self._on_loop(request, now)
+            except Busy:
+                pass  # the writer thread waits for the lock instead
         loop = asyncio.get_running_loop()
         job = _Job(request, now, loop.create_future(), loop)
-        self._ensure_started()
-        self._queue.put(job)
+        self._hand_over(job)
         return await job.future
 
     def stop(self) -> None:
@@ -384,6 +403,41 @@ class ActivationWriter:
         if thread is not None:
             self._queue.put(_STOP)
             thread.join(timeout=15)
+        self._discard_loop_connection(broken=False)
+
+    # ------------------------------------------------------------------ on the event loop
+
+    def _on_loop(self, request: ActivationRequest, now: datetime) -> bytes:
+        """SQLite: the activation right here, or :class:`Busy` before any work."""
+        response = self._once(request, now, on_loop=True)
+        self._loop_activations += 1
+        if self._loop_activations % CHECKPOINT_EVERY == 0:
+            self._hand_over(_CHECKPOINT)
+        return response
+
+    def _loop_connect(self) -> Any:
+        if self._loop_connection is None:
+            try:
+                connection = self._db.engine.raw_connection()
+            except self._db.engine.dialect.loaded_dbapi.Error as exc:
+                raise RawTransaction(None, None, self._db.engine.dialect).wrapped(exc) from exc
+            connection.detach()  # its settings below must not reach the pool's other users
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA busy_timeout=0")  # a lock held elsewhere: Busy at once
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
+            cursor.close()
+            self._loop_connection = connection
+        return self._loop_connection
+
+    def _discard_loop_connection(self, *, broken: bool = True) -> None:
+        connection, self._loop_connection = self._loop_connection, None
+        _release(connection, broken=broken)
+
+    # ------------------------------------------------------------------ the writer thread
+
+    def _hand_over(self, job: _Job | object) -> None:
+        self._ensure_started()
+        self._queue.put(job)
 
     def _ensure_started(self) -> None:
         if self._thread is None:
@@ -398,9 +452,9 @@ class ActivationWriter:
                 first = self._queue.get()
                 if first is _STOP:
                     return
-                batch: list[_Job] = [first]  # type: ignore[list-item]  # not _STOP
+                taken = [first]
                 stop = False
-                while len(batch) < MAX_BATCH:
+                while len(taken) < MAX_BATCH:
                     try:
                         more = self._queue.get_nowait()
                     except queue.Empty:
@@ -408,40 +462,52 @@ class ActivationWriter:
                     if more is _STOP:
                         stop = True
                         break
-                    batch.append(more)  # type: ignore[arg-type]  # not _STOP
-                _deliver(batch, [self._attempt(job) for job in batch])
+                    taken.append(more)
+                if _CHECKPOINT in taken:
+                    self._checkpoint()
+                batch = [job for job in taken if isinstance(job, _Job)]
+                if batch:
+                    _deliver(batch, [self._attempt(job) for job in batch])
                 if stop:
                     return
         finally:
             self._discard(broken=False)
 
     def _attempt(self, job: _Job) -> bytes | BaseException:
-        """One activation in its own transaction: its response, or what it raised.
+        """One activation on the writer thread: its response, or what it raised."""
+        try:
+            return self._once(job.request, job.now, on_loop=False)
+        except (ServiceError, DBAPIError) as exc:
+            return exc
+        except Exception as exc:  # a bug: this activation fails (500), the others go on
+            log.exception("activation failed")
+            return exc
+
+    def _once(self, request: ActivationRequest, now: datetime, *, on_loop: bool) -> bytes:
+        """One activation in its own transaction, on the loop's or the thread's connection.
 
         A kept connection may have died since its last use (database restarted, network
         cut): if the activation failed because of that before its commit was sent, it runs
         once more on a new connection, as the pool's ``pre_ping`` would have spared it.
         """
         for attempt in (1, 2):
-            kept = self._connection is not None
+            kept = (self._loop_connection if on_loop else self._connection) is not None
             try:
-                with transaction(self._db, self._connect()) as tx:
-                    return _activate(tx, job.request, job.now, self._signing_key, self._pepper)
+                connection = self._loop_connect() if on_loop else self._connect()
+                with transaction(self._db, connection, wait=not on_loop) as tx:
+                    return _activate(tx, request, now, self._signing_key, self._pepper)
             except Broken as broken:
-                self._discard()
                 error: BaseException = broken.__cause__ or broken
+                drop = True
             except DBAPIError as exc:
-                if exc.connection_invalidated:
-                    self._discard()
-                error = exc
-            except ServiceError as exc:
-                return exc
-            except Exception as exc:  # a bug: this activation fails (500), the others go on
-                log.exception("activation failed")
-                return exc
-            lost = isinstance(error, DBAPIError) and error.connection_invalidated
-            if not (attempt == 1 and kept and lost and _before_commit(error)):
-                return error
+                error, drop = exc, exc.connection_invalidated
+            if drop and on_loop:
+                self._discard_loop_connection()
+            elif drop:
+                self._discard()
+            gone = isinstance(error, DBAPIError) and error.connection_invalidated
+            if not (attempt == 1 and kept and gone and _before_commit(error)):
+                raise error
         raise AssertionError("unreachable")
 
     def _connect(self) -> Any:
@@ -452,14 +518,28 @@ class ActivationWriter:
                 raise RawTransaction(None, None, self._db.engine.dialect).wrapped(exc) from exc
         return self._connection
 
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database file without waiting for anyone (``PASSIVE``)."""
+        try:
+            cursor = self._connect().cursor()
+            cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            cursor.close()
+        except Exception as exc:  # the next commit of any other connection checkpoints too
+            log.warning("WAL checkpoint failed: %s", exc)
+            self._discard()
+
     def _discard(self, *, broken: bool = True) -> None:
         """Give up the thread's connection: invalidated if it may be broken, else closed."""
         connection, self._connection = self._connection, None
-        if connection is not None:
-            try:
-                connection.invalidate() if broken else connection.close()
-            except Exception:  # already broken: nothing more to release
-                log.debug("releasing the activation connection failed", exc_info=True)
+        _release(connection, broken=broken)
+
+
+def _release(connection: Any, *, broken: bool) -> None:
+    if connection is not None:
+        try:
+            connection.invalidate() if broken else connection.close()
+        except Exception:  # already broken: nothing more to release
+            log.debug("releasing an activation connection failed", exc_info=True)
 
 
 def _before_commit(error: BaseException) -> bool:

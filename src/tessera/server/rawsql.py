@@ -29,7 +29,7 @@ from sqlalchemy.sql.selectable import CompoundSelect, Select
 
 from tessera.server.storage import Database, begin_immediate
 
-__all__ = ["Broken", "Compiled", "RawTransaction", "compiled", "raw_write", "transaction"]
+__all__ = ["Broken", "Busy", "Compiled", "RawTransaction", "compiled", "raw_write", "transaction"]
 
 log = logging.getLogger("tessera.server")
 
@@ -150,19 +150,30 @@ class Broken(Exception):
     """The connection of a failed transaction could not even roll back: drop it."""
 
 
+class Busy(Exception):
+    """SQLite's write lock is taken this instant (only raised when told not to wait)."""
+
+
 @contextmanager
-def transaction(db: Database, connection: Any) -> Iterator[RawTransaction]:
+def transaction(db: Database, connection: Any, *, wait: bool = True) -> Iterator[RawTransaction]:
     """One write transaction on ``connection`` (a DB-API connection the caller keeps):
     committed when the block ends, rolled back on any error.
 
     SQLite: this process's write lock, then ``BEGIN IMMEDIATE`` (polling while another
     process writes), as :meth:`Database.write`; the "locked" outage after the same wait.
-    If the rollback fails too, :class:`Broken` is raised from the error: the caller must
-    not use the connection again.
+    With ``wait=False`` (the event loop, which must never wait) :class:`Busy` instead, at
+    once and before any work, if either lock is taken; ``connection`` must then have a
+    busy timeout of 0. If the rollback fails too, :class:`Broken` is raised from the
+    error: the caller must not use the connection again.
     """
     dialect = db.engine.dialect
     dbapi_error = dialect.loaded_dbapi.Error
-    locked = db.acquire_write_lock()
+    if wait:
+        locked = db.acquire_write_lock()
+    else:
+        locked = db.try_write_lock()
+        if not locked:
+            raise Busy
     try:
         try:
             cursor = connection.cursor()
@@ -172,8 +183,13 @@ def transaction(db: Database, connection: Any) -> Iterator[RawTransaction]:
         try:
             if db.is_sqlite:
                 try:
-                    begin_immediate(cursor.execute, db.busy_timeout)
+                    if wait:
+                        begin_immediate(cursor.execute, db.busy_timeout)
+                    else:
+                        cursor.execute("BEGIN IMMEDIATE")
                 except dbapi_error as exc:
+                    if not wait and ("locked" in str(exc) or "busy" in str(exc)):
+                        raise Busy from exc
                     raise tx.wrapped(exc, "BEGIN IMMEDIATE") from exc
             # psycopg opens the transaction by itself with the first statement
             yield tx
