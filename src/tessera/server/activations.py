@@ -16,7 +16,7 @@ they are rare, and a recovery's bookkeeping lives in :mod:`tessera.server.recove
 Concurrency is the ORM path's: the license row is locked first, in a statement of its
 own (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` holds the whole
 database), and everything that depends on other activations (entitlements, blacklist,
-bound machines) is read by later statements, which on PostgreSQL see what the previous
+bound machines) is read by a later statement, which on PostgreSQL sees what the previous
 holder of the lock committed. ``(license_id, slot)`` stays unique as the second line.
 """
 
