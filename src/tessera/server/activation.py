@@ -15,10 +15,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import and_, bindparam, exists, insert, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from tessera.core import sign_document
 from tessera.core.clock import utc
@@ -38,6 +39,7 @@ from tessera.server import audit, recovery, webhooks
 from tessera.server.errors import Forbidden, NotFound, RecordedRefusal
 from tessera.server.licenses import (
     EntitlementContent,
+    LicenseContent,
     check_access,
     identity_document,
     instance_id_for,
@@ -66,6 +68,7 @@ __all__ = [
     "check_checkin",
     "checkin",
     "checkin_key_for",
+    "checkin_lookup_columns",
     "lookup_checkin",
     "plain_verdict",
 ]
@@ -311,22 +314,7 @@ def _bind(
     machine.activated_at = now
     machine.offline = offline
     machine.delivered_revision = row.revision
-    instance_id = instance_id_for(row.serial, machine.slot) if row.binding == "instance" else None
-    doc = license_document(
-        row,
-        locking_id=request.locking_id,
-        agent_key=request.agent_key,
-        issued=now,
-        license_key=request.license_key,
-        instance_id=instance_id,
-    )
-    license_file = sign_document(doc, signing_key)
-    identity_file = None
-    if instance_id is not None:
-        identity = identity_document(
-            row, instance_id=instance_id, license_key=request.license_key, issued=now
-        )
-        identity_file = sign_document(identity, signing_key)
+    license_file, identity_file = signed_files(row, machine.slot, request, now, signing_key)
     session.flush()
     audit.append(
         session,
@@ -351,6 +339,27 @@ def _bind(
             now,
         )  # fmt: skip
     return Activation(row.serial, machine.slot, license_file, identity_file)
+
+
+def signed_files(
+    row: LicenseContent, slot: int, request: ActivationRequest, now: datetime, signing_key: SigningKey
+) -> tuple[str, str | None]:
+    """The license file for the activating installation, and the identity file (``.par``)
+    when the license is instance-bound (else None)."""
+    instance_id = instance_id_for(row.serial, slot) if row.binding == "instance" else None
+    doc = license_document(
+        row,
+        locking_id=request.locking_id,
+        agent_key=request.agent_key,
+        issued=now,
+        license_key=request.license_key,
+        instance_id=instance_id,
+    )
+    license_file = sign_document(doc, signing_key)
+    if instance_id is None:
+        return license_file, None
+    identity = identity_document(row, instance_id=instance_id, license_key=request.license_key, issued=now)
+    return license_file, sign_document(identity, signing_key)
 
 
 def activate(
@@ -431,8 +440,10 @@ def activate_offline(
 
 # The check-in's statements, built once: constructing SQL per request costs more than
 # running it.
-CHECKIN_LOOKUP = (
-    select(
+def checkin_lookup_columns(today: ColumnElement[Any]) -> tuple[Any, ...]:
+    """What a check-in's lookup reads, in :class:`CheckinFound`'s order; ``today`` is where
+    the statement takes the day from (a parameter, or a column of a batch's array)."""
+    return (
         LicenseRow.id,
         LicenseRow.serial,
         LicenseRow.status,
@@ -448,7 +459,7 @@ CHECKIN_LOOKUP = (
         exists()
         .where(
             EntitlementRow.license_id == LicenseRow.id,
-            or_(EntitlementRow.expiry.is_(None), EntitlementRow.expiry >= bindparam("today")),
+            or_(EntitlementRow.expiry.is_(None), EntitlementRow.expiry >= today),
         )
         .label("valid"),
         # Is this machine's container blacklisted? (the honeypot, in the same trip)
@@ -459,6 +470,10 @@ CHECKIN_LOOKUP = (
         )
         .label("blacklisted"),
     )
+
+
+CHECKIN_LOOKUP = (
+    select(*checkin_lookup_columns(bindparam("today")))
     .select_from(LicenseRow)
     .outerjoin(
         Machine,

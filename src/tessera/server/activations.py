@@ -49,7 +49,6 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.selectable import Select
 
-from tessera.core import sign_document
 from tessera.core.fingerprint import LockingId
 from tessera.core.licensekey import license_key_digest
 from tessera.core.model import MatchLevel
@@ -67,9 +66,9 @@ from tessera.server.activation import (
     no_free_machine,
     other_hardware,
     same_hardware,
+    signed_files,
 )
 from tessera.server.errors import NotFound, ServiceError
-from tessera.server.licenses import identity_document, instance_id_for, license_document
 from tessera.server.models import (
     BlacklistEntryRow,
     Customer,
@@ -293,22 +292,7 @@ def _activate(
         tx.run(BIND_NEW, license_id=row.id, slot=slot, **bound_as)
     else:
         tx.run(REBIND, machine_id=machine_id, **bound_as)
-    instance_id = instance_id_for(row.serial, slot) if row.binding == "instance" else None
-    doc = license_document(
-        row,
-        locking_id=request.locking_id,
-        agent_key=request.agent_key,
-        issued=now,
-        license_key=request.license_key,
-        instance_id=instance_id,
-    )
-    license_file = sign_document(doc, signing_key)
-    identity_file = None
-    if instance_id is not None:
-        identity = identity_document(
-            row, instance_id=instance_id, license_key=request.license_key, issued=now
-        )
-        identity_file = sign_document(identity, signing_key)
+    license_file, identity_file = signed_files(row, slot, request, now, signing_key)
     if action == "license.activate":
         webhooks.emit_raw(
             tx,

@@ -30,29 +30,24 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from sqlalchemy import (
     Date,
-    Dialect,
     Integer,
     String,
     and_,
     bindparam,
-    exists,
     func,
     insert,
-    or_,
     select,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.elements import ClauseElement
 
 from tessera.core.clock import utc
 from tessera.core.licensekey import license_key_digest
@@ -65,10 +60,12 @@ from tessera.server.activation import (
     CheckinFound,
     CheckinVerdict,
     check_checkin,
+    checkin_lookup_columns,
     plain_verdict,
 )
 from tessera.server.errors import NotFound, ServiceError
-from tessera.server.models import BlacklistEntryRow, Checkin, EntitlementRow, LicenseRow, Machine, UtcDateTime
+from tessera.server.models import Checkin, LicenseRow, Machine, UtcDateTime
+from tessera.server.rawsql import Compiled
 from tessera.server.storage import Database, begin_immediate
 
 __all__ = ["FULL_PATH", "CheckinWriter"]
@@ -99,32 +96,7 @@ _Q = (
     .render_derived(name="q")
 )
 PG_BATCH_LOOKUP = (
-    select(
-        _Q.c.n,
-        LicenseRow.id,
-        LicenseRow.serial,
-        LicenseRow.status,
-        LicenseRow.revision,
-        LicenseRow.match_level,
-        LicenseRow.binding,
-        Machine.id.label("machine_id"),
-        Machine.slot,
-        Machine.locking_id,
-        Machine.agent_key,
-        Machine.delivered_revision,
-        exists()
-        .where(
-            EntitlementRow.license_id == LicenseRow.id,
-            or_(EntitlementRow.expiry.is_(None), EntitlementRow.expiry >= _Q.c.today),
-        )
-        .label("valid"),
-        exists()
-        .where(
-            BlacklistEntryRow.locking_id == Machine.locking_id,
-            BlacklistEntryRow.scope == "container",
-        )
-        .label("blacklisted"),
-    )
+    select(_Q.c.n, *checkin_lookup_columns(_Q.c.today))
     .select_from(_Q)
     .join(LicenseRow, LicenseRow.key_digest == _Q.c.digest)
     .outerjoin(Machine, and_(Machine.license_id == LicenseRow.id, Machine.system_id == _Q.c.system_id))
@@ -168,42 +140,6 @@ class _Busy(Exception):
     """The write lock is not free this instant: the batch goes to the writer thread."""
 
 
-class _Compiled:
-    """A statement compiled once for the dialect, run on a raw DB-API cursor.
-
-    Parameters go through the column types' own bind processors (SQLite stores datetimes
-    as text in SQLAlchemy's format, PostgreSQL gets them as they are), so rows written here
-    read back exactly like rows the ORM wrote. Literals in the statement (a ``'container'``,
-    a ``NULL``) are bound parameters too: their values are taken once, here.
-    """
-
-    def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
-        compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
-        self.sql = compiled.string
-        self.positional = compiled.positional
-        self.names: tuple[str, ...] = tuple(compiled.positiontup or ())
-        self.processors: dict[str, Callable[[Any], Any]] = {}
-        self.fixed: dict[str, Any] = {}
-        for bind, name in compiled.bind_names.items():
-            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
-            if processor is not None:
-                self.processors[name] = processor
-            if not bind.required:
-                self.fixed[name] = processor(bind.value) if processor is not None else bind.value
-        self.given = frozenset(name for name in compiled.bind_names.values() if name not in self.fixed)
-
-    def params(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
-        if values.keys() != self.given:
-            raise ValueError(f"parameters {sorted(values)} given, {sorted(self.given)} expected")
-        processed = dict(self.fixed)
-        for name, value in values.items():
-            processor = self.processors.get(name)
-            processed[name] = processor(value) if processor is not None else value
-        if self.positional:
-            return tuple(processed[name] for name in self.names)
-        return processed
-
-
 @dataclass(slots=True)
 class _Job:
     request: CheckinRequest
@@ -220,14 +156,14 @@ class CheckinWriter:
         self._pepper = pepper
         self._signing_key = signing_key
         dialect = db.engine.dialect
-        self._lookup = _Compiled(CHECKIN_LOOKUP, dialect)
-        self._record_machine = _Compiled(RECORD_MACHINE, dialect)
-        self._record_checkin = _Compiled(RECORD_CHECKIN.inline(), dialect)  # no RETURNING
+        self._lookup = Compiled(CHECKIN_LOOKUP, dialect)
+        self._record_machine = Compiled(RECORD_MACHINE, dialect)
+        self._record_checkin = Compiled(RECORD_CHECKIN.inline(), dialect)  # no RETURNING
         if not db.is_sqlite:
-            self._batch_lookup = _Compiled(PG_BATCH_LOOKUP, dialect)
-            self._batch_lock = _Compiled(PG_BATCH_LOCK, dialect)
-            self._batch_machines = _Compiled(PG_BATCH_RECORD_MACHINES, dialect)
-            self._batch_checkins = _Compiled(PG_BATCH_RECORD_CHECKINS, dialect)
+            self._batch_lookup = Compiled(PG_BATCH_LOOKUP, dialect)
+            self._batch_lock = Compiled(PG_BATCH_LOCK, dialect)
+            self._batch_machines = Compiled(PG_BATCH_RECORD_MACHINES, dialect)
+            self._batch_checkins = Compiled(PG_BATCH_RECORD_CHECKINS, dialect)
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         #: SQLite has one writer at a time anyway; PostgreSQL overlaps one batch's commit
