@@ -100,7 +100,10 @@ def test_the_check_in_lane_is_outermost_and_answers_as_the_route(
 ) -> None:
     """The same requests through the lane (a plain body) and through the route (chunked):
     the same statuses and the same one-line refusals."""
-    assert create_app(state).user_middleware[0].cls is ConnectLane
+    app = create_app(state)
+    outermost = app.build_middleware_stack()  # in front of FastAPI's own layers too
+    assert isinstance(outermost, ConnectLane) and isinstance(outermost.app, ConnectLane)
+    assert {outermost.path, outermost.app.path} == {"/api/v1/checkin", "/api/v1/activate"}
     serial, key = setup_license(state, admin, START)
     a = agent(1)
     client = live_server.client()

@@ -515,12 +515,11 @@ def sign_batch(responses: Sequence[ServerResponse], key: SigningKey) -> list[byt
     For agents that ask for it (``CheckinRequest.accept``); each response verifies on its
     own, with its path, like one signed alone.
     """
-    payloads = [canonical_json(r.payload()) for r in responses]
-    root, paths = merkle.tree([merkle.leaf_hash(p) for p in payloads])
+    objs = [r.payload() for r in responses]
+    root, paths = merkle.tree([merkle.leaf_hash(canonical_json(obj)) for obj in objs])
     signature = _b64(key.sign(merkle.ROOT_CONTEXT + root))
     out = []
-    for index, (response, path) in enumerate(zip(responses, paths, strict=True)):
-        obj = response.payload()
+    for index, (obj, path) in enumerate(zip(objs, paths, strict=True)):
         obj["key_id"] = key.key_id
         obj["signature"] = signature
         obj["batch_index"] = index
