@@ -23,7 +23,6 @@ holder of the lock committed. ``(license_id, slot)`` stays unique as the second 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
@@ -82,6 +81,7 @@ from tessera.server.models import (
 )
 from tessera.server.rawsql import Broken, Busy, RawTransaction, raw_write, transaction
 from tessera.server.storage import Database
+from tessera.server.writer import release_connection, settle, take_batch
 
 __all__ = ["ActivationWriter", "activate"]
 
@@ -415,7 +415,7 @@ class ActivationWriter:
 
     def _discard_loop_connection(self, *, broken: bool = True) -> None:
         connection, self._loop_connection = self._loop_connection, None
-        _release(connection, broken=broken)
+        release_connection(connection, broken=broken)
 
     # ------------------------------------------------------------------ the writer thread
 
@@ -436,22 +436,12 @@ class ActivationWriter:
                 first = self._queue.get()
                 if first is _STOP:
                     return
-                taken = [first]
-                stop = False
-                while len(taken) < MAX_BATCH:
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is _STOP:
-                        stop = True
-                        break
-                    taken.append(more)
+                taken, stop = take_batch(self._queue, first, MAX_BATCH, _STOP)
                 if _CHECKPOINT in taken:
                     self._checkpoint()
                 batch = [job for job in taken if isinstance(job, _Job)]
                 if batch:
-                    _deliver(batch, [self._attempt(job) for job in batch])
+                    settle(batch, [self._attempt(job) for job in batch])
                 if stop:
                     return
         finally:
@@ -515,37 +505,9 @@ class ActivationWriter:
     def _discard(self, *, broken: bool = True) -> None:
         """Give up the thread's connection: invalidated if it may be broken, else closed."""
         connection, self._connection = self._connection, None
-        _release(connection, broken=broken)
-
-
-def _release(connection: Any, *, broken: bool) -> None:
-    if connection is not None:
-        try:
-            connection.invalidate() if broken else connection.close()
-        except Exception:  # already broken: nothing more to release
-            log.debug("releasing an activation connection failed", exc_info=True)
+        release_connection(connection, broken=broken)
 
 
 def _before_commit(error: BaseException) -> bool:
     """Did ``error`` happen before the commit was sent (so nothing can have been committed)?"""
     return not (isinstance(error, DBAPIError) and error.statement == "COMMIT")
-
-
-def _deliver(batch: list[_Job], outcomes: list[bytes | BaseException]) -> None:
-    """Settle each job's future on its loop: one hand-over per loop and batch."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, bytes | BaseException]]] = {}
-    for job, outcome in zip(batch, outcomes, strict=True):
-        by_loop.setdefault(job.loop, []).append((job, outcome))
-
-    def settle(settled: list[tuple[_Job, bytes | BaseException]]) -> None:
-        for job, outcome in settled:
-            if job.future.done():  # the client went away and the request was cancelled
-                continue
-            if isinstance(outcome, BaseException):
-                job.future.set_exception(outcome)
-            else:
-                job.future.set_result(outcome)
-
-    for loop, settled in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
-            loop.call_soon_threadsafe(settle, settled)

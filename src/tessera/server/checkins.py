@@ -25,7 +25,6 @@ PostgreSQL take row locks in the same order and never deadlock each other.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import sqlite3
@@ -67,6 +66,7 @@ from tessera.server.errors import NotFound, ServiceError
 from tessera.server.models import Checkin, LicenseRow, Machine, UtcDateTime
 from tessera.server.rawsql import Compiled
 from tessera.server.storage import Database, begin_immediate
+from tessera.server.writer import release_connection, settle, take_batch
 
 __all__ = ["FULL_PATH", "CheckinWriter"]
 
@@ -246,7 +246,7 @@ class CheckinWriter:
 
     def _discard_loop_connection(self, *, broken: bool = True) -> None:
         connection, self._loop_connection = self._loop_connection, None
-        _release_connection(connection, broken=broken)
+        release_connection(connection, broken=broken)
 
     # ------------------------------------------------------------------ writer threads
 
@@ -270,17 +270,7 @@ class CheckinWriter:
                 first = self._queue.get()
                 if first is _STOP:
                     return
-                batch = [first]
-                stop = False
-                while len(batch) < MAX_BATCH:
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is _STOP:
-                        stop = True
-                        break
-                    batch.append(more)
+                batch, stop = take_batch(self._queue, first, MAX_BATCH, _STOP)
                 if _CHECKPOINT in batch:
                     batch = [job for job in batch if job is not _CHECKPOINT]
                     self._checkpoint()
@@ -334,9 +324,9 @@ class CheckinWriter:
         except Exception as exc:
             failure = _wrap(exc)
             log.warning("check-in batch of %d not recorded: %s", len(batch), exc)
-            _deliver(batch, [failure] * len(batch), on_loop=on_loop)
+            settle(batch, [failure] * len(batch), on_loop=on_loop)
             return
-        _deliver(batch, self._answers(batch, outcomes), on_loop=on_loop)
+        settle(batch, self._answers(batch, outcomes), on_loop=on_loop)
 
     def _answers(self, batch: list[_Job], outcomes: list[Any]) -> list[Any]:
         """The recorded verdicts' signed responses; one signature for all whose agents take
@@ -480,15 +470,7 @@ class CheckinWriter:
     def _discard_connection(self, *, broken: bool = True) -> None:
         """Give up this thread's connection: invalidated if it may be broken, else closed."""
         connection, self._local.connection = getattr(self._local, "connection", None), None
-        _release_connection(connection, broken=broken)
-
-
-def _release_connection(connection: Any, *, broken: bool) -> None:
-    if connection is not None:
-        try:
-            connection.invalidate() if broken else connection.close()
-        except Exception:  # already broken: nothing more to release
-            log.debug("releasing the check-in connection failed", exc_info=True)
+        release_connection(connection, broken=broken)
 
 
 class _Transaction:
@@ -566,30 +548,3 @@ class _Transaction:
 def _wrap(exc: Exception) -> DBAPIError:
     """The driver's error as SQLAlchemy's, so the app's outage handler answers 503."""
     return exc if isinstance(exc, DBAPIError) else OperationalError("check-in batch", None, exc)
-
-
-def _deliver(batch: list[_Job], outcomes: list[Any], *, on_loop: bool = False) -> None:
-    """Settle each job's future with its outcome (an exception fails it), on its loop.
-
-    From a writer thread, one hand-over per loop and batch, not per job: each
-    ``call_soon_threadsafe`` wakes the loop through its self-pipe.
-    """
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any]]] = {}
-    for job, outcome in zip(batch, outcomes, strict=True):
-        by_loop.setdefault(job.loop, []).append((job, outcome))
-
-    def settle(settled: list[tuple[_Job, Any]]) -> None:
-        for job, outcome in settled:
-            if job.future.done():  # the client went away and the request was cancelled
-                continue
-            if isinstance(outcome, BaseException):
-                job.future.set_exception(outcome)
-            else:
-                job.future.set_result(outcome)
-
-    if on_loop:
-        settle([(job, outcome) for job, outcome in zip(batch, outcomes, strict=True)])
-        return
-    for loop, settled in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
-            loop.call_soon_threadsafe(settle, settled)
