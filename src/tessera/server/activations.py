@@ -81,7 +81,9 @@ from tessera.server.models import (
 )
 from tessera.server.rawsql import Broken, Busy, RawTransaction, raw_write, transaction
 from tessera.server.storage import Database
-from tessera.server.writer import release_connection, settle, take_batch
+from tessera.server.writer import Job, release_connection, settle, take_batch
+
+_Job = Job[ActivationRequest]
 
 __all__ = ["ActivationWriter", "activate"]
 
@@ -320,14 +322,6 @@ def _activate(
     return response.signed_json(signing_key)
 
 
-@dataclass(slots=True)
-class _Job:
-    request: ActivationRequest
-    now: datetime
-    future: asyncio.Future[bytes]
-    loop: asyncio.AbstractEventLoop
-
-
 class ActivationWriter:
     """The online activations of one server process: on the event loop or one writer thread.
 
@@ -439,7 +433,7 @@ class ActivationWriter:
                 taken, stop = take_batch(self._queue, first, MAX_BATCH, _STOP)
                 if _CHECKPOINT in taken:
                     self._checkpoint()
-                batch = [job for job in taken if isinstance(job, _Job)]
+                batch = [job for job in taken if isinstance(job, Job)]
                 if batch:
                     settle(batch, [self._attempt(job) for job in batch])
                 if stop:

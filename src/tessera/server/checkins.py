@@ -27,10 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import sqlite3
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Final
 
@@ -64,9 +63,11 @@ from tessera.server.activation import (
 )
 from tessera.server.errors import NotFound, ServiceError
 from tessera.server.models import Checkin, LicenseRow, Machine, UtcDateTime
-from tessera.server.rawsql import Compiled
-from tessera.server.storage import Database, begin_immediate
-from tessera.server.writer import release_connection, settle, take_batch
+from tessera.server.rawsql import Broken, Busy, Compiled, transaction
+from tessera.server.storage import Database
+from tessera.server.writer import Job, release_connection, settle, take_batch
+
+_Job = Job[CheckinRequest]
 
 __all__ = ["FULL_PATH", "CheckinWriter"]
 
@@ -134,18 +135,6 @@ _C = (
 PG_BATCH_RECORD_CHECKINS = insert(Checkin).from_select(
     ["machine_id", "at", "outcome"], select(_C.c.machine_id, _C.c.at, _C.c.outcome)
 )
-
-
-class _Busy(Exception):
-    """The write lock is not free this instant: the batch goes to the writer thread."""
-
-
-@dataclass(slots=True)
-class _Job:
-    request: CheckinRequest
-    now: datetime
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
 
 
 class CheckinWriter:
@@ -224,8 +213,8 @@ class CheckinWriter:
         for start in range(0, len(batch), MAX_BATCH):
             part = batch[start : start + MAX_BATCH]
             try:
-                self._run_batch(part, self._loop_transaction(), on_loop=True)
-            except _Busy:
+                self._run_batch(part, on_loop=True)
+            except Busy:
                 self._hand_over(part)
                 continue
             self._loop_batches += 1
@@ -233,16 +222,16 @@ class CheckinWriter:
                 self._checkpoint_queued = True
                 self._hand_over([_CHECKPOINT])
 
-    def _loop_transaction(self) -> _Transaction:
+    def _loop_connect(self) -> Any:
         if self._loop_connection is None:
             connection = self._db.engine.raw_connection()
             connection.detach()  # its settings below must not reach the pool's other users
             cursor = connection.cursor()
-            cursor.execute("PRAGMA busy_timeout=0")  # a lock held elsewhere: _Busy at once
+            cursor.execute("PRAGMA busy_timeout=0")  # a lock held elsewhere: Busy at once
             cursor.execute("PRAGMA wal_autocheckpoint=0")
             cursor.close()
             self._loop_connection = connection
-        return _Transaction(self, self._loop_connection, self._discard_loop_connection, wait=False)
+        return self._loop_connection
 
     def _discard_loop_connection(self, *, broken: bool = True) -> None:
         connection, self._loop_connection = self._loop_connection, None
@@ -292,17 +281,16 @@ class CheckinWriter:
             log.warning("WAL checkpoint failed: %s", exc)
             self._discard_connection()
 
-    def _run_batch(
-        self, batch: list[_Job], transaction: _Transaction | None = None, *, on_loop: bool = False
-    ) -> None:
+    def _run_batch(self, batch: list[_Job], *, on_loop: bool = False) -> None:
         """Look up, decide and record ``batch`` in one transaction; settle every job.
 
-        ``transaction`` is the writer thread's (waiting for the write lock) unless given;
-        the event loop's raises :class:`_Busy` before any work if the lock is taken.
+        On the writer thread's connection (waiting for the write lock), or ``on_loop`` on
+        the event loop's, which raises :class:`~tessera.server.rawsql.Busy` before any work
+        if the lock is taken.
         """
         outcomes: list[Any] = []
         try:
-            with transaction if transaction is not None else self._transaction() as cursor:
+            with self._transaction(on_loop=on_loop) as cursor:
                 recorded: list[tuple[CheckinVerdict, datetime]] = []
                 for job, row in zip(batch, self._look_up(cursor, batch), strict=True):
                     try:
@@ -319,7 +307,7 @@ class CheckinWriter:
                         recorded.append((verdict, job.now))
                 if recorded:
                     self._record(cursor, recorded)
-        except _Busy:
+        except Busy:
             raise
         except Exception as exc:
             failure = _wrap(exc)
@@ -458,8 +446,22 @@ class CheckinWriter:
 
     # ------------------------------------------------------------------ the connection
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self, self._thread_connection(), self._discard_connection)
+    @contextmanager
+    def _transaction(self, *, on_loop: bool) -> Iterator[Any]:
+        """One batch's transaction (:func:`tessera.server.rawsql.transaction`: SQLite's write
+        lock, commit or rollback); its cursor. A connection that broke is given up."""
+        connection = self._loop_connect() if on_loop else self._thread_connection()
+        discard = self._discard_loop_connection if on_loop else self._discard_connection
+        try:
+            with transaction(self._db, connection, wait=not on_loop) as tx:
+                yield tx.cursor
+        except Broken as broken:
+            discard()
+            raise broken.__cause__ or broken from None
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                discard()
+            raise
 
     def _thread_connection(self) -> Any:
         """This writer thread's connection, kept from batch to batch."""
@@ -471,78 +473,6 @@ class CheckinWriter:
         """Give up this thread's connection: invalidated if it may be broken, else closed."""
         connection, self._local.connection = getattr(self._local, "connection", None), None
         release_connection(connection, broken=broken)
-
-
-class _Transaction:
-    """One batch's transaction on a writer's connection, with SQLite's write lock.
-
-    ``wait=False`` (the event loop's): :class:`_Busy` at once if this process's write lock
-    or the database file's is taken, instead of waiting for it.
-    """
-
-    def __init__(
-        self, writer: CheckinWriter, connection: Any, discard: Callable[[], None], *, wait: bool = True
-    ) -> None:
-        self._writer = writer
-        self._connection = connection
-        self._discard = discard
-        self._wait = wait
-        self._locked = False
-
-    def __enter__(self) -> Any:
-        db = self._writer._db
-        try:
-            if not self._wait:
-                self._locked = db.try_write_lock()
-                if not self._locked:
-                    raise _Busy
-                cursor = self._connection.cursor()
-                try:
-                    cursor.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError as exc:
-                    if "locked" in str(exc) or "busy" in str(exc):
-                        raise _Busy from exc
-                    raise
-                return cursor
-            self._locked = db.acquire_write_lock()  # SQLite only
-            cursor = self._connection.cursor()
-            if db.is_sqlite:
-                begin_immediate(cursor.execute, db.busy_timeout)
-            # psycopg opens the transaction by itself with the first statement
-        except _Busy:
-            self._release()
-            raise
-        except BaseException:
-            self._release()
-            self._discard()
-            raise
-        return cursor
-
-    def __exit__(self, kind: object, exc: BaseException | None, _tb: object) -> None:
-        # The DB-API's commit/rollback end the transaction on both drivers (sqlite3 ends
-        # an open one even in its autocommit mode, which the engine sets).
-        try:
-            if exc is None:
-                self._connection.commit()
-            else:
-                self._rollback()
-        except BaseException:
-            self._rollback()
-            self._discard()
-            raise
-        finally:
-            self._release()
-
-    def _rollback(self) -> None:
-        try:
-            self._connection.rollback()
-        except Exception:
-            self._discard()
-
-    def _release(self) -> None:
-        if self._locked:
-            self._locked = False
-            self._writer._db.release_write_lock()
 
 
 def _wrap(exc: Exception) -> DBAPIError:

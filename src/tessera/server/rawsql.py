@@ -1,8 +1,9 @@
 """SQLAlchemy statements compiled once and run on a plain DB-API connection.
 
-For the request paths that run many times a second (activation). Executing a prepared Core
-statement through SQLAlchemy costs 15-30 us of Python per statement (cache key, execution
-context, result object), a plain cursor about 1.5 us; a session around it another 75 us.
+For the request paths that run many times a second (activations, check-in batches).
+Executing a prepared Core statement through SQLAlchemy costs 15-30 us of Python per
+statement (cache key, execution context, result object), a plain cursor about 1.5 us; a
+session around it another 75 us.
 So the statements are still written with SQLAlchemy against the models (the SQL and the
 column types' conversions are the models'), compiled once per dialect, and run here.
 
@@ -114,6 +115,11 @@ class RawTransaction:
         self._cursor = cursor
         self._dialect = dialect
         self.is_postgresql = dialect.name == "postgresql"
+
+    @property
+    def cursor(self) -> Any:
+        """The DB-API cursor, for statements run directly (``executemany`` of a batch)."""
+        return self._cursor
 
     def one(self, statement: ClauseElement, **values: Any) -> Sequence[Any] | None:
         """The first row (converted), or None."""

@@ -13,21 +13,25 @@ import contextlib
 import logging
 import queue
 from collections.abc import Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, TypeVar
 
-__all__ = ["Waiting", "release_connection", "settle", "take_batch"]
+__all__ = ["Job", "release_connection", "settle", "take_batch"]
+
+RequestT = TypeVar("RequestT")
 
 log = logging.getLogger("tessera.server")
 
 
-class Waiting(Protocol):
+@dataclass(slots=True)
+class Job(Generic[RequestT]):
     """A request waiting on its event loop for the writer's outcome."""
 
-    @property
-    def future(self) -> asyncio.Future[Any]: ...
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop: ...
+    request: RequestT
+    now: datetime
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
 
 
 def take_batch(
@@ -47,14 +51,14 @@ def take_batch(
     return batch, False
 
 
-def settle(batch: Sequence[Waiting], outcomes: Sequence[Any], *, on_loop: bool = False) -> None:
+def settle(batch: Sequence[Job[Any]], outcomes: Sequence[Any], *, on_loop: bool = False) -> None:
     """Settle each job's future with its outcome (an exception fails it), on its loop.
 
     From a writer thread, one hand-over per loop and batch; ``on_loop`` when the caller
     is that loop (the batch ran right there).
     """
 
-    def resolve(settled: list[tuple[Waiting, Any]]) -> None:
+    def resolve(settled: list[tuple[Job[Any], Any]]) -> None:
         for job, outcome in settled:
             if job.future.done():  # the client went away and the request was cancelled
                 continue
@@ -67,7 +71,7 @@ def settle(batch: Sequence[Waiting], outcomes: Sequence[Any], *, on_loop: bool =
     if on_loop:
         resolve(pairs)
         return
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Waiting, Any]]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job[Any], Any]]] = {}
     for job, outcome in pairs:
         by_loop.setdefault(job.loop, []).append((job, outcome))
     for loop, settled in by_loop.items():
