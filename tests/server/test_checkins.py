@@ -146,7 +146,7 @@ def test_sqlite_batches_never_make_the_event_loop_wait_for_the_write_lock(
 ) -> None:
     """Another process writing: the batch goes to the writer thread, the loop goes on."""
     if not db_url.startswith("sqlite"):
-        pytest.skip("SQLite's file lock; PostgreSQL batches always run on the writer threads")
+        pytest.skip("SQLite's file lock; PostgreSQL batches always run on the loop (asynchronously)")
     _, key, agents = activated(state, admin, 3)
     blocker = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
@@ -221,8 +221,7 @@ def test_one_signature_answers_a_batch_and_older_agents_get_their_own(
     assert all(r.serial == serial for r in responses)
     assert [r.batch_path is None for r in responses[:2]] == [True, True]
     batched = [r for r in responses[2:] if r.batch_path is not None]
-    if state.db.is_sqlite:  # one turn of the loop, one batch (PostgreSQL's threads take what queued)
-        assert len(batched) == 4 and len({r.signature for r in batched}) == 1
+    assert len(batched) == 4 and len({r.signature for r in batched}) == 1  # one turn, one batch
 
 
 def test_one_batch_with_an_unknown_key_and_a_machine_twice(state: ServerState, admin: Principal) -> None:
@@ -242,7 +241,10 @@ def test_one_batch_with_an_unknown_key_and_a_machine_twice(state: ServerState, a
     async def one_batch() -> list[object]:
         loop = asyncio.get_running_loop()
         jobs = [_Job(r, now, loop.create_future(), loop) for r, now in zip(requests, nows, strict=True)]
-        writer._run_batch(jobs)
+        if state.db.is_sqlite:
+            writer._run_batch(jobs)
+        else:
+            await writer._run_pg_batch(jobs)
         return await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
 
     try:
@@ -256,3 +258,39 @@ def test_one_batch_with_an_unknown_key_and_a_machine_twice(state: ServerState, a
         assert len(session.execute(select(Checkin)).all()) == 3
         seen = dict(session.execute(select(Machine.system_id, Machine.last_checkin_at)).all())
     assert seen == {first.system_id: later, second.system_id: START}
+
+
+def test_a_postgresql_batch_stuck_on_a_row_lock_does_not_hold_up_the_next(
+    state: ServerState, admin: Principal, db_url: str
+) -> None:
+    """One batch at a time on PostgreSQL, but one that waits (here for a row lock another
+    transaction holds) lets the next start beside it after ``PG_STALL_S``."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's batches in flight; SQLite: the loop test above")
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    _, key, (stuck, free) = activated(state, admin, 2)
+    plain_url = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    blocker = psycopg.connect(plain_url)
+    blocker.execute("SELECT id FROM machines WHERE system_id = %s FOR UPDATE", (stuck.system_id,))
+    writer = CheckinWriter(state.db, state.pepper, state.signing_key)
+    first_request, second_request = maced(state, stuck, key), maced(state, free, key)
+
+    async def scenario() -> list[object]:
+        first = asyncio.ensure_future(writer.checkin(first_request, START))
+        await asyncio.sleep(0.2)
+        assert not first.done()  # waiting for the row lock
+        second = await asyncio.wait_for(writer.checkin(second_request, START), 10)
+        assert not first.done()
+        blocker.rollback()
+        return [await asyncio.wait_for(first, 10), second]
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        writer.stop()
+        blocker.close()
+    assert all(r.directives == () for r in answers(state, [first_request, second_request], results))
+    with state.db.read() as session:
+        assert len(session.execute(select(Checkin)).all()) == 2

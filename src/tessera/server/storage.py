@@ -91,6 +91,7 @@ class Database:
         self.is_sqlite = self.url.startswith("sqlite")
         self._write_lock = threading.Lock()
         kwargs: dict[str, Any] = {}
+        self._pg_connect_args: dict[str, Any] = {}
         query = make_url(self.url).query
         if self.is_sqlite:
             self.busy_timeout = float(str(query.get("timeout", SQLITE_BUSY_TIMEOUT_S)))
@@ -99,6 +100,7 @@ class Database:
             self.busy_timeout = 0.0
             settings = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **PG_TCP_SETTINGS}
             kwargs["connect_args"] = {k: v for k, v in settings.items() if k not in query}
+            self._pg_connect_args = kwargs["connect_args"]
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
         self.engine: Engine = create_engine(self.url, **kwargs)
         if self.is_sqlite:
@@ -149,6 +151,16 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    async def connect_async(self) -> Any:
+        """PostgreSQL: a new ``psycopg.AsyncConnection`` with the engine's settings (URL,
+        connect timeout, TCP keepalives, SQLAlchemy's type adapters), for work that runs on
+        an event loop instead of a thread (the check-in batches). The caller owns it."""
+        import psycopg
+
+        dialect = self.engine.dialect
+        cargs, cparams = dialect.create_connect_args(self.engine.url)
+        return await psycopg.AsyncConnection.connect(*cargs, **{**cparams, **self._pg_connect_args})
 
 
 def begin_immediate(execute: Callable[[str], object], timeout: float) -> None:
