@@ -114,6 +114,8 @@ class FakeServer:
             return httpx.Response(200, content=self.last_response)
         if self.mode == "old" and "accept" in self.bodies[-1]:  # before batch-signed answers
             return httpx.Response(422, json={"detail": "check-in request has unknown field 'accept'"})
+        if self.mode == "old" and "revision" in self.bodies[-1]:  # before the revision in force
+            return httpx.Response(422, json={"detail": "check-in request has unknown field 'revision'"})
         if request.url.path == "/api/v1/activate":
             act = ActivationRequest.from_json(body)
             self.agent_key = act.agent_key

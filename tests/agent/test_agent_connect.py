@@ -23,7 +23,7 @@ ALLOWED_ACTIVATE = {
     "product",  # the product the agent runs in: refused early if the key is for another
     "signature",
 }
-ALLOWED_CHECKIN = ALLOWED_ACTIVATE - {"agent_key", "product", "signature"} | {"mac", "accept"}
+ALLOWED_CHECKIN = ALLOWED_ACTIVATE - {"agent_key", "product", "signature"} | {"mac", "accept", "revision"}
 
 
 def test_activation_imports_the_license(activated: Agent, server: FakeServer) -> None:
@@ -188,5 +188,20 @@ def test_an_older_server_is_asked_again_as_an_older_agent_asks(activated: Agent,
     server.mode = "old"
     activated.connect()
     refused, asked_again = server.bodies[-2:]
-    assert refused["accept"] == "batch" and "accept" not in asked_again
+    assert refused["accept"] == "batch" and refused["revision"] == 1
+    assert "accept" not in asked_again and "revision" not in asked_again
     assert "mac" in asked_again
+
+
+def test_checkins_name_the_revision_in_force(
+    activated: Agent, server: FakeServer, vendor: SigningKey
+) -> None:
+    """So a server whose answer with a new revision was lost sends it again."""
+    activated.connect()
+    assert server.bodies[-1]["revision"] == 1
+    server.pending_license = make_license(
+        vendor, {"uniplex": (9, None)}, revision=2, agent_key=server.agent_key
+    )
+    activated.connect()
+    activated.connect()
+    assert server.bodies[-1]["revision"] == 2

@@ -317,3 +317,33 @@ def test_checkin_request_without_accept_is_the_older_agents_message() -> None:
     parsed = CheckinRequest.from_json(request.to_json())
     assert parsed.accept == ""
     parsed.authenticate(AGENT.public.to_base64(), b"")
+
+
+def test_checkin_request_names_the_revision_in_force_under_its_mac() -> None:
+    checkin_key = bytes(32)
+    request = CheckinRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT, checkin_key, revision=3)
+    body = json.loads(request.to_json())
+    assert body["revision"] == 3
+    parsed = CheckinRequest.from_json(request.to_json())
+    assert parsed.revision == 3
+    parsed.authenticate(AGENT.public.to_base64(), checkin_key)
+    body["revision"] = 4  # changed on the way: the MAC no longer fits
+    with pytest.raises(SignatureError):
+        CheckinRequest.from_json(json.dumps(body)).authenticate(AGENT.public.to_base64(), checkin_key)
+    # Without a license in force (0) the field is left out, as older agents leave it out.
+    none_held = CheckinRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT, checkin_key)
+    assert "revision" not in json.loads(none_held.to_json())
+    assert CheckinRequest.from_json(none_held.to_json()).revision == 0
+
+
+@pytest.mark.parametrize("value", [0, -1, "3", True, 3.0, None, 10**12, [3]])
+def test_a_malformed_revision_is_named(value: object) -> None:
+    body = json.loads(CheckinRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT, bytes(32)).to_json())
+    body["revision"] = value
+    with pytest.raises(FormatError, match="'revision'"):
+        CheckinRequest.from_json(json.dumps(body))
+
+
+def test_a_revision_out_of_range_is_not_made() -> None:
+    with pytest.raises(ValueError, match="revision"):
+        CheckinRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT, revision=-1)

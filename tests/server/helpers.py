@@ -83,8 +83,10 @@ class FakeAgent:
     def activation(self, license_key: str) -> ActivationRequest:
         return ActivationRequest.create(license_key, self.locking_id, self.system_id, self.key)
 
-    def checkin(self, license_key: str) -> CheckinRequest:
-        return CheckinRequest.create(license_key, self.locking_id, self.system_id, self.key)
+    def checkin(self, license_key: str, revision: int = 0) -> CheckinRequest:
+        return CheckinRequest.create(
+            license_key, self.locking_id, self.system_id, self.key, revision=revision
+        )
 
 
 def agent(n: int) -> FakeAgent:
@@ -99,9 +101,12 @@ def activate(state: ServerState, a: FakeAgent, key: str, keyring: Keyring) -> Se
     return ServerResponse.from_json(raw, keyring, request.nonce)
 
 
-def check_in(state: ServerState, a: FakeAgent, key: str, keyring: Keyring) -> ServerResponse:
-    """A (signed) check-in through the service's full path, its response verified."""
-    request = a.checkin(key)
+def check_in(
+    state: ServerState, a: FakeAgent, key: str, keyring: Keyring, revision: int = 0
+) -> ServerResponse:
+    """A (signed) check-in through the service's full path, its response verified;
+    ``revision``: of the license the agent says it holds (0: left out, as older agents do)."""
+    request = a.checkin(key, revision)
     with state.db.write() as session:
         raw = activation.checkin(session, request, state.now(), state.signing_key, state.pepper).to_json()
     return ServerResponse.from_json(raw, keyring, request.nonce)

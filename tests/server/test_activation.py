@@ -119,6 +119,27 @@ def test_checkin_delivers_a_central_change_once(
         assert len(session.execute(select(Checkin)).scalars().all()) == 3
 
 
+def test_a_central_change_whose_answer_was_lost_is_sent_again(
+    state: ServerState, admin: Principal, keyring: Keyring
+) -> None:
+    """The server recorded revision 2 as delivered, but the answer never reached the agent,
+    which still names revision 1: it gets revision 2 again, until it names it."""
+    serial, key = setup_license(state, admin, START)
+    a = agent(1)
+    activate(state, a, key, keyring)
+    with state.db.write() as session:
+        licenses.update_license(
+            session, admin, serial,
+            LicenseUpdate.model_validate({"entitlements": [{"feature": "uniplex", "count": 9}]}),
+            state.now(),
+        )  # fmt: skip
+    assert check_in(state, a, key, keyring, revision=1).license is not None  # lost on the way
+    assert check_in(state, a, key, keyring).license is None  # an older agent: as before
+    again = check_in(state, a, key, keyring, revision=1)
+    assert load_signed(again.license or "", keyring).document.revision == 2
+    assert check_in(state, a, key, keyring, revision=2).license is None
+
+
 def test_every_rule_is_checked_on_every_validation(
     state: ServerState, admin: Principal, keyring: Keyring, clock: ManualClock
 ) -> None:

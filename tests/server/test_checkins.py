@@ -294,3 +294,22 @@ def test_a_postgresql_batch_stuck_on_a_row_lock_does_not_hold_up_the_next(
     assert all(r.directives == () for r in answers(state, [first_request, second_request], results))
     with state.db.read() as session:
         assert len(session.execute(select(Checkin)).all()) == 2
+
+
+def test_an_agent_naming_an_older_revision_than_delivered_goes_to_the_full_path(
+    state: ServerState, admin: Principal
+) -> None:
+    """Its answer with the new revision was lost: the batch leaves it to the full path,
+    which sends the file again; an agent naming the current revision stays on the batch."""
+    serial, key, (a,) = activated(state, admin, 1)
+    with state.db.write() as session:  # revision 2 delivered, as far as the server knows
+        session.execute(LicenseRow.__table__.update().where(LicenseRow.serial == serial).values(revision=2))
+        session.execute(Machine.__table__.update().values(delivered_revision=2))
+    checkin_key = activation.checkin_key_for(state.pepper, a.key.public.to_base64())
+    behind, current = (
+        CheckinRequest.create(key, a.locking_id, a.system_id, a.key, checkin_key, revision=r) for r in (1, 2)
+    )
+    results = asyncio.run(run_all(CheckinWriter(state.db, state.pepper, state.signing_key), [behind]))
+    assert results == [FULL_PATH]
+    results = asyncio.run(run_all(CheckinWriter(state.db, state.pepper, state.signing_key), [current]))
+    assert answers(state, [current], results)[0].license is None

@@ -66,7 +66,13 @@ from tessera.core.model import (
     check_feature_code,
     check_product_code,
 )
-from tessera.core.protocol import ActivationRequest, CheckinRequest, ServerResponse, open_checkin_key
+from tessera.core.protocol import (
+    MAX_REVISION,
+    ActivationRequest,
+    CheckinRequest,
+    ServerResponse,
+    open_checkin_key,
+)
 from tessera.core.signing import Keyring, SigningKey
 from tessera.core.verify import check_binding, check_pair
 
@@ -96,6 +102,14 @@ def _parse_ts(value: str | None) -> datetime | None:
         return parse_timestamp(value)
     except ValueError:
         return None
+
+
+def _held_revision(meta: Mapping[str, str | None]) -> int:
+    """The revision of the license in force, for the check-in (0: none, or unreadable)."""
+    value = meta.get("license_revision") or ""
+    if not value.isascii() or not value.isdigit() or not 0 < int(value) <= MAX_REVISION:
+        return 0
+    return int(value)
 
 
 def _sha256(text: str) -> str:
@@ -695,15 +709,20 @@ class Agent:
                 )
             ca = meta.get("server_ca")
             checkin_key = self._checkin_key(meta)
-            request = CheckinRequest.create(license_key, self.locking_id, self.system_id, key, checkin_key)
+            request = CheckinRequest.create(
+                license_key, self.locking_id, self.system_id, key, checkin_key,
+                revision=_held_revision(meta),
+            )  # fmt: skip
             try:
                 with self._client(url, None if ca is None else ca.encode("ascii")) as client:
                     try:
                         response = client.post(CHECKIN_PATH, request.to_json(), request.nonce)
                     except ServerRefused as exc:
-                        if exc.status_code != 422 or "'accept'" not in str(exc):
+                        if exc.status_code != 422 or not any(
+                            f"'{field}'" in str(exc) for field in ("accept", "revision")
+                        ):
                             raise
-                        # A server older than batch-signed answers: ask as older agents do.
+                        # A server older than these fields: ask as older agents do.
                         request = CheckinRequest.create(
                             license_key, self.locking_id, self.system_id, key, checkin_key,
                             accept_batch=False,

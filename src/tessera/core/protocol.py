@@ -46,12 +46,13 @@ from tessera.core.errors import FormatError, SignatureError, VerificationError
 from tessera.core.fileformat import KEY_ID_RE, format_timestamp, parse_timestamp
 from tessera.core.fingerprint import LockingId
 from tessera.core.licensekey import normalize_license_key
-from tessera.core.model import PRODUCT_RE, SERIAL_RE
+from tessera.core.model import MAX_COUNT, PRODUCT_RE, SERIAL_RE
 from tessera.core.signing import Keyring, PublicKey, SigningKey
 
 __all__ = [
     "DIRECTIVES",
     "MAX_MESSAGE_SIZE",
+    "MAX_REVISION",
     "PROTOCOL",
     "ActivationRequest",
     "CheckinRequest",
@@ -68,6 +69,8 @@ __all__ = [
 PROTOCOL = "tessera-connect/1"
 #: ``CheckinRequest.accept``: the agent takes an answer signed as part of a batch.
 BATCH = "batch"
+#: ``CheckinRequest.revision`` at most: what a license's revision can be (``model.MAX_COUNT``).
+MAX_REVISION = MAX_COUNT
 MAX_MESSAGE_SIZE = 1024 * 1024
 #: What a server may tell an agent to do: ``lock`` (honeypot: stop everything, a blacklisted
 #: container), ``revoke`` (this license is withdrawn here).
@@ -313,14 +316,18 @@ class CheckinRequest(_AgentRequest):
 
     ``accept`` is ``"batch"`` when the agent takes an answer signed as part of a batch
     (:func:`sign_batch`); covered by the MAC, so nobody on the way can change what the
-    agent accepts. Empty in requests of older agents, whose bytes stay as they were.
+    agent accepts. ``revision`` is the revision of the license file the agent has in
+    force, so the server sends a newer one again when the answer that carried it was lost
+    on the way. Both are left out (empty, 0) in requests of older agents, whose bytes stay
+    as they were.
     """
 
     TYPE: ClassVar[str] = "checkin"
-    COVERED: ClassVar[tuple[str, ...]] = (*_AgentRequest.COVERED, "accept")
-    OMITTED_IF_EMPTY: ClassVar[tuple[str, ...]] = ("accept",)
+    COVERED: ClassVar[tuple[str, ...]] = (*_AgentRequest.COVERED, "accept", "revision")
+    OMITTED_IF_EMPTY: ClassVar[tuple[str, ...]] = ("accept", "revision")
     mac: str = ""
     accept: str = ""
+    revision: int = 0
 
     @classmethod
     def create(
@@ -332,10 +339,14 @@ class CheckinRequest(_AgentRequest):
         checkin_key: bytes | None = None,
         *,
         accept_batch: bool = True,
+        revision: int = 0,
     ) -> CheckinRequest:
+        """``revision``: of the license file in force (0: none, or an older agent's request)."""
+        if not 0 <= revision <= MAX_REVISION:
+            raise ValueError(f"revision {revision} is out of range")
         unsigned = cls(
             normalize_license_key(license_key), locking_id, system_id, new_nonce(), "",
-            accept=BATCH if accept_batch else "",
+            accept=BATCH if accept_batch else "", revision=revision,
         )  # fmt: skip
         payload = canonical_json(unsigned.payload())
         if checkin_key is not None:
@@ -364,12 +375,17 @@ class CheckinRequest(_AgentRequest):
         """Parse only: the caller checks it with the registered key (:meth:`authenticate`)."""
         obj = _load_object(data, "check-in request")
         names = {"protocol", "type", "license_key", "locking_id", "system_id", "nonce"}
-        _fields(obj, names, {"signature", "mac", "accept"}, "check-in request")
+        _fields(obj, names, {"signature", "mac", "accept", "revision"}, "check-in request")
         if obj["type"] != cls.TYPE:
             raise FormatError("not a check-in request")
         _check_common(obj)
         if "accept" in obj and obj["accept"] != BATCH:
             raise FormatError("field 'accept' is malformed")
+        if "revision" in obj:
+            revision = obj["revision"]
+            # 0 is left out, never sent: one message, one encoding (the MAC covers the bytes).
+            if type(revision) is not int or not 1 <= revision <= MAX_REVISION:
+                raise FormatError("field 'revision' is malformed")
         if ("signature" in obj) == ("mac" in obj):
             raise FormatError("check-in request needs exactly one of 'signature' and 'mac'")
         if "mac" in obj:

@@ -602,15 +602,20 @@ def check_checkin(found: CheckinFound, request: CheckinRequest, pepper: bytes) -
         raise Forbidden(f"this machine no longer matches the one license {found.serial} is bound to")
 
 
-def plain_verdict(found: CheckinFound) -> CheckinVerdict | None:
-    """The verdict on a bound, not blacklisted machine; None when a new revision must go out."""
+def plain_verdict(found: CheckinFound, held_revision: int = 0) -> CheckinVerdict | None:
+    """The verdict on a bound, not blacklisted machine; None when a new revision must go out.
+
+    It must when this machine was not sent the current revision yet, or when its agent says
+    it holds an older one (``held_revision``, 0 from older agents): the answer that carried
+    the file was lost on the way, after the server had recorded it as delivered.
+    """
     assert found.machine_id is not None and found.delivered_revision is not None
     if found.status == "revoked":
         return CheckinVerdict(
             found.machine_id, found.serial, "revoked", found.delivered_revision, ("revoke",),
             f"license {found.serial} has been revoked",
         )  # fmt: skip
-    if found.delivered_revision != found.revision:
+    if found.delivered_revision != found.revision or 0 < held_revision < found.revision:
         return None
     return _expired_or(CheckinVerdict(found.machine_id, found.serial, "ok", found.delivered_revision), found)
 
@@ -650,7 +655,7 @@ def checkin(
             "this machine's container is blacklisted by the vendor",
         )  # fmt: skip
     else:
-        verdict = plain_verdict(found)
+        verdict = plain_verdict(found, request.revision)
     if verdict is None:
         row = session.get(LicenseRow, found.id)
         assert row is not None  # read in this transaction

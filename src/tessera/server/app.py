@@ -32,7 +32,7 @@ from starlette.types import ASGIApp
 from tessera.core.clock import Clock
 from tessera.core.credential import LeaseRequest
 from tessera.core.errors import FormatError, SignatureError, TesseraError
-from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest, CheckinRequest
+from tessera.core.protocol import MAX_MESSAGE_SIZE, MAX_REVISION, ActivationRequest, CheckinRequest
 from tessera.core.signing import SigningKey
 from tessera.server import activation, activations, audit, bulk, catalog, leases, licenses, recovery, webhooks
 from tessera.server.checkins import CheckinWriter
@@ -157,6 +157,8 @@ class _CheckinBody(BaseModel):
     locking_id: str = _LOCKING_ID
     system_id: str = _SYSTEM_ID
     nonce: str = _NONCE
+    accept: Literal["batch"] | None = None
+    revision: int | None = Field(None, ge=1, le=MAX_REVISION)
     signature: str = _B64
 
 

@@ -420,7 +420,7 @@ class CheckinWriter:
         if found.machine_id is None or found.blacklisted:
             return FULL_PATH
         check_checkin(found, job.request, self._pepper)
-        verdict = plain_verdict(found)
+        verdict = plain_verdict(found, job.request.revision)
         return FULL_PATH if verdict is None else verdict
 
     def _record(self, cursor: Any, recorded: list[tuple[CheckinVerdict, datetime]]) -> None:
