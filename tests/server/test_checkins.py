@@ -313,3 +313,22 @@ def test_an_agent_naming_an_older_revision_than_delivered_goes_to_the_full_path(
     assert results == [FULL_PATH]
     results = asyncio.run(run_all(CheckinWriter(state.db, state.pepper, state.signing_key), [current]))
     assert answers(state, [current], results)[0].license is None
+
+
+@pytest.mark.parametrize(
+    "values", [['a"b', "c\\d", "e,f", "{}", " ", "NULL", "", 'x\\"y', "ü"], [], ["2026-11-22T10:00:00+00:00"]]
+)
+def test_batch_arrays_reach_postgresql_as_sent(values: list[str], db_url: str) -> None:
+    """The batch statements' arrays travel as text in PostgreSQL's array syntax: whatever
+    an element holds (quotes, backslashes, commas, braces, the word NULL) it arrives as is."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's array syntax")
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from tessera.server.checkins import _array
+
+    plain_url = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(plain_url) as connection:
+        row = connection.execute("SELECT CAST(%s AS TEXT[])", (_array(values),)).fetchone()
+    assert row is not None and row[0] == values
