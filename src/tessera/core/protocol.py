@@ -32,7 +32,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import orjson
 from nacl.exceptions import CryptoError
@@ -105,15 +105,27 @@ def canonical_json(obj: Mapping[str, Any]) -> bytes:
 
 
 def _orjson_safe(value: Any) -> bool:
-    """No floats and no types orjson knows but json does not (datetimes, dataclasses...)."""
+    """No floats and no types orjson knows but json does not (datetimes, dataclasses...).
+
+    One loop per container, scalars checked in line: protocol messages are flat objects of
+    strings, and this runs on every canonical text the server makes (three per check-in).
+    """
     kind = type(value)
-    if kind is str or kind is int or kind is bool or value is None:
+    if kind in _JSON_SCALARS:
         return True
     if kind is dict:
-        return all(_orjson_safe(v) for v in value.values())
-    if kind is list or kind is tuple:
-        return all(_orjson_safe(v) for v in value)
-    return False
+        items = value.values()
+    elif kind is list or kind is tuple:
+        items = value
+    else:
+        return False
+    for item in items:
+        if type(item) not in _JSON_SCALARS and not _orjson_safe(item):
+            return False
+    return True
+
+
+_JSON_SCALARS: Final = frozenset({str, int, bool, type(None)})
 
 
 CHECKIN_KEY_SIZE = 32
