@@ -263,8 +263,9 @@ def test_one_batch_with_an_unknown_key_and_a_machine_twice(state: ServerState, a
 def test_a_postgresql_batch_stuck_on_a_row_lock_does_not_hold_up_the_next(
     state: ServerState, admin: Principal, db_url: str
 ) -> None:
-    """One batch at a time on PostgreSQL, but one that waits (here for a row lock another
-    transaction holds) lets the next start beside it after ``PG_STALL_S``."""
+    """Batches overlap two at a time on PostgreSQL (the next starts once the one in flight
+    has its rows), and batches that wait (here for a row lock another transaction holds)
+    let the next start beside them after ``PG_STALL_S``."""
     if db_url.startswith("sqlite"):
         pytest.skip("PostgreSQL's batches in flight; SQLite: the loop test above")
     import psycopg
@@ -275,13 +276,52 @@ def test_a_postgresql_batch_stuck_on_a_row_lock_does_not_hold_up_the_next(
     blocker = psycopg.connect(plain_url)
     blocker.execute("SELECT id FROM machines WHERE system_id = %s FOR UPDATE", (stuck.system_id,))
     writer = CheckinWriter(state.db, state.pepper, state.signing_key)
-    first_request, second_request = maced(state, stuck, key), maced(state, free, key)
+    waiting = [maced(state, stuck, key) for _ in range(2)]
+    second_request = maced(state, free, key)
 
     async def scenario() -> list[object]:
-        first = asyncio.ensure_future(writer.checkin(first_request, START))
-        await asyncio.sleep(0.2)
-        assert not first.done()  # waiting for the row lock
+        first = []
+        for request in waiting:  # two batches, each stuck on the lock
+            first.append(asyncio.ensure_future(writer.checkin(request, START)))
+            await asyncio.sleep(0.2)
+        assert not any(f.done() for f in first)
         second = await asyncio.wait_for(writer.checkin(second_request, START), 10)
+        assert not any(f.done() for f in first)
+        blocker.rollback()
+        return [*(await asyncio.wait_for(asyncio.gather(*first), 10)), second]
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        writer.stop()
+        blocker.close()
+    assert all(r.directives == () for r in answers(state, [*waiting, second_request], results))
+    with state.db.read() as session:
+        assert len(session.execute(select(Checkin)).all()) == 3
+
+
+def test_a_postgresql_batch_starts_while_the_one_before_writes(
+    state: ServerState, admin: Principal, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next batch does not wait for the one in flight to commit, only for its rows:
+    here the first waits for a row lock in its writes, and no stall timer could help."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's batches in flight")
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    monkeypatch.setattr("tessera.server.checkins.PG_STALL_S", 3600)
+    _, key, (stuck, free) = activated(state, admin, 2)
+    plain_url = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    blocker = psycopg.connect(plain_url)
+    blocker.execute("SELECT id FROM machines WHERE system_id = %s FOR UPDATE", (stuck.system_id,))
+    writer = CheckinWriter(state.db, state.pepper, state.signing_key)
+    requests = [maced(state, stuck, key), maced(state, free, key)]
+
+    async def scenario() -> list[object]:
+        first = asyncio.ensure_future(writer.checkin(requests[0], START))
+        await asyncio.sleep(0.2)
+        second = await asyncio.wait_for(writer.checkin(requests[1], START), 10)
         assert not first.done()
         blocker.rollback()
         return [await asyncio.wait_for(first, 10), second]
@@ -291,9 +331,7 @@ def test_a_postgresql_batch_stuck_on_a_row_lock_does_not_hold_up_the_next(
     finally:
         writer.stop()
         blocker.close()
-    assert all(r.directives == () for r in answers(state, [first_request, second_request], results))
-    with state.db.read() as session:
-        assert len(session.execute(select(Checkin)).all()) == 2
+    assert all(r.directives == () for r in answers(state, requests, results))
 
 
 def test_an_agent_naming_an_older_revision_than_delivered_goes_to_the_full_path(
