@@ -334,6 +334,41 @@ def test_a_postgresql_batch_starts_while_the_one_before_writes(
     assert all(r.directives == () for r in answers(state, requests, results))
 
 
+def test_a_postgresql_connection_that_died_while_idle_costs_no_checkin(
+    state: ServerState, admin: Principal, db_url: str
+) -> None:
+    """The database ended the writer's kept connection between two batches (a restart, an
+    idle timeout): the next batch finds out at its lookup and runs on a new connection."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's kept connections")
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    _, key, (a,) = activated(state, admin, 1)
+    plain_url = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    writer = CheckinWriter(state.db, state.pepper, state.signing_key)
+    requests = [maced(state, a, key) for _ in range(2)]
+
+    async def scenario() -> list[object]:
+        first = await writer.checkin(requests[0], START)
+        with psycopg.connect(plain_url, autocommit=True) as admin_connection:
+            ended = admin_connection.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+        assert ended is not None and ended[0] >= 1
+        await asyncio.sleep(0.2)  # the backend is gone
+        return [first, await writer.checkin(requests[1], START)]
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        writer.stop()
+    assert all(r.directives == () for r in answers(state, requests, results))
+    with state.db.read() as session:
+        assert len(session.execute(select(Checkin)).all()) == 2
+
+
 def test_an_agent_naming_an_older_revision_than_delivered_goes_to_the_full_path(
     state: ServerState, admin: Principal
 ) -> None:

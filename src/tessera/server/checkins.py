@@ -525,25 +525,27 @@ class CheckinWriter:
         """
         connection: Any = None
         try:
-            connection = pg.idle.pop() if pg is not None and pg.idle else await self._pg_connect()
-            try:
-                async with connection.cursor() as cursor:
-                    rows = await self._pg_look_up(cursor, batch)
-                    if looked_up is not None:
-                        looked_up()
-                    outcomes, recorded = self._decide_all(batch, rows)
-                    if recorded:
-                        async with connection.pipeline():
-                            await self._pg_record(cursor, recorded)
-                            await connection.commit()
-                    else:
-                        await connection.commit()
-            except BaseException:
-                connection = await _rolled_back(connection)
-                raise
+            for attempt in (1, 2):
+                kept = pg is not None and bool(pg.idle)
+                connection = pg.idle.pop() if pg is not None and kept else await self._pg_connect()
+                try:
+                    outcomes = await self._pg_transaction(connection, batch, looked_up)
+                    break
+                except _Stale:
+                    # A kept connection died while idle (the database restarted, a
+                    # firewall dropped it): the lookup failed before anything was done,
+                    # so the batch runs once more on a new one, as a pool's ping would.
+                    await _closed(connection)
+                    connection = None
+                    if attempt == 2 or not kept:
+                        raise
+                except BaseException:
+                    connection = await _rolled_back(connection)
+                    raise
         except Exception as exc:
-            failure = _wrap(exc)
-            log.warning("check-in batch of %d not recorded: %s", len(batch), exc)
+            cause = exc.__cause__ if isinstance(exc, _Stale) and isinstance(exc.__cause__, Exception) else exc
+            failure = _wrap(cause)
+            log.warning("check-in batch of %d not recorded: %s", len(batch), cause)
             settle(batch, [failure] * len(batch), on_loop=True)
             return
         except BaseException:  # cancelled: the loop is going away
@@ -560,6 +562,29 @@ class CheckinWriter:
                 else:
                     await connection.close()
         settle(batch, self._answers(batch, outcomes), on_loop=True)
+
+    async def _pg_transaction(
+        self, connection: Any, batch: list[_Job], looked_up: Callable[[], None] | None
+    ) -> list[Any]:
+        """The batch's transaction on ``connection``: each job's outcome, once committed.
+        :class:`_Stale` if the connection turns out dead at the first statement."""
+        async with connection.cursor() as cursor:
+            try:
+                rows = await self._pg_look_up(cursor, batch)
+            except Exception as exc:
+                if connection.broken or connection.closed:
+                    raise _Stale from exc
+                raise
+            if looked_up is not None:
+                looked_up()
+            outcomes, recorded = self._decide_all(batch, rows)
+            if recorded:
+                async with connection.pipeline():
+                    await self._pg_record(cursor, recorded)
+                    await connection.commit()
+            else:
+                await connection.commit()
+        return outcomes
 
     async def _pg_connect(self) -> Any:
         connection = await self._db.connect_async()
@@ -638,6 +663,15 @@ class CheckinWriter:
         release_connection(connection, broken=broken)
 
 
+class _Stale(Exception):
+    """PostgreSQL: the connection was found dead at a batch's first statement."""
+
+
+async def _closed(connection: Any) -> None:
+    with contextlib.suppress(Exception):
+        await connection.close()
+
+
 async def _rolled_back(connection: Any) -> Any:
     """``connection`` after rolling back a failed batch; None (and closed) if it is broken."""
     try:
@@ -646,8 +680,7 @@ async def _rolled_back(connection: Any) -> Any:
             return connection
     except Exception:
         log.debug("rollback failed; the connection is dropped", exc_info=True)
-    with contextlib.suppress(Exception):
-        await connection.close()
+    await _closed(connection)
     return None
 
 
