@@ -23,28 +23,36 @@ NAME = "agent check(feature)"
 FEATURE = "uniplex"
 
 
-def median_ns(func: Callable[[str], object], arg: str, batches: int, per_batch: int = 10_000) -> float:
-    """Median over ``batches`` of the time per call of ``func(arg)``, loop included."""
-    times: list[float] = []
+def _batch_ns(func: Callable[[str], object] | None, arg: str, per_batch: int) -> float:
+    """ns per iteration of one batch of ``func(arg)`` calls (of the bare loop if None)."""
     r = range(per_batch)
-    for _ in range(batches):
-        start = time.perf_counter_ns()
-        for _ in r:
-            func(arg)
-        times.append((time.perf_counter_ns() - start) / per_batch)
-    return statistics.median(times)
-
-
-def loop_ns(batches: int, per_batch: int = 10_000) -> float:
-    """The bare loop's cost per iteration, which both figures would otherwise include."""
-    times: list[float] = []
-    r = range(per_batch)
-    for _ in range(batches):
+    if func is None:
         start = time.perf_counter_ns()
         for _ in r:
             pass
-        times.append((time.perf_counter_ns() - start) / per_batch)
-    return statistics.median(times)
+    else:
+        start = time.perf_counter_ns()
+        for _ in r:
+            func(arg)
+    return (time.perf_counter_ns() - start) / per_batch
+
+
+def medians_ns(
+    calls: dict[str, tuple[Callable[[str], object], str]], batches: int, per_batch: int = 10_000
+) -> dict[str, float]:
+    """Median ns per call of each of ``calls``, the loop's own cost taken off.
+
+    Measured in rounds: the bare loop, then one batch of each call, so a change of the
+    CPU's speed or foreign load lands on every figure of a round alike, and each batch
+    is taken against the loop measured next to it. (Medians of separately measured series
+    once put a dict lookup at 2 ns.)
+    """
+    rounds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(batches):
+        empty = _batch_ns(None, "", per_batch)
+        for name, (func, arg) in calls.items():
+            rounds[name].append(_batch_ns(func, arg, per_batch) - empty)
+    return {name: statistics.median(values) for name, values in rounds.items()}
 
 
 @benchmark("agent-check")
@@ -69,11 +77,15 @@ def agent_check(ctx: Context) -> list[Row]:
             if not agent.check(FEATURE):
                 return [skipped(NAME, "ns/call", f"sample license does not grant {FEATURE}")]
             table = {FEATURE: True, "backup": True, "ctxjs": True}
-            batches = 30 if ctx.quick else 200
-            empty = loop_ns(batches)
-            check = median_ns(agent.check, FEATURE, batches) - empty
-            lookup = median_ns(table.get, FEATURE, batches) - empty
-            denied = median_ns(agent.check, "nonexistent", batches) - empty
+            figures = medians_ns(
+                {
+                    "check": (agent.check, FEATURE),
+                    "lookup": (table.get, FEATURE),
+                    "denied": (agent.check, "nonexistent"),
+                },
+                30 if ctx.quick else 200,
+            )
+            check, lookup, denied = figures["check"], figures["lookup"], figures["denied"]
         finally:
             close = getattr(agent, "close", None)
             if close is not None:
