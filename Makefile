@@ -33,14 +33,14 @@ run: $(VENV)/.installed
 test: $(VENV)/.dev-installed
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy --strict src/tessera/core src/tessera/agent
-	$(BIN)/mypy src/tessera/server src/tessera/cli
+	$(BIN)/mypy src/tessera/server src/tessera/cli bench
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy --strict src/tessera/core src/tessera/agent
-	$(BIN)/mypy src/tessera/server src/tessera/cli
+	$(BIN)/mypy src/tessera/server src/tessera/cli bench
 
 bench: $(VENV)/.dev-installed
 	$(BIN)/python -m bench $(if $(QUICK),--quick,)

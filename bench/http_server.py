@@ -58,7 +58,7 @@ def sample_body() -> bytes:
     ).to_json()  # fmt: skip
 
 
-def measure_baselines(ctx: Context, duration: float) -> tuple[list[Row], LoadResult]:
+def measure_baselines(ctx: Context, duration: float) -> tuple[list[Row], LoadResult, LoadResult | None]:
     body = sample_body()
     port = free_port()
     with serving([PYTHON, "-m", "bench.emptyapp", "--null", str(port)], port=port):
