@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     import asyncio
 
     from tessera.core.protocol import CheckinRequest
-    from tessera.server.checkins import CheckinWriter, _Job, _PgLoop
+    from tessera.server.checkins import CheckinWriter, _Job
     from tessera.server.runner import build_state
 
     db_cm = postgres_database() if args.postgres else nullcontext(None)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         state = build_state(server.data_dir)
         writer = CheckinWriter(state.db, state.pepper, state.signing_key)
         loop = asyncio.new_event_loop()
-        pg = _PgLoop()  # this loop's connections, kept from batch to batch
+        pg = writer._pg_loop(loop)  # this loop's connections, kept from batch to batch
 
         def batch(chunk: list[bytes]) -> None:
             now = datetime.now(UTC).replace(microsecond=0)
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         profiler.enable()
         replay(bodies[64 + half :])
         profiler.disable()
+        writer.stop()  # its connections, before the scratch database goes
         backend = "PostgreSQL" if args.postgres else "SQLite"
         print(
             f"{backend}: {plain * 1e6:.0f} us per check-in in process ({cpu * 1e6:.0f} us of this"

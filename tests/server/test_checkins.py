@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from datetime import timedelta
+from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from tessera.core.protocol import CheckinRequest, ServerResponse
 from tessera.core.signing import Keyring
 from tessera.server import activation, licenses
 from tessera.server.app import ServerState
-from tessera.server.checkins import FULL_PATH, CheckinWriter, _Job
+from tessera.server.checkins import FULL_PATH, CheckinWriter, _array, _Job
 from tessera.server.errors import Forbidden, NotFound
 from tessera.server.models import Checkin, LicenseRow, Machine
 from tessera.server.storage import Database
@@ -49,6 +52,13 @@ def answers(
         assert isinstance(result, bytes), result
         out.append(ServerResponse.from_json(result, keyring, request.nonce))
     return out
+
+
+def pg_connect(db_url: str, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+    """A connection of the test's own to the PostgreSQL database of ``db_url``: another
+    process, as far as the writer can tell."""
+    url = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    return psycopg.connect(url, autocommit=autocommit)
 
 
 async def run_all(writer: CheckinWriter, requests: list[CheckinRequest], now=START) -> list[object]:  # type: ignore[no-untyped-def]
@@ -244,7 +254,7 @@ def test_one_batch_with_an_unknown_key_and_a_machine_twice(state: ServerState, a
         if state.db.is_sqlite:
             writer._run_batch(jobs)
         else:
-            await writer._run_pg_batch(jobs)
+            await writer._run_pg_batch(jobs, writer._pg_loop(loop))
         return await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
 
     try:
@@ -268,12 +278,8 @@ def test_a_postgresql_batch_stuck_on_a_row_lock_does_not_hold_up_the_next(
     let the next start beside them after ``PG_STALL_S``."""
     if db_url.startswith("sqlite"):
         pytest.skip("PostgreSQL's batches in flight; SQLite: the loop test above")
-    import psycopg
-    from sqlalchemy.engine import make_url
-
     _, key, (stuck, free) = activated(state, admin, 2)
-    plain_url = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    blocker = psycopg.connect(plain_url)
+    blocker = pg_connect(db_url)
     blocker.execute("SELECT id FROM machines WHERE system_id = %s FOR UPDATE", (stuck.system_id,))
     writer = CheckinWriter(state.db, state.pepper, state.signing_key)
     waiting = [maced(state, stuck, key) for _ in range(2)]
@@ -307,13 +313,9 @@ def test_a_postgresql_batch_starts_while_the_one_before_writes(
     here the first waits for a row lock in its writes, and no stall timer could help."""
     if db_url.startswith("sqlite"):
         pytest.skip("PostgreSQL's batches in flight")
-    import psycopg
-    from sqlalchemy.engine import make_url
-
     monkeypatch.setattr("tessera.server.checkins.PG_STALL_S", 3600)
     _, key, (stuck, free) = activated(state, admin, 2)
-    plain_url = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    blocker = psycopg.connect(plain_url)
+    blocker = pg_connect(db_url)
     blocker.execute("SELECT id FROM machines WHERE system_id = %s FOR UPDATE", (stuck.system_id,))
     writer = CheckinWriter(state.db, state.pepper, state.signing_key)
     requests = [maced(state, stuck, key), maced(state, free, key)]
@@ -341,17 +343,13 @@ def test_a_postgresql_connection_that_died_while_idle_costs_no_checkin(
     idle timeout): the next batch finds out at its lookup and runs on a new connection."""
     if db_url.startswith("sqlite"):
         pytest.skip("PostgreSQL's kept connections")
-    import psycopg
-    from sqlalchemy.engine import make_url
-
     _, key, (a,) = activated(state, admin, 1)
-    plain_url = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
     writer = CheckinWriter(state.db, state.pepper, state.signing_key)
     requests = [maced(state, a, key) for _ in range(2)]
 
     async def scenario() -> list[object]:
         first = await writer.checkin(requests[0], START)
-        with psycopg.connect(plain_url, autocommit=True) as admin_connection:
+        with pg_connect(db_url, autocommit=True) as admin_connection:
             ended = admin_connection.execute(
                 "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND pid <> pg_backend_pid()"
@@ -396,12 +394,6 @@ def test_batch_arrays_reach_postgresql_as_sent(values: list[str], db_url: str) -
     an element holds (quotes, backslashes, commas, braces, the word NULL) it arrives as is."""
     if db_url.startswith("sqlite"):
         pytest.skip("PostgreSQL's array syntax")
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    from tessera.server.checkins import _array
-
-    plain_url = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(plain_url) as connection:
+    with pg_connect(db_url) as connection:
         row = connection.execute("SELECT CAST(%s AS TEXT[])", (_array(values),)).fetchone()
     assert row is not None and row[0] == values

@@ -164,32 +164,19 @@ AFTER_LOCK: ClauseElement = union_all(
     _part(_CONTAINER, c=BlacklistEntryRow.locking_id).where(BlacklistEntryRow.scope == "container"),
     _part(_ENDPOINT, c=WebhookEndpoint.events, n=WebhookEndpoint.id).where(WebhookEndpoint.active.is_(True)),
 ).order_by("part", "a", "b", "n")
+#: What an activation writes into a machine slot, new or taken again.
+_BOUND: Final = {
+    "locking_id": bindparam("locking_id"),
+    "system_id": bindparam("system_id"),
+    "agent_key": bindparam("agent_key"),
+    "activated_at": bindparam("now"),
+    "delivered_revision": bindparam("revision"),
+    "offline": False,
+}
 BIND_NEW = (
-    insert(Machine)
-    .values(
-        license_id=bindparam("license_id"),
-        slot=bindparam("slot"),
-        locking_id=bindparam("locking_id"),
-        system_id=bindparam("system_id"),
-        agent_key=bindparam("agent_key"),
-        activated_at=bindparam("now"),
-        delivered_revision=bindparam("revision"),
-        offline=False,
-    )
-    .inline()
+    insert(Machine).values(license_id=bindparam("license_id"), slot=bindparam("slot"), **_BOUND).inline()
 )
-REBIND = (
-    update(Machine)
-    .where(Machine.id == bindparam("machine_id"))
-    .values(
-        locking_id=bindparam("locking_id"),
-        system_id=bindparam("system_id"),
-        agent_key=bindparam("agent_key"),
-        activated_at=bindparam("now"),
-        delivered_revision=bindparam("revision"),
-        offline=False,
-    )
-)
+REBIND = update(Machine).where(Machine.id == bindparam("machine_id")).values(**_BOUND)
 
 
 @dataclass(frozen=True, slots=True)

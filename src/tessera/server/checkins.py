@@ -196,9 +196,9 @@ class CheckinWriter:
             self._batch_machines = Compiled(PG_BATCH_RECORD_MACHINES, dialect)
             self._batch_checkins = Compiled(PG_BATCH_RECORD_CHECKINS, dialect)
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None  # SQLite's writer thread
         self._start_lock = threading.Lock()
-        self._local = threading.local()  # each writer thread's own connection
+        self._connection: Any = None  # the writer thread's own
         #: SQLite: check-ins that arrived in one turn of each event loop, flushed together.
         self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         self._loop_connection: Any = None
@@ -236,10 +236,9 @@ class CheckinWriter:
             for connection in idle:  # idle, so closing it from here touches nobody's work
                 connection.pgconn.finish()
         with self._start_lock:
-            threads, self._threads = self._threads, []
-        for _ in threads:
+            thread, self._thread = self._thread, None
+        if thread is not None:
             self._queue.put(_STOP)
-        for thread in threads:
             thread.join(timeout=15)
         self._discard_loop_connection(broken=False)
 
@@ -292,12 +291,11 @@ class CheckinWriter:
             self._queue.put(job)
 
     def _ensure_started(self) -> None:
-        if not self._threads:
+        if self._thread is None:
             with self._start_lock:
-                if not self._threads:
-                    thread = threading.Thread(target=self._run, name="tessera-checkins", daemon=True)
-                    thread.start()
-                    self._threads.append(thread)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="tessera-checkins", daemon=True)
+                    self._thread.start()
 
     def _run(self) -> None:
         try:
@@ -456,11 +454,16 @@ class CheckinWriter:
 
     def _pg_enqueue(self, job: _Job, loop: asyncio.AbstractEventLoop) -> None:
         self._stopped = False
+        pg = self._pg_loop(loop)
+        pg.pending.append(job)
+        self._pg_schedule(pg, loop)
+
+    def _pg_loop(self, loop: asyncio.AbstractEventLoop) -> _PgLoop:
+        """``loop``'s waiting check-ins and connections (closed by :meth:`stop`)."""
         pg = self._pg_loops.get(loop)
         if pg is None:
             pg = self._pg_loops[loop] = _PgLoop()
-        pg.pending.append(job)
-        self._pg_schedule(pg, loop)
+        return pg
 
     def _pg_schedule(self, pg: _PgLoop, loop: asyncio.AbstractEventLoop) -> None:
         """Start a batch of the waiting check-ins: after this turn of the loop if none is in
@@ -514,7 +517,7 @@ class CheckinWriter:
             self._pg_reschedule(pg, loop)
 
     async def _run_pg_batch(
-        self, batch: list[_Job], pg: _PgLoop | None = None, looked_up: Callable[[], None] | None = None
+        self, batch: list[_Job], pg: _PgLoop, looked_up: Callable[[], None] | None = None
     ) -> None:
         """PostgreSQL: look up, decide and record ``batch`` in one transaction on an
         asynchronous connection of this loop; settle every job.
@@ -526,8 +529,8 @@ class CheckinWriter:
         connection: Any = None
         try:
             for attempt in (1, 2):
-                kept = pg is not None and bool(pg.idle)
-                connection = pg.idle.pop() if pg is not None and kept else await self._pg_connect()
+                kept = bool(pg.idle)
+                connection = pg.idle.pop() if kept else await self._pg_connect()
                 try:
                     outcomes = await self._pg_transaction(connection, batch, looked_up)
                     break
@@ -557,7 +560,7 @@ class CheckinWriter:
             raise
         finally:
             if connection is not None:
-                if pg is not None and not self._stopped:
+                if not self._stopped:
                     pg.idle.append(connection)
                 else:
                     await connection.close()
@@ -652,14 +655,14 @@ class CheckinWriter:
             raise
 
     def _thread_connection(self) -> Any:
-        """This writer thread's connection, kept from batch to batch."""
-        if getattr(self._local, "connection", None) is None:
-            self._local.connection = self._db.engine.raw_connection()
-        return self._local.connection
+        """The writer thread's connection, kept from batch to batch."""
+        if self._connection is None:
+            self._connection = self._db.engine.raw_connection()
+        return self._connection
 
     def _discard_connection(self, *, broken: bool = True) -> None:
         """Give up this thread's connection: invalidated if it may be broken, else closed."""
-        connection, self._local.connection = getattr(self._local, "connection", None), None
+        connection, self._connection = self._connection, None
         release_connection(connection, broken=broken)
 
 
