@@ -151,6 +151,59 @@ def test_a_batch_that_cannot_commit_acknowledges_nothing(
     assert len(answers(state, requests, results)) == 3
 
 
+def test_a_postgresql_batch_whose_writes_fail_acknowledges_nothing_and_the_next_one_runs(
+    state: ServerState, admin: Principal, db_url: str
+) -> None:
+    """The writes and the commit go in one pipeline: one of them failing (here the check-in
+    insert, after the machines were updated) rolls back the whole batch, every check-in
+    of it gets the error, and the same kept connection serves the next batch."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's pipeline; SQLite: the test above")
+    _, key, agents = activated(state, admin, 3)
+    with pg_connect(db_url, autocommit=True) as c:
+        c.execute(
+            "CREATE FUNCTION refuse_checkin() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'no room for check-ins'; END $$"
+        )
+        c.execute(
+            "CREATE TRIGGER refuse_checkin BEFORE INSERT ON checkins"
+            " FOR EACH STATEMENT EXECUTE FUNCTION refuse_checkin()"
+        )
+    writer = CheckinWriter(state.db, state.pepper, state.signing_key)
+    requests = [maced(state, a, key) for a in agents]
+    later = START + timedelta(hours=1)
+
+    def machine_rows() -> list[tuple[Any, ...]]:
+        with pg_connect(db_url, autocommit=True) as c:
+            query = "SELECT id, last_checkin_at, delivered_revision FROM machines ORDER BY id"
+            return c.execute(query).fetchall()
+
+    before = machine_rows()
+
+    async def scenario() -> tuple[list[object], list[tuple[Any, ...]], list[object], int]:
+        failed = await asyncio.gather(*(writer.checkin(r, later) for r in requests), return_exceptions=True)
+        after_failure = machine_rows()
+        with pg_connect(db_url, autocommit=True) as c:
+            c.execute("DROP TRIGGER refuse_checkin ON checkins")
+        connections = sum(len(pg.idle) for pg in writer._pg_loops.values())
+        again = [maced(state, a, key) for a in agents]
+        recovered = await asyncio.gather(*(writer.checkin(r, later) for r in again))
+        return failed, after_failure, recovered, connections
+
+    try:
+        failed, after_failure, recovered, kept = asyncio.run(scenario())
+    finally:
+        writer.stop()
+    assert all(isinstance(r, OperationalError) and "no room" in str(r) for r in failed), failed
+    assert after_failure == before  # the machines' update went with the failed insert
+    assert kept >= 1  # rolled back and kept, not dropped
+    assert len(recovered) == 3 and all(isinstance(r, bytes) for r in recovered)
+    with state.db.read() as session:
+        assert len(session.execute(select(Checkin)).all()) == 3  # the second round's only
+        stamps = session.execute(select(Machine.last_checkin_at)).scalars().all()
+    assert all(s is not None and s.replace(tzinfo=None) == later.replace(tzinfo=None) for s in stamps)
+
+
 def test_sqlite_batches_never_make_the_event_loop_wait_for_the_write_lock(
     state: ServerState, admin: Principal, db_url: str
 ) -> None:

@@ -522,9 +522,10 @@ class CheckinWriter:
         """PostgreSQL: look up, decide and record ``batch`` in one transaction on an
         asynchronous connection of this loop; settle every job.
 
-        Four statements whatever the batch's size (``PG_BATCH_*``), each a round trip the
-        loop spends serving other requests instead of a thread waiting for it under the
-        GIL. A connection that failed is rolled back and kept, or closed if that fails.
+        Four statements whatever the batch's size (``PG_BATCH_*``) in two round trips (the
+        lookup; the writes and the commit), which the loop spends serving other requests
+        instead of a thread waiting for them under the GIL. A connection that failed is
+        rolled back and kept, or closed if that fails.
         """
         connection: Any = None
         try:
@@ -582,18 +583,24 @@ class CheckinWriter:
                 looked_up()
             outcomes, recorded = self._decide_all(batch, rows)
             if recorded:
+                # One round trip: the pipeline's only Sync is sent when it closes.
+                # (psycopg's commit() and transaction() would each add a Sync of their
+                # own, and a non-autocommit connection a BEGIN before the lookup: four
+                # round trips where two do.)
                 async with connection.pipeline():
+                    await cursor.execute(b"BEGIN")
                     await self._pg_record(cursor, recorded)
-                    await connection.commit()
-            else:
-                await connection.commit()
+                    await cursor.execute(b"COMMIT")
         return outcomes
 
     async def _pg_connect(self) -> Any:
         connection = await self._db.connect_async()
         try:
+            # Autocommit: the lookup needs no transaction (under READ COMMITTED it sees
+            # what it would see inside one; the rows it decides on are locked and written
+            # in the transaction the writes open themselves).
+            await connection.set_autocommit(True)
             await connection.execute(PG_SESSION_SETUP)
-            await connection.commit()
         except BaseException:
             await connection.close()
             raise
