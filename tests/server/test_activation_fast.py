@@ -29,7 +29,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from tessera.core.clock import ManualClock
 from tessera.core.fingerprint import COMPONENT_KINDS, Component, LockingId, match_locking_ids
@@ -398,6 +398,57 @@ def test_the_writer_survives_a_lost_connection(
         actions = session.execute(select(AuditEntry.action).order_by(AuditEntry.id)).scalars().all()
     assert slots == [0, 1]
     assert actions.count("license.activate") == 2
+
+
+@pytest.mark.parametrize("table", ["machines", "audit_log"])
+def test_a_postgresql_activation_failing_inside_its_pipeline_leaves_nothing(
+    state: ServerState, admin: Principal, keyring: Keyring, db_url: str, table: str
+) -> None:
+    """PostgreSQL: the writes travel with the next read or with COMMIT, so a failing write
+    surfaces later (the machine's insert at the audit chain's read, the audit entry's at
+    the end). Either way the activation is refused with the database's error, nothing of
+    it stays, and the writer's connection serves the next activation."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's pipeline")
+    _, key = setup_license(state, admin, START, machines=3)
+    with state.db.engine.begin() as c:
+        c.execute(
+            text(
+                "CREATE FUNCTION refuse_row() RETURNS trigger LANGUAGE plpgsql"
+                " AS $$ BEGIN RAISE EXCEPTION 'no room for this row'; END $$"
+            )
+        )
+        c.execute(
+            text(
+                f"CREATE TRIGGER refuse_row BEFORE INSERT ON {table}"
+                " FOR EACH ROW EXECUTE FUNCTION refuse_row()"
+            )
+        )
+    with state.db.read() as session:
+        entries = session.execute(select(AuditEntry.id)).scalars().all()
+    writer = activations.ActivationWriter(state.db, state.signing_key, state.pepper)
+    loop = asyncio.new_event_loop()
+    try:
+        refused = agent(1).activation(key)
+        with pytest.raises(DBAPIError, match="no room for this row"):
+            loop.run_until_complete(writer.activate(refused, START))
+        kept = writer._connection
+        with state.db.engine.begin() as c:
+            c.execute(text(f"DROP TRIGGER refuse_row ON {table}"))
+        with state.db.read() as session:
+            assert session.execute(select(Machine)).all() == []
+            assert session.execute(select(AuditEntry.id)).scalars().all() == entries
+        request = agent(2).activation(key)
+        raw = loop.run_until_complete(writer.activate(request, START))
+        assert writer._connection is kept is not None  # rolled back and kept
+    finally:
+        writer.stop()
+        loop.close()
+    assert ServerResponse.from_json(raw, keyring, request.nonce).serial
+    with state.db.read() as session:
+        assert session.execute(select(Machine.slot)).scalars().all() == [0]
+    with state.db.read() as session:
+        assert audit.verify_chain(session).ok
 
 
 # ------------------------------------------------------------------ over HTTP

@@ -79,7 +79,7 @@ from tessera.server.models import (
     format_licensee,
     parse_emergency,
 )
-from tessera.server.rawsql import Broken, Busy, RawTransaction, raw_write, transaction
+from tessera.server.rawsql import Broken, Busy, RawTransaction, pipelining, raw_write, transaction
 from tessera.server.storage import Database
 from tessera.server.writer import Job, release_connection, settle, take_batch
 
@@ -449,7 +449,8 @@ class ActivationWriter:
             kept = (self._loop_connection if on_loop else self._connection) is not None
             try:
                 connection = self._loop_connect() if on_loop else self._connect()
-                with transaction(self._db, connection, wait=not on_loop) as tx:
+                pipelined = not self._db.is_sqlite
+                with transaction(self._db, connection, wait=not on_loop, pipelined=pipelined) as tx:
                     return _activate(tx, request, now, self._signing_key, self._pepper)
             except Broken as broken:
                 error: BaseException = broken.__cause__ or broken
@@ -468,7 +469,8 @@ class ActivationWriter:
     def _connect(self) -> Any:
         if self._connection is None:
             try:
-                self._connection = self._db.engine.raw_connection()
+                connection = self._db.engine.raw_connection()
+                self._connection = connection if self._db.is_sqlite else pipelining(connection)
             except self._db.engine.dialect.loaded_dbapi.Error as exc:
                 raise RawTransaction(None, None, self._db.engine.dialect).wrapped(exc) from exc
         return self._connection

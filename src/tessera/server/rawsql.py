@@ -30,7 +30,16 @@ from sqlalchemy.sql.selectable import CompoundSelect, Select
 
 from tessera.server.storage import Database, begin_immediate
 
-__all__ = ["Broken", "Busy", "Compiled", "RawTransaction", "compiled", "raw_write", "transaction"]
+__all__ = [
+    "Broken",
+    "Busy",
+    "Compiled",
+    "RawTransaction",
+    "compiled",
+    "pipelining",
+    "raw_write",
+    "transaction",
+]
 
 log = logging.getLogger("tessera.server")
 
@@ -124,12 +133,21 @@ class RawTransaction:
     def one(self, statement: ClauseElement, **values: Any) -> Sequence[Any] | None:
         """The first row (converted), or None."""
         prepared = compiled(statement, self._dialect)
-        row = self._execute(prepared, values).fetchone()
+        row = self._fetch(prepared, values, many=False)
         return None if row is None else prepared.row(row)
 
     def all(self, statement: ClauseElement, **values: Any) -> list[Sequence[Any]]:
         prepared = compiled(statement, self._dialect)
-        return [prepared.row(row) for row in self._execute(prepared, values).fetchall()]
+        return [prepared.row(row) for row in self._fetch(prepared, values, many=True)]
+
+    def _fetch(self, statement: Compiled, values: Mapping[str, Any], *, many: bool) -> Any:
+        cursor = self._execute(statement, values)
+        try:
+            # In a pipeline (PostgreSQL) the fetch is where the statements queued before
+            # this one are sent, so their errors surface here.
+            return cursor.fetchall() if many else cursor.fetchone()
+        except self._dialect.loaded_dbapi.Error as exc:
+            raise self.wrapped(exc, statement.sql) from exc
 
     def run(self, statement: ClauseElement, **values: Any) -> None:
         self._execute(compiled(statement, self._dialect), values)
@@ -161,7 +179,9 @@ class Busy(Exception):
 
 
 @contextmanager
-def transaction(db: Database, connection: Any, *, wait: bool = True) -> Iterator[RawTransaction]:
+def transaction(
+    db: Database, connection: Any, *, wait: bool = True, pipelined: bool = False
+) -> Iterator[RawTransaction]:
     """One write transaction on ``connection`` (a DB-API connection the caller keeps):
     committed when the block ends, rolled back on any error.
 
@@ -171,7 +191,17 @@ def transaction(db: Database, connection: Any, *, wait: bool = True) -> Iterator
     once and before any work, if either lock is taken; ``connection`` must then have a
     busy timeout of 0. If the rollback fails too, :class:`Broken` is raised from the
     error: the caller must not use the connection again.
+
+    PostgreSQL with ``pipelined`` (``connection`` in autocommit, see :func:`pipelining`):
+    ``BEGIN``, the statements and ``COMMIT`` go in psycopg's pipeline mode, so a round
+    trip is made only where a result is read (a row fetched) and once at the end; the
+    statements in between travel with the next read. ``psycopg`` would otherwise send its
+    own ``BEGIN`` as a round trip, and every statement its own.
     """
+    if pipelined and not db.is_sqlite:
+        with _pipelined(db, connection) as tx:
+            yield tx
+        return
     dialect = db.engine.dialect
     dbapi_error = dialect.loaded_dbapi.Error
     if wait:
@@ -213,6 +243,50 @@ def transaction(db: Database, connection: Any, *, wait: bool = True) -> Iterator
     finally:
         if locked:
             db.release_write_lock()
+
+
+def pipelining(connection: Any) -> Any:
+    """``connection`` (a pool's PostgreSQL connection, kept by its caller) made ready for
+    ``transaction(..., pipelined=True)``: out of the pool, in autocommit."""
+    connection.detach()  # autocommit must not reach the pool's other users
+    connection.dbapi_connection.autocommit = True
+    return connection
+
+
+@contextmanager
+def _pipelined(db: Database, connection: Any) -> Iterator[RawTransaction]:
+    dialect = db.engine.dialect
+    dbapi_error = dialect.loaded_dbapi.Error
+    driver = connection.dbapi_connection  # psycopg's own (what a detached fairy still has)
+    try:
+        cursor = connection.cursor()
+    except dbapi_error as exc:
+        raise Broken from RawTransaction(connection, None, dialect).wrapped(exc)
+    tx = RawTransaction(connection, cursor, dialect)
+    try:
+        try:
+            with driver.pipeline():
+                try:
+                    cursor.execute("BEGIN")
+                except dbapi_error as exc:  # nothing done yet: a dead connection may be retried
+                    raise tx.wrapped(exc, "BEGIN") from exc
+                yield tx
+                cursor.execute("COMMIT")
+        except dbapi_error as exc:
+            # The pipeline's end, where the last statements and COMMIT are sent: whichever
+            # failed there, the commit may have happened or not (a connection lost after
+            # sending it), as for a COMMIT. (The reads' errors come wrapped already.)
+            raise tx.wrapped(exc, "COMMIT") from exc
+    except BaseException as exc:
+        try:
+            if not driver.closed and not driver.broken:
+                driver.execute("ROLLBACK")
+        except Exception:
+            log.debug("rollback failed; the connection is dropped", exc_info=True)
+            raise Broken from exc
+        if driver.closed or driver.broken:
+            raise Broken from exc
+        raise
 
 
 @contextmanager
