@@ -211,11 +211,8 @@ def transaction(
         if not locked:
             raise Busy
     try:
-        try:
-            cursor = connection.cursor()
-        except dbapi_error as exc:
-            raise Broken from RawTransaction(connection, None, dialect).wrapped(exc)
-        tx = RawTransaction(connection, cursor, dialect)
+        tx = _on_new_cursor(connection, dialect)
+        cursor = tx.cursor
         try:
             if db.is_sqlite:
                 try:
@@ -234,11 +231,7 @@ def transaction(
             except dbapi_error as exc:
                 raise tx.wrapped(exc, "COMMIT") from exc
         except BaseException as exc:
-            try:
-                connection.rollback()
-            except Exception:
-                log.debug("rollback failed; the connection is dropped", exc_info=True)
-                raise Broken from exc
+            _roll_back(connection.rollback, exc)
             raise
     finally:
         if locked:
@@ -258,11 +251,8 @@ def _pipelined(db: Database, connection: Any) -> Iterator[RawTransaction]:
     dialect = db.engine.dialect
     dbapi_error = dialect.loaded_dbapi.Error
     driver = connection.dbapi_connection  # psycopg's own (what a detached fairy still has)
-    try:
-        cursor = connection.cursor()
-    except dbapi_error as exc:
-        raise Broken from RawTransaction(connection, None, dialect).wrapped(exc)
-    tx = RawTransaction(connection, cursor, dialect)
+    tx = _on_new_cursor(connection, dialect)
+    cursor = tx.cursor
     try:
         try:
             with driver.pipeline():
@@ -278,15 +268,30 @@ def _pipelined(db: Database, connection: Any) -> Iterator[RawTransaction]:
             # sending it), as for a COMMIT. (The reads' errors come wrapped already.)
             raise tx.wrapped(exc, "COMMIT") from exc
     except BaseException as exc:
-        try:
-            if not driver.closed and not driver.broken:
-                driver.execute("ROLLBACK")
-        except Exception:
-            log.debug("rollback failed; the connection is dropped", exc_info=True)
-            raise Broken from exc
+        if not driver.closed and not driver.broken:
+            _roll_back(lambda: driver.execute("ROLLBACK"), exc)
         if driver.closed or driver.broken:
             raise Broken from exc
         raise
+
+
+def _on_new_cursor(connection: Any, dialect: Dialect) -> RawTransaction:
+    """A transaction's statements on a new cursor of ``connection``; :class:`Broken` if
+    not even a cursor can be had."""
+    try:
+        cursor = connection.cursor()
+    except dialect.loaded_dbapi.Error as exc:
+        raise Broken from RawTransaction(connection, None, dialect).wrapped(exc)
+    return RawTransaction(connection, cursor, dialect)
+
+
+def _roll_back(rollback: Callable[[], object], failure: BaseException) -> None:
+    """Roll back after ``failure``; :class:`Broken` (from it) if that fails too."""
+    try:
+        rollback()
+    except Exception:
+        log.debug("rollback failed; the connection is dropped", exc_info=True)
+        raise Broken from failure
 
 
 @contextmanager
