@@ -449,8 +449,8 @@ class ActivationWriter:
             kept = (self._loop_connection if on_loop else self._connection) is not None
             try:
                 connection = self._loop_connect() if on_loop else self._connect()
-                pipelined = not self._db.is_sqlite
-                with transaction(self._db, connection, wait=not on_loop, pipelined=pipelined) as tx:
+                # pipelined: PostgreSQL's kept connection (see _connect); SQLite ignores it
+                with transaction(self._db, connection, wait=not on_loop, pipelined=True) as tx:
                     return _activate(tx, request, now, self._signing_key, self._pepper)
             except Broken as broken:
                 error: BaseException = broken.__cause__ or broken
