@@ -96,6 +96,8 @@ def license_from_spec(spec: dict[str, Any], now: datetime) -> License:
         issued = spec.get("issued", now)
         if isinstance(issued, str):
             issued = parse_timestamp(issued)
+        elif not isinstance(issued, datetime):  # a TOML date, number or array
+            raise ValueError("'issued' must be a timestamp, e.g. 2026-11-22T10:00:00Z")
         kwargs["issued"] = utc(issued).replace(microsecond=0)
         kwargs["emergency"] = tuple(spec.get("emergency", ()))
         locations = spec.get("locations")
