@@ -23,14 +23,14 @@ from pathlib import Path
 
 from tessera.core.errors import KeyFileError
 from tessera.core.signing import SigningKey
-from tessera.server.portal import PortalConfig
-from tessera.server.webhooks import WebhookSettings
 
 __all__ = [
     "CONFIG_NAME",
     "DEFAULT_PORT",
     "ConfigError",
+    "PortalConfig",
     "ServerConfig",
+    "WebhookSettings",
     "load_config",
     "read_passphrase",
     "render_config",
@@ -42,6 +42,32 @@ DEFAULT_PORT = 7790
 
 class ConfigError(Exception):
     """The data directory is missing, incomplete or unreadable."""
+
+
+# The settings of the webhook and portal features live here, not in their modules, so that
+# reading tessera.toml (every ``tessera server`` command, the CLI's start-up) does not
+# import the HTTP client and the database layer those features run on.
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """Delivery policy (``[webhooks]`` in tessera.toml)."""
+
+    retry_base_seconds: float = 10.0
+    retry_max_seconds: float = 3600.0
+    max_attempts: int = 12
+    timeout_seconds: float = 10.0
+    poll_seconds: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class PortalConfig:
+    """Where the vendor's recovery portal is and how to reach it (``[recovery]``)."""
+
+    url: str
+    secret_file: Path
+    timeout_seconds: float = 5.0
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)

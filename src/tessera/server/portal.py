@@ -25,10 +25,11 @@ import json
 import secrets
 import ssl
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tessera.server.config import PortalConfig
 
 __all__ = ["PortalConfig", "RecoveryPortal", "sign_body"]
 
@@ -37,14 +38,6 @@ SIGNATURE_HEADER = "X-Tessera-Signature"
 
 def sign_body(secret: bytes, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class PortalConfig:
-    url: str
-    secret_file: Path
-    timeout_seconds: float = 5.0
-    ca_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from tessera.core.clock import Clock, utc
+from tessera.server.config import WebhookSettings
 from tessera.server.errors import Invalid, NotFound
 from tessera.server.models import WebhookDelivery, WebhookEndpoint
 from tessera.server.storage import Database
@@ -78,17 +79,6 @@ EVENTS = (
 )
 SIGNATURE_HEADER = "Tessera-Signature"
 MAX_ERROR = 300
-
-
-@dataclass(frozen=True, slots=True)
-class WebhookSettings:
-    """Delivery policy (``[webhooks]`` in tessera.toml)."""
-
-    retry_base_seconds: float = 10.0
-    retry_max_seconds: float = 3600.0
-    max_attempts: int = 12
-    timeout_seconds: float = 10.0
-    poll_seconds: float = 1.0
 
 
 # ---------------------------------------------------------------------------- signing
