@@ -154,11 +154,11 @@ def test_a_batch_that_cannot_commit_acknowledges_nothing(
 def test_a_postgresql_batch_whose_writes_fail_acknowledges_nothing_and_the_next_one_runs(
     state: ServerState, admin: Principal, db_url: str
 ) -> None:
-    """The writes and the commit go in one pipeline: one of them failing (here the check-in
-    insert, after the machines were updated) rolls back the whole batch, every check-in
-    of it gets the error, and the same kept connection serves the next batch."""
+    """The writes are one statement (``tessera_record_checkins``): one of them failing (here
+    the check-in insert, after the machines were updated) rolls back the whole batch, every
+    check-in of it gets the error, and the same kept connection serves the next batch."""
     if db_url.startswith("sqlite"):
-        pytest.skip("PostgreSQL's pipeline; SQLite: the test above")
+        pytest.skip("PostgreSQL's batch function; SQLite: the test above")
     _, key, agents = activated(state, admin, 3)
     with pg_connect(db_url, autocommit=True) as c:
         c.execute(
@@ -202,6 +202,46 @@ def test_a_postgresql_batch_whose_writes_fail_acknowledges_nothing_and_the_next_
         assert len(session.execute(select(Checkin)).all()) == 3  # the second round's only
         stamps = session.execute(select(Machine.last_checkin_at)).scalars().all()
     assert all(s is not None and s.replace(tzinfo=None) == later.replace(tzinfo=None) for s in stamps)
+
+
+def test_a_postgresql_batch_locks_its_machines_in_id_order(
+    state: ServerState, admin: Principal, db_url: str
+) -> None:
+    """Two processes' batches never deadlock: each locks its machines lowest id first. With
+    the higher one locked elsewhere, a batch of both holds the lower one while it waits
+    (locking the higher first would leave the lower free)."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's row locks; SQLite has one writer at a time")
+    _, key, agents = activated(state, admin, 2)
+    with pg_connect(db_url, autocommit=True) as c:
+        ids = dict(c.execute("SELECT system_id, id FROM machines").fetchall())
+    low, high = sorted(agents, key=lambda a: ids[a.system_id])
+    blocker = pg_connect(db_url)
+    blocker.execute("SELECT id FROM machines WHERE id = %s FOR UPDATE", (ids[high.system_id],))
+    writer = CheckinWriter(state.db, state.pepper, state.signing_key)
+    requests = [maced(state, high, key), maced(state, low, key)]  # the higher id first
+
+    async def scenario() -> tuple[str, list[object]]:
+        batch = asyncio.gather(*(writer.checkin(r, START) for r in requests))
+        await asyncio.sleep(0.5)  # the batch is waiting for the higher id's lock
+        with pg_connect(db_url) as probe:
+            try:
+                probe.execute(
+                    "SELECT id FROM machines WHERE id = %s FOR UPDATE NOWAIT", (ids[low.system_id],)
+                )
+                held = "free"
+            except psycopg.errors.LockNotAvailable:
+                held = "held"
+        blocker.rollback()
+        return held, await asyncio.wait_for(batch, 10)
+
+    try:
+        held, results = asyncio.run(scenario())
+    finally:
+        writer.stop()
+        blocker.close()
+    assert held == "held"
+    assert all(r.directives == () for r in answers(state, requests, results))
 
 
 def test_sqlite_batches_never_make_the_event_loop_wait_for_the_write_lock(

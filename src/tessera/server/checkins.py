@@ -53,9 +53,7 @@ from sqlalchemy import (
     bindparam,
     cast,
     func,
-    insert,
     select,
-    update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -76,7 +74,7 @@ from tessera.server.activation import (
     plain_verdict,
 )
 from tessera.server.errors import NotFound, ServiceError
-from tessera.server.models import Checkin, LicenseRow, Machine
+from tessera.server.models import LicenseRow, Machine
 from tessera.server.rawsql import Broken, Busy, Compiled, transaction
 from tessera.server.storage import Database
 from tessera.server.writer import Job, release_connection, settle, take_batch
@@ -96,7 +94,7 @@ MAX_BATCH = 256
 #: batch in flight has its rows: its writes and commit then overlap the next one's lookup
 #: (10-30 % more check-ins at 16 connections than one batch at a time, with batches as
 #: large). Starting batches freely cost 20-30 % more CPU for the same rate (smaller
-#: batches; each costs the database four statements and a commit whatever its size). A
+#: batches; each costs the database two statements and a commit whatever its size). A
 #: batch that has run for :data:`PG_STALL_S` (waiting for a row lock another process
 #: holds, a slow disk) lets the next start beside it whatever it is doing, up to
 #: :data:`PG_IN_FLIGHT`, so one stuck batch does not stop every check-in behind it.
@@ -116,7 +114,7 @@ _STOP: Final = object()
 _CHECKPOINT: Final = object()
 
 
-# PostgreSQL: a batch as four statements whatever its size, over arrays. Per-row statements
+# PostgreSQL: a batch as two statements whatever its size, over arrays. Per-row statements
 # (even pipelined) cost psycopg and the database a parse, bind and result each, which was
 # most of a batch's time. Each array is sent as one text parameter in PostgreSQL's array
 # syntax (:func:`_array`) and cast in the statement: psycopg's own array dumper, in Python,
@@ -140,23 +138,26 @@ PG_BATCH_LOOKUP = (
     .join(LicenseRow, LicenseRow.key_digest == _Q.c.digest)
     .outerjoin(Machine, and_(Machine.license_id == LicenseRow.id, Machine.system_id == _Q.c.system_id))
 )
-#: Row locks in machine-id order first: two processes' batches never deadlock each other.
-PG_BATCH_LOCK = (
-    select(Machine.id)
-    .where(Machine.id == func.any(cast(bindparam("id", type_=String), ARRAY(Integer))))
-    .order_by(Machine.id)
-    .with_for_update()
-)
 _AT = DateTime(timezone=True)
-_V = _unnest("v", ("id", Integer()), ("at", _AT), ("delivered", Integer()))
-PG_BATCH_RECORD_MACHINES = (
-    update(Machine)
-    .where(Machine.id == _V.c.id)
-    .values(last_checkin_at=_V.c.at, delivered_revision=_V.c.delivered, checkpoint_overdue_at=None)
-)
-_C = _unnest("c", ("machine_id", Integer()), ("at", _AT), ("outcome", String()))
-PG_BATCH_RECORD_CHECKINS = insert(Checkin).from_select(
-    ["machine_id", "at", "outcome"], select(_C.c.machine_id, _C.c.at, _C.c.outcome)
+#: The writes of a batch: one call of the function migration 0005 creates, a statement
+#: and so its own transaction on the autocommit connection. It locks the machines in
+#: machine-id order first (two processes' batches never deadlock each other), updates them
+#: and inserts the check-ins. As five statements in a pipeline (BEGIN, lock, update,
+#: insert, COMMIT) the same writes cost psycopg and PostgreSQL a fifth more per check-in.
+PG_BATCH_RECORD = select(
+    func.tessera_record_checkins(
+        *(
+            cast(bindparam(param, type_=String), ARRAY(kind))
+            for param, kind in (
+                ("id", Integer()),
+                ("at", _AT),
+                ("delivered", Integer()),
+                ("checkin_machine_id", Integer()),
+                ("checkin_at", _AT),
+                ("outcome", String()),
+            )
+        )
+    )
 )
 
 
@@ -192,9 +193,7 @@ class CheckinWriter:
         self._record_checkin = Compiled(RECORD_CHECKIN.inline(), dialect)  # no RETURNING
         if not db.is_sqlite:
             self._batch_lookup = Compiled(PG_BATCH_LOOKUP, dialect)
-            self._batch_lock = Compiled(PG_BATCH_LOCK, dialect)
-            self._batch_machines = Compiled(PG_BATCH_RECORD_MACHINES, dialect)
-            self._batch_checkins = Compiled(PG_BATCH_RECORD_CHECKINS, dialect)
+            self._batch_record = Compiled(PG_BATCH_RECORD, dialect)
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None  # SQLite's writer thread
         self._start_lock = threading.Lock()
@@ -519,13 +518,13 @@ class CheckinWriter:
     async def _run_pg_batch(
         self, batch: list[_Job], pg: _PgLoop, looked_up: Callable[[], None] | None = None
     ) -> None:
-        """PostgreSQL: look up, decide and record ``batch`` in one transaction on an
-        asynchronous connection of this loop; settle every job.
+        """PostgreSQL: look up, decide and record ``batch`` on an asynchronous connection
+        of this loop; settle every job.
 
-        Four statements whatever the batch's size (``PG_BATCH_*``) in two round trips (the
-        lookup; the writes and the commit), which the loop spends serving other requests
-        instead of a thread waiting for them under the GIL. A connection that failed is
-        rolled back and kept, or closed if that fails.
+        Two statements whatever the batch's size (``PG_BATCH_*``), so two round trips (the
+        lookup; the writes, which commit by themselves), which the loop spends serving
+        other requests instead of a thread waiting for them under the GIL. A connection
+        that failed is rolled back and kept, or closed if that fails.
         """
         connection: Any = None
         try:
@@ -583,14 +582,7 @@ class CheckinWriter:
                 looked_up()
             outcomes, recorded = self._decide_all(batch, rows)
             if recorded:
-                # One round trip: the pipeline's only Sync is sent when it closes.
-                # (psycopg's commit() and transaction() would each add a Sync of their
-                # own, and a non-autocommit connection a BEGIN before the lookup: four
-                # round trips where two do.)
-                async with connection.pipeline():
-                    await cursor.execute(b"BEGIN")
-                    await self._pg_record(cursor, recorded)
-                    await cursor.execute(b"COMMIT")
+                await self._pg_record(cursor, recorded)
         return outcomes
 
     async def _pg_connect(self) -> Any:
@@ -598,7 +590,7 @@ class CheckinWriter:
         try:
             # Autocommit: the lookup needs no transaction (under READ COMMITTED it sees
             # what it would see inside one; the rows it decides on are locked and written
-            # in the transaction the writes open themselves).
+            # by the one statement of the writes, its own transaction).
             await connection.set_autocommit(True)
             await connection.execute(PG_SESSION_SETUP)
         except BaseException:
@@ -622,25 +614,20 @@ class CheckinWriter:
         return rows
 
     async def _pg_record(self, cursor: Any, recorded: list[tuple[CheckinVerdict, datetime]]) -> None:
-        """Lock the machines in id order, update them, add the check-ins; three statements
-        for any batch. A machine twice in one batch keeps its last check-in, as one
-        statement after the other would leave it."""
+        """Lock the machines in id order, update them, add the check-ins: one statement
+        (:data:`PG_BATCH_RECORD`) for any batch, committed by itself. A machine twice in
+        one batch keeps its last check-in, as one statement after the other would leave it."""
         recorded.sort(key=lambda r: r[0].machine_id)  # one lock order for every process
         last = {v.machine_id: (v, now) for v, now in recorded}
-        ids = _array(last)
-        await cursor.execute(self._batch_lock.sql, self._batch_lock.params({"id": ids}))
-        machines = {
-            "id": ids,
+        values = {
+            "id": _array(last),
             "at": _array(utc(now).isoformat() for _, now in last.values()),
             "delivered": _array(v.delivered_revision for v, _ in last.values()),
-        }
-        await cursor.execute(self._batch_machines.sql, self._batch_machines.params(machines))
-        checkins = {
-            "machine_id": _array(v.machine_id for v, _ in recorded),
-            "at": _array(utc(now).isoformat() for _, now in recorded),
+            "checkin_machine_id": _array(v.machine_id for v, _ in recorded),
+            "checkin_at": _array(utc(now).isoformat() for _, now in recorded),
             "outcome": _array(v.outcome for v, _ in recorded),
         }
-        await cursor.execute(self._batch_checkins.sql, self._batch_checkins.params(checkins))
+        await cursor.execute(self._batch_record.sql, self._batch_record.params(values))
 
     # ------------------------------------------------------------------ the connection
 
