@@ -203,3 +203,44 @@ def test_malformed_lease_requests_get_422(live_server: LiveServer) -> None:
             response = c.post("/api/v1/lease", content=body)
             assert response.status_code == 422, response.text
             assert isinstance(response.json()["detail"], str)
+
+
+def test_refused_lease_requests_are_recorded_up_to_a_limit(
+    live_server: LiveServer, admin: Principal, clock: ManualClock
+) -> None:
+    """A refusal needs no secret (a serial and a made-up user are enough), so each one
+    recorded (an audit entry that can never be pruned, a webhook event) is rate-limited:
+    20 at once per license, then one every 5 s; the next one recorded counts the rest."""
+    state = live_server.state
+    serial = user_license(state, admin)
+    other = credential(state, admin, user_license(state, admin), "bob")
+
+    def forge() -> int:
+        request = replace(
+            LeaseRequest.create("lease", other, "uniplex", state.now()), serial=serial, user_id="eve"
+        )
+        with httpx.Client(base_url=live_server.url) as c:
+            response = c.post("/api/v1/lease", content=request.to_json())
+        assert "no credential was issued to eve" in response.json()["detail"]
+        return response.status_code
+
+    assert [forge() for _ in range(25)] == [403] * 25  # every one answered as before
+    recorded = refusals(state)
+    assert len(recorded) == 20 and all("suppressed" not in r for r in recorded)
+    clock.advance(seconds=5)
+    assert forge() == 403
+    latest = refusals(state)
+    assert len(latest) == 21 and latest[-1]["suppressed"] == 5 and latest[-1]["kind"] == "forged"
+
+
+def test_the_refusal_limit_holds_per_license_and_in_all() -> None:
+    limit = leases.RefusalLimit(burst=2, per_minute=60, total_burst=3, total_per_minute=60)
+    t0 = START
+    assert [limit.admit("a", t0) for _ in range(3)] == [0, 0, None]  # a's two, then held back
+    assert limit.admit("b", t0) == 0  # b's own allowance, the last of the total
+    assert limit.admit("c", t0) is None  # c has its own, but the total is used up
+    later = t0 + timedelta(seconds=1)  # one more for each, and for the total
+    assert limit.admit("a", later) == 1  # one of a's was not recorded
+    assert limit.admit("c", later) is None  # the total's one went to a
+    assert limit.admit("c", t0 - timedelta(minutes=10)) is None  # a clock set back refills nothing
+    assert limit.admit("c", later + timedelta(seconds=2)) == 3  # c's three held back

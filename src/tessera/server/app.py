@@ -104,6 +104,8 @@ class ServerState:
     portal: RecoveryPortal | None = None
     lease_seconds: int = leases.DEFAULT_LEASE_SECONDS
     webhook_settings: WebhookSettings = field(default_factory=WebhookSettings)
+    #: How many refused lease requests this process writes down (audit log, webhook).
+    lease_refusals: leases.RefusalLimit = field(default_factory=leases.RefusalLimit)
 
     def now(self) -> datetime:
         return self.clock.now().replace(microsecond=0)
@@ -413,9 +415,12 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                     )
                     return 200, response.to_json()
             except leases.LeaseRefused as refusal:
-                if refusal.status != 404:  # an unknown serial has nobody to record it for
-                    with state.db.write() as session:
-                        leases.record_refusal(session, refusal, now)
+                # An unknown serial has nobody to record it for; the others up to a limit.
+                if refusal.status != 404:
+                    suppressed = state.lease_refusals.admit(refusal.request.serial, now)
+                    if suppressed is not None:
+                        with state.db.write() as session:
+                            leases.record_refusal(session, refusal, now, suppressed=suppressed)
                 return refusal.status, refusal.reason
 
         status, body = await run_in_threadpool(run)

@@ -18,8 +18,11 @@ own (:func:`record_refusal`: audit log and the ``lease.denied`` webhook).
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import threading
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, select
@@ -45,6 +48,7 @@ __all__ = [
     "DEFAULT_LEASE_SECONDS",
     "MAX_CLOCK_SKEW",
     "LeaseRefused",
+    "RefusalLimit",
     "handle_lease",
     "issue_credential",
     "list_leases",
@@ -55,6 +59,85 @@ DEFAULT_LEASE_SECONDS = 300
 #: A lease request's own time may differ this much from the server's; nonces are kept twice
 #: as long, so a request can never be replayed: first the nonce, later the time refuses it.
 MAX_CLOCK_SKEW = timedelta(minutes=15)
+
+
+log = logging.getLogger("tessera.server")
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: datetime
+    suppressed: int = 0
+
+
+class RefusalLimit:
+    """How many refused lease requests are written down, per license and in all.
+
+    A refusal costs an audit entry (hash-chained, append-only: it can never be pruned) and
+    a webhook event, and a lease request needs no secret to be refused: a license's serial
+    (printed on its file) and a made-up user are enough for a ``forged`` one. Without a
+    limit anyone could grow the audit log without bound. Each license may have
+    ``burst`` refusals recorded at once and one more every ``60 / per_minute`` seconds;
+    all licenses of this server process together ``total_burst`` and ``total_per_minute``.
+    A refusal over either limit is answered as usual but not recorded; the next one
+    recorded for that license says how many were not (``suppressed`` in its details), and
+    the first one held back is logged as a warning. Each server process has its own limit.
+    """
+
+    def __init__(
+        self,
+        *,
+        burst: int = 20,
+        per_minute: float = 12,
+        total_burst: int = 100,
+        total_per_minute: float = 60,
+    ) -> None:
+        self._burst, self._rate = burst, per_minute / 60
+        self._total_burst, self._total_rate = total_burst, total_per_minute / 60
+        self._licenses: dict[str, _Bucket] = {}
+        self._total: _Bucket | None = None
+        self._lock = threading.Lock()  # the lease route runs in the thread pool
+
+    def admit(self, serial: str, now: datetime) -> int | None:
+        """None if this refusal is not to be recorded; else how many refusals of ``serial``
+        were not recorded since the last one that was."""
+        with self._lock:
+            if len(self._licenses) > 10_000:  # forget licenses whose allowance is whole again
+                self._licenses = {
+                    key: kept
+                    for key, kept in self._licenses.items()
+                    if kept.suppressed or self._refill(kept, now, self._burst, self._rate) < self._burst
+                }
+            bucket = self._licenses.get(serial)
+            if bucket is None:
+                bucket = self._licenses[serial] = _Bucket(float(self._burst), now)
+            if self._total is None:
+                self._total = _Bucket(float(self._total_burst), now)
+            if (
+                self._refill(bucket, now, self._burst, self._rate) < 1
+                or self._refill(self._total, now, self._total_burst, self._total_rate) < 1
+            ):
+                if bucket.suppressed == 0:
+                    log.warning(
+                        "lease refusals of license %s arrive faster than they are recorded;"
+                        " the next one recorded counts those left out",
+                        serial,
+                    )
+                bucket.suppressed += 1
+                return None
+            bucket.tokens -= 1
+            self._total.tokens -= 1
+            suppressed, bucket.suppressed = bucket.suppressed, 0
+            return suppressed
+
+    @staticmethod
+    def _refill(bucket: _Bucket, now: datetime, burst: int, rate: float) -> float:
+        elapsed = (utc(now) - utc(bucket.at)).total_seconds()
+        if elapsed > 0:  # a clock set back refills nothing
+            bucket.tokens = min(float(burst), bucket.tokens + elapsed * rate)
+            bucket.at = now
+        return bucket.tokens
 
 
 class LeaseRefused(Exception):
@@ -283,8 +366,9 @@ def handle_lease(
     ).signed(vendor_key)
 
 
-def record_refusal(session: Session, refusal: LeaseRefused, now: datetime) -> None:
-    """Write down a refused lease request (its own transaction: the request changed nothing)."""
+def record_refusal(session: Session, refusal: LeaseRefused, now: datetime, *, suppressed: int = 0) -> None:
+    """Write down a refused lease request (its own transaction: the request changed nothing);
+    ``suppressed``: refusals of its license not written down before it (:class:`RefusalLimit`)."""
     request = refusal.request
     details = {
         "user_id": request.user_id,
@@ -297,6 +381,8 @@ def record_refusal(session: Session, refusal: LeaseRefused, now: datetime) -> No
     if refusal.in_use is not None:
         details["in_use"] = refusal.in_use
         details["count"] = refusal.count
+    if suppressed:
+        details["suppressed"] = suppressed
     audit.append(
         session,
         at=now,
