@@ -244,3 +244,14 @@ def test_the_refusal_limit_holds_per_license_and_in_all() -> None:
     assert limit.admit("c", later) is None  # the total's one went to a
     assert limit.admit("c", t0 - timedelta(minutes=10)) is None  # a clock set back refills nothing
     assert limit.admit("c", later + timedelta(seconds=2)) == 3  # c's three held back
+
+
+def test_held_back_refusals_are_logged_once_a_minute_at_most(caplog: pytest.LogCaptureFixture) -> None:
+    limit = leases.RefusalLimit(burst=1, per_minute=1, total_burst=1, total_per_minute=1)
+    with caplog.at_level("WARNING", logger="tessera.server"):
+        verdicts = [limit.admit(f"serial-{n}", START + timedelta(seconds=n)) for n in range(50)]
+        assert verdicts == [0] + [None] * 49  # the total allowance: one, then one a minute
+        assert len(caplog.records) == 1
+        assert limit.admit("serial-0", START + timedelta(seconds=120)) == 0
+        assert limit.admit("serial-0", START + timedelta(seconds=121)) is None
+    assert len(caplog.records) == 2

@@ -82,7 +82,7 @@ class RefusalLimit:
     all licenses of this server process together ``total_burst`` and ``total_per_minute``.
     A refusal over either limit is answered as usual but not recorded; the next one
     recorded for that license says how many were not (``suppressed`` in its details), and
-    the first one held back is logged as a warning. Each server process has its own limit.
+    a warning is logged, at most once a minute. Each server process has its own limit.
     """
 
     def __init__(
@@ -97,6 +97,7 @@ class RefusalLimit:
         self._total_burst, self._total_rate = total_burst, total_per_minute / 60
         self._licenses: dict[str, _Bucket] = {}
         self._total: _Bucket | None = None
+        self._warned: datetime | None = None
         self._lock = threading.Lock()  # the lease route runs in the thread pool
 
     def admit(self, serial: str, now: datetime) -> int | None:
@@ -118,10 +119,11 @@ class RefusalLimit:
                 self._refill(bucket, now, self._burst, self._rate) < 1
                 or self._refill(self._total, now, self._total_burst, self._total_rate) < 1
             ):
-                if bucket.suppressed == 0:
+                if self._warned is None or abs((utc(now) - utc(self._warned)).total_seconds()) >= 60:
+                    self._warned = now  # once a minute at most: the log must not flood either
                     log.warning(
-                        "lease refusals of license %s arrive faster than they are recorded;"
-                        " the next one recorded counts those left out",
+                        "lease refusals arrive faster than they are recorded (license %s); the"
+                        " next one recorded of a license counts those left out",
                         serial,
                     )
                 bucket.suppressed += 1
