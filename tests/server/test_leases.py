@@ -255,3 +255,19 @@ def test_held_back_refusals_are_logged_once_a_minute_at_most(caplog: pytest.LogC
         assert limit.admit("serial-0", START + timedelta(seconds=120)) == 0
         assert limit.admit("serial-0", START + timedelta(seconds=121)) is None
     assert len(caplog.records) == 2
+
+
+def test_a_late_request_for_an_unknown_serial_is_a_404_and_not_recorded(
+    live_server: LiveServer, admin: Principal
+) -> None:
+    """The request's time is checked first; the refusal still names only licenses that
+    exist, so made-up serials leave no audit entries."""
+    state = live_server.state
+    cred = credential(state, admin, user_license(state, admin))
+    late = LeaseRequest.create("lease", cred, "uniplex", state.now() - timedelta(hours=1))
+    with httpx.Client(base_url=live_server.url) as c:
+        unknown = c.post("/api/v1/lease", content=replace(late, serial="2026-999999").to_json())
+        known = c.post("/api/v1/lease", content=late.to_json())
+    assert unknown.status_code == 404 and "unknown license 2026-999999" in unknown.json()["detail"]
+    assert known.status_code == 403 and "too far from the server's time" in known.json()["detail"]
+    assert [r["kind"] for r in refusals(state)] == ["replay"]

@@ -241,6 +241,9 @@ def handle_lease(
 ) -> LeaseResponse:
     """Lease, renew or release; raises :class:`LeaseRefused` with the reason otherwise."""
     if abs(utc(request.sent_at) - utc(now)) > MAX_CLOCK_SKEW:
+        known = session.execute(select(LicenseRow.id).where(LicenseRow.serial == request.serial)).first()
+        if known is None:  # as below: an unknown serial has nobody to record the refusal for
+            raise LeaseRefused(f"unknown license {request.serial}", "unknown", request, 404)
         raise LeaseRefused(
             "request time is too far from the server's time (check the clock; replayed?)",
             "replay",
