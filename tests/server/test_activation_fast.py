@@ -25,10 +25,11 @@ from typing import Any
 from unittest import mock
 
 import httpx
+import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select, text
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from tessera.core.clock import ManualClock
@@ -51,6 +52,7 @@ from tessera.server.models import (
     Machine,
     WebhookDelivery,
 )
+from tessera.server.rawsql import RawTransaction, session_ended
 from tessera.server.schemas import LicenseUpdate
 from tessera.server.storage import Database
 from tessera.server.tokens import Principal, Role, create_token
@@ -398,6 +400,27 @@ def test_the_writer_survives_a_lost_connection(
         actions = session.execute(select(AuditEntry.action).order_by(AuditEntry.id)).scalars().all()
     assert slots == [0, 1]
     assert actions.count("license.activate") == 2
+
+
+@pytest.mark.parametrize(
+    ("error", "gone"),
+    [
+        (psycopg.errors.AdminShutdown, True),  # 57P01: the backend terminated, a restart
+        (psycopg.errors.IdleSessionTimeout, True),  # 57P05
+        (psycopg.errors.ConnectionFailure, True),  # 08006
+        (psycopg.errors.QueryCanceled, False),  # 57014: the statement, not the session
+        (psycopg.errors.UniqueViolation, False),
+    ],
+)
+def test_an_error_that_ends_the_session_marks_the_connection_gone(error: type[Exception], gone: bool) -> None:
+    """PostgreSQL's last word before it closes a connection may reach psycopg as a
+    statement's result, before the connection looks broken. The writers must still take
+    the connection for dead and run the request once more on a new one (this made
+    test_the_writer_survives_a_lost_connection fail now and then)."""
+    dialect = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none").dialect  # never connects
+    wrapped = RawTransaction(None, None, dialect).wrapped(error("terminating connection"))
+    assert wrapped.connection_invalidated is gone
+    assert session_ended(error("x")) is gone
 
 
 @pytest.mark.parametrize("table", ["machines", "audit_log"])

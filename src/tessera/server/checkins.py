@@ -75,7 +75,7 @@ from tessera.server.activation import (
 )
 from tessera.server.errors import NotFound, ServiceError
 from tessera.server.models import LicenseRow, Machine
-from tessera.server.rawsql import Broken, Busy, Compiled, transaction
+from tessera.server.rawsql import Broken, Busy, Compiled, session_ended, transaction
 from tessera.server.storage import Database
 from tessera.server.writer import Job, release_connection, settle, take_batch
 
@@ -575,7 +575,7 @@ class CheckinWriter:
             try:
                 rows = await self._pg_look_up(cursor, batch)
             except Exception as exc:
-                if connection.broken or connection.closed:
+                if connection.broken or connection.closed or session_ended(exc):
                     raise _Stale from exc
                 raise
             if looked_up is not None:

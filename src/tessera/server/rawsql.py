@@ -38,6 +38,7 @@ __all__ = [
     "compiled",
     "pipelining",
     "raw_write",
+    "session_ended",
     "transaction",
 ]
 
@@ -163,11 +164,27 @@ class RawTransaction:
     def wrapped(self, exc: Exception, sql: str | None = None, params: Any = None) -> DBAPIError:
         """The driver's error as SQLAlchemy's (``IntegrityError``, ``OperationalError``,
         ...), marked ``connection_invalidated`` when the connection is gone."""
-        gone = self._dialect.is_disconnect(cast(Any, exc), self._connection, self._cursor)
+        gone = session_ended(exc) or self._dialect.is_disconnect(
+            cast(Any, exc), self._connection, self._cursor
+        )
         error = DBAPIError.instance(
             sql, params, exc, self._dialect.loaded_dbapi.Error, connection_invalidated=gone
         )
         return cast(DBAPIError, error)
+
+
+def session_ended(exc: BaseException) -> bool:
+    """Did PostgreSQL end this connection's session (SQLSTATE class 08, or 57P: shut down,
+    restarted, the backend terminated, an idle timeout)?
+
+    The server says so in a last error message before it closes the socket. psycopg may
+    hand that message over as a statement's result before it notices the socket closed, so
+    the connection does not yet look broken (SQLAlchemy's ``is_disconnect`` only asks
+    that): without this a kept connection that died while idle failed its next request
+    instead of being replaced, depending on which of the two the driver saw first.
+    """
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(state, str) and state.startswith(("08", "57P"))
 
 
 class Broken(Exception):
