@@ -260,8 +260,8 @@ def test_held_back_refusals_are_logged_once_a_minute_at_most(caplog: pytest.LogC
 def test_a_late_request_for_an_unknown_serial_is_a_404_and_not_recorded(
     live_server: LiveServer, admin: Principal
 ) -> None:
-    """The request's time is checked first; the refusal still names only licenses that
-    exist, so made-up serials leave no audit entries."""
+    """An unknown serial is a 404 before the request's time is looked at, so made-up
+    serials leave no audit entries; a known one is refused for its time."""
     state = live_server.state
     cred = credential(state, admin, user_license(state, admin))
     late = LeaseRequest.create("lease", cred, "uniplex", state.now() - timedelta(hours=1))

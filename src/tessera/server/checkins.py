@@ -123,9 +123,14 @@ _CHECKPOINT: Final = object()
 # json_to_recordset(), and chose a hash join over a scan of every license at 10,000 of them.
 # The lookup is CHECKIN_LOOKUP per element (same columns, in CheckinFound's order, after
 # the element's 1-based position ``n``).
+def _text_array(param: str, kind: TypeEngine[Any]) -> Any:
+    """The array parameter ``param``, sent as text (:func:`_array`) and cast to ``kind[]``."""
+    return cast(bindparam(param, type_=String), ARRAY(kind))
+
+
 def _unnest(name: str, *arrays: tuple[str, TypeEngine[Any]], ordinality: str | None = None) -> Any:
     return (
-        func.unnest(*(cast(bindparam(param, type_=String), ARRAY(kind)) for param, kind in arrays))
+        func.unnest(*(_text_array(param, kind) for param, kind in arrays))
         .table_valued(*(param for param, _ in arrays), with_ordinality=ordinality)
         .render_derived(name=name)
     )
@@ -146,17 +151,12 @@ _AT = DateTime(timezone=True)
 #: insert, COMMIT) the same writes cost psycopg and PostgreSQL a fifth more per check-in.
 PG_BATCH_RECORD = select(
     func.tessera_record_checkins(
-        *(
-            cast(bindparam(param, type_=String), ARRAY(kind))
-            for param, kind in (
-                ("id", Integer()),
-                ("at", _AT),
-                ("delivered", Integer()),
-                ("checkin_machine_id", Integer()),
-                ("checkin_at", _AT),
-                ("outcome", String()),
-            )
-        )
+        _text_array("id", Integer()),
+        _text_array("at", _AT),
+        _text_array("delivered", Integer()),
+        _text_array("checkin_machine_id", Integer()),
+        _text_array("checkin_at", _AT),
+        _text_array("outcome", String()),
     )
 )
 
@@ -614,18 +614,19 @@ class CheckinWriter:
         return rows
 
     async def _pg_record(self, cursor: Any, recorded: list[tuple[CheckinVerdict, datetime]]) -> None:
-        """Lock the machines in id order, update them, add the check-ins: one statement
-        (:data:`PG_BATCH_RECORD`) for any batch, committed by itself. A machine twice in
-        one batch keeps its last check-in, as one statement after the other would leave it."""
-        recorded.sort(key=lambda r: r[0].machine_id)  # one lock order for every process
-        last = {v.machine_id: (v, now) for v, now in recorded}
+        """Lock the machines, update them, add the check-ins: one statement
+        (:data:`PG_BATCH_RECORD`, which takes the locks in machine-id order itself) for any
+        batch, committed by itself. A machine twice in one batch keeps its last check-in,
+        as one statement after the other would leave it."""
+        stamped = [(v, utc(now).isoformat()) for v, now in recorded]
+        last = {v.machine_id: (v, at) for v, at in stamped}
         values = {
             "id": _array(last),
-            "at": _array(utc(now).isoformat() for _, now in last.values()),
+            "at": _array(at for _, at in last.values()),
             "delivered": _array(v.delivered_revision for v, _ in last.values()),
-            "checkin_machine_id": _array(v.machine_id for v, _ in recorded),
-            "checkin_at": _array(utc(now).isoformat() for _, now in recorded),
-            "outcome": _array(v.outcome for v, _ in recorded),
+            "checkin_machine_id": _array(v.machine_id for v, _ in stamped),
+            "checkin_at": _array(at for _, at in stamped),
+            "outcome": _array(v.outcome for v, _ in stamped),
         }
         await cursor.execute(self._batch_record.sql, self._batch_record.params(values))
 

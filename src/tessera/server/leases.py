@@ -240,15 +240,6 @@ def handle_lease(
     lease_seconds: int,
 ) -> LeaseResponse:
     """Lease, renew or release; raises :class:`LeaseRefused` with the reason otherwise."""
-    if abs(utc(request.sent_at) - utc(now)) > MAX_CLOCK_SKEW:
-        known = session.execute(select(LicenseRow.id).where(LicenseRow.serial == request.serial)).first()
-        if known is None:  # as below: an unknown serial has nobody to record the refusal for
-            raise LeaseRefused(f"unknown license {request.serial}", "unknown", request, 404)
-        raise LeaseRefused(
-            "request time is too far from the server's time (check the clock; replayed?)",
-            "replay",
-            request,
-        )
     row = (
         session.execute(
             select(LicenseRow).where(LicenseRow.serial == request.serial).with_for_update(of=LicenseRow)
@@ -256,8 +247,14 @@ def handle_lease(
         .unique()
         .scalar_one_or_none()
     )
-    if row is None:
+    if row is None:  # first: an unknown serial is a 404, whatever else is wrong (nothing recorded)
         raise LeaseRefused(f"unknown license {request.serial}", "unknown", request, 404)
+    if abs(utc(request.sent_at) - utc(now)) > MAX_CLOCK_SKEW:
+        raise LeaseRefused(
+            "request time is too far from the server's time (check the clock; replayed?)",
+            "replay",
+            request,
+        )
     credential = session.execute(
         select(UserCredential).where(
             UserCredential.license_id == row.id, UserCredential.user_id == request.user_id
