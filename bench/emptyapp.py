@@ -3,9 +3,10 @@
 ``app`` is what SPEC section 7 compares the license server with: the same web stack
 (FastAPI on one uvicorn worker) doing no work at all (``/empty``), so the ratio says what
 Tessera's own per-request work costs; ``/floor`` adds only the signature work a check-in
-cannot avoid. ``python -m bench.emptyapp --null PORT`` serves a fixed response
-from a bare asyncio protocol: it costs almost nothing, so the rate the load generator
-reaches against it is the generator's own ceiling.
+cannot avoid, ``/activation-floor`` the work an online activation cannot avoid.
+``python -m bench.emptyapp --null PORT`` serves a fixed response from a bare asyncio
+protocol: it costs almost nothing, so the rate the load generator reaches against it is
+the generator's own ceiling.
 """
 
 from __future__ import annotations
@@ -13,12 +14,21 @@ from __future__ import annotations
 import asyncio
 import ssl
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from fastapi import FastAPI, Request, Response
 
-from tessera.core.protocol import CheckinRequest, ServerResponse, derive_checkin_key
-from tessera.core.signing import SigningKey
+from bench.samples import sample_license
+from tessera.core import sign_document
+from tessera.core.protocol import (
+    ActivationRequest,
+    CheckinRequest,
+    ServerResponse,
+    derive_checkin_key,
+    seal_checkin_key,
+)
+from tessera.core.signing import PublicKey, SigningKey
 
 app = FastAPI()
 
@@ -28,6 +38,8 @@ VENDOR_KEY = SigningKey.from_raw(bytes(range(32, 64)))
 AGENT_PUBLIC = AGENT_KEY.public.to_base64()
 #: The check-in key an activation would have handed that agent.
 CHECKIN_KEY = derive_checkin_key(b"bench server secret", AGENT_PUBLIC)
+#: What an activation's license file holds besides the machine it binds (sample.py's).
+LICENSE = sample_license()
 
 
 @app.post("/empty")
@@ -46,6 +58,31 @@ async def floor(request: Request) -> Response:
     parsed = CheckinRequest.from_json(await request.body())
     parsed.authenticate(AGENT_PUBLIC, CHECKIN_KEY)
     answer = ServerResponse("checkin", parsed.nonce, datetime.now(UTC).replace(microsecond=0), "2026-000001")
+    return Response(answer.signed_json(VENDOR_KEY), media_type="application/json")
+
+
+@app.post("/activation-floor")
+async def activation_floor(request: Request) -> Response:
+    """The work no correct online activation can skip, and nothing else: no database, no rule.
+
+    Parse the request and check its signature (the agent's new key signs it), make the
+    license file for the requesting machine and sign it, seal the installation's check-in
+    key to the agent's key, sign the answer: what :func:`tessera.server.activations.activate`
+    does besides the database and the rules (the slot scan, the audit entry). The license
+    server's activations are compared with this too.
+    """
+    parsed = ActivationRequest.from_json(await request.body())
+    now = datetime.now(UTC).replace(microsecond=0)
+    document = replace(LICENSE, locking_id=parsed.locking_id, agent_key=parsed.agent_key, issued=now)
+    checkin_key = derive_checkin_key(b"bench server secret", parsed.agent_key)
+    answer = ServerResponse(
+        "activation",
+        parsed.nonce,
+        now,
+        LICENSE.serial,
+        license=sign_document(document, VENDOR_KEY),
+        checkin_key=seal_checkin_key(checkin_key, PublicKey.from_base64(parsed.agent_key)),
+    )
     return Response(answer.signed_json(VENDOR_KEY), media_type="application/json")
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from bench.emptyapp import AGENT_KEY, CHECKIN_KEY
 from bench.harness import Context, Row, benchmark, skipped
@@ -40,6 +41,7 @@ CROWD = 64
 PER_LICENSE = 50  # machines per license: a site license, and a short slot scan per activation
 BACKENDS = ("SQLite", "PostgreSQL")
 BULK = 100_000
+SAMPLE_KEY = "K7QXM-2VDRT-9HFNA-PC4WE-8BZJY"
 
 
 def latency_note(r: LoadResult) -> str:
@@ -53,12 +55,20 @@ def latency_note(r: LoadResult) -> str:
 def sample_body() -> bytes:
     """A check-in request: the baseline receives the same bytes a real endpoint does."""
     return CheckinRequest.create(
-        "K7QXM-2VDRT-9HFNA-PC4WE-8BZJY", "TL1-MP5UNZP2ZRSFQMXIPVBGRKZMPWZZK3IG57Y7CM3V5T6EEOS5",
+        SAMPLE_KEY, "TL1-MP5UNZP2ZRSFQMXIPVBGRKZMPWZZK3IG57Y7CM3V5T6EEOS5",
         "bench-system-0001", AGENT_KEY, CHECKIN_KEY,
     ).to_json()  # fmt: skip
 
 
-def measure_baselines(ctx: Context, duration: float) -> tuple[list[Row], LoadResult, LoadResult | None]:
+class Baselines(NamedTuple):
+    """What the server rows are compared with, measured in the same run."""
+
+    empty: LoadResult
+    crowd: LoadResult | None  # the empty endpoint at CROWD connections (full run only)
+    activation_floor: LoadResult
+
+
+def measure_baselines(ctx: Context, duration: float) -> tuple[list[Row], Baselines]:
     body = sample_body()
     port = free_port()
     with serving([PYTHON, "-m", "bench.emptyapp", "--null", str(port)], port=port):
@@ -76,6 +86,11 @@ def measure_baselines(ctx: Context, duration: float) -> tuple[list[Row], LoadRes
         bodies = [sample_body() for _ in range(200)]  # own nonces, as real requests
         run_load(port, "/floor", bodies, duration=0.5, repeat=True)
         floor = run_load(port, "/floor", bodies, duration=duration, repeat=True, connections=CONNECTIONS)
+        bodies = activation_bodies(installations([SAMPLE_KEY], 200, prefix="floor"))  # own agent keys
+        run_load(port, "/activation-floor", bodies, duration=0.5, repeat=True)
+        activation_floor = run_load(
+            port, "/activation-floor", bodies, duration=duration, repeat=True, connections=CONNECTIONS
+        )
     rows = [
         Row(
             "loadgen capacity (raw asyncio)",
@@ -114,7 +129,18 @@ def measure_baselines(ctx: Context, duration: float) -> tuple[list[Row], LoadRes
             note=f"info: one signature per answer (check-ins sign one per batch); {latency_note(floor)}",
         )
     )
-    return rows, empty, crowd
+    rows.append(
+        Row(
+            "activation floor POST (verify + sign + seal, no DB)",
+            activation_floor["rps"],
+            "req/s",
+            "empty FastAPI POST",
+            empty["rps"],
+            note="info: the most any correct online activation can reach on this stack; "
+            f"{latency_note(activation_floor)}",
+        )
+    )
+    return rows, Baselines(empty, crowd, activation_floor)
 
 
 def uvicorn_args(port: int) -> list[str]:
@@ -226,9 +252,8 @@ def backend(name: str) -> Iterator[str | None]:
             yield url
 
 
-def measure_server(
-    ctx: Context, name: str, duration: float, empty: LoadResult, crowd: LoadResult | None
-) -> list[Row]:
+def measure_server(ctx: Context, name: str, duration: float, baselines: Baselines) -> list[Row]:
+    empty, crowd = baselines.empty, baselines.crowd
     expected_rate = 2000  # generous: bodies run out rather than the clock
     count = int(expected_rate * duration)
     licenses = max(2, count // PER_LICENSE + 1)
@@ -277,6 +302,9 @@ def measure_server(
     for what, r in (("activations", act), ("check-ins", chk)):
         ratio = r["rps"] / empty["rps"]
         clean = r["ok"] == r["requests"]
+        note = latency_note(r)
+        if what == "activations":
+            note += f"; {r['rps'] / baselines.activation_floor['rps']:.2f}x of the activation floor"
         rows.append(
             Row(
                 f"{what}/s ({name})",
@@ -286,7 +314,7 @@ def measure_server(
                 empty["rps"],
                 f">= {TARGET_RATIO}x",
                 ratio >= TARGET_RATIO and clean,
-                latency_note(r),
+                note,
             )
         )
     if crowd is not None and crowded is not None:
@@ -317,7 +345,7 @@ def measure_server(
 def http(ctx: Context) -> list[Row]:
     """empty FastAPI baseline, activations and check-ins/s over loopback (SQLite, PostgreSQL)"""
     duration = ctx.budget(3.0, 10.0)
-    rows, empty, crowd = measure_baselines(ctx, duration)
+    rows, baselines = measure_baselines(ctx, duration)
     reason = server_unavailable()
     for name in BACKENDS:
         if reason is not None:
@@ -327,7 +355,7 @@ def http(ctx: Context) -> list[Row]:
             ]
             continue
         rows += guarded(
-            ctx, f"server ({name})", functools.partial(measure_server, ctx, name, duration, empty, crowd)
+            ctx, f"server ({name})", functools.partial(measure_server, ctx, name, duration, baselines)
         )
     return rows
 
