@@ -10,6 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tessera.core.fingerprint import (
+    COMPONENT_KINDS,
+    Component,
+    LicensedMachine,
     LockingId,
     _b32decode,
     collect_facts,
@@ -196,3 +199,38 @@ def test_check_accepts_real_locking_ids(tmp_path: Path) -> None:
     text = str(lid(fake_machine(tmp_path)))
     LockingId.check(text)
     LockingId.check(f" {text} ")  # parse strips too
+
+
+_component = st.builds(Component, st.sampled_from(sorted(COMPONENT_KINDS)), st.binary(min_size=5, max_size=5))
+
+
+@given(
+    licensed=st.lists(_component, min_size=1, max_size=8, unique=True),
+    extra=st.lists(_component, max_size=8, unique=True),
+    kept=st.integers(0, 8),
+    level=st.sampled_from(list(MatchLevel)),
+)
+def test_a_prepared_licensed_machine_gives_match_locking_ids_verdicts(
+    licensed: list[Component], extra: list[Component], kept: int, level: MatchLevel
+) -> None:
+    """The server's slot scan matches through :class:`LicensedMachine`; it must never
+    decide otherwise than :func:`match_locking_ids`, whichever components are kept,
+    replaced or added (a kind seen twice, weights that just reach a level)."""
+    current = licensed[:kept] + extra
+    if not current:
+        return
+    lic, cur = LockingId(tuple(licensed)), LockingId(tuple(current))
+    assert LicensedMachine(lic).matches(cur.keys, level) == match_locking_ids(lic, cur, level).ok
+
+
+def test_a_prepared_licensed_machine_at_each_level(tmp_path: Path) -> None:
+    """One NIC replaced (a known case): medium and loose still match, strict does not; a
+    wholly other machine matches at no level."""
+    before = lid(fake_machine(tmp_path / "a"))
+    after = lid(fake_machine(tmp_path / "b", macs={"eth0": "00:1b:21:ff:ff:ff", "eth1": MAC2}))
+    other = lid(fake_machine(tmp_path / "c", machine_id="0" * 32, uuid=None, board="X", macs={}, disks={}))
+    licensed = LicensedMachine(before)
+    verdicts = {level: licensed.matches(after.keys, level) for level in MatchLevel}
+    assert verdicts == {MatchLevel.STRICT: False, MatchLevel.MEDIUM: True, MatchLevel.LOOSE: True}
+    assert licensed.matches(before.keys, MatchLevel.STRICT)
+    assert not any(licensed.matches(other.keys, level) for level in MatchLevel)

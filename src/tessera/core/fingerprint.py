@@ -31,6 +31,7 @@ from tessera.core.model import MatchLevel
 __all__ = [
     "COMPONENT_KINDS",
     "Component",
+    "LicensedMachine",
     "LockingId",
     "MatchResult",
     "collect_facts",
@@ -141,6 +142,12 @@ class LockingId:
     def weight(self) -> int:
         return sum(c.weight for c in self.components)
 
+    @property
+    def keys(self) -> tuple[bytes, ...]:
+        """Each component as one ``bytes`` (kind letter + digest), what
+        :meth:`LicensedMachine.matches` looks up."""
+        return tuple(c.kind.encode("ascii") + c.digest for c in self.components)
+
 
 @dataclass(frozen=True, slots=True)
 class MatchResult:
@@ -179,6 +186,39 @@ def match_locking_ids(
     matched = sum(c.weight for c in lic.components if c in present)
     total = lic.weight
     return MatchResult(matched, total, _required(total, MatchLevel(level)), MatchLevel(level))
+
+
+class LicensedMachine:
+    """A licensed Locking ID made ready to be matched against many machines, with the
+    verdicts of :func:`match_locking_ids`.
+
+    A license server compares a newly activating machine with every machine bound to the
+    license (is it one of them, its hardware changed a little?): thousands of pairs on a
+    site license. :func:`match_locking_ids` spends most of a pair's time hashing
+    :class:`Component` objects (their hash is Python code) and summing weights it could
+    have summed once; here the weights are summed once and keyed by plain ``bytes``
+    (:attr:`LockingId.keys`), so a pair is a few dictionary lookups.
+    """
+
+    __slots__ = ("_required", "_weights")
+
+    def __init__(self, licensed: LockingId) -> None:
+        self._weights = {c.kind.encode("ascii") + c.digest: c.weight for c in licensed.components}
+        total = licensed.weight
+        self._required = {level: _required(total, level) for level in MatchLevel}
+
+    def matches(self, current: Iterable[bytes], level: MatchLevel = MatchLevel.MEDIUM) -> bool:
+        """Does the machine whose :attr:`LockingId.keys` are ``current`` count as this one?"""
+        weights = self._weights
+        matched = 0
+        for key in current:
+            weight = weights.get(key)
+            if weight is not None:
+                matched += weight
+        return matched >= self._required[level]
+
+    def __repr__(self) -> str:
+        return f"LicensedMachine({len(self._weights)} components, weight {self._required[MatchLevel.STRICT]})"
 
 
 # ---------------------------------------------------------------------------- facts

@@ -24,7 +24,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from tessera.core import sign_document
 from tessera.core.clock import utc
 from tessera.core.errors import SignatureError, TesseraError
-from tessera.core.fingerprint import LockingId, match_locking_ids
+from tessera.core.fingerprint import LicensedMachine, LockingId, match_locking_ids
 from tessera.core.licensekey import license_key_digest
 from tessera.core.model import MatchLevel
 from tessera.core.protocol import (
@@ -136,36 +136,30 @@ def _parsed(locking_id: str) -> LockingId | None:
         return None
 
 
-def same_hardware(locking_id: str, current: LockingId, level: MatchLevel) -> bool:
-    licensed = _parsed(locking_id)
-    return licensed is not None and match_locking_ids(licensed, current, level).ok
-
-
 @lru_cache(maxsize=16384)
-def _component_keys(locking_id: str) -> frozenset[bytes]:
-    """A bound machine's components as plain bytes (kind letter + digest); cached like
-    :func:`_parsed`, for the same reason and from the same source."""
+def _licensed(locking_id: str) -> LicensedMachine | None:
+    """A bound machine's Locking ID made ready for matching; cached like :func:`_parsed`,
+    for the same reason and from the same source."""
     licensed = _parsed(locking_id)
-    if licensed is None:
-        return frozenset()
-    return frozenset(c.kind.encode("ascii") + c.digest for c in licensed.components)
+    return None if licensed is None else LicensedMachine(licensed)
+
+
+def same_hardware(locking_id: str, current: LockingId, level: MatchLevel) -> bool:
+    licensed = _licensed(locking_id)
+    return licensed is not None and licensed.matches(current.keys, level)
 
 
 def first_same_hardware(locking_ids: Iterable[str], current: LockingId, level: MatchLevel) -> int | None:
     """The position of the first bound machine that is the machine ``current``, if any.
 
     A new machine is compared with every bound one, so the scan is the activation's
-    dearest loop on a license with many seats. A bound machine that shares no component
-    with ``current`` is passed over by a set test instead of a full match: a match needs
-    shared weight at every level (each component weighs at least 1 and every level
-    requires a positive share of the licensed weight; ``tests/server/
-    test_activation_fast.py`` checks the two agree).
+    dearest loop on a license with many seats: a few dictionary lookups per bound machine
+    (:class:`~tessera.core.fingerprint.LicensedMachine`, prepared once per Locking ID).
     """
-    keys = frozenset(c.kind.encode("ascii") + c.digest for c in current.components)
+    keys = current.keys
     for position, locking_id in enumerate(locking_ids):
-        if keys.isdisjoint(_component_keys(locking_id)):
-            continue
-        if same_hardware(locking_id, current, level):
+        licensed = _licensed(locking_id)
+        if licensed is not None and licensed.matches(keys, level):
             return position
     return None
 
