@@ -29,6 +29,7 @@ MODULES = (
     "bench.http_server",
     "bench.bulk_issue",
     "bench.scale",
+    "bench.seats",
 )
 DEFAULT_OUTPUT = Path(__file__).with_name("results.md")
 

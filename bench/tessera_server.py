@@ -188,11 +188,16 @@ class Installation:
     agent: SigningKey
 
 
-def installations(keys: Sequence[str], per_license: int, prefix: str = "m") -> list[Installation]:
+def installations(
+    keys: Sequence[str], per_license: int, prefix: str = "m", shared: Sequence[tuple[str, str]] = ()
+) -> list[Installation]:
+    """``per_license`` machines for each license key, each with a machine id, a DMI UUID and
+    a NIC of its own, and the ``shared`` facts (kind, value) too: a fleet's common CPU model."""
     out = []
     for i, key in enumerate(keys):
         for j in range(per_license):
             facts = [("m", f"{prefix}-{i}-{j}"), ("u", f"uuid-{prefix}-{i}-{j}"), ("n", f"nic-{i}-{j}")]
+            facts += shared
             out.append(
                 Installation(key, str(locking_id_for(facts, PRODUCT)), new_system_id(), SigningKey.generate())
             )

@@ -101,7 +101,9 @@ def test_a_benchmark_that_raises_becomes_an_error_row() -> None:
     assert errors and "boom" in errors[0]
 
 
-@pytest.mark.parametrize("name", ["agent-check", "verify", "bulk-sign", "http", "bulk-issue", "tls", "scale"])
+@pytest.mark.parametrize(
+    "name", ["agent-check", "verify", "bulk-sign", "http", "bulk-issue", "tls", "scale", "seats"]
+)
 def test_every_benchmark_is_registered(name: str) -> None:
     from bench.__main__ import load_modules
     from bench.harness import BENCHMARKS
@@ -109,3 +111,4 @@ def test_every_benchmark_is_registered(name: str) -> None:
     load_modules()
     assert name in BENCHMARKS
     assert BENCHMARKS["scale"].quick is False  # the 1M-license fill never runs in --quick
+    assert BENCHMARKS["seats"].quick is False  # nor the 3,000-machine one
