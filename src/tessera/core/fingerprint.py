@@ -122,7 +122,7 @@ class LockingId:
             raise ValueError("a Locking ID needs at least one component")
 
     def __str__(self) -> str:
-        raw = b"".join(c.kind.encode("ascii") + c.digest for c in self.components)
+        raw = b"".join(self.keys)
         return _PREFIX + base64.b32encode(raw).decode("ascii").rstrip("=")
 
     @classmethod
@@ -203,7 +203,7 @@ class LicensedMachine:
     __slots__ = ("_required", "_weights")
 
     def __init__(self, licensed: LockingId) -> None:
-        self._weights = {c.kind.encode("ascii") + c.digest: c.weight for c in licensed.components}
+        self._weights = dict(zip(licensed.keys, (c.weight for c in licensed.components), strict=True))
         total = licensed.weight
         self._required = {level: _required(total, level) for level in MatchLevel}
 
