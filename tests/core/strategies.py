@@ -32,16 +32,23 @@ versions = st.sampled_from(["*", "4.*", "4.2", ">=4.1, <5", "1.2.3", "==2", ">0"
 ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_-]{7,20}\Z")
 
 
+components = st.builds(Component, st.sampled_from(sorted(COMPONENT_KINDS)), st.binary(min_size=5, max_size=5))
+
+
 @st.composite
 def locking_ids(draw: st.DrawFn) -> str:
-    comps = draw(
-        st.lists(
-            st.tuples(st.sampled_from(sorted(COMPONENT_KINDS)), st.binary(min_size=5, max_size=5)),
-            min_size=1,
-            max_size=8,
-        )
-    )
-    return str(LockingId(tuple(Component(k, d) for k, d in comps)))
+    return str(LockingId(tuple(draw(st.lists(components, min_size=1, max_size=8)))))
+
+
+@st.composite
+def machine_pairs(draw: st.DrawFn) -> tuple[LockingId, LockingId]:
+    """A licensed machine and a machine asking later: some of the licensed one's components
+    kept (none, some or all), others added (a kind seen twice, weights that just reach a
+    level or miss it)."""
+    licensed = draw(st.lists(components, min_size=1, max_size=7, unique=True))
+    kept = draw(st.integers(0, len(licensed)))
+    extra = draw(st.lists(components, min_size=0 if kept else 1, max_size=7, unique=True))
+    return LockingId(tuple(licensed)), LockingId(tuple(licensed[:kept] + extra))
 
 
 @st.composite

@@ -10,8 +10,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tessera.core.fingerprint import (
-    COMPONENT_KINDS,
-    Component,
     LicensedMachine,
     LockingId,
     _b32decode,
@@ -20,6 +18,8 @@ from tessera.core.fingerprint import (
     match_locking_ids,
 )
 from tessera.core.model import MatchLevel
+
+from .strategies import machine_pairs
 
 MAC1 = "52:54:00:12:34:56".replace("52", "00", 1)
 MAC2 = "00:1b:21:aa:bb:cc"
@@ -201,26 +201,17 @@ def test_check_accepts_real_locking_ids(tmp_path: Path) -> None:
     LockingId.check(f" {text} ")  # parse strips too
 
 
-_component = st.builds(Component, st.sampled_from(sorted(COMPONENT_KINDS)), st.binary(min_size=5, max_size=5))
-
-
-@given(
-    licensed=st.lists(_component, min_size=1, max_size=8, unique=True),
-    extra=st.lists(_component, max_size=8, unique=True),
-    kept=st.integers(0, 8),
-    level=st.sampled_from(list(MatchLevel)),
-)
+@given(pair=machine_pairs(), level=st.sampled_from(list(MatchLevel)))
 def test_a_prepared_licensed_machine_gives_match_locking_ids_verdicts(
-    licensed: list[Component], extra: list[Component], kept: int, level: MatchLevel
+    pair: tuple[LockingId, LockingId], level: MatchLevel
 ) -> None:
     """The server's slot scan matches through :class:`LicensedMachine`; it must never
-    decide otherwise than :func:`match_locking_ids`, whichever components are kept,
-    replaced or added (a kind seen twice, weights that just reach a level)."""
-    current = licensed[:kept] + extra
-    if not current:
-        return
-    lic, cur = LockingId(tuple(licensed)), LockingId(tuple(current))
-    assert LicensedMachine(lic).matches(cur.keys, level) == match_locking_ids(lic, cur, level).ok
+    decide otherwise than :func:`match_locking_ids`."""
+    licensed, current = pair
+    assert (
+        LicensedMachine(licensed).matches(current.keys, level)
+        == match_locking_ids(licensed, current, level).ok
+    )
 
 
 def test_a_prepared_licensed_machine_at_each_level(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from tessera.core.clock import ManualClock
-from tessera.core.fingerprint import COMPONENT_KINDS, Component, LockingId, match_locking_ids
+from tessera.core.fingerprint import LockingId, match_locking_ids
 from tessera.core.model import MatchLevel
 from tessera.core.passwords import verify_secret
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest, ServerResponse, open_checkin_key
@@ -57,6 +57,7 @@ from tessera.server.schemas import LicenseUpdate
 from tessera.server.storage import Database
 from tessera.server.tokens import Principal, Role, create_token
 
+from ..core.strategies import machine_pairs
 from .conftest import START, LiveServer, create_pg_database, drop_pg_database
 from .helpers import FakeAgent, agent, setup_license
 
@@ -335,32 +336,20 @@ def test_a_blacklist_hit_over_the_writer_is_refused_and_recorded(sides: tuple[Si
     assert rows["machines"] == []
 
 
-# ------------------------------------------------------------------ the slot scan's quick test
-
-
-_component = st.builds(Component, st.sampled_from(sorted(COMPONENT_KINDS)), st.binary(min_size=5, max_size=5))
+# ------------------------------------------------------------------ the slot scan
 
 
 @settings(max_examples=300)
-@given(
-    licensed=st.lists(_component, min_size=1, max_size=7, unique=True),
-    extra=st.lists(_component, max_size=7, unique=True),
-    kept=st.integers(0, 7),
-    level=st.sampled_from(list(MatchLevel)),
-)
-def test_the_quick_test_of_the_slot_scan_never_changes_a_verdict(
-    licensed: list[Component], extra: list[Component], kept: int, level: MatchLevel
-) -> None:
-    """Ruling out a machine that shares no component must never rule out a match: at
-    every level a match needs some shared weight."""
-    current = licensed[:kept] + extra
-    if not current:
-        return
-    lic, cur = LockingId(tuple(licensed)), LockingId(tuple(current))
-    full = match_locking_ids(lic, cur, level).ok
-    assert same_hardware(str(lic), cur, level) == full
-    assert first_same_hardware([str(lic)], cur, level) == (0 if full else None)
-    if set(lic.components).isdisjoint(cur.components):
+@given(pair=machine_pairs(), level=st.sampled_from(list(MatchLevel)))
+def test_the_slot_scan_never_changes_a_verdict(pair: tuple[LockingId, LockingId], level: MatchLevel) -> None:
+    """The scan over bound machines (a prepared matcher per stored Locking ID) decides as
+    :func:`match_locking_ids` does, and a machine that shares no component never matches:
+    at every level a match needs some shared weight."""
+    licensed, current = pair
+    full = match_locking_ids(licensed, current, level).ok
+    assert same_hardware(str(licensed), current, level) == full
+    assert first_same_hardware([str(licensed)], current, level) == (0 if full else None)
+    if set(licensed.components).isdisjoint(current.components):
         assert not full
 
 
