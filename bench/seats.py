@@ -32,6 +32,7 @@ def seats(ctx: Context) -> list[Row]:
         (key,) = server.seed(1, MANY + 2 * PROBES)
         fleet = installations([key], MANY + 2 * PROBES, prefix="fleet", shared=FLEET_CPU)
         bound, few_probes, many_probes = fleet[:MANY], fleet[MANY : MANY + PROBES], fleet[MANY + PROBES :]
+        notes: list[str] = []  # each probe's latencies
 
         def fill(machines: list[bytes]) -> None:
             r = run_load(server.port, "/api/v1/activate", machines, duration=300, connections=4)
@@ -45,7 +46,6 @@ def seats(ctx: Context) -> list[Row]:
             notes.append(latency_note(r))
             return float(r["p50_ms"])
 
-        notes: list[str] = []
         fill(activation_bodies(bound[:FEW]))
         few = probe(activation_bodies(few_probes))
         ctx.log(f"  seats: binding {MANY - FEW:,} more machines")
