@@ -24,7 +24,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from tessera.core import sign_document
 from tessera.core.clock import utc
 from tessera.core.errors import SignatureError, TesseraError
-from tessera.core.fingerprint import LicensedMachine, LockingId, match_locking_ids
+from tessera.core.fingerprint import LicensedMachine, LockingId
 from tessera.core.licensekey import license_key_digest
 from tessera.core.model import MatchLevel
 from tessera.core.protocol import (
@@ -124,24 +124,17 @@ def check_usable(row: _Usable, now: datetime) -> None:
 
 
 @lru_cache(maxsize=16384)
-def _parsed(locking_id: str) -> LockingId | None:
-    """Bound machines' Locking IDs, parsed once: keeps slot scans and check-ins cheap.
+def _licensed(locking_id: str) -> LicensedMachine | None:
+    """A bound machine's Locking ID, parsed and made ready for matching once: keeps slot
+    scans and check-ins cheap. None if it does not parse.
 
     Only IDs read from the database come here, never a client's, so clients cannot fill
     the cache.
     """
     try:
-        return LockingId.parse(locking_id)
+        return LicensedMachine(LockingId.parse(locking_id))
     except ValueError:
         return None
-
-
-@lru_cache(maxsize=16384)
-def _licensed(locking_id: str) -> LicensedMachine | None:
-    """A bound machine's Locking ID made ready for matching; cached like :func:`_parsed`,
-    for the same reason and from the same source."""
-    licensed = _parsed(locking_id)
-    return None if licensed is None else LicensedMachine(licensed)
 
 
 def same_hardware(locking_id: str, current: LockingId, level: MatchLevel) -> bool:
@@ -580,7 +573,7 @@ def check_checkin(found: CheckinFound, request: CheckinRequest, pepper: bytes) -
     _authenticate(request, found.agent_key, pepper)
     if request.locking_id == found.locking_id:
         return  # the very ID it was bound with: the same text, the same hardware
-    licensed = _parsed(found.locking_id)  # cached: only IDs the server stored itself
+    licensed = _licensed(found.locking_id)  # cached: only IDs the server stored itself
     try:
         current = LockingId.parse(request.locking_id)
     except ValueError:
@@ -591,7 +584,7 @@ def check_checkin(found: CheckinFound, request: CheckinRequest, pepper: bytes) -
     # only a machine-bound one must still be on its machine.
     if (
         found.binding != "instance"
-        and not match_locking_ids(licensed, current, MatchLevel(found.match_level)).ok
+        and not licensed.matches(current.keys, MatchLevel(found.match_level))
     ):
         raise Forbidden(f"this machine no longer matches the one license {found.serial} is bound to")
 
