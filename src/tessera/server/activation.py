@@ -170,7 +170,7 @@ def blacklisted(containers: Iterable[str], locking_id: str, level: MatchLevel) -
     if not listed:
         return False
     current = LockingId.parse(locking_id)
-    return any(same_hardware(lid, current, level) for lid in listed)
+    return first_same_hardware(listed, current, level) is not None
 
 
 def blacklist_refusal(serial: str, locking_id: str, now: datetime) -> RecordedRefusal:
