@@ -18,9 +18,10 @@ from tessera.core.protocol import CheckinRequest, ServerResponse
 from tessera.core.signing import Keyring
 from tessera.server import activation, licenses
 from tessera.server.app import ServerState
-from tessera.server.checkins import FULL_PATH, CheckinWriter, _array, _Job
+from tessera.server.checkins import FULL_PATH, CheckinWriter, _Job
 from tessera.server.errors import Forbidden, NotFound
 from tessera.server.models import Checkin, LicenseRow, Machine
+from tessera.server.rawsql import array_literal
 from tessera.server.storage import Database
 from tessera.server.tokens import Principal
 
@@ -488,5 +489,5 @@ def test_batch_arrays_reach_postgresql_as_sent(values: list[str], db_url: str) -
     if db_url.startswith("sqlite"):
         pytest.skip("PostgreSQL's array syntax")
     with pg_connect(db_url) as connection:
-        row = connection.execute("SELECT CAST(%s AS TEXT[])", (_array(values),)).fetchone()
+        row = connection.execute("SELECT CAST(%s AS TEXT[])", (array_literal(values),)).fetchone()
     assert row is not None and row[0] == values

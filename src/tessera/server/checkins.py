@@ -38,7 +38,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -50,12 +50,9 @@ from sqlalchemy import (
     Integer,
     String,
     and_,
-    bindparam,
-    cast,
     func,
     select,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.types import TypeEngine
 
@@ -75,7 +72,15 @@ from tessera.server.activation import (
 )
 from tessera.server.errors import NotFound, ServiceError
 from tessera.server.models import LicenseRow, Machine
-from tessera.server.rawsql import Broken, Busy, Compiled, session_ended, transaction
+from tessera.server.rawsql import (
+    Broken,
+    Busy,
+    Compiled,
+    array_literal,
+    session_ended,
+    text_array,
+    transaction,
+)
 from tessera.server.storage import Database
 from tessera.server.writer import Job, release_connection, settle, take_batch
 
@@ -114,23 +119,16 @@ _STOP: Final = object()
 _CHECKPOINT: Final = object()
 
 
-# PostgreSQL: a batch as two statements whatever its size, over arrays. Per-row statements
-# (even pipelined) cost psycopg and the database a parse, bind and result each, which was
-# most of a batch's time. Each array is sent as one text parameter in PostgreSQL's array
-# syntax (:func:`_array`) and cast in the statement: psycopg's own array dumper, in Python,
-# cost about 100 us per statement for 16 elements. Arrays, not JSON: PostgreSQL's generic
-# plan expects 10 rows from unnest() and looks each up by index, but 100 from
-# json_to_recordset(), and chose a hash join over a scan of every license at 10,000 of them.
-# The lookup is CHECKIN_LOOKUP per element (same columns, in CheckinFound's order, after
-# the element's 1-based position ``n``).
-def _text_array(param: str, kind: TypeEngine[Any]) -> Any:
-    """The array parameter ``param``, sent as text (:func:`_array`) and cast to ``kind[]``."""
-    return cast(bindparam(param, type_=String), ARRAY(kind))
-
-
+# PostgreSQL: a batch as two statements whatever its size, over arrays (sent as text:
+# rawsql.text_array). Per-row statements (even pipelined) cost psycopg and the database a
+# parse, bind and result each, which was most of a batch's time. Arrays, not JSON:
+# PostgreSQL's generic plan expects 10 rows from unnest() and looks each up by index, but
+# 100 from json_to_recordset(), and chose a hash join over a scan of every license at
+# 10,000 of them. The lookup is CHECKIN_LOOKUP per element (same columns, in CheckinFound's
+# order, after the element's 1-based position ``n``).
 def _unnest(name: str, *arrays: tuple[str, TypeEngine[Any]], ordinality: str | None = None) -> Any:
     return (
-        func.unnest(*(_text_array(param, kind) for param, kind in arrays))
+        func.unnest(*(text_array(param, kind) for param, kind in arrays))
         .table_valued(*(param for param, _ in arrays), with_ordinality=ordinality)
         .render_derived(name=name)
     )
@@ -151,19 +149,14 @@ _AT = DateTime(timezone=True)
 #: insert, COMMIT) the same writes cost psycopg and PostgreSQL a fifth more per check-in.
 PG_BATCH_RECORD = select(
     func.tessera_record_checkins(
-        _text_array("id", Integer()),
-        _text_array("at", _AT),
-        _text_array("delivered", Integer()),
-        _text_array("checkin_machine_id", Integer()),
-        _text_array("checkin_at", _AT),
-        _text_array("outcome", String()),
+        text_array("id", Integer()),
+        text_array("at", _AT),
+        text_array("delivered", Integer()),
+        text_array("checkin_machine_id", Integer()),
+        text_array("checkin_at", _AT),
+        text_array("outcome", String()),
     )
 )
-
-
-def _array(values: Iterable[object]) -> str:
-    """``values`` as a PostgreSQL array literal (``{"a","b"}``), every element quoted."""
-    return "{" + ",".join('"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
 
 
 @dataclass(slots=True, eq=False)
@@ -601,9 +594,11 @@ class CheckinWriter:
     async def _pg_look_up(self, cursor: Any, batch: list[_Job]) -> list[Sequence[Any] | None]:
         """Every job's lookup row, in order: one statement over arrays for the batch."""
         values = {
-            "digest": _array(license_key_digest(job.request.license_key, self._pepper) for job in batch),
-            "system_id": _array(job.request.system_id for job in batch),
-            "today": _array(utc(job.now).date().isoformat() for job in batch),
+            "digest": array_literal(
+                license_key_digest(job.request.license_key, self._pepper) for job in batch
+            ),
+            "system_id": array_literal(job.request.system_id for job in batch),
+            "today": array_literal(utc(job.now).date().isoformat() for job in batch),
         }
         await cursor.execute(self._batch_lookup.sql, self._batch_lookup.params(values))
         rows: list[Sequence[Any] | None] = [None] * len(batch)
@@ -621,12 +616,12 @@ class CheckinWriter:
         stamped = [(v, utc(now).isoformat()) for v, now in recorded]
         last = {v.machine_id: (v, at) for v, at in stamped}
         values = {
-            "id": _array(last),
-            "at": _array(at for _, at in last.values()),
-            "delivered": _array(v.delivered_revision for v, _ in last.values()),
-            "checkin_machine_id": _array(v.machine_id for v, _ in stamped),
-            "checkin_at": _array(at for _, at in stamped),
-            "outcome": _array(v.outcome for v, _ in stamped),
+            "id": array_literal(last),
+            "at": array_literal(at for _, at in last.values()),
+            "delivered": array_literal(v.delivered_revision for v, _ in last.values()),
+            "checkin_machine_id": array_literal(v.machine_id for v, _ in stamped),
+            "checkin_at": array_literal(at for _, at in stamped),
+            "outcome": array_literal(v.outcome for v, _ in stamped),
         }
         await cursor.execute(self._batch_record.sql, self._batch_record.params(values))
 

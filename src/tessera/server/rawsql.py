@@ -18,15 +18,18 @@ IMMEDIATE`` exactly as :meth:`tessera.server.storage.Database.write` does.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
-from sqlalchemy import Dialect
+from sqlalchemy import Dialect, String, bindparam
+from sqlalchemy import cast as sql_cast
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.selectable import CompoundSelect, Select
+from sqlalchemy.types import TypeEngine
 
 from tessera.server.storage import Database, begin_immediate
 
@@ -35,10 +38,12 @@ __all__ = [
     "Busy",
     "Compiled",
     "RawTransaction",
+    "array_literal",
     "compiled",
     "pipelining",
     "raw_write",
     "session_ended",
+    "text_array",
     "transaction",
 ]
 
@@ -115,6 +120,20 @@ def compiled(statement: ClauseElement, dialect: Dialect) -> Compiled:
     if entry is None or entry[0] is not statement:
         entry = _COMPILED[key] = (statement, Compiled(statement, dialect))
     return entry[1]
+
+
+# PostgreSQL: a batch's values travel as arrays, one statement whatever the batch's size.
+# Each array is sent as one text parameter in PostgreSQL's array syntax (array_literal) and
+# cast in the statement: psycopg's own array dumper, in Python, cost about 100 us per
+# statement for 16 elements.
+def text_array(param: str, kind: TypeEngine[Any]) -> Any:
+    """The array parameter ``param``, sent as text (:func:`array_literal`) and cast to ``kind[]``."""
+    return sql_cast(bindparam(param, type_=String), ARRAY(kind))
+
+
+def array_literal(values: Iterable[object]) -> str:
+    """``values`` as a PostgreSQL array literal (``{"a","b"}``), every element quoted."""
+    return "{" + ",".join('"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
 
 
 class RawTransaction:
