@@ -142,9 +142,17 @@ def _outcome(side: Side, request: ActivationRequest) -> Outcome:
     except RecordedRefusal as refusal:
         with side.state.db.write() as session:  # as the app does once the refusal rolled back
             refusal.record(session)
-        return ("refused", (refusal.status, str(refusal)))
+        return _seen(side, request, refusal)
     except ServiceError as exc:
-        return ("refused", (exc.status, str(exc)))
+        return _seen(side, request, exc)
+    return _seen(side, request, raw)
+
+
+def _seen(side: Side, request: ActivationRequest, raw: bytes | BaseException) -> Outcome:
+    """The agent's view of ``raw``, the response or the refusal it got."""
+    if isinstance(raw, ServiceError):
+        return ("refused", (raw.status, str(raw)))
+    assert isinstance(raw, bytes), raw
     response = ServerResponse.from_json(raw, side.keyring, request.nonce)
     key = request.license_key
     assert response.checkin_key is not None
@@ -336,6 +344,86 @@ def test_a_blacklist_hit_over_the_writer_is_refused_and_recorded(sides: tuple[Si
     assert rows["machines"] == []
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_postgresql_batch_answers_and_records_as_one_activation_after_the_other(
+    sides: tuple[Side, Side], seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL's writer runs the activations it takes at once in one transaction
+    (``_activate_batch``). Many of them on a few licenses, with installations activating
+    again, the same hardware twice, blacklisted and unknown machines, go through one batch
+    on one side and one after the other through the ORM path on the other: every answer
+    and refusal, and afterwards every row, must be the same. A refusal's record is written
+    after the batch on both sides, as the app writes it."""
+    orm, fast = sides
+    if fast.state.db.is_sqlite:
+        pytest.skip("batches are PostgreSQL's")
+    rng = random.Random(seed)
+    _both(sides, lambda side: _setup(side, with_webhook=True))
+    listed = _locking_id(5, 0)
+    _both(sides, lambda side: _blacklist(side, listed, recovered_only=False))
+    names = ["two", "three-strict", "loose", "instance", "sealed", "expired", "user", "versioned"]
+    requests = []
+    for _ in range(40):
+        name = rng.choice(names[:4] * 3 + names[4:])
+        key = orm.keys[name] if rng.random() > 0.05 else "ZZZZZ-ZZZZZ-ZZZZZ-ZZZZZ-ZZZZZ"
+        product = rng.choice([None, None, None, "reportix"])
+        requests.append(_request(key, rng.randrange(6), rng.randrange(2), rng.randrange(2), product))
+    now = orm.state.now()
+
+    committed: list[int] = []  # the requests in the order their batches took them
+    deferred = 0
+    batch_of = activations._activate_batch
+
+    def counted(tx: RawTransaction, batch: Any, *args: Any) -> Any:
+        nonlocal deferred
+        outcomes = batch_of(tx, batch, *args)
+        positions = [next(i for i, r in enumerate(requests) if r is job.request) for job in batch]
+        if not committed:
+            assert len(batch) == len(requests)  # one transaction took them all
+        committed.extend(
+            i for i, o in zip(positions, outcomes, strict=True) if not isinstance(o, activations._Later)
+        )
+        deferred += sum(isinstance(o, activations._Later) for o in outcomes)
+        return outcomes
+
+    monkeypatch.setattr(activations, "_activate_batch", counted)
+    writer = activations.ActivationWriter(fast.state.db, fast.state.signing_key, fast.state.pepper)
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = [activations._Job(r, now, loop.create_future(), loop) for r in requests]
+        for job in jobs:  # queued before the thread starts: it takes them all at once
+            writer._queue.put(job)
+        writer._ensure_started()
+        results = loop.run_until_complete(asyncio.gather(*(j.future for j in jobs), return_exceptions=True))
+    finally:
+        writer.stop()
+        loop.close()
+    assert deferred > 0, "no installation activated twice in one batch: the seed tests too little"
+    assert sorted(committed) == list(range(len(requests)))
+    for key in {r.license_key for r in requests}:  # each license's activations in their order
+        mine = [i for i in committed if requests[i].license_key == key]
+        assert mine == sorted(mine), key
+
+    # The ORM path, one activation after the other in the order the batches committed them;
+    # the refusals' records after them on both sides, in that order too.
+    expected: dict[int, Outcome] = {}
+    outcomes: dict[int, bytes | BaseException] = {}
+    for i in committed:
+        try:
+            outcomes[i] = orm.activate(requests[i])
+        except ServiceError as exc:
+            outcomes[i] = exc
+        expected[i] = _seen(orm, requests[i], outcomes[i])
+    for side, raws in ((orm, outcomes), (fast, dict(enumerate(results)))):
+        with side.state.db.write() as session:
+            for i in committed:
+                if isinstance(raws[i], RecordedRefusal):
+                    raws[i].record(session)  # type: ignore[union-attr]
+    got = {i: _seen(fast, requests[i], results[i]) for i in committed}
+    assert got == expected
+    assert _rows(fast.state.db) == _rows(orm.state.db)
+
+
 # ------------------------------------------------------------------ the slot scan
 
 
@@ -459,6 +547,63 @@ def test_a_postgresql_activation_failing_inside_its_pipeline_leaves_nothing(
     assert ServerResponse.from_json(raw, keyring, request.nonce).serial
     with state.db.read() as session:
         assert session.execute(select(Machine.slot)).scalars().all() == [0]
+        assert audit.verify_chain(session).ok
+
+
+def test_a_postgresql_batch_that_fails_runs_each_activation_alone(
+    state: ServerState, admin: Principal, keyring: Keyring, db_url: str
+) -> None:
+    """One activation of a batch breaks the batch's transaction (here a trigger refuses its
+    machine): nothing of the batch stays, each activation runs alone, and only that one
+    fails, with the database's error; the others are bound and answered."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("batches are PostgreSQL's")
+    _, key = setup_license(state, admin, START, machines=5)
+    with state.db.engine.begin() as c:
+        c.execute(
+            text(
+                "CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                " IF NEW.system_id = 'system-0003-abcdef' THEN"
+                " RAISE EXCEPTION 'no room for this row'; END IF;"
+                " RETURN NEW; END $$"
+            )
+        )
+        c.execute(
+            text(
+                "CREATE TRIGGER refuse_one BEFORE INSERT ON machines"
+                " FOR EACH ROW EXECUTE FUNCTION refuse_one()"
+            )
+        )
+    batches: list[int] = []
+    batch_of = activations._activate_batch
+
+    def counted(tx: RawTransaction, batch: Any, *args: Any) -> Any:
+        batches.append(len(batch))
+        return batch_of(tx, batch, *args)
+
+    requests = [agent(n).activation(key) for n in range(5)]
+    writer = activations.ActivationWriter(state.db, state.signing_key, state.pepper)
+    loop = asyncio.new_event_loop()
+    try:
+        with mock.patch.object(activations, "_activate_batch", counted):
+            jobs = [activations._Job(r, START, loop.create_future(), loop) for r in requests]
+            for job in jobs:
+                writer._queue.put(job)
+            writer._ensure_started()
+            results = loop.run_until_complete(
+                asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+            )
+    finally:
+        writer.stop()
+        loop.close()
+    assert batches == [5]  # then each alone, outside the batch path
+    failed = results.pop(3)
+    assert isinstance(failed, DBAPIError) and "no room for this row" in str(failed)
+    for request, raw in zip(requests[:3] + requests[4:], results, strict=True):
+        assert isinstance(raw, bytes), raw
+        assert ServerResponse.from_json(raw, keyring, request.nonce).serial
+    with state.db.read() as session:
+        assert session.execute(select(Machine.slot).order_by(Machine.slot)).scalars().all() == [0, 1, 2, 3]
         assert audit.verify_chain(session).ok
 
 

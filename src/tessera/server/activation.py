@@ -582,10 +582,7 @@ def check_checkin(found: CheckinFound, request: CheckinRequest, pepper: bytes) -
         raise Forbidden("malformed Locking ID")
     # An instance-bound license moves with its instance (identity file and agent key), so
     # only a machine-bound one must still be on its machine.
-    if (
-        found.binding != "instance"
-        and not licensed.matches(current.keys, MatchLevel(found.match_level))
-    ):
+    if found.binding != "instance" and not licensed.matches(current.keys, MatchLevel(found.match_level)):
         raise Forbidden(f"this machine no longer matches the one license {found.serial} is bound to")
 
 

@@ -18,15 +18,20 @@ own (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` holds
 database), and everything that depends on other activations (entitlements, blacklist,
 bound machines) is read by a later statement, which on PostgreSQL sees what the previous
 holder of the lock committed. ``(license_id, slot)`` stays unique as the second line.
+On PostgreSQL the activations that queue together run in one transaction, which locks all
+their licenses in one statement, in id order (two processes' batches wait for each other,
+never deadlock), and decides them one after the other on what it read, as separate
+transactions in that order would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Final, NamedTuple
@@ -35,6 +40,7 @@ from sqlalchemy import (
     Date,
     Integer,
     String,
+    any_,
     bindparam,
     cast,
     insert,
@@ -45,7 +51,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 from sqlalchemy.sql.selectable import Select
 
 from tessera.core.fingerprint import LockingId
@@ -79,7 +85,16 @@ from tessera.server.models import (
     format_licensee,
     parse_emergency,
 )
-from tessera.server.rawsql import Broken, Busy, RawTransaction, pipelining, raw_write, transaction
+from tessera.server.rawsql import (
+    Broken,
+    Busy,
+    RawTransaction,
+    array_literal,
+    pipelining,
+    raw_write,
+    text_array,
+    transaction,
+)
 from tessera.server.storage import Database
 from tessera.server.writer import Job, release_connection, settle, take_batch
 
@@ -89,8 +104,9 @@ __all__ = ["ActivationWriter", "activate"]
 
 log = logging.getLogger("tessera.server")
 
-#: Activations the writer thread takes from the queue at once; each still commits on its
-#: own, the batch only shares the hand-back to the event loop.
+#: Activations the writer thread takes from the queue at once. On PostgreSQL they run in
+#: one transaction (:func:`_activate_batch`); on SQLite each still commits on its own, the
+#: batch only shares the hand-back to the event loop.
 MAX_BATCH = 64
 #: SQLite: after this many activations committed on the event loop (whose connection does
 #: not checkpoint), the writer thread checkpoints the WAL.
@@ -126,17 +142,28 @@ LICENSE_FOR_ACTIVATION = (
     .where(LicenseRow.key_digest == bindparam("digest"))
     .with_for_update(of=LicenseRow)
 )
+#: PostgreSQL's batches: the licenses of all the batch's keys, locked in id order (so two
+#: processes' batches, each locking several, never deadlock each other); the digest first.
+LICENSES_FOR_ACTIVATION = (
+    select(LicenseRow.key_digest, *LICENSE_FOR_ACTIVATION.selected_columns)
+    .join(Customer, Customer.id == LicenseRow.customer_id)
+    .join(Product, Product.id == LicenseRow.product_id)
+    .where(LicenseRow.key_digest == any_(text_array("digests", String())))
+    .order_by(LicenseRow.id)
+    .with_for_update(of=LicenseRow)
+)
 # Everything an activation reads once its license is locked, in one statement: on
 # PostgreSQL each statement is a round trip (about 60 us of server CPU each, measured),
-# and these four were four. Each row is (part, a, b, c, d, n, m, day); the database
-# sorts by (part, a, b, n), which puts entitlements in LicenseRow.entitlements' order
-# (location, feature), machines by slot and endpoints by id.
+# and these four were four. Each row is (part, lid, a, b, c, d, n, m, day); the database
+# sorts by (part, lid, a, b, n), which puts entitlements in LicenseRow.entitlements' order
+# (location, feature), machines by slot and endpoints by id, each license's together.
 _ENTITLEMENT, _MACHINE, _CONTAINER, _ENDPOINT = range(4)
 _TEXT, _NUMBER, _DAY = cast(null(), String), cast(null(), Integer), cast(null(), Date)
 
 
 def _part(
     number: int,
+    lid: Any = _NUMBER,
     a: Any = _TEXT,
     b: Any = _TEXT,
     c: Any = _TEXT,
@@ -145,25 +172,41 @@ def _part(
     m: Any = _NUMBER,
     day: Any = _DAY,
 ) -> Select[Any]:
-    columns = {"a": a, "b": b, "c": c, "d": d, "n": n, "m": m, "day": day}
+    columns = {"lid": lid, "a": a, "b": b, "c": c, "d": d, "n": n, "m": m, "day": day}
     part = literal_column(str(number), Integer).label("part")
     return select(part, *(column.label(name) for name, column in columns.items()))
 
 
-AFTER_LOCK: ClauseElement = union_all(
-    _part(
-        _ENTITLEMENT,
-        a=EntitlementRow.location,
-        b=EntitlementRow.feature,
-        n=EntitlementRow.count,
-        day=EntitlementRow.expiry,
-    ).where(EntitlementRow.license_id == bindparam("license_id")),
-    _part(_MACHINE, c=Machine.locking_id, d=Machine.system_id, n=Machine.slot, m=Machine.id).where(
-        Machine.license_id == bindparam("license_id")
-    ),
-    _part(_CONTAINER, c=BlacklistEntryRow.locking_id).where(BlacklistEntryRow.scope == "container"),
-    _part(_ENDPOINT, c=WebhookEndpoint.events, n=WebhookEndpoint.id).where(WebhookEndpoint.active.is_(True)),
-).order_by("part", "a", "b", "n")
+def _after_lock(licensed: Callable[[Any], ColumnElement[bool]]) -> ClauseElement:
+    """What the activations read once their licenses are locked; ``licensed(column)`` says
+    which licenses' rows (one, or the batch's)."""
+    return union_all(
+        _part(
+            _ENTITLEMENT,
+            lid=EntitlementRow.license_id,
+            a=EntitlementRow.location,
+            b=EntitlementRow.feature,
+            n=EntitlementRow.count,
+            day=EntitlementRow.expiry,
+        ).where(licensed(EntitlementRow.license_id)),
+        _part(
+            _MACHINE,
+            lid=Machine.license_id,
+            c=Machine.locking_id,
+            d=Machine.system_id,
+            n=Machine.slot,
+            m=Machine.id,
+        ).where(licensed(Machine.license_id)),
+        _part(_CONTAINER, c=BlacklistEntryRow.locking_id).where(BlacklistEntryRow.scope == "container"),
+        _part(_ENDPOINT, c=WebhookEndpoint.events, n=WebhookEndpoint.id).where(
+            WebhookEndpoint.active.is_(True)
+        ),
+    ).order_by("part", "lid", "a", "b", "n")
+
+
+AFTER_LOCK = _after_lock(lambda column: column == bindparam("license_id"))
+#: PostgreSQL's batches: the same for every license the batch locked.
+AFTER_LOCK_MANY = _after_lock(lambda column: column == any_(text_array("license_ids", Integer())))
 #: What an activation writes into a machine slot, new or taken again.
 _BOUND: Final = {
     "locking_id": bindparam("locking_id"),
@@ -231,29 +274,70 @@ def activate(
         return _activate(tx, request, now, signing_key, pepper)
 
 
-def _activate(
-    tx: RawTransaction, request: ActivationRequest, now: datetime, signing_key: SigningKey, pepper: bytes
-) -> bytes:
-    found = tx.one(LICENSE_FOR_ACTIVATION, digest=license_key_digest(request.license_key, pepper))
-    if found is None:
-        raise NotFound("unknown license key")
-    # (part, a, b, c, d, n, m, day): see AFTER_LOCK.
-    parts: tuple[list[Sequence[Any]], ...] = ([], [], [], [])
-    for read in tx.all(AFTER_LOCK, license_id=found[0]):
-        parts[read[0]].append(read)
-    entitlements, machines, containers, endpoints = parts
-    row = _License._make((*found, [_Entitlement(e[1], e[2], e[5], e[7]) for e in entitlements]))
+class _Held:
+    """A license locked by this transaction, as its activations see it: its content and
+    its bound machines (id, slot, locking id, system id) by slot, which the activations of
+    a batch update as they bind (a machine bound by this batch has no id yet: None)."""
+
+    __slots__ = ("bound", "row")
+
+    def __init__(self, row: _License, bound: list[_Bound]) -> None:
+        self.row = row
+        self.bound = bound
+
+
+#: A bound machine as the slot scan sees it: (id, slot, locking id, system id).
+_Bound = tuple[int | None, int, str, str]
+
+
+class _Later(Exception):
+    """The activation would take again a machine this batch bound (no id yet): it runs in
+    the next batch, which sees that machine as a sequence of activations would."""
+
+
+def _read(
+    locked: Sequence[Sequence[Any]], reads: Sequence[Sequence[Any]]
+) -> tuple[dict[int, _Held], list[str], list[tuple[int, str]]]:
+    """The locked licenses (rows of ``LICENSE_FOR_ACTIVATION``, by id) with what was read
+    after the lock (rows of ``AFTER_LOCK``: (part, lid, a, b, c, d, n, m, day)); the
+    blacklisted containers; the active webhook endpoints (id, events)."""
+    entitlements: dict[int, list[_Entitlement]] = {}
+    machines: dict[int, list[_Bound]] = {}
+    containers: list[str] = []
+    endpoints: list[tuple[int, str]] = []
+    for read in reads:
+        part = read[0]
+        if part == _ENTITLEMENT:
+            entitlements.setdefault(read[1], []).append(_Entitlement(read[2], read[3], read[6], read[8]))
+        elif part == _MACHINE:
+            machines.setdefault(read[1], []).append((read[7], read[6], read[4], read[5]))
+        elif part == _CONTAINER:
+            containers.append(read[4])
+        else:
+            endpoints.append((read[6], read[4]))
+    held = {
+        found[0]: _Held(_License._make((*found, entitlements.get(found[0], []))), machines.get(found[0], []))
+        for found in locked
+    }
+    return held, containers, endpoints
+
+
+def _bind(
+    held: _Held, containers: Sequence[str], request: ActivationRequest, now: datetime
+) -> tuple[int | None, int, str]:
+    """Every rule of an online activation, nothing written: the machine to take again (its
+    id) or None for a new one, its slot, and the audit action; else the refusal raised."""
+    row = held.row
     check_product(request, row.product_code)
     level = MatchLevel(row.match_level)
-    if blacklisted((c[3] for c in containers), request.locking_id, level):
+    if blacklisted(containers, request.locking_id, level):
         raise blacklist_refusal(row.serial, request.locking_id, now)
     check_usable(row, now)
     # The same installation again, else the same hardware (tolerant match), lowest slot
-    # first as the ORM path scans: (id, slot, locking id, system id).
-    bound = [(m[6], m[5], m[3], m[4]) for m in machines]
+    # first as the ORM path scans.
+    bound = held.bound
     machine = next((m for m in bound if m[3] == request.system_id), None)
     current = LockingId.parse(request.locking_id)
-    action = "license.reactivate"
     if machine is not None:
         machine_id, slot, locking_id, _ = machine
         if row.binding == "machine" and not same_hardware(locking_id, current, level):
@@ -263,13 +347,31 @@ def _activate(
         same = (
             None if row.binding == "instance" else first_same_hardware((m[2] for m in bound), current, level)
         )
-        if same is not None:
-            machine_id, slot, _, _ = bound[same]
-        else:
+        if same is None:
             free = free_slot((m[1] for m in bound), row.machines_allowed)
             if free is None:
                 raise no_free_machine(row.serial, len(bound), row.machines_allowed)
-            machine_id, slot, action = None, free, "license.activate"
+            return None, free, "license.activate"
+        machine_id, slot, _, _ = bound[same]
+    if machine_id is None:
+        raise _Later
+    return machine_id, slot, "license.reactivate"
+
+
+def _write(
+    tx: RawTransaction,
+    held: _Held,
+    endpoints: Sequence[tuple[int, str]],
+    request: ActivationRequest,
+    now: datetime,
+    binding: tuple[int | None, int, str],
+    signing_key: SigningKey,
+    pepper: bytes,
+) -> tuple[bytes, dict[str, Any]]:
+    """Bind as ``binding`` says (the machine's row, maybe a webhook, ``held`` updated): the
+    signed response, and the audit entry still to append (last, see :func:`_activate`)."""
+    machine_id, slot, action = binding
+    row = held.row
     bound_as = {
         "locking_id": request.locking_id,
         "system_id": request.system_id,
@@ -277,36 +379,110 @@ def _activate(
         "now": now,
         "revision": row.revision,
     }
+    # What may fail comes before the first write: a batch goes on without this one.
+    license_file, identity_file = signed_files(row, slot, request, now, signing_key)
+    response = activation_response(request, now, row.serial, license_file, identity_file, pepper)
+    signed = response.signed_json(signing_key)
+    taken = (machine_id, slot, request.locking_id, request.system_id)
     if machine_id is None:
         tx.run(BIND_NEW, license_id=row.id, slot=slot, **bound_as)
+        bisect.insort(held.bound, taken, key=lambda m: m[1])
     else:
         tx.run(REBIND, machine_id=machine_id, **bound_as)
-    license_file, identity_file = signed_files(row, slot, request, now, signing_key)
+        held.bound[:] = [taken if m[0] == machine_id else m for m in held.bound]
     if action == "license.activate":
         webhooks.emit_raw(
             tx,
-            [(e[5], e[3]) for e in endpoints],
+            endpoints,
             "license.activated",
             {"serial": row.serial, "slot": slot, "locking_id": request.locking_id, "offline": False},
             now,
         )
-    # Last: on PostgreSQL the audit chain's lock is then held only until the commit.
-    audit.append_raw(
-        tx,
-        at=now,
-        actor=f"agent:{request.system_id}",
-        action=action,
-        target=row.serial,
-        details={
+    entry = {
+        "at": now,
+        "actor": f"agent:{request.system_id}",
+        "action": action,
+        "target": row.serial,
+        "details": {
             "slot": slot,
             "locking_id": request.locking_id,
             "system_id": request.system_id,
             "offline": False,
             "revision": row.revision,
         },
-    )
-    response = activation_response(request, now, row.serial, license_file, identity_file, pepper)
-    return response.signed_json(signing_key)
+    }
+    return signed, entry
+
+
+def _activate(
+    tx: RawTransaction, request: ActivationRequest, now: datetime, signing_key: SigningKey, pepper: bytes
+) -> bytes:
+    found = tx.one(LICENSE_FOR_ACTIVATION, digest=license_key_digest(request.license_key, pepper))
+    if found is None:
+        raise NotFound("unknown license key")
+    held, containers, endpoints = _read([found], tx.all(AFTER_LOCK, license_id=found[0]))
+    license_ = held[found[0]]
+    binding = _bind(license_, containers, request, now)
+    response, entry = _write(tx, license_, endpoints, request, now, binding, signing_key, pepper)
+    # Last: on PostgreSQL the audit chain's lock is then held only until the commit.
+    audit.append_raw(tx, **entry)
+    return response
+
+
+def _activate_batch(
+    tx: RawTransaction, batch: Sequence[_Job], signing_key: SigningKey, pepper: bytes
+) -> list[bytes | BaseException | _Later]:
+    """PostgreSQL: the activations of ``batch`` in one transaction, as if one ran after the
+    other in this order: each one's signed response (valid once committed), refusal,
+    error, or :class:`_Later`.
+
+    Four round trips whatever the batch's size, where each activation alone made four: the
+    lock of every license the batch names (in id order, one statement), the read after
+    it, the audit chain's head, the end. A refusal writes nothing, so it does not touch
+    the others. An activation that would take again a machine this batch bound waits for
+    the next batch, and so do the activations of its license after it: each license's
+    activations stay in their order, so every answer is what the activations one after
+    the other in that order would get (only the audit log, like the commits, has the
+    waiting ones after the rest).
+    """
+    digests = [license_key_digest(job.request.license_key, pepper) for job in batch]
+    locked = tx.all(LICENSES_FOR_ACTIVATION, digests=array_literal(set(digests)))
+    by_digest = {found[0]: found[1] for found in locked}
+    held: dict[int, _Held] = {}
+    containers: list[str] = []
+    endpoints: list[tuple[int, str]] = []
+    if locked:
+        ids = array_literal(by_digest.values())
+        held, containers, endpoints = _read(
+            [found[1:] for found in locked], tx.all(AFTER_LOCK_MANY, license_ids=ids)
+        )
+    outcomes: list[bytes | BaseException | _Later] = []
+    entries: list[dict[str, Any]] = []
+    waiting: set[int] = set()  # licenses with an activation left for the next batch
+    for job, digest in zip(batch, digests, strict=True):
+        license_id = by_digest.get(digest)
+        try:
+            if license_id is None:
+                raise NotFound("unknown license key")
+            if license_id in waiting:  # keeps each license's activations in their order
+                raise _Later
+            license_ = held[license_id]
+            binding = _bind(license_, containers, job.request, job.now)
+            response, entry = _write(
+                tx, license_, endpoints, job.request, job.now, binding, signing_key, pepper
+            )
+        except _Later as later:
+            waiting.add(license_id)  # type: ignore[arg-type]  # only a known license waits
+            outcomes.append(later)
+            continue
+        except ServiceError as exc:
+            outcomes.append(exc)
+            continue
+        outcomes.append(response)
+        entries.append(entry)
+    if entries:
+        audit.append_raw_many(tx, entries)
+    return outcomes
 
 
 class ActivationWriter:
@@ -328,10 +504,13 @@ class ActivationWriter:
     syncs the database file); the writer thread does that every :data:`CHECKPOINT_EVERY`
     activations on the loop.
 
-    PostgreSQL: always the writer thread, whose answers of everything it took at once go
-    back to the loop in one hand-over. One thread: every activation ends in the audit
-    chain's lock, so activations of one process hardly overlap anyway, and more threads
-    only fought over the GIL (measured with 16 clients: one thread 1.7 ms of server CPU per
+    PostgreSQL: always the writer thread, which runs everything it took at once in one
+    transaction (:func:`_activate_batch`: four round trips and one commit for the batch
+    instead of each activation's own; server CPU per activation 1.3 -> 0.8-0.9 ms,
+    PostgreSQL's 480 -> 250-280 us, 16 clients) and hands the answers back to the loop
+    together. One thread: every activation ends in the audit chain's lock, so activations
+    of one process hardly overlap anyway, and more threads only fought over the GIL
+    (measured with 16 clients before batches: one thread 1.7 ms of server CPU per
     activation and 395/s, two 2.2 ms and 338/s, three 2.7 ms and 281/s).
     """
 
@@ -421,12 +600,64 @@ class ActivationWriter:
                 if _CHECKPOINT in taken:
                     self._checkpoint()
                 batch = [job for job in taken if isinstance(job, Job)]
-                if batch:
+                if batch and self._db.is_sqlite:
                     settle(batch, [self._attempt(job) for job in batch])
+                elif batch:
+                    self._run_batch(batch)
                 if stop:
                     return
         finally:
             self._discard(broken=False)
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        """PostgreSQL: ``batch`` in transactions of several activations; every job settled.
+
+        An activation that would take again a machine its batch bound runs in the next
+        transaction, with the rest of such; each transaction settles at least its first.
+        """
+        while batch:
+            outcomes = self._batch_once(batch)
+            done = [(job, o) for job, o in zip(batch, outcomes, strict=True) if not isinstance(o, _Later)]
+            settle([job for job, _ in done], [o for _, o in done])
+            batch = [job for job, o in zip(batch, outcomes, strict=True) if isinstance(o, _Later)]
+
+    def _batch_once(self, batch: list[_Job]) -> Sequence[bytes | BaseException | _Later]:
+        """PostgreSQL: ``batch`` in one transaction (:func:`_activate_batch`): each job's
+        outcome.
+
+        A kept connection found dead before the commit was sent is replaced and the batch
+        runs once more, as :meth:`_once` does. If the transaction failed otherwise before
+        its commit (a deadlock, a constraint, a bug), nothing of it stays and each
+        activation runs alone, so each gets its own answer or error; a lost database or a
+        failed commit fails them all (after a commit that may have happened, running them
+        again would record them twice).
+        """
+        for attempt in (1, 2):
+            kept = self._connection is not None
+            try:
+                connection = self._connect()
+            except DBAPIError as exc:
+                return [exc] * len(batch)
+            try:
+                with transaction(self._db, connection, pipelined=True) as tx:
+                    return _activate_batch(tx, batch, self._signing_key, self._pepper)
+            except Broken as broken:
+                error: BaseException = broken.__cause__ or broken
+                gone = True
+            except DBAPIError as exc:
+                error, gone = exc, exc.connection_invalidated
+            except Exception as exc:  # a bug: rolled back; each activation alone finds out
+                log.exception("activation batch of %d failed; each runs alone", len(batch))
+                error, gone = exc, False
+            if gone:
+                self._discard()
+            if not _before_commit(error):
+                return [error] * len(batch)
+            if not gone:
+                return [self._attempt(job) for job in batch]
+            if attempt == 2 or not kept:
+                return [error] * len(batch)
+        raise AssertionError("unreachable")
 
     def _attempt(self, job: _Job) -> bytes | BaseException:
         """One activation on the writer thread: its response, or what it raised."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ from tessera.server.models import AuditEntry
 if TYPE_CHECKING:
     from tessera.server.rawsql import RawTransaction
 
-__all__ = ["GENESIS", "ChainReport", "append", "append_raw", "entry_hash", "verify_chain"]
+__all__ = ["GENESIS", "ChainReport", "append", "append_raw", "append_raw_many", "entry_hash", "verify_chain"]
 
 GENESIS = "0" * 64
 _PG_AUDIT_LOCK = 0x7E55E8A0  # advisory lock key of the audit chain
@@ -78,10 +79,20 @@ def append_raw(
 ) -> None:
     """:func:`append` for a transaction on a plain DB-API connection (the activation path):
     the same lock, the same predecessor, the same entry, without a session."""
+    append_raw_many(tx, [{"at": at, "actor": actor, "action": action, "target": target, "details": details}])
+
+
+def append_raw_many(tx: RawTransaction, entries: Sequence[Mapping[str, Any]]) -> None:
+    """:func:`append_raw` of several entries (each with the keyword arguments of
+    :func:`append_raw`), chained in this order: one lock and one read of the head for all."""
     if tx.is_postgresql:
         tx.run(_PG_LOCK, k=_PG_AUDIT_LOCK)
-    prev = tx.one(_HEAD)
-    tx.run(_INSERT, **_entry(prev[0] if prev is not None else None, at, actor, action, target, details))
+    head = tx.one(_HEAD)
+    prev = head[0] if head is not None else None
+    for entry in entries:
+        row = _entry(prev, entry["at"], entry["actor"], entry["action"], entry["target"], entry["details"])
+        tx.run(_INSERT, **row)
+        prev = row["hash"]
 
 
 def _entry(
