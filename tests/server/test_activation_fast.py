@@ -507,7 +507,7 @@ def test_a_postgresql_activation_failing_inside_its_pipeline_leaves_nothing(
     """PostgreSQL: the writes travel with the next read or with COMMIT, so a failing write
     surfaces later (the machine's insert at the audit chain's read, the audit entry's at
     the end). Either way the activation is refused with the database's error, nothing of
-    it stays, and the writer's connection serves the next activation."""
+    it stays, and the writer serves the next activation on a new connection."""
     if db_url.startswith("sqlite"):
         pytest.skip("PostgreSQL's pipeline")
     _, key = setup_license(state, admin, START, machines=3)
@@ -540,7 +540,8 @@ def test_a_postgresql_activation_failing_inside_its_pipeline_leaves_nothing(
             assert session.execute(select(AuditEntry.id)).scalars().all() == entries
         request = agent(2).activation(key)
         raw = loop.run_until_complete(writer.activate(request, START))
-        assert writer._connection is kept is not None  # rolled back and kept
+        assert kept is None  # closed after the failure: psycopg's prepared statements
+        assert writer._connection is not None  # a new one served the next activation
     finally:
         writer.stop()
         loop.close()

@@ -641,16 +641,16 @@ class ActivationWriter:
             try:
                 with transaction(self._db, connection, pipelined=True) as tx:
                     return _activate_batch(tx, batch, self._signing_key, self._pepper)
-            except Broken as broken:
+            except Broken as broken:  # the connection is closed (a failed pipeline always)
                 error: BaseException = broken.__cause__ or broken
-                gone = True
+                self._discard()
+                gone = isinstance(error, DBAPIError) and error.connection_invalidated
+                if not isinstance(error, DBAPIError):  # a bug: each activation alone finds out
+                    log.error("activation batch of %d failed; each runs alone", len(batch), exc_info=error)
             except DBAPIError as exc:
                 error, gone = exc, exc.connection_invalidated
-            except Exception as exc:  # a bug: rolled back; each activation alone finds out
-                log.exception("activation batch of %d failed; each runs alone", len(batch))
-                error, gone = exc, False
-            if gone:
-                self._discard()
+                if gone:
+                    self._discard()
             if not _before_commit(error):
                 return [error] * len(batch)
             if not gone:

@@ -17,6 +17,7 @@ IMMEDIATE`` exactly as :meth:`tessera.server.storage.Database.write` does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -232,7 +233,8 @@ def transaction(
     ``BEGIN``, the statements and ``COMMIT`` go in psycopg's pipeline mode, so a round
     trip is made only where a result is read (a row fetched) and once at the end; the
     statements in between travel with the next read. ``psycopg`` would otherwise send its
-    own ``BEGIN`` as a round trip, and every statement its own.
+    own ``BEGIN`` as a round trip, and every statement its own. A pipelined transaction
+    that fails closes its connection and raises :class:`Broken` from the error.
     """
     if pipelined and not db.is_sqlite:
         with _pipelined(db, connection) as tx:
@@ -304,11 +306,14 @@ def _pipelined(db: Database, connection: Any) -> Iterator[RawTransaction]:
             # sending it), as for a COMMIT. (The reads' errors come wrapped already.)
             raise tx.wrapped(exc, "COMMIT") from exc
     except BaseException as exc:
-        if not driver.closed and not driver.broken:
-            _roll_back(lambda: driver.execute("ROLLBACK"), exc)
-        if driver.closed or driver.broken:
-            raise Broken from exc
-        raise
+        # Not used again after a failure: psycopg's record of the statements it prepared
+        # on the connection does not always survive an aborted pipeline (seen here: after
+        # one activation's insert failed, a later transaction on the rolled-back
+        # connection failed with 'prepared statement "_pg3_1" does not exist', now and
+        # then). Closing ends the transaction too; the caller drops the connection.
+        with contextlib.suppress(Exception):
+            driver.close()
+        raise Broken from exc
 
 
 def _on_new_cursor(connection: Any, dialect: Dialect) -> RawTransaction:
