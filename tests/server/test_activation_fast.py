@@ -345,18 +345,16 @@ def test_a_blacklist_hit_over_the_writer_is_refused_and_recorded(sides: tuple[Si
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_a_postgresql_batch_answers_and_records_as_one_activation_after_the_other(
+def test_a_batch_answers_and_records_as_one_activation_after_the_other(
     sides: tuple[Side, Side], seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """PostgreSQL's writer runs the activations it takes at once in one transaction
+    """The writer runs the activations it takes at once in one transaction
     (``_activate_batch``). Many of them on a few licenses, with installations activating
     again, the same hardware twice, blacklisted and unknown machines, go through one batch
     on one side and one after the other through the ORM path on the other: every answer
     and refusal, and afterwards every row, must be the same. A refusal's record is written
     after the batch on both sides, as the app writes it."""
     orm, fast = sides
-    if fast.state.db.is_sqlite:
-        pytest.skip("batches are PostgreSQL's")
     rng = random.Random(seed)
     _both(sides, lambda side: _setup(side, with_webhook=True))
     listed = _locking_id(5, 0)
@@ -551,30 +549,37 @@ def test_a_postgresql_activation_failing_inside_its_pipeline_leaves_nothing(
         assert audit.verify_chain(session).ok
 
 
-def test_a_postgresql_batch_that_fails_runs_each_activation_alone(
+def test_a_batch_that_fails_runs_each_activation_alone(
     state: ServerState, admin: Principal, keyring: Keyring, db_url: str
 ) -> None:
     """One activation of a batch breaks the batch's transaction (here a trigger refuses its
     machine): nothing of the batch stays, each activation runs alone, and only that one
     fails, with the database's error; the others are bound and answered."""
-    if db_url.startswith("sqlite"):
-        pytest.skip("batches are PostgreSQL's")
     _, key = setup_license(state, admin, START, machines=5)
     with state.db.engine.begin() as c:
-        c.execute(
-            text(
-                "CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-                " IF NEW.system_id = 'system-0003-abcdef' THEN"
-                " RAISE EXCEPTION 'no room for this row'; END IF;"
-                " RETURN NEW; END $$"
+        if db_url.startswith("sqlite"):
+            c.execute(
+                text(
+                    "CREATE TRIGGER refuse_one BEFORE INSERT ON machines"
+                    " WHEN NEW.system_id = 'system-0003-abcdef'"
+                    " BEGIN SELECT RAISE(ABORT, 'no room for this row'); END"
+                )
             )
-        )
-        c.execute(
-            text(
-                "CREATE TRIGGER refuse_one BEFORE INSERT ON machines"
-                " FOR EACH ROW EXECUTE FUNCTION refuse_one()"
+        else:
+            c.execute(
+                text(
+                    "CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                    " IF NEW.system_id = 'system-0003-abcdef' THEN"
+                    " RAISE EXCEPTION 'no room for this row'; END IF;"
+                    " RETURN NEW; END $$"
+                )
             )
-        )
+            c.execute(
+                text(
+                    "CREATE TRIGGER refuse_one BEFORE INSERT ON machines"
+                    " FOR EACH ROW EXECUTE FUNCTION refuse_one()"
+                )
+            )
     batches: list[int] = []
     batch_of = activations._activate_batch
 
@@ -674,8 +679,9 @@ def _sqlite_admin(state: ServerState) -> Principal:
 def test_sqlite_activations_run_on_the_loop_and_wait_on_the_thread_when_the_lock_is_taken(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While another process writes, an activation never blocks the event loop: it waits
-    for the lock on the writer thread, and is answered once the lock is free."""
+    """The activations of one turn of the loop run there in one transaction. While another
+    process writes, an activation never blocks the event loop: it waits for the lock on
+    the writer thread, and is answered once the lock is free."""
     state = _sqlite_state(tmp_path)
     _, key = setup_license(state, _sqlite_admin(state), START, machines=5)
     checkpoints: list[int] = []
@@ -683,11 +689,20 @@ def test_sqlite_activations_run_on_the_loop_and_wait_on_the_thread_when_the_lock
     writer = activations.ActivationWriter(state.db, state.signing_key, state.pepper)
     original = writer._checkpoint
     monkeypatch.setattr(writer, "_checkpoint", lambda: (checkpoints.append(1), original())[1])
+    batches: list[int] = []
+    batch_of = activations._activate_batch
+
+    def counted(tx: RawTransaction, batch: Any, *args: Any) -> Any:
+        batches.append(len(batch))
+        return batch_of(tx, batch, *args)
+
+    monkeypatch.setattr(activations, "_activate_batch", counted)
 
     async def scenario() -> list[str]:
         events: list[str] = []
-        for n in (1, 2):  # the lock is free: right here, no thread at all
-            await writer.activate(agent(n).activation(key), START)
+        # The lock is free: right here, no thread at all, both of this turn in one batch.
+        await asyncio.gather(*(writer.activate(agent(n).activation(key), START) for n in (1, 2)))
+        assert batches == [2]
         assert writer._thread is not None  # started for the checkpoint only
         other = sqlite3.connect(tmp_path / "loop.db", isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # another process writes

@@ -50,7 +50,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 from sqlalchemy.sql.selectable import Select
 
@@ -104,9 +104,8 @@ __all__ = ["ActivationWriter", "activate"]
 
 log = logging.getLogger("tessera.server")
 
-#: Activations the writer thread takes from the queue at once. On PostgreSQL they run in
-#: one transaction (:func:`_activate_batch`); on SQLite each still commits on its own, the
-#: batch only shares the hand-back to the event loop.
+#: Activations in one transaction at most (:func:`_activate_batch`): bounds how long one
+#: batch holds its licenses' locks (SQLite: the whole database).
 MAX_BATCH = 64
 #: SQLite: after this many activations committed on the event loop (whose connection does
 #: not checkpoint), the writer thread checkpoints the WAL.
@@ -432,13 +431,14 @@ def _activate(
 def _activate_batch(
     tx: RawTransaction, batch: Sequence[_Job], signing_key: SigningKey, pepper: bytes
 ) -> list[bytes | BaseException | _Later]:
-    """PostgreSQL: the activations of ``batch`` in one transaction, as if one ran after the
-    other in this order: each one's signed response (valid once committed), refusal,
-    error, or :class:`_Later`.
+    """The activations of ``batch`` in one transaction, as if one ran after the other in
+    this order: each one's signed response (valid once committed), refusal, error, or
+    :class:`_Later`.
 
-    Four round trips whatever the batch's size, where each activation alone made four: the
-    lock of every license the batch names (in id order, one statement), the read after
-    it, the audit chain's head, the end. A refusal writes nothing, so it does not touch
+    On PostgreSQL four round trips whatever the batch's size, where each activation alone
+    made four: the lock of every license the batch names (in id order, one statement),
+    the read after it, the audit chain's head, the end. On SQLite one commit, and each
+    license read once, for the batch. A refusal writes nothing, so it does not touch
     the others. An activation that would take again a machine this batch bound waits for
     the next batch, and so do the activations of its license after it: each license's
     activations stay in their order, so every answer is what the activations one after
@@ -446,16 +446,22 @@ def _activate_batch(
     waiting ones after the rest).
     """
     digests = [license_key_digest(job.request.license_key, pepper) for job in batch]
-    locked = tx.all(LICENSES_FOR_ACTIVATION, digests=array_literal(set(digests)))
-    by_digest = {found[0]: found[1] for found in locked}
-    held: dict[int, _Held] = {}
-    containers: list[str] = []
-    endpoints: list[tuple[int, str]] = []
-    if locked:
-        ids = array_literal(by_digest.values())
-        held, containers, endpoints = _read(
-            [found[1:] for found in locked], tx.all(AFTER_LOCK_MANY, license_ids=ids)
+    if tx.is_postgresql:
+        locked = tx.all(LICENSES_FOR_ACTIVATION, digests=array_literal(set(digests)))
+        reads = (
+            tx.all(AFTER_LOCK_MANY, license_ids=array_literal(found[1] for found in locked)) if locked else []
         )
+    else:  # the transaction holds the whole database; each statement runs in process
+        locked, reads = [], []
+        for digest in dict.fromkeys(digests):
+            found = tx.one(LICENSE_FOR_ACTIVATION, digest=digest)
+            if found is not None:
+                # the blacklist and the endpoints once, with the first license
+                first = not locked
+                locked.append((digest, *found))
+                reads += (r for r in tx.all(AFTER_LOCK, license_id=found[0]) if first or r[0] < _CONTAINER)
+    by_digest = {found[0]: found[1] for found in locked}
+    held, containers, endpoints = _read([found[1:] for found in locked], reads)
     outcomes: list[bytes | BaseException | _Later] = []
     entries: list[dict[str, Any]] = []
     waiting: set[int] = set()  # licenses with an activation left for the next batch
@@ -488,30 +494,33 @@ def _activate_batch(
 class ActivationWriter:
     """The online activations of one server process: on the event loop or one writer thread.
 
-    Each activation is its own transaction, exactly as :func:`activate` runs it, on a
+    The activations that queue together run in one transaction (:func:`_activate_batch`:
+    one commit, each license read once, the audit chain's head read once), on a
     connection kept for the purpose (no pool checkout, no ``pre_ping`` round trip on
-    PostgreSQL). Through the general thread pool each activation paid a hop of its own
-    and, with many requests in flight, most of them queued on SQLite's write lock inside
-    pool threads that kept waking each other: about as much server CPU as the activation
-    itself.
+    PostgreSQL); a batch that fails runs each activation alone (:func:`_activate`).
+    Through the general thread pool each activation paid a hop of its own and, with many
+    requests in flight, most of them queued on SQLite's write lock inside pool threads
+    that kept waking each other: about as much server CPU as the activation itself.
 
-    SQLite: an activation runs right on the event loop when the write lock (this
-    process's and the file's) is free that instant, as check-ins do (``checkins.py``);
-    the database work is a few hundred microseconds the GIL serializes anyway, and
-    handing it to a thread and back cost 15-25 % of the activation's CPU. The loop never
-    waits: with the lock taken, the activation goes to the writer thread, which waits for
-    its turn. The loop's connection does not checkpoint the WAL (a checkpoint writes and
-    syncs the database file); the writer thread does that every :data:`CHECKPOINT_EVERY`
-    activations on the loop.
+    SQLite: the activations of one turn of the event loop run right there when the write
+    lock (this process's and the file's) is free that instant, as check-ins do
+    (``checkins.py``); the database work is a few hundred microseconds the GIL serializes
+    anyway, and handing it to a thread and back cost 15-25 % of the activation's CPU. The
+    loop never waits: with the lock taken, the activations go to the writer thread, which
+    waits for its turn. The loop's connection does not checkpoint the WAL (a checkpoint
+    writes and syncs the database file); the writer thread does that every
+    :data:`CHECKPOINT_EVERY` activations on the loop. One transaction per turn instead of
+    one per activation (16 clients, licenses of 50 seats): server CPU per activation
+    0.81-0.91 -> 0.63-0.72 ms, p99 25 -> 12-19 ms.
 
     PostgreSQL: always the writer thread, which runs everything it took at once in one
-    transaction (:func:`_activate_batch`: four round trips and one commit for the batch
-    instead of each activation's own; server CPU per activation 1.3 -> 0.8-0.9 ms,
-    PostgreSQL's 480 -> 250-280 us, 16 clients) and hands the answers back to the loop
-    together. One thread: every activation ends in the audit chain's lock, so activations
-    of one process hardly overlap anyway, and more threads only fought over the GIL
-    (measured with 16 clients before batches: one thread 1.7 ms of server CPU per
-    activation and 395/s, two 2.2 ms and 338/s, three 2.7 ms and 281/s).
+    transaction (four round trips for the batch where each activation made four; server
+    CPU per activation 1.3 -> 0.8-0.9 ms, PostgreSQL's 480 -> 250-280 us, 16 clients) and
+    hands the answers back to the loop together. One thread: every activation ends in the
+    audit chain's lock, so activations of one process hardly overlap anyway, and more
+    threads only fought over the GIL (measured with 16 clients before batches: one thread
+    1.7 ms of server CPU per activation and 395/s, two 2.2 ms and 338/s, three 2.7 ms and
+    281/s).
     """
 
     def __init__(self, db: Database, signing_key: SigningKey, pepper: bytes) -> None:
@@ -524,6 +533,8 @@ class ActivationWriter:
         self._connection: Any = None  # the writer thread's own
         self._loop_connection: Any = None  # SQLite: the event loop's own
         self._loop_activations = 0
+        #: SQLite: the activations that arrived in one turn of each event loop.
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
 
     async def activate(self, request: ActivationRequest, now: datetime) -> bytes:
         """The signed response (committed), or the refusal or database error raised.
@@ -531,14 +542,17 @@ class ActivationWriter:
         A :class:`~tessera.server.errors.RecordedRefusal` is raised with its record not yet
         written (its transaction was rolled back): the caller writes it.
         """
-        if self._db.is_sqlite:
-            try:
-                return self._on_loop(request, now)
-            except Busy:
-                pass  # the writer thread waits for the lock instead
         loop = asyncio.get_running_loop()
         job = _Job(request, now, loop.create_future(), loop)
-        self._hand_over(job)
+        if self._db.is_sqlite:
+            pending = self._pending.get(loop)
+            if pending is None:
+                self._pending[loop] = [job]
+                loop.call_soon(self._flush, loop)  # after the other requests of this turn
+            else:
+                pending.append(job)
+        else:
+            self._hand_over(job)
         return await job.future
 
     def stop(self) -> None:
@@ -551,13 +565,12 @@ class ActivationWriter:
 
     # ------------------------------------------------------------------ on the event loop
 
-    def _on_loop(self, request: ActivationRequest, now: datetime) -> bytes:
-        """SQLite: the activation right here, or :class:`Busy` before any work."""
-        response = self._once(request, now, on_loop=True)
-        self._loop_activations += 1
-        if self._loop_activations % CHECKPOINT_EVERY == 0:
-            self._hand_over(_CHECKPOINT)
-        return response
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SQLite: this turn's activations right here, in one transaction, if the write
+        lock is free *now*; else on the writer thread, which waits for it."""
+        batch = self._pending.pop(loop)
+        for start in range(0, len(batch), MAX_BATCH):
+            self._run_batch(batch[start : start + MAX_BATCH], on_loop=True)
 
     def _loop_connect(self) -> Any:
         if self._loop_connection is None:
@@ -600,97 +613,116 @@ class ActivationWriter:
                 if _CHECKPOINT in taken:
                     self._checkpoint()
                 batch = [job for job in taken if isinstance(job, Job)]
-                if batch and self._db.is_sqlite:
-                    settle(batch, [self._attempt(job) for job in batch])
-                elif batch:
+                if batch:
                     self._run_batch(batch)
                 if stop:
                     return
         finally:
             self._discard(broken=False)
 
-    def _run_batch(self, batch: list[_Job]) -> None:
-        """PostgreSQL: ``batch`` in transactions of several activations; every job settled.
+    def _run_batch(self, batch: list[_Job], *, on_loop: bool = False) -> None:
+        """``batch`` in transactions of several activations, on the writer thread or
+        (SQLite) ``on_loop``; every job settled there, or handed to the writer thread.
 
         An activation that would take again a machine its batch bound runs in the next
         transaction, with the rest of such; each transaction settles at least its first.
+        On the loop, a write lock taken elsewhere, or a transaction that failed before its
+        commit, hands what is left to the writer thread, which waits for the lock and runs
+        each activation alone if the batch fails again.
         """
         while batch:
-            outcomes = self._batch_once(batch)
+            try:
+                outcomes = self._batch_once(batch, on_loop=on_loop)
+            except Busy:
+                for job in batch:
+                    self._hand_over(job)
+                return
             done = [(job, o) for job, o in zip(batch, outcomes, strict=True) if not isinstance(o, _Later)]
-            settle([job for job, _ in done], [o for _, o in done])
+            settle([job for job, _ in done], [o for _, o in done], on_loop=on_loop)
+            if on_loop:
+                before, self._loop_activations = self._loop_activations, self._loop_activations + len(done)
+                if before // CHECKPOINT_EVERY != self._loop_activations // CHECKPOINT_EVERY:
+                    self._hand_over(_CHECKPOINT)
             batch = [job for job, o in zip(batch, outcomes, strict=True) if isinstance(o, _Later)]
 
-    def _batch_once(self, batch: list[_Job]) -> Sequence[bytes | BaseException | _Later]:
-        """PostgreSQL: ``batch`` in one transaction (:func:`_activate_batch`): each job's
-        outcome.
+    def _batch_once(self, batch: list[_Job], *, on_loop: bool) -> Sequence[bytes | BaseException | _Later]:
+        """``batch`` in one transaction (:func:`_activate_batch`): each job's outcome;
+        :class:`~tessera.server.rawsql.Busy` before any work ``on_loop`` if the lock is
+        taken (or if the batch failed there, see :meth:`_run_batch`).
 
         A kept connection found dead before the commit was sent is replaced and the batch
-        runs once more, as :meth:`_once` does. If the transaction failed otherwise before
-        its commit (a deadlock, a constraint, a bug), nothing of it stays and each
-        activation runs alone, so each gets its own answer or error; a lost database or a
-        failed commit fails them all (after a commit that may have happened, running them
-        again would record them twice).
+        runs once more, as :meth:`_once` does. If one activation may have failed the
+        transaction before its commit (a constraint, a trigger, a bug), nothing of it stays
+        and each activation runs alone, so each gets its own answer or error. The
+        database's own trouble (lost, locked too long: SQLAlchemy's ``OperationalError``)
+        and a failed commit fail them all (after a commit that may have happened, running
+        them again would record them twice; alone, each would wait out the same lock).
         """
+        discard = self._discard_loop_connection if on_loop else self._discard
         for attempt in (1, 2):
-            kept = self._connection is not None
+            kept = (self._loop_connection if on_loop else self._connection) is not None
             try:
-                connection = self._connect()
+                connection = self._loop_connect() if on_loop else self._connect()
             except DBAPIError as exc:
                 return [exc] * len(batch)
             try:
-                with transaction(self._db, connection, pipelined=True) as tx:
+                # pipelined: PostgreSQL's kept connection (see _connect); SQLite ignores it
+                with transaction(self._db, connection, wait=not on_loop, pipelined=True) as tx:
                     return _activate_batch(tx, batch, self._signing_key, self._pepper)
+            except Busy:
+                raise
             except Broken as broken:  # the connection is closed (a failed pipeline always)
                 error: BaseException = broken.__cause__ or broken
-                self._discard()
+                discard()
                 gone = isinstance(error, DBAPIError) and error.connection_invalidated
-                if not isinstance(error, DBAPIError):  # a bug: each activation alone finds out
-                    log.error("activation batch of %d failed; each runs alone", len(batch), exc_info=error)
             except DBAPIError as exc:
                 error, gone = exc, exc.connection_invalidated
                 if gone:
-                    self._discard()
-            if not _before_commit(error):
-                return [error] * len(batch)
-            if not gone:
-                return [self._attempt(job) for job in batch]
-            if attempt == 2 or not kept:
-                return [error] * len(batch)
+                    discard()
+            except Exception as exc:  # SQLite: a bug, rolled back
+                error, gone = exc, False
+            if gone and kept and attempt == 1 and _before_commit(error):
+                continue
+            if gone or isinstance(error, OperationalError) or not _before_commit(error):
+                return [error] * len(batch)  # the database's trouble, not an activation's
+            if not isinstance(error, DBAPIError):
+                log.error("activation batch of %d failed; each runs alone", len(batch), exc_info=error)
+            if on_loop:
+                raise Busy  # the writer thread tries again, then each alone
+            return [self._attempt(job) for job in batch]
         raise AssertionError("unreachable")
 
     def _attempt(self, job: _Job) -> bytes | BaseException:
         """One activation on the writer thread: its response, or what it raised."""
         try:
-            return self._once(job.request, job.now, on_loop=False)
+            return self._once(job.request, job.now)
         except (ServiceError, DBAPIError) as exc:
             return exc
         except Exception as exc:  # a bug: this activation fails (500), the others go on
             log.exception("activation failed")
             return exc
 
-    def _once(self, request: ActivationRequest, now: datetime, *, on_loop: bool) -> bytes:
-        """One activation in its own transaction, on the loop's or the thread's connection.
+    def _once(self, request: ActivationRequest, now: datetime) -> bytes:
+        """One activation in its own transaction on the writer thread's connection (when
+        its batch failed).
 
         A kept connection may have died since its last use (database restarted, network
         cut): if the activation failed because of that before its commit was sent, it runs
         once more on a new connection, as the pool's ``pre_ping`` would have spared it.
         """
         for attempt in (1, 2):
-            kept = (self._loop_connection if on_loop else self._connection) is not None
+            kept = self._connection is not None
             try:
-                connection = self._loop_connect() if on_loop else self._connect()
+                connection = self._connect()
                 # pipelined: PostgreSQL's kept connection (see _connect); SQLite ignores it
-                with transaction(self._db, connection, wait=not on_loop, pipelined=True) as tx:
+                with transaction(self._db, connection, pipelined=True) as tx:
                     return _activate(tx, request, now, self._signing_key, self._pepper)
             except Broken as broken:
                 error: BaseException = broken.__cause__ or broken
                 drop = True
             except DBAPIError as exc:
                 error, drop = exc, exc.connection_invalidated
-            if drop and on_loop:
-                self._discard_loop_connection()
-            elif drop:
+            if drop:
                 self._discard()
             gone = isinstance(error, DBAPIError) and error.connection_invalidated
             if not (attempt == 1 and kept and gone and _before_commit(error)):
