@@ -82,7 +82,7 @@ from tessera.server.rawsql import (
     transaction,
 )
 from tessera.server.storage import Database
-from tessera.server.writer import Job, release_connection, settle, take_batch
+from tessera.server.writer import Job, gather_turn, release_connection, settle, take_batch
 
 _Job = Job[CheckinRequest]
 
@@ -210,12 +210,7 @@ class CheckinWriter:
         loop = asyncio.get_running_loop()
         job = _Job(request, now, loop.create_future(), loop)
         if self._db.is_sqlite:
-            pending = self._pending.get(loop)
-            if pending is None:
-                self._pending[loop] = [job]
-                loop.call_soon(self._flush, loop)  # after the other requests of this turn
-            else:
-                pending.append(job)
+            gather_turn(self._pending, job, self._flush)
         else:
             self._pg_enqueue(job, loop)
         return await job.future

@@ -12,12 +12,12 @@ import asyncio
 import contextlib
 import logging
 import queue
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Job", "release_connection", "settle", "take_batch"]
+__all__ = ["Job", "gather_turn", "release_connection", "settle", "take_batch"]
 
 RequestT = TypeVar("RequestT")
 
@@ -32,6 +32,22 @@ class Job(Generic[RequestT]):
     now: datetime
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+
+
+def gather_turn(
+    pending: dict[asyncio.AbstractEventLoop, list[Job[Any]]],
+    job: Job[Any],
+    flush: Callable[[asyncio.AbstractEventLoop], object],
+) -> None:
+    """Add ``job`` to the jobs of this turn of its event loop; the first of a turn
+    schedules ``flush(loop)``, which runs after the turn's other callbacks (the other
+    requests that arrived with it), so it finds them all in ``pending``."""
+    waiting = pending.get(job.loop)
+    if waiting is None:
+        pending[job.loop] = [job]
+        job.loop.call_soon(flush, job.loop)
+    else:
+        waiting.append(job)
 
 
 def take_batch(
