@@ -52,7 +52,7 @@ from tessera.server.models import (
     Machine,
     WebhookDelivery,
 )
-from tessera.server.rawsql import RawTransaction, session_ended
+from tessera.server.rawsql import Busy, RawTransaction, session_ended
 from tessera.server.schemas import LicenseUpdate
 from tessera.server.storage import Database
 from tessera.server.tokens import Principal, Role, create_token
@@ -727,6 +727,41 @@ def test_sqlite_activations_run_on_the_loop_and_wait_on_the_thread_when_the_lock
     with state.db.read() as session:
         assert session.execute(select(Machine.slot).order_by(Machine.slot)).scalars().all() == [0, 1, 2]
         assert audit.verify_chain(session).ok
+    state.db.dispose()
+
+
+@pytest.mark.parametrize("where", ["loop", "thread"])
+def test_a_bug_in_the_writer_fails_its_batch_and_the_writer_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A bug outside any transaction (here in the batch runner itself) fails the
+    activations it held with the error (a 500) instead of leaving them waiting forever,
+    and the next batch is served."""
+    state = _sqlite_state(tmp_path)
+    _, key = setup_license(state, _sqlite_admin(state), START, machines=5)
+    writer = activations.ActivationWriter(state.db, state.signing_key, state.pepper)
+    original = writer._batch_once
+    calls = 0
+
+    def buggy(batch: Any, *, on_loop: bool) -> Any:
+        nonlocal calls
+        if where == "thread" and on_loop:
+            raise Busy  # as if the lock were taken: the writer thread runs the batch
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        return original(batch, on_loop=on_loop)
+
+    monkeypatch.setattr(writer, "_batch_once", buggy)
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(RuntimeError, match="a bug"):
+            loop.run_until_complete(asyncio.wait_for(writer.activate(agent(1).activation(key), START), 10))
+        raw = loop.run_until_complete(asyncio.wait_for(writer.activate(agent(2).activation(key), START), 10))
+        assert isinstance(raw, bytes)
+    finally:
+        writer.stop()
+        loop.close()
     state.db.dispose()
 
 

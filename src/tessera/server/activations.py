@@ -565,7 +565,13 @@ class ActivationWriter:
         lock is free *now*; else on the writer thread, which waits for it."""
         batch = self._pending.pop(loop)
         for start in range(0, len(batch), MAX_BATCH):
-            self._run_batch(batch[start : start + MAX_BATCH], on_loop=True)
+            part = batch[start : start + MAX_BATCH]
+            try:
+                self._run_batch(part, on_loop=True)
+            except Exception as exc:  # a bug: these fail (500) rather than wait forever
+                log.exception("activation batch failed")
+                unsettled = [job for job in part if not job.future.done()]
+                settle(unsettled, [exc] * len(unsettled), on_loop=True)
 
     def _loop_connect(self) -> Any:
         if self._loop_connection is None:
@@ -608,8 +614,11 @@ class ActivationWriter:
                 if _CHECKPOINT in taken:
                     self._checkpoint()
                 batch = [job for job in taken if isinstance(job, Job)]
-                if batch:
+                try:
                     self._run_batch(batch)
+                except Exception as exc:  # a bug: these fail (500), the thread goes on
+                    log.exception("activation batch failed")
+                    settle(batch, [exc] * len(batch))  # (settled ones are skipped on the loop)
                 if stop:
                     return
         finally:
