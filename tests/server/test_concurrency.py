@@ -38,10 +38,14 @@ CROSS_K_MACHINES = 10
 CLIENT_THREADS = 64
 
 
-def _storm(urls: list[str], key: str, n: int = N_REQUESTS) -> dict[str, tuple[FakeAgent, int, bytes, str]]:
-    """Fire n activations at once; by system id: (agent, status, body, nonce)."""
+def _storm(
+    urls: list[str], key: str | list[str], n: int = N_REQUESTS
+) -> dict[str, tuple[FakeAgent, int, bytes, str]]:
+    """Fire n activations at once (round robin over the keys, if several); by system id:
+    (agent, status, body, nonce)."""
+    keys = [key] if isinstance(key, str) else key
     agents = [agent(i) for i in range(n)]
-    requests = [a.activation(key) for a in agents]
+    requests = [a.activation(keys[i % len(keys)]) for i, a in enumerate(agents)]
 
     def post(i: int) -> tuple[FakeAgent, int, bytes, str]:
         url = urls[i % len(urls)]
@@ -128,6 +132,51 @@ def test_parallel_activations_across_two_server_processes(tmp_path: Path, backen
             refused = httpx.post(f"{url_a}/api/v1/checkin", content=loser.checkin(issued["key"]).to_json())
             assert refused.status_code in (403, 404), refused.text
             assert refused.json()["detail"]
+            assert admin.get("/api/v1/audit/verify").json()["ok"] is True
+    finally:
+        if pg is not None:
+            drop_pg_database(pg)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_parallel_activations_on_several_licenses_across_two_server_processes(
+    tmp_path: Path, backend: str
+) -> None:
+    """Activations batch together whatever license they name: 160 at once, round robin
+    over four licenses of five seats, through two server processes. Each batch locks all
+    its licenses (in id order, so the two processes' batches wait for each other and
+    never deadlock, which would answer 503): exactly five bind on each license, every
+    other activation is refused for want of a seat, none fails."""
+    pg = create_pg_database() if backend == "postgresql" else None
+    seats, licenses_, n = 5, 4, 160
+    try:
+        data_dir = tmp_path / "data"
+        info = init_data_dir(data_dir, pg.url if pg else None)
+        with (
+            running_server(data_dir, tls=False) as url_a,
+            running_server(data_dir, tls=False, extra=["--workers", "2"]) as url_b,
+        ):
+            admin = httpx.Client(base_url=url_a, headers={"Authorization": f"Bearer {info['admin_token']}"})
+            product = {"code": "cortex", "name": "Cortex", "features": [{"code": "uniplex"}]}
+            assert admin.post("/api/v1/products", json=product).status_code == 201
+            customer = admin.post("/api/v1/customers", json={"name": "Fleet Inc"}).json()
+            issued = [
+                admin.post(
+                    "/api/v1/licenses",
+                    json={
+                        "customer_id": customer["id"],
+                        "product": "cortex",
+                        "entitlements": [{"feature": "uniplex", "count": 1}],
+                        "machines": seats,
+                    },
+                ).json()
+                for _ in range(licenses_)
+            ]
+            results = _storm([url_a, url_b], [lic["key"] for lic in issued], n)
+            _winners(results, n, seats * licenses_)
+            for lic in issued:
+                view = admin.get(f"/api/v1/licenses/{lic['serial']}").json()
+                assert sorted(m["slot"] for m in view["machines"]) == list(range(seats)), view
             assert admin.get("/api/v1/audit/verify").json()["ok"] is True
     finally:
         if pg is not None:
