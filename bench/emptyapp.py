@@ -67,7 +67,7 @@ async def activation_floor(request: Request) -> Response:
 
     Parse the request and check its signature (the agent's new key signs it), make the
     license file for the requesting machine and sign it, seal the installation's check-in
-    key to the agent's key, sign the answer: what :func:`tessera.server.activations.activate`
+    key to the agent's key, sign the answer: what :class:`tessera.server.activations.ActivationWriter`
     does besides the database and the rules (the slot scan, the audit entry). The license
     server's activations are compared with this too.
     """

@@ -375,7 +375,7 @@ def test_a_batch_answers_and_records_as_one_activation_after_the_other(
     def counted(tx: RawTransaction, batch: Any, *args: Any) -> Any:
         nonlocal deferred
         outcomes = batch_of(tx, batch, *args)
-        positions = [next(i for i, r in enumerate(requests) if r is job.request) for job in batch]
+        positions = [next(i for i, r in enumerate(requests) if r is request) for request, _ in batch]
         if not committed:
             assert len(batch) == len(requests)  # one transaction took them all
         committed.extend(
@@ -602,7 +602,7 @@ def test_a_batch_that_fails_runs_each_activation_alone(
     finally:
         writer.stop()
         loop.close()
-    assert batches == [5]  # then each alone, outside the batch path
+    assert batches == [5, 1, 1, 1, 1, 1]  # then each alone, a batch of one
     failed = results.pop(3)
     assert isinstance(failed, DBAPIError) and "no room for this row" in str(failed)
     for request, raw in zip(requests[:3] + requests[4:], results, strict=True):

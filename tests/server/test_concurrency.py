@@ -9,8 +9,11 @@ says why (never a 500, never a silent timeout), and every winner must be able to
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -88,8 +91,10 @@ def test_parallel_activations_bind_exactly_k(
         assert answer.status_code == 200, answer.text
 
 
-@pytest.mark.parametrize("backend", backends())
-def test_parallel_activations_across_two_server_processes(tmp_path: Path, backend: str) -> None:
+@contextmanager
+def _two_servers(tmp_path: Path, backend: str) -> Iterator[tuple[str, str, httpx.Client, int]]:
+    """Two server processes on one database (a plain ``server run`` and one with
+    ``--workers 2``), a product and a customer: (url_a, url_b, admin client, customer id)."""
     pg = create_pg_database() if backend == "postgresql" else None
     try:
         data_dir = tmp_path / "data"
@@ -99,43 +104,52 @@ def test_parallel_activations_across_two_server_processes(tmp_path: Path, backen
             running_server(data_dir, tls=False, extra=["--workers", "2"]) as url_b,
         ):
             admin = httpx.Client(base_url=url_a, headers={"Authorization": f"Bearer {info['admin_token']}"})
-            assert (
-                admin.post(
-                    "/api/v1/products",
-                    json={"code": "cortex", "name": "Cortex", "features": [{"code": "uniplex"}]},
-                ).status_code
-                == 201
-            )
+            product = {"code": "cortex", "name": "Cortex", "features": [{"code": "uniplex"}]}
+            assert admin.post("/api/v1/products", json=product).status_code == 201
             customer = admin.post("/api/v1/customers", json={"name": "Race Inc"}).json()
-            issued = admin.post(
-                "/api/v1/licenses",
-                json={
-                    "customer_id": customer["id"],
-                    "product": "cortex",
-                    "entitlements": [{"feature": "uniplex", "count": 1}],
-                    "machines": CROSS_K_MACHINES,
-                },
-            ).json()
-            results = _storm([url_a, url_b], issued["key"], CROSS_N_REQUESTS)
-            winners = _winners(results, CROSS_N_REQUESTS, CROSS_K_MACHINES)
-            view = admin.get(f"/api/v1/licenses/{issued['serial']}").json()
-            assert len(view["machines"]) == CROSS_K_MACHINES
-            assert sorted(m["slot"] for m in view["machines"]) == list(range(CROSS_K_MACHINES))
-            assert {m["system_id"] for m in view["machines"]} == winners
-            # Every winner checks in, through either process; a loser still cannot.
-            for n, system_id in enumerate(sorted(winners)):
-                a = results[system_id][0]
-                url = (url_a, url_b)[n % 2]
-                answer = httpx.post(f"{url}/api/v1/checkin", content=a.checkin(issued["key"]).to_json())
-                assert answer.status_code == 200, answer.text
-            loser = next(r[0] for s, r in results.items() if s not in winners)
-            refused = httpx.post(f"{url_a}/api/v1/checkin", content=loser.checkin(issued["key"]).to_json())
-            assert refused.status_code in (403, 404), refused.text
-            assert refused.json()["detail"]
-            assert admin.get("/api/v1/audit/verify").json()["ok"] is True
+            yield url_a, url_b, admin, customer["id"]
     finally:
         if pg is not None:
             drop_pg_database(pg)
+
+
+def _issue(admin: httpx.Client, customer: int, machines: int) -> dict[str, Any]:
+    """A license of ``machines`` machines; its view (``serial``, ``key``, ...)."""
+    issued = admin.post(
+        "/api/v1/licenses",
+        json={
+            "customer_id": customer,
+            "product": "cortex",
+            "entitlements": [{"feature": "uniplex", "count": 1}],
+            "machines": machines,
+        },
+    )
+    assert issued.status_code == 201, issued.text
+    view: dict[str, Any] = issued.json()
+    return view
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_parallel_activations_across_two_server_processes(tmp_path: Path, backend: str) -> None:
+    with _two_servers(tmp_path, backend) as (url_a, url_b, admin, customer):
+        issued = _issue(admin, customer, CROSS_K_MACHINES)
+        results = _storm([url_a, url_b], issued["key"], CROSS_N_REQUESTS)
+        winners = _winners(results, CROSS_N_REQUESTS, CROSS_K_MACHINES)
+        view = admin.get(f"/api/v1/licenses/{issued['serial']}").json()
+        assert len(view["machines"]) == CROSS_K_MACHINES
+        assert sorted(m["slot"] for m in view["machines"]) == list(range(CROSS_K_MACHINES))
+        assert {m["system_id"] for m in view["machines"]} == winners
+        # Every winner checks in, through either process; a loser still cannot.
+        for n, system_id in enumerate(sorted(winners)):
+            a = results[system_id][0]
+            url = (url_a, url_b)[n % 2]
+            answer = httpx.post(f"{url}/api/v1/checkin", content=a.checkin(issued["key"]).to_json())
+            assert answer.status_code == 200, answer.text
+        loser = next(r[0] for s, r in results.items() if s not in winners)
+        refused = httpx.post(f"{url_a}/api/v1/checkin", content=loser.checkin(issued["key"]).to_json())
+        assert refused.status_code in (403, 404), refused.text
+        assert refused.json()["detail"]
+        assert admin.get("/api/v1/audit/verify").json()["ok"] is True
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -147,40 +161,15 @@ def test_parallel_activations_on_several_licenses_across_two_server_processes(
     its licenses (in id order, so the two processes' batches wait for each other and
     never deadlock, which would answer 503): exactly five bind on each license, every
     other activation is refused for want of a seat, none fails."""
-    pg = create_pg_database() if backend == "postgresql" else None
     seats, licenses_, n = 5, 4, 160
-    try:
-        data_dir = tmp_path / "data"
-        info = init_data_dir(data_dir, pg.url if pg else None)
-        with (
-            running_server(data_dir, tls=False) as url_a,
-            running_server(data_dir, tls=False, extra=["--workers", "2"]) as url_b,
-        ):
-            admin = httpx.Client(base_url=url_a, headers={"Authorization": f"Bearer {info['admin_token']}"})
-            product = {"code": "cortex", "name": "Cortex", "features": [{"code": "uniplex"}]}
-            assert admin.post("/api/v1/products", json=product).status_code == 201
-            customer = admin.post("/api/v1/customers", json={"name": "Fleet Inc"}).json()
-            issued = [
-                admin.post(
-                    "/api/v1/licenses",
-                    json={
-                        "customer_id": customer["id"],
-                        "product": "cortex",
-                        "entitlements": [{"feature": "uniplex", "count": 1}],
-                        "machines": seats,
-                    },
-                ).json()
-                for _ in range(licenses_)
-            ]
-            results = _storm([url_a, url_b], [lic["key"] for lic in issued], n)
-            _winners(results, n, seats * licenses_)
-            for lic in issued:
-                view = admin.get(f"/api/v1/licenses/{lic['serial']}").json()
-                assert sorted(m["slot"] for m in view["machines"]) == list(range(seats)), view
-            assert admin.get("/api/v1/audit/verify").json()["ok"] is True
-    finally:
-        if pg is not None:
-            drop_pg_database(pg)
+    with _two_servers(tmp_path, backend) as (url_a, url_b, admin, customer):
+        issued = [_issue(admin, customer, seats) for _ in range(licenses_)]
+        results = _storm([url_a, url_b], [lic["key"] for lic in issued], n)
+        _winners(results, n, seats * licenses_)
+        for lic in issued:
+            view = admin.get(f"/api/v1/licenses/{lic['serial']}").json()
+            assert sorted(m["slot"] for m in view["machines"]) == list(range(seats)), view
+        assert admin.get("/api/v1/audit/verify").json()["ok"] is True
 
 
 def test_parallel_issues_get_distinct_gap_free_serials(live_server: LiveServer, admin_token: str) -> None:

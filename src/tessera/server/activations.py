@@ -18,10 +18,10 @@ own (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` holds
 database), and everything that depends on other activations (entitlements, blacklist,
 bound machines) is read by a later statement, which on PostgreSQL sees what the previous
 holder of the lock committed. ``(license_id, slot)`` stays unique as the second line.
-On PostgreSQL the activations that queue together run in one transaction, which locks all
-their licenses in one statement, in id order (two processes' batches wait for each other,
-never deadlock), and decides them one after the other on what it read, as separate
-transactions in that order would.
+The activations that queue together run in one transaction, which decides them one after
+the other on what it read, as separate transactions in that order would; on PostgreSQL
+it locks all their licenses in one statement, in id order (two processes' batches wait
+for each other, never deadlock).
 """
 
 from __future__ import annotations
@@ -91,7 +91,6 @@ from tessera.server.rawsql import (
     RawTransaction,
     array_literal,
     pipelining,
-    raw_write,
     text_array,
     transaction,
 )
@@ -100,7 +99,7 @@ from tessera.server.writer import Job, gather_turn, release_connection, settle, 
 
 _Job = Job[ActivationRequest]
 
-__all__ = ["ActivationWriter", "activate"]
+__all__ = ["ActivationWriter"]
 
 log = logging.getLogger("tessera.server")
 
@@ -263,16 +262,6 @@ class _License(NamedTuple):
         return parse_emergency(self.emergency)
 
 
-def activate(
-    db: Database, request: ActivationRequest, now: datetime, signing_key: SigningKey, pepper: bytes
-) -> bytes:
-    """Online activation in one transaction: the signed response, or the refusal raised
-    (a blacklist hit as a :class:`~tessera.server.errors.RecordedRefusal`, recorded by the
-    caller once this transaction is rolled back)."""
-    with raw_write(db) as tx:
-        return _activate(tx, request, now, signing_key, pepper)
-
-
 class _Held:
     """A license locked by this transaction, as its activations see it: its content and
     its bound machines (id, slot, locking id, system id) by slot, which the activations of
@@ -368,7 +357,7 @@ def _write(
     pepper: bytes,
 ) -> tuple[bytes, dict[str, Any]]:
     """Bind as ``binding`` says (the machine's row, maybe a webhook, ``held`` updated): the
-    signed response, and the audit entry still to append (last, see :func:`_activate`)."""
+    signed response, and the audit entry still to append (last, see :func:`_activate_batch`)."""
     machine_id, slot, action = binding
     row = held.row
     bound_as = {
@@ -413,27 +402,15 @@ def _write(
     return signed, entry
 
 
-def _activate(
-    tx: RawTransaction, request: ActivationRequest, now: datetime, signing_key: SigningKey, pepper: bytes
-) -> bytes:
-    found = tx.one(LICENSE_FOR_ACTIVATION, digest=license_key_digest(request.license_key, pepper))
-    if found is None:
-        raise NotFound("unknown license key")
-    held, containers, endpoints = _read([found], tx.all(AFTER_LOCK, license_id=found[0]))
-    license_ = held[found[0]]
-    binding = _bind(license_, containers, request, now)
-    response, entry = _write(tx, license_, endpoints, request, now, binding, signing_key, pepper)
-    # Last: on PostgreSQL the audit chain's lock is then held only until the commit.
-    audit.append_raw(tx, **entry)
-    return response
-
-
 def _activate_batch(
-    tx: RawTransaction, batch: Sequence[_Job], signing_key: SigningKey, pepper: bytes
+    tx: RawTransaction,
+    batch: Sequence[tuple[ActivationRequest, datetime]],
+    signing_key: SigningKey,
+    pepper: bytes,
 ) -> list[bytes | BaseException | _Later]:
-    """The activations of ``batch`` in one transaction, as if one ran after the other in
-    this order: each one's signed response (valid once committed), refusal, error, or
-    :class:`_Later`.
+    """The activations of ``batch`` (each a request and its time) in one transaction, as
+    if one ran after the other in this order: each one's signed response (valid once
+    committed), refusal, error, or :class:`_Later` (never the first's).
 
     On PostgreSQL four round trips whatever the batch's size, where each activation alone
     made four: the lock of every license the batch names (in id order, one statement),
@@ -445,7 +422,7 @@ def _activate_batch(
     the other in that order would get (only the audit log, like the commits, has the
     waiting ones after the rest).
     """
-    digests = [license_key_digest(job.request.license_key, pepper) for job in batch]
+    digests = [license_key_digest(request.license_key, pepper) for request, _ in batch]
     if tx.is_postgresql:
         locked = tx.all(LICENSES_FOR_ACTIVATION, digests=array_literal(set(digests)))
         reads = (
@@ -465,7 +442,7 @@ def _activate_batch(
     outcomes: list[bytes | BaseException | _Later] = []
     entries: list[dict[str, Any]] = []
     waiting: set[int] = set()  # licenses with an activation left for the next batch
-    for job, digest in zip(batch, digests, strict=True):
+    for (request, now), digest in zip(batch, digests, strict=True):
         license_id = by_digest.get(digest)
         try:
             if license_id is None:
@@ -473,10 +450,8 @@ def _activate_batch(
             if license_id in waiting:  # keeps each license's activations in their order
                 raise _Later
             license_ = held[license_id]
-            binding = _bind(license_, containers, job.request, job.now)
-            response, entry = _write(
-                tx, license_, endpoints, job.request, job.now, binding, signing_key, pepper
-            )
+            binding = _bind(license_, containers, request, now)
+            response, entry = _write(tx, license_, endpoints, request, now, binding, signing_key, pepper)
         except _Later as later:
             waiting.add(license_id)  # type: ignore[arg-type]  # only a known license waits
             outcomes.append(later)
@@ -487,7 +462,8 @@ def _activate_batch(
         outcomes.append(response)
         entries.append(entry)
     if entries:
-        audit.append_raw_many(tx, entries)
+        # Last: on PostgreSQL the audit chain's lock is then held only until the commit.
+        audit.append_raw(tx, entries)
     return outcomes
 
 
@@ -497,7 +473,7 @@ class ActivationWriter:
     The activations that queue together run in one transaction (:func:`_activate_batch`:
     one commit, each license read once, the audit chain's head read once), on a
     connection kept for the purpose (no pool checkout, no ``pre_ping`` round trip on
-    PostgreSQL); a batch that fails runs each activation alone (:func:`_activate`).
+    PostgreSQL); a batch that fails runs each activation alone, as a batch of one.
     Through the general thread pool each activation paid a hop of its own and, with many
     requests in flight, most of them queued on SQLite's write lock inside pool threads
     that kept waking each other: about as much server CPU as the activation itself.
@@ -654,10 +630,12 @@ class ActivationWriter:
         :class:`~tessera.server.rawsql.Busy` before any work ``on_loop`` if the lock is
         taken (or if the batch failed there, see :meth:`_run_batch`).
 
-        A kept connection found dead before the commit was sent is replaced and the batch
-        runs once more, as :meth:`_once` does. If one activation may have failed the
-        transaction before its commit (a constraint, a trigger, a bug), nothing of it stays
-        and each activation runs alone, so each gets its own answer or error. The
+        A kept connection may have died since its last use (database restarted, network
+        cut): if the batch failed because of that before its commit was sent, it runs once
+        more on a new connection, as the pool's ``pre_ping`` would have spared it. If one
+        activation may have failed the transaction before its commit (a constraint, a
+        trigger, a bug), nothing of it stays and each activation runs alone (a batch of
+        one), so each gets its own answer or error. The
         database's own trouble (lost, locked too long: SQLAlchemy's ``OperationalError``)
         and a failed commit fail them all (after a commit that may have happened, running
         them again would record them twice; alone, each would wait out the same lock).
@@ -672,7 +650,8 @@ class ActivationWriter:
             try:
                 # pipelined: PostgreSQL's kept connection (see _connect); SQLite ignores it
                 with transaction(self._db, connection, wait=not on_loop, pipelined=True) as tx:
-                    return _activate_batch(tx, batch, self._signing_key, self._pepper)
+                    requests = [(job.request, job.now) for job in batch]
+                    return _activate_batch(tx, requests, self._signing_key, self._pepper)
             except Busy:
                 raise
             except Broken as broken:  # the connection is closed (a failed pipeline always)
@@ -689,48 +668,15 @@ class ActivationWriter:
                 continue
             if gone or isinstance(error, OperationalError) or not _before_commit(error):
                 return [error] * len(batch)  # the database's trouble, not an activation's
+            if len(batch) == 1:
+                if not isinstance(error, DBAPIError):
+                    log.error("activation failed", exc_info=error)
+                return [error]
             if not isinstance(error, DBAPIError):
                 log.error("activation batch of %d failed; each runs alone", len(batch), exc_info=error)
             if on_loop:
                 raise Busy  # the writer thread tries again, then each alone
-            return [self._attempt(job) for job in batch]
-        raise AssertionError("unreachable")
-
-    def _attempt(self, job: _Job) -> bytes | BaseException:
-        """One activation on the writer thread: its response, or what it raised."""
-        try:
-            return self._once(job.request, job.now)
-        except (ServiceError, DBAPIError) as exc:
-            return exc
-        except Exception as exc:  # a bug: this activation fails (500), the others go on
-            log.exception("activation failed")
-            return exc
-
-    def _once(self, request: ActivationRequest, now: datetime) -> bytes:
-        """One activation in its own transaction on the writer thread's connection (when
-        its batch failed).
-
-        A kept connection may have died since its last use (database restarted, network
-        cut): if the activation failed because of that before its commit was sent, it runs
-        once more on a new connection, as the pool's ``pre_ping`` would have spared it.
-        """
-        for attempt in (1, 2):
-            kept = self._connection is not None
-            try:
-                connection = self._connect()
-                # pipelined: PostgreSQL's kept connection (see _connect); SQLite ignores it
-                with transaction(self._db, connection, pipelined=True) as tx:
-                    return _activate(tx, request, now, self._signing_key, self._pepper)
-            except Broken as broken:
-                error: BaseException = broken.__cause__ or broken
-                drop = True
-            except DBAPIError as exc:
-                error, drop = exc, exc.connection_invalidated
-            if drop:
-                self._discard()
-            gone = isinstance(error, DBAPIError) and error.connection_invalidated
-            if not (attempt == 1 and kept and gone and _before_commit(error)):
-                raise error
+            return [self._batch_once([job], on_loop=False)[0] for job in batch]
         raise AssertionError("unreachable")
 
     def _connect(self) -> Any:

@@ -30,7 +30,7 @@ from tessera.server.models import AuditEntry
 if TYPE_CHECKING:
     from tessera.server.rawsql import RawTransaction
 
-__all__ = ["GENESIS", "ChainReport", "append", "append_raw", "append_raw_many", "entry_hash", "verify_chain"]
+__all__ = ["GENESIS", "ChainReport", "append", "append_raw", "entry_hash", "verify_chain"]
 
 GENESIS = "0" * 64
 _PG_AUDIT_LOCK = 0x7E55E8A0  # advisory lock key of the audit chain
@@ -74,17 +74,10 @@ def append(
     return entry
 
 
-def append_raw(
-    tx: RawTransaction, *, at: datetime, actor: str, action: str, target: str, details: dict[str, Any]
-) -> None:
-    """:func:`append` for a transaction on a plain DB-API connection (the activation path):
-    the same lock, the same predecessor, the same entry, without a session."""
-    append_raw_many(tx, [{"at": at, "actor": actor, "action": action, "target": target, "details": details}])
-
-
-def append_raw_many(tx: RawTransaction, entries: Sequence[Mapping[str, Any]]) -> None:
-    """:func:`append_raw` of several entries (each with the keyword arguments of
-    :func:`append_raw`), chained in this order: one lock and one read of the head for all."""
+def append_raw(tx: RawTransaction, entries: Sequence[Mapping[str, Any]]) -> None:
+    """:func:`append` for a transaction on a plain DB-API connection (the activation
+    path), of several entries (each with :func:`append`'s keyword arguments) chained in
+    this order: the same lock and predecessor, one read of the head for all, no session."""
     if tx.is_postgresql:
         tx.run(_PG_LOCK, k=_PG_AUDIT_LOCK)
     head = tx.one(_HEAD)

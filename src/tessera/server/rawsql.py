@@ -42,7 +42,6 @@ __all__ = [
     "array_literal",
     "compiled",
     "pipelining",
-    "raw_write",
     "session_ended",
     "text_array",
     "transaction",
@@ -333,20 +332,3 @@ def _roll_back(rollback: Callable[[], object], failure: BaseException) -> None:
     except Exception:
         log.debug("rollback failed; the connection is dropped", exc_info=True)
         raise Broken from failure
-
-
-@contextmanager
-def raw_write(db: Database) -> Iterator[RawTransaction]:
-    """:func:`transaction` on a connection from the pool, for one transaction."""
-    try:
-        connection = db.engine.raw_connection()
-    except db.engine.dialect.loaded_dbapi.Error as exc:
-        raise RawTransaction(None, None, db.engine.dialect).wrapped(exc) from exc
-    try:
-        with transaction(db, connection) as tx:
-            yield tx
-    except Broken as broken:
-        connection.invalidate()
-        raise broken.__cause__ or broken from None
-    finally:
-        connection.close()  # back to the pool (a no-op after invalidate)
