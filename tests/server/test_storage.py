@@ -136,3 +136,32 @@ def test_the_models_match_the_migrations(database: Database) -> None:
 
     with database.engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+
+
+def test_the_latest_migration_goes_down_and_up_again(database: Database) -> None:
+    """A release can be rolled back: the newest migration's downgrade runs and restores what
+    its upgrade replaced (on PostgreSQL, the check-in batch function of migration 0005)."""
+    from alembic import command
+
+    def record_function() -> str | None:
+        if database.is_sqlite:
+            return None
+        with database.read() as session:
+            source = session.execute(
+                text("SELECT prosrc FROM pg_proc WHERE proname = 'tessera_record_checkins'")
+            ).scalar_one()
+        return str(source)
+
+    config = alembic_config()
+    with database.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "-1")
+    before = record_function()
+    upgrade(database)
+    after = record_function()
+    with database.read() as session:
+        version = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    assert version == ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if not database.is_sqlite:
+        assert before is not None and "FOR UPDATE" in before and "LOOP" not in before
+        assert after is not None and "LOOP" in after and "FOR UPDATE" not in after

@@ -142,11 +142,12 @@ PG_BATCH_LOOKUP = (
     .outerjoin(Machine, and_(Machine.license_id == LicenseRow.id, Machine.system_id == _Q.c.system_id))
 )
 _AT = DateTime(timezone=True)
-#: The writes of a batch: one call of the function migration 0005 creates, a statement
-#: and so its own transaction on the autocommit connection. It locks the machines in
-#: machine-id order first (two processes' batches never deadlock each other), updates them
-#: and inserts the check-ins. As five statements in a pipeline (BEGIN, lock, update,
-#: insert, COMMIT) the same writes cost psycopg and PostgreSQL a fifth more per check-in.
+#: The writes of a batch: one call of the function of migrations 0005 and 0006, a
+#: statement and so its own transaction on the autocommit connection. It updates the
+#: machines one by one in machine-id order (each update locks its row, so two processes'
+#: batches never deadlock each other) and inserts the check-ins. As five statements in a
+#: pipeline (BEGIN, lock, update, insert, COMMIT) the same writes cost psycopg and
+#: PostgreSQL a fifth more per check-in.
 PG_BATCH_RECORD = select(
     func.tessera_record_checkins(
         text_array("id", Integer()),
@@ -604,9 +605,9 @@ class CheckinWriter:
         return rows
 
     async def _pg_record(self, cursor: Any, recorded: list[tuple[CheckinVerdict, datetime]]) -> None:
-        """Lock the machines, update them, add the check-ins: one statement
-        (:data:`PG_BATCH_RECORD`, which takes the locks in machine-id order itself) for any
-        batch, committed by itself. A machine twice in one batch keeps its last check-in,
+        """Update the machines, add the check-ins: one statement (:data:`PG_BATCH_RECORD`,
+        which takes the row locks in machine-id order itself) for any batch, committed by
+        itself. A machine twice in one batch keeps its last check-in,
         as one statement after the other would leave it."""
         stamped = [(v, utc(now).isoformat()) for v, now in recorded]
         last = {v.machine_id: (v, at) for v, at in stamped}
