@@ -11,6 +11,7 @@ from tessera.cli import (  # noqa: F401  (register verbs)
     lease_cmds,
     offline,
     recovery_cmds,
+    security_cmds,
     server_cmds,
 )
 from tessera.cli._common import EXIT_BAD_INPUT, EXIT_DENIED, CliError, err_console

@@ -8,12 +8,14 @@ license signed with the old key.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from tessera.core.signing import Keyring, SigningKey
@@ -75,6 +77,7 @@ def initialize(data_dir: Path, db_url: str | None, now: datetime) -> InitResult:
         passphrase_text = secrets.token_urlsafe(32)
         _write(config.passphrase_file, passphrase_text.encode("ascii") + b"\n", 0o600)
 
+    _create_private_sqlite_file(url)
     db = Database(url)
     try:
         try:
@@ -98,3 +101,14 @@ def initialize(data_dir: Path, db_url: str | None, now: datetime) -> InitResult:
     # Written last: its presence means "initialized" (Makefile and re-init check it).
     _write(config.config_file, render_config(config).encode("utf-8"))
     return InitResult(config, admin_token, key.key_id, generated)
+
+
+def _create_private_sqlite_file(url: str) -> None:
+    """A new SQLite database file, readable by the server's account only (SQLite gives its
+    -wal and -shm files the same mode). It holds token hashes, sealed webhook secrets and
+    every customer's licenses; left to the umask it would usually be world-readable."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(parsed.database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
