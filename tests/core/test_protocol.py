@@ -23,6 +23,9 @@ from tessera.core.protocol import (
     open_checkin_key,
     seal_checkin_key,
 )
+from tessera.core.signing import PublicKey
+
+from .crafted import mixed_order_activation
 
 VENDOR = SigningKey.from_raw(bytes(range(32)))
 AGENT = SigningKey.from_raw(bytes(range(2, 34)))
@@ -59,6 +62,32 @@ def test_tampered_activation_request_is_refused() -> None:
     body["system_id"] = new_system_id()
     with pytest.raises(SignatureError):
         ActivationRequest.from_json(json.dumps(body))
+
+
+def test_an_agent_key_with_a_small_order_part_is_refused_though_it_signed_its_request() -> None:
+    """Such a key verifies its own request half the time but cannot be sealed to: the
+    request is malformed (422 naming the field), not a failure of the server later on."""
+    body = mixed_order_activation(ActivationRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT))
+    obj = json.loads(body)
+    key = base64.b64decode(obj["agent_key"])
+    signed = canonical_json({k: v for k, v in obj.items() if k != "signature"})
+    assert PublicKey(key).verify(base64.b64decode(obj["signature"]), signed)  # a valid signature
+    with pytest.raises(FormatError, match="field 'agent_key' is not a usable Ed25519 public key"):
+        ActivationRequest.from_json(body)
+    with pytest.raises(FormatError, match="agent key is not a usable"):
+        seal_checkin_key(bytes(32), PublicKey(key))
+
+
+@given(st.binary(min_size=32, max_size=32))
+def test_sealing_to_any_agent_key_opens_for_it_alone(seed: bytes) -> None:
+    """The X25519 form of the key is computed once at parsing and reused for sealing."""
+    agent = SigningKey.from_raw(seed)
+    request = ActivationRequest.create(KEY, LOCKING_ID, new_system_id(), agent)
+    parsed = ActivationRequest.from_json(request.to_json())
+    sealed = seal_checkin_key(b"k" * 32, PublicKey.from_base64(parsed.agent_key))
+    assert open_checkin_key(sealed, agent) == b"k" * 32
+    with pytest.raises(FormatError):
+        open_checkin_key(sealed, AGENT if agent.public != AGENT.public else SigningKey.generate())
 
 
 def test_checkin_request_verifies_only_with_the_registered_key() -> None:

@@ -57,6 +57,7 @@ from tessera.server.schemas import LicenseUpdate
 from tessera.server.storage import Database
 from tessera.server.tokens import Principal, Role, create_token
 
+from ..core.crafted import mixed_order_activation
 from ..core.strategies import machine_pairs
 from .conftest import START, LiveServer, create_pg_database, drop_pg_database
 from .helpers import FakeAgent, agent, setup_license
@@ -644,6 +645,7 @@ def test_the_activation_lane_answers_as_the_route(
         (lambda: b"{not json", 422, None),
         (lambda: b'{"type": "activate"}', 422, None),
         (lambda: json.dumps(forged).encode(), 403, "bad request signature"),
+        (lambda: mixed_order_activation(agent(8).activation(key)), 422, "field 'agent_key'"),
         (lambda: agent(7).activation(key).to_json(), 403, "no free machine left"),
         (lambda: banned.activation(key).to_json(), 403, "blacklisted"),
         (lambda: b"{" + b" " * MAX_MESSAGE_SIZE + b"}", 422, "request is too large"),

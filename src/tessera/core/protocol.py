@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -35,11 +36,12 @@ from datetime import datetime
 from typing import Any, ClassVar, Final
 
 import orjson
+from nacl.bindings import crypto_sign_ed25519_pk_to_curve25519
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey as _BoxPrivateKey
+from nacl.public import PublicKey as _BoxPublicKey
 from nacl.public import SealedBox
 from nacl.signing import SigningKey as _NaclSigningKey
-from nacl.signing import VerifyKey as _NaclVerifyKey
 
 from tessera.core import merkle
 from tessera.core.errors import FormatError, SignatureError, VerificationError
@@ -50,6 +52,7 @@ from tessera.core.model import MAX_COUNT, PRODUCT_RE, SERIAL_RE
 from tessera.core.signing import Keyring, PublicKey, SigningKey
 
 __all__ = [
+    "AGENT_KEY_CACHE_SIZE",
     "DIRECTIVES",
     "MAX_MESSAGE_SIZE",
     "MAX_REVISION",
@@ -147,8 +150,37 @@ def seal_checkin_key(checkin_key: bytes, agent_key: PublicKey) -> str:
     A libsodium sealed box to the X25519 form of the agent's Ed25519 key, so the key is not
     in clear even where TLS is terminated on the way.
     """
-    box_key = _NaclVerifyKey(agent_key.raw).to_curve25519_public_key()
-    return _b64(SealedBox(box_key).encrypt(checkin_key))
+    box_key = _x25519_public(agent_key.raw)
+    if box_key is None:
+        raise FormatError("the agent key is not a usable Ed25519 public key (it has a small-order part)")
+    return _b64(SealedBox(_BoxPublicKey(box_key)).encrypt(checkin_key))
+
+
+#: How many agent keys' X25519 forms :func:`_x25519_public` keeps (about 100 bytes each).
+AGENT_KEY_CACHE_SIZE: Final = 4096
+
+
+@functools.lru_cache(maxsize=AGENT_KEY_CACHE_SIZE)
+def _x25519_public(ed25519_public: bytes) -> bytes | None:
+    """The X25519 form of an Ed25519 public key; None unless the point is in the
+    prime-order group.
+
+    An agent's own key always is. A crafted key with a small-order part still verifies its
+    own request half the time, but cannot be sealed to, so an activation request with one
+    is refused when it is parsed (:func:`_check_agent_key`), before the server does any
+    work for it. libsodium proves the group with a scalar multiplication (about 45 us);
+    cached, the proof at parsing is the conversion the answer's sealing then reuses.
+    """
+    try:
+        return crypto_sign_ed25519_pk_to_curve25519(ed25519_public)
+    except (CryptoError, RuntimeError, ValueError):
+        return None
+
+
+def _check_agent_key(text: str) -> None:
+    key = PublicKey.from_base64(text)
+    if _x25519_public(key.raw) is None:
+        raise FormatError("field 'agent_key' is not a usable Ed25519 public key (it has a small-order part)")
 
 
 def open_checkin_key(sealed: str, agent: SigningKey) -> bytes:
@@ -313,7 +345,7 @@ class ActivationRequest(_AgentRequest):
         _check_common(obj)
         if "product" in obj:
             _string(obj, "product", PRODUCT_RE)
-        PublicKey.from_base64(_string(obj, "agent_key", _B64_RE))
+        _check_agent_key(_string(obj, "agent_key", _B64_RE))
         _string(obj, "signature", _B64_RE)
         del obj["protocol"], obj["type"]
         request = cls(**obj)
