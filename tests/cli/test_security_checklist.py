@@ -71,6 +71,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
         (["--data-dir", str(data_dir), "--comments", str(bad_comments)], "no measure 'no-such-measure'"),
         (["--data-dir", str(data_dir), "--comments", str(tmp_path / "none.toml")], "does not exist"),
         (["--data-dir", str(data_dir), "--url", "ftp://x"], "--url must be an http(s):// URL"),
+        (["--data-dir", str(data_dir), "--url", "https://"], "--url must be an http(s):// URL with a host"),
+        (["--data-dir", str(data_dir), "--url", "https://h:99999"], "--url: Port out of range"),
         (
             ["--data-dir", str(data_dir), "--url", "https://127.0.0.1:1", "--ca", str(bad_comments)],
             "is not a PEM CA certificate",

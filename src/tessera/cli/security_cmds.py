@@ -13,6 +13,7 @@ import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import typer
 
@@ -64,8 +65,14 @@ def checklist(
 
     if output_format not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)} (got {output_format!r})")
-    if url is not None and not url.startswith(("https://", "http://")):
-        fail(f"--url must be an http(s):// URL (got {url!r})")
+    if url is not None:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises for a port out of range)
+        except ValueError as exc:
+            fail(f"--url: {exc}")
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            fail(f"--url must be an http(s):// URL with a host (got {url!r})")
     try:
         config = load_config(data_dir)
     except ConfigError as exc:
