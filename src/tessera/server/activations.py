@@ -38,11 +38,13 @@ from typing import Any, Final, NamedTuple
 
 from sqlalchemy import (
     Date,
+    DateTime,
     Integer,
     String,
     any_,
     bindparam,
     cast,
+    false,
     insert,
     literal_column,
     null,
@@ -54,6 +56,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 from sqlalchemy.sql.selectable import Select
 
+from tessera.core.clock import utc
 from tessera.core.fingerprint import LockingId
 from tessera.core.licensekey import license_key_digest
 from tessera.core.model import MatchLevel
@@ -93,6 +96,7 @@ from tessera.server.rawsql import (
     pipelining,
     text_array,
     transaction,
+    unnest_arrays,
 )
 from tessera.server.storage import Database
 from tessera.server.writer import Job, gather_turn, release_connection, settle, take_batch
@@ -218,6 +222,25 @@ BIND_NEW = (
     insert(Machine).values(license_id=bindparam("license_id"), slot=bindparam("slot"), **_BOUND).inline()
 )
 REBIND = update(Machine).where(Machine.id == bindparam("machine_id")).values(**_BOUND)
+#: PostgreSQL: a batch's new machines as one statement over arrays (in the batch's order).
+_NEW_COLUMNS: Final = (
+    "license_id", "slot", "locking_id", "system_id", "agent_key", "activated_at", "delivered_revision",
+)  # fmt: skip
+_NEW = unnest_arrays(
+    "bound",
+    ("license_id", Integer()),
+    ("slot", Integer()),
+    ("locking_id", String()),
+    ("system_id", String()),
+    ("agent_key", String()),
+    ("activated_at", DateTime(timezone=True)),
+    ("delivered_revision", Integer()),
+    ordinality="n",
+)
+BIND_NEW_MANY = insert(Machine).from_select(
+    [*_NEW_COLUMNS, "offline"],
+    select(*(_NEW.c[name] for name in _NEW_COLUMNS), false()).order_by(_NEW.c.n),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,9 +378,11 @@ def _write(
     binding: tuple[int | None, int, str],
     signing_key: SigningKey,
     pepper: bytes,
+    new_machines: list[dict[str, Any]],
 ) -> tuple[bytes, dict[str, Any]]:
-    """Bind as ``binding`` says (the machine's row, maybe a webhook, ``held`` updated): the
-    signed response, and the audit entry still to append (last, see :func:`_activate_batch`)."""
+    """Bind as ``binding`` says (a machine taken again at once, a new one's row added to
+    ``new_machines`` for :func:`_bind_new`, maybe a webhook, ``held`` updated): the signed
+    response, and the audit entry still to append (last, see :func:`_activate_batch`)."""
     machine_id, slot, action = binding
     row = held.row
     bound_as = {
@@ -373,7 +398,7 @@ def _write(
     signed = response.signed_json(signing_key)
     taken = (machine_id, slot, request.locking_id, request.system_id)
     if machine_id is None:
-        tx.run(BIND_NEW, license_id=row.id, slot=slot, **bound_as)
+        new_machines.append({"license_id": row.id, "slot": slot, **bound_as})  # written together
         bisect.insort(held.bound, taken, key=lambda m: m[1])
     else:
         tx.run(REBIND, machine_id=machine_id, **bound_as)
@@ -441,6 +466,7 @@ def _activate_batch(
     held, containers, endpoints = _read([found[1:] for found in locked], reads)
     outcomes: list[bytes | BaseException | _Later] = []
     entries: list[dict[str, Any]] = []
+    new_machines: list[dict[str, Any]] = []
     waiting: set[int] = set()  # licenses with an activation left for the next batch
     for (request, now), digest in zip(batch, digests, strict=True):
         license_id = by_digest.get(digest)
@@ -451,7 +477,9 @@ def _activate_batch(
                 raise _Later
             license_ = held[license_id]
             binding = _bind(license_, containers, request, now)
-            response, entry = _write(tx, license_, endpoints, request, now, binding, signing_key, pepper)
+            response, entry = _write(
+                tx, license_, endpoints, request, now, binding, signing_key, pepper, new_machines
+            )
         except _Later as later:
             waiting.add(license_id)  # type: ignore[arg-type]  # only a known license waits
             outcomes.append(later)
@@ -461,10 +489,34 @@ def _activate_batch(
             continue
         outcomes.append(response)
         entries.append(entry)
+    _bind_new(tx, new_machines)
     if entries:
         # Last: on PostgreSQL the audit chain's lock is then held only until the commit.
         audit.append_raw(tx, entries)
     return outcomes
+
+
+def _bind_new(tx: RawTransaction, rows: list[dict[str, Any]]) -> None:
+    """The batch's new machines: on PostgreSQL one statement over arrays (each statement of
+    a pipeline costs the writer thread a send and a wait for the GIL), on SQLite a statement
+    each (in process). A slot or installation taken twice fails the batch here, before its
+    commit, as it would have at its own statement."""
+    if not rows:
+        return
+    if not tx.is_postgresql:
+        for row in rows:
+            tx.run(BIND_NEW, **row)
+        return
+    tx.run(
+        BIND_NEW_MANY,
+        license_id=array_literal(row["license_id"] for row in rows),
+        slot=array_literal(row["slot"] for row in rows),
+        locking_id=array_literal(row["locking_id"] for row in rows),
+        system_id=array_literal(row["system_id"] for row in rows),
+        agent_key=array_literal(row["agent_key"] for row in rows),
+        activated_at=array_literal(utc(row["now"]).isoformat() for row in rows),
+        delivered_revision=array_literal(row["revision"] for row in rows),
+    )
 
 
 class ActivationWriter:

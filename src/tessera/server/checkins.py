@@ -54,7 +54,6 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.types import TypeEngine
 
 from tessera.core.clock import utc
 from tessera.core.licensekey import license_key_digest
@@ -80,6 +79,7 @@ from tessera.server.rawsql import (
     session_ended,
     text_array,
     transaction,
+    unnest_arrays,
 )
 from tessera.server.storage import Database
 from tessera.server.writer import Job, gather_turn, release_connection, settle, take_batch
@@ -126,15 +126,7 @@ _CHECKPOINT: Final = object()
 # 100 from json_to_recordset(), and chose a hash join over a scan of every license at
 # 10,000 of them. The lookup is CHECKIN_LOOKUP per element (same columns, in CheckinFound's
 # order, after the element's 1-based position ``n``).
-def _unnest(name: str, *arrays: tuple[str, TypeEngine[Any]], ordinality: str | None = None) -> Any:
-    return (
-        func.unnest(*(text_array(param, kind) for param, kind in arrays))
-        .table_valued(*(param for param, _ in arrays), with_ordinality=ordinality)
-        .render_derived(name=name)
-    )
-
-
-_Q = _unnest("q", ("digest", String()), ("system_id", String()), ("today", Date()), ordinality="n")
+_Q = unnest_arrays("q", ("digest", String()), ("system_id", String()), ("today", Date()), ordinality="n")
 PG_BATCH_LOOKUP = (
     select(_Q.c.n, *checkin_lookup_columns(_Q.c.today))
     .select_from(_Q)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
-from sqlalchemy import Dialect, String, bindparam
+from sqlalchemy import Dialect, String, bindparam, func
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
@@ -45,6 +45,7 @@ __all__ = [
     "session_ended",
     "text_array",
     "transaction",
+    "unnest_arrays",
 ]
 
 log = logging.getLogger("tessera.server")
@@ -129,6 +130,17 @@ def compiled(statement: ClauseElement, dialect: Dialect) -> Compiled:
 def text_array(param: str, kind: TypeEngine[Any]) -> Any:
     """The array parameter ``param``, sent as text (:func:`array_literal`) and cast to ``kind[]``."""
     return sql_cast(bindparam(param, type_=String), ARRAY(kind))
+
+
+def unnest_arrays(name: str, *arrays: tuple[str, TypeEngine[Any]], ordinality: str | None = None) -> Any:
+    """``unnest()`` of the array parameters ``arrays`` (each a :func:`text_array`) as a
+    table ``name`` whose columns are named after them: a batch's rows as one parameter per
+    column, whatever the batch's size (``WITH ORDINALITY`` as ``ordinality``, from 1)."""
+    return (
+        func.unnest(*(text_array(param, kind) for param, kind in arrays))
+        .table_valued(*(param for param, _ in arrays), with_ordinality=ordinality)
+        .render_derived(name=name)
+    )
 
 
 def array_literal(values: Iterable[object]) -> str:
