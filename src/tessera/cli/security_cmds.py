@@ -113,10 +113,9 @@ def checklist(
 
 def render(output_format: str, measures: list[dict[str, str]], about: dict[str, str | None]) -> str:
     """The checklist as ``markdown``, ``html`` or ``json``."""
-    counts = {
-        state: sum(1 for m in measures if m["executed"] == state)
-        for state in ("yes", "no", "n/a", "unchecked")
-    }
+    from tessera.server.checklist import EXECUTED
+
+    counts = {state: sum(1 for m in measures if m["executed"] == state) for state in EXECUTED}
     summary = (
         f"{counts['yes']} of {len(measures)} executed; {counts['no']} not executed, "
         f"{counts['unchecked']} unchecked, {counts['n/a']} not applicable"

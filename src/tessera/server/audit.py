@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import DateTime, String, Text, bindparam, insert, select, text
 from sqlalchemy.orm import Session
@@ -26,10 +26,7 @@ from sqlalchemy.orm import Session
 from tessera.core.clock import utc
 from tessera.core.fileformat import format_timestamp
 from tessera.server.models import AuditEntry
-from tessera.server.rawsql import array_literal, unnest_arrays
-
-if TYPE_CHECKING:
-    from tessera.server.rawsql import RawTransaction
+from tessera.server.rawsql import RawTransaction, array_literal, unnest_arrays
 
 __all__ = ["GENESIS", "ChainReport", "append", "append_raw", "entry_hash", "verify_chain"]
 

@@ -32,6 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from tessera.server.config import CONFIG_NAME, ServerConfig
+from tessera.server.storage import sqlite_file
 
 __all__ = [
     "EXECUTED",
@@ -64,8 +65,6 @@ MEASURE_IDS: Final = (
     "initial-token-revoked",
     "audit-chain-intact",
 )
-#: The name of the token ``server init`` prints once (``tessera.server.setup``).
-INITIAL_TOKEN_NAME: Final = "initial-admin"
 _DATA_DIR_RIGHTS: Final = "shell on the server host, owner of the data directory"
 
 
@@ -359,7 +358,7 @@ def _permissions(config: ServerConfig) -> Measure:
     ]
     if config.portal is not None:
         secrets.append(config.portal.secret_file)
-    database = _sqlite_file(config)
+    database = sqlite_file(config.database)
     if database is not None:
         secrets.append(database)
     problems = []
@@ -377,10 +376,9 @@ def _permissions(config: ServerConfig) -> Measure:
             problems.append(f"{path} is mode {stat.S_IMODE(mode):o}")
     for directory in (config.data_dir, config.data_dir / "secrets", config.data_dir / "tls"):
         with contextlib.suppress(FileNotFoundError):
-            if directory.stat().st_mode & 0o022:
-                problems.append(
-                    f"{directory} is writable by others (mode {stat.S_IMODE(directory.stat().st_mode):o})"
-                )
+            mode = directory.stat().st_mode
+            if mode & 0o022:
+                problems.append(f"{directory} is writable by others (mode {stat.S_IMODE(mode):o})")
     if problems:
         return replace(base, executed="no", finding="; ".join(problems))
     return replace(base, finding=f"{checked} secret files, owner only; directories not writable by others")
@@ -437,11 +435,12 @@ class _DatabaseFacts:
 def _database_facts(config: ServerConfig) -> _DatabaseFacts:
     from tessera.server.audit import verify_chain
     from tessera.server.models import ApiToken, WebhookEndpoint
-    from tessera.server.storage import Database
+    from tessera.server.storage import Database, describe_db_error
+    from tessera.server.tokens import INITIAL_TOKEN_NAME
 
-    sqlite_file = _sqlite_file(config)
-    if sqlite_file is not None and not sqlite_file.is_file():
-        return _DatabaseFacts(error=f"the database file {sqlite_file} does not exist")  # never create it
+    path = sqlite_file(config.database)
+    if path is not None and not path.is_file():
+        return _DatabaseFacts(error=f"the database file {path} does not exist")  # never create it
     try:
         db = Database(config.database, pool_size=1)
     except (ValueError, SQLAlchemyError) as exc:
@@ -456,10 +455,9 @@ def _database_facts(config: ServerConfig) -> _DatabaseFacts:
             ).scalar_one()
             chain = verify_chain(session)
     except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        return _DatabaseFacts(error=f"the database cannot be read: {reason}")
+        return _DatabaseFacts(error=describe_db_error(config.database, exc))
     finally:
-        db.engine.dispose()
+        db.dispose()
     return _DatabaseFacts(
         plain_webhooks=tuple(u for u in urls if not u.startswith("https://")),
         webhooks=len(urls),
@@ -556,14 +554,6 @@ def _audit_chain(facts: _DatabaseFacts) -> Measure:
         more = len(facts.audit_problems) - 1
         return replace(base, executed="no", finding=first + (f" (and {more} more problems)" if more else ""))
     return replace(base, finding=f"{facts.audit_rows} entries, every link verified")
-
-
-def _sqlite_file(config: ServerConfig) -> Path | None:
-    with contextlib.suppress(Exception):
-        url = make_url(config.database)
-        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-            return Path(url.database)
-    return None
 
 
 def _is_loopback(host: str) -> bool:

@@ -15,15 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from tessera.core.signing import Keyring, SigningKey
 from tessera.server.config import CONFIG_NAME, ConfigError, ServerConfig, render_config
 from tessera.server.migrate import upgrade
-from tessera.server.storage import Database, describe_db_error, normalize_db_url
+from tessera.server.storage import Database, describe_db_error, normalize_db_url, sqlite_file
 from tessera.server.tls import make_tls_material
-from tessera.server.tokens import Role, create_token
+from tessera.server.tokens import INITIAL_TOKEN_NAME, Role, create_token
 
 __all__ = ["AlreadyInitialized", "InitResult", "initialize"]
 
@@ -95,7 +94,7 @@ def initialize(data_dir: Path, db_url: str | None, now: datetime) -> InitResult:
         _write(config.server_cert, tls.server_cert_pem)
         _write(config.server_key, tls.server_key_pem, 0o600)
         with db.write() as session:
-            _, admin_token = create_token(session, name="initial-admin", role=Role.ADMIN, now=now)
+            _, admin_token = create_token(session, name=INITIAL_TOKEN_NAME, role=Role.ADMIN, now=now)
     finally:
         db.dispose()
     # Written last: its presence means "initialized" (Makefile and re-init check it).
@@ -107,8 +106,8 @@ def _create_private_sqlite_file(url: str) -> None:
     """A new SQLite database file, readable by the server's account only (SQLite gives its
     -wal and -shm files the same mode). It holds token hashes, sealed webhook secrets and
     every customer's licenses; left to the umask it would usually be world-readable."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+    path = sqlite_file(url)
+    if path is None:
         return
     with contextlib.suppress(FileExistsError):
-        os.close(os.open(parsed.database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))

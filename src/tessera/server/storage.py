@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -26,7 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["Database", "begin_immediate", "describe_db_error", "normalize_db_url"]
+__all__ = ["Database", "begin_immediate", "describe_db_error", "normalize_db_url", "sqlite_file"]
 
 #: How long a SQLite writer waits for the lock (first its turn in this process, then the
 #: file lock) before the request fails with 503: well under the agent's 15 s HTTP timeout,
@@ -73,6 +74,18 @@ def normalize_db_url(url: str) -> str:
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise ValueError(f"unsupported database {parsed.get_backend_name()!r} (sqlite or postgresql)")
     return url
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite database URL; None for PostgreSQL, an in-memory database or a
+    URL that does not parse."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
 
 
 def describe_db_error(url: str, exc: Exception) -> str:

@@ -28,9 +28,19 @@ from sqlalchemy.orm import Session
 from tessera.server.errors import Forbidden, Unauthorized
 from tessera.server.models import ApiToken
 
-__all__ = ["Principal", "Role", "create_token", "hash_token", "require", "resolve_token"]
+__all__ = [
+    "INITIAL_TOKEN_NAME",
+    "Principal",
+    "Role",
+    "create_token",
+    "hash_token",
+    "require",
+    "resolve_token",
+]
 
 TOKEN_PREFIX = "tsk_"
+#: The admin token ``server init`` prints once (the security checklist asks for it revoked).
+INITIAL_TOKEN_NAME = "initial-admin"
 
 
 class Role(StrEnum):

@@ -277,10 +277,9 @@ def emit_raw(
     event: str,
     payload: dict[str, Any],
     at: datetime,
-) -> str | None:
+) -> None:
     """:func:`emit` for a transaction on a plain DB-API connection (the activation path):
-    the same outbox rows, without a session; nothing is written (and None returned) when no
-    endpoint wants it.
+    the same outbox rows, without a session; nothing is written when no endpoint wants it.
 
     ``endpoints`` are the active ones (id, events), read by the caller in this transaction
     together with what else it reads: one statement less.
@@ -289,11 +288,10 @@ def emit_raw(
         raise ValueError(f"unknown webhook event {event!r}")
     wanting = _wanting(endpoints, event)
     if not wanting:  # the usual case: no JSON body, no random id for nobody
-        return None
+        return
     event_id, at, body = _event(event, payload, at)
     for endpoint_id in wanting:
         tx.run(_QUEUE, endpoint_id=endpoint_id, event_id=event_id, event=event, payload=body, at=at)
-    return event_id
 
 
 def _event(event: str, payload: dict[str, Any], at: datetime | None) -> tuple[str, datetime, str]:
