@@ -11,6 +11,7 @@ from tessera.cli import (  # noqa: F401  (register verbs)
     lease_cmds,
     offline,
     recovery_cmds,
+    relay_cmds,
     security_cmds,
     server_cmds,
 )

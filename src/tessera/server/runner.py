@@ -20,7 +20,7 @@ from tessera.server.migrate import upgrade
 from tessera.server.portal import RecoveryPortal
 from tessera.server.storage import Database, describe_db_error
 
-__all__ = ["TlsFloorConfig", "build_state", "serve", "worker_app"]
+__all__ = ["TlsFloorConfig", "build_state", "serve", "serve_relay", "worker_app"]
 
 
 WORKER_ENV = "TESSERA_SERVER_DATA_DIR"
@@ -82,16 +82,7 @@ def serve(data_dir: Path, host: str, port: int, *, tls: bool, workers: int = 1) 
     data_dir = data_dir.resolve()
     state = build_state(data_dir)  # checks key, pepper and database before anything listens
     config = load_config(data_dir)
-    options: dict[str, Any] = {}
-    if tls:
-        for path in (config.server_cert, config.server_key):
-            if not path.is_file():
-                raise ConfigError(f"TLS file {path} is missing (or use --no-tls behind a TLS proxy)")
-        options.update(
-            ssl_certfile=str(config.server_cert),
-            ssl_keyfile=str(config.server_key),
-            ssl_version=ssl.PROTOCOL_TLS_SERVER,
-        )
+    options = _tls_options(config.server_cert, config.server_key) if tls else {}
     common: dict[str, Any] = {
         "host": host,
         "port": port,
@@ -114,6 +105,31 @@ def serve(data_dir: Path, host: str, port: int, *, tls: bool, workers: int = 1) 
     finally:
         listener.close()
         state.db.dispose()
+
+
+def serve_relay(data_dir: Path, host: str, port: int, *, tls: bool) -> None:
+    """Serve a relay (``tessera.server.relay``) until stopped; one process (it only waits
+    on the network, and keeps its connections to the server open)."""
+    from tessera.server.relay import Relay, load_relay_config, upstream_context
+
+    config = load_relay_config(data_dir)
+    upstream_context(config)  # an unreadable CA file is a clear error before anything listens
+    options = _tls_options(config.server_cert, config.server_key) if tls else {}
+    listener = _listen(host, port)
+    try:
+        common: dict[str, Any] = {"host": host, "port": port, "log_level": "warning", "access_log": False}
+        server_config = TlsFloorConfig(Relay(config), lifespan="on", **common, **options)
+        uvicorn.Server(server_config).run(sockets=[listener])
+    finally:
+        listener.close()
+
+
+def _tls_options(cert: Path, key: Path) -> dict[str, Any]:
+    """uvicorn's TLS settings for ``cert`` and ``key``; ConfigError if either is missing."""
+    for path in (cert, key):
+        if not path.is_file():
+            raise ConfigError(f"TLS file {path} is missing (or use --no-tls behind a TLS proxy)")
+    return {"ssl_certfile": str(cert), "ssl_keyfile": str(key), "ssl_version": ssl.PROTOCOL_TLS_SERVER}
 
 
 def _listen(host: str, port: int) -> socket.socket:

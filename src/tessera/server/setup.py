@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tessera.core.signing import Keyring, SigningKey
 from tessera.server.config import CONFIG_NAME, ConfigError, ServerConfig, render_config
+from tessera.server.files import write_file
 from tessera.server.migrate import upgrade
 from tessera.server.storage import Database, describe_db_error, normalize_db_url, sqlite_file
 from tessera.server.tls import make_tls_material
@@ -37,19 +38,6 @@ class InitResult:
     admin_token: str
     key_id: str
     passphrase_generated: bool
-
-
-def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 def initialize(data_dir: Path, db_url: str | None, now: datetime) -> InitResult:
@@ -74,7 +62,7 @@ def initialize(data_dir: Path, db_url: str | None, now: datetime) -> InitResult:
     generated = not passphrase_text
     if generated:
         passphrase_text = secrets.token_urlsafe(32)
-        _write(config.passphrase_file, passphrase_text.encode("ascii") + b"\n", 0o600)
+        write_file(config.passphrase_file, passphrase_text.encode("ascii") + b"\n", 0o600)
 
     _create_private_sqlite_file(url)
     db = Database(url)
@@ -84,21 +72,21 @@ def initialize(data_dir: Path, db_url: str | None, now: datetime) -> InitResult:
         except SQLAlchemyError as exc:
             raise ConfigError(describe_db_error(url, exc)) from None
         key = SigningKey.generate()
-        _write(config.vendor_key, key.to_pem(passphrase_text.encode("utf-8")), 0o600)
-        _write(config.vendor_pub, Keyring([key.public]).dumps().encode("ascii"))
+        write_file(config.vendor_key, key.to_pem(passphrase_text.encode("utf-8")), 0o600)
+        write_file(config.vendor_pub, Keyring([key.public]).dumps().encode("ascii"))
         if not config.pepper_file.exists():
-            _write(config.pepper_file, secrets.token_bytes(32), 0o600)
+            write_file(config.pepper_file, secrets.token_bytes(32), 0o600)
         tls = make_tls_material(now)
-        _write(config.ca_cert, tls.ca_cert_pem)
-        _write(config.ca_key, tls.ca_key_pem, 0o600)
-        _write(config.server_cert, tls.server_cert_pem)
-        _write(config.server_key, tls.server_key_pem, 0o600)
+        write_file(config.ca_cert, tls.ca_cert_pem)
+        write_file(config.ca_key, tls.ca_key_pem, 0o600)
+        write_file(config.server_cert, tls.server_cert_pem)
+        write_file(config.server_key, tls.server_key_pem, 0o600)
         with db.write() as session:
             _, admin_token = create_token(session, name=INITIAL_TOKEN_NAME, role=Role.ADMIN, now=now)
     finally:
         db.dispose()
     # Written last: its presence means "initialized" (Makefile and re-init check it).
-    _write(config.config_file, render_config(config).encode("utf-8"))
+    write_file(config.config_file, render_config(config).encode("utf-8"))
     return InitResult(config, admin_token, key.key_id, generated)
 
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["TlsMaterial", "make_tls_material"]
+__all__ = ["TlsMaterial", "issue_server_certificate", "make_tls_material"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +77,29 @@ def make_tls_material(now: datetime, hostnames: list[str] | None = None) -> TlsM
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
+    ca_cert_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    ca_key_pem = _key_pem(ca_key)
+    server_cert_pem, server_key_pem = issue_server_certificate(ca_cert_pem, ca_key_pem, names, now)
+    return TlsMaterial(ca_cert_pem, ca_key_pem, server_cert_pem, server_key_pem)
+
+
+def issue_server_certificate(
+    ca_cert_pem: bytes, ca_key_pem: bytes, names: list[str], now: datetime
+) -> tuple[bytes, bytes]:
+    """A server certificate (PEM) and its new key (PEM, unencrypted) for the DNS ``names``
+    (the last one its common name) and the loopback addresses, signed by the CA, valid 2
+    years: the server's own at ``server init``, and a relay's (``tessera server
+    relay-cert``), so agents that pin the server's CA trust the relay too.
+
+    ``ValueError`` for a CA certificate or key that cannot be read or do not belong together.
+    """
+    try:
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+        ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"the CA certificate or key cannot be read: {exc}") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or ca_key.public_key() != ca_cert.public_key():
+        raise ValueError("the CA key does not belong to the CA certificate")
     server_key = ec.generate_private_key(ec.SECP256R1())
     alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
     alt_names += [
@@ -85,8 +108,8 @@ def make_tls_material(now: datetime, hostnames: list[str] | None = None) -> TlsM
     ]
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(names[-1] if len(names) > 1 else "localhost"))
-        .issuer_name(ca_name)
+        .subject_name(_name(names[-1] if names else "localhost"))
+        .issuer_name(ca_cert.subject)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(hours=1))
@@ -99,9 +122,4 @@ def make_tls_material(now: datetime, hostnames: list[str] | None = None) -> TlsM
         )
         .sign(ca_key, hashes.SHA256())
     )
-    return TlsMaterial(
-        ca_cert_pem=ca_cert.public_bytes(serialization.Encoding.PEM),
-        ca_key_pem=_key_pem(ca_key),
-        server_cert_pem=server_cert.public_bytes(serialization.Encoding.PEM),
-        server_key_pem=_key_pem(server_key),
-    )
+    return server_cert.public_bytes(serialization.Encoding.PEM), _key_pem(server_key)
