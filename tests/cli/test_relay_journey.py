@@ -33,11 +33,12 @@ from .conftest import assert_one_line_error
 
 
 @contextmanager
-def running_relay(data_dir: Path, ca: str) -> Iterator[str]:
+def running_relay(data_dir: Path, ca: str, *extra: str) -> Iterator[str]:
     """``tessera relay run`` on a free loopback port; its URL once it answers HTTPS."""
     port = free_port()
     log = data_dir.parent / f"relay-{port}.log"
     args = [TESSERA, "relay", "run", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)]
+    args += extra
     with log.open("wb") as out:
         proc = subprocess.Popen(args, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
     url = f"https://127.0.0.1:{port}"
@@ -90,7 +91,8 @@ def test_agents_reach_the_server_through_a_relay(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)  # type: ignore[no-any-return]
 
-    with running_relay(relay_dir, ca) as relay_url:
+    # Two worker processes: a relay keeps no state, so any of them answers any request.
+    with running_relay(relay_dir, ca, "--workers", "2") as relay_url:
         with running_server(server_dir, tls=True, ca=ca, port=port):
             admin = clean_env(TESSERA_URL=server_url, TESSERA_TOKEN=info["admin_token"], TESSERA_CA=ca)
             assert tessera("product", "create", "cortex", "--name", "CortexDB", "--feature", "uniplex",

@@ -79,12 +79,15 @@ def run(
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(DEFAULT_PORT, "--port", min=1, max=65535),
     no_tls: bool = typer.Option(False, "--no-tls", help="Plain HTTP, for behind a TLS-terminating proxy."),
+    workers: int = typer.Option(
+        1, "--workers", min=1, max=64, help="Worker processes sharing the port (one per core)."
+    ),
 ) -> None:
     """Forward the agents' Connect requests to the license server (HTTPS, TLS 1.2+)."""
     from tessera.server.runner import serve_relay
 
     try:
-        serve_relay(data_dir, host, port, tls=not no_tls)
+        serve_relay(data_dir, host, port, tls=not no_tls, workers=workers)
     except ConfigError as exc:
         fail(str(exc))
 

@@ -20,10 +20,11 @@ from tessera.server.migrate import upgrade
 from tessera.server.portal import RecoveryPortal
 from tessera.server.storage import Database, describe_db_error
 
-__all__ = ["TlsFloorConfig", "build_state", "serve", "serve_relay", "worker_app"]
+__all__ = ["TlsFloorConfig", "build_state", "relay_worker_app", "serve", "serve_relay", "worker_app"]
 
 
 WORKER_ENV = "TESSERA_SERVER_DATA_DIR"
+RELAY_WORKER_ENV = "TESSERA_RELAY_DATA_DIR"
 
 
 class TlsFloorConfig(uvicorn.Config):
@@ -107,21 +108,46 @@ def serve(data_dir: Path, host: str, port: int, *, tls: bool, workers: int = 1) 
         state.db.dispose()
 
 
-def serve_relay(data_dir: Path, host: str, port: int, *, tls: bool) -> None:
-    """Serve a relay (``tessera.server.relay``) until stopped; one process (it only waits
-    on the network, and keeps its connections to the server open)."""
-    from tessera.server.relay import Relay, load_relay_config, upstream_context
+def serve_relay(data_dir: Path, host: str, port: int, *, tls: bool, workers: int = 1) -> None:
+    """Serve a relay (``tessera.server.relay``) until stopped. A relay keeps no state, so
+    several worker processes share its port with nothing to agree on: each terminates its
+    share of the agents' TLS handshakes and keeps its own connections to the server."""
+    from tessera.server.relay import load_relay_config, upstream_context
 
+    data_dir = data_dir.resolve()
     config = load_relay_config(data_dir)
     upstream_context(config)  # an unreadable CA file is a clear error before anything listens
     options = _tls_options(config.server_cert, config.server_key) if tls else {}
     listener = _listen(host, port)
     try:
         common: dict[str, Any] = {"host": host, "port": port, "log_level": "warning", "access_log": False}
-        server_config = TlsFloorConfig(Relay(config), lifespan="on", **common, **options)
-        uvicorn.Server(server_config).run(sockets=[listener])
+        if workers <= 1:
+            server_config = TlsFloorConfig(relay_app(data_dir), lifespan="on", **common, **options)
+            uvicorn.Server(server_config).run(sockets=[listener])
+        else:
+            os.environ[RELAY_WORKER_ENV] = str(data_dir)
+            server_config = TlsFloorConfig(
+                "tessera.server.runner:relay_worker_app",
+                factory=True,
+                workers=workers,
+                lifespan="on",
+                **common,
+                **options,
+            )
+            Multiprocess(server_config, sockets=[listener]).run()
     finally:
         listener.close()
+
+
+def relay_app(data_dir: Path) -> Any:
+    from tessera.server.relay import Relay, load_relay_config
+
+    return Relay(load_relay_config(data_dir))
+
+
+def relay_worker_app() -> Any:
+    """The relay of one worker process (``tessera relay run --workers N``)."""
+    return relay_app(Path(os.environ[RELAY_WORKER_ENV]))
 
 
 def _tls_options(cert: Path, key: Path) -> dict[str, Any]:
