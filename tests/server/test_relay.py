@@ -144,6 +144,23 @@ def test_a_body_over_the_message_limit_is_refused_before_the_server_sees_it(conf
     assert response.status_code == 413
 
 
+def test_a_request_whose_agent_went_away_is_not_forwarded(config: RelayConfig) -> None:
+    relay = Relay(config, transport=httpx.MockTransport(never))
+    sent: list[dict[str, object]] = []
+    half: dict[str, object] = {"type": "http.request", "body": b'{"half', "more_body": True}
+    messages = iter([half, {"type": "http.disconnect"}])
+
+    async def receive() -> dict[str, object]:
+        return next(messages)
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/v1/checkin", "headers": []}
+    asyncio.run(relay(scope, receive, send))  # type: ignore[arg-type]
+    assert sent == []  # nothing forwarded (never() would fail), nothing answered
+
+
 # ---------------------------------------------------------------------- a failing server
 
 

@@ -284,7 +284,10 @@ class Relay:
         if scope["method"] != method:
             await _answer(send, 405, f"{scope['path']} takes {method}")
             return
-        body = await _read_body(scope, receive)
+        try:
+            body = await _read_body(scope, receive)
+        except _ClientGone:
+            return  # nothing is forwarded for an agent that went away mid-request
         if body is None:
             await _answer(send, 413, f"request body too large (over {MAX_MESSAGE_SIZE} bytes)")
             return
@@ -324,6 +327,10 @@ class Relay:
                 return
 
 
+class _ClientGone(Exception):
+    """The agent disconnected before its request's body was complete."""
+
+
 async def _read_body(scope: Scope, receive: Receive) -> bytes | None:
     """The request's body; None past :data:`MAX_MESSAGE_SIZE` (declared or sent)."""
     for name, value in scope["headers"]:
@@ -333,7 +340,7 @@ async def _read_body(scope: Scope, receive: Receive) -> bytes | None:
     while True:
         message: Message = await receive()
         if message["type"] != "http.request":
-            return bytes(body)  # the client went away; what is answered is never read
+            raise _ClientGone
         body += message.get("body", b"")
         if len(body) > MAX_MESSAGE_SIZE:
             return None
