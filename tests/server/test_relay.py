@@ -148,7 +148,8 @@ def test_a_request_whose_agent_went_away_is_not_forwarded(config: RelayConfig) -
     relay = Relay(config, transport=httpx.MockTransport(never))
     sent: list[dict[str, object]] = []
     half: dict[str, object] = {"type": "http.request", "body": b'{"half', "more_body": True}
-    messages = iter([half, {"type": "http.disconnect"}])
+    gone: dict[str, object] = {"type": "http.disconnect"}
+    messages = iter([half, gone])
 
     async def receive() -> dict[str, object]:
         return next(messages)
