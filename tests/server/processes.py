@@ -59,14 +59,14 @@ def free_port() -> int:
 
 
 def _start(
-    data_dir: Path, tls: bool, extra: list[str], port: int | None
+    data_dir: Path, tls: bool, extra: list[str], port: int | None, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = port or free_port()
     args = [TESSERA, "server", "run", "--data-dir", str(data_dir), "--host", "127.0.0.1"]
     args += ["--port", str(port), *([] if tls else ["--no-tls"]), *extra]
     log = data_dir / f"server-{port}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, env=env or clean_env(), stdout=out, stderr=subprocess.STDOUT)
     return proc, port, log
 
 
@@ -87,6 +87,7 @@ def running_server(
     ca: str | None = None,
     port: int | None = None,
     extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """``tessera server run`` on a (free) loopback port; yields its URL once /health answers.
 
@@ -95,7 +96,7 @@ def running_server(
     """
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if (tls and ca) else True
     for attempt in range(3):
-        proc, bound, log = _start(data_dir, tls, extra or [], port)
+        proc, bound, log = _start(data_dir, tls, extra or [], port, env)
         url = f"{'https' if tls else 'http'}://127.0.0.1:{bound}"
         deadline = time.monotonic() + 30
         try:

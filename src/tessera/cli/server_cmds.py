@@ -24,13 +24,30 @@ def init(
         "--db",
         help="Database URL (default: SQLite in DATA_DIR; or postgresql+psycopg://...).",
     ),
+    hsm_module: Path | None = typer.Option(
+        None, "--hsm-module", help="Make the vendor key in an HSM: its PKCS#11 module (with --hsm-token)."
+    ),
+    hsm_token: str | None = typer.Option(None, "--hsm-token", help="The HSM token's label."),
+    hsm_key: str = typer.Option("tessera-vendor", "--hsm-key", help="The vendor key's label in the token."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Create schema, vendor key, TLS CA + certificate and the first admin token (never asks)."""
+    """Create schema, vendor key, TLS CA + certificate and the first admin token (never asks).
+
+    With --hsm-module and --hsm-token the vendor key is made inside that PKCS#11 token and
+    never leaves it; the token's PIN comes from TESSERA_HSM_PIN or TESSERA_HSM_PIN_FILE.
+    """
+    from tessera.server.config import HsmConfig
     from tessera.server.setup import AlreadyInitialized, initialize
 
+    if (hsm_module is None) != (hsm_token is None):
+        fail("--hsm-module and --hsm-token go together")
+    hsm = None
+    if hsm_module is not None and hsm_token is not None:
+        if not hsm_token.strip() or not hsm_key.strip():
+            fail("--hsm-token and --hsm-key must not be empty")
+        hsm = HsmConfig(module=hsm_module.absolute(), token=hsm_token, key=hsm_key)
     try:
-        result = initialize(data_dir, db, datetime.now(UTC))
+        result = initialize(data_dir, db, datetime.now(UTC), hsm)
     except AlreadyInitialized as exc:
         fail(str(exc))
     except ConfigError as exc:
@@ -41,6 +58,7 @@ def init(
             {
                 "admin_token": result.admin_token,
                 "vendor_key": str(config.vendor_pub),
+                "hsm": None if hsm is None else {"token": hsm.token, "key": hsm.key},
                 "ca": str(config.ca_cert),
                 "key_id": result.key_id,
                 "data_dir": str(config.data_dir),
@@ -51,6 +69,8 @@ def init(
         return
     console.print(f"initialized {config.data_dir}")
     console.print(f"vendor keyring   {config.vendor_pub} (key id {result.key_id}; ship it with the product)")
+    if hsm is not None:
+        console.print(f"vendor key       in HSM token {hsm.token!r}, label {hsm.key!r} (never leaves it)")
     console.print(f"TLS CA           {config.ca_cert} (agents pin this)")
     if result.passphrase_generated:
         console.print(f"key passphrase   {config.passphrase_file} (generated; keep it safe)")

@@ -293,6 +293,11 @@ def _vendor_key(config: ServerConfig) -> Measure:
         "no",
         "",
     )
+    if config.hsm is not None:
+        where = f"HSM token {config.hsm.token!r}, key {config.hsm.key!r}"
+        if config.vendor_key.exists():
+            return replace(base, finding=f"{config.vendor_key} lies in the data directory beside {where}")
+        return replace(base, executed="yes", finding=f"in {where}: it cannot be exported")
     try:
         head = config.vendor_key.read_bytes()[:64]
     except OSError as exc:
@@ -319,6 +324,10 @@ def _passphrase(config: ServerConfig) -> Measure:
             base,
             executed="no",
             finding=f"{config.passphrase_file} holds the passphrase beside the key it unlocks",
+        )
+    if config.hsm is not None:
+        return replace(
+            base, executed="n/a", finding="the vendor key is in an HSM, its PIN in TESSERA_HSM_PIN(_FILE)"
         )
     return base
 

@@ -28,6 +28,7 @@ __all__ = [
     "CONFIG_NAME",
     "DEFAULT_PORT",
     "ConfigError",
+    "HsmConfig",
     "PortalConfig",
     "ServerConfig",
     "WebhookSettings",
@@ -71,6 +72,17 @@ class PortalConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HsmConfig:
+    """Where the vendor key lives when it lives in an HSM (``[hsm]``; PKCS#11)."""
+
+    #: The PKCS#11 module (shared library) of the HSM, e.g. SoftHSM's libsofthsm2.so.
+    module: Path
+    #: The token's label, and the label of the key pair in it.
+    token: str
+    key: str = "tessera-vendor"
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     data_dir: Path
     database: str
@@ -82,6 +94,8 @@ class ServerConfig:
     #: How long a lease of a user-bound license lasts without a heartbeat (``[leases]``).
     lease_seconds: int = 300
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    #: The vendor key in an HSM instead of ``vendor.key`` (``[hsm]``, written by init).
+    hsm: HsmConfig | None = None
 
     @property
     def config_file(self) -> Path:
@@ -129,6 +143,13 @@ class ServerConfig:
         return pepper
 
     def load_signing_key(self) -> SigningKey:
+        if self.hsm is not None:
+            from tessera.server.hsm import HsmError, open_signing_key
+
+            try:
+                return open_signing_key(self.hsm)
+            except HsmError as exc:
+                raise ConfigError(f"HSM: {exc}") from None
         try:
             pem = self.vendor_key.read_bytes()
         except OSError as exc:
@@ -171,6 +192,18 @@ def render_config(config: ServerConfig) -> str:
         "[interfaces]\n"
         f"admin_api = {'true' if config.admin_api else 'false'}\n"
         f"offline_activation = {'true' if config.offline_activation else 'false'}\n"
+    ) + (
+        ""
+        if config.hsm is None
+        else (
+            "\n"
+            "# The vendor key lives in this HSM (PKCS#11); its PIN comes from TESSERA_HSM_PIN\n"
+            "# or the file TESSERA_HSM_PIN_FILE names, never from here.\n"
+            "[hsm]\n"
+            f"module = {_toml_string(str(config.hsm.module))}\n"
+            f"token = {_toml_string(config.hsm.token)}\n"
+            f"key = {_toml_string(config.hsm.key)}\n"
+        )
     )
 
 
@@ -217,11 +250,25 @@ def load_config(data_dir: Path) -> ServerConfig:
     return ServerConfig(
         data_dir=data_dir.resolve(),
         database=database,
+        hsm=_hsm_config(raw, path),
         portal=portal,
         lease_seconds=int(lease_seconds),
         webhooks=settings,
         **switches,
     )
+
+
+def _hsm_config(raw: dict[str, object], path: Path) -> HsmConfig | None:
+    if "hsm" not in raw:
+        return None
+    section = _table(raw, "hsm", path, {"module", "token", "key"})
+    values = {}
+    for name in ("module", "token", "key"):
+        value = section.get(name, "tessera-vendor" if name == "key" else None)
+        if not isinstance(value, str) or not value or len(value) > 4096:
+            raise ConfigError(f"{path}: [hsm] {name} must be a non-empty string")
+        values[name] = value
+    return HsmConfig(module=Path(values["module"]), token=values["token"], key=values["key"])
 
 
 def _portal_config(section: object, path: Path, data_dir: Path) -> PortalConfig | None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from tessera.core.signing import Keyring, SigningKey
-from tessera.server.config import CONFIG_NAME, ConfigError, ServerConfig, render_config
+from tessera.core.signing import Keyring, PublicKey, SigningKey
+from tessera.server.config import CONFIG_NAME, ConfigError, HsmConfig, ServerConfig, render_config
 from tessera.server.files import write_file
 from tessera.server.migrate import upgrade
 from tessera.server.storage import Database, describe_db_error, normalize_db_url, sqlite_file
@@ -40,7 +40,10 @@ class InitResult:
     passphrase_generated: bool
 
 
-def initialize(data_dir: Path, db_url: str | None, now: datetime) -> InitResult:
+def initialize(data_dir: Path, db_url: str | None, now: datetime, hsm: HsmConfig | None = None) -> InitResult:
+    """``hsm``: make the vendor key in that PKCS#11 token instead of ``vendor.key``
+    (:mod:`tessera.server.hsm`); the token, its PIN and the free label are checked before
+    anything is made."""
     data_dir = data_dir.resolve()
     if (data_dir / CONFIG_NAME).exists():
         raise AlreadyInitialized(f"{data_dir} is initialized already (refusing to replace its keys)")
@@ -48,21 +51,13 @@ def initialize(data_dir: Path, db_url: str | None, now: datetime) -> InitResult:
         url = normalize_db_url(db_url) if db_url else f"sqlite:///{data_dir / 'tessera.db'}"
     except ValueError as exc:
         raise ConfigError(f"--db: {exc}") from None
+    pin = _checked_hsm(hsm)
     data_dir.mkdir(parents=True, exist_ok=True)
-    config = ServerConfig(data_dir=data_dir, database=url)
+    config = ServerConfig(data_dir=data_dir, database=url, hsm=hsm)
     os.makedirs(config.pepper_file.parent, mode=0o700, exist_ok=True)
 
-    passphrase_text = os.environ.get("TESSERA_KEY_PASSPHRASE") or ""
-    named = os.environ.get("TESSERA_KEY_PASSPHRASE_FILE")
-    if not passphrase_text and named:
-        try:
-            passphrase_text = Path(named).read_text(encoding="utf-8").strip()
-        except OSError:
-            raise ConfigError(f"TESSERA_KEY_PASSPHRASE_FILE {named} is not readable") from None
-    generated = not passphrase_text
-    if generated:
-        passphrase_text = secrets.token_urlsafe(32)
-        write_file(config.passphrase_file, passphrase_text.encode("ascii") + b"\n", 0o600)
+    passphrase_text = "" if hsm is not None else _passphrase(config)
+    generated = hsm is None and not os.environ.get("TESSERA_KEY_PASSPHRASE") and not _named_passphrase()
 
     _create_private_sqlite_file(url)
     db = Database(url)
@@ -71,9 +66,13 @@ def initialize(data_dir: Path, db_url: str | None, now: datetime) -> InitResult:
             upgrade(db)
         except SQLAlchemyError as exc:
             raise ConfigError(describe_db_error(url, exc)) from None
-        key = SigningKey.generate()
-        write_file(config.vendor_key, key.to_pem(passphrase_text.encode("utf-8")), 0o600)
-        write_file(config.vendor_pub, Keyring([key.public]).dumps().encode("ascii"))
+        if hsm is not None and pin is not None:
+            public = _hsm_key(hsm, pin)
+        else:
+            key = SigningKey.generate()
+            write_file(config.vendor_key, key.to_pem(passphrase_text.encode("utf-8")), 0o600)
+            public = key.public
+        write_file(config.vendor_pub, Keyring([public]).dumps().encode("ascii"))
         if not config.pepper_file.exists():
             write_file(config.pepper_file, secrets.token_bytes(32), 0o600)
         tls = make_tls_material(now)
@@ -87,7 +86,50 @@ def initialize(data_dir: Path, db_url: str | None, now: datetime) -> InitResult:
         db.dispose()
     # Written last: its presence means "initialized" (Makefile and re-init check it).
     write_file(config.config_file, render_config(config).encode("utf-8"))
-    return InitResult(config, admin_token, key.key_id, generated)
+    return InitResult(config, admin_token, public.key_id, generated)
+
+
+def _named_passphrase() -> str | None:
+    return os.environ.get("TESSERA_KEY_PASSPHRASE_FILE") or None
+
+
+def _passphrase(config: ServerConfig) -> str:
+    """The vendor key file's passphrase: from the environment, else generated into the
+    data directory (the security checklist then says so)."""
+    passphrase_text = os.environ.get("TESSERA_KEY_PASSPHRASE") or ""
+    named = _named_passphrase()
+    if not passphrase_text and named:
+        try:
+            passphrase_text = Path(named).read_text(encoding="utf-8").strip()
+        except OSError:
+            raise ConfigError(f"TESSERA_KEY_PASSPHRASE_FILE {named} is not readable") from None
+    if not passphrase_text:
+        passphrase_text = secrets.token_urlsafe(32)
+        write_file(config.passphrase_file, passphrase_text.encode("ascii") + b"\n", 0o600)
+    return passphrase_text
+
+
+def _checked_hsm(hsm: HsmConfig | None) -> str | None:
+    """The token's PIN, once the token is usable for a new vendor key (None without HSM)."""
+    if hsm is None:
+        return None
+    from tessera.server.hsm import HsmError, check_token, read_pin
+
+    try:
+        pin = read_pin()
+        check_token(hsm, pin)
+    except HsmError as exc:
+        raise ConfigError(f"HSM: {exc}") from None
+    return pin
+
+
+def _hsm_key(hsm: HsmConfig, pin: str) -> PublicKey:
+    from tessera.server.hsm import HsmError, generate_key
+
+    try:
+        return generate_key(hsm, pin)
+    except HsmError as exc:
+        raise ConfigError(f"HSM: {exc}") from None
 
 
 def _create_private_sqlite_file(url: str) -> None:
