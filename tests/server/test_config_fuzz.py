@@ -1,5 +1,6 @@
-"""Property: whatever ``tessera.toml`` holds, loading it is a config or a ``ConfigError``
-(one line for ``server run`` to print), never a traceback."""
+"""Property: whatever ``tessera.toml`` (or a relay's ``relay.toml``) holds, loading it is a
+config or a ``ConfigError`` (one line for ``server run`` or ``relay run`` to print), never a
+traceback."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tessera.server.config import ConfigError, load_config
+from tessera.server.relay import RelayConfig, load_relay_config
 from tessera.server.storage import Database
 
 VALID = (
     '[server]\ndatabase = "sqlite:///x.db"\n\n[interfaces]\nadmin_api = true\noffline_activation = false\n'
+    '\n[hsm]\nmodule = "/usr/lib/softhsm/libsofthsm2.so"\ntoken = "tessera"\nkey = "tessera-vendor"\n'
 )
+VALID_RELAY = '[relay]\nupstream = "https://core.internal:7790"\ntimeout_seconds = 10.0\n'
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
 toml_values = st.one_of(
     st.booleans(),
@@ -31,7 +36,8 @@ def test_any_config_file_loads_or_is_a_config_error(data: st.DataObject) -> None
     for _ in range(data.draw(st.integers(1, 3))):
         i = data.draw(st.integers(0, len(lines) - 1))
         if data.draw(st.booleans()):
-            key = data.draw(st.sampled_from(["database", "admin_api", "offline_activation", "x"]))
+            keys = ["database", "admin_api", "offline_activation", "module", "token", "key", "x"]
+            key = data.draw(st.sampled_from(keys))
             lines[i] = f"{key} = {data.draw(toml_values)}"
         else:
             lines[i] = data.draw(st.text(max_size=40))
@@ -42,6 +48,29 @@ def test_any_config_file_loads_or_is_a_config_error(data: st.DataObject) -> None
         except ConfigError:
             return
         assert isinstance(config.database, str)
+
+
+@given(st.data())
+def test_any_relay_config_file_loads_or_is_a_config_error(data: st.DataObject) -> None:
+    lines = VALID_RELAY.split("\n")
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(lines) - 1))
+        if data.draw(st.booleans()):
+            key = data.draw(st.sampled_from(["upstream", "timeout_seconds", "x"]))
+            lines[i] = f"{key} = {data.draw(toml_values)}"
+        else:
+            lines[i] = data.draw(st.text(max_size=40))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "relay.toml").write_text("\n".join(lines), encoding="utf-8", errors="replace")
+        (Path(tmp) / "upstream-ca.pem").write_text(CA_PEM)
+        try:
+            config = load_relay_config(Path(tmp))
+        except ConfigError as exc:
+            assert "\n" not in str(exc).strip()
+            return
+        assert isinstance(config, RelayConfig)
+        assert config.upstream.startswith("https://")
+        assert 0.1 <= config.timeout_seconds <= 300
 
 
 @given(st.text(max_size=80))
