@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import httpx
@@ -16,6 +17,7 @@ from tessera.core.verify import check_binding, load_signed
 from tessera.server import licenses
 from tessera.server.app import ServerState
 from tessera.server.models import AuditEntry, BlacklistHit, Recovery, WebhookDelivery
+from tessera.server.refusals import RefusalLimit
 from tessera.server.tokens import Principal
 
 from .conftest import START, LiveServer
@@ -276,3 +278,43 @@ def test_a_blacklisted_container_whose_hardware_drifted_is_still_refused(
     assert refused.status_code == 403 and "blacklisted" in refused.json()["detail"]
     stranger = live_server.client().post("/api/v1/activate", content=agent(2).activation(key).to_json())
     assert stranger.status_code == 200
+
+
+def test_refused_activations_are_recorded_within_a_limit_and_all_counted(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    admin_token: str,
+    keyring: Keyring,
+    clock: ManualClock,
+) -> None:
+    """A blacklisted container's activation needs only a license key and a made-up key
+    pair: each recorded one is a row, an audit entry and a webhook event. Past the limit
+    they are still refused, and the next one recorded counts those left out."""
+    state.recorded_refusals = RefusalLimit(burst=3, per_minute=1, total_burst=100, total_per_minute=100)
+    serial, key = setup_license(state, admin, START)
+    _, other_key = setup_license(state, admin, START)
+    connect = live_server.client()
+    api = live_server.client(admin_token)
+    old, new = agent(1), agent(2)
+    _activate(connect, old, key, keyring)
+    assert (
+        api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": new.locking_id}).status_code == 200
+    )
+    audit_before = _count(state, AuditEntry)
+    for _ in range(10):
+        refused = connect.post("/api/v1/activate", content=old.activation(other_key).to_json())
+        assert refused.status_code == 403 and "blacklisted" in refused.json()["detail"]
+    hits = api.get("/api/v1/reports/blacklist-hits").json()
+    assert [(h["how"], h["suppressed"]) for h in hits] == [("activation", 0)] * 3
+    assert _count(state, AuditEntry) == audit_before + 3
+    # A minute later the allowance has one more: that hit counts the seven left out.
+    clock.advance(timedelta(minutes=1))
+    refused = connect.post("/api/v1/activate", content=old.activation(other_key).to_json())
+    assert refused.status_code == 403
+    hits = api.get("/api/v1/reports/blacklist-hits").json()
+    assert [h["suppressed"] for h in hits] == [0, 0, 0, 7]
+    assert sum(1 + h["suppressed"] for h in hits) == 11  # every refused activation counted
+    with state.db.read() as session:
+        last = session.execute(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(1)).scalar_one()
+    assert last.action == "blacklist.hit" and json.loads(last.details)["suppressed"] == 7

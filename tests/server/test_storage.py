@@ -138,10 +138,12 @@ def test_the_models_match_the_migrations(database: Database) -> None:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
 
 
-def test_the_latest_migration_goes_down_and_up_again(database: Database) -> None:
-    """A release can be rolled back: the newest migration's downgrade runs and restores what
-    its upgrade replaced (on PostgreSQL, the check-in batch function of migration 0005)."""
+def test_the_latest_migrations_go_down_and_up_again(database: Database) -> None:
+    """A release can be rolled back: the newest migrations' downgrades run and restore what
+    their upgrades replaced (0007: blacklist_hits.suppressed; 0006, on PostgreSQL: the
+    check-in batch function of migration 0005)."""
     from alembic import command
+    from sqlalchemy import inspect
 
     def record_function() -> str | None:
         if database.is_sqlite:
@@ -152,16 +154,21 @@ def test_the_latest_migration_goes_down_and_up_again(database: Database) -> None
             ).scalar_one()
         return str(source)
 
+    def hit_columns() -> set[str]:
+        with database.engine.connect() as connection:
+            return {c["name"] for c in inspect(connection).get_columns("blacklist_hits")}
+
     config = alembic_config()
     with database.engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.downgrade(config, "-1")
-    before = record_function()
+        command.downgrade(config, "0005")
+    before, columns_before = record_function(), hit_columns()
     upgrade(database)
-    after = record_function()
+    after, columns_after = record_function(), hit_columns()
     with database.read() as session:
         version = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
     assert version == ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert "suppressed" not in columns_before and "suppressed" in columns_after
     if not database.is_sqlite:
         assert before is not None and "FOR UPDATE" in before and "LOOP" not in before
         assert after is not None and "LOOP" in after and "FOR UPDATE" not in after

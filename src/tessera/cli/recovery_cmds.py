@@ -195,8 +195,9 @@ def report_blacklist_hits(
         emit_json({"hits": rows})
         return
     table = Table()
-    for col in ("at", "locking_id", "serial", "how", "action"):
+    for col in ("at", "locking_id", "serial", "how", "action", "hits"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["at"], r["locking_id"], r["serial"] or "-", r["how"], r["action"])
+        hits = 1 + int(r.get("suppressed") or 0)  # the row, and those the limit left out before it
+        table.add_row(r["at"], r["locking_id"], r["serial"] or "-", r["how"], r["action"], str(hits))
     console.print(table)

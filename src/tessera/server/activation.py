@@ -176,15 +176,17 @@ def blacklisted(containers: Iterable[str], locking_id: str, level: MatchLevel) -
 def blacklist_refusal(serial: str, locking_id: str, now: datetime) -> RecordedRefusal:
     """A blacklisted container activates nothing; the attempt is a hit for follow-up."""
 
-    def record(fresh: Session) -> None:
+    def record(fresh: Session, suppressed: int) -> None:
         recovery.record_hit(
-            fresh, at=now, locking_id=locking_id, serial=serial, how="activation", action="refused"
-        )
+            fresh, at=now, locking_id=locking_id, serial=serial, how="activation", action="refused",
+            suppressed=suppressed,
+        )  # fmt: skip
 
     return RecordedRefusal(
         f"this machine (Locking ID {locking_id}) is blacklisted by the vendor: "
         "activation refused; contact the vendor's support",
         record,
+        serial=serial,
     )
 
 

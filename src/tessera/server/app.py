@@ -43,6 +43,7 @@ from tessera.server.limits import BodySizeLimit
 from tessera.server.models import AuditEntry, LicenseRevision
 from tessera.server.outage import install_outage_handlers
 from tessera.server.portal import PortalVerdict, RecoveryPortal
+from tessera.server.refusals import RefusalLimit
 from tessera.server.schemas import (
     AuditEntryOut,
     AuditReport,
@@ -105,7 +106,11 @@ class ServerState:
     lease_seconds: int = leases.DEFAULT_LEASE_SECONDS
     webhook_settings: WebhookSettings = field(default_factory=WebhookSettings)
     #: How many refused lease requests this process writes down (audit log, webhook).
-    lease_refusals: leases.RefusalLimit = field(default_factory=leases.RefusalLimit)
+    lease_refusals: RefusalLimit = field(default_factory=lambda: RefusalLimit(what="lease refusals"))
+    #: Refused activations and recoveries (a blacklisted container, a denied recovery).
+    recorded_refusals: RefusalLimit = field(
+        default_factory=lambda: RefusalLimit(what="recorded activation and recovery refusals")
+    )
 
     def now(self) -> datetime:
         return self.clock.now().replace(microsecond=0)
@@ -278,9 +283,14 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             return await once(verdict)
 
     def keep_record(refusal: RecordedRefusal) -> None:
-        """The refused transaction was rolled back; its record goes in on its own."""
+        """The refused transaction was rolled back; its record goes in on its own, within
+        the process's limit of recorded refusals (a refused request costs its sender
+        little: :class:`~tessera.server.refusals.RefusalLimit`)."""
+        suppressed = state.recorded_refusals.admit(refusal.serial, state.now())
+        if suppressed is None:
+            return
         with state.db.write() as session:
-            refusal.record(session)
+            refusal.record(session, suppressed)
 
     Auth = Depends(bearer)
 

@@ -52,11 +52,18 @@ class Conflict(ServiceError):
 class RecordedRefusal(Forbidden):
     """A refusal that must leave a trace although the transaction that refused rolls back.
 
-    The request's own transaction is rolled back (nothing changed), then ``record`` runs in
-    a fresh write transaction: a denied recovery or a blacklisted container caught at
-    activation is on file for support and sales.
+    The request's own transaction is rolled back (nothing changed), then :meth:`record`
+    runs in a fresh write transaction: a denied recovery or a blacklisted container caught
+    at activation is on file for support and sales. ``serial`` is the license it counts
+    against in the server's :class:`~tessera.server.refusals.RefusalLimit`.
     """
 
-    def __init__(self, message: str, record: Callable[[Session], None]) -> None:
+    def __init__(self, message: str, record: Callable[[Session, int], None], *, serial: str) -> None:
         super().__init__(message)
-        self.record = record
+        self._record = record
+        self.serial = serial
+
+    def record(self, session: Session, suppressed: int = 0) -> None:
+        """Write the refusal down; ``suppressed``: refusals of the same license the limit
+        left out since the last one written."""
+        self._record(session, suppressed)

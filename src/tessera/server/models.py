@@ -343,6 +343,9 @@ class BlacklistHit(Base):
     how: Mapped[str] = mapped_column(String(16))
     #: What it got: ``lock``, ``revoke`` or ``refused``.
     action: Mapped[str] = mapped_column(String(16))
+    #: Hits on the same license left out before this one by the server's refusal limit
+    #: (migration 0007): every hit is counted, not every one is a row.
+    suppressed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class BlacklistExport(Base):

@@ -144,8 +144,17 @@ def blacklist_entry(session: Session, locking_id: str) -> BlacklistEntryRow | No
 
 
 def record_hit(
-    session: Session, *, at: datetime, locking_id: str, serial: str | None, how: str, action: str
+    session: Session,
+    *,
+    at: datetime,
+    locking_id: str,
+    serial: str | None,
+    how: str,
+    action: str,
+    suppressed: int = 0,
 ) -> None:
+    """Write down a hit; ``suppressed``: hits on the same license that the server's
+    refusal limit left out since the last one written (counted here, so none is lost)."""
     log.warning(
         "blacklist hit: container %s, license %s, caught at %s (%s)",
         locking_id,
@@ -153,14 +162,23 @@ def record_hit(
         how,
         action,
     )
-    session.add(BlacklistHit(at=at, locking_id=locking_id, serial=serial, how=how, action=action))
+    session.add(
+        BlacklistHit(
+            at=at, locking_id=locking_id, serial=serial, how=how, action=action, suppressed=suppressed
+        )
+    )
     audit.append(
         session,
         at=at,
         actor="agent",
         action="blacklist.hit",
         target=locking_id,
-        details={"serial": serial, "how": how, "action": action},
+        details={
+            "serial": serial,
+            "how": how,
+            "action": action,
+            **({"suppressed": suppressed} if suppressed else {}),
+        },
     )
     webhooks.emit(
         session,
@@ -181,6 +199,7 @@ def _record_decision(
     old_locking_id: str | None,
     new_locking_id: str,
     old_container: str | None,
+    suppressed: int = 0,
 ) -> None:
     session.add(
         Recovery(
@@ -209,21 +228,23 @@ def _record_decision(
             "rule": decision.rule,
             "reason": decision.reason,
             "old_container": old_container if decision.granted else None,
+            **({"suppressed": suppressed} if suppressed else {}),
         },
     )
 
 
 def _refuse(
     row_id: int,
+    serial: str,
     decision: Decision,
     **kwargs: Any,
 ) -> RecordedRefusal:
-    def record(session: Session) -> None:
+    def record(session: Session, suppressed: int) -> None:
         row = session.get(LicenseRow, row_id)
         if row is not None:
-            _record_decision(session, row, decision, **kwargs)
+            _record_decision(session, row, decision, suppressed=suppressed, **kwargs)
 
-    return RecordedRefusal(decision.reason, record)
+    return RecordedRefusal(decision.reason, record, serial=serial)
 
 
 def _blacklist(
@@ -295,6 +316,7 @@ def recover_machine(
     if target is not None and target.scope == "container":
         raise _refuse(
             row.id,
+            row.serial,
             Decision(False, "none", f"the target container {new_locking_id} is blacklisted"),
             **details,
         )
@@ -315,7 +337,7 @@ def recover_machine(
             )
         decision = Decision(portal_verdict.allow, "portal", portal_verdict.reason)
     if not decision.granted:
-        raise _refuse(row.id, decision, **details)
+        raise _refuse(row.id, row.serial, decision, **details)
     if decision.rule == "authorized":
         row.recoveries_authorized -= 1
     _record_decision(session, row, decision, **details)
@@ -553,6 +575,9 @@ def blacklist_hits(session: Session, principal: Principal) -> list[dict[str, Any
             "serial": h.serial,
             "how": h.how,
             "action": h.action,
+            # Hits on the same license before this one that the refusal limit did not
+            # write down: this row stands for 1 + suppressed hits.
+            "suppressed": h.suppressed,
         }
         for h in rows
     ]
