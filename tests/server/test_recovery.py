@@ -318,3 +318,35 @@ def test_refused_activations_are_recorded_within_a_limit_and_all_counted(
     with state.db.read() as session:
         last = session.execute(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(1)).scalar_one()
     assert last.action == "blacklist.hit" and json.loads(last.details)["suppressed"] == 7
+
+
+def test_a_blacklisted_machine_checking_in_again_and_again_is_counted_within_the_limit(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    admin_token: str,
+    keyring: Keyring,
+    clock: ManualClock,
+) -> None:
+    """The honeypot answers every check-in with 'lock'; a machine that ignores it and keeps
+    checking in is written down within the limit, and every check-in is counted."""
+    state.recorded_refusals = RefusalLimit(burst=2, per_minute=1, total_burst=100, total_per_minute=100)
+    serial, key = setup_license(state, admin, START)
+    connect = live_server.client()
+    api = live_server.client(admin_token)
+    old, new = agent(1), agent(2)
+    _activate(connect, old, key, keyring)
+    rehost = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": new.locking_id})
+    assert rehost.status_code == 200
+    for _ in range(6):
+        assert _checkin(connect, old, key, keyring).directives == ("lock",)
+    assert [h["suppressed"] for h in api.get("/api/v1/reports/blacklist-hits").json()] == [0, 0]
+    clock.advance(timedelta(minutes=1))
+    assert _checkin(connect, old, key, keyring).directives == ("lock",)
+    hits = api.get("/api/v1/reports/blacklist-hits").json()
+    assert [(h["how"], h["action"], h["suppressed"]) for h in hits] == [
+        ("checkin", "lock", 0),
+        ("checkin", "lock", 0),
+        ("checkin", "lock", 4),
+    ]
+    assert sum(1 + h["suppressed"] for h in hits) == 7

@@ -54,6 +54,7 @@ from tessera.server.models import (
     RecoveredMachine,
 )
 from tessera.server.portal import PortalVerdict
+from tessera.server.refusals import RefusalLimit
 from tessera.server.tokens import Principal, Role, require
 
 __all__ = [
@@ -616,25 +617,30 @@ def _expired_or(verdict: CheckinVerdict, found: CheckinFound) -> CheckinVerdict:
 
 
 def checkin(
-    session: Session, request: CheckinRequest, now: datetime, signing_key: SigningKey, pepper: bytes
+    session: Session,
+    request: CheckinRequest,
+    now: datetime,
+    signing_key: SigningKey,
+    pepper: bytes,
+    *,
+    hits: RefusalLimit | None = None,
 ) -> ServerResponse:
     """Periodic validation: record it, and ship the license again if it changed centrally.
 
     The plain case (most check-ins) is also served by :mod:`tessera.server.checkins` in
     batches; this is the whole rule set, for every case, in a transaction of its own.
+    ``hits``: the server's limit on recorded blacklist hits (a blacklisted machine that
+    keeps checking in is told to lock every time, and written down within the limit).
     """
     found = lookup_checkin(session, request, now, pepper)
     if found.machine_id is None:
-        return _checkin_recovered(session, request, found.id, found.serial, now, signing_key, pepper)
+        return _checkin_recovered(session, request, found.id, found.serial, now, signing_key, pepper, hits)
     assert found.locking_id is not None and found.agent_key is not None and found.slot is not None
     check_checkin(found, request, pepper)
     verdict: CheckinVerdict | None
     if found.blacklisted:
         # The honeypot: the whole container stops, every license on it.
-        recovery.record_hit(
-            session, at=now, locking_id=found.locking_id, serial=found.serial, how="checkin",
-            action="lock",
-        )  # fmt: skip
+        _hit(session, hits, now, found.locking_id, found.serial, "lock")
         assert found.delivered_revision is not None
         verdict = CheckinVerdict(
             found.machine_id, found.serial, "locked", found.delivered_revision, ("lock",),
@@ -676,6 +682,7 @@ def _checkin_recovered(
     now: datetime,
     signing_key: SigningKey,
     pepper: bytes,
+    hits: RefusalLimit | None = None,
 ) -> ServerResponse:
     """The old machine of a recovered license checks in: it learns what became of it."""
     old = session.execute(
@@ -697,10 +704,7 @@ def _checkin_recovered(
     else:
         directives = ("revoke",)
         message = f"license {serial} was recovered to another machine"
-    recovery.record_hit(
-        session, at=now, locking_id=old.locking_id, serial=serial, how="checkin",
-        action=directives[0],
-    )  # fmt: skip
+    _hit(session, hits, now, old.locking_id, serial, directives[0])
     return ServerResponse(
         kind="checkin",
         nonce=request.nonce,
@@ -709,3 +713,15 @@ def _checkin_recovered(
         directives=directives,
         message=message,
     ).signed(signing_key)
+
+
+def _hit(
+    session: Session, hits: RefusalLimit | None, now: datetime, locking_id: str, serial: str, action: str
+) -> None:
+    """A check-in caught by the blacklist or a recovery, written down within ``hits``."""
+    suppressed = 0 if hits is None else hits.admit(serial, now)
+    if suppressed is not None:
+        recovery.record_hit(
+            session, at=now, locking_id=locking_id, serial=serial, how="checkin", action=action,
+            suppressed=suppressed,
+        )  # fmt: skip

@@ -398,7 +398,10 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
 
         def run() -> bytes:  # the rare cases: a revision to ship, a recovered machine, a hit
             with state.db.write() as session:
-                return activation.checkin(session, parsed, now, state.signing_key, state.pepper).to_json()
+                response = activation.checkin(
+                    session, parsed, now, state.signing_key, state.pepper, hits=state.recorded_refusals
+                )
+                return response.to_json()
 
         return Response(await run_in_threadpool(run), media_type="application/json")
 
