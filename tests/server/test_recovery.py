@@ -280,6 +280,27 @@ def test_a_blacklisted_container_whose_hardware_drifted_is_still_refused(
     assert stranger.status_code == 200
 
 
+def _rehosted_with_a_limit(
+    state: ServerState,
+    admin: Principal,
+    connect: httpx.Client,
+    api: httpx.Client,
+    keyring: Keyring,
+    *,
+    burst: int,
+) -> tuple[str, str, FakeAgent]:
+    """A license whose machine was rehosted away (its container blacklisted), with a
+    server that records ``burst`` refusals of a license at once and one a minute more;
+    the serial, the key and the old machine."""
+    state.recorded_refusals = RefusalLimit(burst=burst, per_minute=1, total_burst=100, total_per_minute=100)
+    serial, key = setup_license(state, admin, START)
+    old, new = agent(1), agent(2)
+    _activate(connect, old, key, keyring)
+    rehost = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": new.locking_id})
+    assert rehost.status_code == 200
+    return serial, key, old
+
+
 def test_refused_activations_are_recorded_within_a_limit_and_all_counted(
     live_server: LiveServer,
     state: ServerState,
@@ -291,16 +312,9 @@ def test_refused_activations_are_recorded_within_a_limit_and_all_counted(
     """A blacklisted container's activation needs only a license key and a made-up key
     pair: each recorded one is a row, an audit entry and a webhook event. Past the limit
     they are still refused, and the next one recorded counts those left out."""
-    state.recorded_refusals = RefusalLimit(burst=3, per_minute=1, total_burst=100, total_per_minute=100)
-    serial, key = setup_license(state, admin, START)
+    connect, api = live_server.client(), live_server.client(admin_token)
+    _, _, old = _rehosted_with_a_limit(state, admin, connect, api, keyring, burst=3)
     _, other_key = setup_license(state, admin, START)
-    connect = live_server.client()
-    api = live_server.client(admin_token)
-    old, new = agent(1), agent(2)
-    _activate(connect, old, key, keyring)
-    assert (
-        api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": new.locking_id}).status_code == 200
-    )
     audit_before = _count(state, AuditEntry)
     for _ in range(10):
         refused = connect.post("/api/v1/activate", content=old.activation(other_key).to_json())
@@ -330,14 +344,8 @@ def test_a_blacklisted_machine_checking_in_again_and_again_is_counted_within_the
 ) -> None:
     """The honeypot answers every check-in with 'lock'; a machine that ignores it and keeps
     checking in is written down within the limit, and every check-in is counted."""
-    state.recorded_refusals = RefusalLimit(burst=2, per_minute=1, total_burst=100, total_per_minute=100)
-    serial, key = setup_license(state, admin, START)
-    connect = live_server.client()
-    api = live_server.client(admin_token)
-    old, new = agent(1), agent(2)
-    _activate(connect, old, key, keyring)
-    rehost = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": new.locking_id})
-    assert rehost.status_code == 200
+    connect, api = live_server.client(), live_server.client(admin_token)
+    _, key, old = _rehosted_with_a_limit(state, admin, connect, api, keyring, burst=2)
     for _ in range(6):
         assert _checkin(connect, old, key, keyring).directives == ("lock",)
     assert [h["suppressed"] for h in api.get("/api/v1/reports/blacklist-hits").json()] == [0, 0]
