@@ -35,6 +35,7 @@ __all__ = [
     "load_config",
     "read_passphrase",
     "render_config",
+    "toml_string",
 ]
 
 CONFIG_NAME = "tessera.toml"
@@ -178,7 +179,8 @@ def read_passphrase(config: ServerConfig) -> bytes:
     return text.encode("utf-8")
 
 
-def _toml_string(value: str) -> str:
+def toml_string(value: str) -> str:
+    """``value`` as a TOML basic string."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -186,7 +188,7 @@ def render_config(config: ServerConfig) -> str:
     return (
         "# Tessera license server (written by `tessera server init`).\n"
         "[server]\n"
-        f"database = {_toml_string(config.database)}\n"
+        f"database = {toml_string(config.database)}\n"
         "\n"
         "# Optional interfaces; switch off what this deployment does not need.\n"
         "[interfaces]\n"
@@ -200,9 +202,9 @@ def render_config(config: ServerConfig) -> str:
             "# The vendor key lives in this HSM (PKCS#11); its PIN comes from TESSERA_HSM_PIN\n"
             "# or the file TESSERA_HSM_PIN_FILE names, never from here.\n"
             "[hsm]\n"
-            f"module = {_toml_string(str(config.hsm.module))}\n"
-            f"token = {_toml_string(config.hsm.token)}\n"
-            f"key = {_toml_string(config.hsm.key)}\n"
+            f"module = {toml_string(str(config.hsm.module))}\n"
+            f"token = {toml_string(config.hsm.token)}\n"
+            f"key = {toml_string(config.hsm.key)}\n"
         )
     )
 

@@ -59,10 +59,14 @@ def read_pin() -> str:
 class HsmSigningKey(SigningKey):
     """A vendor key that lives in a PKCS#11 token: it signs, and cannot be exported."""
 
-    __slots__ = ("_lock", "_private", "_session", "token")
+    __slots__ = ("_failure", "_lock", "_mechanism", "_private", "_session", "token")
 
     def __init__(self, session: Any, private: Any, public: PublicKey, token: str) -> None:
+        import pkcs11
+
         # Not SigningKey.__init__: there is no key material in this process.
+        self._mechanism = pkcs11.Mechanism.EDDSA  # looked up once, not per signature
+        self._failure = pkcs11.PKCS11Error
         self._session = session
         self._private = private
         self._lock = threading.Lock()
@@ -70,12 +74,10 @@ class HsmSigningKey(SigningKey):
         self.token = token
 
     def sign(self, data: bytes) -> bytes:
-        import pkcs11
-
         with self._lock:
             try:
-                signature = self._private.sign(bytes(data), mechanism=pkcs11.Mechanism.EDDSA)
-            except pkcs11.PKCS11Error as exc:
+                signature = self._private.sign(bytes(data), mechanism=self._mechanism)
+            except self._failure as exc:
                 raise HsmError(f"token {self.token!r} refused to sign: {_name(exc)}") from None
         return bytes(signature)
 

@@ -36,9 +36,9 @@ import httpx
 from starlette.types import Message, Receive, Scope, Send
 
 from tessera.core.protocol import MAX_MESSAGE_SIZE
-from tessera.server.config import ConfigError
+from tessera.server.config import ConfigError, toml_string
 from tessera.server.files import write_file
-from tessera.server.tls import issue_server_certificate, make_tls_material
+from tessera.server.tls import make_tls_material
 
 __all__ = [
     "FORWARDED",
@@ -173,11 +173,8 @@ def initialize_relay(
         _check_certificate(cert_pem, key_pem, f"--cert {cert_path} with --key {key_path}")
         _check_certificate(ca_pem, None, f"--ca {ca_path}")
     else:
-        own = make_tls_material(now)
-        ca_pem = own.ca_cert_pem
-        cert_pem, key_pem = issue_server_certificate(
-            own.ca_cert_pem, own.ca_key_pem, ["localhost", *(hostnames or [])], now
-        )
+        own = make_tls_material(now, hostnames)  # its CA key is not kept
+        ca_pem, cert_pem, key_pem = own.ca_cert_pem, own.server_cert_pem, own.server_key_pem
     data_dir.mkdir(parents=True, exist_ok=True)
     write_file(config.upstream_ca, upstream_ca_pem)
     write_file(config.ca_cert, ca_pem)
@@ -193,7 +190,7 @@ def render_relay_config(config: RelayConfig) -> str:
         "# Tessera relay: forwards the agents' Connect requests to the license server.\n"
         "# It holds no vendor key and no database; see docs/server.md, Split deployment.\n"
         "[relay]\n"
-        f"upstream = {json.dumps(config.upstream)}\n"
+        f"upstream = {toml_string(config.upstream)}\n"
         "# The server's CA certificate, pinned: upstream-ca.pem in this directory.\n"
         f"timeout_seconds = {config.timeout_seconds}\n"
     )
@@ -240,12 +237,14 @@ def upstream_context(config: RelayConfig) -> ssl.SSLContext:
 
 
 class Relay:
-    """The relay's ASGI app. ``transport`` replaces the network to the server (tests)."""
+    """The relay's ASGI app. ``transport`` replaces the network to the server (tests).
+
+    ``ConfigError`` at once if the server's CA file cannot be loaded."""
 
     def __init__(self, config: RelayConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.config = config
         self._transport = transport
-        self._verify = upstream_context(config) if transport is None else True
+        self._verify = upstream_context(config)
         self._client: httpx.AsyncClient | None = None
 
     def _http(self) -> httpx.AsyncClient:

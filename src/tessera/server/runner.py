@@ -112,17 +112,17 @@ def serve_relay(data_dir: Path, host: str, port: int, *, tls: bool, workers: int
     """Serve a relay (``tessera.server.relay``) until stopped. A relay keeps no state, so
     several worker processes share its port with nothing to agree on: each terminates its
     share of the agents' TLS handshakes and keeps its own connections to the server."""
-    from tessera.server.relay import load_relay_config, upstream_context
+    from tessera.server.relay import Relay, load_relay_config
 
     data_dir = data_dir.resolve()
     config = load_relay_config(data_dir)
-    upstream_context(config)  # an unreadable CA file is a clear error before anything listens
+    relay = Relay(config)  # an unreadable CA file is a clear error before anything listens
     options = _tls_options(config.server_cert, config.server_key) if tls else {}
     listener = _listen(host, port)
     try:
         common: dict[str, Any] = {"host": host, "port": port, "log_level": "warning", "access_log": False}
         if workers <= 1:
-            server_config = TlsFloorConfig(relay_app(data_dir), lifespan="on", **common, **options)
+            server_config = TlsFloorConfig(relay, lifespan="on", **common, **options)
             uvicorn.Server(server_config).run(sockets=[listener])
         else:
             os.environ[RELAY_WORKER_ENV] = str(data_dir)
@@ -139,15 +139,11 @@ def serve_relay(data_dir: Path, host: str, port: int, *, tls: bool, workers: int
         listener.close()
 
 
-def relay_app(data_dir: Path) -> Any:
-    from tessera.server.relay import Relay, load_relay_config
-
-    return Relay(load_relay_config(data_dir))
-
-
 def relay_worker_app() -> Any:
     """The relay of one worker process (``tessera relay run --workers N``)."""
-    return relay_app(Path(os.environ[RELAY_WORKER_ENV]))
+    from tessera.server.relay import Relay, load_relay_config
+
+    return Relay(load_relay_config(Path(os.environ[RELAY_WORKER_ENV])))
 
 
 def _tls_options(cert: Path, key: Path) -> dict[str, Any]:

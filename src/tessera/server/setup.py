@@ -51,13 +51,12 @@ def initialize(data_dir: Path, db_url: str | None, now: datetime, hsm: HsmConfig
         url = normalize_db_url(db_url) if db_url else f"sqlite:///{data_dir / 'tessera.db'}"
     except ValueError as exc:
         raise ConfigError(f"--db: {exc}") from None
-    pin = _checked_hsm(hsm)
+    pin = None if hsm is None else _checked_pin(hsm)
     data_dir.mkdir(parents=True, exist_ok=True)
     config = ServerConfig(data_dir=data_dir, database=url, hsm=hsm)
     os.makedirs(config.pepper_file.parent, mode=0o700, exist_ok=True)
 
-    passphrase_text = "" if hsm is not None else _passphrase(config)
-    generated = hsm is None and not os.environ.get("TESSERA_KEY_PASSPHRASE") and not _named_passphrase()
+    passphrase_text, generated = ("", False) if hsm is not None else _passphrase(config)
 
     _create_private_sqlite_file(url)
     db = Database(url)
@@ -89,30 +88,26 @@ def initialize(data_dir: Path, db_url: str | None, now: datetime, hsm: HsmConfig
     return InitResult(config, admin_token, public.key_id, generated)
 
 
-def _named_passphrase() -> str | None:
-    return os.environ.get("TESSERA_KEY_PASSPHRASE_FILE") or None
-
-
-def _passphrase(config: ServerConfig) -> str:
-    """The vendor key file's passphrase: from the environment, else generated into the
-    data directory (the security checklist then says so)."""
+def _passphrase(config: ServerConfig) -> tuple[str, bool]:
+    """The vendor key file's passphrase, and whether it was generated: from the
+    environment, else generated into the data directory (the security checklist then
+    says so)."""
     passphrase_text = os.environ.get("TESSERA_KEY_PASSPHRASE") or ""
-    named = _named_passphrase()
+    named = os.environ.get("TESSERA_KEY_PASSPHRASE_FILE")
     if not passphrase_text and named:
         try:
             passphrase_text = Path(named).read_text(encoding="utf-8").strip()
         except OSError:
             raise ConfigError(f"TESSERA_KEY_PASSPHRASE_FILE {named} is not readable") from None
-    if not passphrase_text:
-        passphrase_text = secrets.token_urlsafe(32)
-        write_file(config.passphrase_file, passphrase_text.encode("ascii") + b"\n", 0o600)
-    return passphrase_text
+    if passphrase_text:
+        return passphrase_text, False
+    passphrase_text = secrets.token_urlsafe(32)
+    write_file(config.passphrase_file, passphrase_text.encode("ascii") + b"\n", 0o600)
+    return passphrase_text, True
 
 
-def _checked_hsm(hsm: HsmConfig | None) -> str | None:
-    """The token's PIN, once the token is usable for a new vendor key (None without HSM)."""
-    if hsm is None:
-        return None
+def _checked_pin(hsm: HsmConfig) -> str:
+    """The token's PIN, once the token is usable for a new vendor key."""
     from tessera.server.hsm import HsmError, check_token, read_pin
 
     try:
