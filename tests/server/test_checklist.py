@@ -61,6 +61,7 @@ def test_a_fresh_deployment_shows_what_init_leaves_open(
         "secret-file-modes": "yes",  # init writes every secret, and the SQLite file, 0600
         "admin-api-off": "no",
         "offline-activation-off": "no",
+        "web-portal-off": "yes",  # off unless switched on
         "recovery-portal": "n/a",
         "webhooks-https": "n/a",
         "database-credentials": "n/a" if sqlite else "yes",

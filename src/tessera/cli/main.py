@@ -14,6 +14,7 @@ from tessera.cli import (  # noqa: F401  (register verbs)
     relay_cmds,
     security_cmds,
     server_cmds,
+    user_cmds,
 )
 from tessera.cli._common import EXIT_BAD_INPUT, EXIT_DENIED, CliError, err_console
 from tessera.cli.apps import app

@@ -29,6 +29,9 @@ def init(
     ),
     hsm_token: str | None = typer.Option(None, "--hsm-token", help="The HSM token's label."),
     hsm_key: str = typer.Option("tessera-vendor", "--hsm-key", help="The vendor key's label in the token."),
+    web_portal: bool = typer.Option(
+        False, "--web-portal", help="Switch the web portal (/portal) on; off by default."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Create schema, vendor key, TLS CA + certificate and the first admin token (never asks).
@@ -47,7 +50,7 @@ def init(
             fail("--hsm-token and --hsm-key must not be empty")
         hsm = HsmConfig(module=hsm_module.absolute(), token=hsm_token, key=hsm_key)
     try:
-        result = initialize(data_dir, db, datetime.now(UTC), hsm)
+        result = initialize(data_dir, db, datetime.now(UTC), hsm, web_portal=web_portal)
     except AlreadyInitialized as exc:
         fail(str(exc))
     except ConfigError as exc:
@@ -64,6 +67,7 @@ def init(
                 "data_dir": str(config.data_dir),
                 "config": str(config.config_file),
                 "passphrase_file": (str(config.passphrase_file) if result.passphrase_generated else None),
+                "web_portal": config.web_portal,
             }
         )
         return
@@ -74,6 +78,8 @@ def init(
     console.print(f"TLS CA           {config.ca_cert} (agents pin this)")
     if result.passphrase_generated:
         console.print(f"key passphrase   {config.passphrase_file} (generated; keep it safe)")
+    if config.web_portal:
+        console.print("web portal       on at /portal (add people with `tessera user create`)")
     console.print(f"admin token      {result.admin_token}")
     console.print("the admin token is shown only this once")
 

@@ -34,7 +34,18 @@ from tessera.core.credential import LeaseRequest
 from tessera.core.errors import FormatError, SignatureError, TesseraError
 from tessera.core.protocol import MAX_MESSAGE_SIZE, MAX_REVISION, ActivationRequest, CheckinRequest
 from tessera.core.signing import SigningKey
-from tessera.server import activation, activations, audit, bulk, catalog, leases, licenses, recovery, webhooks
+from tessera.server import (
+    activation,
+    activations,
+    audit,
+    bulk,
+    catalog,
+    leases,
+    licenses,
+    recovery,
+    users,
+    webhooks,
+)
 from tessera.server.checkins import CheckinWriter
 from tessera.server.checkpoints import CheckpointWatch
 from tessera.server.errors import Invalid, RecordedRefusal, ServiceError
@@ -69,6 +80,9 @@ from tessera.server.schemas import (
     RehostIn,
     TokenIn,
     TokenOut,
+    UserIn,
+    UserOut,
+    UserUpdate,
     ValidationErrorBody,
     WebhookIn,
     WebhookOut,
@@ -114,6 +128,26 @@ class ServerState:
 
     def now(self) -> datetime:
         return self.clock.now().replace(microsecond=0)
+
+    async def asking_portal(self, once: Callable[[PortalVerdict | None], Awaitable[T]]) -> T:
+        """Run ``once``; if a recovery needs the portal, ask it (no transaction is open
+        while it answers) and run ``once`` again with its verdict."""
+        try:
+            return await once(None)
+        except recovery.NeedsPortal as exc:
+            assert self.portal is not None  # only raised when a portal is configured
+            verdict = await run_in_threadpool(self.portal.ask, exc.question)
+            return await once(verdict)
+
+    def keep_record(self, refusal: RecordedRefusal) -> None:
+        """The refused transaction was rolled back; its record goes in on its own, within
+        the process's limit of recorded refusals (a refused request costs its sender
+        little: :class:`~tessera.server.refusals.RefusalLimit`)."""
+        suppressed = self.recorded_refusals.admit(refusal.serial, self.now())
+        if suppressed is None:
+            return
+        with self.db.write() as session:
+            refusal.record(session, suppressed)
 
 
 _KEY = Field(pattern=r"^[0-9A-Za-z]{5}(-[0-9A-Za-z]{5}){4}$", examples=["K7QXM-2VDRT-9HFNA-PC4WE-8BZJY"])
@@ -193,6 +227,7 @@ class Interfaces:
 
     admin_api: bool = True
     offline_activation: bool = True
+    web_portal: bool = False
 
 
 def create_app(state: ServerState, interfaces: Interfaces | None = None) -> FastAPI:
@@ -267,30 +302,10 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                 with state.db.write() if write else state.db.read() as session:
                     return work(session, resolve_token(session, token))
             except RecordedRefusal as exc:
-                keep_record(exc)
+                state.keep_record(exc)
                 raise
 
         return await run_in_threadpool(run)
-
-    async def asking_portal(once: Callable[[PortalVerdict | None], Awaitable[T]]) -> T:
-        """Run ``once``; if a recovery needs the portal, ask it (no transaction is open
-        while it answers) and run ``once`` again with its verdict."""
-        try:
-            return await once(None)
-        except recovery.NeedsPortal as exc:
-            assert state.portal is not None  # only raised when a portal is configured
-            verdict = await run_in_threadpool(state.portal.ask, exc.question)
-            return await once(verdict)
-
-    def keep_record(refusal: RecordedRefusal) -> None:
-        """The refused transaction was rolled back; its record goes in on its own, within
-        the process's limit of recorded refusals (a refused request costs its sender
-        little: :class:`~tessera.server.refusals.RefusalLimit`)."""
-        suppressed = state.recorded_refusals.admit(refusal.serial, state.now())
-        if suppressed is None:
-            return
-        with state.db.write() as session:
-            refusal.record(session, suppressed)
 
     Auth = Depends(bearer)
 
@@ -329,7 +344,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             try:
                 body = await activation_writer.activate(parsed, now)
             except RecordedRefusal as exc:
-                await run_in_threadpool(keep_record, exc)
+                await run_in_threadpool(state.keep_record, exc)
                 raise
             return Response(body, media_type="application/json")
 
@@ -341,13 +356,13 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                         recover=recover, portal=state.portal is not None, portal_verdict=verdict,
                     ).to_json()  # fmt: skip
             except RecordedRefusal as exc:
-                keep_record(exc)
+                state.keep_record(exc)
                 raise
 
         async def once(verdict: PortalVerdict | None) -> bytes:
             return await run_in_threadpool(run, verdict)
 
-        return Response(await asking_portal(once), media_type="application/json")
+        return Response(await state.asking_portal(once), media_type="application/json")
 
     @app.post(
         "/api/v1/activate",
@@ -698,7 +713,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
 
             return await in_transaction(work, credentials, write=True)
 
-        return await asking_portal(once)
+        return await state.asking_portal(once)
 
     # ------------------------------------------------------------------ recovery and blacklist
 
@@ -730,7 +745,7 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                 write=True,
             )
 
-        return await asking_portal(once)
+        return await state.asking_portal(once)
 
     @admin.post("/api/v1/licenses/{serial}/authorize-recovery", tags=["recovery"], responses=_ERRORS)
     async def authorize_recovery(
@@ -839,6 +854,50 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                 details={"name": data.name, "role": data.role.value},
             )
             return {"id": row.id, "name": row.name, "role": data.role, "token": secret}
+
+        return await in_transaction(work, credentials, write=True)
+
+    @admin.post("/api/v1/users", response_model=UserOut, status_code=201, tags=["admin"], responses=_ERRORS)
+    async def create_user(data: UserIn, credentials: HTTPAuthorizationCredentials | None = Auth) -> Any:
+        """A person for the web portal (``[interfaces] web_portal``), with the rights of an
+        API token of the same role and scope."""
+        now = state.now()
+        password = data.password or users.generate_password()
+
+        def work(s: Session, p: Principal) -> dict[str, Any]:
+            user = users.create_user(
+                s, p, username=data.username, password=password, role=data.role, now=now,
+                partner_code=data.partner, customer_id=data.customer_id,
+            )  # fmt: skip
+            return {**users.user_view(user, now), "password": None if data.password else password}
+
+        return await in_transaction(work, credentials, write=True)
+
+    @admin.get("/api/v1/users", response_model=list[UserOut], tags=["admin"], responses=_ERRORS)
+    async def list_users(credentials: HTTPAuthorizationCredentials | None = Auth) -> Any:
+        now = state.now()
+        return await in_transaction(
+            lambda s, p: [users.user_view(u, now) for u in users.list_users(s, p)], credentials, write=False
+        )
+
+    @admin.patch("/api/v1/users/{username}", response_model=UserOut, tags=["admin"], responses=_ERRORS)
+    async def update_user(
+        data: UserUpdate,
+        username: str = Path(max_length=64),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> Any:
+        """A new password (given, or generated and shown once), disable or enable, unlock.
+        A new password and disabling end the user's portal sessions."""
+        if data.password is not None and data.generate_password:
+            return _error(422, "password: give a password or generate_password, not both")
+        now = state.now()
+        password = users.generate_password() if data.generate_password else data.password
+
+        def work(s: Session, p: Principal) -> dict[str, Any]:
+            user = users.update_user(
+                s, p, username, now=now, password=password, disabled=data.disabled, unlock=data.unlock
+            )
+            return {**users.user_view(user, now), "password": password if data.generate_password else None}
 
         return await in_transaction(work, credentials, write=True)
 
@@ -1006,6 +1065,10 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         app.include_router(admin)
     if interfaces.offline_activation:
         app.include_router(offline)
+    if interfaces.web_portal:
+        from tessera.server.web import portal_router  # Jinja2 loads only where it is used
+
+        app.include_router(portal_router(state))
     # In front of the whole middleware stack, so check-ins and online activations skip it
     # (``lane.py``).
     app.lanes = {"/api/v1/checkin": answer_checkin, "/api/v1/activate": answer_activation}

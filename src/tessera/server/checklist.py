@@ -59,6 +59,7 @@ MEASURE_IDS: Final = (
     "secret-file-modes",
     "admin-api-off",
     "offline-activation-off",
+    "web-portal-off",
     "recovery-portal",
     "webhooks-https",
     "database-credentials",
@@ -129,6 +130,14 @@ def audit(check: Check, probe: Callable[[Check], Probe] | None = None) -> list[M
             config.offline_activation,
             "Set `offline_activation = false` in `[interfaces]` of tessera.toml when every "
             "customer activates online.",
+        ),
+        _interface(
+            "web-portal-off",
+            "Web portal switched off where not needed",
+            config.web_portal,
+            "Leave `web_portal = false` in `[interfaces]` of tessera.toml (the default) unless "
+            "people use the portal; where they do, serve it over TLS only, on a process that "
+            "is reachable only by them, and give each person an account of their own.",
         ),
         _portal(config),
         _webhooks(database),

@@ -90,6 +90,8 @@ class ServerConfig:
     #: Optional interfaces; each can be switched off in ``[interfaces]`` of tessera.toml.
     admin_api: bool = True
     offline_activation: bool = True
+    #: The web portal for people (``/portal``): off unless switched on.
+    web_portal: bool = False
     #: The vendor's recovery portal (``[recovery]``; off unless configured).
     portal: PortalConfig | None = None
     #: How long a lease of a user-bound license lasts without a heartbeat (``[leases]``).
@@ -194,6 +196,7 @@ def render_config(config: ServerConfig) -> str:
         "[interfaces]\n"
         f"admin_api = {'true' if config.admin_api else 'false'}\n"
         f"offline_activation = {'true' if config.offline_activation else 'false'}\n"
+        f"web_portal = {'true' if config.web_portal else 'false'}\n"
     ) + (
         ""
         if config.hsm is None
@@ -229,8 +232,8 @@ def load_config(data_dir: Path) -> ServerConfig:
     if not isinstance(interfaces, dict):
         raise ConfigError(f"{path}: [interfaces] must be a table")
     switches: dict[str, bool] = {}
-    for name in ("admin_api", "offline_activation"):
-        value = interfaces.get(name, True)
+    for name, default in (("admin_api", True), ("offline_activation", True), ("web_portal", False)):
+        value = interfaces.get(name, default)
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: [interfaces] {name} must be true or false")
         switches[name] = value

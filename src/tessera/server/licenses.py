@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any, Protocol
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -296,9 +296,24 @@ def list_licenses(
     status: str | None,
     limit: int,
     offset: int,
+    search: str | None = None,
 ) -> list[dict[str, Any]]:
-    """A page of licenses (newest first); partners and customers see only their own."""
+    """A page of licenses (newest first); partners and customers see only their own.
+    ``search``: part of the serial, the customer's name or the product code."""
     stmt = select(LicenseRow).order_by(LicenseRow.id.desc()).limit(limit).offset(offset)
+    if search:
+        pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        stmt = (
+            stmt.join(Customer, Customer.id == LicenseRow.customer_id)
+            .join(Product, Product.id == LicenseRow.product_id)
+            .where(
+                or_(
+                    LicenseRow.serial.ilike(pattern, escape="\\"),
+                    Customer.name.ilike(pattern, escape="\\"),
+                    Product.code.ilike(pattern, escape="\\"),
+                )
+            )
+        )
     if principal.role is Role.CUSTOMER:
         stmt = stmt.where(LicenseRow.customer_id == principal.customer_id)
     elif principal.role is Role.PARTNER:

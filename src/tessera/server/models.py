@@ -44,6 +44,8 @@ __all__ = [
     "LicenseRow",
     "Machine",
     "Partner",
+    "PortalSession",
+    "PortalUser",
     "Product",
     "ProductFeature",
     "RecoveredMachine",
@@ -264,6 +266,37 @@ class ApiToken(Base):
     customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class PortalUser(Base):
+    """A person who signs in to the web portal: an argon2id hash of the password, never
+    the password; ``role`` and scope as an API token's (``tokens.Role``)."""
+
+    __tablename__ = "portal_users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(16))
+    partner_id: Mapped[int | None] = mapped_column(ForeignKey("partners.id"), nullable=True)
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    password_changed_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Wrong passwords in a row; at the limit the account is locked until ``locked_until``.
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+
+class PortalSession(Base):
+    """A signed-in browser: only the SHA-256 of the cookie's 256-bit secret is kept."""
+
+    __tablename__ = "portal_sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("portal_users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    user: Mapped[PortalUser] = relationship(lazy="joined")
 
 
 class AuditEntry(Base):

@@ -68,7 +68,11 @@ def build_state(data_dir: Path, *, migrate: bool = True) -> ServerState:
 
 def _app_for(data_dir: Path, state: ServerState) -> FastAPI:
     config = load_config(data_dir)
-    interfaces = Interfaces(admin_api=config.admin_api, offline_activation=config.offline_activation)
+    interfaces = Interfaces(
+        admin_api=config.admin_api,
+        offline_activation=config.offline_activation,
+        web_portal=config.web_portal,
+    )
     return create_app(state, interfaces)
 
 

@@ -39,6 +39,9 @@ __all__ = [
     "ProductOut",
     "TokenIn",
     "TokenOut",
+    "UserIn",
+    "UserOut",
+    "UserUpdate",
     "ValidationErrorBody",
     "ValidationItem",
     "WebhookIn",
@@ -282,6 +285,42 @@ class TokenOut(BaseModel):
     name: str
     role: Role
     token: str = Field(description="The secret, shown this once.")
+
+
+Username = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._@-]{2,63}$", examples=["maria.keller"])]
+Password = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class UserIn(_In):
+    """A person who signs in to the web portal; without ``password`` one is generated and
+    shown once in the answer."""
+
+    username: Username
+    role: Role
+    password: Password | None = None
+    partner: PartnerCode | None = None
+    customer_id: int | None = Field(None, ge=1, le=2**31 - 1)
+
+
+class UserUpdate(_In):
+    password: Password | None = None
+    #: Make a new password and show it once in the answer (instead of ``password``).
+    generate_password: bool = False
+    disabled: bool | None = None
+    #: End a lockout after too many wrong passwords.
+    unlock: bool = False
+
+
+class UserOut(BaseModel):
+    username: str
+    role: Role
+    customer_id: int | None
+    partner_id: int | None
+    disabled: bool
+    locked: bool
+    created_at: datetime
+    password_changed_at: datetime
+    password: str | None = Field(None, description="A generated password, shown this once.")
 
 
 class AuditReport(BaseModel):

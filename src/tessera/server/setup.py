@@ -40,7 +40,14 @@ class InitResult:
     passphrase_generated: bool
 
 
-def initialize(data_dir: Path, db_url: str | None, now: datetime, hsm: HsmConfig | None = None) -> InitResult:
+def initialize(
+    data_dir: Path,
+    db_url: str | None,
+    now: datetime,
+    hsm: HsmConfig | None = None,
+    *,
+    web_portal: bool = False,
+) -> InitResult:
     """``hsm``: make the vendor key in that PKCS#11 token instead of ``vendor.key``
     (:mod:`tessera.server.hsm`); the token, its PIN and the free label are checked before
     anything is made."""
@@ -53,7 +60,7 @@ def initialize(data_dir: Path, db_url: str | None, now: datetime, hsm: HsmConfig
         raise ConfigError(f"--db: {exc}") from None
     pin = None if hsm is None else _checked_pin(hsm)
     data_dir.mkdir(parents=True, exist_ok=True)
-    config = ServerConfig(data_dir=data_dir, database=url, hsm=hsm)
+    config = ServerConfig(data_dir=data_dir, database=url, hsm=hsm, web_portal=web_portal)
     os.makedirs(config.pepper_file.parent, mode=0o700, exist_ok=True)
 
     passphrase_text, generated = ("", False) if hsm is not None else _passphrase(config)

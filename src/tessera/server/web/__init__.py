@@ -1,0 +1,449 @@
+"""The web portal: pages for people (customers, partners, the vendor's staff) at ``/portal``.
+
+Server-rendered HTML (Jinja2, autoescaped) that works without JavaScript; htmx, served
+from here, only refreshes the license list as one types. A user signs in with a name and a
+password (:mod:`tessera.server.users`) and then acts with the rights of an API token of the
+same role and scope: the pages call the same services as the REST API, so a customer sees
+and activates only their own licenses, readonly changes nothing.
+
+What protects it:
+
+* the session cookie is ``HttpOnly``, ``SameSite=Strict``, ``Secure`` over TLS and scoped
+  to ``/portal``; the server keeps only its SHA-256;
+* every form that changes something carries the session's CSRF token, and a POST whose
+  ``Origin`` is another site is refused;
+* every page has a Content-Security-Policy that allows only this server's own script and
+  style (no inline code), is not cached and may not be framed.
+
+The portal is off unless ``[interfaces] web_portal = true`` (SPEC section 5: defaults are
+minimal); off, ``/portal`` is not routed at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote, urlsplit
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2 import Environment, PackageLoader, select_autoescape
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from tessera.core.errors import FormatError, SignatureError, TesseraError
+from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest
+from tessera.server import activation, licenses, users
+from tessera.server.errors import RecordedRefusal, ServiceError
+from tessera.server.outage import RETRY_AFTER_SECONDS, outage_reason
+from tessera.server.portal import PortalVerdict
+from tessera.server.tokens import Role
+
+if TYPE_CHECKING:
+    from tessera.server.app import ServerState
+
+__all__ = ["COOKIE", "portal_router"]
+
+log = logging.getLogger("tessera.server")
+T = TypeVar("T")
+
+COOKIE = "tessera_portal"
+PAGE_SIZE = 50
+MAX_CONCURRENT_SIGN_INS = 4
+#: Roles that may upload an offline request (readonly may not: it changes a license).
+_ACTIVATORS = frozenset({Role.ADMIN, Role.SUPPORT, Role.SALES, Role.PARTNER, Role.CUSTOMER})
+_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    # same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" with
+    # its own forms, and the Origin check below could not tell them from a foreign site.
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+_STATIC_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+
+_templates = Environment(
+    loader=PackageLoader("tessera.server.web", "templates"),
+    autoescape=select_autoescape(default=True, default_for_string=True),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def _static_files() -> dict[str, tuple[bytes, str]]:
+    folder = resources.files("tessera.server.web") / "static"
+    files = {}
+    for item in folder.iterdir():
+        suffix = "." + item.name.rsplit(".", 1)[-1]
+        if item.is_file() and suffix in _STATIC_TYPES:
+            files[item.name] = (item.read_bytes(), _STATIC_TYPES[suffix])
+    return files
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    """What a page handler hands back: a template and its values, or a redirect."""
+
+    template: str | None = None
+    values: dict[str, Any] | None = None
+    status: int = 200
+    redirect: str | None = None
+
+
+def _safe_next(target: str | None) -> str:
+    """Only a path of this portal may be the target after sign-in (no open redirect)."""
+    if not target or not target.startswith("/portal/") or target.startswith("//"):
+        return "/portal/licenses"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or "\\" in target:
+        return "/portal/licenses"
+    return target
+
+
+def portal_router(state: ServerState) -> APIRouter:
+    router = APIRouter(prefix="/portal", include_in_schema=False)
+    static = _static_files()
+    # Each sign-in hashes with argon2id (64 MiB, tens of ms): a flood of them waits here
+    # instead of taking every thread and gigabytes of memory from the rest of the server.
+    sign_ins = asyncio.Semaphore(MAX_CONCURRENT_SIGN_INS)
+
+    def render(
+        request: Request,
+        template: str,
+        values: dict[str, Any],
+        *,
+        status: int = 200,
+        signed_in: users.SignedIn | None = None,
+    ) -> HTMLResponse:
+        context = {
+            "user": signed_in,
+            "can_activate": signed_in is not None and signed_in.principal.role in _ACTIVATORS,
+            "csrf": signed_in.csrf_token if signed_in is not None else "",
+            "path": request.url.path,
+            **values,
+        }
+        body = _templates.get_template(template).render(context)
+        return HTMLResponse(body, status_code=status, headers=_HEADERS)
+
+    def failure(
+        request: Request, status: int, message: str, signed_in: users.SignedIn | None
+    ) -> HTMLResponse:
+        response = render(
+            request, "error.html", {"status": status, "message": message}, status=status, signed_in=signed_in
+        )
+        if status == 503:
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
+
+    def to_login(request: Request) -> Response:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        location = "/portal/login?next=" + quote(_safe_next(target), safe="/")
+        if request.headers.get("HX-Request"):
+            # htmx would swap the login page into the table; make it navigate instead.
+            return Response(status_code=204, headers={"HX-Redirect": location, **_HEADERS})
+        return RedirectResponse(location, status_code=303, headers=_HEADERS)
+
+    def cross_site(request: Request) -> bool:
+        origin = request.headers.get("Origin")
+        if origin is None or origin == "null":
+            return origin == "null"
+        own = f"{request.url.scheme}://{request.url.netloc}"
+        return origin.rstrip("/") != own
+
+    async def page(
+        request: Request,
+        work: Callable[[Session, users.SignedIn], _Page],
+        *,
+        form: dict[str, Any] | None = None,
+    ) -> Response:
+        """Resolve the session and run ``work`` in one transaction (one hop to the thread
+        pool): a read for a GET, a write for a POST, which must come from this site and
+        carry the session's CSRF token. A GET writes only to record a session's activity,
+        at most once a minute."""
+        secret = request.cookies.get(COOKIE)
+        now = state.now()
+        write = form is not None
+
+        def run() -> tuple[users.SignedIn | None, _Page | None]:
+            signed_in: users.SignedIn | None = None
+            try:
+                with state.db.write() if write else state.db.read() as session:
+                    signed_in = users.resolve_session(session, secret, now)
+                    if signed_in is None:
+                        return None, None
+                    if form is not None and form.get("csrf") != signed_in.csrf_token:
+                        message = "this form has expired; reload the page and try again"
+                        return signed_in, _Page("error.html", {"status": 403, "message": message}, 403)
+                    if write:
+                        users.touch_session(session, signed_in, now)
+                    result = work(session, signed_in)
+            except RecordedRefusal:
+                raise
+            except ServiceError as exc:  # rolled back: the page says why
+                return signed_in, _Page("error.html", {"status": exc.status, "message": str(exc)}, exc.status)
+            if not write and signed_in.stale:
+                with state.db.write() as session:
+                    users.touch_session(session, signed_in, now)
+            return signed_in, result
+
+        if request.method == "POST" and cross_site(request):
+            return failure(request, 403, "refused: this form was sent from another site", None)
+        try:
+            signed_in, result = await run_in_threadpool(run)
+        except RecordedRefusal as exc:
+            await run_in_threadpool(state.keep_record, exc)
+            return failure(request, exc.status, str(exc), None)
+        except (DBAPIError, PoolTimeout) as exc:
+            log.warning("database error: %s", exc)
+            return failure(request, 503, outage_reason(exc), None)
+        if signed_in is None or result is None:
+            return to_login(request)
+        if result.redirect is not None:
+            return RedirectResponse(result.redirect, status_code=303, headers=_HEADERS)
+        assert result.template is not None
+        return render(
+            request, result.template, result.values or {}, status=result.status, signed_in=signed_in
+        )
+
+    # ------------------------------------------------------------------ static
+
+    @router.get("/static/{name}")
+    async def static_file(name: str) -> Response:
+        found = static.get(name)
+        if found is None:
+            return Response("not found", status_code=404, media_type="text/plain")
+        body, media_type = found
+        return Response(
+            body,
+            media_type=media_type,
+            headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"},
+        )
+
+    # ------------------------------------------------------------------ sign in and out
+
+    @router.get("")
+    @router.get("/")
+    async def home() -> Response:
+        return RedirectResponse("/portal/licenses", status_code=303, headers=_HEADERS)
+
+    @router.get("/login")
+    async def login_form(request: Request) -> Response:
+        target = _safe_next(request.query_params.get("next"))
+        return render(request, "login.html", {"next": target, "error": None, "username": ""})
+
+    @router.post("/login")
+    async def login(request: Request) -> Response:
+        if cross_site(request):
+            return failure(request, 403, "refused: this form was sent from another site", None)
+        form = await _form(request)
+        if isinstance(form, Response):
+            return form
+        username = _text(form.get("username"))[:200]
+        password = _text(form.get("password"))[:2000]
+        target = _safe_next(_text(form.get("next")))
+        now = state.now()
+
+        def run() -> tuple[str, users.SignedIn] | users.SignInRefused:
+            with state.db.write() as session:
+                return users.sign_in(session, username, password, now)
+
+        try:
+            async with sign_ins:
+                outcome = await run_in_threadpool(run)
+        except (DBAPIError, PoolTimeout) as exc:
+            log.warning("database error: %s", exc)
+            return failure(request, 503, outage_reason(exc), None)
+        if isinstance(outcome, users.SignInRefused):
+            return render(
+                request,
+                "login.html",
+                {"next": target, "error": outcome.reason, "username": username},
+                status=401,
+            )
+        secret, _signed_in = outcome
+        response = RedirectResponse(target, status_code=303, headers=_HEADERS)
+        response.set_cookie(
+            COOKIE,
+            secret,
+            max_age=int(users.SESSION_LIFETIME.total_seconds()),
+            path="/portal",
+            secure=request.url.scheme == "https",
+            httponly=True,
+            samesite="strict",
+        )
+        return response
+
+    @router.post("/logout")
+    async def logout(request: Request) -> Response:
+        form = await _form(request)
+        if isinstance(form, Response):
+            return form
+
+        def work(session: Session, _signed_in: users.SignedIn) -> _Page:
+            users.sign_out(session, request.cookies.get(COOKIE))
+            return _Page(redirect="/portal/login")
+
+        response = await page(request, work, form=form)
+        if response.status_code == 303:
+            response.delete_cookie(COOKIE, path="/portal")
+        return response
+
+    # ------------------------------------------------------------------ licenses
+
+    @router.get("/licenses")
+    async def license_list(request: Request) -> Response:
+        query = _text(request.query_params.get("q")).strip()[:100]
+        status = request.query_params.get("status") or None
+        if status not in (None, "active", "revoked"):
+            status = None
+        try:
+            number = max(1, min(int(request.query_params.get("page", "1")), 100_000))
+        except ValueError:
+            number = 1
+
+        def work(session: Session, signed_in: users.SignedIn) -> _Page:
+            rows = licenses.list_licenses(
+                session,
+                signed_in.principal,
+                customer_id=None,
+                status=status,
+                limit=PAGE_SIZE + 1,
+                offset=(number - 1) * PAGE_SIZE,
+                search=query or None,
+            )
+            values = {
+                "licenses": rows[:PAGE_SIZE],
+                "q": query,
+                "status": status or "",
+                "page": number,
+                "more": len(rows) > PAGE_SIZE,
+            }
+            return _Page("licenses.html", values)
+
+        return await page(request, work)
+
+    @router.get("/licenses/{serial}")
+    async def license_detail(request: Request, serial: str) -> Response:
+        def work(session: Session, signed_in: users.SignedIn) -> _Page:
+            row = licenses.get_license(session, serial[:64])
+            licenses.check_access(session, signed_in.principal, row, write=False)
+            return _Page("license.html", {"license": licenses.license_view(row)})
+
+        return await page(request, work)
+
+    # ------------------------------------------------------------------ offline activation
+
+    @router.get("/activate")
+    async def activate_form(request: Request) -> Response:
+        def work(_session: Session, signed_in: users.SignedIn) -> _Page:
+            if signed_in.principal.role not in _ACTIVATORS:
+                return _Page("error.html", {"status": 403, "message": "your role may not activate"}, 403)
+            return _Page("activate.html", {"result": None})
+
+        return await page(request, work)
+
+    @router.post("/activate")
+    async def activate_upload(request: Request) -> Response:
+        form = await _form(request)
+        if isinstance(form, Response):
+            return form
+        upload = form.get("request")
+        data = b""
+        if isinstance(upload, UploadFile):
+            data = await upload.read(MAX_MESSAGE_SIZE + 1)
+        problem: str | None = None
+        parsed: ActivationRequest | None = None
+        if not data:
+            problem = "request file: choose the file `tessera agent request` wrote"
+        elif len(data) > MAX_MESSAGE_SIZE:
+            problem = f"request file: larger than {MAX_MESSAGE_SIZE} bytes, not a request file"
+        else:
+            try:
+                parsed = ActivationRequest.from_json(data)
+            except FormatError as exc:
+                problem = f"request file: {exc}"
+            except (SignatureError, TesseraError) as exc:
+                problem = f"request file: bad signature ({exc})"
+        now = state.now()
+
+        async def once(verdict: PortalVerdict | None) -> Response:
+            def work(session: Session, signed_in: users.SignedIn) -> _Page:
+                if problem is not None or parsed is None:
+                    return _Page("activate.html", {"result": None, "error": problem}, 422)
+                result = activation.activate_offline(
+                    session, signed_in.principal, parsed, now, state.signing_key, state.pepper,
+                    portal=state.portal is not None, portal_verdict=verdict,
+                )  # fmt: skip
+                files = [(f"{result.serial}.lic", result.license_file)]
+                if result.identity_file is not None:
+                    # The identity part first: the agent imports it before its license.
+                    files.insert(0, (f"{result.serial}.par", result.identity_file))
+                downloads = [
+                    {
+                        "name": name,
+                        "text": text,
+                        "href": "data:application/octet-stream;base64,"
+                        + base64.b64encode(text.encode("utf-8")).decode("ascii"),
+                    }
+                    for name, text in files
+                ]
+                return _Page("activate.html", {"result": {"serial": result.serial, "files": downloads}})
+
+            return await page(request, work, form=form)
+
+        return await state.asking_portal(once)
+
+    # ------------------------------------------------------------------ account
+
+    @router.get("/account")
+    async def account(request: Request) -> Response:
+        return await page(request, lambda _s, _u: _Page("account.html", {"done": False}))
+
+    @router.post("/account")
+    async def change_password(request: Request) -> Response:
+        form = await _form(request)
+        if isinstance(form, Response):
+            return form
+        current = _text(form.get("current"))[:2000]
+        new = _text(form.get("new"))[:2000]
+        repeated = _text(form.get("repeat"))[:2000]
+        now = state.now()
+
+        def work(session: Session, signed_in: users.SignedIn) -> _Page:
+            if new != repeated:
+                return _Page("account.html", {"error": "password: the two new passwords differ"}, 422)
+            users.change_own_password(session, signed_in, current, new, now)
+            return _Page("account.html", {"done": True})
+
+        return await page(request, work, form=form)
+
+    async def _form(request: Request) -> dict[str, Any] | Response:
+        try:
+            parsed = await request.form(max_files=1, max_fields=10, max_part_size=MAX_MESSAGE_SIZE + 1)
+        except Exception as exc:  # multipart's own errors carry no common base worth naming
+            return failure(
+                request, 400, f"form: {str(exc).splitlines()[0] if str(exc) else 'malformed'}", None
+            )
+        return dict(parsed)
+
+    return router
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""

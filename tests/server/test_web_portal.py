@@ -1,0 +1,320 @@
+"""The web portal over HTTP(S) in process: sign-in, scope, offline activation, the guards.
+
+The browser's view of the same pages is ``tests/cli/test_portal_browser.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from datetime import timedelta
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from tessera.core.clock import ManualClock
+from tessera.core.model import License
+from tessera.core.signing import Keyring
+from tessera.core.verify import check_binding, load_signed
+from tessera.server import licenses, users
+from tessera.server.app import Interfaces, ServerState, create_app
+from tessera.server.models import AuditEntry
+from tessera.server.tokens import Principal, Role
+
+from .helpers import agent, setup_license
+
+PASSWORD = "tidal-orbit-cactus-lantern"
+BASE = "https://portal.example"
+
+
+@pytest.fixture
+def world(state: ServerState, admin: Principal) -> dict[str, Any]:
+    """Two customers with a license each; portal users of several roles."""
+    now = state.now()
+    alice_serial, alice_key = setup_license(state, admin, now)
+    bob_serial, bob_key = setup_license(state, admin, now, order="bob-order")
+    with state.db.read() as session:
+        alice_customer = licenses.get_license(session, alice_serial).customer_id
+    with state.db.write() as session:
+        for name, role, customer in [
+            ("alice", Role.CUSTOMER, alice_customer),
+            ("staff", Role.SUPPORT, None),
+            ("viewer", Role.READONLY, None),
+        ]:
+            users.create_user(
+                session, admin, username=name, password=PASSWORD, role=role, now=now, customer_id=customer
+            )
+    return {
+        "alice": (alice_serial, alice_key),
+        "bob": (bob_serial, bob_key),
+    }
+
+
+def portal(state: ServerState, *, base_url: str = BASE) -> TestClient:
+    app = create_app(state, Interfaces(web_portal=True))
+    return TestClient(app, base_url=base_url, follow_redirects=False)
+
+
+def sign_in(client: TestClient, username: str, password: str = PASSWORD, target: str = "") -> Any:
+    return client.post("/portal/login", data={"username": username, "password": password, "next": target})
+
+
+def csrf(page: str) -> str:
+    found = re.search(r'name="csrf" value="([0-9a-f]{64})"', page)
+    assert found, "no CSRF token on the page"
+    return found.group(1)
+
+
+def test_the_portal_is_off_unless_switched_on(state: ServerState) -> None:
+    client = TestClient(create_app(state), base_url=BASE)
+    response = client.get("/portal/login")
+    assert response.status_code == 404 and response.json() == {"detail": "no such endpoint"}
+    assert not any(
+        path.startswith("/portal")
+        for path in create_app(state, Interfaces(web_portal=True)).openapi()["paths"]
+    )
+
+
+def test_pages_need_a_session_and_say_where_to_sign_in(state: ServerState, world: dict[str, Any]) -> None:
+    client = portal(state)
+    response = client.get("/portal/licenses?q=x")
+    assert response.status_code == 303
+    assert unquote(response.headers["location"]) == "/portal/login?next=/portal/licenses?q=x"
+    htmx = client.get("/portal/licenses", headers={"HX-Request": "true"})
+    assert htmx.status_code == 204 and htmx.headers["HX-Redirect"].startswith("/portal/login")
+    login = client.get("/portal/login")
+    assert login.status_code == 200 and "<form" in login.text
+    policy = login.headers["content-security-policy"]
+    assert (
+        "default-src 'none'" in policy
+        and "script-src 'self'" in policy
+        and "frame-ancestors 'none'" in policy
+    )
+    assert login.headers["cache-control"] == "no-store" and login.headers["x-frame-options"] == "DENY"
+    script = client.get("/portal/static/htmx.min.js")
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    assert client.get("/portal/static/../app.py").status_code == 404
+    assert client.get("/portal/static/README.md").status_code == 404
+
+
+def test_sign_in_sets_a_strict_cookie_and_goes_where_asked(state: ServerState, world: dict[str, Any]) -> None:
+    client = portal(state)
+    wrong = sign_in(client, "alice", "not-the-password")
+    assert wrong.status_code == 401 and "wrong user name or password" in wrong.text
+    response = sign_in(client, "alice", target="/portal/licenses/" + world["alice"][0])
+    assert (
+        response.status_code == 303
+        and response.headers["location"] == "/portal/licenses/" + world["alice"][0]
+    )
+    cookie = response.headers["set-cookie"]
+    for flag in ("HttpOnly", "Secure", "SameSite=strict", "Path=/portal"):
+        assert flag.lower() in cookie.lower(), cookie
+    for evil in ("//evil.example/x", "https://evil.example/", "/portal/\\evil", "/elsewhere"):
+        assert sign_in(portal(state), "alice", target=evil).headers["location"] == "/portal/licenses"
+
+
+def test_plain_http_gets_no_secure_flag(state: ServerState, world: dict[str, Any]) -> None:
+    """Behind ``server run --no-tls`` (a TLS proxy in front) the cookie must still work."""
+    response = sign_in(portal(state, base_url="http://portal.example"), "alice")
+    assert "secure" not in response.headers["set-cookie"].lower()
+
+
+def test_a_customer_sees_only_its_own_licenses(state: ServerState, world: dict[str, Any]) -> None:
+    client = portal(state)
+    sign_in(client, "alice")
+    page = client.get("/portal/licenses")
+    assert page.status_code == 200
+    assert world["alice"][0] in page.text and world["bob"][0] not in page.text
+    detail = client.get(f"/portal/licenses/{world['alice'][0]}")
+    assert detail.status_code == 200 and "uniplex" in detail.text and "Not activated" in detail.text
+    other = client.get(f"/portal/licenses/{world['bob'][0]}")
+    assert other.status_code == 403 and "belongs to another customer" in other.text
+    assert client.get("/portal/licenses/2099-999999").status_code == 404
+
+
+def test_staff_see_everything_and_search(state: ServerState, world: dict[str, Any]) -> None:
+    client = portal(state)
+    sign_in(client, "staff")
+    page = client.get("/portal/licenses")
+    assert world["alice"][0] in page.text and world["bob"][0] in page.text
+    one = client.get("/portal/licenses", params={"q": world["bob"][0][-3:]})
+    assert world["bob"][0] in one.text and world["alice"][0] not in one.text
+    none = client.get("/portal/licenses", params={"q": "no-such-thing%_"})
+    assert "No licenses match" in none.text
+    assert "No licenses match" in client.get("/portal/licenses", params={"status": "revoked"}).text
+
+
+def test_offline_activation_gives_a_license_file_for_that_machine(
+    state: ServerState, world: dict[str, Any], keyring: Keyring
+) -> None:
+    client = portal(state)
+    sign_in(client, "alice")
+    form = client.get("/portal/activate")
+    machine = agent(3)
+    request = machine.activation(world["alice"][1])
+    response = client.post(
+        "/portal/activate",
+        data={"csrf": csrf(form.text)},
+        files={"request": ("request.json", request.to_json(), "application/json")},
+    )
+    assert response.status_code == 200, response.text
+    href = re.search(
+        r'href="data:application/octet-stream;base64,([A-Za-z0-9+/=]+)" download="([^"]+)"', response.text
+    )
+    assert href and href.group(2) == f"{world['alice'][0]}.lic"
+    license_file = load_signed(base64.b64decode(href.group(1)), keyring).document
+    assert isinstance(license_file, License)
+    check_binding(license_file, machine.locking_id)
+    detail = client.get(f"/portal/licenses/{world['alice'][0]}")
+    assert "offline" in detail.text and "Not activated" not in detail.text
+    with state.db.read() as session:
+        actors = session.execute(select(AuditEntry.actor)).scalars().all()
+    assert "customer:user/alice" in actors
+
+
+def test_bad_uploads_get_one_line_and_change_nothing(state: ServerState, world: dict[str, Any]) -> None:
+    client = portal(state)
+    sign_in(client, "alice")
+    token = csrf(client.get("/portal/activate").text)
+    garbage = client.post(
+        "/portal/activate",
+        data={"csrf": token},
+        files={"request": ("r.json", b"{not json", "application/json")},
+    )
+    assert garbage.status_code == 422 and "request file:" in garbage.text
+    empty = client.post("/portal/activate", data={"csrf": token})
+    assert empty.status_code == 422 and "choose the file" in empty.text
+    tampered = agent(4).activation(world["alice"][1]).to_json().replace(b"system-0004", b"system-0005")
+    bad = client.post("/portal/activate", data={"csrf": token}, files={"request": ("r.json", tampered, "x")})
+    assert bad.status_code == 422 and "bad signature" in bad.text
+    other = agent(5).activation(world["bob"][1]).to_json()
+    refused = client.post("/portal/activate", data={"csrf": token}, files={"request": ("r.json", other, "x")})
+    assert refused.status_code == 403 and "another customer" in refused.text
+    staff = portal(state)
+    sign_in(staff, "staff")
+    assert "Not activated" in staff.get(f"/portal/licenses/{world['bob'][0]}").text
+
+
+def test_forms_need_the_csrf_token_and_this_site(state: ServerState, world: dict[str, Any]) -> None:
+    client = portal(state)
+    sign_in(client, "alice")
+    request = agent(6).activation(world["alice"][1]).to_json()
+    files = {"request": ("r.json", request, "application/json")}
+    missing = client.post("/portal/activate", files=files)
+    assert missing.status_code == 403 and "expired" in missing.text
+    token = csrf(client.get("/portal/activate").text)
+    foreign = client.post(
+        "/portal/activate", data={"csrf": token}, files=files, headers={"Origin": "https://evil.example"}
+    )
+    assert foreign.status_code == 403 and "another site" in foreign.text
+    assert sign_in(portal(state), "alice").status_code == 303
+    cross_login = portal(state).post(
+        "/portal/login",
+        data={"username": "alice", "password": PASSWORD},
+        headers={"Origin": "https://evil.example"},
+    )
+    assert cross_login.status_code == 403
+    same = client.post("/portal/activate", data={"csrf": token}, files=files, headers={"Origin": BASE})
+    assert same.status_code == 200
+
+
+def test_readonly_may_look_but_not_activate(state: ServerState, world: dict[str, Any]) -> None:
+    client = portal(state)
+    sign_in(client, "viewer")
+    assert world["bob"][0] in client.get("/portal/licenses").text
+    page = client.get("/portal/activate")
+    assert page.status_code == 403 and "Offline activation</a>" not in page.text
+
+
+def test_sign_out_ends_the_session(state: ServerState, world: dict[str, Any]) -> None:
+    client = portal(state)
+    sign_in(client, "staff")
+    token = csrf(client.get("/portal/licenses").text)
+    stolen = client.cookies.get("tessera_portal")
+    response = client.post("/portal/logout", data={"csrf": token})
+    assert response.status_code == 303 and response.headers["location"] == "/portal/login"
+    thief = portal(state)
+    thief.cookies.set("tessera_portal", stolen or "", domain="portal.example", path="/portal")
+    assert thief.get("/portal/licenses").status_code == 303
+
+
+def test_changing_the_password_in_the_portal(state: ServerState, world: dict[str, Any]) -> None:
+    client = portal(state)
+    sign_in(client, "staff")
+    token = csrf(client.get("/portal/account").text)
+    weak = client.post(
+        "/portal/account",
+        data={"csrf": token, "current": PASSWORD, "new": "password1234", "repeat": "password1234"},
+    )
+    assert weak.status_code == 422 and "too weak" in weak.text
+    differ = client.post(
+        "/portal/account", data={"csrf": token, "current": PASSWORD, "new": "a" * 12, "repeat": "b" * 12}
+    )
+    assert differ.status_code == 422 and "differ" in differ.text
+    new = "plum-violet-harbor-92"
+    done = client.post(
+        "/portal/account", data={"csrf": token, "current": PASSWORD, "new": new, "repeat": new}
+    )
+    assert done.status_code == 200 and "Your password is changed" in done.text
+    assert client.get("/portal/licenses").status_code == 200  # this browser stays signed in
+    assert sign_in(portal(state), "staff").status_code == 401
+    assert sign_in(portal(state), "staff", new).status_code == 303
+
+
+def test_users_over_the_admin_api(state: ServerState, admin_token: str, world: dict[str, Any]) -> None:
+    client = TestClient(create_app(state), base_url=BASE, headers={"Authorization": f"Bearer {admin_token}"})
+    made = client.post("/api/v1/users", json={"username": "ops", "role": "admin"})
+    assert made.status_code == 201, made.text
+    generated = made.json()["password"]
+    assert len(generated) >= 20 and made.json()["role"] == "admin"
+    weak = client.post(
+        "/api/v1/users", json={"username": "weak", "role": "admin", "password": "password1234"}
+    )
+    assert weak.status_code == 422 and weak.json()["detail"].startswith("password: too weak")
+    bad_name = client.post("/api/v1/users", json={"username": "Has Space", "role": "admin"})
+    assert bad_name.status_code == 422 and bad_name.json()["detail"][0]["loc"] == ["body", "username"]
+    assert client.post("/api/v1/users", json={"username": "ops", "role": "admin"}).status_code == 409
+    listed = {u["username"]: u for u in client.get("/api/v1/users").json()}
+    assert set(listed) == {"alice", "staff", "viewer", "ops"} and "password" not in str(
+        listed["ops"].get("password")
+    )
+    reset = client.patch("/api/v1/users/ops", json={"generate_password": True, "disabled": True})
+    assert reset.status_code == 200 and reset.json()["disabled"] and reset.json()["password"] != generated
+    assert client.patch("/api/v1/users/nobody", json={"unlock": True}).status_code == 404
+    both = client.patch("/api/v1/users/ops", json={"generate_password": True, "password": "x"})
+    assert both.status_code == 422
+    customer = TestClient(create_app(state), base_url=BASE)
+    assert customer.get("/api/v1/users").status_code == 401
+
+
+def test_a_database_outage_is_a_503_page(
+    state: ServerState, world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = portal(state)
+    sign_in(client, "staff")
+
+    def down() -> Any:
+        raise OperationalError("SELECT 1", None, Exception("connection refused"))
+
+    monkeypatch.setattr(state.db, "read", down)
+    monkeypatch.setattr(state.db, "write", down)
+    page = client.get("/portal/licenses")
+    assert page.status_code == 503 and page.headers["retry-after"] == "5"
+    assert "cannot reach its database" in page.text
+    assert sign_in(portal(state), "staff").status_code == 503
+
+
+def test_page_views_keep_a_session_alive_until_it_idles(
+    state: ServerState, world: dict[str, Any], clock: ManualClock
+) -> None:
+    client = portal(state)
+    sign_in(client, "staff")
+    for _ in range(3):  # 60 minutes in all, never 30 without a page view
+        clock.advance(timedelta(minutes=20))
+        assert client.get("/portal/licenses").status_code == 200
+    clock.advance(users.IDLE_TIMEOUT + timedelta(seconds=1))
+    assert client.get("/portal/licenses").status_code == 303
