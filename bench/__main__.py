@@ -30,6 +30,7 @@ MODULES = (
     "bench.bulk_issue",
     "bench.scale",
     "bench.seats",
+    "bench.metrics_layer",
 )
 DEFAULT_OUTPUT = Path(__file__).with_name("results.md")
 

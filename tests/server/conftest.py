@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 
 from tessera.core.clock import ManualClock
 from tessera.core.signing import Keyring, SigningKey
-from tessera.server.app import ServerState, create_app
+from tessera.server.app import Interfaces, ServerState, create_app
 from tessera.server.migrate import upgrade
 from tessera.server.storage import Database
 from tessera.server.tokens import Principal, Role, create_token
@@ -173,13 +173,13 @@ def live_server(state: ServerState) -> Iterator[LiveServer]:
 
 
 @contextmanager
-def serve(state: ServerState) -> Iterator[LiveServer]:
+def serve(state: ServerState, interfaces: Interfaces | None = None) -> Iterator[LiveServer]:
     """Serve ``state``'s app on a loopback port until the block ends."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(state), log_level="warning", access_log=False)
+    config = uvicorn.Config(create_app(state, interfaces), log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -62,6 +62,7 @@ def test_a_fresh_deployment_shows_what_init_leaves_open(
         "admin-api-off": "no",
         "offline-activation-off": "no",
         "web-portal-off": "yes",  # off unless switched on
+        "metrics-off": "yes",
         "recovery-portal": "n/a",
         "webhooks-https": "n/a",
         "database-credentials": "n/a" if sqlite else "yes",

@@ -57,9 +57,9 @@ def _report(result: dict[str, Any], as_json: bool, done: str) -> None:
     if as_json:
         emit_json(result)
         return
-    console.print(done)
+    console.print(done, markup=False)
     if result.get("password"):
-        console.print(f"password (shown once): {result['password']}")
+        console.print(f"password (shown once): {result['password']}", markup=False)
 
 
 @user_app.command("create")

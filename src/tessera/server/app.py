@@ -228,6 +228,7 @@ class Interfaces:
     admin_api: bool = True
     offline_activation: bool = True
     web_portal: bool = False
+    metrics: bool = False
 
 
 def create_app(state: ServerState, interfaces: Interfaces | None = None) -> FastAPI:
@@ -1069,21 +1070,47 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         from tessera.server.web import portal_router  # Jinja2 loads only where it is used
 
         app.include_router(portal_router(state))
+    if interfaces.metrics:
+        _add_metrics(app, state)
     # In front of the whole middleware stack, so check-ins and online activations skip it
     # (``lane.py``).
     app.lanes = {"/api/v1/checkin": answer_checkin, "/api/v1/activate": answer_activation}
     return app
 
 
+def _add_metrics(app: _LanedApp, state: ServerState) -> None:
+    """``GET /metrics`` (Prometheus text format) and the counting layer around everything."""
+    from tessera.server.metrics import Metrics, StockCollector  # prometheus_client only if on
+
+    metrics = Metrics()
+    stock = StockCollector(state.db, state.now)
+    app.metrics = metrics
+
+    @app.get("/metrics", include_in_schema=False)
+    async def scrape(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Response:
+        token = credentials.credentials if credentials is not None else None
+
+        def run() -> bytes:
+            with state.db.read() as session:
+                require(resolve_token(session, token), Role.SUPPORT, Role.READONLY)
+            return metrics.exposition(stock)
+
+        body = await run_in_threadpool(run)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
 class _LanedApp(FastAPI):
     """FastAPI with :class:`ConnectLane` s in front of all of its middleware, its own too
-    (error, telemetry and body-limit layers cost a check-in about 10 µs more)."""
+    (error, telemetry and body-limit layers cost a check-in about 10 µs more); with
+    metrics on, their counting layer is in front of the lanes."""
 
     lanes: dict[str, Handler]
+    metrics: Any
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.lanes = {}
+        self.metrics = None
 
     def build_middleware_stack(self) -> ASGIApp:
         app = super().build_middleware_stack()
@@ -1095,4 +1122,8 @@ class _LanedApp(FastAPI):
                 exception_handlers=self.exception_handlers,
                 max_body=MAX_MESSAGE_SIZE,
             )
+        if self.metrics is not None:
+            from tessera.server.metrics import MetricsMiddleware
+
+            app = MetricsMiddleware(app, self.metrics)
         return app

@@ -60,6 +60,7 @@ MEASURE_IDS: Final = (
     "admin-api-off",
     "offline-activation-off",
     "web-portal-off",
+    "metrics-off",
     "recovery-portal",
     "webhooks-https",
     "database-credentials",
@@ -138,6 +139,14 @@ def audit(check: Check, probe: Callable[[Check], Probe] | None = None) -> list[M
             "Leave `web_portal = false` in `[interfaces]` of tessera.toml (the default) unless "
             "people use the portal; where they do, serve it over TLS only, on a process that "
             "is reachable only by them, and give each person an account of their own.",
+        ),
+        _interface(
+            "metrics-off",
+            "Metrics endpoint switched off where not needed",
+            config.metrics,
+            "Leave `metrics = false` in `[interfaces]` of tessera.toml (the default) unless "
+            "Prometheus scrapes this process; where it does, give it a readonly token of its "
+            "own and let only the monitoring host reach the port.",
         ),
         _portal(config),
         _webhooks(database),

@@ -92,6 +92,8 @@ class ServerConfig:
     offline_activation: bool = True
     #: The web portal for people (``/portal``): off unless switched on.
     web_portal: bool = False
+    #: Prometheus metrics at ``/metrics`` (a token of role admin/support/readonly): off.
+    metrics: bool = False
     #: The vendor's recovery portal (``[recovery]``; off unless configured).
     portal: PortalConfig | None = None
     #: How long a lease of a user-bound license lasts without a heartbeat (``[leases]``).
@@ -197,6 +199,7 @@ def render_config(config: ServerConfig) -> str:
         f"admin_api = {'true' if config.admin_api else 'false'}\n"
         f"offline_activation = {'true' if config.offline_activation else 'false'}\n"
         f"web_portal = {'true' if config.web_portal else 'false'}\n"
+        f"metrics = {'true' if config.metrics else 'false'}\n"
     ) + (
         ""
         if config.hsm is None
@@ -232,7 +235,12 @@ def load_config(data_dir: Path) -> ServerConfig:
     if not isinstance(interfaces, dict):
         raise ConfigError(f"{path}: [interfaces] must be a table")
     switches: dict[str, bool] = {}
-    for name, default in (("admin_api", True), ("offline_activation", True), ("web_portal", False)):
+    for name, default in (
+        ("admin_api", True),
+        ("offline_activation", True),
+        ("web_portal", False),
+        ("metrics", False),
+    ):
         value = interfaces.get(name, default)
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: [interfaces] {name} must be true or false")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import ssl
 from pathlib import Path
@@ -72,6 +73,7 @@ def _app_for(data_dir: Path, state: ServerState) -> FastAPI:
         admin_api=config.admin_api,
         offline_activation=config.offline_activation,
         web_portal=config.web_portal,
+        metrics=config.metrics,
     )
     return create_app(state, interfaces)
 
@@ -103,6 +105,8 @@ def serve(data_dir: Path, host: str, port: int, *, tls: bool, workers: int = 1) 
         else:
             state.db.dispose()
             os.environ[WORKER_ENV] = str(data_dir)
+            if config.metrics:
+                _metrics_directory(data_dir)
             server_config = TlsFloorConfig(
                 "tessera.server.runner:worker_app", factory=True, workers=workers, **common
             )
@@ -110,6 +114,18 @@ def serve(data_dir: Path, host: str, port: int, *, tls: bool, workers: int = 1) 
     finally:
         listener.close()
         state.db.dispose()
+
+
+def _metrics_directory(data_dir: Path) -> None:
+    """prometheus_client's multiprocess mode: each worker counts into files here and a
+    scrape adds them up. Emptied first: counts of an earlier run must not come back."""
+    from tessera.server.metrics import MULTIPROC_ENV
+
+    folder = data_dir / "run" / "metrics"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, mode=0o700)
+    os.environ[MULTIPROC_ENV] = str(folder)
 
 
 def serve_relay(data_dir: Path, host: str, port: int, *, tls: bool, workers: int = 1) -> None:
