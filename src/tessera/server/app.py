@@ -49,10 +49,11 @@ from tessera.server import (
 from tessera.server.checkins import CheckinWriter
 from tessera.server.checkpoints import CheckpointWatch
 from tessera.server.errors import Invalid, RecordedRefusal, ServiceError
+from tessera.server.hsm import HsmError
 from tessera.server.lane import ConnectLane, Handler
 from tessera.server.limits import BodySizeLimit
 from tessera.server.models import AuditEntry, LicenseRevision
-from tessera.server.outage import install_outage_handlers
+from tessera.server.outage import RETRY_AFTER_SECONDS, install_outage_handlers
 from tessera.server.portal import PortalVerdict, RecoveryPortal
 from tessera.server.refusals import RefusalLimit
 from tessera.server.schemas import (
@@ -276,6 +277,17 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         return _error(409, "conflicting change (the record exists already or was changed concurrently)")
 
     install_outage_handlers(app)  # database down, locked or out of connections: 503
+
+    @app.exception_handler(HsmError)
+    async def _hsm_failed(_request: Request, exc: HsmError) -> JSONResponse:
+        # The token went away or stopped signing: like a database outage, not the client's
+        # fault and not a bug. The reason stays in the log (agents are on the public side).
+        log.error("the vendor key's HSM failed: %s", exc)
+        return JSONResponse(
+            {"detail": "the server cannot sign right now (its HSM is unavailable)"},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -43,6 +43,7 @@ from tessera.core.errors import FormatError, SignatureError, TesseraError
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest
 from tessera.server import activation, licenses, users
 from tessera.server.errors import RecordedRefusal, ServiceError
+from tessera.server.hsm import HsmError
 from tessera.server.outage import RETRY_AFTER_SECONDS, outage_reason
 from tessera.server.portal import PortalVerdict
 from tessera.server.tokens import Role
@@ -212,6 +213,9 @@ def portal_router(state: ServerState) -> APIRouter:
         except (DBAPIError, PoolTimeout) as exc:
             log.warning("database error: %s", exc)
             return failure(request, 503, outage_reason(exc), None)
+        except HsmError as exc:
+            log.error("the vendor key's HSM failed: %s", exc)
+            return failure(request, 503, "the server cannot sign right now (its HSM is unavailable)", None)
         if signed_in is None or result is None:
             return to_login(request)
         if result.redirect is not None:
