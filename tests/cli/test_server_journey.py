@@ -94,6 +94,14 @@ def _journey(tmp_path: Path, db_url: str | None) -> None:
         assert issued.returncode == 0, issued.stderr
         lic = json.loads(issued.stdout)
         assert lic["serial"].startswith("20") and len(lic["key"]) == 29
+        # The order reference made an order of its own.
+        order = json.loads(cli("order", "show", "PO-4711", "--json").stdout)
+        assert order["customer_id"] == int(customer_id) and [x["serial"] for x in order["licenses"]] == [
+            lic["serial"]
+        ]
+        listed = cli("order", "list")
+        assert listed.returncode == 0 and "PO-4711" in listed.stdout
+        assert "not found" in assert_one_line_error(cli("order", "show", "PO-0000"), 1)
 
         # Online activation, as the agent does it: self-signed request, CA pinned.
         agent_key = SigningKey.generate()

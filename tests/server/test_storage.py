@@ -140,7 +140,7 @@ def test_the_models_match_the_migrations(database: Database) -> None:
 
 def test_the_latest_migrations_go_down_and_up_again(database: Database) -> None:
     """A release can be rolled back: the newest migrations' downgrades run and restore what
-    their upgrades replaced (0008: the portal's tables; 0007: blacklist_hits.suppressed;
+    their upgrades replaced (0009: orders; 0008: the portal's tables; 0007: blacklist_hits.suppressed;
     0006, on PostgreSQL: the check-in batch function of migration 0005)."""
     from alembic import command
     from sqlalchemy import inspect
@@ -170,7 +170,7 @@ def test_the_latest_migrations_go_down_and_up_again(database: Database) -> None:
     before, columns_before, tables_before = record_function(), hit_columns(), tables()
     upgrade(database)
     after, columns_after, tables_after = record_function(), hit_columns(), tables()
-    assert tables_after - tables_before == {"portal_users", "portal_sessions"}
+    assert tables_after - tables_before == {"portal_users", "portal_sessions", "orders"}
     with database.read() as session:
         version = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
     assert version == ScriptDirectory.from_config(alembic_config()).get_current_head()

@@ -10,6 +10,7 @@ from tessera.cli import (  # noqa: F401  (register verbs)
     keys,
     lease_cmds,
     offline,
+    order_cmds,
     recovery_cmds,
     relay_cmds,
     security_cmds,

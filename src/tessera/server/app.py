@@ -42,6 +42,7 @@ from tessera.server import (
     catalog,
     leases,
     licenses,
+    orders,
     recovery,
     users,
     webhooks,
@@ -74,6 +75,8 @@ from tessera.server.schemas import (
     LicenseSummary,
     LicenseUpdate,
     OfflineActivation,
+    OrderOut,
+    OrderSummary,
     PartnerIn,
     PartnerOut,
     ProductIn,
@@ -692,6 +695,42 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             ]
 
         return await in_transaction(work, credentials, write=False)
+
+    # ------------------------------------------------------------------ orders
+
+    @admin.get("/api/v1/orders", response_model=list[OrderSummary], tags=["orders"], responses=_ERRORS)
+    async def list_orders(
+        customer_id: int | None = Query(None, ge=1, le=2**31 - 1),
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0, le=2**31 - 1),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> Any:
+        """Orders, newest first (an order is made by the first license issued for it)."""
+        return await in_transaction(
+            lambda s, p: orders.list_orders(s, p, customer_id=customer_id, limit=limit, offset=offset),
+            credentials,
+            write=False,
+        )
+
+    @admin.get("/api/v1/orders/{number}", response_model=OrderOut, tags=["orders"], responses=_ERRORS)
+    async def show_order(
+        number: str = Path(max_length=100), credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> Any:
+        return await in_transaction(
+            lambda s, p: orders.order_view(s, orders.get_order(s, p, number)), credentials, write=False
+        )
+
+    @admin.post("/api/v1/orders/{number}/cancel", response_model=OrderOut, tags=["orders"], responses=_ERRORS)
+    async def cancel_order(
+        number: str = Path(max_length=100), credentials: HTTPAuthorizationCredentials | None = Auth
+    ) -> Any:
+        """Cancel the order: each of its active licenses is revoked (a central change that
+        reaches the installations at their next check-in); no license can be issued for it
+        any more."""
+        now = state.now()
+        return await in_transaction(
+            lambda s, p: orders.order_view(s, orders.cancel_order(s, p, number, now)), credentials, write=True
+        )
 
     @offline.post(
         "/api/v1/activate-offline",

@@ -56,6 +56,7 @@ from tessera.server.models import (
     LicenseRow,
     Machine,
 )
+from tessera.server.orders import ensure_order
 from tessera.server.schemas import MAX_BULK, BulkLicenseIn
 from tessera.server.tokens import Principal
 
@@ -162,6 +163,8 @@ def issue_bulk(
     if (data.count is None) == (data.locking_ids is None):
         raise Invalid("count: give either count or locking_ids (exactly one of them)")
     customer, product, partner, version = check_template(session, principal, data)
+    if data.order:
+        ensure_order(session, principal, data.order, customer, now)
     locking_ids = data.locking_ids
     if locking_ids is not None:
         if data.binding is not Binding.MACHINE:

@@ -37,6 +37,7 @@ from tessera.server.models import (
     Product,
     SerialCounter,
 )
+from tessera.server.orders import ensure_order
 from tessera.server.schemas import EntitlementIn, LicenseIn, LicenseUpdate
 from tessera.server.tokens import Principal, Role, require
 
@@ -437,6 +438,8 @@ def issue_license(
 ) -> tuple[LicenseRow, str]:
     """Create the license; return it and its license key (the only time the key exists)."""
     customer, product, partner, version = check_template(session, principal, data)
+    if data.order:
+        ensure_order(session, principal, data.order, customer, now)
     key = generate_license_key()
     row = LicenseRow(
         serial=next_serial(session, now.year),

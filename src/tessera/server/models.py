@@ -43,6 +43,7 @@ __all__ = [
     "LicenseRevision",
     "LicenseRow",
     "Machine",
+    "Order",
     "Partner",
     "PortalSession",
     "PortalUser",
@@ -172,7 +173,7 @@ class LicenseRow(Base):
     recovery_old_container: Mapped[str] = mapped_column(String(16), default="blacklist")
     #: Extra recoveries support has authorized and that are not used yet.
     recoveries_authorized: Mapped[int] = mapped_column(Integer, default=0)
-    order_ref: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    order_ref: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)
     #: Encrypt the entitlements of every file shipped (key derived from the license key).
     sealed: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
@@ -266,6 +267,19 @@ class ApiToken(Base):
     customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Order(Base):
+    """An order of the vendor's (its number from the ERP) and the customer it is for; the
+    licenses that fulfil it carry its number in ``licenses.order_ref``."""
+
+    __tablename__ = "orders"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    number: Mapped[str] = mapped_column(String(100), unique=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    cancelled_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
 class PortalUser(Base):

@@ -33,6 +33,9 @@ __all__ = [
     "LicenseSummary",
     "LicenseUpdate",
     "OfflineActivation",
+    "OrderLicense",
+    "OrderOut",
+    "OrderSummary",
     "PartnerIn",
     "PartnerOut",
     "ProductIn",
@@ -285,6 +288,31 @@ class TokenOut(BaseModel):
     name: str
     role: Role
     token: str = Field(description="The secret, shown this once.")
+
+
+class OrderSummary(BaseModel):
+    number: str
+    customer_id: int
+    status: Literal["open", "cancelled"]
+    created_at: datetime
+    cancelled_at: datetime | None
+    licenses: int = Field(description="How many licenses fulfil the order.")
+
+
+class OrderLicense(BaseModel):
+    serial: str
+    status: str
+    product: str
+    machines_allowed: int
+
+
+class OrderOut(BaseModel):
+    number: str
+    customer_id: int
+    status: Literal["open", "cancelled"]
+    created_at: datetime
+    cancelled_at: datetime | None
+    licenses: list[OrderLicense]
 
 
 Username = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._@-]{2,63}$", examples=["maria.keller"])]

@@ -76,6 +76,7 @@ EVENTS = (
     "checkpoint.overdue",
     "credential.issued",
     "lease.denied",
+    "order.cancelled",
 )
 SIGNATURE_HEADER = "Tessera-Signature"
 MAX_ERROR = 300
