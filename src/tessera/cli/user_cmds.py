@@ -134,37 +134,22 @@ def user_password(
     _report(result, as_json, f"user {username}: new password set")
 
 
-@user_app.command("disable")
-def user_disable(
-    username: str = typer.Argument(...),
-    url: str | None = URL,
-    token: str | None = TOKEN,
-    ca: Path | None = CA,
-    as_json: bool = JSON,
-) -> None:
-    """Stop a user signing in; their portal sessions end."""
-    _report(_update(username, {"disabled": True}, url, token, ca), as_json, f"user {username} disabled")
+def _switch(name: str, body: dict[str, Any], done: str, doc: str) -> None:
+    """Register ``user NAME USERNAME``: one PATCH with ``body``, reported as ``done``."""
+
+    def command(
+        username: str = typer.Argument(...),
+        url: str | None = URL,
+        token: str | None = TOKEN,
+        ca: Path | None = CA,
+        as_json: bool = JSON,
+    ) -> None:
+        _report(_update(username, body, url, token, ca), as_json, f"user {username} {done}")
+
+    command.__doc__ = doc
+    user_app.command(name)(command)
 
 
-@user_app.command("enable")
-def user_enable(
-    username: str = typer.Argument(...),
-    url: str | None = URL,
-    token: str | None = TOKEN,
-    ca: Path | None = CA,
-    as_json: bool = JSON,
-) -> None:
-    """Let a disabled user sign in again."""
-    _report(_update(username, {"disabled": False}, url, token, ca), as_json, f"user {username} enabled")
-
-
-@user_app.command("unlock")
-def user_unlock(
-    username: str = typer.Argument(...),
-    url: str | None = URL,
-    token: str | None = TOKEN,
-    ca: Path | None = CA,
-    as_json: bool = JSON,
-) -> None:
-    """End the lockout after too many wrong passwords."""
-    _report(_update(username, {"unlock": True}, url, token, ca), as_json, f"user {username} unlocked")
+_switch("disable", {"disabled": True}, "disabled", "Stop a user signing in; their portal sessions end.")
+_switch("enable", {"disabled": False}, "enabled", "Let a disabled user sign in again.")
+_switch("unlock", {"unlock": True}, "unlocked", "End the lockout after too many wrong passwords.")
