@@ -194,7 +194,28 @@ def _journey(tmp_path: Path, db_url: str | None, browser: Any) -> None:
         assert [p.split("status of ")[-1] for p in problems] == ["401 (Unauthorized)", "403 (Forbidden)"], (
             problems
         )
+        problems.clear()
         context.close()
+
+        # Sales revokes the other license from its page: an htmx-boosted form behind a
+        # confirmation dialog, under the same CSP.
+        cli("user", "create", "ops", "--role", "sales", "--password-file", "password")
+        staff = browser.new_context(ignore_https_errors=True).new_page()
+        staff.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        staff.on("pageerror", lambda e: problems.append(str(e)))
+        asked: list[str] = []
+        staff.on("dialog", lambda d: (asked.append(d.message), d.accept()))
+        staff.goto(f"{url}/portal/licenses/{foreign['serial']}")
+        staff.fill("input[name=username]", "ops")
+        staff.fill("input[name=password]", PASSWORD)
+        staff.click("button[type=submit]")
+        staff.wait_for_url(f"{url}/portal/licenses/{foreign['serial']}")
+        staff.click("button:has-text('Revoke license')")
+        staff.wait_for_selector("button:has-text('Reactivate license')")
+        assert asked and asked[0].startswith(f"Revoke license {foreign['serial']}?")
+        shown = json.loads(cli("license", "show", foreign["serial"], "--json").stdout)
+        assert shown["status"] == "revoked"
+        assert problems == [], problems
 
         # The admin's other verbs: a new password (generated, shown once), disable, enable.
         fresh = json.loads(cli("user", "password", "alice", "--json").stdout)["password"]

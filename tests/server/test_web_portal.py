@@ -318,3 +318,65 @@ def test_page_views_keep_a_session_alive_until_it_idles(
         assert client.get("/portal/licenses").status_code == 200
     clock.advance(users.IDLE_TIMEOUT + timedelta(seconds=1))
     assert client.get("/portal/licenses").status_code == 303
+
+
+def test_staff_revoke_and_reactivate_a_license(state: ServerState, world: dict[str, Any]) -> None:
+    serial = world["bob"][0]
+    staff = portal(state)
+    sign_in(staff, "staff")
+    page = staff.get(f"/portal/licenses/{serial}")
+    assert "Revoke license" in page.text
+    revoked = staff.post(
+        f"/portal/licenses/{serial}/status", data={"csrf": csrf(page.text), "status": "revoked"}
+    )
+    assert revoked.status_code == 303 and revoked.headers["location"] == f"/portal/licenses/{serial}"
+    page = staff.get(f"/portal/licenses/{serial}")
+    assert "revoked" in page.text and "Reactivate license" in page.text
+    bad = staff.post(f"/portal/licenses/{serial}/status", data={"csrf": csrf(page.text), "status": "gone"})
+    assert bad.status_code == 422
+    assert (
+        staff.post(
+            f"/portal/licenses/{serial}/status", data={"csrf": csrf(page.text), "status": "active"}
+        ).status_code
+        == 303
+    )
+    with state.db.read() as session:
+        row = licenses.get_license(session, serial)
+        assert row.status == "active" and row.revision == 3  # two central changes
+    for name in ("viewer", "alice"):
+        other = portal(state)
+        sign_in(other, name)
+        token = csrf(other.get("/portal/licenses").text)
+        assert "Revoke license" not in other.get(f"/portal/licenses/{world['alice'][0]}").text
+        refused = other.post(
+            f"/portal/licenses/{world['alice'][0]}/status", data={"csrf": token, "status": "revoked"}
+        )
+        assert refused.status_code == 403
+
+
+def test_orders_in_the_portal(state: ServerState, world: dict[str, Any], admin: Principal) -> None:
+    staff = portal(state)
+    sign_in(staff, "staff")
+    listed = staff.get("/portal/orders")
+    assert listed.status_code == 200 and "bob-order" in listed.text
+    detail = staff.get("/portal/orders/bob-order")
+    assert world["bob"][0] in detail.text and "Cancel order" not in detail.text  # support may not
+    refused = staff.post("/portal/orders/bob-order/cancel", data={"csrf": csrf(detail.text)})
+    assert refused.status_code == 403
+    alice = portal(state)
+    sign_in(alice, "alice")
+    assert "bob-order" not in alice.get("/portal/orders").text
+    assert alice.get("/portal/orders/bob-order").status_code == 403
+    with state.db.write() as session:
+        users.create_user(
+            session, admin, username="boss", password=PASSWORD, role=Role.ADMIN, now=state.now()
+        )
+    boss = portal(state)
+    sign_in(boss, "boss")
+    detail = boss.get("/portal/orders/bob-order")
+    assert "Cancel order" in detail.text
+    done = boss.post("/portal/orders/bob-order/cancel", data={"csrf": csrf(detail.text)})
+    assert done.status_code == 303
+    after = boss.get("/portal/orders/bob-order")
+    assert "cancelled" in after.text and "Cancel order" not in after.text
+    assert boss.get(f"/portal/licenses/{world['bob'][0]}").text.count("revoked") >= 1

@@ -41,11 +41,12 @@ from starlette.datastructures import UploadFile
 
 from tessera.core.errors import FormatError, SignatureError, TesseraError
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest
-from tessera.server import activation, licenses, users
+from tessera.server import activation, licenses, orders, users
 from tessera.server.errors import RecordedRefusal, ServiceError
 from tessera.server.hsm import HsmError
 from tessera.server.outage import RETRY_AFTER_SECONDS, outage_reason
 from tessera.server.portal import PortalVerdict
+from tessera.server.schemas import LicenseUpdate
 from tessera.server.tokens import Role
 
 if TYPE_CHECKING:
@@ -61,6 +62,10 @@ PAGE_SIZE = 50
 MAX_CONCURRENT_SIGN_INS = 4
 #: Roles that may upload an offline request (readonly may not: it changes a license).
 _ACTIVATORS = frozenset({Role.ADMIN, Role.SUPPORT, Role.SALES, Role.PARTNER, Role.CUSTOMER})
+#: What the pages offer each role (the services check again: these only hide buttons).
+_CHANGERS = frozenset({Role.ADMIN, Role.SUPPORT, Role.SALES, Role.PARTNER})
+_CANCELLERS = frozenset({Role.ADMIN, Role.SALES})
+_ORDER_READERS = frozenset({Role.ADMIN, Role.SUPPORT, Role.SALES, Role.READONLY, Role.CUSTOMER})
 _HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -132,9 +137,13 @@ def portal_router(state: ServerState) -> APIRouter:
         status: int = 200,
         signed_in: users.SignedIn | None = None,
     ) -> HTMLResponse:
+        role = signed_in.principal.role if signed_in is not None else None
         context = {
             "user": signed_in,
-            "can_activate": signed_in is not None and signed_in.principal.role in _ACTIVATORS,
+            "can_activate": role in _ACTIVATORS,
+            "can_change": role in _CHANGERS,
+            "can_cancel": role in _CANCELLERS,
+            "sees_orders": role in _ORDER_READERS,
             "csrf": signed_in.csrf_token if signed_in is not None else "",
             "path": request.url.path,
             **values,
@@ -350,6 +359,55 @@ def portal_router(state: ServerState) -> APIRouter:
             return _Page("license.html", {"license": licenses.license_view(row)})
 
         return await page(request, work)
+
+    @router.post("/licenses/{serial}/status")
+    async def license_status(request: Request, serial: str) -> Response:
+        """Revoke or reactivate: a central change, as ``license update`` makes it."""
+        form = await _form(request)
+        if isinstance(form, Response):
+            return form
+        status = _text(form.get("status"))
+        now = state.now()
+
+        def work(session: Session, signed_in: users.SignedIn) -> _Page:
+            if status not in ("active", "revoked"):
+                return _Page("error.html", {"status": 422, "message": "status: active or revoked"}, 422)
+            update = LicenseUpdate.model_validate({"status": status})
+            licenses.update_license(session, signed_in.principal, serial[:64], update, now)
+            return _Page(redirect=f"/portal/licenses/{quote(serial[:64], safe='')}")
+
+        return await page(request, work, form=form)
+
+    # ------------------------------------------------------------------ orders
+
+    @router.get("/orders")
+    async def order_list(request: Request) -> Response:
+        def work(session: Session, signed_in: users.SignedIn) -> _Page:
+            rows = orders.list_orders(session, signed_in.principal, customer_id=None, limit=200, offset=0)
+            return _Page("orders.html", {"orders": rows})
+
+        return await page(request, work)
+
+    @router.get("/orders/{number}")
+    async def order_detail(request: Request, number: str) -> Response:
+        def work(session: Session, signed_in: users.SignedIn) -> _Page:
+            order = orders.get_order(session, signed_in.principal, number[:100])
+            return _Page("order.html", {"order": orders.order_view(session, order)})
+
+        return await page(request, work)
+
+    @router.post("/orders/{number}/cancel")
+    async def order_cancel(request: Request, number: str) -> Response:
+        form = await _form(request)
+        if isinstance(form, Response):
+            return form
+        now = state.now()
+
+        def work(session: Session, signed_in: users.SignedIn) -> _Page:
+            orders.cancel_order(session, signed_in.principal, number[:100], now)
+            return _Page(redirect=f"/portal/orders/{quote(number[:100], safe='')}")
+
+        return await page(request, work, form=form)
 
     # ------------------------------------------------------------------ offline activation
 
