@@ -5,10 +5,13 @@ sees where the key is. Real processes, real TLS, a real PKCS#11 module."""
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 from pathlib import Path
 
-from ..server.processes import clean_env, running_server, tessera
+import httpx
+
+from ..server.processes import clean_env, free_port, running_server, tessera
 from ..server.softhsm import new_token
 from .conftest import assert_one_line_error
 
@@ -77,3 +80,72 @@ def test_a_server_whose_vendor_key_lives_in_an_hsm(tmp_path: Path) -> None:
     assert measures["vendor-key-encrypted"]["executed"] == "yes"
     assert token.label in measures["vendor-key-encrypted"]["finding"]
     assert measures["key-passphrase-apart"]["executed"] == "n/a"
+
+
+def test_an_existing_vendor_key_moves_into_an_hsm(tmp_path: Path) -> None:
+    """``server hsm-import``: a server that has signed with vendor.key goes on signing with
+    the same key from the token; the agent activated before keeps checking in, unchanged."""
+    token = new_token()
+    hsm = ["--hsm-module", str(token.module), "--hsm-token", token.label]
+    data = tmp_path / "server"
+    env = clean_env(SOFTHSM2_CONF=str(token.conf), TESSERA_HSM_PIN=token.pin)
+    init = tessera("server", "init", "--data-dir", str(data), "--json", env=env)
+    assert init.returncode == 0, init.stderr
+    info = json.loads(init.stdout)
+    ca, vendor_pub = info["ca"], info["vendor_key"]
+    agent = clean_env(TESSERA_VENDOR_KEY=vendor_pub, TESSERA_AGENT_DIR=str(tmp_path / "agent"))
+
+    def run_agent(*args: str) -> subprocess.CompletedProcess[str]:
+        return tessera("agent", *args, env=agent, cwd=tmp_path)
+
+    port = free_port()  # the agent keeps the server's address: the same port both times
+    with running_server(data, tls=True, ca=ca, env=env, port=port) as url:
+        admin = {**env, "TESSERA_URL": url, "TESSERA_TOKEN": info["admin_token"], "TESSERA_CA": ca}
+        for args in (
+            ["product", "create", "cortex", "--name", "CortexDB", "--feature", "uniplex"],
+            ["customer", "create", "Acme"],
+        ):
+            assert tessera(*args, env=admin).returncode == 0
+        issue = ["license", "issue", "--customer", "1", "--product", "cortex", "--feature", "uniplex=2"]
+        issued = tessera(*issue, "--json", env=admin)
+        key = json.loads(issued.stdout)["key"]
+        assert run_agent("activate", "--server", url, "--ca", ca, "--key", key).returncode == 0
+    before = (data / "tessera.toml").read_text()
+
+    # Bad input changes nothing: a wrong PIN, a missing module.
+    wrong = tessera(
+        "server", "hsm-import", "--data-dir", str(data), *hsm, env={**env, "TESSERA_HSM_PIN": "9999"}
+    )
+    assert "wrong PIN" in assert_one_line_error(wrong, 2)
+    missing = tessera("server", "hsm-import", "--data-dir", str(data), "--hsm-module", "/nope.so",
+                      "--hsm-token", token.label, env=env)  # fmt: skip
+    assert "does not exist" in assert_one_line_error(missing, 2)
+    assert (data / "tessera.toml").read_text() == before
+
+    moved = tessera(
+        "server", "hsm-import", "--data-dir", str(data), *hsm, "--remove-key-file", "--json", env=env
+    )
+    assert moved.returncode == 0, moved.stderr
+    report = json.loads(moved.stdout)
+    assert report["hsm"] == {"token": token.label, "key": "tessera-vendor"}
+    # (the passphrase came from the environment: no generated passphrase file to remove)
+    assert [Path(p).name for p in report["removed"]] == ["vendor.key"]
+    assert not (data / "vendor.key").exists() and "[hsm]" in (data / "tessera.toml").read_text()
+    again = tessera("server", "hsm-import", "--data-dir", str(data), *hsm, env=env)
+    assert "already" in assert_one_line_error(again, 2)
+
+    with running_server(data, tls=True, ca=ca, env=env, port=port) as url:
+        health = json.loads(tessera("agent", "status", "--json", env=agent).stdout)
+        assert health["state"] == "normal"
+        connected = run_agent("connect")  # answers signed in the token, the old keyring
+        assert connected.returncode == 0, connected.stderr
+        assert run_agent("check", "uniplex").returncode == 0
+        assert key_id(url, ca) == report["key_id"]
+    checklist = tessera("security", "checklist", "--data-dir", str(data), "--format", "json", env=env)
+    measures = {m["id"]: m for m in json.loads(checklist.stdout)["measures"]}
+    assert measures["vendor-key-encrypted"]["executed"] == "yes"
+
+
+def key_id(url: str, ca: str) -> str:
+    answer = httpx.get(f"{url}/api/v1/health", verify=ssl.create_default_context(cafile=ca))
+    return str(answer.json()["key_id"])

@@ -84,6 +84,56 @@ def init(
     console.print("the admin token is shown only this once")
 
 
+@server_app.command("hsm-import")
+def hsm_import(
+    data_dir: Path = typer.Option(DEFAULT_DATA_DIR, "--data-dir", help="The server's data directory."),
+    hsm_module: Path = typer.Option(..., "--hsm-module", help="The HSM's PKCS#11 module."),
+    hsm_token: str = typer.Option(..., "--hsm-token", help="The HSM token's label."),
+    hsm_key: str = typer.Option("tessera-vendor", "--hsm-key", help="The label the key gets in the token."),
+    remove_key_file: bool = typer.Option(
+        False,
+        "--remove-key-file",
+        help="Delete vendor.key (and a generated passphrase file) once the token signs with it. "
+        "Keep a backup of the key elsewhere first: it is its last copy outside the token.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Move the existing vendor key into an HSM (PKCS#11); the server then signs there.
+
+    The same key moves, so every license issued and every agent's keyring stay valid. Run
+    it with the server stopped; the PIN comes from TESSERA_HSM_PIN or TESSERA_HSM_PIN_FILE,
+    the key file's passphrase as for `server run`.
+    """
+    from tessera.server.config import HsmConfig
+    from tessera.server.setup import move_key_to_hsm
+
+    if not hsm_token.strip() or not hsm_key.strip():
+        fail("--hsm-token and --hsm-key must not be empty")
+    hsm = HsmConfig(module=hsm_module.absolute(), token=hsm_token, key=hsm_key)
+    try:
+        moved = move_key_to_hsm(data_dir, hsm, remove_key_file=remove_key_file)
+    except ConfigError as exc:
+        fail(str(exc))
+    if as_json:
+        emit_json(
+            {
+                "key_id": moved.key_id,
+                "hsm": {"token": hsm.token, "key": hsm.key},
+                "removed": [str(p) for p in moved.removed],
+            }
+        )
+        return
+    console.print(f"vendor key {moved.key_id} is in HSM token {hsm.token!r}, label {hsm.key!r}", markup=False)
+    for path in moved.removed:
+        console.print(f"removed {path}", markup=False)
+    if not moved.removed:
+        console.print(
+            "vendor.key is still in the data directory: once its backup is safe elsewhere, delete it "
+            "(the security checklist reports it until then)",
+            markup=False,
+        )
+
+
 @server_app.command("run")
 def run(
     data_dir: Path = typer.Option(DEFAULT_DATA_DIR, "--data-dir", help="An initialized data directory."),

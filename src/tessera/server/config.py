@@ -200,18 +200,18 @@ def render_config(config: ServerConfig) -> str:
         f"offline_activation = {'true' if config.offline_activation else 'false'}\n"
         f"web_portal = {'true' if config.web_portal else 'false'}\n"
         f"metrics = {'true' if config.metrics else 'false'}\n"
-    ) + (
-        ""
-        if config.hsm is None
-        else (
-            "\n"
-            "# The vendor key lives in this HSM (PKCS#11); its PIN comes from TESSERA_HSM_PIN\n"
-            "# or the file TESSERA_HSM_PIN_FILE names, never from here.\n"
-            "[hsm]\n"
-            f"module = {toml_string(str(config.hsm.module))}\n"
-            f"token = {toml_string(config.hsm.token)}\n"
-            f"key = {toml_string(config.hsm.key)}\n"
-        )
+    ) + ("" if config.hsm is None else "\n" + hsm_section(config.hsm))
+
+
+def hsm_section(hsm: HsmConfig) -> str:
+    """The ``[hsm]`` table of tessera.toml (``server init`` and ``server hsm-import``)."""
+    return (
+        "# The vendor key lives in this HSM (PKCS#11); its PIN comes from TESSERA_HSM_PIN\n"
+        "# or the file TESSERA_HSM_PIN_FILE names, never from here.\n"
+        "[hsm]\n"
+        f"module = {toml_string(str(hsm.module))}\n"
+        f"token = {toml_string(hsm.token)}\n"
+        f"key = {toml_string(hsm.key)}\n"
     )
 
 

@@ -30,7 +30,15 @@ from tessera.core.errors import KeyFileError
 from tessera.core.signing import PublicKey, SigningKey
 from tessera.server.config import HsmConfig
 
-__all__ = ["HsmError", "HsmSigningKey", "check_token", "generate_key", "open_signing_key", "read_pin"]
+__all__ = [
+    "HsmError",
+    "HsmSigningKey",
+    "check_token",
+    "generate_key",
+    "import_key",
+    "open_signing_key",
+    "read_pin",
+]
 
 #: RFC 8410's object identifier of Ed25519, DER-encoded: the key's CKA_EC_PARAMS.
 _ED25519_PARAMS = bytes.fromhex("06032b6570")
@@ -193,6 +201,54 @@ def generate_key(config: HsmConfig, pin: str) -> PublicKey:
         except pkcs11.PKCS11Error as exc:
             raise HsmError(f"token {config.token!r} cannot make an Ed25519 key: {_name(exc)}") from None
         return _public_key(public)
+    finally:
+        session.close()
+
+
+def import_key(config: HsmConfig, pin: str, key: SigningKey) -> PublicKey:
+    """Put an existing vendor key into the token (``server hsm-import``): the private half
+    sensitive and not extractable, the public half beside it, both under the label.
+
+    Moving the key that signed every license so far, rather than making a new one, keeps
+    the key id the agents' keyrings trust. Refuses a label in use, like :func:`generate_key`.
+    """
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    public = key.public.raw
+    session = _session(config, pin, rw=True)
+    try:
+        _refuse_taken_label(session, config)
+        common = {
+            Attribute.TOKEN: True,
+            Attribute.LABEL: config.key,
+            Attribute.KEY_TYPE: KeyType.EC_EDWARDS,
+            Attribute.EC_PARAMS: _ED25519_PARAMS,
+        }
+        try:
+            session.create_object(
+                {
+                    **common,
+                    Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                    Attribute.VALUE: key.to_raw(),
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.SIGN: True,
+                }
+            )
+            session.create_object(
+                {
+                    **common,
+                    Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                    Attribute.EC_POINT: b"\x04\x20" + public,  # a DER OCTET STRING, as generated
+                    Attribute.PRIVATE: False,
+                    Attribute.VERIFY: True,
+                }
+            )
+        except pkcs11.PKCS11Error as exc:
+            raise HsmError(f"token {config.token!r} cannot take the Ed25519 key: {_name(exc)}") from None
+        return PublicKey(public)
     finally:
         session.close()
 

@@ -17,8 +17,17 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from tessera.core.errors import KeyFileError
 from tessera.core.signing import Keyring, PublicKey, SigningKey
-from tessera.server.config import CONFIG_NAME, ConfigError, HsmConfig, ServerConfig, render_config
+from tessera.server.config import (
+    CONFIG_NAME,
+    ConfigError,
+    HsmConfig,
+    ServerConfig,
+    hsm_section,
+    load_config,
+    render_config,
+)
 from tessera.server.files import write_file
 from tessera.server.migrate import upgrade
 from tessera.server.storage import Database, describe_db_error, normalize_db_url, sqlite_file
@@ -143,3 +152,60 @@ def _create_private_sqlite_file(url: str) -> None:
         return
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """What ``server hsm-import`` did: the key id (unchanged) and the files it removed."""
+
+    key_id: str
+    removed: tuple[Path, ...]
+
+
+def move_key_to_hsm(data_dir: Path, hsm: HsmConfig, *, remove_key_file: bool) -> Moved:
+    """Put the data directory's ``vendor.key`` into the HSM and switch the server to it.
+
+    The same key, not a new one: every license already issued and every agent's keyring
+    stay valid. Checked first: the file key opens and is the one ``vendor.pub`` publishes,
+    the token takes the PIN and the label is free. After the import the token must sign
+    exactly as the file key does before ``[hsm]`` goes into tessera.toml. The key file
+    (and a generated passphrase file) is removed only when asked: it is the key's last copy
+    outside the token, so the operator decides where its backup lives.
+    """
+    from tessera.server.hsm import HsmError, import_key, open_signing_key
+
+    data_dir = data_dir.resolve()
+    config = load_config(data_dir)
+    if config.hsm is not None:
+        raise ConfigError(f"the vendor key of {data_dir} is in HSM token {config.hsm.token!r} already")
+    key = config.load_signing_key()
+    try:
+        published = Keyring.loads(config.vendor_pub.read_text(encoding="ascii"))
+    except (OSError, ValueError, KeyFileError) as exc:
+        raise ConfigError(f"{config.vendor_pub}: {exc}") from None
+    if key.key_id not in published:
+        raise ConfigError(f"{config.vendor_key} is not the key {config.vendor_pub} publishes")
+    pin = _checked_pin(hsm)
+    try:
+        import_key(hsm, pin, key)
+        in_token = open_signing_key(hsm, pin)
+    except HsmError as exc:
+        raise ConfigError(f"HSM: {exc}") from None
+    try:
+        probe = b"tessera hsm-import probe"
+        if in_token.key_id != key.key_id or in_token.sign(probe) != key.sign(probe):
+            raise ConfigError(
+                f"HSM: the key in token {hsm.token!r} does not sign as {config.vendor_key} does"
+            )
+    finally:
+        in_token.close()
+    text = config.config_file.read_text(encoding="utf-8")
+    write_file(config.config_file, (text.rstrip("\n") + "\n\n" + hsm_section(hsm)).encode("utf-8"))
+    load_config(data_dir)  # what was written reads back
+    removed: list[Path] = []
+    if remove_key_file:
+        for path in (config.vendor_key, config.passphrase_file):
+            if path.exists():
+                path.unlink()
+                removed.append(path)
+    return Moved(key.key_id, tuple(removed))
