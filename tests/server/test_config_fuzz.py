@@ -16,6 +16,7 @@ from tessera.server.storage import Database
 
 VALID = (
     '[server]\ndatabase = "sqlite:///x.db"\n\n[interfaces]\nadmin_api = true\noffline_activation = false\n'
+    "web_portal = true\nmetrics = false\n"
     '\n[hsm]\nmodule = "/usr/lib/softhsm/libsofthsm2.so"\ntoken = "tessera"\nkey = "tessera-vendor"\n'
 )
 VALID_RELAY = '[relay]\nupstream = "https://core.internal:7790"\ntimeout_seconds = 10.0\n'
@@ -36,7 +37,17 @@ def test_any_config_file_loads_or_is_a_config_error(data: st.DataObject) -> None
     for _ in range(data.draw(st.integers(1, 3))):
         i = data.draw(st.integers(0, len(lines) - 1))
         if data.draw(st.booleans()):
-            keys = ["database", "admin_api", "offline_activation", "module", "token", "key", "x"]
+            keys = [
+                "database",
+                "admin_api",
+                "offline_activation",
+                "web_portal",
+                "metrics",
+                "module",
+                "token",
+                "key",
+                "x",
+            ]
             key = data.draw(st.sampled_from(keys))
             lines[i] = f"{key} = {data.draw(toml_values)}"
         else:
