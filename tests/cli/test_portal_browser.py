@@ -224,5 +224,7 @@ def _journey(tmp_path: Path, db_url: str | None, browser: Any) -> None:
         assert json.loads(cli("user", "list", "--json").stdout)["users"][0]["disabled"] is True
         cli("user", "enable", "alice")
         cli("user", "unlock", "alice")
+        cli("user", "reset-2fa", "alice")
+        assert json.loads(cli("user", "list", "--json").stdout)["users"][0]["two_factor"] is False
         missing = tessera("user", "disable", "nobody", env=env, cwd=tmp_path)
         assert missing.returncode == 1 and "user 'nobody' not found" in missing.stderr

@@ -27,7 +27,10 @@ from .helpers import agent, setup_license
 pytestmark = pytest.mark.fuzz
 
 PASSWORD = "tidal-orbit-cactus-lantern"
-FIELDS = ["csrf", "status", "current", "new", "repeat", "username", "password", "next", "request", "x"]
+FIELDS = [
+    "csrf", "status", "current", "new", "repeat", "username", "password", "next", "request", "code",
+    "secret", "proof", "x",
+]  # fmt: skip
 
 
 def _portal(tmp_path: Path) -> tuple[TestClient, str, str, bytes]:
@@ -55,13 +58,17 @@ def test_no_form_post_breaks_the_portal(tmp_path: Path) -> None:
         "/portal/login",
         "/portal/activate",
         "/portal/account",
+        "/portal/account/two-factor/start",
+        "/portal/account/two-factor/enable",
+        "/portal/account/two-factor/disable",
         f"/portal/licenses/{serial}/status",
         "/portal/licenses/2099-000001/status",
         "/portal/orders/PO-1/cancel",
         "/portal/orders/%00/cancel",
     ]
     values = st.one_of(
-        st.text(max_size=80), st.sampled_from([csrf, "active", "revoked", PASSWORD, "/portal/x"])
+        st.text(max_size=80),
+        st.sampled_from([csrf, "active", "revoked", PASSWORD, "/portal/x", "123456", "JBSWY3DPEHPK3PXP"]),
     )
     uploads = st.one_of(st.none(), st.binary(max_size=300), st.just(request_file))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pyotp
 import pytest
 from sqlalchemy import func, select
 
@@ -238,3 +239,93 @@ def test_a_customer_user_is_scoped_to_its_customer(state: ServerState, admin: Pr
     outcome = _sign_in(state, "buyer", GOOD)
     assert not isinstance(outcome, users.SignInRefused)
     assert outcome[1].principal.customer_id == customer_id and outcome[1].principal.role is Role.CUSTOMER
+
+
+def _two_factor(
+    state: ServerState, admin: Principal, clock: ManualClock
+) -> tuple[users.SignedIn, pyotp.TOTP]:
+    """maria.keller with two-step sign-in on (set up as the portal does it)."""
+    _user(state, admin)
+    outcome = _sign_in(state, "maria.keller", GOOD)
+    assert not isinstance(outcome, users.SignInRefused)
+    offer = users.offer_totp(outcome[1], state.pepper)
+    totp = pyotp.TOTP(offer.secret)
+    with state.db.write() as session, pytest.raises(Invalid, match="expired"):
+        users.enable_totp(
+            session, outcome[1], offer.secret, "0" * 64, totp.at(state.now()), state.now(), state.pepper
+        )
+    with state.db.write() as session, pytest.raises(Invalid, match="wrong code"):
+        users.enable_totp(session, outcome[1], offer.secret, offer.proof, "000000", state.now(), state.pepper)
+    with state.db.write() as session:
+        users.enable_totp(
+            session, outcome[1], offer.secret, offer.proof, totp.at(state.now()), state.now(), state.pepper
+        )
+    clock.advance(timedelta(seconds=30))
+    return outcome[1], totp
+
+
+def test_two_step_sign_in_needs_a_fresh_code(
+    state: ServerState, admin: Principal, clock: ManualClock
+) -> None:
+    _, totp = _two_factor(state, admin, clock)
+    with state.db.read() as session:
+        stored = session.execute(select(PortalUser.totp_secret)).scalar_one()
+    assert stored is not None and totp.secret not in stored  # sealed at rest
+
+    def attempt(code: str) -> tuple[str, users.SignedIn] | users.SignInRefused:
+        with state.db.write() as session:
+            return users.sign_in(session, "maria.keller", GOOD, state.now(), code=code, pepper=state.pepper)
+
+    assert attempt("") == users.SignInRefused("enter the 6-digit code from your authenticator app")
+    assert attempt("123") == users.SignInRefused("wrong code from the authenticator app")
+    code = totp.at(state.now())
+    signed = attempt(code)
+    assert not isinstance(signed, users.SignInRefused) and signed[1].two_factor
+    assert attempt(code) == users.SignInRefused("this code was used already: wait for the next one")
+    clock.advance(timedelta(seconds=30))
+    assert not isinstance(attempt(totp.at(state.now())), users.SignInRefused)
+    # Wrong codes count towards the lockout like wrong passwords.
+    for _ in range(users.MAX_FAILED_LOGINS):
+        attempt("000000")
+    locked = attempt(totp.at(state.now() + timedelta(seconds=30)))
+    assert isinstance(locked, users.SignInRefused) and "locked" in locked.reason
+    # A code from the wrong password's attempt never gets checked: same answer as always.
+    with state.db.write() as session:
+        users.update_user(session, admin, "maria.keller", now=state.now(), unlock=True)
+        wrong = users.sign_in(
+            session, "maria.keller", "not-it", state.now(), code="000000", pepper=state.pepper
+        )
+    assert wrong == users.SignInRefused("wrong user name or password")
+
+
+def test_two_step_sign_in_is_turned_off_with_a_code_or_by_an_admin(
+    state: ServerState, admin: Principal, clock: ManualClock
+) -> None:
+    signed_in, totp = _two_factor(state, admin, clock)
+    with state.db.write() as session, pytest.raises(Forbidden, match="code"):
+        users.disable_totp(session, signed_in, "000000", state.now(), state.pepper)
+    with state.db.write() as session:
+        users.disable_totp(session, signed_in, totp.at(state.now()), state.now(), state.pepper)
+    with state.db.write() as session:
+        assert users.sign_in(session, "maria.keller", GOOD, state.now(), pepper=state.pepper)
+    with state.db.write() as session:
+        offer = users.offer_totp(signed_in, state.pepper)
+        users.enable_totp(
+            session,
+            signed_in,
+            offer.secret,
+            offer.proof,
+            pyotp.TOTP(offer.secret).at(state.now()),
+            state.now(),
+            state.pepper,
+        )
+    with state.db.write() as session:
+        user = users.update_user(session, admin, "maria.keller", now=state.now(), reset_two_factor=True)
+        assert users.user_view(user, state.now())["two_factor"] is False
+        outcome = users.sign_in(session, "maria.keller", GOOD, state.now(), pepper=state.pepper)
+    assert not isinstance(outcome, users.SignInRefused)
+    with state.db.read() as session:
+        actions = (
+            session.execute(select(AuditEntry.action).where(AuditEntry.action.like("user.%"))).scalars().all()
+        )
+    assert actions.count("user.two-factor") == 3 and "user.update" in actions

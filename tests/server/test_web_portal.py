@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import unquote
 
+import pyotp
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -380,3 +381,51 @@ def test_orders_in_the_portal(state: ServerState, world: dict[str, Any], admin: 
     after = boss.get("/portal/orders/bob-order")
     assert "cancelled" in after.text and "Cancel order" not in after.text
     assert boss.get(f"/portal/licenses/{world['bob'][0]}").text.count("revoked") >= 1
+
+
+def test_two_step_sign_in_through_the_pages(
+    state: ServerState, world: dict[str, Any], clock: ManualClock, admin_token: str
+) -> None:
+    client = portal(state)
+    sign_in(client, "staff")
+    account = client.get("/portal/account")
+    assert "Set up two-step sign-in" in account.text
+    offer = client.post("/portal/account/two-factor/start", data={"csrf": csrf(account.text)})
+    assert offer.status_code == 200
+    secret = re.search(r'name="secret" value="([A-Z2-7]+)"', offer.text)
+    proof = re.search(r'name="proof" value="([0-9a-f]{64})"', offer.text)
+    assert secret and proof and "otpauth://totp/Tessera:staff?secret=" in offer.text
+    totp = pyotp.TOTP(secret.group(1))
+    fields = {"csrf": csrf(offer.text), "secret": secret.group(1), "proof": proof.group(1)}
+    wrong = client.post("/portal/account/two-factor/enable", data={**fields, "code": "000000"})
+    assert wrong.status_code == 422 and "wrong code" in wrong.text and secret.group(1) in wrong.text
+    done = client.post("/portal/account/two-factor/enable", data={**fields, "code": totp.at(state.now())})
+    assert done.status_code == 200 and "Two-step sign-in is on" in done.text
+    clock.advance(timedelta(seconds=30))
+
+    fresh = portal(state)
+    needs = sign_in(fresh, "staff")
+    assert needs.status_code == 401 and "enter the 6-digit code" in needs.text
+    ok = fresh.post(
+        "/portal/login", data={"username": "staff", "password": PASSWORD, "code": totp.at(state.now())}
+    )
+    assert ok.status_code == 303
+    api = TestClient(create_app(state), base_url=BASE, headers={"Authorization": f"Bearer {admin_token}"})
+    assert {u["username"]: u["two_factor"] for u in api.get("/api/v1/users").json()}["staff"] is True
+    reset = api.patch("/api/v1/users/staff", json={"reset_two_factor": True})
+    assert reset.status_code == 200 and reset.json()["two_factor"] is False
+    assert sign_in(portal(state), "staff").status_code == 303
+
+
+def test_a_forged_two_step_offer_is_refused(state: ServerState, world: dict[str, Any]) -> None:
+    """Found by the portal fuzz: a made-up secret sent back to the enable form."""
+    client = portal(state)
+    sign_in(client, "staff")
+    token = csrf(client.get("/portal/account").text)
+    for secret in ("x", "JBSWY3DPEHPK3PXP"):
+        forged = client.post(
+            "/portal/account/two-factor/enable",
+            data={"csrf": token, "secret": secret, "proof": "0" * 64, "code": "123456"},
+        )
+        assert forged.status_code == 422 and "set-up has expired" in forged.text
+        assert 'name="secret"' not in forged.text and "Set up two-step sign-in" in forged.text  # not offered

@@ -97,7 +97,7 @@ def user_list(
         emit_json({"users": result})
         return
     table = Table()
-    for column in ("user", "role", "customer", "partner", "state", "password changed"):
+    for column in ("user", "role", "customer", "partner", "state", "two-step", "password changed"):
         table.add_column(column)
     for u in result:
         state = "disabled" if u["disabled"] else "locked" if u["locked"] else "active"
@@ -107,6 +107,7 @@ def user_list(
             str(u["customer_id"] or ""),
             str(u["partner_id"] or ""),
             state,
+            "on" if u["two_factor"] else "off",
             u["password_changed_at"][:16].replace("T", " "),
         )
     console.print(table)
@@ -153,3 +154,9 @@ def _switch(name: str, body: dict[str, Any], done: str, doc: str) -> None:
 _switch("disable", {"disabled": True}, "disabled", "Stop a user signing in; their portal sessions end.")
 _switch("enable", {"disabled": False}, "enabled", "Let a disabled user sign in again.")
 _switch("unlock", {"unlock": True}, "unlocked", "End the lockout after too many wrong passwords.")
+_switch(
+    "reset-2fa",
+    {"reset_two_factor": True},
+    "signs in with the password alone again",
+    "Turn a user's two-step sign-in off (a lost phone); they can set it up again.",
+)

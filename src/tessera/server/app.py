@@ -947,8 +947,9 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
 
         def work(s: Session, p: Principal) -> dict[str, Any]:
             user = users.update_user(
-                s, p, username, now=now, password=password, disabled=data.disabled, unlock=data.unlock
-            )
+                s, p, username, now=now, password=password, disabled=data.disabled, unlock=data.unlock,
+                reset_two_factor=data.reset_two_factor,
+            )  # fmt: skip
             return {**users.user_view(user, now), "password": password if data.generate_password else None}
 
         return await in_transaction(work, credentials, write=True)

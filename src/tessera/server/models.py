@@ -299,6 +299,10 @@ class PortalUser(Base):
     #: Wrong passwords in a row; at the limit the account is locked until ``locked_until``.
     failed_logins: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    #: Two-step sign-in: the TOTP secret, AES-GCM-sealed under a key derived from the pepper,
+    #: and the time step of the last code accepted (a code counts once).
+    totp_secret: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    totp_last_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class PortalSession(Base):

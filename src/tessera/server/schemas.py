@@ -337,6 +337,8 @@ class UserUpdate(_In):
     disabled: bool | None = None
     #: End a lockout after too many wrong passwords.
     unlock: bool = False
+    #: Turn the user's two-step sign-in off (a lost phone); they can set it up again.
+    reset_two_factor: bool = False
 
 
 class UserOut(BaseModel):
@@ -346,6 +348,7 @@ class UserOut(BaseModel):
     partner_id: int | None
     disabled: bool
     locked: bool
+    two_factor: bool = Field(description="Signs in with a code from an authenticator app too.")
     created_at: datetime
     password_changed_at: datetime
     password: str | None = Field(None, description="A generated password, shown this once.")

@@ -15,7 +15,9 @@ names exist.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import re
 import secrets
 import unicodedata
@@ -40,11 +42,16 @@ __all__ = [
     "SESSION_LIFETIME",
     "SignInRefused",
     "SignedIn",
+    "TotpOffer",
     "change_own_password",
     "check_password",
     "create_user",
+    "disable_totp",
+    "enable_totp",
     "generate_password",
+    "genuine_offer",
     "list_users",
+    "offer_totp",
     "resolve_session",
     "sign_in",
     "sign_out",
@@ -121,6 +128,7 @@ def user_view(user: PortalUser, now: datetime) -> dict[str, object]:
         "partner_id": user.partner_id,
         "disabled": user.disabled,
         "locked": user.locked_until is not None and user.locked_until > now,
+        "two_factor": user.totp_secret is not None,
         "created_at": user.created_at.isoformat(),
         "password_changed_at": user.password_changed_at.isoformat(),
     }
@@ -198,9 +206,10 @@ def update_user(
     password: str | None = None,
     disabled: bool | None = None,
     unlock: bool = False,
+    reset_two_factor: bool = False,
 ) -> PortalUser:
-    """Set a new password, disable or enable, unlock (admins only). A new password or a
-    disabled account ends the user's sessions."""
+    """Set a new password, disable or enable, unlock, turn two-step sign-in off (a lost
+    phone) (admins only). A new password or a disabled account ends the user's sessions."""
     require(principal, Role.ADMIN)
     user = _user(session, username)
     changes: dict[str, object] = {}
@@ -217,6 +226,10 @@ def update_user(
             changes["unlocked"] = True
         user.failed_logins = 0
         user.locked_until = None
+    if reset_two_factor and user.totp_secret is not None:
+        user.totp_secret = None
+        user.totp_last_step = None
+        changes["two_factor"] = "reset"
     if password is not None or user.disabled:
         session.execute(delete(PortalSession).where(PortalSession.user_id == user.id))
     if changes:
@@ -242,6 +255,8 @@ class SignedIn:
     session_id: int
     #: The last request is over a minute ago: :func:`touch_session` should record this one.
     stale: bool = False
+    #: The user signs in with a code from an authenticator app as well.
+    two_factor: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,11 +273,18 @@ def _csrf(secret: str) -> str:
 
 
 def sign_in(
-    session: Session, username: str, password: str, now: datetime
+    session: Session,
+    username: str,
+    password: str,
+    now: datetime,
+    *,
+    code: str = "",
+    pepper: bytes = b"",
 ) -> tuple[str, SignedIn] | SignInRefused:
-    """Check the password; return a new session's secret (for the cookie) and who it is,
-    or why not: a wrong name or password (one message for both), a locked or disabled
-    account."""
+    """Check the password (and, for a user with two-step sign-in, the code); return a new
+    session's secret (for the cookie) and who it is, or why not: a wrong name or password
+    (one message for both), a missing, wrong or used code, a locked or disabled account.
+    A wrong code counts towards the lockout like a wrong password."""
     user = session.execute(
         select(PortalUser).where(PortalUser.username == username.strip().lower()).with_for_update()
     ).scalar_one_or_none()
@@ -275,18 +297,14 @@ def sign_in(
             f"{user.locked_until.strftime('%H:%M')} UTC (or until an administrator unlocks it)"
         )
     if not _verify(user.password_hash, password):
-        user.failed_logins += 1
-        if user.failed_logins >= MAX_FAILED_LOGINS:
-            user.locked_until = now + LOCKOUT
-            user.failed_logins = 0
-            audit.append(
-                session, at=now, actor=f"user/{user.username}", action="user.locked",
-                target=f"user:{user.username}",
-                details={"after_failed_logins": MAX_FAILED_LOGINS, "until": user.locked_until.isoformat()},
-            )  # fmt: skip
+        _fail(session, user, now)
         return SignInRefused("wrong user name or password")
     if user.disabled:
         return SignInRefused("this account is disabled")
+    if user.totp_secret is not None:
+        refused = _check_code(session, user, code, now, pepper)
+        if refused is not None:
+            return refused
     user.failed_logins = 0
     user.locked_until = None
     if _hasher.check_needs_rehash(user.password_hash):
@@ -301,7 +319,40 @@ def sign_in(
             PortalSession.user_id == user.id, PortalSession.last_seen_at < now - SESSION_LIFETIME
         )
     )
-    return secret, SignedIn(_principal(user), user.username, _csrf(secret), row.id)
+    return secret, SignedIn(
+        _principal(user), user.username, _csrf(secret), row.id, two_factor=user.totp_secret is not None
+    )
+
+
+def _fail(session: Session, user: PortalUser, now: datetime) -> None:
+    user.failed_logins += 1
+    if user.failed_logins >= MAX_FAILED_LOGINS:
+        user.locked_until = now + LOCKOUT
+        user.failed_logins = 0
+        audit.append(
+            session, at=now, actor=f"user/{user.username}", action="user.locked",
+            target=f"user:{user.username}",
+            details={"after_failed_logins": MAX_FAILED_LOGINS, "until": user.locked_until.isoformat()},
+        )  # fmt: skip
+
+
+def _check_code(
+    session: Session, user: PortalUser, code: str, now: datetime, pepper: bytes
+) -> SignInRefused | None:
+    """None when ``code`` is the user's current TOTP code, not used before."""
+    code = code.replace(" ", "").strip()
+    if not code:
+        return SignInRefused("enter the 6-digit code from your authenticator app")
+    assert user.totp_secret is not None
+    step = _code_step(_open_secret(pepper, user.id, user.totp_secret), code, now)
+    if step is None:
+        _fail(session, user, now)
+        return SignInRefused("wrong code from the authenticator app")
+    if user.totp_last_step is not None and step <= user.totp_last_step:
+        _fail(session, user, now)
+        return SignInRefused("this code was used already: wait for the next one")
+    user.totp_last_step = step
+    return None
 
 
 def _verify(encoded: str, password: str) -> bool:
@@ -324,7 +375,9 @@ def resolve_session(session: Session, secret: str | None, now: datetime) -> Sign
     if user.disabled or now - row.last_seen_at > IDLE_TIMEOUT or now - row.created_at > SESSION_LIFETIME:
         return None
     stale = now - row.last_seen_at >= _TOUCH_EVERY
-    return SignedIn(_principal(user), user.username, _csrf(secret), row.id, stale)
+    return SignedIn(
+        _principal(user), user.username, _csrf(secret), row.id, stale, user.totp_secret is not None
+    )
 
 
 def touch_session(session: Session, signed_in: SignedIn, now: datetime) -> None:
@@ -360,4 +413,111 @@ def change_own_password(session: Session, signed_in: SignedIn, current: str, new
     audit.append(
         session, at=now, actor=signed_in.principal.actor, action="user.password",
         target=f"user:{user.username}", details={},
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- two-step sign-in
+
+#: Codes of the step before and after the current one are accepted too (clock drift).
+CODE_WINDOW = 1
+_ISSUER = "Tessera"
+
+
+def _totp_key(pepper: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(hashes.SHA256(), 32, salt=None, info=b"tessera portal totp").derive(pepper)
+
+
+def _seal_secret(pepper: bytes, user_id: int, secret: str) -> str:
+    """The TOTP secret encrypted at rest: the database alone does not give it away."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = secrets.token_bytes(12)
+    sealed = AESGCM(_totp_key(pepper)).encrypt(nonce, secret.encode("ascii"), f"user:{user_id}".encode())
+    return base64.b64encode(nonce + sealed).decode("ascii")
+
+
+def _open_secret(pepper: bytes, user_id: int, sealed: str) -> str:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    raw = base64.b64decode(sealed)
+    return AESGCM(_totp_key(pepper)).decrypt(raw[:12], raw[12:], f"user:{user_id}".encode()).decode("ascii")
+
+
+def _code_step(secret: str, code: str, now: datetime) -> int | None:
+    """The time step ``code`` belongs to (within :data:`CODE_WINDOW`), or None."""
+    import pyotp
+    from pyotp.exceptions import OTPVerificationError
+
+    if not (code.isdigit() and len(code) == 6):
+        return None
+    try:
+        return int(pyotp.TOTP(secret).verify_and_get_timecode(code, for_time=now, valid_window=CODE_WINDOW))
+    except OTPVerificationError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class TotpOffer:
+    """A new secret for the user to put into an authenticator app, and the proof (an HMAC
+    under the pepper) that this server made it for this user, so the confirming form can
+    carry it back without the server keeping anything in between."""
+
+    secret: str
+    uri: str
+    proof: str
+
+
+def _offer_proof(pepper: bytes, username: str, secret: str) -> str:
+    return hmac.new(
+        _totp_key(pepper), f"offer\x00{username}\x00{secret}".encode(), hashlib.sha256
+    ).hexdigest()
+
+
+def genuine_offer(signed_in: SignedIn, secret: str, proof: str, pepper: bytes) -> bool:
+    """Whether this server offered ``secret`` to this user (the form carried it back)."""
+    return hmac.compare_digest(proof, _offer_proof(pepper, signed_in.username, secret))
+
+
+def offer_totp(signed_in: SignedIn, pepper: bytes) -> TotpOffer:
+    import pyotp
+
+    secret = pyotp.random_base32()
+    uri = pyotp.TOTP(secret).provisioning_uri(name=signed_in.username, issuer_name=_ISSUER)
+    return TotpOffer(secret, uri, _offer_proof(pepper, signed_in.username, secret))
+
+
+def enable_totp(
+    session: Session, signed_in: SignedIn, secret: str, proof: str, code: str, now: datetime, pepper: bytes
+) -> None:
+    """Turn two-step sign-in on once the user shows a code of the offered secret."""
+    if not genuine_offer(signed_in, secret, proof, pepper):
+        raise Invalid("code: this set-up has expired; start again")
+    step = _code_step(secret, code.replace(" ", ""), now)
+    if step is None:
+        raise Invalid("code: wrong code; check the app's clock and enter the code it shows now")
+    user = _user(session, signed_in.username)
+    user.totp_secret = _seal_secret(pepper, user.id, secret)
+    user.totp_last_step = step
+    audit.append(
+        session, at=now, actor=signed_in.principal.actor, action="user.two-factor",
+        target=f"user:{user.username}", details={"enabled": True},
+    )  # fmt: skip
+
+
+def disable_totp(session: Session, signed_in: SignedIn, code: str, now: datetime, pepper: bytes) -> None:
+    """Turn it off again; a current code is needed (not only the session)."""
+    user = _user(session, signed_in.username)
+    if user.totp_secret is None:
+        raise Invalid("code: two-step sign-in is off already")
+    step = _code_step(_open_secret(pepper, user.id, user.totp_secret), code.replace(" ", ""), now)
+    if step is None or (user.totp_last_step is not None and step <= user.totp_last_step):
+        raise Forbidden("code: wrong or used code")
+    user.totp_secret = None
+    user.totp_last_step = None
+    audit.append(
+        session, at=now, actor=signed_in.principal.actor, action="user.two-factor",
+        target=f"user:{user.username}", details={"enabled": False},
     )  # fmt: skip

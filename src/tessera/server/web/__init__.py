@@ -269,12 +269,13 @@ def portal_router(state: ServerState) -> APIRouter:
             return form
         username = _text(form.get("username"))[:200]
         password = _text(form.get("password"))[:2000]
+        code = _text(form.get("code"))[:20]
         target = _safe_next(_text(form.get("next")))
         now = state.now()
 
         def run() -> tuple[str, users.SignedIn] | users.SignInRefused:
             with state.db.write() as session:
-                return users.sign_in(session, username, password, now)
+                return users.sign_in(session, username, password, now, code=code, pepper=state.pepper)
 
         try:
             async with sign_ins:
@@ -495,6 +496,52 @@ def portal_router(state: ServerState) -> APIRouter:
 
         return await page(request, work, form=form)
 
+    @router.post("/account/two-factor/start")
+    async def two_factor_start(request: Request) -> Response:
+        form = await _form(request)
+        if isinstance(form, Response):
+            return form
+
+        def work(_session: Session, signed_in: users.SignedIn) -> _Page:
+            return _Page("account.html", {"offer": users.offer_totp(signed_in, state.pepper)})
+
+        return await page(request, work, form=form)
+
+    @router.post("/account/two-factor/enable")
+    async def two_factor_enable(request: Request) -> Response:
+        form = await _form(request)
+        if isinstance(form, Response):
+            return form
+        secret, proof = _text(form.get("secret"))[:64], _text(form.get("proof"))[:64]
+        code = _text(form.get("code"))[:20]
+        now = state.now()
+
+        def work(session: Session, signed_in: users.SignedIn) -> _Page:
+            try:
+                users.enable_totp(session, signed_in, secret, proof, code, now, state.pepper)
+            except ServiceError as exc:
+                # Offer the same secret again only if this server made it for this user.
+                genuine = users.genuine_offer(signed_in, secret, proof, state.pepper)
+                offer = users.TotpOffer(secret, _uri(secret, signed_in.username), proof) if genuine else None
+                return _Page("account.html", {"offer": offer, "two_factor_error": str(exc)}, exc.status)
+            return _Page("account.html", {"two_factor_done": "on"})
+
+        return await page(request, work, form=form)
+
+    @router.post("/account/two-factor/disable")
+    async def two_factor_disable(request: Request) -> Response:
+        form = await _form(request)
+        if isinstance(form, Response):
+            return form
+        code = _text(form.get("code"))[:20]
+        now = state.now()
+
+        def work(session: Session, signed_in: users.SignedIn) -> _Page:
+            users.disable_totp(session, signed_in, code, now, state.pepper)
+            return _Page("account.html", {"two_factor_done": "off"})
+
+        return await page(request, work, form=form)
+
     async def _form(request: Request) -> dict[str, Any] | Response:
         try:
             parsed = await request.form(max_files=1, max_fields=10, max_part_size=MAX_MESSAGE_SIZE + 1)
@@ -505,6 +552,12 @@ def portal_router(state: ServerState) -> APIRouter:
         return dict(parsed)
 
     return router
+
+
+def _uri(secret: str, username: str) -> str:
+    import pyotp
+
+    return pyotp.TOTP(secret).provisioning_uri(name=username, issuer_name="Tessera")
 
 
 def _text(value: object) -> str:
