@@ -25,6 +25,7 @@ from tessera.server import licenses, users
 from tessera.server.app import Interfaces, ServerState, create_app
 from tessera.server.models import AuditEntry
 from tessera.server.tokens import Principal, Role
+from tessera.server.web import FailedSignIns
 
 from .helpers import agent, setup_license
 
@@ -429,3 +430,19 @@ def test_a_forged_two_step_offer_is_refused(state: ServerState, world: dict[str,
         )
         assert forged.status_code == 422 and "set-up has expired" in forged.text
         assert 'name="secret"' not in forged.text and "Set up two-step sign-in" in forged.text  # not offered
+
+
+def test_one_address_gets_a_few_failed_sign_ins_then_waits(
+    state: ServerState, world: dict[str, Any], clock: ManualClock
+) -> None:
+    """Credential stuffing: one address, many names, a password or two each."""
+    client = portal(state)
+    for i in range(FailedSignIns.BURST):
+        assert sign_in(client, f"name-{i}", "some-guess-123").status_code == 401
+    refused = sign_in(client, "staff")  # even the right password waits now, unhashed
+    assert refused.status_code == 429 and "too many failed sign-ins" in refused.text
+    assert refused.headers["retry-after"] == "30"
+    clock.advance(timedelta(seconds=FailedSignIns.SECONDS_PER_TRY))
+    assert sign_in(client, "staff").status_code == 303  # one more try came back
+    assert sign_in(client, "alice", "wrong-again-123").status_code == 401
+    assert sign_in(client, "alice").status_code == 429

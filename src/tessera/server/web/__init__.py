@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlsplit
@@ -52,7 +54,7 @@ from tessera.server.tokens import Role
 if TYPE_CHECKING:
     from tessera.server.app import ServerState
 
-__all__ = ["COOKIE", "portal_router"]
+__all__ = ["COOKIE", "FailedSignIns", "portal_router"]
 
 log = logging.getLogger("tessera.server")
 T = TypeVar("T")
@@ -128,6 +130,7 @@ def portal_router(state: ServerState) -> APIRouter:
     # Each sign-in hashes with argon2id (64 MiB, tens of ms): a flood of them waits here
     # instead of taking every thread and gigabytes of memory from the rest of the server.
     sign_ins = asyncio.Semaphore(MAX_CONCURRENT_SIGN_INS)
+    failures = FailedSignIns()
 
     def render(
         request: Request,
@@ -272,6 +275,14 @@ def portal_router(state: ServerState) -> APIRouter:
         code = _text(form.get("code"))[:20]
         target = _safe_next(_text(form.get("next")))
         now = state.now()
+        address = request.client.host if request.client is not None else "unknown"
+        if not failures.allowed(address, now):
+            message = "too many failed sign-ins from your address: try again in a minute"
+            page_ = render(
+                request, "login.html", {"next": target, "error": message, "username": username}, status=429
+            )
+            page_.headers["Retry-After"] = str(int(FailedSignIns.SECONDS_PER_TRY))
+            return page_
 
         def run() -> tuple[str, users.SignedIn] | users.SignInRefused:
             with state.db.write() as session:
@@ -284,6 +295,7 @@ def portal_router(state: ServerState) -> APIRouter:
             log.warning("database error: %s", exc)
             return failure(request, 503, outage_reason(exc), None)
         if isinstance(outcome, users.SignInRefused):
+            failures.failed(address, now)
             return render(
                 request,
                 "login.html",
@@ -552,6 +564,37 @@ def portal_router(state: ServerState) -> APIRouter:
         return dict(parsed)
 
     return router
+
+
+class FailedSignIns:
+    """Failed sign-ins per client address: :data:`BURST` at once, then one more every
+    :data:`SECONDS_PER_TRY` seconds. The per-account lockout stops guessing one account's
+    password; this stops one address trying a few passwords on many accounts (credential
+    stuffing) and unknown names, which have no account to lock. Refused attempts cost no
+    argon2 hash. Behind a proxy every user shares the proxy's address (the server serves
+    TLS itself, so there is none by default). In memory, per server process."""
+
+    BURST = 10
+    SECONDS_PER_TRY = 30.0
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, datetime]] = {}
+        self._lock = threading.Lock()
+
+    def _tokens(self, address: str, now: datetime) -> float:
+        tokens, at = self._buckets.get(address, (float(self.BURST), now))
+        elapsed = max(0.0, (now - at).total_seconds())
+        return min(float(self.BURST), tokens + elapsed / self.SECONDS_PER_TRY)
+
+    def allowed(self, address: str, now: datetime) -> bool:
+        with self._lock:
+            return self._tokens(address, now) >= 1
+
+    def failed(self, address: str, now: datetime) -> None:
+        with self._lock:
+            if len(self._buckets) > 10_000:  # forget addresses whose allowance is whole again
+                self._buckets = {a: b for a, b in self._buckets.items() if self._tokens(a, now) < self.BURST}
+            self._buckets[address] = (self._tokens(address, now) - 1, now)
 
 
 def _uri(secret: str, username: str) -> str:
