@@ -446,3 +446,23 @@ def test_one_address_gets_a_few_failed_sign_ins_then_waits(
     assert sign_in(client, "staff").status_code == 303  # one more try came back
     assert sign_in(client, "alice", "wrong-again-123").status_code == 401
     assert sign_in(client, "alice").status_code == 429
+
+
+def test_every_page_has_a_plain_title(state: ServerState, world: dict[str, Any]) -> None:
+    """duplicates caught the account page's sections pasted into its <title> once."""
+    client = portal(state)
+    assert re.search(r"<title>Sign in · Tessera license portal</title>", client.get("/portal/login").text)
+    sign_in(client, "staff")
+    pages = {
+        "/portal/licenses": "Licenses",
+        f"/portal/licenses/{world['bob'][0]}": f"License {world['bob'][0]}",
+        "/portal/activate": "Offline activation",
+        "/portal/account": "Account",
+        "/portal/orders": "Orders",
+        "/portal/orders/bob-order": "Order bob-order",
+        "/portal/licenses/2099-999999": "Error 404",
+    }
+    for path, title in pages.items():
+        text = client.get(path).text
+        assert re.search(rf"<title>{re.escape(title)} · Tessera license portal</title>", text), path
+        assert text.count("<title>") == 1 and text.count("<h1>") == 1, path
