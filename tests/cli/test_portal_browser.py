@@ -184,6 +184,13 @@ def _journey(tmp_path: Path, db_url: str | None, browser: Any) -> None:
         page.goto(f"{url}/portal/licenses/{foreign['serial']}")
         assert "belongs to another customer" in page.inner_text("[role=alert]")
 
+        # Setting up two-step sign-in shows a QR code the CSP lets through (inline SVG).
+        page.goto(f"{url}/portal/account")
+        page.click("button:has-text('Set up two-step sign-in')")
+        page.wait_for_selector(".qr svg")
+        box = page.locator(".qr svg").bounding_box()
+        assert box is not None and box["width"] >= 100
+
         # Signing out ends the session for good.
         page.click("button:has-text('Sign out')")
         page.wait_for_url(f"{url}/portal/login")

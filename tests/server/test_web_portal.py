@@ -396,6 +396,7 @@ def test_two_step_sign_in_through_the_pages(
     secret = re.search(r'name="secret" value="([A-Z2-7]+)"', offer.text)
     proof = re.search(r'name="proof" value="([0-9a-f]{64})"', offer.text)
     assert secret and proof and "otpauth://totp/Tessera:staff?secret=" in offer.text
+    assert '<div class="qr" role="img"' in offer.text and "<svg" in offer.text  # for the camera
     totp = pyotp.TOTP(secret.group(1))
     fields = {"csrf": csrf(offer.text), "secret": secret.group(1), "proof": proof.group(1)}
     wrong = client.post("/portal/account/two-factor/enable", data={**fields, "code": "000000"})
