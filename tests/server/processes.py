@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -53,9 +54,32 @@ def init_data_dir(data_dir: Path, db_url: str | None = None) -> dict[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free loopback port *below* the kernel's ephemeral range.
+
+    Tests that stop a server and start it again on the same port (an agent keeps the
+    address) lose that port if, in between, any outgoing connection on this machine (the
+    other test worker's, say) is given it as its local port; ports below the ephemeral
+    range are never handed out that way.
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randint(max(1024, low - 12_000), low - 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded machine: any free port, as before
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _start(
