@@ -62,7 +62,7 @@ def _sign_in(
     state: ServerState, name: str, password: str
 ) -> tuple[str, users.SignedIn] | users.SignInRefused:
     with state.db.write() as session:
-        return users.sign_in(session, name, password, state.now())
+        return users.sign_in(session, name, password, state.now(), pepper=state.pepper)
 
 
 def test_the_password_is_stored_as_argon2id_only(state: ServerState, admin: Principal) -> None:

@@ -1134,8 +1134,7 @@ def _add_metrics(app: _LanedApp, state: ServerState) -> None:
     """``GET /metrics`` (Prometheus text format) and the counting layer around everything."""
     from tessera.server.metrics import Metrics, StockCollector  # prometheus_client only if on
 
-    metrics = Metrics()
-    stock = StockCollector(state.db, state.now)
+    metrics = Metrics(StockCollector(state.db, state.now))
     app.metrics = metrics
 
     @app.get("/metrics", include_in_schema=False)
@@ -1145,7 +1144,7 @@ def _add_metrics(app: _LanedApp, state: ServerState) -> None:
         def run() -> bytes:
             with state.db.read() as session:
                 require(resolve_token(session, token), Role.SUPPORT, Role.READONLY)
-            return metrics.exposition(stock)
+            return metrics.exposition()
 
         body = await run_in_threadpool(run)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

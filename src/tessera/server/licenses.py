@@ -15,8 +15,6 @@ from datetime import date, datetime
 from typing import Any, Protocol
 
 from sqlalchemy import or_, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from tessera.core.clock import utc
@@ -39,6 +37,7 @@ from tessera.server.models import (
 )
 from tessera.server.orders import ensure_order
 from tessera.server.schemas import EntitlementIn, LicenseIn, LicenseUpdate
+from tessera.server.storage import dialect_insert
 from tessera.server.tokens import Principal, Role, require
 
 __all__ = [
@@ -69,7 +68,7 @@ def allocate_serials(session: Session, year: int, count: int) -> int:
     and nobody else's (a rolled-back transaction gives its block back)."""
     if count < 1:
         raise ValueError("count must be at least 1")
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    insert = dialect_insert(session)
     stmt = (
         insert(SerialCounter)
         .values(year=year, last=count)

@@ -79,9 +79,10 @@ def interface_of(path: str) -> str:
 
 class Metrics:
     """One app's traffic metrics, in a registry of its own (several apps may live in one
-    test process; in multiprocess mode the values go to files whatever the registry)."""
+    test process; in multiprocess mode the values go to files whatever the registry), and
+    what a scrape reads: those, or every worker's files, plus ``stock``."""
 
-    def __init__(self) -> None:
+    def __init__(self, stock: Collector | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "tessera_http_requests",
@@ -96,28 +97,18 @@ class Metrics:
             buckets=_BUCKETS,
             registry=self.registry,
         )
-
-    def exposition(self, stock: Collector) -> bytes:
-        """The text format of one scrape: this process's (or every worker's) traffic and
-        the database's stock."""
+        self._scraped = self.registry
         if os.environ.get(MULTIPROC_ENV):
             from prometheus_client import multiprocess
 
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-        else:
-            registry = CollectorRegistry()
-            registry.register(_Forward(self.registry))
-        registry.register(stock)
-        return generate_latest(registry)
+            self._scraped = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self._scraped)
+        if stock is not None:
+            self._scraped.register(stock)
 
-
-class _Forward(Collector):
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self._registry.collect())
+    def exposition(self) -> bytes:
+        """The text format of one scrape."""
+        return generate_latest(self._scraped)
 
 
 class MetricsMiddleware:

@@ -15,14 +15,13 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from tessera.server import audit, webhooks
 from tessera.server.errors import Forbidden, Invalid, NotFound
 from tessera.server.models import Customer, LicenseRow, Order
 from tessera.server.schemas import LicenseUpdate
+from tessera.server.storage import dialect_insert
 from tessera.server.tokens import Principal, Role, require
 
 __all__ = ["cancel_order", "ensure_order", "get_order", "list_orders", "order_view"]
@@ -36,7 +35,7 @@ def ensure_order(
 ) -> Order:
     """The order ``number`` for ``customer``, made if it is new (concurrent first licenses
     of one order both find it: the insert skips a row that exists)."""
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    insert = dialect_insert(session)
     made = session.execute(
         insert(Order)
         .values(number=number, customer_id=customer.id, created_at=now, status="open")

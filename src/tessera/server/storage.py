@@ -23,11 +23,20 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["Database", "begin_immediate", "describe_db_error", "normalize_db_url", "sqlite_file"]
+__all__ = [
+    "Database",
+    "begin_immediate",
+    "describe_db_error",
+    "dialect_insert",
+    "normalize_db_url",
+    "sqlite_file",
+]
 
 #: How long a SQLite writer waits for the lock (first its turn in this process, then the
 #: file lock) before the request fails with 503: well under the agent's 15 s HTTP timeout,
@@ -59,6 +68,12 @@ SQLITE_BUSY_TIMEOUT_MS = int(SQLITE_BUSY_TIMEOUT_S * 1000)
 #: write transaction waits for a lock.
 SQLITE_WRITE_POLL_S = 0.002
 SQLITE_CONNECTION_BUSY_MS = 20
+
+
+def dialect_insert(session: Session) -> Callable[[Any], Any]:
+    """``insert`` of the session's dialect, for ``ON CONFLICT`` (PostgreSQL and SQLite
+    spell it alike in SQLAlchemy, but each through its own construct)."""
+    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
 
 
 def normalize_db_url(url: str) -> str:

@@ -16,6 +16,7 @@ names exist.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
@@ -55,6 +56,7 @@ __all__ = [
     "resolve_session",
     "sign_in",
     "sign_out",
+    "totp_uri",
     "touch_session",
     "update_user",
     "user_view",
@@ -76,8 +78,13 @@ _TOUCH_EVERY = timedelta(minutes=1)
 
 _USERNAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{2,63}$")
 _hasher = PasswordHasher()
-#: Hashed when the user name is unknown, so that answer takes as long as a wrong password.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the user name is unknown, so that answer takes as long as a
+    wrong password. Made at the first sign-in, not at import (tens of ms, 64 MiB)."""
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 def check_password(password: str, *, username: str) -> None:
@@ -279,7 +286,7 @@ def sign_in(
     now: datetime,
     *,
     code: str = "",
-    pepper: bytes = b"",
+    pepper: bytes,
 ) -> tuple[str, SignedIn] | SignInRefused:
     """Check the password (and, for a user with two-step sign-in, the code); return a new
     session's secret (for the cookie) and who it is, or why not: a wrong name or password
@@ -289,7 +296,7 @@ def sign_in(
         select(PortalUser).where(PortalUser.username == username.strip().lower()).with_for_update()
     ).scalar_one_or_none()
     if user is None or len(password) > MAX_PASSWORD_LENGTH * 4:
-        _verify(_DUMMY_HASH, password[: MAX_PASSWORD_LENGTH * 4])
+        _verify(_dummy_hash(), password[: MAX_PASSWORD_LENGTH * 4])
         return SignInRefused("wrong user name or password")
     if user.locked_until is not None and user.locked_until > now:
         return SignInRefused(
@@ -485,8 +492,16 @@ def offer_totp(signed_in: SignedIn, pepper: bytes) -> TotpOffer:
     import pyotp
 
     secret = pyotp.random_base32()
-    uri = pyotp.TOTP(secret).provisioning_uri(name=signed_in.username, issuer_name=_ISSUER)
-    return TotpOffer(secret, uri, _offer_proof(pepper, signed_in.username, secret))
+    return TotpOffer(
+        secret, totp_uri(secret, signed_in.username), _offer_proof(pepper, signed_in.username, secret)
+    )
+
+
+def totp_uri(secret: str, username: str) -> str:
+    """The ``otpauth://`` link an authenticator app takes (also as a QR code)."""
+    import pyotp
+
+    return pyotp.TOTP(secret).provisioning_uri(name=username, issuer_name=_ISSUER)
 
 
 def enable_totp(

@@ -536,7 +536,11 @@ def portal_router(state: ServerState) -> APIRouter:
             except ServiceError as exc:
                 # Offer the same secret again only if this server made it for this user.
                 genuine = users.genuine_offer(signed_in, secret, proof, state.pepper)
-                offer = users.TotpOffer(secret, _uri(secret, signed_in.username), proof) if genuine else None
+                offer = (
+                    users.TotpOffer(secret, users.totp_uri(secret, signed_in.username), proof)
+                    if genuine
+                    else None
+                )
                 values = {
                     "offer": offer,
                     "qr": _qr(offer.uri) if offer else None,
@@ -610,12 +614,6 @@ def _qr(uri: str) -> Markup:
     import segno
 
     return Markup(segno.make(uri, error="m").svg_inline(scale=4, dark="#1d2330", light="#ffffff"))
-
-
-def _uri(secret: str, username: str) -> str:
-    import pyotp
-
-    return pyotp.TOTP(secret).provisioning_uri(name=username, issuer_name="Tessera")
 
 
 def _text(value: object) -> str:
