@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from bench.emptyapp import AGENT_KEY, CHECKIN_KEY
 from bench.harness import Context, Row, benchmark, skipped
-from bench.processes import LOOPBACK, PYTHON, LoadResult, free_port, run_load, serving
+from bench.processes import LOOPBACK, PYTHON, Baseline, LoadResult, free_port, run_load, serving
 from bench.tessera_server import (
     TESSERA,
     Installation,
@@ -57,6 +57,14 @@ def latency_note(r: LoadResult) -> str:
     return note
 
 
+def pair_note(r: LoadResult) -> str:
+    """How many pairs of slices a paired row's ratio is the median of, and their spread."""
+    ratios = sorted(a / b for a, b in r["pairs"] if b)
+    if not ratios:
+        return "no pairs"
+    return f"median of {len(ratios)} paired slices, {ratios[0]:.2f}-{ratios[-1]:.2f}x"
+
+
 def sample_body() -> bytes:
     """A check-in request: the baseline receives the same bytes a real endpoint does."""
     return CheckinRequest.create(
@@ -71,35 +79,77 @@ class Baselines(NamedTuple):
     empty: LoadResult
     crowd: LoadResult | None  # the empty endpoint at CROWD connections (full run only)
     activation_floor: LoadResult
+    port: int  # the empty endpoint's server, still running: the server rows pair with it
 
 
-def measure_baselines(ctx: Context, duration: float) -> tuple[list[Row], Baselines]:
-    body = sample_body()
-    port = free_port()
-    with serving([PYTHON, "-m", "bench.emptyapp", "--null", str(port)], port=port):
-        capacity = run_load(port, "/null", [body], duration=min(duration, 2.0), repeat=True)
-        httpx_capacity = None
-        if not ctx.quick:
-            httpx_capacity = run_load(port, "/null", [body], duration=2.0, repeat=True, client="httpx")
+def pairs(duration: float) -> int:
+    """Pairs of slices for a server row of ``duration`` seconds: half a second or more each."""
+    return max(4, min(10, round(duration / 0.5)))
+
+
+def paired(baselines: Baselines) -> Baseline:
+    """The empty endpoint as the load generator's other side (``bench.loadgen``, paired)."""
+    return Baseline(baselines.port, "/empty", [sample_body()])
+
+
+@contextmanager
+def empty_endpoint() -> Iterator[int]:
+    """The baseline server (FastAPI, one uvicorn worker), warmed up; its port."""
     port = free_port()
     with serving([*uvicorn_args(port), "--log-level", "warning", "--no-access-log"], port=port):
-        run_load(port, "/empty", [body], duration=0.5, repeat=True)  # warm up
-        empty = run_load(port, "/empty", [body], duration=duration, repeat=True, connections=CONNECTIONS)
-        crowd = None
+        run_load(port, "/empty", [sample_body()], duration=0.5, repeat=True)
+        yield port
+
+
+def measure_baselines(ctx: Context, duration: float, port: int) -> tuple[list[Row], Baselines]:
+    """The baselines' own rows, on the empty endpoint's server at ``port`` (and the
+    generator's capacity against a server that does nothing)."""
+    body = sample_body()
+    null_port = free_port()
+    with serving([PYTHON, "-m", "bench.emptyapp", "--null", str(null_port)], port=null_port):
+        capacity = run_load(null_port, "/null", [body], duration=min(duration, 2.0), repeat=True)
+        httpx_capacity = None
         if not ctx.quick:
-            crowd = run_load(port, "/empty", [body], duration=duration, repeat=True, connections=CROWD)
-        bodies = [sample_body() for _ in range(200)]  # own nonces, as real requests
-        run_load(port, "/floor", bodies, duration=0.5, repeat=True)
-        floor = run_load(port, "/floor", bodies, duration=duration, repeat=True, connections=CONNECTIONS)
-        # Own agent keys, more than the server caches the X25519 form of (tessera.core.protocol):
-        # going round them in order, every request converts its key once, as a new
-        # installation's activation does.
-        floor_keys = 2 * AGENT_KEY_CACHE_SIZE
-        bodies = activation_bodies(installations([SAMPLE_KEY], floor_keys, prefix="floor"))
-        run_load(port, "/activation-floor", bodies, duration=0.5, repeat=True)
-        activation_floor = run_load(
-            port, "/activation-floor", bodies, duration=duration, repeat=True, connections=CONNECTIONS
+            httpx_capacity = run_load(null_port, "/null", [body], duration=2.0, repeat=True, client="httpx")
+    empty = run_load(port, "/empty", [body], duration=duration, repeat=True, connections=CONNECTIONS)
+    crowd = None
+    if not ctx.quick:
+        crowd = run_load(port, "/empty", [body], duration=duration, repeat=True, connections=CROWD)
+    bodies = [sample_body() for _ in range(200)]  # own nonces, as real requests
+    empty_side = Baseline(port, "/empty", [body])
+    # The method's own noise: the empty endpoint paired with a second server of itself. Its
+    # ratio should be 1.00; how far it strays is how far any paired row's may.
+    twin_port = free_port()
+    with serving([*uvicorn_args(twin_port), "--log-level", "warning", "--no-access-log"], port=twin_port):
+        run_load(twin_port, "/empty", [body], duration=0.5, repeat=True)
+        twin = run_load(
+            twin_port,
+            "/empty",
+            [body],
+            duration=duration,
+            repeat=True,
+            baseline=empty_side,
+            slices=pairs(duration),
         )
+    run_load(port, "/floor", bodies, duration=0.5, repeat=True)
+    floor = run_load(
+        port, "/floor", bodies, duration=duration, repeat=True, baseline=empty_side, slices=pairs(duration)
+    )
+    # Own agent keys, more than the server caches the X25519 form of (tessera.core.protocol):
+    # going round them in order, every request converts its key once, as a new
+    # installation's activation does.
+    floor_keys = 2 * AGENT_KEY_CACHE_SIZE
+    bodies = activation_bodies(installations([SAMPLE_KEY], floor_keys, prefix="floor"))
+    run_load(port, "/activation-floor", bodies, duration=0.5, repeat=True)
+    activation_floor = run_load(
+        port,
+        "/activation-floor",
+        bodies,
+        duration=duration,
+        repeat=True,
+        baseline=empty_side,
+        slices=pairs(duration),
+    )
     rows = [
         Row(
             "loadgen capacity (raw asyncio)",
@@ -124,6 +174,17 @@ def measure_baselines(ctx: Context, duration: float) -> tuple[list[Row], Baselin
             )
         )
     rows.append(Row("empty FastAPI POST (1 uvicorn worker)", empty["rps"], "req/s", note=latency_note(empty)))
+    rows.append(
+        Row(
+            "empty FastAPI POST, a second server (paired)",
+            twin["rps"],
+            "req/s",
+            "empty FastAPI POST (paired)",
+            twin["baseline"]["rps"],
+            note=f"info: the pairing's own noise, ideally 1.00x; {pair_note(twin)}",
+            paired_ratio=twin["ratio"],
+        )
+    )
     if crowd is not None:
         rows.append(
             Row(f"empty FastAPI POST, {CROWD} connections", crowd["rps"], "req/s", note=latency_note(crowd))
@@ -133,9 +194,10 @@ def measure_baselines(ctx: Context, duration: float) -> tuple[list[Row], Baselin
             "crypto floor POST (MAC check + sign, no DB)",
             floor["rps"],
             "req/s",
-            "empty FastAPI POST",
-            empty["rps"],
+            "empty FastAPI POST (paired)",
+            floor["baseline"]["rps"],
             note=f"info: one signature per answer (check-ins sign one per batch); {latency_note(floor)}",
+            paired_ratio=floor["ratio"],
         )
     )
     rows.append(
@@ -143,13 +205,14 @@ def measure_baselines(ctx: Context, duration: float) -> tuple[list[Row], Baselin
             "activation floor POST (verify + sign + seal, no DB)",
             activation_floor["rps"],
             "req/s",
-            "empty FastAPI POST",
-            empty["rps"],
+            "empty FastAPI POST (paired)",
+            activation_floor["baseline"]["rps"],
             note="info: the most any correct online activation can reach on this stack; "
             f"{latency_note(activation_floor)}",
+            paired_ratio=activation_floor["ratio"],
         )
     )
-    return rows, Baselines(empty, crowd, activation_floor)
+    return rows, Baselines(empty, crowd, activation_floor, port)
 
 
 def uvicorn_args(port: int) -> list[str]:
@@ -313,10 +376,15 @@ def backend(name: str) -> Iterator[str | None]:
 
 
 def measure_server(ctx: Context, name: str, duration: float, baselines: Baselines) -> list[Row]:
-    empty, crowd = baselines.empty, baselines.crowd
-    expected_rate = 2000  # generous: bodies run out rather than the clock
-    count = int(expected_rate * duration)
+    crowd = baselines.crowd
+    slices = pairs(duration)
+    empty_side = paired(baselines)
+    # Bodies for more than the rows can use in ``duration`` seconds of their slices: the
+    # pairs end early when the bodies run out (activations bind a machine each; check-ins
+    # carry a nonce each).
+    count = int(2000 * duration)
     licenses = max(2, count // PER_LICENSE + 1)
+    checkins = int(8000 * duration)
     rows: list[Row] = []
     with backend(name) as url, tessera_server(url) as server:
         ctx.log(f"  {name}: issuing {licenses} licenses x {PER_LICENSE} machines")
@@ -335,6 +403,8 @@ def measure_server(ctx: Context, name: str, duration: float, baselines: Baseline
             activation_bodies(insts),
             duration=duration,
             connections=CONNECTIONS,
+            baseline=empty_side,
+            slices=slices,
         )
         # The generator takes bodies in order: the first ``requests`` were sent. Check in with
         # those only if every one was bound (else fall back to the warm-up machines).
@@ -345,9 +415,11 @@ def measure_server(ctx: Context, name: str, duration: float, baselines: Baseline
         chk = run_load(
             server.port,
             "/api/v1/checkin",
-            checkin_bodies(ok, count, server.checkin_keys(ok)),
+            checkin_bodies(ok, checkins, server.checkin_keys(ok)),
             duration=duration,
             connections=CONNECTIONS,
+            baseline=empty_side,
+            slices=slices,
         )
         crowded = None
         if crowd is not None:
@@ -355,26 +427,30 @@ def measure_server(ctx: Context, name: str, duration: float, baselines: Baseline
             crowded = run_load(
                 server.port,
                 "/api/v1/checkin",
-                checkin_bodies(ok, 3 * count, server.checkin_keys(ok)),
+                checkin_bodies(ok, checkins, server.checkin_keys(ok)),
                 duration=duration,
                 connections=CROWD,
+                baseline=empty_side,
+                slices=slices,
             )
     for what, r in (("activations", act), ("check-ins", chk)):
-        ratio = r["rps"] / empty["rps"]
+        ratio = r["ratio"]
         clean = r["ok"] == r["requests"]
-        note = latency_note(r)
+        note = f"{latency_note(r)}; {pair_note(r)}"
         if what == "activations":
-            note += f"; {r['rps'] / baselines.activation_floor['rps']:.2f}x of the activation floor"
+            # Both as ratios to their paired empty endpoint: the machine's drift cancels.
+            note += f"; {ratio / baselines.activation_floor['ratio']:.2f}x of the activation floor"
         rows.append(
             Row(
                 f"{what}/s ({name})",
                 r["rps"],
                 "req/s",
-                "empty FastAPI POST",
-                empty["rps"],
+                "empty FastAPI POST (paired)",
+                r["baseline"]["rps"],
                 f">= {TARGET_RATIO}x",
                 ratio >= TARGET_RATIO and clean,
                 note,
+                paired_ratio=ratio,
             )
         )
     if crowd is not None and crowded is not None:
@@ -383,9 +459,10 @@ def measure_server(ctx: Context, name: str, duration: float, baselines: Baseline
                 f"check-ins/s ({name}, {CROWD} connections)",
                 crowded["rps"],
                 "req/s",
-                f"empty FastAPI POST, {CROWD} connections",
-                crowd["rps"],
+                f"empty FastAPI POST, {CROWD} connections (paired)",
+                crowded["baseline"]["rps"],
                 note=f"info: capacity with more agents at once; {latency_note(crowded)}",
+                paired_ratio=crowded["ratio"],
             )
         )
     projected = BULK / issue_rate
@@ -404,19 +481,22 @@ def measure_server(ctx: Context, name: str, duration: float, baselines: Baseline
 @benchmark("http")
 def http(ctx: Context) -> list[Row]:
     """empty FastAPI baseline, activations and check-ins/s over loopback (SQLite, PostgreSQL)"""
-    duration = ctx.budget(3.0, 10.0)
-    rows, baselines = measure_baselines(ctx, duration)
-    reason = server_unavailable()
-    for name in BACKENDS:
-        if reason is not None:
-            rows += [
-                skipped(f"{what}/s ({name})", "req/s", reason, "empty FastAPI POST", f">= {TARGET_RATIO}x")
-                for what in ("activations", "check-ins")
-            ]
-            continue
-        rows += guarded(
-            ctx, f"server ({name})", functools.partial(measure_server, ctx, name, duration, baselines)
-        )
+    duration = ctx.budget(2.0, 10.0)  # per side of a paired row: the row takes twice that
+    with empty_endpoint() as port:
+        rows, baselines = measure_baselines(ctx, duration, port)
+        reason = server_unavailable()
+        for name in BACKENDS:
+            if reason is not None:
+                rows += [
+                    skipped(
+                        f"{what}/s ({name})", "req/s", reason, "empty FastAPI POST", f">= {TARGET_RATIO}x"
+                    )
+                    for what in ("activations", "check-ins")
+                ]
+                continue
+            rows += guarded(
+                ctx, f"server ({name})", functools.partial(measure_server, ctx, name, duration, baselines)
+            )
     return rows
 
 

@@ -14,6 +14,15 @@ inside the generator), and the rate is what the server sustains at that concurre
 Bounded by ``--duration`` seconds *and* ``--max-requests``. Bodies come from a file with
 one request body per line, each used once (signed requests carry a nonce) unless
 ``--repeat`` allows cycling. Prints one JSON object on stdout.
+
+**Paired with a baseline** (``--baseline-port``, ``--baseline-path``, ``--baseline-bodies``,
+``--slices N``): the run alternates ``N`` slices of the figure with ``N`` of the baseline
+(a second server, its bodies cycled), in the order ABBA ABBA ..., each slice
+``duration / N`` seconds of its own (the baseline's after a pause), and adds ``baseline``
+(the same keys), ``pairs`` (each pair's two rates) and ``ratio`` (the median of the
+per-pair ratios) to the result. This machine's speed wanders by a third within minutes
+(other runs share it): a figure measured a minute after its baseline carries that drift
+into its ratio; a pair of slices a second apart does not.
 """
 
 from __future__ import annotations
@@ -31,6 +40,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["main", "percentile"]
+
+#: Paired runs: the pause before each slice of the baseline.
+PAUSE_S = 0.5
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -50,10 +62,10 @@ class _Source:
         self._left = max_requests
         self.deadline = deadline
 
-    def more(self) -> bool:
+    def more(self, *, ignore_time: bool = False) -> bool:
         return (
             self._left > 0
-            and time.perf_counter() < self.deadline
+            and (ignore_time or time.perf_counter() < self.deadline)
             and (self._repeat or self._next < len(self._requests))
         )
 
@@ -150,18 +162,27 @@ def build_requests(host: str, port: int, path: str, bodies: list[bytes], headers
 
 
 async def run_raw(args: argparse.Namespace, requests: list[bytes]) -> tuple[list[float], Counter[int], float]:
+    source = _Source(requests, args.repeat, args.max_requests, 0.0)
+    return await _run_slice(args, args.port, source, args.duration)
+
+
+async def _run_slice(
+    args: argparse.Namespace, port: int, source: _Source, duration: float
+) -> tuple[list[float], Counter[int], float]:
+    """``args.connections`` closed loops against ``port`` for ``duration`` seconds, taking
+    requests from ``source`` (which keeps its place from slice to slice)."""
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     ssl_context = _client_tls(args.tls_ca)
     tls = {"ssl": ssl_context, "server_hostname": args.host} if ssl_context else {}
     start = time.perf_counter()
-    source = _Source(requests, args.repeat, args.max_requests, start + args.duration)
+    source.deadline = start + duration
 
     async def keep_alive() -> None:
         done: asyncio.Future[None] = loop.create_future()
         await loop.create_connection(
-            lambda: _Connection(source, latencies, statuses, done), args.host, args.port, **tls
+            lambda: _Connection(source, latencies, statuses, done), args.host, port, **tls
         )
         await done
 
@@ -172,16 +193,64 @@ async def run_raw(args: argparse.Namespace, requests: list[bytes]) -> tuple[list
             await loop.create_connection(
                 functools.partial(_Connection, source, latencies, statuses, done, opened),
                 args.host,
-                args.port,
+                port,
                 **tls,
             )
             await done
 
     slot = connection_per_request if args.new_connection else keep_alive
-    await asyncio.wait_for(
-        asyncio.gather(*(slot() for _ in range(args.connections))), timeout=args.duration + 30
-    )
+    await asyncio.wait_for(asyncio.gather(*(slot() for _ in range(args.connections))), timeout=duration + 30)
     return latencies, statuses, time.perf_counter() - start
+
+
+class _Side:
+    """One side of a paired run: its slices' latencies, statuses and seconds."""
+
+    def __init__(self, source: _Source, port: int) -> None:
+        self.source = source
+        self.port = port
+        self.latencies: list[float] = []
+        self.statuses: Counter[int] = Counter()
+        self.seconds = 0.0
+        self.rates: list[float] = []
+
+    async def slice(self, args: argparse.Namespace, duration: float) -> None:
+        latencies, statuses, seconds = await _run_slice(args, self.port, self.source, duration)
+        self.latencies += latencies
+        self.statuses += statuses
+        self.seconds += seconds
+        ok = sum(n for code, n in statuses.items() if 200 <= code < 300)
+        self.rates.append(ok / seconds if seconds else 0.0)
+
+
+async def run_paired(
+    args: argparse.Namespace, requests: list[bytes], baseline: list[bytes]
+) -> tuple[_Side, _Side]:
+    """Slices of the figure and the baseline, ABBA ABBA ...: a drift in the machine's speed
+    during a pair lands on both sides alike. Stops early when the figure's bodies run out
+    (the pairs measured so far stand)."""
+    figure = _Side(_Source(requests, args.repeat, args.max_requests, 0.0), args.port)
+    base = _Side(_Source(baseline, True, 1 << 62, 0.0), args.baseline_port)
+    each = args.duration / args.slices
+    for i in range(args.slices):
+        if not figure.source.more(ignore_time=True):
+            break
+        order = (figure, base) if i % 2 == 0 else (base, figure)
+        for side in order:
+            if side is base:
+                # What the figure's server still does once its last answer is out (its
+                # database writing the WAL, a collection) must not slow the baseline's
+                # slice: measured with PostgreSQL check-ins, the baseline ran 4-7 % slower
+                # right after a figure slice than after one of its own with a 0.1 s pause,
+                # and alike with 0.5 s. A figure slice after a figure slice pays its own
+                # aftermath, as it would in one long run.
+                await asyncio.sleep(PAUSE_S)
+            await side.slice(args, each)
+        if figure.rates[-1] == 0.0 and not figure.source.more(ignore_time=True):
+            figure.rates.pop()  # the bodies ran out at the very start of its slice
+            base.rates.pop()
+            break
+    return figure, base
 
 
 def _client_tls(ca_file: Path | None) -> ssl.SSLContext | None:
@@ -228,6 +297,27 @@ def _cycle(items: list[bytes]) -> Iterator[bytes]:
         yield from items
 
 
+def _summary(
+    args: argparse.Namespace, latencies: list[float], statuses: Counter[int], seconds: float
+) -> dict[str, object]:
+    latencies = sorted(latencies)
+    ok = sum(n for code, n in statuses.items() if 200 <= code < 300)
+    return {
+        "requests": len(latencies),
+        "ok": ok,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "seconds": seconds,
+        "rps": ok / seconds if seconds else 0.0,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "mean_ms": statistics.fmean(latencies) * 1000 if latencies else float("nan"),
+        "client": args.client,
+        "tls": args.tls_ca is not None,
+        "new_connection": args.new_connection,
+        "connections": args.connections,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
@@ -244,9 +334,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--new-connection", action="store_true", help="one connection (and handshake) per request"
     )
+    parser.add_argument("--baseline-port", type=int, help="pair the run with this server's slices")
+    parser.add_argument("--baseline-path", help="the baseline's path (with --baseline-port)")
+    parser.add_argument("--baseline-bodies", type=Path, help="the baseline's bodies, cycled")
+    parser.add_argument("--slices", type=int, default=1, help="pairs of slices (with --baseline-port)")
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "::1", "localhost"):
         parser.error("load targets must be on loopback")
+    paired = args.baseline_port is not None
+    if paired and (args.baseline_path is None or args.baseline_bodies is None or args.client != "raw"):
+        parser.error("--baseline-port needs --baseline-path and --baseline-bodies (raw client)")
+    if args.slices < 1:
+        parser.error("--slices must be at least 1")
     bodies = [line for line in args.bodies.read_bytes().split(b"\n") if line]
     try:
         import uvloop
@@ -254,27 +353,24 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    if args.client == "raw":
+    if paired:
         requests = build_requests(args.host, args.port, args.path, bodies, args.header)
-        latencies, statuses, seconds = asyncio.run(run_raw(args, requests))
+        baseline = [line for line in args.baseline_bodies.read_bytes().split(b"\n") if line]
+        baseline = build_requests(args.host, args.baseline_port, args.baseline_path, baseline, [])
+        figure, base = asyncio.run(run_paired(args, requests, baseline))
+        result = _summary(args, figure.latencies, figure.statuses, figure.seconds)
+        result["baseline"] = _summary(args, base.latencies, base.statuses, base.seconds)
+        pairs = list(zip(figure.rates, base.rates, strict=True))
+        result["pairs"] = [list(pair) for pair in pairs]
+        ratios = [a / b for a, b in pairs if b]
+        result["ratio"] = statistics.median(ratios) if ratios else float("nan")
     else:
-        latencies, statuses, seconds = asyncio.run(run_httpx(args, bodies))
-    latencies.sort()
-    ok = sum(n for code, n in statuses.items() if 200 <= code < 300)
-    result = {
-        "requests": len(latencies),
-        "ok": ok,
-        "statuses": {str(k): v for k, v in sorted(statuses.items())},
-        "seconds": seconds,
-        "rps": ok / seconds if seconds else 0.0,
-        "p50_ms": percentile(latencies, 0.50) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-        "mean_ms": statistics.fmean(latencies) * 1000 if latencies else float("nan"),
-        "client": args.client,
-        "tls": args.tls_ca is not None,
-        "new_connection": args.new_connection,
-        "connections": args.connections,
-    }
+        if args.client == "raw":
+            requests = build_requests(args.host, args.port, args.path, bodies, args.header)
+            latencies, statuses, seconds = asyncio.run(run_raw(args, requests))
+        else:
+            latencies, statuses, seconds = asyncio.run(run_httpx(args, bodies))
+        result = _summary(args, latencies, statuses, seconds)
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,16 @@ def serving(
 LoadResult = dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    """A server the load generator alternates with (``run_load(..., baseline=)``): its port,
+    path and request bodies (cycled)."""
+
+    port: int
+    path: str
+    bodies: Sequence[bytes]
+
+
 def run_load(
     port: int,
     path: str,
@@ -118,11 +129,23 @@ def run_load(
     headers: Sequence[str] = (),
     tls_ca: Path | None = None,
     new_connection: bool = False,
+    baseline: Baseline | None = None,
+    slices: int = 1,
 ) -> LoadResult:
-    """Run ``bench.loadgen`` in its own process against ``127.0.0.1:port``; its JSON result."""
+    """Run ``bench.loadgen`` in its own process against ``127.0.0.1:port``; its JSON result.
+
+    With ``baseline``, ``slices`` pairs of slices alternate between the two servers
+    (``bench.loadgen``: ABBA ...); the result then holds ``baseline``, ``pairs`` and
+    ``ratio`` (the median of the per-pair ratios) too, and the run takes twice ``duration``.
+    """
     with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as f:
         f.write(b"\n".join(bodies) + b"\n")
         body_file = f.name
+    baseline_file = None
+    if baseline is not None:
+        with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as f:
+            f.write(b"\n".join(baseline.bodies) + b"\n")
+            baseline_file = f.name
     try:
         cmd = [
             PYTHON, "-m", "bench.loadgen",
@@ -139,10 +162,14 @@ def run_load(
             cmd += ["--tls-ca", str(tls_ca)]
         if new_connection:
             cmd.append("--new-connection")
+        if baseline is not None:
+            assert baseline_file is not None
+            cmd += ["--baseline-port", str(baseline.port), "--baseline-path", baseline.path]
+            cmd += ["--baseline-bodies", baseline_file, "--slices", str(slices)]
         out = subprocess.run(
             cmd,
             capture_output=True,
-            timeout=duration + 60,
+            timeout=2 * duration + 60,
             cwd=ROOT,
             check=False,
         )
@@ -152,3 +179,5 @@ def run_load(
         return result
     finally:
         os.unlink(body_file)
+        if baseline_file is not None:
+            os.unlink(baseline_file)

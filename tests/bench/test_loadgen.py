@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from bench.processes import free_port, run_load, serving
+from bench.processes import Baseline, free_port, run_load, serving
 from bench.tlsfiles import make_tls_files
 
 BODY = b'{"protocol":"tessera-connect/1","type":"checkin"}'
@@ -102,3 +102,48 @@ def test_refuses_targets_off_loopback(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert "loopback" in out.stderr
+
+
+def test_a_paired_run_alternates_with_its_baseline() -> None:
+    figure_port, baseline_port = free_port(), free_port()
+    null = [sys.executable, "-m", "bench.emptyapp", "--null"]
+    with (
+        serving([*null, str(figure_port)], port=figure_port),
+        serving([*null, str(baseline_port)], port=baseline_port),
+    ):
+        result = run_load(
+            figure_port,
+            "/x",
+            [BODY] * 50_000,
+            duration=1.2,
+            connections=2,
+            baseline=Baseline(baseline_port, "/y", [BODY]),
+            slices=3,
+        )
+    assert result.keys() >= KEYS | {"baseline", "pairs", "ratio"}
+    assert result["baseline"].keys() >= KEYS
+    assert len(result["pairs"]) == 3
+    assert all(a > 0 and b > 0 for a, b in result["pairs"])
+    ratios = sorted(a / b for a, b in result["pairs"])
+    assert result["ratio"] == ratios[1]  # the median pair's
+    assert result["ok"] == result["requests"] and result["baseline"]["ok"] == result["baseline"]["requests"]
+
+
+def test_a_paired_run_ends_when_the_figure_runs_out_of_bodies() -> None:
+    figure_port, baseline_port = free_port(), free_port()
+    null = [sys.executable, "-m", "bench.emptyapp", "--null"]
+    with (
+        serving([*null, str(figure_port)], port=figure_port),
+        serving([*null, str(baseline_port)], port=baseline_port),
+    ):
+        result = run_load(
+            figure_port,
+            "/x",
+            [BODY] * 7,
+            duration=4,
+            connections=2,
+            baseline=Baseline(baseline_port, "/y", [BODY]),
+            slices=4,
+        )
+    assert result["requests"] == 7  # each body once, across the slices
+    assert len(result["pairs"]) == 1  # the first slice took them all
