@@ -19,8 +19,9 @@ one request body per line, each used once (signed requests carry a nonce) unless
 ``--slices N``): the run alternates ``N`` slices of the figure with ``N`` of the baseline
 (a second server, its bodies cycled), in the order ABBA ABBA ..., each slice
 ``duration / N`` seconds of its own (the baseline's after a pause), and adds ``baseline``
-(the same keys), ``pairs`` (each pair's two rates) and ``ratio`` (the median of the
-per-pair ratios) to the result. This machine's speed wanders by a third within minutes
+(the same keys), ``pairs`` (each pair's two rates), ``pair_p50_ms`` (each pair's two
+median latencies) and ``ratio`` (the median of the per-pair ratios of the rates) to the
+result. This machine's speed wanders by a third within minutes
 (other runs share it): a figure measured a minute after its baseline carries that drift
 into its ratio; a pair of slices a second apart does not.
 """
@@ -213,6 +214,7 @@ class _Side:
         self.statuses: Counter[int] = Counter()
         self.seconds = 0.0
         self.rates: list[float] = []
+        self.p50s: list[float] = []  # each slice's median latency, ms
 
     async def slice(self, args: argparse.Namespace, duration: float) -> None:
         latencies, statuses, seconds = await _run_slice(args, self.port, self.source, duration)
@@ -221,6 +223,7 @@ class _Side:
         self.seconds += seconds
         ok = sum(n for code, n in statuses.items() if 200 <= code < 300)
         self.rates.append(ok / seconds if seconds else 0.0)
+        self.p50s.append(statistics.median(latencies) * 1000 if latencies else float("nan"))
 
 
 async def run_paired(
@@ -247,8 +250,9 @@ async def run_paired(
                 await asyncio.sleep(PAUSE_S)
             await side.slice(args, each)
         if figure.rates[-1] == 0.0 and not figure.source.more(ignore_time=True):
-            figure.rates.pop()  # the bodies ran out at the very start of its slice
-            base.rates.pop()
+            for side in (figure, base):  # the bodies ran out at the very start of its slice
+                side.rates.pop()
+                side.p50s.pop()
             break
     return figure, base
 
@@ -362,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         result["baseline"] = _summary(args, base.latencies, base.statuses, base.seconds)
         pairs = list(zip(figure.rates, base.rates, strict=True))
         result["pairs"] = [list(pair) for pair in pairs]
+        result["pair_p50_ms"] = [list(pair) for pair in zip(figure.p50s, base.p50s, strict=True)]
         ratios = [a / b for a, b in pairs if b]
         result["ratio"] = statistics.median(ratios) if ratios else float("nan")
     else:

@@ -120,7 +120,8 @@ def test_a_paired_run_alternates_with_its_baseline() -> None:
             baseline=Baseline(baseline_port, "/y", [BODY]),
             slices=3,
         )
-    assert result.keys() >= KEYS | {"baseline", "pairs", "ratio"}
+    assert result.keys() >= KEYS | {"baseline", "pairs", "pair_p50_ms", "ratio"}
+    assert len(result["pair_p50_ms"]) == 3 and all(a > 0 and b > 0 for a, b in result["pair_p50_ms"])
     assert result["baseline"].keys() >= KEYS
     assert len(result["pairs"]) == 3
     assert all(a > 0 and b > 0 for a, b in result["pairs"])
