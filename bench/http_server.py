@@ -219,8 +219,24 @@ def uvicorn_args(port: int) -> list[str]:
     return [PYTHON, "-m", "uvicorn", "bench.emptyapp:app", "--host", "127.0.0.1", "--port", str(port)]
 
 
-def measure_tls_baselines(duration: float, empty: LoadResult) -> tuple[list[Row], LoadResult]:
-    """The same endpoint over TLS: kept-alive connections, and one new connection per request.
+@contextmanager
+def tls_empty_endpoint() -> Iterator[Baseline]:
+    """The baseline server over TLS (a certificate of its own CA), warmed up."""
+    body = sample_body()
+    with tempfile.TemporaryDirectory(prefix="tessera-bench-tls-") as tmp:
+        files = make_tls_files(Path(tmp))
+        port = free_port()
+        tls_args = ["--ssl-certfile", str(files.cert), "--ssl-keyfile", str(files.key)]
+        with serving(
+            [*uvicorn_args(port), *tls_args, "--log-level", "warning", "--no-access-log"], port=port
+        ):
+            run_load(port, "/empty", [body], duration=0.5, repeat=True, tls_ca=files.ca)  # warm up
+            yield Baseline(port, "/empty", [body], tls_ca=files.ca)
+
+
+def measure_tls_baselines(duration: float, empty: LoadResult, tls: Baseline) -> list[Row]:
+    """The same endpoint over TLS (``tls``): kept-alive connections, and one new connection
+    per request.
 
     An agent checks in once per validation interval (a day by default), so in production
     every check-in opens a new TLS connection: the handshake is part of its cost.
@@ -235,16 +251,10 @@ def measure_tls_baselines(duration: float, empty: LoadResult) -> tuple[list[Row]
             capacity = run_load(
                 port, "/null", [body], duration=2.0, repeat=True, tls_ca=files.ca, new_connection=True
             )
-        port = free_port()
-        tls_args = ["--ssl-certfile", str(files.cert), "--ssl-keyfile", str(files.key)]
-        with serving(
-            [*uvicorn_args(port), *tls_args, "--log-level", "warning", "--no-access-log"], port=port
-        ):
-            run_load(port, "/empty", [body], duration=0.5, repeat=True, tls_ca=files.ca)  # warm up
-            kept = run_load(port, "/empty", [body], duration=duration, repeat=True, tls_ca=files.ca)
-            fresh = run_load(
-                port, "/empty", [body], duration=duration, repeat=True, tls_ca=files.ca, new_connection=True
-            )
+    kept = run_load(tls.port, "/empty", [body], duration=duration, repeat=True, tls_ca=tls.tls_ca)
+    fresh = run_load(
+        tls.port, "/empty", [body], duration=duration, repeat=True, tls_ca=tls.tls_ca, new_connection=True
+    )
     headroom = capacity["rps"] / fresh["rps"]
     return [
         Row(
@@ -273,13 +283,13 @@ def measure_tls_baselines(duration: float, empty: LoadResult) -> tuple[list[Row]
             empty["rps"],
             note=latency_note(fresh),
         ),
-    ], fresh
+    ]
 
 
 RELAY_ROW = "check-ins/s through a relay (SQLite, TLS both hops)"
 
 
-def measure_server_tls(ctx: Context, duration: float, fresh: LoadResult) -> list[Row]:
+def measure_server_tls(ctx: Context, duration: float, tls: Baseline) -> list[Row]:
     """Check-ins as they arrive in production: TLS, one new connection per check-in (SQLite);
     then the same through a relay (``tessera relay``, a split deployment's DMZ part)."""
     with tessera_server(None, tls=True) as server:
@@ -300,23 +310,26 @@ def measure_server_tls(ctx: Context, duration: float, fresh: LoadResult) -> list
         r = run_load(
             server.port,
             "/api/v1/checkin",
-            checkin_bodies(insts, int(duration * 1000)),
+            checkin_bodies(insts, int(duration * 1500)),
             duration=duration,
             connections=CONNECTIONS,
             tls_ca=server.ca,
             new_connection=True,
+            baseline=tls,
+            slices=pairs(duration),
         )
-        ratio = r["rps"] / fresh["rps"]
+        ratio = r["ratio"]
         rows = [
             Row(
                 "check-ins/s (SQLite, TLS, new connection each)",
                 r["rps"],
                 "req/s",
-                "empty FastAPI POST, TLS, new conn.",
-                fresh["rps"],
+                "empty FastAPI POST, TLS, new conn. (paired)",
+                r["baseline"]["rps"],
                 f">= {TARGET_RATIO}x",
                 ratio >= TARGET_RATIO and r["ok"] == r["requests"],
-                latency_note(r),
+                f"{latency_note(r)}; {pair_note(r)}",
+                paired_ratio=ratio,
             )
         ]
         if importlib.util.find_spec("tessera.server.relay") is None:
@@ -505,16 +518,17 @@ def tls(ctx: Context) -> list[Row]:
     """the same over TLS with a new connection per request (handshake cost), SQLite"""
     duration = ctx.budget(2.0, 6.0)
     empty = run_empty_plain(duration)
-    rows, fresh = measure_tls_baselines(duration, empty)
-    name = "check-ins/s (SQLite, TLS, new connection each)"
-    reason = server_unavailable()
-    if reason is not None:
-        return [
-            *rows,
-            skipped(name, "req/s", reason, "empty FastAPI POST, TLS, new conn.", f">= {TARGET_RATIO}x"),
-            skipped(RELAY_ROW, "req/s", reason, "the row above (direct)"),
-        ]
-    return rows + guarded(ctx, "server (TLS)", lambda: measure_server_tls(ctx, duration, fresh))
+    with tls_empty_endpoint() as tls_side:
+        rows = measure_tls_baselines(duration, empty, tls_side)
+        name = "check-ins/s (SQLite, TLS, new connection each)"
+        reason = server_unavailable()
+        if reason is not None:
+            return [
+                *rows,
+                skipped(name, "req/s", reason, "empty FastAPI POST, TLS, new conn.", f">= {TARGET_RATIO}x"),
+                skipped(RELAY_ROW, "req/s", reason, "the row above (direct)"),
+            ]
+        return rows + guarded(ctx, "server (TLS)", lambda: measure_server_tls(ctx, duration, tls_side))
 
 
 def run_empty_plain(duration: float) -> LoadResult:

@@ -164,18 +164,18 @@ def build_requests(host: str, port: int, path: str, bodies: list[bytes], headers
 
 async def run_raw(args: argparse.Namespace, requests: list[bytes]) -> tuple[list[float], Counter[int], float]:
     source = _Source(requests, args.repeat, args.max_requests, 0.0)
-    return await _run_slice(args, args.port, source, args.duration)
+    return await _run_slice(args, args.port, source, args.duration, args.tls_ca)
 
 
 async def _run_slice(
-    args: argparse.Namespace, port: int, source: _Source, duration: float
+    args: argparse.Namespace, port: int, source: _Source, duration: float, tls_ca: Path | None
 ) -> tuple[list[float], Counter[int], float]:
     """``args.connections`` closed loops against ``port`` for ``duration`` seconds, taking
-    requests from ``source`` (which keeps its place from slice to slice)."""
+    requests from ``source`` (which keeps its place from slice to slice); TLS if ``tls_ca``."""
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
-    ssl_context = _client_tls(args.tls_ca)
+    ssl_context = _client_tls(tls_ca)
     tls = {"ssl": ssl_context, "server_hostname": args.host} if ssl_context else {}
     start = time.perf_counter()
     source.deadline = start + duration
@@ -207,9 +207,10 @@ async def _run_slice(
 class _Side:
     """One side of a paired run: its slices' latencies, statuses and seconds."""
 
-    def __init__(self, source: _Source, port: int) -> None:
+    def __init__(self, source: _Source, port: int, tls_ca: Path | None) -> None:
         self.source = source
         self.port = port
+        self.tls_ca = tls_ca
         self.latencies: list[float] = []
         self.statuses: Counter[int] = Counter()
         self.seconds = 0.0
@@ -217,7 +218,7 @@ class _Side:
         self.p50s: list[float] = []  # each slice's median latency, ms
 
     async def slice(self, args: argparse.Namespace, duration: float) -> None:
-        latencies, statuses, seconds = await _run_slice(args, self.port, self.source, duration)
+        latencies, statuses, seconds = await _run_slice(args, self.port, self.source, duration, self.tls_ca)
         self.latencies += latencies
         self.statuses += statuses
         self.seconds += seconds
@@ -232,8 +233,8 @@ async def run_paired(
     """Slices of the figure and the baseline, ABBA ABBA ...: a drift in the machine's speed
     during a pair lands on both sides alike. Stops early when the figure's bodies run out
     (the pairs measured so far stand)."""
-    figure = _Side(_Source(requests, args.repeat, args.max_requests, 0.0), args.port)
-    base = _Side(_Source(baseline, True, 1 << 62, 0.0), args.baseline_port)
+    figure = _Side(_Source(requests, args.repeat, args.max_requests, 0.0), args.port, args.tls_ca)
+    base = _Side(_Source(baseline, True, 1 << 62, 0.0), args.baseline_port, args.baseline_tls_ca)
     each = args.duration / args.slices
     for i in range(args.slices):
         if not figure.source.more(ignore_time=True):
@@ -341,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-port", type=int, help="pair the run with this server's slices")
     parser.add_argument("--baseline-path", help="the baseline's path (with --baseline-port)")
     parser.add_argument("--baseline-bodies", type=Path, help="the baseline's bodies, cycled")
+    parser.add_argument("--baseline-tls-ca", type=Path, help="the baseline speaks TLS, trusting this CA")
     parser.add_argument("--slices", type=int, default=1, help="pairs of slices (with --baseline-port)")
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "::1", "localhost"):

@@ -114,6 +114,7 @@ class Baseline:
     port: int
     path: str
     bodies: Sequence[bytes]
+    tls_ca: Path | None = None  # TLS, trusting this CA (new connections each if the figure's are)
 
 
 def run_load(
@@ -166,6 +167,8 @@ def run_load(
             assert baseline_file is not None
             cmd += ["--baseline-port", str(baseline.port), "--baseline-path", baseline.path]
             cmd += ["--baseline-bodies", baseline_file, "--slices", str(slices)]
+            if baseline.tls_ca is not None:
+                cmd += ["--baseline-tls-ca", str(baseline.tls_ca)]
         out = subprocess.run(
             cmd,
             capture_output=True,
