@@ -42,7 +42,7 @@ from pathlib import Path
 
 __all__ = ["main", "percentile"]
 
-#: Paired runs: the pause before each slice of the baseline.
+#: Paired runs: the pause before each slice of the baseline, unless ``--pause`` says.
 PAUSE_S = 0.5
 
 
@@ -248,7 +248,7 @@ async def run_paired(
                 # right after a figure slice than after one of its own with a 0.1 s pause,
                 # and alike with 0.5 s. A figure slice after a figure slice pays its own
                 # aftermath, as it would in one long run.
-                await asyncio.sleep(PAUSE_S)
+                await asyncio.sleep(args.pause)
             await side.slice(args, each)
         if figure.rates[-1] == 0.0 and not figure.source.more(ignore_time=True):
             for side in (figure, base):  # the bodies ran out at the very start of its slice
@@ -344,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-bodies", type=Path, help="the baseline's bodies, cycled")
     parser.add_argument("--baseline-tls-ca", type=Path, help="the baseline speaks TLS, trusting this CA")
     parser.add_argument("--slices", type=int, default=1, help="pairs of slices (with --baseline-port)")
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=PAUSE_S,
+        help="seconds before each baseline slice (0 when the figure's server leaves no work behind)",
+    )
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "::1", "localhost"):
         parser.error("load targets must be on loopback")

@@ -115,6 +115,9 @@ class Baseline:
     path: str
     bodies: Sequence[bytes]
     tls_ca: Path | None = None  # TLS, trusting this CA (new connections each if the figure's are)
+    #: Seconds before each of its slices (``bench.loadgen``); None: the generator's default,
+    #: for a figure whose server (or database) may still be writing after its slice.
+    pause: float | None = None
 
 
 def run_load(
@@ -167,6 +170,8 @@ def run_load(
             assert baseline_file is not None
             cmd += ["--baseline-port", str(baseline.port), "--baseline-path", baseline.path]
             cmd += ["--baseline-bodies", baseline_file, "--slices", str(slices)]
+            if baseline.pause is not None:
+                cmd += ["--pause", str(baseline.pause)]
             if baseline.tls_ca is not None:
                 cmd += ["--baseline-tls-ca", str(baseline.tls_ca)]
         out = subprocess.run(

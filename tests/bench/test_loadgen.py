@@ -7,6 +7,8 @@ never a rate: the rate is the benchmark's business, not the suite's.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -104,13 +106,20 @@ def test_refuses_targets_off_loopback(tmp_path: Path) -> None:
     assert "loopback" in out.stderr
 
 
-def test_a_paired_run_alternates_with_its_baseline() -> None:
+@contextmanager
+def two_null_servers() -> Iterator[tuple[int, int]]:
+    """Two do-nothing servers: a figure's and a baseline's port."""
     figure_port, baseline_port = free_port(), free_port()
     null = [sys.executable, "-m", "bench.emptyapp", "--null"]
     with (
         serving([*null, str(figure_port)], port=figure_port),
         serving([*null, str(baseline_port)], port=baseline_port),
     ):
+        yield figure_port, baseline_port
+
+
+def test_a_paired_run_alternates_with_its_baseline() -> None:
+    with two_null_servers() as (figure_port, baseline_port):
         result = run_load(
             figure_port,
             "/x",
@@ -131,19 +140,14 @@ def test_a_paired_run_alternates_with_its_baseline() -> None:
 
 
 def test_a_paired_run_ends_when_the_figure_runs_out_of_bodies() -> None:
-    figure_port, baseline_port = free_port(), free_port()
-    null = [sys.executable, "-m", "bench.emptyapp", "--null"]
-    with (
-        serving([*null, str(figure_port)], port=figure_port),
-        serving([*null, str(baseline_port)], port=baseline_port),
-    ):
+    with two_null_servers() as (figure_port, baseline_port):
         result = run_load(
             figure_port,
             "/x",
             [BODY] * 7,
             duration=4,
             connections=2,
-            baseline=Baseline(baseline_port, "/y", [BODY]),
+            baseline=Baseline(baseline_port, "/y", [BODY], pause=0.0),
             slices=4,
         )
     assert result["requests"] == 7  # each body once, across the slices
