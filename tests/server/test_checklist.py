@@ -62,6 +62,7 @@ def test_a_fresh_deployment_shows_what_init_leaves_open(
         "admin-api-off": "no",
         "offline-activation-off": "no",
         "web-portal-off": "yes",  # off unless switched on
+        "portal-two-step": "n/a",  # no portal
         "metrics-off": "yes",
         "recovery-portal": "n/a",
         "webhooks-https": "n/a",
@@ -108,6 +109,7 @@ def test_each_hardening_step_turns_its_measure_to_yes(
     measures = audit(Check(load_config(config.data_dir), url="https://license.example.com"), probe=_tls_ok)
     executed = _executed(measures)
     assert executed.pop("recovery-portal") == "n/a"
+    assert executed.pop("portal-two-step") == "n/a"  # the portal stayed off
     assert executed.pop("database-credentials") == ("n/a" if db_url.startswith("sqlite") else "yes")
     assert set(executed.values()) == {"yes"}, executed
 
@@ -207,3 +209,19 @@ def test_comments_come_from_a_toml_file_of_known_measures() -> None:
 
     measure = Measure("tls", "t", "m", "r", "a", "yes", "f")
     assert with_comments([measure], {"tls": "why"})[0].comment == "why"
+
+
+def test_portal_two_step_sign_in_is_required_of_admins_by_default(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _deployment(tmp_path, db_url, monkeypatch)
+    toml = config.config_file.read_text()
+    assert 'two_step_roles = ["admin"]' in toml  # what init writes
+    config.config_file.write_text(toml.replace("web_portal = false", "web_portal = true"))
+    measure = {m.id: m for m in audit(Check(load_config(config.data_dir)))}["portal-two-step"]
+    assert (measure.executed, measure.finding) == ("yes", "required for admin")
+    config.config_file.write_text(
+        config.config_file.read_text().replace('two_step_roles = ["admin"]', 'two_step_roles = ["support"]')
+    )
+    measure = {m.id: m for m in audit(Check(load_config(config.data_dir)))}["portal-two-step"]
+    assert (measure.executed, measure.finding) == ("no", "required for support; not for admin")

@@ -17,6 +17,7 @@ from tessera.server.storage import Database
 VALID = (
     '[server]\ndatabase = "sqlite:///x.db"\n\n[interfaces]\nadmin_api = true\noffline_activation = false\n'
     "web_portal = true\nmetrics = false\n"
+    '\n[web_portal]\ntwo_step_roles = ["admin", "support"]\n'
     '\n[hsm]\nmodule = "/usr/lib/softhsm/libsofthsm2.so"\ntoken = "tessera"\nkey = "tessera-vendor"\n'
 )
 VALID_RELAY = '[relay]\nupstream = "https://core.internal:7790"\ntimeout_seconds = 10.0\n'
@@ -25,6 +26,8 @@ CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 toml_values = st.one_of(
     st.booleans(),
     st.integers(),
+    st.just('["admin", "nobody"]'),
+    st.just("[]"),
     st.text(max_size=30).map(lambda t: '"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"'),
     st.just("[1, 2]"),
     st.just("{ a = 1 }"),
@@ -46,6 +49,7 @@ def test_any_config_file_loads_or_is_a_config_error(data: st.DataObject) -> None
                 "module",
                 "token",
                 "key",
+                "two_step_roles",
                 "x",
             ]
             key = data.draw(st.sampled_from(keys))
@@ -91,3 +95,28 @@ def test_any_database_url_is_a_database_or_a_value_error(url: str) -> None:
     except ValueError:
         return
     db.dispose()
+
+
+def test_two_step_roles_are_roles(tmp_path: Path) -> None:
+    base = VALID.split("\n[hsm]")[0]
+    (tmp_path / "tessera.toml").write_text(base)
+    assert load_config(tmp_path).two_step_roles == ("admin", "support")
+    (tmp_path / "tessera.toml").write_text(base.replace("[web_portal]\n", "").replace("two_step_roles", "#"))
+    assert load_config(tmp_path).two_step_roles == ("admin",)  # the default
+    (tmp_path / "tessera.toml").write_text(base.replace('["admin", "support"]', "[]"))
+    assert load_config(tmp_path).two_step_roles == ()
+    for wrong in ('["admin", "root"]', '"admin"', "[1]"):
+        (tmp_path / "tessera.toml").write_text(base.replace('["admin", "support"]', wrong))
+        try:
+            load_config(tmp_path)
+        except ConfigError as exc:
+            assert "[web_portal] two_step_roles must be a list of roles (admin, support" in str(exc)
+        else:
+            raise AssertionError(f"{wrong} was taken")
+
+
+def test_the_known_role_names_are_the_tokens_roles() -> None:
+    from tessera.server.config import ROLE_NAMES
+    from tessera.server.tokens import Role
+
+    assert tuple(role.value for role in Role) == ROLE_NAMES

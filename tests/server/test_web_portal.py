@@ -6,6 +6,7 @@ The browser's view of the same pages is ``tests/cli/test_portal_browser.py``.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 from datetime import timedelta
 from typing import Any
@@ -373,7 +374,7 @@ def test_orders_in_the_portal(state: ServerState, world: dict[str, Any], admin: 
         users.create_user(
             session, admin, username="boss", password=PASSWORD, role=Role.ADMIN, now=state.now()
         )
-    boss = portal(state)
+    boss = portal(dataclasses.replace(state, two_step_roles=frozenset()))  # no set-up needed here
     sign_in(boss, "boss")
     detail = boss.get("/portal/orders/bob-order")
     assert "Cancel order" in detail.text
@@ -417,6 +418,66 @@ def test_two_step_sign_in_through_the_pages(
     reset = api.patch("/api/v1/users/staff", json={"reset_two_factor": True})
     assert reset.status_code == 200 and reset.json()["two_factor"] is False
     assert sign_in(portal(state), "staff").status_code == 303
+
+
+def test_an_admin_sets_up_two_step_sign_in_before_anything_else(
+    state: ServerState, world: dict[str, Any], admin: Principal, clock: ManualClock
+) -> None:
+    """``[web_portal] two_step_roles``: admin by default."""
+    with state.db.write() as session:
+        users.create_user(
+            session, admin, username="boss", password=PASSWORD, role=Role.ADMIN, now=state.now()
+        )
+    serial = world["bob"][0]
+    client = portal(state)
+    signed_in = sign_in(client, "boss", target=f"/portal/licenses/{serial}")
+    assert signed_in.status_code == 303 and signed_in.headers["location"] == "/portal/account#two-factor"
+    for path in ("/portal/licenses", f"/portal/licenses/{serial}", "/portal/orders", "/portal/activate"):
+        response = client.get(path)
+        assert response.status_code == 303 and response.headers["location"] == "/portal/account#two-factor"
+    htmx = client.get("/portal/licenses?q=x", headers={"HX-Request": "true"})
+    assert htmx.status_code == 204 and htmx.headers["HX-Redirect"] == "/portal/account#two-factor"
+    account = client.get("/portal/account")
+    assert account.status_code == 200
+    assert (
+        "Your role (admin) requires two-step sign-in" in account.text
+        and "Set up two-step sign-in" in account.text
+    )
+    token = csrf(account.text)
+    revoke = client.post(f"/portal/licenses/{serial}/status", data={"csrf": token, "status": "revoked"})
+    assert revoke.status_code == 303 and revoke.headers["location"] == "/portal/account#two-factor"
+    with state.db.read() as session:
+        assert licenses.get_license(session, serial).status == "active"  # nothing was done
+    offer = client.post("/portal/account/two-factor/start", data={"csrf": token})
+    secret = re.search(r'name="secret" value="([A-Z2-7]+)"', offer.text)
+    proof = re.search(r'name="proof" value="([0-9a-f]{64})"', offer.text)
+    assert secret and proof
+    code = pyotp.TOTP(secret.group(1)).at(state.now())
+    fields = {"csrf": token, "secret": secret.group(1), "proof": proof.group(1), "code": code}
+    done = client.post("/portal/account/two-factor/enable", data=fields)
+    assert done.status_code == 200 and "Two-step sign-in is on" in done.text
+    assert "requires two-step sign-in" not in done.text
+    assert "required for your role" in done.text and "Turn two-step sign-in off" not in done.text
+    assert client.get(f"/portal/licenses/{serial}").status_code == 200  # the portal is open now
+    clock.advance(timedelta(seconds=30))
+    refused = client.post(
+        "/portal/account/two-factor/disable",
+        data={"csrf": token, "code": pyotp.TOTP(secret.group(1)).at(state.now())},
+    )
+    assert refused.status_code == 403 and "required for the role admin" in refused.text
+    again = portal(state)
+    assert sign_in(again, "boss").status_code == 401  # the code is needed now
+    out = client.post("/portal/logout", data={"csrf": token})
+    assert out.status_code == 303 and out.headers["location"] == "/portal/login"
+
+
+def test_roles_outside_the_rule_need_no_set_up(state: ServerState, world: dict[str, Any]) -> None:
+    client = portal(state)
+    assert sign_in(client, "staff").headers["location"] == "/portal/licenses"  # support: not required
+    assert client.get("/portal/licenses").status_code == 200
+    strict = portal(dataclasses.replace(state, two_step_roles=frozenset({"admin", "support"})))
+    assert sign_in(strict, "staff").headers["location"] == "/portal/account#two-factor"
+    assert strict.get("/portal/licenses").status_code == 303
 
 
 def test_a_forged_two_step_offer_is_refused(state: ServerState, world: dict[str, Any]) -> None:

@@ -158,5 +158,6 @@ _switch(
     "reset-2fa",
     {"reset_two_factor": True},
     "signs in with the password alone again",
-    "Turn a user's two-step sign-in off (a lost phone); they can set it up again.",
+    "Turn a user's two-step sign-in off (a lost phone); they set it up again, at their next "
+    "sign-in if their role requires it.",
 )

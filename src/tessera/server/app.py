@@ -49,6 +49,7 @@ from tessera.server import (
 )
 from tessera.server.checkins import CheckinWriter
 from tessera.server.checkpoints import CheckpointWatch
+from tessera.server.config import DEFAULT_TWO_STEP_ROLES
 from tessera.server.errors import Invalid, RecordedRefusal, ServiceError
 from tessera.server.hsm import HsmError
 from tessera.server.lane import ConnectLane, Handler
@@ -129,6 +130,8 @@ class ServerState:
     recorded_refusals: RefusalLimit = field(
         default_factory=lambda: RefusalLimit(what="recorded activation and recovery refusals")
     )
+    #: Web portal users of these roles need two-step sign-in (``[web_portal]``).
+    two_step_roles: frozenset[str] = frozenset(DEFAULT_TWO_STEP_ROLES)
 
     def now(self) -> datetime:
         return self.clock.now().replace(microsecond=0)

@@ -60,6 +60,7 @@ MEASURE_IDS: Final = (
     "admin-api-off",
     "offline-activation-off",
     "web-portal-off",
+    "portal-two-step",
     "metrics-off",
     "recovery-portal",
     "webhooks-https",
@@ -140,6 +141,7 @@ def audit(check: Check, probe: Callable[[Check], Probe] | None = None) -> list[M
             "people use the portal; where they do, serve it over TLS only, on a process that "
             "is reachable only by them, and give each person an account of their own.",
         ),
+        _two_step(config),
         _interface(
             "metrics-off",
             "Metrics endpoint switched off where not needed",
@@ -421,6 +423,28 @@ def _interface(ident: str, title: str, enabled: bool, measure: str) -> Measure:
         "no" if enabled else "yes",
         "on" if enabled else "switched off",
     )
+
+
+def _two_step(config: ServerConfig) -> Measure:
+    """Web portal admins sign in with a second factor: an admin's password alone would
+    open every license, token and user of the vendor."""
+    roles = config.two_step_roles
+    base = Measure(
+        "portal-two-step",
+        "Two-step sign-in required for web portal administrators",
+        "Keep `admin` (the default) in `two_step_roles` of `[web_portal]` in tessera.toml, "
+        "and add `support` and `sales`, whose users change licenses too.",
+        f"{CONFIG_NAME} [web_portal]; docs/portal.md",
+        _DATA_DIR_RIGHTS,
+        "n/a",
+        "the web portal is off",
+    )
+    if not config.web_portal:
+        return base
+    listed = ", ".join(roles) if roles else "no role"
+    if "admin" not in roles:
+        return replace(base, executed="no", finding=f"required for {listed}; not for admin")
+    return replace(base, executed="yes", finding=f"required for {listed}")
 
 
 def _portal(config: ServerConfig) -> Measure:

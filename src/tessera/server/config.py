@@ -20,6 +20,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from tessera.core.errors import KeyFileError
 from tessera.core.signing import SigningKey
@@ -72,6 +73,12 @@ class PortalConfig:
     ca_file: Path | None = None
 
 
+#: The roles of API tokens and portal users (``tessera.server.tokens.Role``'s values; that
+#: module needs the database models, this one must load without them).
+ROLE_NAMES: Final = ("admin", "support", "sales", "partner", "customer", "readonly")
+DEFAULT_TWO_STEP_ROLES: Final = ("admin",)
+
+
 @dataclass(frozen=True, slots=True)
 class HsmConfig:
     """Where the vendor key lives when it lives in an HSM (``[hsm]``; PKCS#11)."""
@@ -101,6 +108,10 @@ class ServerConfig:
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     #: The vendor key in an HSM instead of ``vendor.key`` (``[hsm]``, written by init).
     hsm: HsmConfig | None = None
+    #: Web portal users of these roles must sign in with a code from an authenticator app
+    #: too (``[web_portal] two_step_roles``): until they set it up, their only page is
+    #: their account's. Admins by default: an admin's password alone opens everything.
+    two_step_roles: tuple[str, ...] = DEFAULT_TWO_STEP_ROLES
 
     @property
     def config_file(self) -> Path:
@@ -189,6 +200,7 @@ def toml_string(value: str) -> str:
 
 
 def render_config(config: ServerConfig) -> str:
+    roles = ", ".join(toml_string(role) for role in config.two_step_roles)
     return (
         "# Tessera license server (written by `tessera server init`).\n"
         "[server]\n"
@@ -200,6 +212,11 @@ def render_config(config: ServerConfig) -> str:
         f"offline_activation = {'true' if config.offline_activation else 'false'}\n"
         f"web_portal = {'true' if config.web_portal else 'false'}\n"
         f"metrics = {'true' if config.metrics else 'false'}\n"
+        "\n"
+        "# Web portal users of these roles must sign in with a code from an authenticator app\n"
+        "# as well as their password (any of: admin, support, sales, partner, customer, readonly).\n"
+        "[web_portal]\n"
+        f"two_step_roles = [{roles}]\n"
     ) + ("" if config.hsm is None else "\n" + hsm_section(config.hsm))
 
 
@@ -249,6 +266,12 @@ def load_config(data_dir: Path) -> ServerConfig:
     if unknown:
         raise ConfigError(f"{path}: [interfaces] has unknown key {sorted(unknown)[0]!r}")
     portal = _portal_config(raw.get("recovery", {}), path, data_dir.resolve())
+    web = _table(raw, "web_portal", path, {"two_step_roles"})
+    two_step = web.get("two_step_roles", list(DEFAULT_TWO_STEP_ROLES))
+    if not isinstance(two_step, list) or not all(isinstance(r, str) and r in ROLE_NAMES for r in two_step):
+        raise ConfigError(
+            f"{path}: [web_portal] two_step_roles must be a list of roles ({', '.join(ROLE_NAMES)})"
+        )
     leases = _table(raw, "leases", path, {"duration_seconds"})
     lease_seconds = _number(leases, "duration_seconds", 300, (1, 86400), path, whole=True)
     hooks = _table(raw, "webhooks", path, set(WebhookSettings.__dataclass_fields__))
@@ -267,6 +290,7 @@ def load_config(data_dir: Path) -> ServerConfig:
         portal=portal,
         lease_seconds=int(lease_seconds),
         webhooks=settings,
+        two_step_roles=tuple(dict.fromkeys(two_step)),
         **switches,
     )
 

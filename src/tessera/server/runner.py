@@ -64,6 +64,7 @@ def build_state(data_dir: Path, *, migrate: bool = True) -> ServerState:
         portal=portal,
         lease_seconds=config.lease_seconds,
         webhook_settings=config.webhooks,
+        two_step_roles=frozenset(config.two_step_roles),
     )
 
 

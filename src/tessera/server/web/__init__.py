@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Request
@@ -115,6 +115,10 @@ class _Page:
     redirect: str | None = None
 
 
+#: Where a user who must set up two-step sign-in is sent (``[web_portal] two_step_roles``).
+SET_UP_TWO_STEP: Final = "/portal/account#two-factor"
+
+
 def _safe_next(target: str | None) -> str:
     """Only a path of this portal may be the target after sign-in (no open redirect)."""
     if not target or not target.startswith("/portal/") or target.startswith("//"):
@@ -144,6 +148,8 @@ def portal_router(state: ServerState) -> APIRouter:
         role = signed_in.principal.role if signed_in is not None else None
         context = {
             "user": signed_in,
+            "two_step_required": signed_in is not None and must_set_up(signed_in),
+            "required_roles": state.two_step_roles,
             "can_activate": role in _ACTIVATORS,
             "can_change": role in _CHANGERS,
             "can_cancel": role in _CANCELLERS,
@@ -180,16 +186,23 @@ def portal_router(state: ServerState) -> APIRouter:
         own = f"{request.url.scheme}://{request.url.netloc}"
         return origin.rstrip("/") != own
 
+    def must_set_up(signed_in: users.SignedIn) -> bool:
+        """Whether this user's role needs two-step sign-in and the user has not set it up."""
+        return signed_in.principal.role in state.two_step_roles and not signed_in.two_factor
+
     async def page(
         request: Request,
         work: Callable[[Session, users.SignedIn], _Page],
         *,
         form: dict[str, Any] | None = None,
+        account: bool = False,
     ) -> Response:
         """Resolve the session and run ``work`` in one transaction (one hop to the thread
         pool): a read for a GET, a write for a POST, which must come from this site and
         carry the session's CSRF token. A GET writes only to record a session's activity,
-        at most once a minute."""
+        at most once a minute. A user who must set up two-step sign-in first
+        (``[web_portal] two_step_roles``) gets only the ``account`` pages (and signing out):
+        every other page sends them there."""
         secret = request.cookies.get(COOKIE)
         now = state.now()
         write = form is not None
@@ -204,6 +217,8 @@ def portal_router(state: ServerState) -> APIRouter:
                     if form is not None and form.get("csrf") != signed_in.csrf_token:
                         message = "this form has expired; reload the page and try again"
                         return signed_in, _Page("error.html", {"status": 403, "message": message}, 403)
+                    if not account and must_set_up(signed_in):
+                        return signed_in, _Page(redirect=SET_UP_TWO_STEP)
                     if write:
                         users.touch_session(session, signed_in, now)
                     result = work(session, signed_in)
@@ -232,6 +247,9 @@ def portal_router(state: ServerState) -> APIRouter:
         if signed_in is None or result is None:
             return to_login(request)
         if result.redirect is not None:
+            if request.headers.get("HX-Request") and result.redirect == SET_UP_TWO_STEP:
+                # A whole page, not a fragment swapped into the one the user is on.
+                return Response(status_code=204, headers={"HX-Redirect": result.redirect, **_HEADERS})
             return RedirectResponse(result.redirect, status_code=303, headers=_HEADERS)
         assert result.template is not None
         return render(
@@ -303,7 +321,9 @@ def portal_router(state: ServerState) -> APIRouter:
                 {"next": target, "error": outcome.reason, "username": username},
                 status=401,
             )
-        secret, _signed_in = outcome
+        secret, signed_in = outcome
+        if must_set_up(signed_in):
+            target = SET_UP_TWO_STEP
         response = RedirectResponse(target, status_code=303, headers=_HEADERS)
         response.set_cookie(
             COOKIE,
@@ -326,7 +346,7 @@ def portal_router(state: ServerState) -> APIRouter:
             users.sign_out(session, request.cookies.get(COOKIE))
             return _Page(redirect="/portal/login")
 
-        response = await page(request, work, form=form)
+        response = await page(request, work, form=form, account=True)
         if response.status_code == 303:
             response.delete_cookie(COOKIE, path="/portal")
         return response
@@ -489,7 +509,7 @@ def portal_router(state: ServerState) -> APIRouter:
 
     @router.get("/account")
     async def account(request: Request) -> Response:
-        return await page(request, lambda _s, _u: _Page("account.html", {"done": False}))
+        return await page(request, lambda _s, _u: _Page("account.html", {"done": False}), account=True)
 
     @router.post("/account")
     async def change_password(request: Request) -> Response:
@@ -507,7 +527,7 @@ def portal_router(state: ServerState) -> APIRouter:
             users.change_own_password(session, signed_in, current, new, now)
             return _Page("account.html", {"done": True})
 
-        return await page(request, work, form=form)
+        return await page(request, work, form=form, account=True)
 
     @router.post("/account/two-factor/start")
     async def two_factor_start(request: Request) -> Response:
@@ -519,7 +539,7 @@ def portal_router(state: ServerState) -> APIRouter:
             offer = users.offer_totp(signed_in, state.pepper)
             return _Page("account.html", {"offer": offer, "qr": _qr(offer.uri)})
 
-        return await page(request, work, form=form)
+        return await page(request, work, form=form, account=True)
 
     @router.post("/account/two-factor/enable")
     async def two_factor_enable(request: Request) -> Response:
@@ -549,7 +569,7 @@ def portal_router(state: ServerState) -> APIRouter:
                 return _Page("account.html", values, exc.status)
             return _Page("account.html", {"two_factor_done": "on"})
 
-        return await page(request, work, form=form)
+        return await page(request, work, form=form, account=True)
 
     @router.post("/account/two-factor/disable")
     async def two_factor_disable(request: Request) -> Response:
@@ -560,10 +580,14 @@ def portal_router(state: ServerState) -> APIRouter:
         now = state.now()
 
         def work(session: Session, signed_in: users.SignedIn) -> _Page:
+            role = signed_in.principal.role
+            if role in state.two_step_roles:
+                message = f"two-step sign-in is required for the role {role}: it cannot be turned off"
+                return _Page("account.html", {"two_factor_error": message}, 403)
             users.disable_totp(session, signed_in, code, now, state.pepper)
             return _Page("account.html", {"two_factor_done": "off"})
 
-        return await page(request, work, form=form)
+        return await page(request, work, form=form, account=True)
 
     async def _form(request: Request) -> dict[str, Any] | Response:
         try:
