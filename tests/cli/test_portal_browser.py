@@ -224,6 +224,26 @@ def _journey(tmp_path: Path, db_url: str | None, browser: Any) -> None:
         assert shown["status"] == "revoked"
         assert problems == [], problems
 
+        # Sales issues a new license in the portal: product first, then its features; the
+        # key is shown once, and the CLI sees the license.
+        staff.click("nav >> text=New license")
+        staff.select_option("select[name=product]", "cortex")
+        staff.click("button:has-text('Next')")
+        staff.wait_for_selector("input[name='count:uniplex']")
+        staff.fill("input[name=customer]", str(other))
+        staff.fill("input[name='count:uniplex']", "4")
+        staff.fill("input[name='expiry:uniplex']", "2099-06-30")
+        staff.check("input[name='emergency:uniplex']")
+        staff.fill("input[name=machines]", "2")
+        staff.click("button:has-text('Issue license')")
+        staff.wait_for_selector("[role=status]")
+        serial = staff.inner_text("dl.facts dd:nth-of-type(1) code")
+        assert staff.inner_text("code.secret").count("-") == 4  # the license key, shown once
+        made = json.loads(cli("license", "show", serial, "--json").stdout)
+        assert made["features"] == {"uniplex": {"count": 4, "expiry": "2099-06-30"}}
+        assert made["machines_allowed"] == 2 and made["emergency"] == ["uniplex"]
+        assert problems == [], problems
+
         # The admin's other verbs: a new password (generated, shown once), disable, enable.
         fresh = json.loads(cli("user", "password", "alice", "--json").stdout)["password"]
         assert len(fresh) >= 20

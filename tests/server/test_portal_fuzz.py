@@ -30,6 +30,9 @@ PASSWORD = "tidal-orbit-cactus-lantern"
 FIELDS = [
     "csrf", "status", "current", "new", "repeat", "username", "password", "next", "request", "code",
     "secret", "proof", "x",
+    # the new-license form
+    "product", "customer", "count:uniplex", "expiry:uniplex", "emergency:backup", "machines", "binding",
+    "match", "version", "failover_days", "checkpoint_days", "validation_hours", "order", "seal",
 ]  # fmt: skip
 
 
@@ -71,10 +74,13 @@ def test_no_form_post_breaks_the_portal(tmp_path: Path) -> None:
         "/portal/licenses/2099-000001/status",
         "/portal/orders/PO-1/cancel",
         "/portal/orders/%00/cancel",
+        "/portal/licenses/new",
     ]
     values = st.one_of(
         st.text(max_size=80),
-        st.sampled_from([csrf, "active", "revoked", PASSWORD, "/portal/x", "123456", "JBSWY3DPEHPK3PXP"]),
+        st.sampled_from(
+            [csrf, "active", "revoked", PASSWORD, "/portal/x", "123456", "JBSWY3DPEHPK3PXP", "cortex", "1"]
+        ),
     )
     uploads = st.one_of(st.none(), st.binary(max_size=300), st.just(request_file))
 
@@ -99,7 +105,9 @@ def test_no_raw_body_breaks_the_portal(tmp_path: Path) -> None:
 
     @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(
-        path=st.sampled_from(["/portal/login", "/portal/activate", "/portal/account", "/portal/logout"]),
+        path=st.sampled_from(
+            ["/portal/login", "/portal/activate", "/portal/account", "/portal/logout", "/portal/licenses/new"]
+        ),
         body=st.binary(max_size=500),
         content_type=st.sampled_from(
             [

@@ -15,16 +15,17 @@ from urllib.parse import unquote
 import pyotp
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from tessera.core.clock import ManualClock
+from tessera.core.licensekey import license_key_digest
 from tessera.core.model import License
 from tessera.core.signing import Keyring
 from tessera.core.verify import check_binding, load_signed
 from tessera.server import licenses, users
 from tessera.server.app import Interfaces, ServerState, create_app
-from tessera.server.models import AuditEntry
+from tessera.server.models import AuditEntry, LicenseRow
 from tessera.server.tokens import Principal, Role
 from tessera.server.web import FailedSignIns
 
@@ -478,6 +479,109 @@ def test_roles_outside_the_rule_need_no_set_up(state: ServerState, world: dict[s
     strict = portal(dataclasses.replace(state, two_step_roles=frozenset({"admin", "support"})))
     assert sign_in(strict, "staff").headers["location"] == "/portal/account#two-factor"
     assert strict.get("/portal/licenses").status_code == 303
+
+
+def test_sales_issues_a_license_and_sees_its_key_once(
+    state: ServerState, world: dict[str, Any], admin: Principal
+) -> None:
+    with state.db.write() as session:
+        users.create_user(
+            session, admin, username="seller", password=PASSWORD, role=Role.SALES, now=state.now()
+        )
+        customer = licenses.get_license(session, world["alice"][0]).customer_id
+    client = portal(state)
+    sign_in(client, "seller")
+    start = client.get("/portal/licenses/new")
+    assert start.status_code == 200 and 'href="/portal/licenses/new"' in start.text  # in the menu
+    assert '<option value="cortex">' in start.text and 'name="count:uniplex"' not in start.text
+    form = client.get("/portal/licenses/new?product=cortex")
+    assert form.status_code == 200
+    for field in ("count:uniplex", "expiry:backup", "emergency:reporting", "machines", "binding"):
+        assert f'name="{field}"' in form.text
+    assert f'<option value="{customer} myCompany, Berlin">' in form.text  # staff get suggestions
+    fields = {
+        "csrf": csrf(form.text),
+        "product": "cortex",
+        "customer": f"{customer} myCompany, Berlin",
+        "count:uniplex": "7",
+        "expiry:uniplex": "2027-03-31",
+        "count:backup": "1",
+        "emergency:backup": "on",
+        "machines": "3",
+        "binding": "machine",
+        "failover_days": "14",
+        "connect": "on",
+        "order": "PO-web-1",
+    }
+    issued = client.post("/portal/licenses/new", data=fields)
+    assert issued.status_code == 201, issued.text
+    serial = re.search(r"<code>([0-9]{4}-[0-9]{6})</code>", issued.text)
+    key = re.search(r'<code class="secret">([A-Z0-9-]+)</code>', issued.text)
+    assert serial and key and "it is shown this once" in issued.text
+    with state.db.read() as session:
+        row = licenses.get_license(session, serial.group(1))
+        assert row.key_digest == license_key_digest(key.group(1), state.pepper)
+        view = licenses.license_view(row)
+    assert view["machines_allowed"] == 3 and view["failover_days"] == 14 and view["order"] == "PO-web-1"
+    assert view["features"] == {
+        "uniplex": {"count": 7, "expiry": "2027-03-31"},
+        "backup": {"count": 1, "expiry": "permanent"},
+    }
+    assert view["emergency"] == ["backup"]
+    assert client.get(f"/portal/licenses/{serial.group(1)}").status_code == 200
+    with state.db.read() as session:
+        entry = session.scalars(select(AuditEntry).where(AuditEntry.target == serial.group(1))).first()
+    assert entry is not None and entry.action == "license.issue" and "seller" in entry.actor
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"count:uniplex": "many"}, "uniplex: the count must be a whole number"),
+        ({"count:uniplex": "", "count:backup": ""}, "features: give a count for at least one feature"),
+        ({"expiry:uniplex": "2027-13-01"}, "uniplex (expiry): input should be a valid date"),
+        ({"machines": "0"}, "machines: input should be greater than or equal to 1"),
+        ({"customer": "Acme"}, "customer: choose a customer (their number)"),
+        ({"customer": "999999"}, "customer 999999 not found"),
+        ({"binding": "planet"}, "binding: input should be"),
+        ({"order": "bob-order"}, "order: bob-order is an order of customer"),
+    ],
+)
+def test_a_bad_new_license_form_names_the_field_and_issues_nothing(
+    state: ServerState, world: dict[str, Any], admin: Principal, change: dict[str, str], words: str
+) -> None:
+    with state.db.write() as session:
+        users.create_user(
+            session, admin, username="seller", password=PASSWORD, role=Role.SALES, now=state.now()
+        )
+        customer = licenses.get_license(session, world["alice"][0]).customer_id
+        before = session.scalar(select(func.count()).select_from(LicenseRow))
+    client = portal(state)
+    sign_in(client, "seller")
+    form = client.get("/portal/licenses/new?product=cortex")
+    fields = {"csrf": csrf(form.text), "product": "cortex", "customer": str(customer), "count:uniplex": "2"}
+    fields["count:backup"] = "1"
+    response = client.post("/portal/licenses/new", data={**fields, **change})
+    assert 400 <= response.status_code < 500 and words in response.text, response.text
+    assert 'name="count:uniplex"' in response.text  # the form comes back, filled in
+    with state.db.read() as session:
+        assert session.scalar(select(func.count()).select_from(LicenseRow)) == before
+
+
+def test_only_issuing_roles_see_the_new_license_form(state: ServerState, world: dict[str, Any]) -> None:
+    for name in ("alice", "staff", "viewer"):  # customer, support, readonly
+        client = portal(state)
+        sign_in(client, name)
+        assert 'href="/portal/licenses/new"' not in client.get("/portal/licenses").text
+        refused = client.get("/portal/licenses/new?product=cortex")
+        assert refused.status_code == 403 and "needs the role admin, sales or partner" in refused.text
+    client = portal(state)
+    sign_in(client, "staff")
+    token = csrf(client.get("/portal/account").text)
+    posted = client.post(
+        "/portal/licenses/new", data={"csrf": token, "product": "cortex", "count:backup": "1"}
+    )
+    assert posted.status_code == 403
 
 
 def test_a_forged_two_step_offer_is_refused(state: ServerState, world: dict[str, Any]) -> None:

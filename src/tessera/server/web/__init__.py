@@ -44,13 +44,14 @@ from starlette.datastructures import UploadFile
 
 from tessera.core.errors import FormatError, SignatureError, TesseraError
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest
-from tessera.server import activation, licenses, orders, users
-from tessera.server.errors import RecordedRefusal, ServiceError
+from tessera.server import activation, catalog, licenses, orders, users
+from tessera.server.errors import Forbidden, RecordedRefusal, ServiceError
 from tessera.server.hsm import HsmError
 from tessera.server.outage import RETRY_AFTER_SECONDS, outage_reason
 from tessera.server.portal import PortalVerdict
 from tessera.server.schemas import LicenseUpdate
 from tessera.server.tokens import Role
+from tessera.server.web.issue import ISSUERS, MAX_FIELDS, IssueForm, customer_choices, license_in
 
 if TYPE_CHECKING:
     from tessera.server.app import ServerState
@@ -153,6 +154,7 @@ def portal_router(state: ServerState) -> APIRouter:
             "can_activate": role in _ACTIVATORS,
             "can_change": role in _CHANGERS,
             "can_cancel": role in _CANCELLERS,
+            "can_issue": role in ISSUERS,
             "sees_orders": role in _ORDER_READERS,
             "csrf": signed_in.csrf_token if signed_in is not None else "",
             "path": request.url.path,
@@ -385,6 +387,67 @@ def portal_router(state: ServerState) -> APIRouter:
 
         return await page(request, work)
 
+    def issue_page(
+        session: Session,
+        signed_in: users.SignedIn,
+        code: str,
+        values: dict[str, str],
+        *,
+        error: str | None = None,
+        status: int = 200,
+    ) -> _Page:
+        """The new-license form: a product to choose, then its features to fill in."""
+        if signed_in.principal.role not in ISSUERS:
+            raise Forbidden("issuing licenses needs the role admin, sales or partner")
+        products = catalog.list_products(session)
+        chosen = next((p for p in products if p.code == code), None)
+        if code and chosen is None and error is None:
+            error, status = f"product: there is no product {code}", 404
+        form = None
+        if chosen is not None:
+            features = [(f.code, f.description) for f in chosen.features]
+            form = IssueForm(chosen, features, values)
+        page_values = {
+            "products": products,
+            "form": form,
+            "customers": customer_choices(session, signed_in.principal) if form else [],
+            "error": error,
+        }
+        return _Page("issue.html", page_values, status)
+
+    @router.get("/licenses/new")
+    async def license_new(request: Request) -> Response:
+        code = _text(request.query_params.get("product")).strip()[:100]
+        defaults = {"machines": "1", "failover_days": "30", "validation_hours": "24", "connect": "on"}
+        return await page(request, lambda session, signed_in: issue_page(session, signed_in, code, defaults))
+
+    @router.post("/licenses/new")
+    async def license_issue(request: Request) -> Response:
+        form = await _form(request, max_fields=MAX_FIELDS)
+        if isinstance(form, Response):
+            return form
+        code = _text(form.get("product")).strip()[:100]
+        values = {name: value for name, value in form.items() if isinstance(value, str) and name != "csrf"}
+        now = state.now()
+
+        def work(session: Session, signed_in: users.SignedIn) -> _Page:
+            shown = issue_page(session, signed_in, code, values)
+            if shown.values is None or shown.values["form"] is None:
+                return shown  # no such product: the form says so
+            try:
+                # A savepoint: a refusal after the first write (an order of another
+                # customer) leaves nothing behind, and the form comes back filled in.
+                with session.begin_nested():
+                    data = license_in(form, shown.values["form"].product)
+                    row, key = licenses.issue_license(session, signed_in.principal, data, now, state.pepper)
+            except ServiceError as exc:
+                return issue_page(session, signed_in, code, values, error=str(exc), status=exc.status)
+            customer = row.customer
+            issued = {"serial": row.serial, "key": key, "customer": customer, "product": code}
+            return _Page("issued.html", issued, 201)
+
+        return await page(request, work, form=form)
+
     @router.get("/licenses/{serial}")
     async def license_detail(request: Request, serial: str) -> Response:
         def work(session: Session, signed_in: users.SignedIn) -> _Page:
@@ -589,9 +652,11 @@ def portal_router(state: ServerState) -> APIRouter:
 
         return await page(request, work, form=form, account=True)
 
-    async def _form(request: Request) -> dict[str, Any] | Response:
+    async def _form(request: Request, *, max_fields: int = 10) -> dict[str, Any] | Response:
         try:
-            parsed = await request.form(max_files=1, max_fields=10, max_part_size=MAX_MESSAGE_SIZE + 1)
+            parsed = await request.form(
+                max_files=1, max_fields=max_fields, max_part_size=MAX_MESSAGE_SIZE + 1
+            )
         except Exception as exc:  # multipart's own errors carry no common base worth naming
             return failure(
                 request, 400, f"form: {str(exc).splitlines()[0] if str(exc) else 'malformed'}", None
