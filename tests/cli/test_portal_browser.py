@@ -242,6 +242,14 @@ def _journey(tmp_path: Path, db_url: str | None, browser: Any) -> None:
         made = json.loads(cli("license", "show", serial, "--json").stdout)
         assert made["features"] == {"uniplex": {"count": 4, "expiry": "2099-06-30"}}
         assert made["machines_allowed"] == 2 and made["emergency"] == ["uniplex"]
+        # ... and changes its terms: a new revision.
+        staff.click(f"text=Show license {serial}")
+        staff.click("text=Change terms")
+        staff.fill("input[name='count:uniplex']", "6")
+        staff.click("button:has-text('Save as revision 2')")
+        staff.wait_for_url(f"{url}/portal/licenses/{serial}")
+        changed = json.loads(cli("license", "show", serial, "--json").stdout)
+        assert changed["revision"] == 2 and changed["features"]["uniplex"]["count"] == 6
         assert problems == [], problems
 
         # The admin's other verbs: a new password (generated, shown once), disable, enable.

@@ -33,6 +33,8 @@ FIELDS = [
     # the new-license form
     "product", "customer", "count:uniplex", "expiry:uniplex", "emergency:backup", "machines", "binding",
     "match", "version", "failover_days", "checkpoint_days", "validation_hours", "order", "seal",
+    # the change form
+    "revision", "count:backup", "count:reporting", "connect",
 ]  # fmt: skip
 
 
@@ -75,6 +77,8 @@ def test_no_form_post_breaks_the_portal(tmp_path: Path) -> None:
         "/portal/orders/PO-1/cancel",
         "/portal/orders/%00/cancel",
         "/portal/licenses/new",
+        f"/portal/licenses/{serial}/edit",
+        "/portal/licenses/2099-000001/edit",
     ]
     values = st.one_of(
         st.text(max_size=80),

@@ -584,6 +584,79 @@ def test_only_issuing_roles_see_the_new_license_form(state: ServerState, world: 
     assert posted.status_code == 403
 
 
+def test_support_changes_a_licenses_terms_as_a_new_revision(
+    state: ServerState, world: dict[str, Any]
+) -> None:
+    serial = world["alice"][0]
+    client = portal(state)
+    sign_in(client, "staff")
+    assert f'href="/portal/licenses/{serial}/edit"' in client.get(f"/portal/licenses/{serial}").text
+    form = client.get(f"/portal/licenses/{serial}/edit")
+    assert form.status_code == 200
+    for filled in (
+        'name="count:uniplex" value="5"',
+        'name="expiry:uniplex" value="2027-01-15"',
+        'name="count:backup" value="1"',
+        'name="count:reporting" value=""',
+        'name="machines" value="1"',
+    ):
+        assert filled in form.text, filled
+    fields = {
+        "csrf": csrf(form.text),
+        "revision": "1",
+        "count:uniplex": "5",
+        "expiry:uniplex": "2027-01-15",
+        "count:backup": "1",
+        "machines": "1",
+        "failover_days": "30",
+        "validation_hours": "24",
+        "version": "*",
+        "connect": "on",
+    }
+    same = client.post(f"/portal/licenses/{serial}/edit", data=fields)
+    assert same.status_code == 200 and "Nothing was changed" in same.text
+    changed = client.post(
+        f"/portal/licenses/{serial}/edit",
+        data={**fields, "count:uniplex": "9", "count:backup": "", "count:reporting": "2", "machines": "4",
+              "emergency:reporting": "on"},
+    )  # fmt: skip
+    assert changed.status_code == 303 and changed.headers["location"] == f"/portal/licenses/{serial}"
+    with state.db.read() as session:
+        view = licenses.license_view(licenses.get_license(session, serial))
+        entry = session.scalars(
+            select(AuditEntry).where(AuditEntry.target == serial).order_by(AuditEntry.id.desc())
+        ).first()
+    assert view["revision"] == 2 and view["machines_allowed"] == 4 and view["emergency"] == ["reporting"]
+    assert view["features"] == {
+        "uniplex": {"count": 9, "expiry": "2027-01-15"},
+        "reporting": {"count": 2, "expiry": "permanent"},
+    }
+    assert entry is not None and entry.action == "license.update" and "staff" in entry.actor
+    stale = client.post(f"/portal/licenses/{serial}/edit", data={**fields, "machines": "7"})  # revision 1
+    assert stale.status_code == 409 and "was changed meanwhile (now revision 2)" in stale.text
+    bad = client.post(
+        f"/portal/licenses/{serial}/edit", data={**fields, "revision": "2", "expiry:uniplex": "someday"}
+    )
+    assert bad.status_code == 422 and "uniplex (expiry): input should be a valid date" in bad.text
+    assert 'value="someday"' in bad.text  # the form comes back as typed
+    with state.db.read() as session:
+        assert licenses.get_license(session, serial).revision == 2  # neither changed anything
+
+
+def test_customers_and_readonly_do_not_change_terms(state: ServerState, world: dict[str, Any]) -> None:
+    serial = world["alice"][0]
+    for name in ("alice", "viewer"):
+        client = portal(state)
+        sign_in(client, name)
+        assert "/edit" not in client.get(f"/portal/licenses/{serial}").text
+        assert client.get(f"/portal/licenses/{serial}/edit").status_code == 403
+        token = csrf(client.get("/portal/account").text)
+        posted = client.post(f"/portal/licenses/{serial}/edit", data={"csrf": token, "count:uniplex": "99"})
+        assert posted.status_code == 403
+    with state.db.read() as session:
+        assert licenses.get_license(session, serial).revision == 1
+
+
 def test_a_forged_two_step_offer_is_refused(state: ServerState, world: dict[str, Any]) -> None:
     """Found by the portal fuzz: a made-up secret sent back to the enable form."""
     client = portal(state)

@@ -45,13 +45,21 @@ from starlette.datastructures import UploadFile
 from tessera.core.errors import FormatError, SignatureError, TesseraError
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest
 from tessera.server import activation, catalog, licenses, orders, users
-from tessera.server.errors import Forbidden, RecordedRefusal, ServiceError
+from tessera.server.errors import Conflict, Forbidden, RecordedRefusal, ServiceError
 from tessera.server.hsm import HsmError
 from tessera.server.outage import RETRY_AFTER_SECONDS, outage_reason
 from tessera.server.portal import PortalVerdict
 from tessera.server.schemas import LicenseUpdate
 from tessera.server.tokens import Role
-from tessera.server.web.issue import ISSUERS, MAX_FIELDS, IssueForm, customer_choices, license_in
+from tessera.server.web.issue import (
+    ISSUERS,
+    MAX_FIELDS,
+    IssueForm,
+    customer_choices,
+    license_in,
+    license_update,
+    terms_values,
+)
 
 if TYPE_CHECKING:
     from tessera.server.app import ServerState
@@ -456,6 +464,67 @@ def portal_router(state: ServerState) -> APIRouter:
             return _Page("license.html", {"license": licenses.license_view(row)})
 
         return await page(request, work)
+
+    def edit_page(
+        session: Session,
+        signed_in: users.SignedIn,
+        serial: str,
+        values: dict[str, str] | None,
+        *,
+        error: str | None = None,
+        status: int = 200,
+        unchanged: bool = False,
+    ) -> _Page:
+        """A license's change form, filled in with its terms (or with ``values`` typed)."""
+        if signed_in.principal.role not in _CHANGERS:
+            raise Forbidden("changing a license needs the role admin, support, sales or partner")
+        row = licenses.get_license(session, serial)
+        licenses.check_access(session, signed_in.principal, row, write=True)
+        view = licenses.license_view(row, with_machines=False)
+        if len(view["locations"]) > 1:
+            raise Conflict(f"license {serial} has several locations: change it with `tessera license update`")
+        features = [(f.code, f.description) for f in row.product.features]
+        form = IssueForm(row.product, features, terms_values(view) if values is None else values)
+        page_values = {"license": view, "form": form, "error": error, "unchanged": unchanged}
+        return _Page("edit.html", page_values, status)
+
+    @router.get("/licenses/{serial}/edit")
+    async def license_edit(request: Request, serial: str) -> Response:
+        return await page(
+            request, lambda session, signed_in: edit_page(session, signed_in, serial[:64], None)
+        )
+
+    @router.post("/licenses/{serial}/edit")
+    async def license_change(request: Request, serial: str) -> Response:
+        """A central change of the license's terms: a new revision, as ``license update``."""
+        form = await _form(request, max_fields=MAX_FIELDS)
+        if isinstance(form, Response):
+            return form
+        serial = serial[:64]
+        values = {name: value for name, value in form.items() if isinstance(value, str) and name != "csrf"}
+        now = state.now()
+
+        def work(session: Session, signed_in: users.SignedIn) -> _Page:
+            shown = edit_page(session, signed_in, serial, values)
+            assert shown.values is not None
+            view = shown.values["license"]
+            if _text(form.get("revision")) != str(view["revision"]):
+                message = (
+                    f"license {serial} was changed meanwhile (now revision {view['revision']}): "
+                    "the form below shows it as it is now"
+                )
+                return edit_page(session, signed_in, serial, None, error=message, status=409)
+            try:
+                with session.begin_nested():
+                    update = license_update(form, shown.values["form"].product, view)
+                    if update is None:
+                        return edit_page(session, signed_in, serial, None, unchanged=True)
+                    licenses.update_license(session, signed_in.principal, serial, update, now)
+            except ServiceError as exc:
+                return edit_page(session, signed_in, serial, values, error=str(exc), status=exc.status)
+            return _Page(redirect=f"/portal/licenses/{quote(serial, safe='')}")
+
+        return await page(request, work, form=form)
 
     @router.post("/licenses/{serial}/status")
     async def license_status(request: Request, serial: str) -> Response:

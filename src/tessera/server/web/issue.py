@@ -1,9 +1,11 @@
-"""The portal's "new license" form: what it offers and how its fields become a license.
+"""The portal's forms of a license's terms: a new license, and a change to one.
 
-The form is the API's :class:`~tessera.server.schemas.LicenseIn` with one row per feature
-of the chosen product (a count, a last day, whether it is in the emergency set), so the
-same validation and the same service (:func:`tessera.server.licenses.issue_license`)
-decide; this module only translates between HTML form fields and that model, and says
+The new-license form is the API's :class:`~tessera.server.schemas.LicenseIn` with one row
+per feature of the chosen product (a count, a last day, whether it is in the emergency
+set); the change form is :class:`~tessera.server.schemas.LicenseUpdate` with the same
+rows, filled in with the license's terms. The same validation and the same services
+(:func:`tessera.server.licenses.issue_license`, :func:`~tessera.server.licenses.update_license`)
+decide; this module only translates between HTML form fields and those models, and says
 which field was wrong in the words of the form, not of the JSON it becomes.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -20,10 +22,18 @@ from sqlalchemy.orm import Session
 from tessera.core.model import Binding, MatchLevel
 from tessera.server.errors import Invalid
 from tessera.server.models import Customer, Product
-from tessera.server.schemas import LicenseIn
+from tessera.server.schemas import LicenseIn, LicenseUpdate
 from tessera.server.tokens import Principal, Role
 
-__all__ = ["ISSUERS", "MAX_FIELDS", "IssueForm", "customer_choices", "license_in"]
+__all__ = [
+    "ISSUERS",
+    "MAX_FIELDS",
+    "IssueForm",
+    "customer_choices",
+    "license_in",
+    "license_update",
+    "terms_values",
+]
 
 #: Roles that may issue (the service checks again; this decides what the pages offer).
 ISSUERS: Final = frozenset({Role.ADMIN, Role.SALES, Role.PARTNER})
@@ -71,18 +81,7 @@ def license_in(form: Mapping[str, Any], product: Product) -> LicenseIn:
     """The license the form asks for; :class:`Invalid` naming the form's field if a value
     is not one."""
     features = [f.code for f in product.features][:MAX_FEATURES]
-    entitlements = []
-    for code in features:
-        count = _field(form, f"count:{code}")
-        if not count:
-            continue
-        if not count.isdigit():
-            raise Invalid(f"{code}: the count must be a whole number")
-        entitlements.append(
-            {"feature": code, "count": int(count), "expiry": _field(form, f"expiry:{code}") or None}
-        )
-    if not entitlements:
-        raise Invalid("features: give a count for at least one feature")
+    entitlements = _entitlements(form, features)
     customer = _field(form, "customer").split(" ", 1)[0]  # a suggestion reads "12 Acme, Berlin"
     if not customer.isdigit():
         raise Invalid("customer: choose a customer (their number)")
@@ -102,8 +101,91 @@ def license_in(form: Mapping[str, Any], product: Product) -> LicenseIn:
         "connect": bool(_field(form, "connect")),
         "seal": bool(_field(form, "seal")),
     }
+    return _validated(LicenseIn, data, entitlements)
+
+
+def terms_values(view: Mapping[str, Any]) -> dict[str, str]:
+    """A license's terms (:func:`tessera.server.licenses.license_view`) as the change
+    form's fields."""
+    values = {
+        "machines": str(view["machines_allowed"]),
+        "failover_days": str(view["failover_days"]),
+        "validation_hours": str(view["validation_hours"]),
+        "checkpoint_days": "" if view["checkpoint_days"] is None else str(view["checkpoint_days"]),
+        "version": view["version"],
+        "connect": "on" if view["connect"] else "",
+    }
+    for code, terms in view["features"].items():
+        values[f"count:{code}"] = str(terms["count"])
+        values[f"expiry:{code}"] = "" if terms["expiry"] == "permanent" else terms["expiry"]
+    for code in view["emergency"]:
+        values[f"emergency:{code}"] = "on"
+    return values
+
+
+def license_update(
+    form: Mapping[str, Any], product: Product, view: Mapping[str, Any]
+) -> LicenseUpdate | None:
+    """What the change form changes of the license ``view`` shows, as one central change
+    (None if nothing): features given a count are set, features whose count was emptied
+    are removed, every other term only if it differs. :class:`Invalid` naming the field."""
+    features = [f.code for f in product.features][:MAX_FEATURES]
+    wanted = _entitlements(form, features)
+    current = terms_values(view)
+    data: dict[str, Any] = {
+        "entitlements": [
+            e
+            for e in wanted
+            if (str(e["count"]), e["expiry"] or "")
+            != (current.get(f"count:{e['feature']}"), current.get(f"expiry:{e['feature']}"))
+        ],
+        "remove": [code for code in view["features"] if code not in {e["feature"] for e in wanted}],
+    }
+    emergency = [code for code in features if _field(form, f"emergency:{code}")]
+    if emergency != [code for code in features if code in view["emergency"]]:
+        data["emergency"] = emergency
+    for name in ("machines", "failover_days", "validation_hours", "checkpoint_days"):
+        if _field(form, name) != current[name]:
+            if name == "checkpoint_days" and not _field(form, name):
+                raise Invalid("checkpoint days: a checkpoint license stays one (give a number of days)")
+            data[name] = _number(form, name, None)
+    if (_field(form, "version") or "*") != current["version"]:
+        data["version"] = _field(form, "version") or "*"
+    if bool(_field(form, "connect")) != bool(current["connect"]):
+        data["connect"] = bool(_field(form, "connect"))
+    if not data["entitlements"]:
+        del data["entitlements"]
+    if not data["remove"]:
+        del data["remove"]
+    if not data:
+        return None
+    return _validated(LicenseUpdate, data, data.get("entitlements", []))
+
+
+def _entitlements(form: Mapping[str, Any], features: list[str]) -> list[dict[str, Any]]:
+    """The feature rows given a count, in the product's order."""
+    entitlements = []
+    for code in features:
+        count = _field(form, f"count:{code}")
+        if not count:
+            continue
+        if not count.isdigit():
+            raise Invalid(f"{code}: the count must be a whole number")
+        entitlements.append(
+            {"feature": code, "count": int(count), "expiry": _field(form, f"expiry:{code}") or None}
+        )
+    if not entitlements:
+        raise Invalid("features: give a count for at least one feature")
+    return entitlements
+
+
+_Model = TypeVar("_Model", LicenseIn, LicenseUpdate)
+
+
+def _validated(model: type[_Model], data: dict[str, Any], entitlements: list[dict[str, Any]]) -> _Model:
+    """``data`` as ``model``; :class:`Invalid` naming the form's field for the first error."""
     try:
-        return LicenseIn.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
         where = [str(part) for part in error["loc"]]
