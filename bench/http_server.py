@@ -33,7 +33,7 @@ from bench.tessera_server import (
     server_unavailable,
     tessera_server,
 )
-from bench.tlsfiles import make_tls_files
+from bench.tlsfiles import TlsFiles, make_tls_files
 from tessera.core.protocol import AGENT_KEY_CACHE_SIZE, CheckinRequest
 
 TARGET_RATIO = 0.5
@@ -221,8 +221,8 @@ def uvicorn_args(port: int) -> list[str]:
 
 
 @contextmanager
-def tls_empty_endpoint() -> Iterator[Baseline]:
-    """The baseline server over TLS (a certificate of its own CA), warmed up."""
+def tls_empty_endpoint() -> Iterator[tuple[Baseline, TlsFiles]]:
+    """The baseline server over TLS (a certificate of its own CA), warmed up; its files."""
     body = sample_body()
     with tempfile.TemporaryDirectory(prefix="tessera-bench-tls-") as tmp:
         files = make_tls_files(Path(tmp))
@@ -232,26 +232,24 @@ def tls_empty_endpoint() -> Iterator[Baseline]:
             [*uvicorn_args(port), *tls_args, "--log-level", "warning", "--no-access-log"], port=port
         ):
             run_load(port, "/empty", [body], duration=0.5, repeat=True, tls_ca=files.ca)  # warm up
-            yield Baseline(port, "/empty", [body], tls_ca=files.ca)
+            yield Baseline(port, "/empty", [body], tls_ca=files.ca), files
 
 
-def measure_tls_baselines(duration: float, empty: LoadResult, tls: Baseline) -> list[Row]:
+def measure_tls_baselines(duration: float, empty: LoadResult, tls: Baseline, files: TlsFiles) -> list[Row]:
     """The same endpoint over TLS (``tls``): kept-alive connections, and one new connection
-    per request.
+    per request; the generator's capacity against a do-nothing server with ``files``.
 
     An agent checks in once per validation interval (a day by default), so in production
     every check-in opens a new TLS connection: the handshake is part of its cost.
     """
     body = sample_body()
-    with tempfile.TemporaryDirectory(prefix="tessera-bench-tls-") as tmp:
-        files = make_tls_files(Path(tmp))
-        port = free_port()
-        with serving(
-            [PYTHON, "-m", "bench.emptyapp", "--null", str(port), str(files.cert), str(files.key)], port=port
-        ):
-            capacity = run_load(
-                port, "/null", [body], duration=2.0, repeat=True, tls_ca=files.ca, new_connection=True
-            )
+    port = free_port()
+    with serving(
+        [PYTHON, "-m", "bench.emptyapp", "--null", str(port), str(files.cert), str(files.key)], port=port
+    ):
+        capacity = run_load(
+            port, "/null", [body], duration=2.0, repeat=True, tls_ca=files.ca, new_connection=True
+        )
     kept = run_load(tls.port, "/empty", [body], duration=duration, repeat=True, tls_ca=tls.tls_ca)
     fresh = run_load(
         tls.port, "/empty", [body], duration=duration, repeat=True, tls_ca=tls.tls_ca, new_connection=True
@@ -519,8 +517,8 @@ def tls(ctx: Context) -> list[Row]:
     """the same over TLS with a new connection per request (handshake cost), SQLite"""
     duration = ctx.budget(2.0, 6.0)
     empty = run_empty_plain(duration)
-    with tls_empty_endpoint() as tls_side:
-        rows = measure_tls_baselines(duration, empty, tls_side)
+    with tls_empty_endpoint() as (tls_side, files):
+        rows = measure_tls_baselines(duration, empty, tls_side, files)
         name = "check-ins/s (SQLite, TLS, new connection each)"
         reason = server_unavailable()
         if reason is not None:

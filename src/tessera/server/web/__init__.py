@@ -122,6 +122,8 @@ class _Page:
     values: dict[str, Any] | None = None
     status: int = 200
     redirect: str | None = None
+    #: The redirect leaves the page the user is on: htmx navigates rather than swapping it in.
+    whole_page: bool = False
 
 
 #: Where a user who must set up two-step sign-in is sent (``[web_portal] two_step_roles``).
@@ -157,8 +159,7 @@ def portal_router(state: ServerState) -> APIRouter:
         role = signed_in.principal.role if signed_in is not None else None
         context = {
             "user": signed_in,
-            "two_step_required": signed_in is not None and must_set_up(signed_in),
-            "required_roles": state.two_step_roles,
+            "two_step_role": signed_in is not None and needs_two_step(signed_in),
             "can_activate": role in _ACTIVATORS,
             "can_change": role in _CHANGERS,
             "can_cancel": role in _CANCELLERS,
@@ -181,13 +182,16 @@ def portal_router(state: ServerState) -> APIRouter:
             response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response
 
-    def to_login(request: Request) -> Response:
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        location = "/portal/login?next=" + quote(_safe_next(target), safe="/")
+    def navigate(request: Request, location: str) -> Response:
+        """Send the browser to another whole page: htmx would swap it into the table the
+        request came from (the license list's live filter), so it is told to navigate."""
         if request.headers.get("HX-Request"):
-            # htmx would swap the login page into the table; make it navigate instead.
             return Response(status_code=204, headers={"HX-Redirect": location, **_HEADERS})
         return RedirectResponse(location, status_code=303, headers=_HEADERS)
+
+    def to_login(request: Request) -> Response:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return navigate(request, "/portal/login?next=" + quote(_safe_next(target), safe="/"))
 
     def cross_site(request: Request) -> bool:
         origin = request.headers.get("Origin")
@@ -196,9 +200,13 @@ def portal_router(state: ServerState) -> APIRouter:
         own = f"{request.url.scheme}://{request.url.netloc}"
         return origin.rstrip("/") != own
 
+    def needs_two_step(signed_in: users.SignedIn) -> bool:
+        """Whether this user's role must sign in with two steps (``[web_portal]``)."""
+        return signed_in.principal.role in state.two_step_roles
+
     def must_set_up(signed_in: users.SignedIn) -> bool:
-        """Whether this user's role needs two-step sign-in and the user has not set it up."""
-        return signed_in.principal.role in state.two_step_roles and not signed_in.two_factor
+        """Whether this user must set up two-step sign-in before anything else."""
+        return needs_two_step(signed_in) and not signed_in.two_factor
 
     async def page(
         request: Request,
@@ -228,7 +236,7 @@ def portal_router(state: ServerState) -> APIRouter:
                         message = "this form has expired; reload the page and try again"
                         return signed_in, _Page("error.html", {"status": 403, "message": message}, 403)
                     if not account and must_set_up(signed_in):
-                        return signed_in, _Page(redirect=SET_UP_TWO_STEP)
+                        return signed_in, _Page(redirect=SET_UP_TWO_STEP, whole_page=True)
                     if write:
                         users.touch_session(session, signed_in, now)
                     result = work(session, signed_in)
@@ -257,9 +265,8 @@ def portal_router(state: ServerState) -> APIRouter:
         if signed_in is None or result is None:
             return to_login(request)
         if result.redirect is not None:
-            if request.headers.get("HX-Request") and result.redirect == SET_UP_TWO_STEP:
-                # A whole page, not a fragment swapped into the one the user is on.
-                return Response(status_code=204, headers={"HX-Redirect": result.redirect, **_HEADERS})
+            if result.whole_page:
+                return navigate(request, result.redirect)
             return RedirectResponse(result.redirect, status_code=303, headers=_HEADERS)
         assert result.template is not None
         return render(
@@ -395,6 +402,10 @@ def portal_router(state: ServerState) -> APIRouter:
 
         return await page(request, work)
 
+    def may_issue(signed_in: users.SignedIn) -> None:
+        if signed_in.principal.role not in ISSUERS:
+            raise Forbidden("issuing licenses needs the role admin, sales or partner")
+
     def issue_page(
         session: Session,
         signed_in: users.SignedIn,
@@ -405,8 +416,7 @@ def portal_router(state: ServerState) -> APIRouter:
         status: int = 200,
     ) -> _Page:
         """The new-license form: a product to choose, then its features to fill in."""
-        if signed_in.principal.role not in ISSUERS:
-            raise Forbidden("issuing licenses needs the role admin, sales or partner")
+        may_issue(signed_in)
         products = catalog.list_products(session)
         chosen = next((p for p in products if p.code == code), None)
         if code and chosen is None and error is None:
@@ -439,14 +449,12 @@ def portal_router(state: ServerState) -> APIRouter:
         now = state.now()
 
         def work(session: Session, signed_in: users.SignedIn) -> _Page:
-            shown = issue_page(session, signed_in, code, values)
-            if shown.values is None or shown.values["form"] is None:
-                return shown  # no such product: the form says so
+            may_issue(signed_in)
             try:
                 # A savepoint: a refusal after the first write (an order of another
                 # customer) leaves nothing behind, and the form comes back filled in.
                 with session.begin_nested():
-                    data = license_in(form, shown.values["form"].product)
+                    data = license_in(form, catalog.get_product(session, code))
                     row, key = licenses.issue_license(session, signed_in.principal, data, now, state.pepper)
             except ServiceError as exc:
                 return issue_page(session, signed_in, code, values, error=str(exc), status=exc.status)
@@ -712,8 +720,8 @@ def portal_router(state: ServerState) -> APIRouter:
         now = state.now()
 
         def work(session: Session, signed_in: users.SignedIn) -> _Page:
-            role = signed_in.principal.role
-            if role in state.two_step_roles:
+            if needs_two_step(signed_in):
+                role = signed_in.principal.role
                 message = f"two-step sign-in is required for the role {role}: it cannot be turned off"
                 return _Page("account.html", {"two_factor_error": message}, 403)
             users.disable_totp(session, signed_in, code, now, state.pepper)

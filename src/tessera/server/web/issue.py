@@ -44,15 +44,13 @@ MAX_FEATURES: Final = 300
 MAX_FIELDS: Final = 3 * MAX_FEATURES + 20
 
 #: What the form's fields are called where a validation error names them.
+#: (A field not listed is called by its own name.)
 _LABELS: Final = {
     "customer_id": "customer",
-    "machines": "machines",
     "failover_days": "failover days",
     "checkpoint_days": "checkpoint days",
     "validation_hours": "validation interval (hours)",
     "version": "product version",
-    "order": "order",
-    "binding": "binding",
     "match": "hardware match",
     "entitlements": "features",
 }
