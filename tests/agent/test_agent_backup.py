@@ -66,3 +66,21 @@ def test_seed_001_migration(open_agent: Callable[..., Agent], vendor: SigningKey
 def test_bad_backup_files(open_agent: Callable[..., Agent], data: bytes) -> None:
     with pytest.raises(BackupError):
         open_agent().restore(data)
+
+
+def test_restore_after_losing_state_db_keeps_the_system_id(
+    open_agent: Callable[..., Agent], server: FakeServer
+) -> None:
+    agent = open_agent()
+    agent.activate("https://license.example", "K7QXM-2VDRT-9HFNA-PC4WE-8BZJY")
+    system_id = agent.system_id
+    backup = agent.backup(with_license=True)
+    state_dir = agent.state_dir
+    agent.close()
+    for name in ("state.db", "state.db-wal", "state.db-shm"):
+        (state_dir / name).unlink(missing_ok=True)
+    restored = open_agent(state_dir)
+    restored.restore(backup)
+    assert restored.system_id == system_id
+    assert restored.connect().state is AgentState.NORMAL
+    assert server.bodies[-1]["system_id"] == system_id

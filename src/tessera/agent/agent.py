@@ -922,7 +922,10 @@ class Agent:
             if values:
                 meta[name] = _ts(pick(values))
         rows = [SeatRow(s["feature"], s["subject"], s["assigned_at"]) for s in content["seats"]]
-        self._store.replace_everything(meta, rows, keep_meta=("system_id", "product", "product_version"))
+        # The backup's system_id, not this directory's: a with-license backup decrypts only
+        # with this installation's secret, so it is this installation, and the server knows
+        # it under that id (a state.db rebuilt after a loss would otherwise be refused).
+        self._store.replace_everything(meta, rows, keep_meta=("product", "product_version"))
         return self._rebuild().status
 
     def _restore_portable(self, doc: dict[str, Any]) -> AgentStatus:
