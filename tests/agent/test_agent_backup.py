@@ -10,6 +10,7 @@ from agent_support import OTHER_LOCKING_ID, FakeServer, make_license
 
 from tessera.agent import Agent, AgentState, BackupError
 from tessera.core import SigningKey
+from tessera.core.errors import VerificationError
 
 
 def test_backup_with_license_restores_here_only(
@@ -21,7 +22,7 @@ def test_backup_with_license_restores_here_only(
     backup = agent.backup(with_license=True)
     assert b"alice" not in backup and b"uniplex" not in backup  # encrypted
     agent.unassign("uniplex", "alice")
-    agent.import_license(make_license(vendor, {"other": (1, None)}, revision=2, connect=False))
+    agent.import_license(make_license(vendor, {"other": (1, None)}, serial="2026-000002", connect=False))
     status = agent.restore(backup)
     assert status.state is AgentState.NORMAL and agent.check("uniplex")
     assert agent.seats()["uniplex"].subjects == ("alice",)
@@ -84,3 +85,34 @@ def test_restore_after_losing_state_db_keeps_the_system_id(
     assert restored.system_id == system_id
     assert restored.connect().state is AgentState.NORMAL
     assert server.bodies[-1]["system_id"] == system_id
+
+
+def test_restore_keeps_a_lock_in_force(activated: Agent, server: FakeServer) -> None:
+    backup = activated.backup(with_license=True)
+    server.directives = ("lock",)
+    assert activated.connect().state is AgentState.LOCKED
+    assert activated.restore(backup).state is AgentState.LOCKED
+    assert not activated.check("uniplex")
+
+
+def test_restore_keeps_a_newer_revision(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:
+    agent = open_agent()
+    agent.import_license(make_license(vendor, {"uniplex": (5, None)}, revision=2, connect=False))
+    agent.assign("uniplex", "alice")
+    backup = agent.backup(with_license=True)
+    agent.import_license(make_license(vendor, {"uniplex": (1, None)}, revision=3, connect=False))
+    agent.unassign("uniplex", "alice")
+    status = agent.restore(backup)
+    assert status.state is AgentState.NORMAL and status.features["uniplex"].count == 1
+    assert agent.seats()["uniplex"].subjects == ("alice",)  # the rest of the backup is back
+    with pytest.raises(VerificationError, match="older than the one in force"):
+        agent.import_license(make_license(vendor, {"uniplex": (5, None)}, revision=2, connect=False))
+
+
+def test_restore_keeps_a_revoked_license_revoked(activated: Agent, server: FakeServer) -> None:
+    backup = activated.backup(with_license=True)
+    server.directives = ("revoke",)
+    assert activated.connect().state is AgentState.UNLICENSED
+    status = activated.restore(backup)
+    assert status.state is AgentState.UNLICENSED and "revoked" in status.message
+    assert not activated.check("uniplex")

@@ -921,6 +921,7 @@ class Agent:
             values = [v for v in (_parse_ts(meta.get(name)), _parse_ts(current.get(name))) if v]
             if values:
                 meta[name] = _ts(pick(values))
+        _never_loosen(meta, current)
         rows = [SeatRow(s["feature"], s["subject"], s["assigned_at"]) for s in content["seats"]]
         # The backup's system_id, not this directory's: a with-license backup decrypts only
         # with this installation's secret, so it is this installation, and the server knows
@@ -974,6 +975,61 @@ class Agent:
     def __repr__(self) -> str:
         state = self.status().state.value
         return f"Agent({str(self.state_dir)!r}, product={self.installation.product!r}, {state=!r})"
+
+
+_LICENSE_FIELDS = (
+    "license",
+    "license_sha256",
+    "license_serial",
+    "license_revision",
+    "identity",
+    "identity_pending",
+)
+_CHECKIN_FIELDS = ("last_success", "last_failure", "failover_since", "failure_reason")
+
+
+def _never_loosen(meta: dict[str, str], current: Mapping[str, str]) -> None:
+    """Merge the state in force into a with-license backup being restored (in place).
+
+    A backup is a snapshot of the past, and the past may be looser than the present: the
+    vendor may have locked the installation, revoked or reissued its license, or published a
+    newer blacklist since. Restoring is for recovering lost state, so it must never become a
+    way to undo those. The backup brings back seats, keys, settings and its license; the
+    state in force wins wherever it is stricter or newer.
+    """
+
+    def take_current(names: tuple[str, ...]) -> None:
+        for name in names:
+            if name in current:
+                meta[name] = current[name]
+            else:
+                meta.pop(name, None)
+
+    if current.get("locked") is not None:
+        meta["locked"] = current["locked"]
+    revoked = current.get("revoked_serial")
+    if revoked is not None:
+        meta["revoked_serial"] = revoked
+        if current.get("revoked") is not None:
+            meta["revoked"] = current["revoked"]
+        if meta.get("license_serial") == revoked:
+            for name in _LICENSE_FIELDS:
+                meta.pop(name, None)
+    if (
+        current.get("license_serial") is not None
+        and current.get("license_serial") == meta.get("license_serial")
+        and _held_revision(current) > _held_revision(meta)
+    ):
+        take_current(_LICENSE_FIELDS)
+    if current.get("blacklist") is not None and int(current.get("blacklist_sequence", "0")) >= int(
+        meta.get("blacklist_sequence", "0") if meta.get("blacklist") is not None else "-1"
+    ):
+        take_current(("blacklist", "blacklist_sequence"))
+    # The check-in record is the newer of the two: an older one would only shorten
+    # failover, a newer one in the backup cannot exist unless the state was rolled back.
+    ours, theirs = _parse_ts(current.get("last_success")), _parse_ts(meta.get("last_success"))
+    if ours is not None and (theirs is None or ours >= theirs):
+        take_current(_CHECKIN_FIELDS)
 
 
 def _valid_feature(feature: str) -> bool:
