@@ -7,9 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from agent_support import OTHER_LOCKING_ID, make_license
+from agent_support import LICENSE_KEY, OTHER_LOCKING_ID, FakeServer, make_license
 
-from tessera.agent import Agent, AgentState, StateError
+from tessera.agent import Agent, AgentState, BackupError, StateError
 from tessera.core import SigningKey
 
 
@@ -83,3 +83,72 @@ def test_product_mismatch_and_missing_secret(
     (state_dir / "installation.key").unlink()
     with pytest.raises(StateError, match="installation secret"):
         open_agent(state_dir)
+
+
+def _sql(state_dir: Path, statement: str) -> None:
+    db = sqlite3.connect(state_dir / "state.db")
+    db.execute(statement)
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DELETE FROM meta WHERE name = 'locked'",
+        "UPDATE meta SET value = '2027-06-01T00:00:00Z' WHERE name = 'last_success'",
+        "DELETE FROM meta WHERE name = 'state_mac'",
+        "UPDATE meta SET value = '2099-01-01T00:00:00Z' WHERE name = 'installed_at'",
+    ],
+)
+def test_edited_protected_state_is_invalid(
+    activated: Agent, server: FakeServer, open_agent: Callable[..., Agent], statement: str
+) -> None:
+    server.directives = ("lock",)
+    assert activated.connect().state is AgentState.LOCKED
+    state_dir = activated.state_dir
+    activated.close()
+    _sql(state_dir, statement)
+    agent = open_agent(state_dir)
+    status = agent.status()
+    assert status.state is AgentState.INVALID and "edited outside the agent" in status.message
+    assert not agent.check("uniplex")
+    agent.close()
+    # Writing (the trusted-time mark, on open) does not launder the edit.
+    assert open_agent(state_dir).status().state is AgentState.INVALID
+
+
+def test_a_revision_that_disagrees_with_the_file_is_invalid(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    agent = open_agent()
+    agent.import_license(make_license(vendor, revision=2, connect=False))
+    agent.close()
+    _sql(agent.state_dir, "UPDATE meta SET value = '7' WHERE name = 'license_revision'")
+    assert open_agent(agent.state_dir).status().state is AgentState.INVALID
+
+
+def test_reactivation_repairs_an_edited_state(
+    activated: Agent, server: FakeServer, open_agent: Callable[..., Agent]
+) -> None:
+    state_dir = activated.state_dir
+    activated.close()
+    _sql(state_dir, "UPDATE meta SET value = '2027-06-01T00:00:00Z' WHERE name = 'last_success'")
+    agent = open_agent(state_dir)
+    assert agent.status().state is AgentState.INVALID
+    with pytest.raises(BackupError, match="edited outside the agent"):
+        agent.restore(agent.backup(with_license=True))
+    assert agent.activate("https://license.example", LICENSE_KEY).state is AgentState.NORMAL
+
+
+def test_a_state_from_before_the_seal_is_sealed_on_first_open(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    state_dir = _licensed(open_agent, vendor)
+    _sql(state_dir, "DELETE FROM meta WHERE name = 'state_mac'")
+    _sql(state_dir, "UPDATE meta SET value = '1' WHERE name = 'schema'")
+    agent = open_agent(state_dir)
+    assert agent.status().state is AgentState.NORMAL
+    agent.close()
+    _sql(state_dir, "UPDATE meta SET value = '2020-01-01T00:00:00Z' WHERE name = 'grace_start'")
+    assert open_agent(state_dir).status().state is AgentState.INVALID

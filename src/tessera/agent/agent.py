@@ -91,6 +91,13 @@ WATCH_INTERVAL = 1.0
 DEFAULT_SALT = "tessera"
 
 
+TAMPERED_MESSAGE = (
+    "the agent state was edited outside the agent (its protected values no longer match "
+    "their seal): nothing is granted; re-activate online (tessera agent activate), or move "
+    "the state directory away and start a new installation"
+)
+
+
 def _ts(value: datetime) -> str:
     return format_timestamp(value)
 
@@ -331,6 +338,9 @@ class Agent:
         verified: VerifiedLicense | None = None
         problem: tuple[AgentState, str] | None = None
         text = meta.get("license")
+        if not self._store.seal_ok(meta):
+            # None of the protected values can be believed, not even a lock: refuse all.
+            return Facts(problem=(AgentState.INVALID, TAMPERED_MESSAGE))
         if text is not None:
             try:
                 verified = self._verify_stored(meta, text)
@@ -490,6 +500,11 @@ class Agent:
         )
         if meta.get("license_serial") != verified.license.serial:
             raise VerificationError("the stored license's serial does not match the recorded state")
+        if meta.get("license_revision") != str(verified.license.revision):
+            raise VerificationError(
+                f"the recorded license revision {meta.get('license_revision')!r} is not the "
+                f"stored file's ({verified.license.revision})"
+            )
         return verified
 
     def _stored_identity(self, meta: Mapping[str, str]) -> Identity | None:
@@ -693,6 +708,9 @@ class Agent:
                 settings["checkin_key"] = self._store.encrypt("checkin key", checkin_key)
             self._store.put(settings)
             self._record_success(response)
+            # Everything the seal covers was just written from the server's answer: an
+            # online activation is how a state edited outside the agent is repaired.
+            self._store.reseal()
             return self._rebuild().status
 
     def connect(self) -> AgentStatus:
@@ -916,6 +934,14 @@ class Agent:
         content = json.loads(plain)
         meta: dict[str, str] = dict(content["meta"])
         current = self._store.get_all()
+        if not self._store.seal_ok(current):
+            # What is in force cannot be known, so nothing says what the restore may not
+            # loosen (a deleted lock would simply be gone).
+            raise BackupError(
+                "the agent state was edited outside the agent, so a restore cannot tell what "
+                "is in force; re-activate online (tessera agent activate), or move the state "
+                "directory away and start a new installation"
+            )
         # Trusted time and the grace period never move backwards through a restore.
         for name, pick in (("high_water", max), ("grace_start", min), ("installed_at", min)):
             values = [v for v in (_parse_ts(meta.get(name)), _parse_ts(current.get(name))) if v]

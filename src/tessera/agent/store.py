@@ -17,6 +17,9 @@ does not protect against someone who can read the whole state directory on this 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import json
 import os
 import sqlite3
 import threading
@@ -33,11 +36,32 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from tessera.agent.errors import SeatError, StateError
 from tessera.core.protocol import new_system_id
 
-__all__ = ["DB_NAME", "SECRET_NAME", "SeatRow", "StateStore"]
+__all__ = ["DB_NAME", "PROTECTED", "SEAL_NAME", "SECRET_NAME", "SeatRow", "StateStore"]
 
 DB_NAME = "state.db"
 SECRET_NAME = "installation.key"
-_SCHEMA_VERSION = "1"
+#: 2: the security-relevant meta values carry a MAC (``state_mac``); 1: they did not
+_SCHEMA_VERSION = "2"
+SEAL_NAME = "state_mac"
+#: The meta values that decide what the agent grants or refuses: an edit to any of them
+#: (including deleting one) breaks the seal. The license text itself is covered by its
+#: vendor signature and ``license_sha256``.
+PROTECTED = (
+    "locked",
+    "last_success",
+    "last_failure",
+    "failover_since",
+    "high_water",
+    "grace_start",
+    "installed_at",
+    "license_serial",
+    "license_revision",
+    "license_sha256",
+    "revoked",
+    "revoked_serial",
+    "blacklist_sequence",
+    "system_id",
+)
 _BUSY_TIMEOUT_MS = 15_000
 
 
@@ -102,6 +126,7 @@ class StateStore:
                     "INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('system_id', ?)",
                     (_SCHEMA_VERSION, new_system_id()),
                 )
+                self._migrate(db)
             check = self._db.execute("PRAGMA quick_check").fetchone()
         except sqlite3.Error as exc:
             self._close_quietly()
@@ -109,6 +134,54 @@ class StateStore:
         if check is None or check[0] != "ok":
             self._close_quietly()
             raise StateError(f"the agent state file {db_path} is damaged; restore a backup")
+
+    # ------------------------------------------------------------------ seal
+
+    def seal_of(self, meta: Mapping[str, str | None]) -> str:
+        """HMAC over the protected values (absent ones too), keyed from the secret."""
+        body = json.dumps({name: meta.get(name) for name in PROTECTED}, sort_keys=True)
+        key = self.derive_key("state seal")
+        return hmac.new(key, body.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def seal_ok(self, meta: Mapping[str, str]) -> bool:
+        """Do the protected values still carry the seal the agent wrote with them?"""
+        stored = meta.get(SEAL_NAME)
+        return stored is not None and hmac.compare_digest(stored, self.seal_of(meta))
+
+    def _meta(self, db: sqlite3.Connection) -> dict[str, str]:
+        return {str(k): str(v) for k, v in db.execute("SELECT name, value FROM meta").fetchall()}
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """A state written before the seal existed (schema 1) is sealed as it is, once."""
+        meta = self._meta(db)
+        if meta.get("schema") == "1" and SEAL_NAME not in meta:
+            db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
+            meta["schema"] = _SCHEMA_VERSION
+            db.execute("INSERT INTO meta VALUES (?, ?)", (SEAL_NAME, self.seal_of(meta)))
+        elif SEAL_NAME not in meta and set(meta) <= {"schema", "system_id"}:
+            db.execute("INSERT INTO meta VALUES (?, ?)", (SEAL_NAME, self.seal_of(meta)))
+
+    def _reseal(self, db: sqlite3.Connection, was_ok: bool) -> None:
+        """Seal what a write left, unless the seal was broken before it.
+
+        A write on a state whose seal is broken must not launder the edit (the agent writes
+        the trusted-time mark on most reads): the seal stays broken until :meth:`reseal`.
+        """
+        if was_ok:
+            meta = self._meta(db)
+            db.execute(
+                "INSERT INTO meta VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                (SEAL_NAME, self.seal_of(meta)),
+            )
+
+    def reseal(self) -> None:
+        """Accept the protected values as they are now (after a restore or a re-activation:
+        every one of them was just written from a trusted source)."""
+        try:
+            with self._tx() as db:
+                self._reseal(db, True)
+        except sqlite3.Error as exc:
+            raise self._wrap(exc) from None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -199,6 +272,7 @@ class StateStore:
         """Set (or, for ``None``, delete) several values in one transaction."""
         try:
             with self._tx() as db:
+                was_ok = self.seal_ok(self._meta(db))
                 for name, value in values.items():
                     if value is None:
                         db.execute("DELETE FROM meta WHERE name = ?", (name,))
@@ -208,6 +282,7 @@ class StateStore:
                             " ON CONFLICT(name) DO UPDATE SET value = excluded.value",
                             (name, value),
                         )
+                self._reseal(db, was_ok)
         except sqlite3.Error as exc:
             raise self._wrap(exc) from None
 
@@ -261,6 +336,7 @@ class StateStore:
         """Restore: swap meta values (unless ``meta`` is None) and all seats atomically."""
         try:
             with self._tx() as db:
+                was_ok = self.seal_ok(self._meta(db))
                 if meta is not None:
                     kept = {
                         k: v
@@ -269,7 +345,10 @@ class StateStore:
                     }
                     db.execute("DELETE FROM meta")
                     for name, value in {**meta, **kept}.items():
-                        db.execute("INSERT INTO meta VALUES (?, ?)", (name, value))
+                        if name != SEAL_NAME:
+                            db.execute("INSERT INTO meta VALUES (?, ?)", (name, value))
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
+                self._reseal(db, was_ok)
                 db.execute("DELETE FROM seats")
                 for row in seats:
                     db.execute(
