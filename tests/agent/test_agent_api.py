@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import tessera.agent
+from tessera.agent import Agent
+from tessera.core import FormatError, Keyring
 
 
 def test_public_api_is_curated() -> None:
@@ -27,3 +32,26 @@ def test_agent_never_imports_the_server() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("state_dir", "product", "version", "match"),
+    [
+        ("state", "cortex", "x.y", "not a version number"),
+        ("state", "Bad Product", "4.2", "product code"),
+        ("", "cortex", "4.2", "empty path"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_is_written(
+    tmp_path: Path,
+    keyring: Keyring,
+    state_dir: str,
+    product: str,
+    version: str,
+    match: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FormatError, match=match):
+        Agent(state_dir, keyring, product, version)
+    assert list(tmp_path.iterdir()) == []

@@ -258,3 +258,13 @@ def test_activate_over_tls_with_pinned_ca(
         server.stop()
     wrong = run("activate", "--server", server.url, "--ca", "ca.pem", "--key", "bad")
     assert wrong.returncode == 2 and "license key" in _one_line_error(wrong)
+
+
+def test_a_bad_product_version_is_refused_and_not_stored(
+    run: Run, licensed: Path, env: dict[str, str]
+) -> None:
+    proc = run("--product-version", "abc", "status")
+    assert proc.returncode == 2 and "not a version number" in _one_line_error(proc)
+    del env["TESSERA_PRODUCT_VERSION"]  # the remembered version is used again
+    status = json.loads(run("status", "--json").stdout)
+    assert status["state"] == "normal"

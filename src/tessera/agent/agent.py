@@ -75,6 +75,7 @@ from tessera.core.protocol import (
 )
 from tessera.core.signing import Keyring, SigningKey
 from tessera.core.verify import check_binding, check_pair
+from tessera.core.versions import parse_version
 
 __all__ = ["Agent"]
 
@@ -162,10 +163,18 @@ class Agent:
         grace_features: tuple[str, ...] = (),
         blacklist: bytes | str | None = None,
     ) -> None:
+        # Checked before anything is opened or written: a bad argument changes nothing.
+        if isinstance(state_dir, str) and not state_dir.strip():
+            raise FormatError("the agent state directory must be given (an empty path is refused)")
         if product is not None:
-            check_product_code(product)
+            try:
+                check_product_code(product)
+            except ValueError as exc:
+                raise FormatError(str(exc)) from None
+        if product_version is not None:
+            _check_version(product_version)
         for code in grace_features:
-            check_feature_code(code)
+            _valid_feature(code)
         self._grace_features = frozenset(grace_features)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._now_ts: Callable[[], float] = (
@@ -187,6 +196,9 @@ class Agent:
         product = product or stored_product
         if product_version is None:
             product_version = meta.get("product_version")
+            # A version remembered by an older agent that did not check it is forgotten.
+            if product_version is not None and not _is_version(product_version):
+                product_version = None
         # The Locking ID salt is fixed at first use: an installation that adopted its product
         # from its first license keeps the salt its license was bound with.
         salt = meta.get("lockid_salt") or product or DEFAULT_SALT
@@ -1056,6 +1068,21 @@ def _never_loosen(meta: dict[str, str], current: Mapping[str, str]) -> None:
     ours, theirs = _parse_ts(current.get("last_success")), _parse_ts(meta.get("last_success"))
     if ours is not None and (theirs is None or ours >= theirs):
         take_current(_CHECKIN_FIELDS)
+
+
+def _check_version(text: str) -> None:
+    try:
+        parse_version(text)
+    except ValueError as exc:
+        raise FormatError(f"invalid product version: {exc}") from None
+
+
+def _is_version(text: str) -> bool:
+    try:
+        parse_version(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _valid_feature(feature: str) -> bool:

@@ -160,6 +160,12 @@ def _product_version(product: str | None, remembered: dict[str, str]) -> str | N
     if value:
         return value
     if remembered.get("product") == product and remembered.get("product_version"):
+        from tessera.core.versions import parse_version
+
+        try:
+            parse_version(remembered["product_version"])
+        except ValueError:
+            return None  # stored by an older agent that did not check it
         return remembered["product_version"]
     return None
 
