@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from agent_support import OTHER_LOCKING_ID, FakeServer, make_license
 
-from tessera.agent import Agent, AgentState, BackupError
+from tessera.agent import Agent, AgentState, BackupError, StateError
 from tessera.core import SigningKey
 from tessera.core.errors import VerificationError
 
@@ -80,7 +80,10 @@ def test_restore_after_losing_state_db_keeps_the_system_id(
     agent.close()
     for name in ("state.db", "state.db-wal", "state.db-shm"):
         (state_dir / name).unlink(missing_ok=True)
-    restored = open_agent(state_dir)
+    with pytest.raises(StateError, match="restore a --with-license backup"):
+        open_agent(state_dir)
+    assert not (state_dir / "state.db").exists()  # nothing created
+    restored = open_agent(state_dir, restoring=True)
     restored.restore(backup)
     assert restored.system_id == system_id
     assert restored.connect().state is AgentState.NORMAL
@@ -116,3 +119,24 @@ def test_restore_keeps_a_revoked_license_revoked(activated: Agent, server: FakeS
     status = activated.restore(backup)
     assert status.state is AgentState.UNLICENSED and "revoked" in status.message
     assert not activated.check("uniplex")
+
+
+def test_an_empty_state_db_is_lost_state_not_a_new_installation(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    agent = open_agent()
+    agent.import_license(make_license(vendor, connect=False))
+    portable = agent.backup(with_license=False)
+    state_dir = agent.state_dir
+    agent.close()
+    for name in ("state.db-wal", "state.db-shm"):
+        (state_dir / name).unlink(missing_ok=True)
+    (state_dir / "state.db").write_bytes(b"")
+    with pytest.raises(StateError, match=r"state\.db is missing or empty"):
+        open_agent(state_dir)
+    waiting = open_agent(state_dir, restoring=True)
+    with pytest.raises(BackupError, match="only a --with-license backup"):
+        waiting.restore(portable)
+    waiting.close()
+    with pytest.raises(StateError, match="missing or empty"):  # still lost, not fresh
+        open_agent(state_dir)

@@ -268,3 +268,16 @@ def test_a_bad_product_version_is_refused_and_not_stored(
     del env["TESSERA_PRODUCT_VERSION"]  # the remembered version is used again
     status = json.loads(run("status", "--json").stdout)
     assert status["state"] == "normal"
+
+
+def test_lost_state_db_is_an_error_until_a_backup_is_restored(
+    run: Run, licensed: Path, tmp_path: Path
+) -> None:
+    assert run("backup", "--with-license", "-o", str(tmp_path / "bk.bin")).returncode == 0
+    for name in ("state.db", "state.db-wal", "state.db-shm"):
+        (tmp_path / "state" / name).unlink(missing_ok=True)
+    proc = run("status")
+    assert proc.returncode == 2 and "tessera agent restore" in _one_line_error(proc)
+    assert not (tmp_path / "state" / "state.db").exists()
+    assert run("restore", str(tmp_path / "bk.bin")).returncode == 0
+    assert json.loads(run("status", "--json").stdout)["state"] == "normal"

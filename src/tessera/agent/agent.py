@@ -38,7 +38,7 @@ from tessera.agent.errors import (
 )
 from tessera.agent.policy import Facts, Snapshot, decide
 from tessera.agent.status import AgentState, AgentStatus, FeatureSeats
-from tessera.agent.store import SeatRow, StateStore
+from tessera.agent.store import AWAITING_RESTORE, SeatRow, StateStore
 from tessera.agent.verification import (
     Installation,
     VerifiedLicense,
@@ -147,6 +147,10 @@ class Agent:
     ``product=None`` is the generic agent of the ``tessera agent`` CLI: it adopts the product
     of the first license it accepts (and remembers it); ``product_version=None`` skips the
     version-range check, for an administrator's tool that does not know the running version.
+
+    ``restoring=True`` is for :meth:`restore` only: it opens a directory whose ``state.db``
+    was lost (``installation.key`` still there), which otherwise is refused so that a lost
+    state never silently becomes a fresh, unlicensed installation with a new grace period.
     """
 
     def __init__(
@@ -162,6 +166,7 @@ class Agent:
         transport: httpx.BaseTransport | None = None,
         grace_features: tuple[str, ...] = (),
         blacklist: bytes | str | None = None,
+        restoring: bool = False,
     ) -> None:
         # Checked before anything is opened or written: a bad argument changes nothing.
         if isinstance(state_dir, str) and not state_dir.strip():
@@ -182,7 +187,7 @@ class Agent:
         )
         self._transport = transport
         self._write_lock = threading.RLock()
-        self._store = StateStore(Path(state_dir))
+        self._store = StateStore(Path(state_dir), restoring=restoring)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
@@ -929,6 +934,12 @@ class Agent:
             if doc.get("kind") == "with-license":
                 return self._restore_with_license(doc)
             if doc.get("kind") == "without-license":
+                if self._store.get(AWAITING_RESTORE) is not None:
+                    raise BackupError(
+                        "this installation lost its state: only a --with-license backup made "
+                        "here restores it; to start over instead, move the state directory away "
+                        "and restore the portable backup into the new installation"
+                    )
                 return self._restore_portable(doc)
             raise BackupError("unknown backup kind")
 

@@ -61,7 +61,11 @@ PROTECTED = (
     "revoked_serial",
     "blacklist_sequence",
     "system_id",
+    "awaiting_restore",
 )
+#: set when a directory that lost its state.db is opened to restore a backup: until a
+#: with-license restore succeeds the directory is still "lost", never a fresh installation
+AWAITING_RESTORE = "awaiting_restore"
 _BUSY_TIMEOUT_MS = 15_000
 
 
@@ -90,7 +94,7 @@ def _explain(exc: BaseException, where: Path) -> str:
 class StateStore:
     """Transactions over ``state.db``; every method is one transaction and thread-safe."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, restoring: bool = False) -> None:
         self.state_dir = Path(state_dir)
         self._lock = threading.RLock()
         try:
@@ -104,7 +108,10 @@ class StateStore:
             )
         db_path = self.state_dir / DB_NAME
         fresh = not db_path.exists()
-        self.secret = self._load_or_make_secret(fresh)
+        lost = self._state_lost(db_path)
+        if lost and not restoring:
+            raise StateError(self._lost_message())
+        self.secret = self._load_or_make_secret(fresh or lost)
         try:
             self._db = sqlite3.connect(
                 db_path,
@@ -126,7 +133,10 @@ class StateStore:
                     "INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('system_id', ?)",
                     (_SCHEMA_VERSION, new_system_id()),
                 )
+                if lost:
+                    db.execute("INSERT OR REPLACE INTO meta VALUES (?, '1')", (AWAITING_RESTORE,))
                 self._migrate(db)
+                awaiting = db.execute("SELECT 1 FROM meta WHERE name = ?", (AWAITING_RESTORE,)).fetchone()
             check = self._db.execute("PRAGMA quick_check").fetchone()
         except sqlite3.Error as exc:
             self._close_quietly()
@@ -134,6 +144,32 @@ class StateStore:
         if check is None or check[0] != "ok":
             self._close_quietly()
             raise StateError(f"the agent state file {db_path} is damaged; restore a backup")
+        if awaiting and not restoring:
+            self._close_quietly()
+            raise StateError(self._lost_message())
+
+    def _state_lost(self, db_path: Path) -> bool:
+        """``state.db`` missing or empty beside an existing installation secret.
+
+        That is not a new installation but one whose state was lost or truncated: starting
+        afresh would drop its license and grant the one-time grace period again.
+        """
+        if not (self.state_dir / SECRET_NAME).exists():
+            return False
+        try:
+            return db_path.stat().st_size == 0
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+
+    def _lost_message(self) -> str:
+        return (
+            f"the agent state file {self.state_dir / DB_NAME} is missing or empty while "
+            f"{self.state_dir / SECRET_NAME} is there: the state was lost or damaged; "
+            "restore a --with-license backup made here (tessera agent restore FILE), or move "
+            f"{self.state_dir} away to start a new installation"
+        )
 
     # ------------------------------------------------------------------ seal
 
@@ -158,7 +194,7 @@ class StateStore:
             db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
             meta["schema"] = _SCHEMA_VERSION
             db.execute("INSERT INTO meta VALUES (?, ?)", (SEAL_NAME, self.seal_of(meta)))
-        elif SEAL_NAME not in meta and set(meta) <= {"schema", "system_id"}:
+        elif SEAL_NAME not in meta and set(meta) <= {"schema", "system_id", AWAITING_RESTORE}:
             db.execute("INSERT INTO meta VALUES (?, ?)", (SEAL_NAME, self.seal_of(meta)))
 
     def _reseal(self, db: sqlite3.Connection, was_ok: bool) -> None:

@@ -170,7 +170,7 @@ def _product_version(product: str | None, remembered: dict[str, str]) -> str | N
     return None
 
 
-def _open_agent() -> Any:
+def _open_agent(*, restoring: bool = False) -> Any:
     from tessera.agent import Agent, StateError
 
     state_dir = _state_dir()
@@ -185,7 +185,7 @@ def _open_agent() -> Any:
         fail("--vendor-key is required (or set TESSERA_VENDOR_KEY)")
     keyring = load_keyring(key_path)
     try:
-        return Agent(state_dir, keyring, product, version)
+        return Agent(state_dir, keyring, product, version, restoring=restoring)
     except StateError as exc:
         fail(str(exc), EXIT_BAD_INPUT)
     except ValueError as exc:
@@ -411,5 +411,5 @@ def restore(
 ) -> None:
     """Restore a backup (a --with-license backup only into the installation that made it)."""
     data = read_input_file(file, "backup file")
-    with _open_agent() as agent:
+    with _open_agent(restoring=True) as agent:
         _print_status(agent.restore(data), as_json)
