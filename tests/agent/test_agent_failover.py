@@ -75,7 +75,10 @@ def test_checkpoint_license_lapses_and_renews(
     assert agent.check("uniplex")
     clock.advance(days=2)
     assert not agent.check("uniplex") and not agent.check("ctxjs")
-    assert "checkpoint" in agent.status().denied["uniplex"]
+    status = agent.status()
+    assert "checkpoint" in status.denied["uniplex"]
+    assert "every feature is refused until a check-in" in status.message
+    assert "everything works" not in status.message
     agent.connect()
     assert agent.check("uniplex")
     clock.advance(days=6)

@@ -139,6 +139,7 @@ def decide(facts: Facts, clock_now: datetime) -> Snapshot:
         # a success clears last_failure, so any recorded failure is newer than the success
         failed_last = facts.last_failure is not None
         end = anchor + timedelta(days=lic.failover_days)
+        why = ""
         if now >= due or failed_last:
             why = facts.failure_reason or "the license server has not been reached since it was due"
             if now >= end:
@@ -166,6 +167,14 @@ def decide(facts: Facts, clock_now: datetime) -> Snapshot:
                 )
             else:
                 recompute.append(checkpoint_end)
+    if checkpoint_lapsed is not None and not emergency:
+        # Failover would say "everything works": for a checkpoint license nothing does.
+        message = (
+            f"checkpoint license: no successful check-in for {lic.checkpoint_days} day(s), so "
+            "every feature is refused until a check-in succeeds"
+            + ("" if state is AgentState.NORMAL else f" ({why})")
+            + "; run 'tessera agent connect'"
+        )
     if tampered:
         state = AgentState.CLOCK_TAMPERED
         message = (
