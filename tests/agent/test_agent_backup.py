@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -140,3 +141,43 @@ def test_an_empty_state_db_is_lost_state_not_a_new_installation(
     waiting.close()
     with pytest.raises(StateError, match="missing or empty"):  # still lost, not fresh
         open_agent(state_dir)
+
+
+@pytest.mark.parametrize(
+    ("settings", "seat", "field"),
+    [
+        ({"server_url": "http://license.example"}, {}, "server_url"),
+        ({"server_url": 123}, {}, "server_url"),
+        ({"server_url": "https://"}, {}, "server_url"),
+        ({"server_ca": "garbage"}, {}, "server_ca"),
+        ({"server_ca": 123}, {}, "server_ca"),
+        ({"server_ca": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"}, {}, "server_ca"),
+        ({}, {"assigned_at": "notadate"}, "assigned_at"),
+        ({}, {"assigned_at": 5}, "assigned_at"),
+    ],
+)
+def test_portable_restore_checks_settings_and_seats(
+    open_agent: Callable[..., Agent], settings: dict[str, object], seat: dict[str, object], field: str
+) -> None:
+    agent = open_agent()
+    doc = {
+        "format": "tessera-agent-backup/1",
+        "kind": "without-license",
+        "product": "cortex",
+        "settings": settings,
+        "seats": [{"feature": "uniplex", "subject": "alice", **seat}],
+    }
+    with pytest.raises(BackupError, match=field):
+        agent.restore(json.dumps(doc).encode())
+    assert agent.seats() == {} and agent.backup(with_license=False).count(b"server") == 0
+
+
+def test_portable_restore_keeps_valid_settings(open_agent: Callable[..., Agent], tmp_path: Path) -> None:
+    from agent_support import make_tls
+
+    ca_pem, _cert, _key = make_tls(tmp_path)
+    settings = {"server_url": "https://license.example:7790", "server_ca": ca_pem.decode()}
+    doc = {"format": "tessera-agent-backup/1", "kind": "without-license", "product": "cortex"}
+    agent = open_agent(tmp_path / "new")
+    agent.restore(json.dumps({**doc, "settings": settings, "seats": []}).encode())
+    assert json.loads(agent.backup(with_license=False))["settings"] == settings

@@ -24,7 +24,13 @@ from typing import Any
 
 import httpx
 
-from tessera.agent.connect import ACTIVATE_PATH, CHECKIN_PATH, RECOVER_PATH, ConnectClient
+from tessera.agent.connect import (
+    ACTIVATE_PATH,
+    CHECKIN_PATH,
+    RECOVER_PATH,
+    ConnectClient,
+    pinned_ssl_context,
+)
 from tessera.agent.errors import (
     AgentError,
     BackupError,
@@ -998,11 +1004,16 @@ class Agent:
                 _check_subject(subject)
             except FormatError as exc:
                 raise BackupError(f"the backup holds a malformed seat: {exc}") from None
-            rows.append(SeatRow(feature, subject, str(item.get("assigned_at") or _ts(self._clock.now()))))
+            assigned = item.get("assigned_at")
+            if assigned is None:
+                assigned = _ts(self._clock.now())
+            elif not isinstance(assigned, str) or _parse_ts(assigned) is None:
+                raise BackupError(f"the backup holds a malformed seat: assigned_at {assigned!r}")
+            rows.append(SeatRow(feature, subject, assigned))
         existing = self._store.seats()
         known = {(r.feature, r.subject) for r in existing}
         merged = existing + [r for r in rows if (r.feature, r.subject) not in known]
-        updates = {k: str(v) for k, v in settings.items() if k in ("server_url", "server_ca")}
+        updates = _portable_settings(settings)
         current = self._store.get_all()
         self._store.replace_everything(
             {**current, **{k: v for k, v in updates.items() if k not in current}}, merged
@@ -1079,6 +1090,37 @@ def _never_loosen(meta: dict[str, str], current: Mapping[str, str]) -> None:
     ours, theirs = _parse_ts(current.get("last_success")), _parse_ts(meta.get("last_success"))
     if ours is not None and (theirs is None or ours >= theirs):
         take_current(_CHECKIN_FIELDS)
+
+
+def _portable_settings(settings: Mapping[str, Any]) -> dict[str, str]:
+    """The connection settings of a portable backup, checked as ``activate`` would use them.
+
+    A portable backup is plain JSON that anyone may have edited: a ``http://`` URL would
+    send the license key in clear on the next check-in, and a broken CA would only fail
+    there, far from its cause.
+    """
+    updates: dict[str, str] = {}
+    url = settings.get("server_url")
+    if url is not None:
+        if not isinstance(url, str) or not url.startswith("https://"):
+            raise BackupError(f"the backup's server_url must be an https:// URL (got {url!r})")
+        try:
+            host = httpx.URL(url).host
+        except (httpx.InvalidURL, ValueError):
+            host = ""
+        if not host:
+            raise BackupError(f"the backup's server_url is not a valid URL: {url!r}")
+        updates["server_url"] = url
+    ca = settings.get("server_ca")
+    if ca is not None:
+        if not isinstance(ca, str) or "-----BEGIN CERTIFICATE-----" not in ca:
+            raise BackupError("the backup's server_ca is not a PEM certificate")
+        try:
+            pinned_ssl_context(ca.encode("ascii"))
+        except (FormatError, UnicodeEncodeError):
+            raise BackupError("the backup's server_ca is not a PEM certificate") from None
+        updates["server_ca"] = ca
+    return updates
 
 
 def _check_version(text: str) -> None:
