@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import date, timedelta
 
+import pytest
 from agent_support import FakeServer, make_license
 
-from tessera.agent import Agent, AgentState
+from tessera.agent import Agent, AgentState, ServerUnreachable
 from tessera.core import ManualClock, SigningKey
 
 
@@ -62,3 +63,16 @@ def test_server_time_corrects_a_clock_that_ran_ahead(
     clock.advance(days=-3650)
     assert activated.status().state is AgentState.CLOCK_TAMPERED
     assert activated.connect().state is AgentState.NORMAL
+
+
+def test_a_failed_checkin_under_a_clock_set_back_is_dated_in_trusted_time(
+    activated: Agent, server: FakeServer, clock: ManualClock
+) -> None:
+    last = activated.status().last_checkin
+    assert last is not None
+    clock.advance(days=-2)
+    server.mode = "down"
+    with pytest.raises(ServerUnreachable):
+        activated.connect()
+    since = activated.status().failover_since
+    assert since is not None and since >= last

@@ -828,10 +828,14 @@ class Agent:
         self._store.put(updates)
 
     def _record_failure(self, reason: str) -> None:
+        """Dated in trusted time: a clock set back must not date the failover start before
+        the last check-in (failover is measured from it)."""
         log.warning("check-in failed, running on the last verified state: %s", reason)
         try:
-            now = _ts(self._clock.now())
-            since = self._store.get("failover_since") or now
+            meta = self._store.get_all()
+            clock_now = self._clock.now().replace(microsecond=0)
+            now = _ts(max(clock_now, _parse_ts(meta.get("high_water")) or clock_now))
+            since = meta.get("failover_since") or now
             self._store.put({"last_failure": now, "failure_reason": reason, "failover_since": since})
         except StateError as exc:
             log.warning("cannot record the failed check-in: %s", exc)
