@@ -281,3 +281,26 @@ def test_lost_state_db_is_an_error_until_a_backup_is_restored(
     assert not (tmp_path / "state" / "state.db").exists()
     assert run("restore", str(tmp_path / "bk.bin")).returncode == 0
     assert json.loads(run("status", "--json").stdout)["state"] == "normal"
+
+
+@pytest.mark.skipif(shutil.which("faketime") is None, reason="needs faketime")
+def test_a_clock_before_the_certificate_is_named_as_the_cause(
+    run: Run, vendor: SigningKey, machine_lid: str, tmp_path: Path
+) -> None:
+    ca_pem, cert, key = make_tls(tmp_path)  # valid from one day ago
+    (tmp_path / "ca.pem").write_bytes(ca_pem)
+    fake = FakeServer(
+        vendor,
+        SystemClock(),
+        lambda agent_key: make_license(vendor, locking_id=machine_lid, agent_key=agent_key),
+    )
+    server = LiveServer(fake, tls=(cert, key))
+    try:
+        proc = run("activate", "--server", server.url, "--ca", "ca.pem", "--key", LICENSE_KEY)
+        assert proc.returncode == 0, proc.stderr
+        early = run("connect", faketime="-2d")
+        line = _one_line_error(early)
+        assert early.returncode == 1 and "clock" in line and "not valid yet" in line
+        assert "pinned CA" not in line
+    finally:
+        server.stop()

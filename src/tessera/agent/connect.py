@@ -108,8 +108,38 @@ class ConnectClient:
         return content
 
 
+#: OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED
+_CERT_NOT_YET_VALID = 9
+_CERT_HAS_EXPIRED = 10
+
+
+def _verify_code(exc: BaseException) -> int | None:
+    """OpenSSL's verification error code, from wherever httpx/httpcore wrapped it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current.verify_code
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _why(exc: httpx.HTTPError) -> str:
     text = str(exc) or type(exc).__name__
+    code = _verify_code(exc)
+    # A certificate outside its validity period is nearly always this machine's clock
+    # (set back, or a dead RTC battery); blaming the CA would send the admin the wrong way.
+    if code == _CERT_NOT_YET_VALID or "not yet valid" in text:
+        return (
+            "its TLS certificate is not valid yet by this machine's clock; check the system "
+            "clock (date) on this machine"
+        )
+    if code == _CERT_HAS_EXPIRED or "certificate has expired" in text:
+        return (
+            "its TLS certificate has expired by this machine's clock; check the system clock "
+            "(date) on this machine, else the server's certificate must be renewed"
+        )
     if "CERTIFICATE_VERIFY_FAILED" in text or "certificate" in text.lower():
         return "its TLS certificate is not signed by the pinned CA"
     if isinstance(exc, httpx.TimeoutException):
