@@ -64,7 +64,18 @@ def test_fresh_offline_import_gets_the_grace_once(
     assert agent.status().failover_days_left == 28
     clock.advance(days=29)
     agent.import_license(make_license(vendor, emergency=("backup",), revision=2))
-    assert agent.status().state is AgentState.EMERGENCY  # re-import does not restart it
+    status = agent.status()
+    assert status.state is AgentState.EMERGENCY  # re-import does not restart it
+    # no server to connect to: the advice fits an offline installation
+    assert "agent connect" not in status.message and "tessera agent import" in status.message
+
+
+def test_emergency_advice_online(
+    open_agent: Callable[..., Agent], server: FakeServer, vendor: SigningKey, clock: ManualClock
+) -> None:
+    agent = _activate(open_agent, server, vendor)
+    clock.advance(days=31)
+    assert "run 'tessera agent connect'" in agent.status().message
 
 
 def test_checkpoint_license_lapses_and_renews(

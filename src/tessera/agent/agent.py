@@ -406,6 +406,7 @@ class Agent:
             installed_at=_parse_ts(meta.get("installed_at")),
             grace_features=self._grace_features if "grace_start" not in meta else frozenset(),
             over_assigned=MappingProxyType(over),
+            online=meta.get("server_url") is not None,
         )
 
     def _blacklisted(

@@ -70,6 +70,9 @@ class Facts:
     #: an entry of the vendor's blacklist file naming this installation: from which (trusted)
     #: day it acts, the state it puts the installation in, and why
     blacklisted: tuple[date, AgentState, str] | None = None
+    #: activated online (a server to check in with); else offline, where advice to run
+    #: ``connect`` would only earn "not activated online"
+    online: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +149,7 @@ def decide(facts: Facts, clock_now: datetime) -> Snapshot:
                 state, emergency, days_left = AgentState.EMERGENCY, True, 0
                 message = (
                     f"emergency mode: no successful check-in for {lic.failover_days} days "
-                    f"({why}); only emergency features work; run 'tessera agent connect' "
-                    "once the server is reachable"
+                    f"({why}); only emergency features work; {_advice(facts)}"
                 )
             else:
                 state, days_left = AgentState.FAILOVER, _ceil_days(end - now)
@@ -173,7 +175,7 @@ def decide(facts: Facts, clock_now: datetime) -> Snapshot:
             f"checkpoint license: no successful check-in for {lic.checkpoint_days} day(s), so "
             "every feature is refused until a check-in succeeds"
             + ("" if state is AgentState.NORMAL else f" ({why})")
-            + "; run 'tessera agent connect'"
+            + f"; {_advice(facts)}"
         )
     if tampered:
         state = AgentState.CLOCK_TAMPERED
@@ -213,6 +215,15 @@ def decide(facts: Facts, clock_now: datetime) -> Snapshot:
         f"not licensed here (license {lic.serial})",
         clock_now,
         min(recompute),
+    )
+
+
+def _advice(facts: Facts) -> str:
+    if facts.online:
+        return "run 'tessera agent connect' once the server is reachable"
+    return (
+        "this installation was activated offline: import a new license file from the vendor "
+        "(tessera agent import), or activate online (tessera agent activate)"
     )
 
 
