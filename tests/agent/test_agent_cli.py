@@ -304,3 +304,22 @@ def test_a_clock_before_the_certificate_is_named_as_the_cause(
         assert "pinned CA" not in line
     finally:
         server.stop()
+
+
+def test_assign_unassign_backup_print_one_json_object(run: Run, licensed: Path, tmp_path: Path) -> None:
+    proc = run("assign", "uniplex", "alice", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {
+        "feature": "uniplex",
+        "subject": "alice",
+        "assigned": True,
+        "already": False,
+    }
+    again = json.loads(run("assign", "uniplex", "alice", "--json").stdout)
+    assert again["already"] is True
+    gone = json.loads(run("unassign", "uniplex", "alice", "--json").stdout)
+    assert gone == {"feature": "uniplex", "subject": "alice", "assigned": False}
+    out = tmp_path / "bk.json"
+    backup = json.loads(run("backup", "--without-license", "-o", str(out), "--json").stdout)
+    assert backup["file"] == str(out) and backup["kind"] == "without-license"
+    assert backup["bytes"] == out.stat().st_size

@@ -315,19 +315,30 @@ def import_blacklist(
 def assign(
     feature: str = typer.Argument(...),
     subject: str = typer.Argument(..., help="User or interface that gets a seat."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Give SUBJECT a seat of FEATURE (never beyond the licensed count)."""
     with _open_agent() as agent:
         added = agent.assign(feature, subject)
-    typer.echo(f"{subject} holds {feature}" + ("" if added else " (already)"))
+    if as_json:
+        emit_json({"feature": feature, "subject": subject, "assigned": True, "already": not added})
+    else:
+        typer.echo(f"{subject} holds {feature}" + ("" if added else " (already)"))
 
 
 @_verb("unassign")
-def unassign(feature: str = typer.Argument(...), subject: str = typer.Argument(...)) -> None:
+def unassign(
+    feature: str = typer.Argument(...),
+    subject: str = typer.Argument(...),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
     """Take SUBJECT's seat of FEATURE back."""
     with _open_agent() as agent:
         agent.unassign(feature, subject)
-    typer.echo(f"{subject} no longer holds {feature}")
+    if as_json:
+        emit_json({"feature": feature, "subject": subject, "assigned": False})
+    else:
+        typer.echo(f"{subject} no longer holds {feature}")
 
 
 @_verb("seats")
@@ -394,6 +405,7 @@ def backup(
     ),
     without_license: bool = typer.Option(False, "--without-license", help="Portable: settings and seats."),
     out: Path = typer.Option(..., "-o", "--out"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Back up the agent state (one of --with-license / --without-license)."""
     if with_license == without_license:
@@ -401,7 +413,11 @@ def backup(
     with _open_agent() as agent:
         data = agent.backup(with_license=with_license)
     write_file_atomic(out, data, mode=0o600)
-    typer.echo(f"backup written to {out}")
+    if as_json:
+        kind = "with-license" if with_license else "without-license"
+        emit_json({"file": str(out), "kind": kind, "bytes": len(data)})
+    else:
+        typer.echo(f"backup written to {out}")
 
 
 @_verb("restore")
