@@ -28,6 +28,8 @@ def test_new_mainboard_is_broken(open_agent: Callable[..., Agent], vendor: Signi
     assert status.state is AgentState.BROKEN
     assert "rehost" in status.message and "locking-id" in status.message
     assert not agent.check("uniplex")
+    assert status.to_json()["serial"] == "2026-000001"
+    assert status.to_json()["licensee"] == "myCompany, City"
 
 
 def test_one_replaced_nic_is_tolerated(open_agent: Callable[..., Agent], vendor: SigningKey) -> None:

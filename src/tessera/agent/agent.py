@@ -360,6 +360,7 @@ class Agent:
         meta = self._store.get_all()
         verified: VerifiedLicense | None = None
         problem: tuple[AgentState, str] | None = None
+        about: tuple[str, str] | None = None
         text = meta.get("license")
         if not self._store.seal_ok(meta):
             # None of the protected values can be believed, not even a lock: refuse all.
@@ -371,6 +372,7 @@ class Agent:
                 if not self._machine_changed(text):  # instance/agent-key: the files disagree
                     problem = (AgentState.INVALID, self._invalid_message(str(exc)))
                 else:
+                    about = _about(text)
                     problem = (
                         AgentState.BROKEN,
                         f"the license no longer matches this machine ({exc}): too much hardware "
@@ -378,6 +380,7 @@ class Agent:
                         "Locking ID (tessera agent locking-id) and import the new file",
                     )
             except VersionError as exc:
+                about = _about(text)
                 problem = (
                     AgentState.INVALID,
                     f"{exc}: import a license for this version, or ask the vendor for an upgrade",
@@ -407,6 +410,7 @@ class Agent:
             grace_features=self._grace_features if "grace_start" not in meta else frozenset(),
             over_assigned=MappingProxyType(over),
             online=meta.get("server_url") is not None,
+            about=about,
         )
 
     def _blacklisted(
@@ -1126,6 +1130,16 @@ def _portable_settings(settings: Mapping[str, Any]) -> dict[str, str]:
             raise BackupError("the backup's server_ca is not a PEM certificate") from None
         updates["server_ca"] = ca
     return updates
+
+
+def _about(text: str) -> tuple[str, str] | None:
+    """Serial and licensee of a stored license whose signature held but which cannot be
+    used here: the administrator still needs to know which license to have rehosted."""
+    try:
+        lic = parse(text.encode("utf-8")).document
+    except (TesseraError, ValueError):
+        return None
+    return (lic.serial, lic.licensee) if isinstance(lic, License) else None
 
 
 def _check_version(text: str) -> None:

@@ -73,6 +73,9 @@ class Facts:
     #: activated online (a server to check in with); else offline, where advice to run
     #: ``connect`` would only earn "not activated online"
     online: bool = True
+    #: serial and licensee of a genuine license that cannot be used here (``problem``:
+    #: the machine changed, another version), so the status still says which license it is
+    about: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +115,8 @@ def decide(facts: Facts, clock_now: datetime) -> Snapshot:
     if facts.blacklisted is not None and now.date() >= facts.blacklisted[0]:
         return refuse_all(facts.blacklisted[1], facts.blacklisted[2])
     if facts.problem is not None:
-        return refuse_all(facts.problem[0], facts.problem[1])
+        serial, licensee = facts.about or (None, None)
+        return refuse_all(facts.problem[0], facts.problem[1], serial=serial, licensee=licensee)
     verified = facts.verified
     if verified is None:
         message = facts.revoked or (
