@@ -169,3 +169,23 @@ def test_read_only_state_dir(open_agent: Callable[..., Agent], vendor: SigningKe
     again = open_agent(small_fs / "state")
     assert again.seats()["uniplex"].subjects == ("alice",)
     assert again.check("uniplex")
+
+
+def test_full_disk_before_open_says_the_disk_is_full(
+    open_agent: Callable[..., Agent], vendor: SigningKey, small_fs: Path
+) -> None:
+    agent = open_agent(small_fs / "state")
+    agent.import_license(make_license(vendor, connect=False))
+    agent.close()  # the last connection removes state.db-shm; a reader must make it again
+    fd = os.open(small_fs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    with pytest.raises(StateError, match=r"disk holding .* is full"):
+        open_agent(small_fs / "state")
+    (small_fs / "filler").unlink()
+    assert open_agent(small_fs / "state").check("uniplex")

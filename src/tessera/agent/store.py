@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import json
 import os
+import shutil
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
@@ -67,6 +68,8 @@ PROTECTED = (
 #: with-license restore succeeds the directory is still "lost", never a fresh installation
 AWAITING_RESTORE = "awaiting_restore"
 _BUSY_TIMEOUT_MS = 15_000
+#: below this much free space an I/O error from SQLite is taken to mean "disk full"
+_LOW_SPACE = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +79,23 @@ class SeatRow:
     assigned_at: str
 
 
+def _disk_full(where: Path) -> bool:
+    try:
+        return shutil.disk_usage(where).free < _LOW_SPACE
+    except OSError:
+        return False
+
+
 def _explain(exc: BaseException, where: Path) -> str:
     text = str(exc).lower()
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    # SQLite says only "disk I/O error" when it cannot grow state.db-shm (the WAL index
+    # every reader needs), which on a full disk makes even `status` fail: name the cause.
+    if name == "SQLITE_IOERR_SHMSIZE" or (name.startswith("SQLITE_IOERR") and _disk_full(where)):
+        return (
+            f"the disk holding {where} is full (no space left for the state's index file "
+            f"{DB_NAME}-shm), so the agent state cannot be read; free some space"
+        )
     if "readonly" in text or "read-only" in text or isinstance(exc, PermissionError):
         return f"the agent state directory {where} is read-only; nothing was changed"
     if "disk is full" in text or "no space" in text or getattr(exc, "errno", None) == 28:
