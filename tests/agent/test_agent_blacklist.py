@@ -139,3 +139,17 @@ def test_a_listed_container_whose_hardware_drifted_a_little_is_still_caught(
     assert listed_as != LOCKING_ID
     agent.import_blacklist(_blacklist(vendor, 1, containers=(BlacklistEntry(listed_as, START.date(), 0),)))
     assert agent.status().state is AgentState.LOCKED
+
+
+def test_restoring_an_older_backup_keeps_the_newer_blacklist(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    agent = open_agent()
+    agent.import_license(make_license(vendor, connect=False))
+    agent.import_blacklist(_blacklist(vendor, 1))
+    backup = agent.backup(with_license=True)
+    agent.import_blacklist(_blacklist(vendor, 2, containers=(BlacklistEntry(LOCKING_ID, START.date(), 0),)))
+    assert agent.status().state is AgentState.LOCKED
+    assert agent.restore(backup).state is AgentState.LOCKED
+    with pytest.raises(StaleBlacklist):
+        agent.import_blacklist(_blacklist(vendor, 1))
