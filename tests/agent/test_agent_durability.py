@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from agent_support import LOCKING_ID, PRODUCT, VERSION, make_license
 
-from tessera.agent import Agent, StateError
+from tessera.agent import Agent, AgentState, StateError
 from tessera.core import Keyring, SigningKey
 
 # 100 in the suite (issue 6); `make reliability` multiplies it.
@@ -171,7 +171,7 @@ def test_read_only_state_dir(open_agent: Callable[..., Agent], vendor: SigningKe
     assert again.check("uniplex")
 
 
-def test_full_disk_before_open_says_the_disk_is_full(
+def test_full_disk_before_open_still_reads(
     open_agent: Callable[..., Agent], vendor: SigningKey, small_fs: Path
 ) -> None:
     agent = open_agent(small_fs / "state")
@@ -185,7 +185,12 @@ def test_full_disk_before_open_says_the_disk_is_full(
         pass
     finally:
         os.close(fd)
+    frozen = open_agent(small_fs / "state")  # reads keep working
+    assert frozen.status().state is AgentState.NORMAL and frozen.check("uniplex")
     with pytest.raises(StateError, match=r"disk holding .* is full"):
-        open_agent(small_fs / "state")
+        frozen.assign("uniplex", "alice")
+    frozen.close()
     (small_fs / "filler").unlink()
-    assert open_agent(small_fs / "state").check("uniplex")
+    again = open_agent(small_fs / "state")
+    again.assign("uniplex", "alice")
+    assert again.check("uniplex")

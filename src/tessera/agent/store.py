@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -158,13 +159,52 @@ class StateStore:
             check = self._db.execute("PRAGMA quick_check").fetchone()
         except sqlite3.Error as exc:
             self._close_quietly()
-            raise StateError(_explain(exc, self.state_dir)) from None
+            if fresh or lost or not self._can_read_frozen(exc, db_path):
+                raise StateError(_explain(exc, self.state_dir)) from None
+            check, awaiting = self._open_frozen(db_path, _explain(exc, self.state_dir))
+            self._frozen = (
+                f"the disk holding {self.state_dir} is full: the agent state can be read but "
+                "not changed; free some space"
+            )
         if check is None or check[0] != "ok":
             self._close_quietly()
             raise StateError(f"the agent state file {db_path} is damaged; restore a backup")
         if awaiting and not restoring:
             self._close_quietly()
             raise StateError(self._lost_message())
+
+    _frozen: str | None = None
+
+    def _can_read_frozen(self, exc: sqlite3.Error, db_path: Path) -> bool:
+        """On a full disk, may the state still be read without SQLite's shared memory?
+
+        Only when everything is in ``state.db`` itself (no write-ahead log with content):
+        then no other process is mid-write and an immutable read sees the whole state, so
+        ``status`` and ``check`` keep working while every write reports the full disk.
+        """
+        if not _explain(exc, self.state_dir).startswith(f"the disk holding {self.state_dir} is full"):
+            return False
+        try:
+            return (self.state_dir / f"{DB_NAME}-wal").stat().st_size == 0
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+
+    def _open_frozen(self, db_path: Path, why: str) -> tuple[Any, Any]:
+        try:
+            self._db = sqlite3.connect(
+                f"{db_path.absolute().as_uri()}?immutable=1",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            check = self._db.execute("PRAGMA quick_check").fetchone()
+            awaiting = self._db.execute("SELECT 1 FROM meta WHERE name = ?", (AWAITING_RESTORE,)).fetchone()
+        except sqlite3.Error:
+            self._close_quietly()
+            raise StateError(why) from None
+        return check, awaiting
 
     def _state_lost(self, db_path: Path) -> bool:
         """``state.db`` missing or empty beside an existing installation secret.
@@ -298,6 +338,8 @@ class StateStore:
             self._close_quietly()
 
     def _wrap(self, exc: sqlite3.Error) -> StateError:
+        if self._frozen is not None:  # opened read-only because the disk is full
+            return StateError(f"{self._frozen}; nothing was changed")
         return StateError(_explain(exc, self.state_dir))
 
     def data_version(self) -> int:
