@@ -181,7 +181,7 @@ def test_read_only_state_dir_is_one_line(run: Run, env: dict[str, str], tmp_path
 
 
 @pytest.fixture
-def live(vendor: SigningKey, machine_lid: str) -> Iterator[tuple[FakeServer, LiveServer]]:
+def live(vendor: SigningKey, machine_lid: str, tmp_path: Path) -> Iterator[tuple[FakeServer, LiveServer]]:
     fake = FakeServer(
         vendor,
         SystemClock(),  # type: ignore[arg-type]
@@ -193,7 +193,9 @@ def live(vendor: SigningKey, machine_lid: str) -> Iterator[tuple[FakeServer, Liv
             emergency=("ctxjs",),
         ),
     )
-    server = LiveServer(fake)
+    ca_pem, cert, key = make_tls(tmp_path)
+    (tmp_path / "ca.pem").write_bytes(ca_pem)  # the agent runs in tmp_path
+    server = LiveServer(fake, tls=(cert, key))
     yield fake, server
     server.stop()
 
@@ -201,7 +203,7 @@ def live(vendor: SigningKey, machine_lid: str) -> Iterator[tuple[FakeServer, Liv
 @pytest.mark.skipif(shutil.which("faketime") is None, reason="needs faketime")
 def test_failover_and_emergency_under_faketime(run: Run, live: tuple[FakeServer, LiveServer]) -> None:
     fake, server = live
-    proc = run("activate", "--server", server.url, "--key", LICENSE_KEY, "--json")
+    proc = run("activate", "--server", server.url, "--ca", "ca.pem", "--key", LICENSE_KEY, "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["state"] == "normal"
     fake.mode = "down"
@@ -323,3 +325,25 @@ def test_assign_unassign_backup_print_one_json_object(run: Run, licensed: Path, 
     backup = json.loads(run("backup", "--without-license", "-o", str(out), "--json").stdout)
     assert backup["file"] == str(out) and backup["kind"] == "without-license"
     assert backup["bytes"] == out.stat().st_size
+
+
+def test_connect_exit_code_tells_a_negative_answer(run: Run, live: tuple[FakeServer, LiveServer]) -> None:
+    """A script runs ``agent connect`` and reads its exit code: a lock from the server is a
+    negative verdict (1), not a success with ``locked`` somewhere in the output."""
+    fake, server = live
+    assert run("activate", "--server", server.url, "--ca", "ca.pem", "--key", LICENSE_KEY).returncode == 0
+    assert run("connect").returncode == 0
+    fake.directives = ("lock",)
+    locked = run("connect", "--json")
+    assert locked.returncode == 1 and json.loads(locked.stdout)["state"] == "locked"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9", "https://127.0.0.1:abc"])
+def test_activate_refuses_a_url_that_is_not_tls(run: Run, url: str) -> None:
+    proc = run("activate", "--server", url, "--key", LICENSE_KEY)
+    assert proc.returncode == 2 and "server URL" in _one_line_error(proc)
+
+
+def test_check_of_a_feature_code_that_is_no_code_is_bad_usage(run: Run, licensed: Path) -> None:
+    proc = run("check", "")
+    assert proc.returncode == 2 and "feature code" in _one_line_error(proc)

@@ -205,3 +205,26 @@ def test_checkins_name_the_revision_in_force(
     activated.connect()
     activated.connect()
     assert server.bodies[-1]["revision"] == 2
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://license.example",
+        "ftp://license.example",
+        "https://",
+        "https://127.0.0.1:abc",
+        "https://h:99999",
+    ],
+)
+def test_only_a_tls_url_with_host_and_port_is_used(
+    open_agent: Callable[..., Agent], server: FakeServer, url: str
+) -> None:
+    """The license key goes out in every request: never in clear, never to a URL that is
+    no address (a bad port was an internal error)."""
+    from tessera.core.errors import FormatError
+
+    agent = open_agent()
+    with pytest.raises(FormatError, match="server URL"):
+        agent.activate(url, LICENSE_KEY)
+    assert server.bodies == [] and agent.status().state is AgentState.UNLICENSED

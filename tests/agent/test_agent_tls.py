@@ -39,10 +39,13 @@ def test_certificate_of_another_ca_is_refused(
         live.stop()
 
 
-def test_server_stopped_means_failover(open_agent: Callable[..., Agent], server: FakeServer) -> None:
-    live = LiveServer(server)
+def test_server_stopped_means_failover(
+    open_agent: Callable[..., Agent], server: FakeServer, tmp_path: Path
+) -> None:
+    ca_pem, cert, key = make_tls(tmp_path)
+    live = LiveServer(server, tls=(cert, key))
     agent = open_agent(transport=None)
-    agent.activate(live.url, LICENSE_KEY)
+    agent.activate(live.url, LICENSE_KEY, ca_pem)
     live.stop()
     with pytest.raises(ServerUnreachable):
         agent.connect()

@@ -43,6 +43,20 @@ def pinned_ssl_context(ca_pem: bytes | None) -> ssl.SSLContext:
     return ctx
 
 
+def check_server_url(server_url: str) -> None:
+    """Refuse a URL the agent must not talk to: the license key and Locking ID go out in
+    every request, so only TLS to a real host and port (the CA is pinned on top)."""
+    if not server_url.startswith("https://"):
+        raise FormatError(f"server URL must start with https:// (got {server_url!r})")
+    try:
+        url = httpx.URL(server_url)
+        port = url.port  # httpx checks the range; a port that is no number raises
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise FormatError(f"server URL {server_url!r} is not a valid URL: {exc}") from None
+    if not url.host or (port is not None and not 0 < port < 65536):
+        raise FormatError(f"server URL {server_url!r} needs a host (and a port from 1 to 65535)")
+
+
 class ConnectClient:
     """Posts one signed request and returns the verified response, or raises ConnectError."""
 
@@ -54,8 +68,7 @@ class ConnectClient:
         transport: httpx.BaseTransport | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        if not server_url.startswith(("https://", "http://")):
-            raise FormatError(f"server URL must start with https:// (got {server_url!r})")
+        check_server_url(server_url)
         self.server_url = server_url.rstrip("/")
         self._keyring = keyring
         verify: ssl.SSLContext | bool = pinned_ssl_context(ca_pem)

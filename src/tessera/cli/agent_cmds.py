@@ -269,7 +269,13 @@ def check(
 ) -> None:
     """Exit 0 if FEATURE may be used now, 1 (with the reason) if not."""
     from tessera.agent import FeatureDenied
+    from tessera.core.errors import FormatError
+    from tessera.core.model import check_feature_code
 
+    try:
+        check_feature_code(feature)
+    except ValueError as exc:
+        raise FormatError(str(exc)) from None  # bad usage (2), not a denial (1)
     with _open_agent() as agent:
         try:
             agent.require(feature)
@@ -393,9 +399,15 @@ def request(
 
 @_verb("connect")
 def connect(as_json: bool = typer.Option(False, "--json")) -> None:
-    """One validation with the license server now."""
+    """One validation with the license server now: exit 0 if the installation is in order
+    afterwards, 1 if the answer was negative (locked, revoked, ...)."""
+    from tessera.agent import AgentState
+
     with _open_agent() as agent:
-        _print_status(agent.connect(), as_json)
+        status = agent.connect()
+    _print_status(status, as_json)
+    if status.state is not AgentState.NORMAL:
+        raise typer.Exit(1)  # a script must see a lock or a revocation in the exit code
 
 
 @_verb("backup")
