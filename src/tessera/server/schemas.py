@@ -290,6 +290,22 @@ class TokenOut(BaseModel):
     token: str = Field(description="The secret, shown this once.")
 
 
+class TokenView(BaseModel):
+    """A token as the listing shows it: never the secret or its hash."""
+
+    id: int
+    name: str
+    role: Role
+    partner: str | None = Field(description="The partner's code (role partner).")
+    customer_id: int | None
+    created_at: datetime
+    revoked: bool
+
+
+class RevokedToken(TokenView):
+    own: bool = Field(description="The token this request was made with: it no longer works.")
+
+
 class OrderSummary(BaseModel):
     number: str
     customer_id: int
