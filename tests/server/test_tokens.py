@@ -7,6 +7,8 @@ from typing import Any
 
 import httpx
 
+from tessera.server.tokens import MAX_TOKEN_NAME
+
 from .conftest import LiveServer
 
 
@@ -97,3 +99,33 @@ def test_an_admin_may_revoke_its_own_token_while_another_admin_remains(
     assert other.delete(f"/api/v1/tokens/{second['id']}").status_code == 409  # now the last one
     (entry,) = _audit(other, "token.revoke")
     assert entry["details"]["own"] is True
+
+
+def test_a_token_name_always_fits_the_actor_column(live_server: LiveServer, admin_token: str) -> None:
+    """The audit's and revisions' actor is ``role:name`` in 200 characters: a longer name
+    is refused when the token is made, not by the database at each of its writes."""
+    admin = live_server.client(admin_token)
+    for length in (MAX_TOKEN_NAME + 1, 200):
+        response = admin.post("/api/v1/tokens", json={"name": "n" * length, "role": "customer"})
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["body", "name"]
+    assert "n" * 200 not in admin.get("/api/v1/tokens").text
+    assert MAX_TOKEN_NAME + len(":readonly") == 200
+    # The longest name writes, on PostgreSQL too (its VARCHAR(200) is enforced).
+    product = {"code": "cortex", "name": "Cortex", "features": [{"code": "uniplex"}]}
+    assert admin.post("/api/v1/products", json=product).status_code == 201
+    alice = admin.post("/api/v1/customers", json={"name": "Alice"}).json()["id"]
+    long_name = "é" * MAX_TOKEN_NAME
+    sales = live_server.client(_make(admin, name=long_name, role="sales")["token"])
+    entitlements = [{"feature": "uniplex", "count": 1}]
+    issued = sales.post(
+        "/api/v1/licenses", json={"customer_id": alice, "product": "cortex", "entitlements": entitlements}
+    )
+    assert issued.status_code == 201, issued.text
+    support = live_server.client(_make(admin, name=long_name, role="support")["token"])
+    serial = issued.json()["serial"]
+    changed = support.patch(f"/api/v1/licenses/{serial}", json={"machines": 2})
+    assert changed.status_code == 200, changed.text
+    actors = {e["action"]: e["actor"] for e in admin.get("/api/v1/audit").json()}
+    assert actors["license.issue"] == f"sales:{long_name}"
+    assert actors["license.update"] == f"support:{long_name}"

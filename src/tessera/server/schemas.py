@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tessera.core.model import MAX_COUNT, Binding, MatchLevel, check_text
-from tessera.server.tokens import Role
+from tessera.server.tokens import MAX_TOKEN_NAME, Role
 
 __all__ = [
     "MAX_BULK",
@@ -272,7 +272,7 @@ class OfflineActivation(BaseModel):
 
 
 class TokenIn(_In):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=MAX_TOKEN_NAME)
     role: Role
     partner: PartnerCode | None = None
     customer_id: int | None = Field(None, ge=1, le=2**31 - 1)

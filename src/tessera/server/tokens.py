@@ -31,6 +31,7 @@ from tessera.server.models import ApiToken, Partner
 
 __all__ = [
     "INITIAL_TOKEN_NAME",
+    "MAX_TOKEN_NAME",
     "Principal",
     "Role",
     "create_token",
@@ -54,6 +55,12 @@ class Role(StrEnum):
     PARTNER = "partner"
     CUSTOMER = "customer"
     READONLY = "readonly"
+
+
+#: Every change a token makes is recorded with its actor ``role:name`` in columns of 200
+#: characters (audit, license revisions); a longer name would make every write fail.
+MAX_ACTOR = 200
+MAX_TOKEN_NAME = MAX_ACTOR - len(":") - max(len(r.value) for r in Role)
 
 
 @dataclass(frozen=True, slots=True)
