@@ -129,3 +129,15 @@ def test_a_token_name_always_fits_the_actor_column(live_server: LiveServer, admi
     actors = {e["action"]: e["actor"] for e in admin.get("/api/v1/audit").json()}
     assert actors["license.issue"] == f"sales:{long_name}"
     assert actors["license.update"] == f"support:{long_name}"
+
+
+def test_the_initial_token_name_is_reserved(live_server: LiveServer, admin_token: str) -> None:
+    admin = live_server.client(admin_token)
+    for name in ("initial-admin", "Initial-Admin", " initial-admin "):
+        response = admin.post("/api/v1/tokens", json={"name": name, "role": "readonly"})
+        assert response.status_code == 422, (name, response.text)
+        (error,) = response.json()["detail"]
+        assert error["loc"] == ["body", "name"]
+        assert "reserved" in error["msg"] or name != name.strip()  # padding is refused anyway
+    assert [t["name"] for t in admin.get("/api/v1/tokens").json()] == ["http-admin"]
+    assert _make(admin, name="initial-admin-2", role="readonly")["name"] == "initial-admin-2"

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tessera.core.model import MAX_COUNT, Binding, MatchLevel, check_text
-from tessera.server.tokens import MAX_TOKEN_NAME, Role
+from tessera.server.tokens import INITIAL_TOKEN_NAME, MAX_TOKEN_NAME, Role
 
 __all__ = [
     "MAX_BULK",
@@ -280,7 +280,12 @@ class TokenIn(_In):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _text(v, "name") or v
+        v = _text(v, "name") or v
+        # The security checklist finds the token of `server init` by this name: a second
+        # one would hide it, or make a revoked initial token look active.
+        if v.strip().casefold() == INITIAL_TOKEN_NAME:
+            raise ValueError(f"{INITIAL_TOKEN_NAME!r} is reserved for the token of server init")
+        return v
 
 
 class TokenOut(BaseModel):
