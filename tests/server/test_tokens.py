@@ -141,3 +141,27 @@ def test_the_initial_token_name_is_reserved(live_server: LiveServer, admin_token
         assert "reserved" in error["msg"] or name != name.strip()  # padding is refused anyway
     assert [t["name"] for t in admin.get("/api/v1/tokens").json()] == ["http-admin"]
     assert _make(admin, name="initial-admin-2", role="readonly")["name"] == "initial-admin-2"
+
+
+def test_scope_fields_must_fit_the_role_and_are_audited(live_server: LiveServer, admin_token: str) -> None:
+    admin = live_server.client(admin_token)
+    assert admin.post("/api/v1/partners", json={"code": "acme", "name": "ACME"}).status_code == 201
+    alice = admin.post("/api/v1/customers", json={"name": "Alice"}).json()["id"]
+    refused = [
+        ({"role": "admin", "customer_id": alice}, "customer_id: only a customer token"),
+        ({"role": "readonly", "partner": "acme"}, "partner: only a partner token"),
+        ({"role": "partner", "partner": "acme", "customer_id": alice}, "customer_id: only a customer token"),
+        ({"role": "customer", "customer_id": alice, "partner": "acme"}, "partner: only a partner token"),
+    ]
+    for body, message in refused:
+        response = admin.post("/api/v1/tokens", json={"name": "t1", **body})
+        assert response.status_code == 422, (body, response.text)
+        assert response.json()["detail"].startswith(message), response.text
+    assert [t["name"] for t in admin.get("/api/v1/tokens").json()] == ["http-admin"]
+    _make(admin, name="reseller", role="partner", partner="acme")
+    _make(admin, name="alice", role="customer", customer_id=alice)
+    details = {e["details"]["name"]: e["details"] for e in _audit(admin, "token.create")}
+    assert details["reseller"] == {
+        "name": "reseller", "role": "partner", "partner": "acme", "customer_id": None
+    }  # fmt: skip
+    assert details["alice"] == {"name": "alice", "role": "customer", "partner": None, "customer_id": alice}

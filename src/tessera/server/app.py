@@ -902,6 +902,10 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                 if data.customer_id is None:
                     raise Invalid("customer_id: a customer token needs the customer's id")
                 customer_id = catalog.get_customer(s, p, data.customer_id).id
+            elif data.customer_id is not None:
+                raise Invalid("customer_id: only a customer token belongs to a customer")
+            if data.partner is not None and data.role is not Role.PARTNER:
+                raise Invalid("partner: only a partner token belongs to a partner")
             row, secret = create_token(
                 s,
                 name=data.name,
@@ -916,7 +920,12 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                 actor=p.actor,
                 action="token.create",
                 target=f"token:{row.id}",
-                details={"name": data.name, "role": data.role.value},
+                details={
+                    "name": data.name,
+                    "role": data.role.value,
+                    "partner": data.partner,
+                    "customer_id": customer_id,
+                },
             )
             return {"id": row.id, "name": row.name, "role": data.role, "token": secret}
 
