@@ -121,6 +121,27 @@ def test_sign_in_sets_a_strict_cookie_and_goes_where_asked(state: ServerState, w
         assert sign_in(portal(state), "alice", target=evil).headers["location"] == "/portal/licenses"
 
 
+def _alert(page: str) -> str:
+    found = re.search(r'role="alert">([^<]*)<', page)
+    assert found, page
+    return found.group(1)
+
+
+def test_a_locked_account_answers_like_an_unknown_name(state: ServerState, world: dict[str, Any]) -> None:
+    client = portal(state)
+    for _ in range(users.MAX_FAILED_LOGINS):
+        assert sign_in(client, "staff", "not-the-password").status_code == 401
+    answers = [
+        sign_in(client, "staff", PASSWORD),  # locked now: even the right password
+        sign_in(client, "staff", "not-the-password"),
+        sign_in(client, "nobody-here", PASSWORD),
+    ]
+    assert [a.status_code for a in answers] == [401, 401, 401]
+    assert {_alert(a.text) for a in answers} == {users.WRONG_SIGN_IN.replace("'", "&#39;")}
+    assert "locked for 15 minutes" in answers[0].text and "locked until" not in answers[0].text
+    assert "set-cookie" not in answers[0].headers
+
+
 def test_plain_http_gets_no_secure_flag(state: ServerState, world: dict[str, Any]) -> None:
     """Behind ``server run --no-tls`` (a TLS proxy in front) the cookie must still work."""
     response = sign_in(portal(state, base_url="http://portal.example"), "alice")

@@ -41,6 +41,7 @@ __all__ = [
     "MAX_FAILED_LOGINS",
     "MIN_PASSWORD_LENGTH",
     "SESSION_LIFETIME",
+    "WRONG_SIGN_IN",
     "SignInRefused",
     "SignedIn",
     "TotpOffer",
@@ -75,6 +76,14 @@ IDLE_TIMEOUT = timedelta(minutes=30)
 SESSION_LIFETIME = timedelta(hours=12)
 #: last_seen_at is written at most this often (a page view is then mostly a read).
 _TOUCH_EVERY = timedelta(minutes=1)
+
+#: The one answer to an unknown name, a wrong password and a locked account alike, so
+#: that it does not tell which names exist; it still tells a user who mistyped several
+#: times why even the right password is refused for a while.
+WRONG_SIGN_IN = (
+    f"wrong user name or password (after {MAX_FAILED_LOGINS} wrong attempts in a row an account "
+    f"is locked for {LOCKOUT.seconds // 60} minutes, or until an administrator unlocks it)"
+)
 
 _USERNAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{2,63}$")
 _hasher = PasswordHasher()
@@ -289,23 +298,23 @@ def sign_in(
     pepper: bytes,
 ) -> tuple[str, SignedIn] | SignInRefused:
     """Check the password (and, for a user with two-step sign-in, the code); return a new
-    session's secret (for the cookie) and who it is, or why not: a wrong name or password
-    (one message for both), a missing, wrong or used code, a locked or disabled account.
+    session's secret (for the cookie) and who it is, or why not. A wrong name, a wrong
+    password and a locked account get one answer (:data:`WRONG_SIGN_IN`) after the same
+    argon2 work, so neither the answer nor its time tells that a name exists; only someone
+    who knows the password learns more (a missing, wrong or used code, a disabled account).
     A wrong code counts towards the lockout like a wrong password."""
     user = session.execute(
         select(PortalUser).where(PortalUser.username == username.strip().lower()).with_for_update()
     ).scalar_one_or_none()
     if user is None or len(password) > MAX_PASSWORD_LENGTH * 4:
         _verify(_dummy_hash(), password[: MAX_PASSWORD_LENGTH * 4])
-        return SignInRefused("wrong user name or password")
+        return SignInRefused(WRONG_SIGN_IN)
+    right = _verify(user.password_hash, password)  # locked or not: the same work, the same time
     if user.locked_until is not None and user.locked_until > now:
-        return SignInRefused(
-            f"too many wrong passwords: this account is locked until "
-            f"{user.locked_until.strftime('%H:%M')} UTC (or until an administrator unlocks it)"
-        )
-    if not _verify(user.password_hash, password):
+        return SignInRefused(WRONG_SIGN_IN)  # even the right password: the lock holds
+    if not right:
         _fail(session, user, now)
-        return SignInRefused("wrong user name or password")
+        return SignInRefused(WRONG_SIGN_IN)
     if user.disabled:
         return SignInRefused("this account is disabled")
     if user.totp_secret is not None:
