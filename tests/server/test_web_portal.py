@@ -290,6 +290,86 @@ def test_changing_the_password_in_the_portal(state: ServerState, world: dict[str
     assert sign_in(portal(state), "staff", new).status_code == 303
 
 
+def _failed_logins(state: ServerState, username: str) -> tuple[int, Any]:
+    from tessera.server.models import PortalUser
+
+    with state.db.read() as session:
+        user = session.execute(select(PortalUser).where(PortalUser.username == username)).scalar_one()
+        return user.failed_logins, user.locked_until
+
+
+def test_wrong_current_passwords_count_towards_the_lockout(state: ServerState, world: dict[str, Any]) -> None:
+    """A session (a browser left open) must not guess the password without limit."""
+    client = portal(state)
+    sign_in(client, "staff")
+    token = csrf(client.get("/portal/account").text)
+    new = "plum-violet-harbor-92"
+    for attempt in range(1, users.MAX_FAILED_LOGINS):
+        wrong = client.post(
+            "/portal/account", data={"csrf": token, "current": f"guess-{attempt}", "new": new, "repeat": new}
+        )
+        assert wrong.status_code == 403 and "current password: wrong" in wrong.text
+        assert f"{users.MAX_FAILED_LOGINS - attempt} more wrong" in wrong.text
+        assert _failed_logins(state, "staff") == (attempt, None)
+    last = client.post("/portal/account", data={"csrf": token, "current": "guess", "new": new, "repeat": new})
+    assert last.status_code == 403 and "locked for 15 minutes and you are signed out" in last.text
+    cleared = last.headers["set-cookie"]
+    assert "tessera_portal=" in cleared and "max-age=0" in cleared.lower()
+    assert _failed_logins(state, "staff")[1] is not None  # locked
+    # The session is gone (also when the browser keeps sending the old cookie)...
+    assert client.get("/portal/account").status_code == 303
+    # ...and the right password no longer signs in until the lock ends.
+    assert sign_in(portal(state), "staff").status_code == 401
+    with state.db.read() as session:
+        actions = session.execute(select(AuditEntry.action)).scalars().all()
+    assert actions.count("user.locked") == 1 and "user.password" not in actions
+
+
+def test_a_session_of_a_locked_account_cannot_guess(state: ServerState, world: dict[str, Any]) -> None:
+    client = portal(state)
+    sign_in(client, "staff")
+    token = csrf(client.get("/portal/account").text)
+    for _ in range(users.MAX_FAILED_LOGINS):  # someone else locks the account at the sign-in
+        sign_in(portal(state), "staff", "not-the-password")
+    new = "plum-violet-harbor-92"
+    refused = client.post(
+        "/portal/account", data={"csrf": token, "current": PASSWORD, "new": new, "repeat": new}
+    )
+    assert refused.status_code == 403 and "this account is locked until" in refused.text
+    assert sign_in(portal(state), "staff", new).status_code == 401  # nothing changed
+
+
+def test_wrong_codes_to_turn_two_step_off_count_towards_the_lockout(
+    state: ServerState, world: dict[str, Any], clock: ManualClock
+) -> None:
+    client = portal(state)
+    sign_in(client, "staff")
+    token = csrf(client.get("/portal/account").text)
+    offer = client.post("/portal/account/two-factor/start", data={"csrf": token})
+    secret = re.search(r'name="secret" value="([A-Z2-7]+)"', offer.text)
+    proof = re.search(r'name="proof" value="([0-9a-f]{64})"', offer.text)
+    assert secret and proof
+    totp = pyotp.TOTP(secret.group(1))
+    fields = {"csrf": token, "secret": secret.group(1), "proof": proof.group(1), "code": totp.at(state.now())}
+    assert client.post("/portal/account/two-factor/enable", data=fields).status_code == 200
+    clock.advance(timedelta(seconds=90))
+    good = totp.at(state.now())
+    bad = "000000" if good != "000000" else "111111"
+    for attempt in range(1, users.MAX_FAILED_LOGINS):
+        wrong = client.post("/portal/account/two-factor/disable", data={"csrf": token, "code": bad})
+        assert wrong.status_code == 403 and "code: wrong or used code" in wrong.text
+        assert _failed_logins(state, "staff") == (attempt, None)
+    last = client.post("/portal/account/two-factor/disable", data={"csrf": token, "code": bad})
+    assert last.status_code == 403 and "you are signed out" in last.text
+    assert client.get("/portal/account").status_code == 303
+    with state.db.read() as session:
+        assert session.execute(select(func.count()).select_from(users.PortalSession)).scalar_one() == 0
+    # Still on: the right code after the lock changes nothing without a session.
+    after = client.post("/portal/account/two-factor/disable", data={"csrf": token, "code": good})
+    assert after.status_code == 303
+    assert _failed_logins(state, "staff")[1] is not None
+
+
 def test_users_over_the_admin_api(state: ServerState, admin_token: str, world: dict[str, Any]) -> None:
     client = TestClient(create_app(state), base_url=BASE, headers={"Authorization": f"Bearer {admin_token}"})
     made = client.post("/api/v1/users", json={"username": "ops", "role": "admin"})

@@ -124,6 +124,9 @@ class _Page:
     redirect: str | None = None
     #: The redirect leaves the page the user is on: htmx navigates rather than swapping it in.
     whole_page: bool = False
+    #: The work ended this session (the account locked): the page is shown signed out and
+    #: the cookie cleared.
+    signed_out: bool = False
 
 
 #: Where a user who must set up two-step sign-in is sent (``[web_portal] two_step_roles``).
@@ -192,6 +195,12 @@ def portal_router(state: ServerState) -> APIRouter:
     def to_login(request: Request) -> Response:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return navigate(request, "/portal/login?next=" + quote(_safe_next(target), safe="/"))
+
+    def clear_cookie(request: Request, response: Response) -> None:
+        """Clear the session cookie with the flags it was set with (a browser matches them)."""
+        response.delete_cookie(
+            COOKIE, path="/portal", secure=request.url.scheme == "https", httponly=True, samesite="strict"
+        )
 
     def cross_site(request: Request) -> bool:
         origin = request.headers.get("Origin")
@@ -264,6 +273,11 @@ def portal_router(state: ServerState) -> APIRouter:
             return failure(request, 503, "the server cannot sign right now (its HSM is unavailable)", None)
         if signed_in is None or result is None:
             return to_login(request)
+        if result.signed_out:
+            template = result.template or "error.html"
+            response = render(request, template, result.values or {}, status=result.status)
+            clear_cookie(request, response)
+            return response
         if result.redirect is not None:
             if result.whole_page:
                 return navigate(request, result.redirect)
@@ -664,7 +678,9 @@ def portal_router(state: ServerState) -> APIRouter:
         def work(session: Session, signed_in: users.SignedIn) -> _Page:
             if new != repeated:
                 return _Page("account.html", {"error": "password: the two new passwords differ"}, 422)
-            users.change_own_password(session, signed_in, current, new, now)
+            refused = users.change_own_password(session, signed_in, current, new, now)
+            if refused is not None:
+                return _refused_here(refused, "error")
             return _Page("account.html", {"done": True})
 
         return await page(request, work, form=form, account=True)
@@ -724,7 +740,9 @@ def portal_router(state: ServerState) -> APIRouter:
                 role = signed_in.principal.role
                 message = f"two-step sign-in is required for the role {role}: it cannot be turned off"
                 return _Page("account.html", {"two_factor_error": message}, 403)
-            users.disable_totp(session, signed_in, code, now, state.pepper)
+            refused = users.disable_totp(session, signed_in, code, now, state.pepper)
+            if refused is not None:
+                return _refused_here(refused, "two_factor_error")
             return _Page("account.html", {"two_factor_done": "off"})
 
         return await page(request, work, form=form, account=True)
@@ -772,6 +790,15 @@ class FailedSignIns:
             if len(self._buckets) > 10_000:  # forget addresses whose allowance is whole again
                 self._buckets = {a: b for a, b in self._buckets.items() if self._tokens(a, now) < self.BURST}
             self._buckets[address] = (self._tokens(address, now) - 1, now)
+
+
+def _refused_here(refused: users.SignInRefused, field: str) -> _Page:
+    """A wrong password or code on the Account page: the form again with why (the attempt is
+    committed: it counts towards the lockout), or, once it locked the account, a page
+    saying so to a browser that is no longer signed in."""
+    if refused.signed_out:
+        return _Page("error.html", {"status": 403, "message": refused.reason}, 403, signed_out=True)
+    return _Page("account.html", {field: refused.reason}, 403)
 
 
 def _qr(uri: str) -> Markup:
