@@ -142,6 +142,29 @@ def test_a_locked_account_answers_like_an_unknown_name(state: ServerState, world
     assert "set-cookie" not in answers[0].headers
 
 
+def test_sign_in_never_leaves_the_portal_by_dot_segments(state: ServerState, world: dict[str, Any]) -> None:
+    for evil in (
+        "/portal/../api/v1/tokens",
+        "/portal/%2e%2e/api/v1/tokens",
+        "/portal/%2E%2E/%2e%2e//evil.example/x",
+        "/portal/licenses/../../metrics",
+        "/portal/./../api",
+        "/portal/..%2f..%2fapi",
+        "/portal/..",
+        "/portal/licenses\t/x",
+    ):
+        location = sign_in(portal(state), "alice", target=evil).headers["location"]
+        assert location == "/portal/licenses", (evil, location)
+    serial = world["alice"][0]
+    for fine, where in (
+        (f"/portal/orders/../licenses/{serial}", f"/portal/licenses/{serial}"),
+        ("/portal/./licenses?q=x", "/portal/licenses?q=x"),
+    ):
+        assert sign_in(portal(state), "alice", target=fine).headers["location"] == where
+    form = portal(state).get("/portal/login", params={"next": "/portal/../api/v1/tokens"})
+    assert 'value="/portal/licenses"' in form.text and "api/v1" not in form.text
+
+
 def test_plain_http_gets_no_secure_flag(state: ServerState, world: dict[str, Any]) -> None:
     """Behind ``server run --no-tls`` (a TLS proxy in front) the cookie must still work."""
     response = sign_in(portal(state, base_url="http://portal.example"), "alice")

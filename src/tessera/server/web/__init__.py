@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -133,14 +133,37 @@ class _Page:
 SET_UP_TWO_STEP: Final = "/portal/account#two-factor"
 
 
+_HOME: Final = "/portal/licenses"
+
+
 def _safe_next(target: str | None) -> str:
-    """Only a path of this portal may be the target after sign-in (no open redirect)."""
-    if not target or not target.startswith("/portal/") or target.startswith("//"):
-        return "/portal/licenses"
+    """Only a path of this portal may be the target after sign-in (no open redirect).
+
+    Dot segments are resolved first, as a browser resolves them in the Location it is
+    sent (``%2e%2e`` included): ``/portal/../api/v1/tokens`` is not a portal path. A
+    segment that decodes to a slash or backslash, a control character or anything with a
+    scheme or host sends the user to the license list instead."""
+    if not target or any(c == "\\" or ord(c) < 0x21 or ord(c) == 0x7F for c in target):
+        return _HOME
     parts = urlsplit(target)
-    if parts.scheme or parts.netloc or "\\" in target:
-        return "/portal/licenses"
-    return target
+    if parts.scheme or parts.netloc or not parts.path.startswith("/"):
+        return _HOME
+    segments: list[str] = []
+    for segment in parts.path.split("/")[1:]:
+        decoded = unquote(segment)
+        if "/" in decoded or "\\" in decoded:
+            return _HOME
+        if decoded == ".":
+            continue
+        if decoded == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    path = "/" + "/".join(segments)
+    if not path.startswith("/portal/"):
+        return _HOME
+    return path + (f"?{parts.query}" if parts.query else "")
 
 
 def portal_router(state: ServerState) -> APIRouter:
