@@ -167,8 +167,12 @@ def test_sign_in_never_leaves_the_portal_by_dot_segments(state: ServerState, wor
 
 def test_plain_http_gets_no_secure_flag(state: ServerState, world: dict[str, Any]) -> None:
     """Behind ``server run --no-tls`` (a TLS proxy in front) the cookie must still work."""
-    response = sign_in(portal(state, base_url="http://portal.example"), "alice")
+    client = portal(state, base_url="http://portal.example")
+    response = sign_in(client, "alice")
     assert "secure" not in response.headers["set-cookie"].lower()
+    out = client.post("/portal/logout", data={"csrf": csrf(client.get("/portal/licenses").text)})
+    cleared = out.headers["set-cookie"].lower()
+    assert "secure" not in cleared and "httponly" in cleared and "samesite=strict" in cleared
 
 
 def test_a_customer_sees_only_its_own_licenses(state: ServerState, world: dict[str, Any]) -> None:
@@ -285,6 +289,10 @@ def test_sign_out_ends_the_session(state: ServerState, world: dict[str, Any]) ->
     stolen = client.cookies.get("tessera_portal")
     response = client.post("/portal/logout", data={"csrf": token})
     assert response.status_code == 303 and response.headers["location"] == "/portal/login"
+    cleared = response.headers["set-cookie"].lower()
+    for flag in ("tessera_portal=", "max-age=0", "httponly", "secure", "samesite=strict", "path=/portal"):
+        assert flag in cleared, cleared
+    assert "samesite=lax" not in cleared
     thief = portal(state)
     thief.cookies.set("tessera_portal", stolen or "", domain="portal.example", path="/portal")
     assert thief.get("/portal/licenses").status_code == 303

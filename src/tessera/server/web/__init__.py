@@ -402,7 +402,7 @@ def portal_router(state: ServerState) -> APIRouter:
 
         response = await page(request, work, form=form, account=True)
         if response.status_code == 303:
-            response.delete_cookie(COOKIE, path="/portal")
+            clear_cookie(request, response)
         return response
 
     # ------------------------------------------------------------------ licenses
