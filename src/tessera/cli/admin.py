@@ -357,8 +357,7 @@ def token_revoke(
     ca: Path | None = CA,
     as_json: bool = JSON,
 ) -> None:
-    """Revoke an API token at once. Your own token may be revoked (this command is then its
-    last use); the last active admin token may not."""
+    """Revoke an API token at once (your own too; never the last active admin token)."""
     result = AdminClient(url, token, ca).request("DELETE", f"/api/v1/tokens/{token_id}")
     if as_json:
         emit_json(result)
