@@ -127,7 +127,9 @@ def test_wrong_and_unknown_names_get_the_same_answer(state: ServerState, admin: 
     _user(state, admin)
     wrong = _sign_in(state, "maria.keller", "not-the-password")
     unknown = _sign_in(state, "nobody", GOOD)
-    assert wrong == unknown == users.SignInRefused("wrong user name or password")
+    assert wrong == unknown == users.SignInRefused(users.WRONG_SIGN_IN)
+    assert "wrong user name or password" in users.WRONG_SIGN_IN
+    assert "locked for 15 minutes" in users.WRONG_SIGN_IN  # why the right password may fail
 
 
 def test_five_wrong_passwords_lock_the_account_for_a_while(
@@ -137,7 +139,9 @@ def test_five_wrong_passwords_lock_the_account_for_a_while(
     for _ in range(users.MAX_FAILED_LOGINS):
         assert isinstance(_sign_in(state, "maria.keller", "wrong-password-here"), users.SignInRefused)
     locked = _sign_in(state, "maria.keller", GOOD)  # even the right password, now
-    assert isinstance(locked, users.SignInRefused) and "locked until" in locked.reason
+    # The same answer as a wrong password or an unknown name: it does not tell the name exists.
+    assert locked == _sign_in(state, "maria.keller", "wrong-password-here") == _sign_in(state, "nobody", GOOD)
+    assert locked == users.SignInRefused(users.WRONG_SIGN_IN)
     with state.db.read() as session:
         actions = session.execute(select(AuditEntry.action)).scalars().all()
     assert actions.count("user.locked") == 1
@@ -210,8 +214,9 @@ def test_changing_ones_own_password_keeps_this_session_only(state: ServerState, 
     here = _sign_in(state, "maria.keller", GOOD)
     there = _sign_in(state, "maria.keller", GOOD)
     assert not isinstance(here, users.SignInRefused) and not isinstance(there, users.SignInRefused)
-    with state.db.write() as session, pytest.raises(Forbidden, match="current password"):
-        users.change_own_password(session, here[1], "wrong", "plum-violet-harbor-92", state.now())
+    with state.db.write() as session:
+        refused = users.change_own_password(session, here[1], "wrong", "plum-violet-harbor-92", state.now())
+    assert refused is not None and refused.reason.startswith("current password: wrong")
     with state.db.write() as session, pytest.raises(Invalid, match="too weak"):
         users.change_own_password(session, here[1], GOOD, "password1234", state.now())
     with state.db.write() as session:
@@ -288,22 +293,23 @@ def test_two_step_sign_in_needs_a_fresh_code(
     for _ in range(users.MAX_FAILED_LOGINS):
         attempt("000000")
     locked = attempt(totp.at(state.now() + timedelta(seconds=30)))
-    assert isinstance(locked, users.SignInRefused) and "locked" in locked.reason
+    assert locked == users.SignInRefused(users.WRONG_SIGN_IN)
     # A code from the wrong password's attempt never gets checked: same answer as always.
     with state.db.write() as session:
         users.update_user(session, admin, "maria.keller", now=state.now(), unlock=True)
         wrong = users.sign_in(
             session, "maria.keller", "not-it", state.now(), code="000000", pepper=state.pepper
         )
-    assert wrong == users.SignInRefused("wrong user name or password")
+    assert wrong == users.SignInRefused(users.WRONG_SIGN_IN)
 
 
 def test_two_step_sign_in_is_turned_off_with_a_code_or_by_an_admin(
     state: ServerState, admin: Principal, clock: ManualClock
 ) -> None:
     signed_in, totp = _two_factor(state, admin, clock)
-    with state.db.write() as session, pytest.raises(Forbidden, match="code"):
-        users.disable_totp(session, signed_in, "000000", state.now(), state.pepper)
+    with state.db.write() as session:
+        refused = users.disable_totp(session, signed_in, "000000", state.now(), state.pepper)
+    assert refused is not None and refused.reason.startswith("code: wrong or used code")
     with state.db.write() as session:
         users.disable_totp(session, signed_in, totp.at(state.now()), state.now(), state.pepper)
     with state.db.write() as session:
@@ -329,3 +335,25 @@ def test_two_step_sign_in_is_turned_off_with_a_code_or_by_an_admin(
             session.execute(select(AuditEntry.action).where(AuditEntry.action.like("user.%"))).scalars().all()
         )
     assert actions.count("user.two-factor") == 3 and "user.update" in actions
+
+
+def test_every_refused_sign_in_costs_one_argon2_hash(
+    state: ServerState, admin: Principal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A locked account is checked against its hash too: the time of the answer does not
+    tell a locked (so existing) account from an unknown name."""
+    _user(state, admin)
+    for _ in range(users.MAX_FAILED_LOGINS):
+        _sign_in(state, "maria.keller", "wrong-password-here")
+    calls: list[str] = []
+    real = users._verify
+
+    def counting(encoded: str, password: str) -> bool:
+        calls.append(password)
+        return real(encoded, password)
+
+    monkeypatch.setattr(users, "_verify", counting)
+    for name, password in [("nobody", GOOD), ("maria.keller", "wrong"), ("maria.keller", GOOD)]:
+        calls.clear()
+        assert _sign_in(state, name, password) == users.SignInRefused(users.WRONG_SIGN_IN)
+        assert calls == [password], name

@@ -121,10 +121,58 @@ def test_sign_in_sets_a_strict_cookie_and_goes_where_asked(state: ServerState, w
         assert sign_in(portal(state), "alice", target=evil).headers["location"] == "/portal/licenses"
 
 
+def _alert(page: str) -> str:
+    found = re.search(r'role="alert">([^<]*)<', page)
+    assert found, page
+    return found.group(1)
+
+
+def test_a_locked_account_answers_like_an_unknown_name(state: ServerState, world: dict[str, Any]) -> None:
+    client = portal(state)
+    for _ in range(users.MAX_FAILED_LOGINS):
+        assert sign_in(client, "staff", "not-the-password").status_code == 401
+    answers = [
+        sign_in(client, "staff", PASSWORD),  # locked now: even the right password
+        sign_in(client, "staff", "not-the-password"),
+        sign_in(client, "nobody-here", PASSWORD),
+    ]
+    assert [a.status_code for a in answers] == [401, 401, 401]
+    assert {_alert(a.text) for a in answers} == {users.WRONG_SIGN_IN.replace("'", "&#39;")}
+    assert "locked for 15 minutes" in answers[0].text and "locked until" not in answers[0].text
+    assert "set-cookie" not in answers[0].headers
+
+
+def test_sign_in_never_leaves_the_portal_by_dot_segments(state: ServerState, world: dict[str, Any]) -> None:
+    for evil in (
+        "/portal/../api/v1/tokens",
+        "/portal/%2e%2e/api/v1/tokens",
+        "/portal/%2E%2E/%2e%2e//evil.example/x",
+        "/portal/licenses/../../metrics",
+        "/portal/./../api",
+        "/portal/..%2f..%2fapi",
+        "/portal/..",
+        "/portal/licenses\t/x",
+    ):
+        location = sign_in(portal(state), "alice", target=evil).headers["location"]
+        assert location == "/portal/licenses", (evil, location)
+    serial = world["alice"][0]
+    for fine, where in (
+        (f"/portal/orders/../licenses/{serial}", f"/portal/licenses/{serial}"),
+        ("/portal/./licenses?q=x", "/portal/licenses?q=x"),
+    ):
+        assert sign_in(portal(state), "alice", target=fine).headers["location"] == where
+    form = portal(state).get("/portal/login", params={"next": "/portal/../api/v1/tokens"})
+    assert 'value="/portal/licenses"' in form.text and "api/v1" not in form.text
+
+
 def test_plain_http_gets_no_secure_flag(state: ServerState, world: dict[str, Any]) -> None:
     """Behind ``server run --no-tls`` (a TLS proxy in front) the cookie must still work."""
-    response = sign_in(portal(state, base_url="http://portal.example"), "alice")
+    client = portal(state, base_url="http://portal.example")
+    response = sign_in(client, "alice")
     assert "secure" not in response.headers["set-cookie"].lower()
+    out = client.post("/portal/logout", data={"csrf": csrf(client.get("/portal/licenses").text)})
+    cleared = out.headers["set-cookie"].lower()
+    assert "secure" not in cleared and "httponly" in cleared and "samesite=strict" in cleared
 
 
 def test_a_customer_sees_only_its_own_licenses(state: ServerState, world: dict[str, Any]) -> None:
@@ -241,6 +289,10 @@ def test_sign_out_ends_the_session(state: ServerState, world: dict[str, Any]) ->
     stolen = client.cookies.get("tessera_portal")
     response = client.post("/portal/logout", data={"csrf": token})
     assert response.status_code == 303 and response.headers["location"] == "/portal/login"
+    cleared = response.headers["set-cookie"].lower()
+    for flag in ("tessera_portal=", "max-age=0", "httponly", "secure", "samesite=strict", "path=/portal"):
+        assert flag in cleared, cleared
+    assert "samesite=lax" not in cleared
     thief = portal(state)
     thief.cookies.set("tessera_portal", stolen or "", domain="portal.example", path="/portal")
     assert thief.get("/portal/licenses").status_code == 303
@@ -267,6 +319,86 @@ def test_changing_the_password_in_the_portal(state: ServerState, world: dict[str
     assert client.get("/portal/licenses").status_code == 200  # this browser stays signed in
     assert sign_in(portal(state), "staff").status_code == 401
     assert sign_in(portal(state), "staff", new).status_code == 303
+
+
+def _failed_logins(state: ServerState, username: str) -> tuple[int, Any]:
+    from tessera.server.models import PortalUser
+
+    with state.db.read() as session:
+        user = session.execute(select(PortalUser).where(PortalUser.username == username)).scalar_one()
+        return user.failed_logins, user.locked_until
+
+
+def test_wrong_current_passwords_count_towards_the_lockout(state: ServerState, world: dict[str, Any]) -> None:
+    """A session (a browser left open) must not guess the password without limit."""
+    client = portal(state)
+    sign_in(client, "staff")
+    token = csrf(client.get("/portal/account").text)
+    new = "plum-violet-harbor-92"
+    for attempt in range(1, users.MAX_FAILED_LOGINS):
+        wrong = client.post(
+            "/portal/account", data={"csrf": token, "current": f"guess-{attempt}", "new": new, "repeat": new}
+        )
+        assert wrong.status_code == 403 and "current password: wrong" in wrong.text
+        assert f"{users.MAX_FAILED_LOGINS - attempt} more wrong" in wrong.text
+        assert _failed_logins(state, "staff") == (attempt, None)
+    last = client.post("/portal/account", data={"csrf": token, "current": "guess", "new": new, "repeat": new})
+    assert last.status_code == 403 and "locked for 15 minutes and you are signed out" in last.text
+    cleared = last.headers["set-cookie"]
+    assert "tessera_portal=" in cleared and "max-age=0" in cleared.lower()
+    assert _failed_logins(state, "staff")[1] is not None  # locked
+    # The session is gone (also when the browser keeps sending the old cookie)...
+    assert client.get("/portal/account").status_code == 303
+    # ...and the right password no longer signs in until the lock ends.
+    assert sign_in(portal(state), "staff").status_code == 401
+    with state.db.read() as session:
+        actions = session.execute(select(AuditEntry.action)).scalars().all()
+    assert actions.count("user.locked") == 1 and "user.password" not in actions
+
+
+def test_a_session_of_a_locked_account_cannot_guess(state: ServerState, world: dict[str, Any]) -> None:
+    client = portal(state)
+    sign_in(client, "staff")
+    token = csrf(client.get("/portal/account").text)
+    for _ in range(users.MAX_FAILED_LOGINS):  # someone else locks the account at the sign-in
+        sign_in(portal(state), "staff", "not-the-password")
+    new = "plum-violet-harbor-92"
+    refused = client.post(
+        "/portal/account", data={"csrf": token, "current": PASSWORD, "new": new, "repeat": new}
+    )
+    assert refused.status_code == 403 and "this account is locked until" in refused.text
+    assert sign_in(portal(state), "staff", new).status_code == 401  # nothing changed
+
+
+def test_wrong_codes_to_turn_two_step_off_count_towards_the_lockout(
+    state: ServerState, world: dict[str, Any], clock: ManualClock
+) -> None:
+    client = portal(state)
+    sign_in(client, "staff")
+    token = csrf(client.get("/portal/account").text)
+    offer = client.post("/portal/account/two-factor/start", data={"csrf": token})
+    secret = re.search(r'name="secret" value="([A-Z2-7]+)"', offer.text)
+    proof = re.search(r'name="proof" value="([0-9a-f]{64})"', offer.text)
+    assert secret and proof
+    totp = pyotp.TOTP(secret.group(1))
+    fields = {"csrf": token, "secret": secret.group(1), "proof": proof.group(1), "code": totp.at(state.now())}
+    assert client.post("/portal/account/two-factor/enable", data=fields).status_code == 200
+    clock.advance(timedelta(seconds=90))
+    good = totp.at(state.now())
+    bad = "000000" if good != "000000" else "111111"
+    for attempt in range(1, users.MAX_FAILED_LOGINS):
+        wrong = client.post("/portal/account/two-factor/disable", data={"csrf": token, "code": bad})
+        assert wrong.status_code == 403 and "code: wrong or used code" in wrong.text
+        assert _failed_logins(state, "staff") == (attempt, None)
+    last = client.post("/portal/account/two-factor/disable", data={"csrf": token, "code": bad})
+    assert last.status_code == 403 and "you are signed out" in last.text
+    assert client.get("/portal/account").status_code == 303
+    with state.db.read() as session:
+        assert session.execute(select(func.count()).select_from(users.PortalSession)).scalar_one() == 0
+    # Still on: the right code after the lock changes nothing without a session.
+    after = client.post("/portal/account/two-factor/disable", data={"csrf": token, "code": good})
+    assert after.status_code == 303
+    assert _failed_logins(state, "staff")[1] is not None
 
 
 def test_users_over_the_admin_api(state: ServerState, admin_token: str, world: dict[str, Any]) -> None:

@@ -83,8 +83,10 @@ from tessera.server.schemas import (
     ProductIn,
     ProductOut,
     RehostIn,
+    RevokedToken,
     TokenIn,
     TokenOut,
+    TokenView,
     UserIn,
     UserOut,
     UserUpdate,
@@ -93,7 +95,15 @@ from tessera.server.schemas import (
     WebhookOut,
 )
 from tessera.server.storage import Database
-from tessera.server.tokens import Principal, Role, create_token, require, resolve_token
+from tessera.server.tokens import (
+    Principal,
+    Role,
+    create_token,
+    list_tokens,
+    require,
+    resolve_token,
+    revoke_token,
+)
 from tessera.server.webhooks import WebhookSettings, WebhookWorker
 
 __all__ = ["Interfaces", "ServerState", "create_app"]
@@ -892,6 +902,10 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                 if data.customer_id is None:
                     raise Invalid("customer_id: a customer token needs the customer's id")
                 customer_id = catalog.get_customer(s, p, data.customer_id).id
+            elif data.customer_id is not None:
+                raise Invalid("customer_id: only a customer token belongs to a customer")
+            if data.partner is not None and data.role is not Role.PARTNER:
+                raise Invalid("partner: only a partner token belongs to a partner")
             row, secret = create_token(
                 s,
                 name=data.name,
@@ -906,11 +920,32 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                 actor=p.actor,
                 action="token.create",
                 target=f"token:{row.id}",
-                details={"name": data.name, "role": data.role.value},
+                details={
+                    "name": data.name,
+                    "role": data.role.value,
+                    "partner": data.partner,
+                    "customer_id": customer_id,
+                },
             )
             return {"id": row.id, "name": row.name, "role": data.role, "token": secret}
 
         return await in_transaction(work, credentials, write=True)
+
+    @admin.get("/api/v1/tokens", response_model=list[TokenView], tags=["admin"], responses=_ERRORS)
+    async def get_tokens(credentials: HTTPAuthorizationCredentials | None = Auth) -> Any:
+        """Every token with its id, revoked ones too; the secrets were shown once and are
+        not kept, their hashes are not shown."""
+        return await in_transaction(lambda s, p: list_tokens(s, p), credentials, write=False)
+
+    @admin.delete("/api/v1/tokens/{token_id}", response_model=RevokedToken, tags=["admin"], responses=_ERRORS)
+    async def delete_token(
+        token_id: int = Path(ge=1, le=2**31 - 1),
+        credentials: HTTPAuthorizationCredentials | None = Auth,
+    ) -> Any:
+        """Revoke a token (it stays listed, revoked). The caller's own token may be revoked,
+        the last active admin token may not (409): nothing else could make a new one."""
+        now = state.now()
+        return await in_transaction(lambda s, p: revoke_token(s, p, token_id, now), credentials, write=True)
 
     @admin.post("/api/v1/users", response_model=UserOut, status_code=201, tags=["admin"], responses=_ERRORS)
     async def create_user(data: UserIn, credentials: HTTPAuthorizationCredentials | None = Auth) -> Any:

@@ -25,17 +25,22 @@ from enum import StrEnum
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tessera.server.errors import Forbidden, Unauthorized
-from tessera.server.models import ApiToken
+from tessera.server import audit
+from tessera.server.errors import Conflict, Forbidden, NotFound, Unauthorized
+from tessera.server.models import ApiToken, Partner
 
 __all__ = [
     "INITIAL_TOKEN_NAME",
+    "MAX_TOKEN_NAME",
     "Principal",
     "Role",
     "create_token",
     "hash_token",
+    "list_tokens",
     "require",
     "resolve_token",
+    "revoke_token",
+    "token_view",
 ]
 
 TOKEN_PREFIX = "tsk_"
@@ -50,6 +55,12 @@ class Role(StrEnum):
     PARTNER = "partner"
     CUSTOMER = "customer"
     READONLY = "readonly"
+
+
+#: Every change a token makes is recorded with its actor ``role:name`` in columns of 200
+#: characters (audit, license revisions); a longer name would make every write fail.
+MAX_ACTOR = 200
+MAX_TOKEN_NAME = MAX_ACTOR - len(":") - max(len(r.value) for r in Role)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,3 +125,65 @@ def require(principal: Principal, *roles: Role) -> None:
     """403 unless the caller has one of ``roles`` (admin always may)."""
     if principal.role is not Role.ADMIN and principal.role not in roles:
         raise Forbidden(f"role {principal.role.value} may not do this")
+
+
+def token_view(row: ApiToken, partner_code: str | None = None) -> dict[str, object]:
+    """What an admin may see of a token: never the secret's hash (it identifies the secret
+    in a copy of the database, and the listing has no use for it)."""
+    return {
+        "id": row.id,
+        "name": row.name,
+        "role": row.role,
+        "partner": partner_code,
+        "customer_id": row.customer_id,
+        "created_at": row.created_at.isoformat(),
+        "revoked": row.revoked,
+    }
+
+
+def list_tokens(session: Session, principal: Principal) -> list[dict[str, object]]:
+    """Every token, revoked ones too (admins only): an admin finds the id to revoke here."""
+    require(principal, Role.ADMIN)
+    rows = session.execute(
+        select(ApiToken, Partner.code)
+        .outerjoin(Partner, Partner.id == ApiToken.partner_id)
+        .order_by(ApiToken.id)
+    ).all()
+    return [token_view(row, code) for row, code in rows]
+
+
+def revoke_token(session: Session, principal: Principal, token_id: int, now: datetime) -> dict[str, object]:
+    """Revoke a token at once (admins only); revoking a revoked token changes nothing.
+
+    An admin may revoke the very token it calls with (it stops working when this request
+    ends), but never the last active admin token: no verb makes an admin token without
+    one, so that would lock every administrator out of the API for good."""
+    require(principal, Role.ADMIN)
+    row = session.execute(
+        select(ApiToken).where(ApiToken.id == token_id).with_for_update()
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"token {token_id} not found")
+    if not row.revoked:
+        if row.role == Role.ADMIN.value:
+            # Lock the other admin tokens too, so two admins revoking each other's token at
+            # once cannot both pass this check.
+            others = session.execute(
+                select(ApiToken.id)
+                .where(ApiToken.role == Role.ADMIN.value, ApiToken.revoked.is_(False), ApiToken.id != row.id)
+                .with_for_update()
+            ).all()
+            if not others:
+                raise Conflict(
+                    f"token {token_id} is the last active admin token: create another admin token "
+                    "first (tessera token create --role admin), then revoke this one"
+                )
+        row.revoked = True
+        audit.append(
+            session, at=now, actor=principal.actor, action="token.revoke", target=f"token:{row.id}",
+            details={"name": row.name, "role": row.role, "own": row.id == principal.token_id},
+        )  # fmt: skip
+    code = None
+    if row.partner_id is not None:
+        code = session.execute(select(Partner.code).where(Partner.id == row.partner_id)).scalar_one()
+    return {**token_view(row, code), "own": row.id == principal.token_id}

@@ -31,7 +31,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from tessera.server import audit, catalog
-from tessera.server.errors import Conflict, Forbidden, Invalid, NotFound
+from tessera.server.errors import Conflict, Invalid, NotFound
 from tessera.server.models import PortalSession, PortalUser
 from tessera.server.tokens import Principal, Role, require
 
@@ -41,6 +41,7 @@ __all__ = [
     "MAX_FAILED_LOGINS",
     "MIN_PASSWORD_LENGTH",
     "SESSION_LIFETIME",
+    "WRONG_SIGN_IN",
     "SignInRefused",
     "SignedIn",
     "TotpOffer",
@@ -75,6 +76,14 @@ IDLE_TIMEOUT = timedelta(minutes=30)
 SESSION_LIFETIME = timedelta(hours=12)
 #: last_seen_at is written at most this often (a page view is then mostly a read).
 _TOUCH_EVERY = timedelta(minutes=1)
+
+#: The one answer to an unknown name, a wrong password and a locked account alike, so
+#: that it does not tell which names exist; it still tells a user who mistyped several
+#: times why even the right password is refused for a while.
+WRONG_SIGN_IN = (
+    f"wrong user name or password (after {MAX_FAILED_LOGINS} wrong attempts in a row an account "
+    f"is locked for {LOCKOUT.seconds // 60} minutes, or until an administrator unlocks it)"
+)
 
 _USERNAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{2,63}$")
 _hasher = PasswordHasher()
@@ -271,6 +280,8 @@ class SignInRefused:
     """Why a sign-in failed; returned, not raised, so the failure count is committed."""
 
     reason: str
+    #: The refusal locked the account and ended its sessions (the browser must sign in again).
+    signed_out: bool = False
 
 
 def _csrf(secret: str) -> str:
@@ -289,23 +300,23 @@ def sign_in(
     pepper: bytes,
 ) -> tuple[str, SignedIn] | SignInRefused:
     """Check the password (and, for a user with two-step sign-in, the code); return a new
-    session's secret (for the cookie) and who it is, or why not: a wrong name or password
-    (one message for both), a missing, wrong or used code, a locked or disabled account.
+    session's secret (for the cookie) and who it is, or why not. A wrong name, a wrong
+    password and a locked account get one answer (:data:`WRONG_SIGN_IN`) after the same
+    argon2 work, so neither the answer nor its time tells that a name exists; only someone
+    who knows the password learns more (a missing, wrong or used code, a disabled account).
     A wrong code counts towards the lockout like a wrong password."""
     user = session.execute(
         select(PortalUser).where(PortalUser.username == username.strip().lower()).with_for_update()
     ).scalar_one_or_none()
     if user is None or len(password) > MAX_PASSWORD_LENGTH * 4:
         _verify(_dummy_hash(), password[: MAX_PASSWORD_LENGTH * 4])
-        return SignInRefused("wrong user name or password")
+        return SignInRefused(WRONG_SIGN_IN)
+    right = _verify(user.password_hash, password)  # locked or not: the same work, the same time
     if user.locked_until is not None and user.locked_until > now:
-        return SignInRefused(
-            f"too many wrong passwords: this account is locked until "
-            f"{user.locked_until.strftime('%H:%M')} UTC (or until an administrator unlocks it)"
-        )
-    if not _verify(user.password_hash, password):
+        return SignInRefused(WRONG_SIGN_IN)  # even the right password: the lock holds
+    if not right:
         _fail(session, user, now)
-        return SignInRefused("wrong user name or password")
+        return SignInRefused(WRONG_SIGN_IN)
     if user.disabled:
         return SignInRefused("this account is disabled")
     if user.totp_secret is not None:
@@ -341,6 +352,36 @@ def _fail(session: Session, user: PortalUser, now: datetime) -> None:
             target=f"user:{user.username}",
             details={"after_failed_logins": MAX_FAILED_LOGINS, "until": user.locked_until.isoformat()},
         )  # fmt: skip
+
+
+def _locked(user: PortalUser, now: datetime) -> SignInRefused | None:
+    """Inside a session the user is known, so the lock may be named (unlike at sign-in)."""
+    if user.locked_until is not None and user.locked_until > now:
+        return SignInRefused(
+            f"this account is locked until {user.locked_until.strftime('%H:%M')} UTC after too many "
+            "wrong attempts (or until an administrator unlocks it)"
+        )
+    return None
+
+
+def _wrong_in_session(session: Session, user: PortalUser, now: datetime, wrong: str) -> SignInRefused:
+    """A wrong password or code given on the Account page counts towards the same lockout
+    as at sign-in: otherwise a stolen session (a browser left open) could guess them
+    without limit. The attempt that locks the account also ends every session of the user,
+    so the guessing session is gone too."""
+    _fail(session, user, now)
+    if user.locked_until is not None and user.locked_until > now:
+        session.execute(delete(PortalSession).where(PortalSession.user_id == user.id))
+        return SignInRefused(
+            f"{wrong}; after {MAX_FAILED_LOGINS} wrong attempts in a row this account is locked "
+            f"for {LOCKOUT.seconds // 60} minutes and you are signed out",
+            signed_out=True,
+        )
+    left = MAX_FAILED_LOGINS - user.failed_logins
+    return SignInRefused(
+        f"{wrong} ({left} more wrong {'attempt locks' if left == 1 else 'attempts lock'} "
+        f"the account for {LOCKOUT.seconds // 60} minutes)"
+    )
 
 
 def _check_code(
@@ -401,11 +442,18 @@ def sign_out(session: Session, secret: str | None) -> None:
         session.execute(delete(PortalSession).where(PortalSession.token_hash == _hash(secret)))
 
 
-def change_own_password(session: Session, signed_in: SignedIn, current: str, new: str, now: datetime) -> None:
-    """A user's own new password; the current one must be given. Other sessions end."""
+def change_own_password(
+    session: Session, signed_in: SignedIn, current: str, new: str, now: datetime
+) -> SignInRefused | None:
+    """A user's own new password; the current one must be given. Other sessions end.
+    A wrong current password is returned, not raised, so that it counts towards the
+    lockout (the transaction commits); a weak new password raises :class:`Invalid`."""
     user = _user(session, signed_in.username)
-    if not _verify(user.password_hash, current):
-        raise Forbidden("current password: wrong")
+    refused = _locked(user, now)
+    if refused is not None:
+        return refused
+    if not _verify(user.password_hash, current[: MAX_PASSWORD_LENGTH * 4]):
+        return _wrong_in_session(session, user, now, "current password: wrong")
     if new == current:
         raise Invalid("password: the new password must differ from the current one")
     check_password(new, username=user.username)
@@ -421,6 +469,7 @@ def change_own_password(session: Session, signed_in: SignedIn, current: str, new
         session, at=now, actor=signed_in.principal.actor, action="user.password",
         target=f"user:{user.username}", details={},
     )  # fmt: skip
+    return None
 
 
 # ---------------------------------------------------------------------------- two-step sign-in
@@ -522,17 +571,24 @@ def enable_totp(
     )  # fmt: skip
 
 
-def disable_totp(session: Session, signed_in: SignedIn, code: str, now: datetime, pepper: bytes) -> None:
-    """Turn it off again; a current code is needed (not only the session)."""
+def disable_totp(
+    session: Session, signed_in: SignedIn, code: str, now: datetime, pepper: bytes
+) -> SignInRefused | None:
+    """Turn it off again; a current code is needed (not only the session). A wrong or used
+    code is returned, not raised, so that it counts towards the lockout like at sign-in."""
     user = _user(session, signed_in.username)
     if user.totp_secret is None:
         raise Invalid("code: two-step sign-in is off already")
+    refused = _locked(user, now)
+    if refused is not None:
+        return refused
     step = _code_step(_open_secret(pepper, user.id, user.totp_secret), code.replace(" ", ""), now)
     if step is None or (user.totp_last_step is not None and step <= user.totp_last_step):
-        raise Forbidden("code: wrong or used code")
+        return _wrong_in_session(session, user, now, "code: wrong or used code")
     user.totp_secret = None
     user.totp_last_step = None
     audit.append(
         session, at=now, actor=signed_in.principal.actor, action="user.two-factor",
         target=f"user:{user.username}", details={"enabled": False},
     )  # fmt: skip
+    return None

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -124,20 +124,46 @@ class _Page:
     redirect: str | None = None
     #: The redirect leaves the page the user is on: htmx navigates rather than swapping it in.
     whole_page: bool = False
+    #: The work ended this session (the account locked): the page is shown signed out and
+    #: the cookie cleared.
+    signed_out: bool = False
 
 
 #: Where a user who must set up two-step sign-in is sent (``[web_portal] two_step_roles``).
 SET_UP_TWO_STEP: Final = "/portal/account#two-factor"
 
 
+_HOME: Final = "/portal/licenses"
+
+
 def _safe_next(target: str | None) -> str:
-    """Only a path of this portal may be the target after sign-in (no open redirect)."""
-    if not target or not target.startswith("/portal/") or target.startswith("//"):
-        return "/portal/licenses"
+    """Only a path of this portal may be the target after sign-in (no open redirect).
+
+    Dot segments are resolved first, as a browser resolves them in the Location it is
+    sent (``%2e%2e`` included): ``/portal/../api/v1/tokens`` is not a portal path. A
+    segment that decodes to a slash or backslash, a control character or anything with a
+    scheme or host sends the user to the license list instead."""
+    if not target or any(c == "\\" or ord(c) < 0x21 or ord(c) == 0x7F for c in target):
+        return _HOME
     parts = urlsplit(target)
-    if parts.scheme or parts.netloc or "\\" in target:
-        return "/portal/licenses"
-    return target
+    if parts.scheme or parts.netloc or not parts.path.startswith("/"):
+        return _HOME
+    segments: list[str] = []
+    for segment in parts.path.split("/")[1:]:
+        decoded = unquote(segment)
+        if "/" in decoded or "\\" in decoded:
+            return _HOME
+        if decoded == ".":
+            continue
+        if decoded == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    path = "/" + "/".join(segments)
+    if not path.startswith("/portal/"):
+        return _HOME
+    return path + (f"?{parts.query}" if parts.query else "")
 
 
 def portal_router(state: ServerState) -> APIRouter:
@@ -192,6 +218,12 @@ def portal_router(state: ServerState) -> APIRouter:
     def to_login(request: Request) -> Response:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return navigate(request, "/portal/login?next=" + quote(_safe_next(target), safe="/"))
+
+    def clear_cookie(request: Request, response: Response) -> None:
+        """Clear the session cookie with the flags it was set with (a browser matches them)."""
+        response.delete_cookie(
+            COOKIE, path="/portal", secure=request.url.scheme == "https", httponly=True, samesite="strict"
+        )
 
     def cross_site(request: Request) -> bool:
         origin = request.headers.get("Origin")
@@ -264,6 +296,11 @@ def portal_router(state: ServerState) -> APIRouter:
             return failure(request, 503, "the server cannot sign right now (its HSM is unavailable)", None)
         if signed_in is None or result is None:
             return to_login(request)
+        if result.signed_out:
+            template = result.template or "error.html"
+            response = render(request, template, result.values or {}, status=result.status)
+            clear_cookie(request, response)
+            return response
         if result.redirect is not None:
             if result.whole_page:
                 return navigate(request, result.redirect)
@@ -365,7 +402,7 @@ def portal_router(state: ServerState) -> APIRouter:
 
         response = await page(request, work, form=form, account=True)
         if response.status_code == 303:
-            response.delete_cookie(COOKIE, path="/portal")
+            clear_cookie(request, response)
         return response
 
     # ------------------------------------------------------------------ licenses
@@ -664,7 +701,9 @@ def portal_router(state: ServerState) -> APIRouter:
         def work(session: Session, signed_in: users.SignedIn) -> _Page:
             if new != repeated:
                 return _Page("account.html", {"error": "password: the two new passwords differ"}, 422)
-            users.change_own_password(session, signed_in, current, new, now)
+            refused = users.change_own_password(session, signed_in, current, new, now)
+            if refused is not None:
+                return _refused_here(refused, "error")
             return _Page("account.html", {"done": True})
 
         return await page(request, work, form=form, account=True)
@@ -724,7 +763,9 @@ def portal_router(state: ServerState) -> APIRouter:
                 role = signed_in.principal.role
                 message = f"two-step sign-in is required for the role {role}: it cannot be turned off"
                 return _Page("account.html", {"two_factor_error": message}, 403)
-            users.disable_totp(session, signed_in, code, now, state.pepper)
+            refused = users.disable_totp(session, signed_in, code, now, state.pepper)
+            if refused is not None:
+                return _refused_here(refused, "two_factor_error")
             return _Page("account.html", {"two_factor_done": "off"})
 
         return await page(request, work, form=form, account=True)
@@ -772,6 +813,15 @@ class FailedSignIns:
             if len(self._buckets) > 10_000:  # forget addresses whose allowance is whole again
                 self._buckets = {a: b for a, b in self._buckets.items() if self._tokens(a, now) < self.BURST}
             self._buckets[address] = (self._tokens(address, now) - 1, now)
+
+
+def _refused_here(refused: users.SignInRefused, field: str) -> _Page:
+    """A wrong password or code on the Account page: the form again with why (the attempt is
+    committed: it counts towards the lockout), or, once it locked the account, a page
+    saying so to a browser that is no longer signed in."""
+    if refused.signed_out:
+        return _Page("error.html", {"status": 403, "message": refused.reason}, 403, signed_out=True)
+    return _Page("account.html", {field: refused.reason}, 403)
 
 
 def _qr(uri: str) -> Markup:
