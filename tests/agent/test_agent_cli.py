@@ -240,24 +240,13 @@ def test_clock_set_back_a_year_cli(run: Run, licensed: Path) -> None:
     assert status["state"] == "clock-tampered"
 
 
-def test_activate_over_tls_with_pinned_ca(
-    run: Run, vendor: SigningKey, machine_lid: str, tmp_path: Path
-) -> None:
-    ca_pem, cert, key = make_tls(tmp_path)
-    (tmp_path / "ca.pem").write_bytes(ca_pem)
-    fake = FakeServer(
-        vendor,
-        SystemClock(),
-        lambda agent_key: make_license(vendor, locking_id=machine_lid, agent_key=agent_key),
-    )
-    server = LiveServer(fake, tls=(cert, key))
-    try:
-        proc = run("activate", "--server", server.url, "--ca", "ca.pem", "--key", LICENSE_KEY)
-        assert proc.returncode == 0, proc.stderr
-        assert run("connect").returncode == 0
-        assert run("check", "uniplex").returncode == 0
-    finally:
-        server.stop()
+def test_activate_over_tls_with_pinned_ca(run: Run, live: tuple[FakeServer, LiveServer]) -> None:
+    _, server = live
+    proc = run("activate", "--server", server.url, "--ca", "ca.pem", "--key", LICENSE_KEY)
+    assert proc.returncode == 0, proc.stderr
+    assert run("connect").returncode == 0
+    assert run("check", "uniplex").returncode == 0
+    server.stop()
     wrong = run("activate", "--server", server.url, "--ca", "ca.pem", "--key", "bad")
     assert wrong.returncode == 2 and "license key" in _one_line_error(wrong)
 
@@ -287,25 +276,15 @@ def test_lost_state_db_is_an_error_until_a_backup_is_restored(
 
 @pytest.mark.skipif(shutil.which("faketime") is None, reason="needs faketime")
 def test_a_clock_before_the_certificate_is_named_as_the_cause(
-    run: Run, vendor: SigningKey, machine_lid: str, tmp_path: Path
+    run: Run, live: tuple[FakeServer, LiveServer]
 ) -> None:
-    ca_pem, cert, key = make_tls(tmp_path)  # valid from one day ago
-    (tmp_path / "ca.pem").write_bytes(ca_pem)
-    fake = FakeServer(
-        vendor,
-        SystemClock(),
-        lambda agent_key: make_license(vendor, locking_id=machine_lid, agent_key=agent_key),
-    )
-    server = LiveServer(fake, tls=(cert, key))
-    try:
-        proc = run("activate", "--server", server.url, "--ca", "ca.pem", "--key", LICENSE_KEY)
-        assert proc.returncode == 0, proc.stderr
-        early = run("connect", faketime="-2d")
-        line = _one_line_error(early)
-        assert early.returncode == 1 and "clock" in line and "not valid yet" in line
-        assert "pinned CA" not in line
-    finally:
-        server.stop()
+    _, server = live  # its certificate is valid from one day ago
+    proc = run("activate", "--server", server.url, "--ca", "ca.pem", "--key", LICENSE_KEY)
+    assert proc.returncode == 0, proc.stderr
+    early = run("connect", faketime="-2d")
+    line = _one_line_error(early)
+    assert early.returncode == 1 and "clock" in line and "not valid yet" in line
+    assert "pinned CA" not in line
 
 
 def test_assign_unassign_backup_print_one_json_object(run: Run, licensed: Path, tmp_path: Path) -> None:
