@@ -93,6 +93,7 @@ from tessera.server.schemas import (
     WebhookOut,
 )
 from tessera.server.storage import Database
+from tessera.server.textcheck import reject_control_characters
 from tessera.server.tokens import Principal, Role, create_token, require, resolve_token
 from tessera.server.webhooks import WebhookSettings, WebhookWorker
 
@@ -241,7 +242,9 @@ class Interfaces:
 def create_app(state: ServerState, interfaces: Interfaces | None = None) -> FastAPI:
     """The app; an interface switched off is not routed at all (404, absent from OpenAPI)."""
     interfaces = interfaces or Interfaces()
-    admin = APIRouter()
+    # Every admin route refuses control characters in its parameters and body (a NUL
+    # would otherwise reach PostgreSQL, which refuses it: a 503 at the client's will).
+    admin = APIRouter(dependencies=[Depends(reject_control_characters)])
     offline = APIRouter()
     checkins = CheckinWriter(state.db, state.pepper, state.signing_key)
     activation_writer = activations.ActivationWriter(state.db, state.signing_key, state.pepper)

@@ -32,7 +32,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import quote, urlsplit
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
@@ -50,6 +50,7 @@ from tessera.server.hsm import HsmError
 from tessera.server.outage import RETRY_AFTER_SECONDS, outage_reason
 from tessera.server.portal import PortalVerdict
 from tessera.server.schemas import LicenseUpdate
+from tessera.server.textcheck import BODY_CONTROL, control_character_error, reject_parameter_control
 from tessera.server.tokens import Role
 from tessera.server.web.issue import (
     ISSUERS,
@@ -141,7 +142,10 @@ def _safe_next(target: str | None) -> str:
 
 
 def portal_router(state: ServerState) -> APIRouter:
-    router = APIRouter(prefix="/portal", include_in_schema=False)
+    # No control character in a page's path or query (a NUL would reach PostgreSQL).
+    router = APIRouter(
+        prefix="/portal", include_in_schema=False, dependencies=[Depends(reject_parameter_control)]
+    )
     static = _static_files()
     # Each sign-in hashes with argon2id (64 MiB, tens of ms): a flood of them waits here
     # instead of taking every thread and gigabytes of memory from the rest of the server.
@@ -738,6 +742,9 @@ def portal_router(state: ServerState) -> APIRouter:
             return failure(
                 request, 400, f"form: {str(exc).splitlines()[0] if str(exc) else 'malformed'}", None
             )
+        for name, value in parsed.multi_items():  # see tessera.server.textcheck
+            if isinstance(value, str) and (reason := control_character_error(value, BODY_CONTROL)):
+                return failure(request, 422, f"{name[:100]!r}: {reason}", None)
         return dict(parsed)
 
     return router
