@@ -489,6 +489,28 @@ def issue_license(
     return row, key
 
 
+def _check_contradictions(data: LicenseUpdate, default_location: str) -> None:
+    """A change that says two things of one feature is refused, as at issue, rather than
+    silently applying the last (a count set twice) or cancelling itself out (set and
+    removed): the caller meant something and cannot tell what happened."""
+    seen: set[tuple[str, str]] = set()
+    for i, e in enumerate(data.entitlements):
+        place = (e.location or default_location, e.feature)
+        if place in seen:
+            raise Invalid(f"entitlements[{i}]: feature {e.feature} listed twice for location {place[0]}")
+        seen.add(place)
+    set_features = {e.feature for e in data.entitlements}
+    removed: set[str] = set()
+    for i, code in enumerate(data.remove):
+        if code in removed:
+            raise Invalid(f"remove[{i}]: feature {code} listed twice")
+        if code in set_features:
+            raise Invalid(f"remove[{i}]: feature {code} is also set in entitlements (set it or remove it)")
+        removed.add(code)
+    if data.emergency is not None and len(set(data.emergency)) != len(data.emergency):
+        raise Invalid("emergency: a feature is listed twice")
+
+
 def update_license(
     session: Session, principal: Principal, serial: str, data: LicenseUpdate, now: datetime
 ) -> LicenseRow:
@@ -499,6 +521,8 @@ def update_license(
     partner = _caller_partner(session, principal)
     before = license_view(row, with_machines=False)
     features = {f.code: f.partner_id for f in row.product.features}
+    default_location = row.entitlements[0].location if row.entitlements else "main"
+    _check_contradictions(data, default_location)
     _check_features(
         features,
         [(f"entitlements[{i}].feature", e.feature) for i, e in enumerate(data.entitlements)]
@@ -506,7 +530,6 @@ def update_license(
         row.product.code,
         partner,
     )
-    default_location = row.entitlements[0].location if row.entitlements else "main"
     _set_entitlements(row, data.entitlements, default_location)
     for code in data.remove:
         matches = [e for e in row.entitlements if e.feature == code]
@@ -530,8 +553,6 @@ def update_license(
         if value is not None:
             setattr(row, name, value)
     if data.emergency is not None:
-        if len(set(data.emergency)) != len(data.emergency):
-            raise Invalid("emergency: a feature is listed twice")
         row.emergency = ",".join(data.emergency)
     session.flush()
     session.refresh(row, ["entitlements"])
