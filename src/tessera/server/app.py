@@ -750,7 +750,9 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             write=False,
         )
 
-    @admin.get("/api/v1/orders/{number}", response_model=OrderOut, tags=["orders"], responses=_ERRORS)
+    # ``:path``: numbers with "/" were accepted before they were refused at issue; their
+    # orders stay readable (and cancellable) with the slash encoded or not.
+    @admin.get("/api/v1/orders/{number:path}", response_model=OrderOut, tags=["orders"], responses=_ERRORS)
     async def show_order(
         number: str = Path(max_length=100), credentials: HTTPAuthorizationCredentials | None = Auth
     ) -> Any:
@@ -758,7 +760,9 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             lambda s, p: orders.order_view(s, orders.get_order(s, p, number)), credentials, write=False
         )
 
-    @admin.post("/api/v1/orders/{number}/cancel", response_model=OrderOut, tags=["orders"], responses=_ERRORS)
+    @admin.post(
+        "/api/v1/orders/{number:path}/cancel", response_model=OrderOut, tags=["orders"], responses=_ERRORS
+    )
     async def cancel_order(
         number: str = Path(max_length=100), credentials: HTTPAuthorizationCredentials | None = Auth
     ) -> Any:

@@ -20,6 +20,8 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from starlette.convertors import PathConvertor
+from starlette.exceptions import HTTPException
 
 __all__ = [
     "BODY_CONTROL",
@@ -68,7 +70,18 @@ def _body_strings(body: Any) -> Any:
 
 async def reject_parameter_control(request: Request) -> None:
     """A router dependency: runs after routing (so parameters have their names) and before
-    the endpoint and its own validation. The portal's forms are checked where it reads them."""
+    the endpoint and its own validation. The portal's forms are checked where it reads them.
+
+    Also: an encoded slash ("%2F") in a parameter that is one path segment. The server
+    decodes it before routing, so ``/licenses/2026-000001%2Frevisions`` would reach the
+    revisions route with the serial cut short: a different request than the client sent.
+    No identifier of a single segment holds a slash, so there is no such endpoint (404)."""
+    raw = request.scope.get("raw_path")
+    if raw is not None and b"%2f" in raw.lower():
+        route = request.scope.get("route")
+        convertors = getattr(route, "param_convertors", {}).values()
+        if not any(isinstance(c, PathConvertor) for c in convertors):
+            raise HTTPException(404)
     for name, value in request.path_params.items():
         if isinstance(value, str) and (reason := control_character_error(value)) is not None:
             raise _error(("path", name), reason, value)

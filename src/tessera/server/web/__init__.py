@@ -566,7 +566,7 @@ def portal_router(state: ServerState) -> APIRouter:
 
         return await page(request, work)
 
-    @router.get("/orders/{number}")
+    @router.get("/orders/{number:path}")
     async def order_detail(request: Request, number: str) -> Response:
         def work(session: Session, signed_in: users.SignedIn) -> _Page:
             order = orders.get_order(session, signed_in.principal, number[:100])
@@ -574,7 +574,7 @@ def portal_router(state: ServerState) -> APIRouter:
 
         return await page(request, work)
 
-    @router.post("/orders/{number}/cancel")
+    @router.post("/orders/{number:path}/cancel")
     async def order_cancel(request: Request, number: str) -> Response:
         form = await _form(request)
         if isinstance(form, Response):
