@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -228,3 +229,12 @@ def test_partner_neither_sees_nor_uses_orders_nor_drops_vendor_features(world: d
     ok = partner.patch(f"/api/v1/licenses/{serial}", json={"emergency": ["uniplex"]})
     assert ok.status_code == 200, ok.text
     assert ok.json()["emergency"] == ["uniplex"]
+
+
+def test_an_offline_request_with_a_short_agent_key_is_422_naming_it(world: dict[str, Any]) -> None:
+    server: LiveServer = world["server"]
+    body = json.loads(agent(7).activation(world["alice_license"]["key"]).to_json())
+    body["agent_key"] = "AAAA"
+    response = world["admin"].post("/api/v1/activate-offline", content=json.dumps(body))
+    assert response.status_code == 422 and "agent_key" in response.json()["detail"], response.text
+    assert server.client().get("/api/v1/health").status_code == 200
