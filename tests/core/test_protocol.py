@@ -64,6 +64,14 @@ def test_tampered_activation_request_is_refused() -> None:
         ActivationRequest.from_json(json.dumps(body))
 
 
+@pytest.mark.parametrize("agent_key", ["AAAA", base64.b64encode(bytes(33)).decode()])
+def test_an_agent_key_of_the_wrong_length_is_malformed_not_a_bad_signature(agent_key: str) -> None:
+    body = json.loads(ActivationRequest.create(KEY, LOCKING_ID, new_system_id(), AGENT).to_json())
+    body["agent_key"] = agent_key
+    with pytest.raises(FormatError, match="field 'agent_key' is not an Ed25519 public key"):
+        ActivationRequest.from_json(json.dumps(body))
+
+
 def test_an_agent_key_with_a_small_order_part_is_refused_though_it_signed_its_request() -> None:
     """Such a key verifies its own request half the time but cannot be sealed to: the
     request is malformed (422 naming the field), not a failure of the server later on."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -171,3 +172,69 @@ def test_optional_interfaces_can_be_switched_off(state: ServerState, admin_token
     only_offline = create_app(state, Interfaces(admin_api=False, offline_activation=True))
     assert "/api/v1/activate-offline" in only_offline.openapi()["paths"]
     assert "/api/v1/licenses" not in only_offline.openapi()["paths"]
+
+
+def test_partner_neither_sees_nor_uses_orders_nor_drops_vendor_features(world: dict[str, Any]) -> None:
+    server: LiveServer = world["server"]
+    admin: httpx.Client = world["admin"]
+    partner = server.client(world["tokens"]["partner"])
+    assert admin.post("/api/v1/products/cortex/features", json={"code": "partner.acme.x"}).status_code == 201
+    # Vendor orders: one of Bob's, one cancelled.
+    for number, customer in (("PO-B1", world["bob"]), ("PO-A1", world["alice"])):
+        made = admin.post(
+            "/api/v1/licenses",
+            json={"customer_id": customer, "product": "cortex", "order": number,
+                  "entitlements": [{"feature": "uniplex", "count": 1}]},
+        )  # fmt: skip
+        assert made.status_code == 201, made.text
+    assert admin.post("/api/v1/orders/PO-A1/cancel").status_code == 200
+    for number in ("PO-B1", "PO-A1", "PO-NEW"):
+        answer = partner.post(
+            "/api/v1/licenses",
+            json={"customer_id": world["alice"], "product": "cortex", "order": number,
+                  "entitlements": [{"feature": "partner.acme.x", "count": 1}]},
+        )  # fmt: skip
+        assert answer.status_code == 403, answer.text
+        detail = answer.json()["detail"]
+        assert detail.startswith("order:") and "customer" not in detail and "cancelled" not in detail
+    assert [x["serial"] for x in admin.get("/api/v1/orders/PO-B1").json()["licenses"]] != []
+    assert len(admin.get("/api/v1/orders/PO-B1").json()["licenses"]) == 1
+    assert admin.get("/api/v1/orders/PO-NEW").status_code == 404
+    # The partner's license, to which the vendor added a feature of its own.
+    own = partner.post(
+        "/api/v1/licenses",
+        json={"customer_id": world["alice"], "product": "cortex",
+              "entitlements": [{"feature": "partner.acme.x", "count": 1}]},
+    )  # fmt: skip
+    serial = own.json()["serial"]
+    changed = admin.patch(
+        f"/api/v1/licenses/{serial}",
+        json={
+            "entitlements": [{"feature": "uniplex", "count": 2}],
+            "emergency": ["uniplex", "partner.acme.x"],
+        },
+    )
+    assert changed.status_code == 200, changed.text
+    revision = changed.json()["revision"]
+    for body, field in (
+        ({"remove": ["uniplex"]}, "remove[0]"),
+        ({"emergency": []}, "emergency"),
+        ({"emergency": ["partner.acme.x"]}, "emergency"),
+    ):
+        answer = partner.patch(f"/api/v1/licenses/{serial}", json=body)
+        assert answer.status_code == 403, (body, answer.text)
+        assert answer.json()["detail"].startswith(field)
+    assert partner.get(f"/api/v1/licenses/{serial}").json()["revision"] == revision
+    # Within its namespace it still changes what it likes, keeping the vendor's emergency feature.
+    ok = partner.patch(f"/api/v1/licenses/{serial}", json={"emergency": ["uniplex"]})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["emergency"] == ["uniplex"]
+
+
+def test_an_offline_request_with_a_short_agent_key_is_422_naming_it(world: dict[str, Any]) -> None:
+    server: LiveServer = world["server"]
+    body = json.loads(agent(7).activation(world["alice_license"]["key"]).to_json())
+    body["agent_key"] = "AAAA"
+    response = world["admin"].post("/api/v1/activate-offline", content=json.dumps(body))
+    assert response.status_code == 422 and "agent_key" in response.json()["detail"], response.text
+    assert server.client().get("/api/v1/health").status_code == 200

@@ -108,3 +108,47 @@ def test_revisions_are_listed_over_the_api(
     revisions = client.get(f"/api/v1/licenses/{serial}/revisions").json()
     assert [(r["revision"], r["license"]["failover_days"]) for r in revisions] == [(1, 30), (2, 3)]
     assert revisions[1]["actor"] == "admin:http-admin"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"entitlements": [{"feature": "uniplex", "count": 2}, {"feature": "uniplex", "count": 3}]},
+            r"entitlements\[1\]: feature uniplex listed twice",
+        ),
+        (
+            {"entitlements": [{"feature": "backup", "count": 1}], "remove": ["backup"]},
+            r"remove\[0\]: feature backup is also set in entitlements",
+        ),
+        ({"remove": ["backup", "backup"]}, r"remove\[1\]: feature backup listed twice"),
+        ({"emergency": ["backup", "backup"]}, "emergency: a feature is listed twice"),
+    ],
+)
+def test_a_contradictory_change_is_refused_naming_the_field(
+    state: ServerState, admin: Principal, fields: dict[str, object], message: str
+) -> None:
+    serial, _ = setup_license(state, admin, START)
+    with state.db.write() as session, pytest.raises(Invalid, match=message):
+        licenses.update_license(session, admin, serial, LicenseUpdate.model_validate(fields), START)
+    with state.db.read() as session:
+        assert licenses.license_view(licenses.get_license(session, serial))["revision"] == 1
+
+
+def test_a_contradictory_change_over_the_api_is_422(live_server: LiveServer, admin_token: str) -> None:
+    serial, _ = setup_license(live_server.state, _admin(live_server.state), START)
+    client = live_server.client(admin_token)
+    answer = client.patch(
+        f"/api/v1/licenses/{serial}",
+        json={"entitlements": [{"feature": "uniplex", "count": 2}, {"feature": "uniplex", "count": 3}]},
+    )
+    assert answer.status_code == 422 and answer.json()["detail"].startswith("entitlements[1]:")
+    assert client.get(f"/api/v1/licenses/{serial}").json()["features"]["uniplex"]["count"] == 5
+
+
+def _admin(state: ServerState) -> Principal:
+    from tessera.server.tokens import Role, create_token
+
+    with state.db.write() as session:
+        row, _ = create_token(session, name="m5-admin", role=Role.ADMIN, now=START)
+        return Principal(row.id, row.name, Role.ADMIN)

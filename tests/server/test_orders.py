@@ -131,3 +131,38 @@ def test_existing_order_references_become_orders(state: ServerState, admin_token
     with state.db.read() as session:
         made = {o.number: o.customer_id for o in session.execute(select(Order)).scalars()}
     assert made == {"PO-7": customers["beta"], "PO-8": customers["alpha"]}
+
+
+def test_order_numbers_are_one_url_segment(state: ServerState, admin_token: str) -> None:
+    """A "/" made orders that could not be shown or cancelled: refused at issue (naming the
+    real limit); orders made before that stay readable and cancellable."""
+    with serve(state) as live, live.client(admin_token) as client:
+        customers = _setup(client)
+        for number in ("PO/2026/7", "PO?1", "PO#1", " PO-1", "PO\t1", "PO%2F1"):
+            answer = _issue(client, customers["alpha"], number)
+            assert answer.status_code == 422, (number, answer.text)
+            (error,) = answer.json()["detail"]
+            assert error["loc"] == ["body", "order"] and "1-100 characters" in error["msg"]
+        too_long = _issue(client, customers["alpha"], "P" * 101)
+        assert too_long.status_code == 422 and "100 characters" in too_long.text
+        assert _issue(client, customers["alpha"], "PO 2026.07:1+a_b-c").status_code == 201
+        assert client.get("/api/v1/orders").json()[0]["number"] == "PO 2026.07:1+a_b-c"
+        with state.db.write() as session:  # as issue accepted it before
+            session.add(
+                Order(number="PO/2026/7", customer_id=customers["alpha"], created_at=START, status="open")
+            )
+        for url in ("/api/v1/orders/PO%2F2026%2F7", "/api/v1/orders/PO/2026/7"):
+            shown = client.get(url)
+            assert shown.status_code == 200 and shown.json()["number"] == "PO/2026/7", shown.text
+        cancelled = client.post("/api/v1/orders/PO%2F2026%2F7/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+
+
+def test_an_encoded_slash_does_not_reach_another_route(state: ServerState, admin_token: str) -> None:
+    with serve(state) as live, live.client(admin_token) as client:
+        customers = _setup(client)
+        serial = _issue(client, customers["alpha"], None).json()["serial"]
+        assert client.get(f"/api/v1/licenses/{serial}/revisions").status_code == 200
+        for url in (f"/api/v1/licenses/{serial}%2Frevisions", f"/api/v1/licenses/{serial}%2frevisions"):
+            answer = client.get(url)
+            assert answer.status_code == 404 and answer.json() == {"detail": "no such endpoint"}

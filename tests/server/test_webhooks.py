@@ -20,7 +20,7 @@ from tessera.core.signing import SigningKey
 from tessera.server import webhooks
 from tessera.server.app import ServerState
 from tessera.server.errors import Invalid
-from tessera.server.models import WebhookDelivery
+from tessera.server.models import WebhookDelivery, WebhookEndpoint
 from tessera.server.storage import Database
 from tessera.server.tokens import Principal, Role, create_token
 
@@ -108,7 +108,19 @@ def test_signature_scheme() -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["http://example.com/hook", "ftp://127.0.0.1/x", "https://user:pw@example.com/", "not a url"],
+    [
+        "http://example.com/hook",
+        "ftp://127.0.0.1/x",
+        "https://user:pw@example.com/",
+        "not a url",
+        "https://a\u0000b/x",
+        "https://exa mple.com/x",
+        "https://example.com/x\r\nX-Evil: 1",
+        "https://example.com:99999/x",
+        "https://example.com:0/x",
+        "https://[::1/x",
+        "https://exa\u00admple.com/",
+    ],
 )
 def test_endpoint_urls_must_be_https_or_loopback(state: ServerState, url: str) -> None:
     with pytest.raises(Invalid, match="url"):
@@ -229,3 +241,37 @@ def test_live_server_emits_and_delivers_without_blocking(fast_state: ServerState
         assert client.get("/api/v1/webhooks").json()[0]["url"] == receiver.url
     body = json.loads(receiver.received[-1][1])
     assert body["data"]["serial"] == serial
+
+
+def test_a_bad_url_over_the_api_is_422_naming_url(state: ServerState, admin_token: str) -> None:
+    with serve(state) as live, live.client(admin_token) as client:
+        for url in (
+            "https://exa mple.com/x",
+            "https://example.com/x\r\nX-Evil: 1",
+            "https://example.com:99999/x",
+        ):
+            answer = client.post("/api/v1/webhooks", json={"url": url})
+            assert answer.status_code == 422 and answer.json()["detail"].startswith("url: "), answer.text
+        assert client.get("/api/v1/webhooks").json() == []
+
+
+def test_an_unusable_stored_url_fails_per_the_retry_policy(state: ServerState) -> None:
+    """An endpoint stored before URLs were checked strictly: each attempt fails (it stayed
+    pending with 0 attempts for good while the worker logged the client's refusal)."""
+    with state.db.write() as session:
+        session.add(
+            WebhookEndpoint(
+                url="https://example.com/x\r\nX-Evil: 1", secret=webhooks._seal_secret(SECRET, state.pepper),
+                events="", active=True, created_at=START,
+            )
+        )  # fmt: skip
+        session.flush()
+        webhooks.emit(session, "lease.denied", {"serial": "2026-000001"}, START)
+    settings = webhooks.WebhookSettings(retry_base_seconds=0, retry_max_seconds=0, max_attempts=3)
+    worker = webhooks.WebhookWorker(state.db, state.pepper, state.clock, settings)
+    for _ in range(3):
+        assert asyncio.run(worker.run_once()) == 1
+    (delivery,) = deliveries(state)
+    assert (delivery.status, delivery.attempts) == ("failed", 3)
+    assert delivery.last_error
+    assert asyncio.run(worker.run_once()) == 0

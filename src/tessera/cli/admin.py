@@ -241,7 +241,8 @@ def product_show(
 
 def _seg(value: str) -> str:
     """One URL path segment: a slash or dot-segment in user input must not change the route."""
-    if not value or value in (".", "..") or len(value) > 64:
+    # Quoting is not enough for "/": the server decodes "%2F" before it routes.
+    if not value or value in (".", "..") or len(value) > 64 or "/" in value:
         fail(f"{value!r} is not a valid identifier")
     return quote(value, safe="")
 

@@ -44,7 +44,7 @@ from nacl.public import SealedBox
 from nacl.signing import SigningKey as _NaclSigningKey
 
 from tessera.core import merkle
-from tessera.core.errors import FormatError, SignatureError, VerificationError
+from tessera.core.errors import FormatError, KeyFileError, SignatureError, VerificationError
 from tessera.core.fileformat import KEY_ID_RE, format_timestamp, parse_timestamp
 from tessera.core.fingerprint import LockingId
 from tessera.core.licensekey import normalize_license_key
@@ -178,7 +178,11 @@ def _x25519_public(ed25519_public: bytes) -> bytes | None:
 
 
 def _check_agent_key(text: str) -> None:
-    key = PublicKey.from_base64(text)
+    # Malformed, so a FormatError (422 naming the field), not a bad signature (403).
+    try:
+        key = PublicKey.from_base64(text)
+    except KeyFileError as exc:
+        raise FormatError(f"field 'agent_key' is not an Ed25519 public key ({exc})") from None
     if _x25519_public(key.raw) is None:
         raise FormatError("field 'agent_key' is not a usable Ed25519 public key (it has a small-order part)")
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,12 +21,14 @@ from typing import Any, Literal, TypeVar
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
 from tessera.core.clock import Clock
@@ -95,6 +97,7 @@ from tessera.server.schemas import (
     WebhookOut,
 )
 from tessera.server.storage import Database
+from tessera.server.textcheck import reject_control_characters
 from tessera.server.tokens import (
     Principal,
     Role,
@@ -233,6 +236,36 @@ def _error(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
+def _unparsable_body(exc: BaseException | None) -> str | None:
+    """Why FastAPI could not parse a JSON body, for the bodies its 400 "There was an error
+    parsing the body" names no field and no reason for; None for any other 400."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not valid UTF-8 (byte {exc.start})"
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply"
+    return None
+
+
+class _AdminRoute(APIRoute):
+    """A route whose unparsable body is a 422 naming ``body`` with the reason, shaped as the
+    other validation errors (FastAPI answers a bare 400 for these)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except HTTPException as exc:
+                reason = _unparsable_body(exc.__cause__) if exc.status_code == 400 else None
+                if reason is None:
+                    raise
+                error = {"loc": ("body",), "msg": reason, "type": "json_invalid", "input": None}
+                raise RequestValidationError([error]) from None
+
+        return handle
+
+
 bearer = HTTPBearer(
     auto_error=False, description="An API token made by `server init` or POST /api/v1/tokens."
 )
@@ -251,7 +284,9 @@ class Interfaces:
 def create_app(state: ServerState, interfaces: Interfaces | None = None) -> FastAPI:
     """The app; an interface switched off is not routed at all (404, absent from OpenAPI)."""
     interfaces = interfaces or Interfaces()
-    admin = APIRouter()
+    # Every admin route refuses control characters in its parameters and body (a NUL
+    # would otherwise reach PostgreSQL, which refuses it: a 503 at the client's will).
+    admin = APIRouter(dependencies=[Depends(reject_control_characters)], route_class=_AdminRoute)
     offline = APIRouter()
     checkins = CheckinWriter(state.db, state.pepper, state.signing_key)
     activation_writer = activations.ActivationWriter(state.db, state.signing_key, state.pepper)
@@ -725,7 +760,9 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             write=False,
         )
 
-    @admin.get("/api/v1/orders/{number}", response_model=OrderOut, tags=["orders"], responses=_ERRORS)
+    # ``:path``: numbers with "/" were accepted before they were refused at issue; their
+    # orders stay readable (and cancellable) with the slash encoded or not.
+    @admin.get("/api/v1/orders/{number:path}", response_model=OrderOut, tags=["orders"], responses=_ERRORS)
     async def show_order(
         number: str = Path(max_length=100), credentials: HTTPAuthorizationCredentials | None = Auth
     ) -> Any:
@@ -733,7 +770,9 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
             lambda s, p: orders.order_view(s, orders.get_order(s, p, number)), credentials, write=False
         )
 
-    @admin.post("/api/v1/orders/{number}/cancel", response_model=OrderOut, tags=["orders"], responses=_ERRORS)
+    @admin.post(
+        "/api/v1/orders/{number:path}/cancel", response_model=OrderOut, tags=["orders"], responses=_ERRORS
+    )
     async def cancel_order(
         number: str = Path(max_length=100), credentials: HTTPAuthorizationCredentials | None = Auth
     ) -> Any:

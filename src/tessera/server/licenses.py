@@ -489,6 +489,44 @@ def issue_license(
     return row, key
 
 
+def _check_contradictions(data: LicenseUpdate, default_location: str) -> None:
+    """A change that says two things of one feature is refused, as at issue, rather than
+    silently applying the last (a count set twice) or cancelling itself out (set and
+    removed): the caller meant something and cannot tell what happened."""
+    seen: set[tuple[str, str]] = set()
+    for i, e in enumerate(data.entitlements):
+        place = (e.location or default_location, e.feature)
+        if place in seen:
+            raise Invalid(f"entitlements[{i}]: feature {e.feature} listed twice for location {place[0]}")
+        seen.add(place)
+    set_features = {e.feature for e in data.entitlements}
+    removed: set[str] = set()
+    for i, code in enumerate(data.remove):
+        if code in removed:
+            raise Invalid(f"remove[{i}]: feature {code} listed twice")
+        if code in set_features:
+            raise Invalid(f"remove[{i}]: feature {code} is also set in entitlements (set it or remove it)")
+        removed.add(code)
+    if data.emergency is not None and len(set(data.emergency)) != len(data.emergency):
+        raise Invalid("emergency: a feature is listed twice")
+
+
+def _check_partner_scope(data: LicenseUpdate, emergency_now: list[str], partner: Partner) -> None:
+    """A partner changes only its own namespace: it may not take the vendor's features off
+    a license (entitlements and emergency features it may not set either, checked with
+    the other feature rules)."""
+    for i, code in enumerate(data.remove):
+        if not code.startswith(partner.namespace):
+            raise Forbidden(f"remove[{i}]: {code!r} is outside partner namespace {partner.namespace}")
+    if data.emergency is not None:
+        for code in emergency_now:
+            if not code.startswith(partner.namespace) and code not in data.emergency:
+                raise Forbidden(
+                    f"emergency: {code!r} is outside partner namespace {partner.namespace} "
+                    "(it stays an emergency feature: list it)"
+                )
+
+
 def update_license(
     session: Session, principal: Principal, serial: str, data: LicenseUpdate, now: datetime
 ) -> LicenseRow:
@@ -499,14 +537,23 @@ def update_license(
     partner = _caller_partner(session, principal)
     before = license_view(row, with_machines=False)
     features = {f.code: f.partner_id for f in row.product.features}
+    default_location = row.entitlements[0].location if row.entitlements else "main"
+    _check_contradictions(data, default_location)
+    emergency_now = [code for code in row.emergency.split(",") if code]
     _check_features(
         features,
         [(f"entitlements[{i}].feature", e.feature) for i, e in enumerate(data.entitlements)]
-        + [(f"emergency[{i}]", code) for i, code in enumerate(data.emergency or [])],
+        # A partner may keep (not add) the vendor's emergency features: _check_partner_scope.
+        + [
+            (f"emergency[{i}]", code)
+            for i, code in enumerate(data.emergency or [])
+            if partner is None or code not in emergency_now
+        ],
         row.product.code,
         partner,
     )
-    default_location = row.entitlements[0].location if row.entitlements else "main"
+    if partner is not None:
+        _check_partner_scope(data, emergency_now, partner)
     _set_entitlements(row, data.entitlements, default_location)
     for code in data.remove:
         matches = [e for e in row.entitlements if e.feature == code]
@@ -530,8 +577,6 @@ def update_license(
         if value is not None:
             setattr(row, name, value)
     if data.emergency is not None:
-        if len(set(data.emergency)) != len(data.emergency):
-            raise Invalid("emergency: a feature is listed twice")
         row.emergency = ",".join(data.emergency)
     session.flush()
     session.refresh(row, ["entitlements"])

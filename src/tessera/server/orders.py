@@ -34,7 +34,10 @@ def ensure_order(
     session: Session, principal: Principal, number: str, customer: Customer, now: datetime
 ) -> Order:
     """The order ``number`` for ``customer``, made if it is new (concurrent first licenses
-    of one order both find it: the insert skips a row that exists)."""
+    of one order both find it: the insert skips a row that exists). Partners see no
+    orders: they may not attach a license to one, nor learn from the refusal whose it is."""
+    if principal.role is Role.PARTNER:
+        raise Forbidden("order: a partner's license cannot be for an order (orders are the vendor's)")
     insert = dialect_insert(session)
     made = session.execute(
         insert(Order)

@@ -6,6 +6,7 @@ a violation is a 422 whose ``loc`` names the field.
 
 from __future__ import annotations
 
+import re
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
@@ -64,6 +65,13 @@ PartnerCode = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,31}$", examples=[
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 Days = Annotated[int, Field(ge=0, le=36500)]
 PositiveDays = Annotated[int, Field(ge=1, le=36500)]
+
+
+#: An order number goes into URLs as one path segment (``/api/v1/orders/{number}``), so no
+#: "/" (a server decodes "%2F" before routing), "?", "#" or "%"; what ERP numbers use.
+MAX_ORDER = 100
+ORDER_RE = re.compile(rf"[A-Za-z0-9](?:[A-Za-z0-9 ._:+-]{{0,{MAX_ORDER - 2}}}[A-Za-z0-9._:+-])?")
+ORDER_RULE = f"1-{MAX_ORDER} characters: letters A-Z, digits and . _ - : + (spaces only between them)"
 
 
 class _In(BaseModel):
@@ -184,7 +192,7 @@ class LicenseIn(_In):
         description="After a recovery: blacklist the old container or only revoke this license there.",
     )
     order: str | None = Field(
-        None, min_length=1, max_length=100, description="The order this license fulfils."
+        None, max_length=MAX_ORDER, description=f"The order this license fulfils ({ORDER_RULE})."
     )
     seal: bool = Field(
         False, description="Encrypt the entitlements in every shipped file to the license key."
@@ -193,7 +201,9 @@ class LicenseIn(_In):
     @field_validator("order")
     @classmethod
     def _order(cls, v: str | None) -> str | None:
-        return _text(v, "order")
+        if v is not None and not ORDER_RE.fullmatch(v):
+            raise ValueError(f"invalid order: {v[:MAX_ORDER]!r} ({ORDER_RULE})")
+        return v
 
 
 class LicenseIssued(BaseModel):

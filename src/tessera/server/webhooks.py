@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import ssl
 from collections.abc import Sequence
@@ -123,15 +124,31 @@ def _open_secret(sealed: str, pepper: bytes) -> str:
 
 # ---------------------------------------------------------------------------- endpoints
 
+#: Never in an endpoint's URL: ASCII whitespace and control characters (spaces must be %20).
+_URL_BAD = re.compile(r"[\x00-\x20\x7f]")
+
 
 def check_url(url: str) -> str:
-    """HTTPS only; plain HTTP only to this host (a local relay), where nothing is on the wire."""
+    """HTTPS only; plain HTTP only to this host (a local relay), where nothing is on the wire.
+
+    Strict, because an endpoint whose URL the HTTP client refuses can never be delivered
+    to: no space or control character anywhere (a CR LF would be a header injection), a
+    port that exists, and what the worker's client (httpx) itself accepts."""
+    if (bad := _URL_BAD.search(url)) is not None:
+        what = "a space" if bad.group() == " " else f"a control character (U+{ord(bad.group()):04X})"
+        raise Invalid(f"url: must not contain {what}")
     try:
         parts = urlsplit(url)
-    except ValueError:
-        raise Invalid("url: not a URL") from None
+        port = parts.port  # out of range: ValueError
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise Invalid(
+            f"url: not a usable URL ({str(exc).splitlines()[0] if str(exc) else 'malformed'})"
+        ) from None
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise Invalid("url: must be an https:// URL")
+    if port == 0:
+        raise Invalid("url: port 0 is not a port to deliver to")
     if parts.username or parts.password:
         raise Invalid("url: credentials in the URL are not allowed (use the secret)")
     if parts.scheme == "http":
@@ -443,10 +460,10 @@ class WebhookWorker:
             SIGNATURE_HEADER: sign_payload(job.secret, timestamp, job.payload),
         }
         verify: ssl.SSLContext | bool = True
-        if job.ca_pem:
-            verify = ssl.create_default_context(cadata=job.ca_pem)
-            verify.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
+            if job.ca_pem:
+                verify = ssl.create_default_context(cadata=job.ca_pem)
+                verify.minimum_version = ssl.TLSVersion.TLSv1_2
             async with httpx.AsyncClient(
                 verify=verify,
                 timeout=self.settings.timeout_seconds,
@@ -456,7 +473,10 @@ class WebhookWorker:
                 response = await client.post(job.url, content=job.payload, headers=headers)
             if not 200 <= response.status_code < 300:
                 error = f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ssl.SSLError, ValueError) as exc:
+            # An endpoint that can never work (a URL or CA the client refuses, stored before
+            # they were checked as strictly) is a failed attempt like a refused connection,
+            # so the retry policy ends it as "failed" rather than leaving it pending for good.
             error = (str(exc) or type(exc).__name__).splitlines()[0]
         await run_in_threadpool(self._record, job, error)
 

@@ -32,7 +32,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
@@ -50,6 +50,7 @@ from tessera.server.hsm import HsmError
 from tessera.server.outage import RETRY_AFTER_SECONDS, outage_reason
 from tessera.server.portal import PortalVerdict
 from tessera.server.schemas import LicenseUpdate
+from tessera.server.textcheck import BODY_CONTROL, control_character_error, reject_parameter_control
 from tessera.server.tokens import Role
 from tessera.server.web.issue import (
     ISSUERS,
@@ -167,7 +168,10 @@ def _safe_next(target: str | None) -> str:
 
 
 def portal_router(state: ServerState) -> APIRouter:
-    router = APIRouter(prefix="/portal", include_in_schema=False)
+    # No control character in a page's path or query (a NUL would reach PostgreSQL).
+    router = APIRouter(
+        prefix="/portal", include_in_schema=False, dependencies=[Depends(reject_parameter_control)]
+    )
     static = _static_files()
     # Each sign-in hashes with argon2id (64 MiB, tens of ms): a flood of them waits here
     # instead of taking every thread and gigabytes of memory from the rest of the server.
@@ -599,7 +603,7 @@ def portal_router(state: ServerState) -> APIRouter:
 
         return await page(request, work)
 
-    @router.get("/orders/{number}")
+    @router.get("/orders/{number:path}")
     async def order_detail(request: Request, number: str) -> Response:
         def work(session: Session, signed_in: users.SignedIn) -> _Page:
             order = orders.get_order(session, signed_in.principal, number[:100])
@@ -607,7 +611,7 @@ def portal_router(state: ServerState) -> APIRouter:
 
         return await page(request, work)
 
-    @router.post("/orders/{number}/cancel")
+    @router.post("/orders/{number:path}/cancel")
     async def order_cancel(request: Request, number: str) -> Response:
         form = await _form(request)
         if isinstance(form, Response):
@@ -779,6 +783,9 @@ def portal_router(state: ServerState) -> APIRouter:
             return failure(
                 request, 400, f"form: {str(exc).splitlines()[0] if str(exc) else 'malformed'}", None
             )
+        for name, value in parsed.multi_items():  # see tessera.server.textcheck
+            if isinstance(value, str) and (reason := control_character_error(value, BODY_CONTROL)):
+                return failure(request, 422, f"{name[:100]!r}: {reason}", None)
         return dict(parsed)
 
     return router
