@@ -21,6 +21,7 @@ __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_DENIED",
     "CliError",
+    "check_writable",
     "console",
     "emit_json",
     "fail",
@@ -82,6 +83,24 @@ def read_passphrase(*, confirm: bool = False, what: str = "vendor key") -> bytes
     if not entered:
         fail("an empty passphrase is not allowed")
     return entered.encode("utf-8")
+
+
+def check_writable(path: Path, option: str = "-o") -> None:
+    """Refuse an output path that cannot be written before the server is asked to change
+    anything: a rehost, a bound slot or a used-up blacklist sequence number cannot be taken
+    back when the file write fails afterwards."""
+    path = Path(path)
+    if path.is_dir():
+        fail(f"{option} {path} is a directory")
+    parent = path.parent
+    if not parent.exists():
+        fail(f"cannot write {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        fail(f"cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"cannot write {path}: directory {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        fail(f"cannot write {path}: permission denied")
 
 
 def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

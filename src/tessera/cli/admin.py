@@ -26,6 +26,7 @@ from tessera.cli._common import (
     EXIT_BAD_INPUT,
     EXIT_DENIED,
     CliError,
+    check_writable,
     console,
     emit_json,
     fail,
@@ -667,6 +668,8 @@ def license_activate_offline(
     except ValueError:
         fail(f"request file {request_file} is not JSON (expected the file `tessera agent request` writes)")
     client = AdminClient(url, token, ca)
+    check_writable(out)
+    check_writable(out.with_suffix(".par"))
     result = client.request(
         "POST",
         "/api/v1/activate-offline",

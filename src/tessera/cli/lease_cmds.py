@@ -18,6 +18,7 @@ from rich.table import Table
 
 from tessera.cli._common import (
     EXIT_DENIED,
+    check_writable,
     console,
     emit_json,
     fail,
@@ -49,9 +50,9 @@ def license_credential(
     as_json: bool = JSON,
 ) -> None:
     """Issue USER's credential file; issuing again invalidates the previous file at once."""
-    result = AdminClient(url, token, ca).request(
-        "POST", f"/api/v1/licenses/{_seg(serial)}/credentials", json={"user_id": user}
-    )
+    client = AdminClient(url, token, ca)
+    check_writable(out)
+    result = client.request("POST", f"/api/v1/licenses/{_seg(serial)}/credentials", json={"user_id": user})
     write_file_atomic(out, result["credential"].encode("utf-8"), mode=0o600)
     info = {k: result[k] for k in ("serial", "user_id", "generation", "leases_freed")}
     if as_json:

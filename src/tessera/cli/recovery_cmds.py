@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from tessera.cli._common import console, emit_json, fail, write_file_atomic
+from tessera.cli._common import check_writable, console, emit_json, fail, write_file_atomic
 from tessera.cli.admin import CA, JSON, TOKEN, URL, AdminClient, _seg
 from tessera.cli.apps import app, license_app
 
@@ -52,7 +52,10 @@ def license_rehost(
     body: dict[str, Any] = {"locking_id": locking_id, "slot": slot, "delay_days": delay_days}
     if blacklist_old or revoke_only:
         body["old_container"] = "blacklist" if blacklist_old else "revoke"
-    result = AdminClient(url, token, ca).request("POST", f"/api/v1/licenses/{_seg(serial)}/rehost", json=body)
+    client = AdminClient(url, token, ca)
+    if out is not None:
+        check_writable(out)
+    result = client.request("POST", f"/api/v1/licenses/{_seg(serial)}/rehost", json=body)
     if out is not None:
         if result["license"] is None:
             fail("this license is sealed: the new machine gets its file when it activates")
@@ -170,7 +173,9 @@ def blacklist_export(
     as_json: bool = JSON,
 ) -> None:
     """Write the signed blacklist file to ship with the next product version."""
-    result = AdminClient(url, token, ca).request("POST", "/api/v1/blacklist/export")
+    client = AdminClient(url, token, ca)
+    check_writable(out)
+    result = client.request("POST", "/api/v1/blacklist/export")
     write_file_atomic(out, result["file"].encode("utf-8"))
     if as_json:
         emit_json({k: result[k] for k in ("sequence", "containers", "serials")} | {"file": str(out)})
