@@ -120,3 +120,23 @@ def test_vectors_through_the_cli(tessera) -> None:  # type: ignore[no-untyped-de
     bad = tessera("license", "verify", str(vectors / "malformed-date.lic"), "--vendor-key", pub)
     assert_one_line_error(bad, 2)
     assert "line 17" in bad.stderr
+
+
+def test_lax_spec_values_are_refused_not_signed(tessera, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    tessera("keys", "generate", "-o", "keys", check=True)
+    lid = tessera("agent", "locking-id", "--product", "cortex", check=True).stdout.strip()
+    cases = [
+        ('connect = "off"\n', "'connect' must be true or false"),
+        ('emergency = "ctxjs"\n', "'emergency' must be a list"),
+        ('emergency = ["ctxjs", "nope"]\n', "does not grant: nope"),
+    ]
+    for line, needle in cases:
+        spec = SPEC.format(lid=lid).replace('emergency = ["ctxjs"]\n', line)
+        (tmp_path / "lax.toml").write_text(spec)
+        result = tessera("license", "sign", "lax.toml", "--key", "keys", "-o", "lax.lic")
+        assert needle in assert_one_line_error(result, 2)
+        assert not (tmp_path / "lax.lic").exists()
+    spec = SPEC.format(lid=lid).replace('backup = "1, 2099-01-15"', 'backup = "1, 20990115"')
+    (tmp_path / "lax.toml").write_text(spec)
+    result = tessera("license", "sign", "lax.toml", "--key", "keys", "-o", "lax.lic")
+    assert "YYYY-MM-DD" in assert_one_line_error(result, 2)
