@@ -108,3 +108,25 @@ def test_revisions_are_listed_over_the_api(
     revisions = client.get(f"/api/v1/licenses/{serial}/revisions").json()
     assert [(r["revision"], r["license"]["failover_days"]) for r in revisions] == [(1, 30), (2, 3)]
     assert revisions[1]["actor"] == "admin:http-admin"
+
+
+def test_emergency_features_must_be_entitled(state: ServerState, admin: Principal) -> None:
+    # reporting is a feature of the product but not granted by this license.
+    with pytest.raises(Invalid, match=r"emergency\[1\]: reporting is not among"):
+        setup_license(state, admin, START, emergency=["backup", "reporting"])
+    serial, _ = setup_license(state, admin, START, emergency=["backup"])
+    with state.db.write() as session, pytest.raises(Invalid, match=r"emergency\[0\]: reporting"):
+        licenses.update_license(
+            session, admin, serial, LicenseUpdate.model_validate({"emergency": ["reporting"]}), START
+        )
+    with state.db.write() as session:
+        row = licenses.update_license(
+            session,
+            admin,
+            serial,
+            LicenseUpdate.model_validate(
+                {"entitlements": [{"feature": "reporting", "count": 1}], "emergency": ["reporting"]}
+            ),
+            START,
+        )
+        assert licenses.license_view(row)["emergency"] == ["reporting"]
