@@ -28,6 +28,8 @@ from tessera.cli._common import (
 from tessera.cli.admin import CA, JSON, TOKEN, URL, AdminClient, _seg
 from tessera.cli.apps import agent_app, app, license_app
 from tessera.cli.keys import load_keyring
+from tessera.core.credential import parse_credential
+from tessera.core.errors import TesseraError
 
 __all__ = ["webhook_app"]
 
@@ -52,7 +54,16 @@ def license_credential(
     """Issue USER's credential file; issuing again invalidates the previous file at once."""
     client = AdminClient(url, token, ca)
     check_writable(out)
-    result = client.request("POST", f"/api/v1/licenses/{_seg(serial)}/credentials", json={"user_id": user})
+    result = client.request(
+        "POST",
+        f"/api/v1/licenses/{_seg(serial)}/credentials",
+        json={"user_id": user},
+        expect={"credential": str, "serial": str, "user_id": str, "generation": int, "leases_freed": int},
+    )
+    try:
+        parse_credential(result["credential"])
+    except TesseraError as exc:
+        client.unexpected(f"its credential file does not parse: {exc}")
     write_file_atomic(out, result["credential"].encode("utf-8"), mode=0o600)
     info = {k: result[k] for k in ("serial", "user_id", "generation", "leases_freed")}
     if as_json:
@@ -74,7 +85,11 @@ def license_leases(
     as_json: bool = JSON,
 ) -> None:
     """Credentials and the leases in force on a user-bound license."""
-    view = AdminClient(url, token, ca).request("GET", f"/api/v1/licenses/{_seg(serial)}/leases")
+    view = AdminClient(url, token, ca).request(
+        "GET",
+        f"/api/v1/licenses/{_seg(serial)}/leases",
+        expect={"serial": str, "credentials": list, "leases": list},
+    )
     if as_json:
         emit_json(view)
         return

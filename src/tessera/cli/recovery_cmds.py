@@ -6,14 +6,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 
 from tessera.cli._common import check_writable, console, emit_json, fail, write_file_atomic
-from tessera.cli.admin import CA, JSON, TOKEN, URL, AdminClient, _seg
+from tessera.cli.admin import CA, JSON, NULL, TOKEN, URL, VENDOR_KEY, AdminClient, ListOf, _seg
 from tessera.cli.apps import app, license_app
+from tessera.cli.keys import load_keyring
+from tessera.core.blacklist import parse_blacklist
+from tessera.core.errors import TesseraError
+
+if TYPE_CHECKING:
+    from tessera.core.signing import Keyring
 
 __all__ = ["blacklist_app", "report_app"]
 
@@ -26,6 +32,10 @@ app.add_typer(report_app, name="report")
 DELAY = typer.Option(
     0, "--delay-days", min=0, max=3650, help="Days the shipped blacklist file waits before it acts."
 )
+
+
+_REHOST = {"serial": str, "slot": int, "locking_id": str, "reason": str, "license": (str, NULL)}
+_ENTRY = {"locking_id": str, "scope": str, "since": str, "delay_days": int, "reason": str}
 
 
 @license_app.command("rehost")
@@ -41,6 +51,7 @@ def license_rehost(
     out: Path | None = typer.Option(
         None, "-o", "--out", help="Also write the new machine's license file here."
     ),
+    vendor_key: Path | None = VENDOR_KEY,
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
@@ -53,9 +64,12 @@ def license_rehost(
     if blacklist_old or revoke_only:
         body["old_container"] = "blacklist" if blacklist_old else "revoke"
     client = AdminClient(url, token, ca)
+    keyring = load_keyring(vendor_key) if vendor_key is not None else None
     if out is not None:
         check_writable(out)
-    result = client.request("POST", f"/api/v1/licenses/{_seg(serial)}/rehost", json=body)
+    result = client.request("POST", f"/api/v1/licenses/{_seg(serial)}/rehost", json=body, expect=_REHOST)
+    if result["license"] is not None:
+        client.license_file(result["license"], result["serial"], keyring)
     if out is not None:
         if result["license"] is None:
             fail("this license is sealed: the new machine gets its file when it activates")
@@ -81,7 +95,10 @@ def license_authorize_recovery(
 ) -> None:
     """Allow extra recoveries beyond the license's rule (support, admin)."""
     result = AdminClient(url, token, ca).request(
-        "POST", f"/api/v1/licenses/{_seg(serial)}/authorize-recovery", json={"count": count}
+        "POST",
+        f"/api/v1/licenses/{_seg(serial)}/authorize-recovery",
+        json={"count": count},
+        expect={"serial": str, "recoveries_authorized": int},
     )
     if as_json:
         emit_json(result)
@@ -100,7 +117,11 @@ def license_recoveries(
     as_json: bool = JSON,
 ) -> None:
     """Every recovery decision on a license, granted or denied, and why."""
-    rows = AdminClient(url, token, ca).request("GET", f"/api/v1/licenses/{_seg(serial)}/recoveries")
+    rows = AdminClient(url, token, ca).request(
+        "GET",
+        f"/api/v1/licenses/{_seg(serial)}/recoveries",
+        expect=ListOf({"at": str, "via": str, "granted": bool, "rule": str, "reason": str}),
+    )
     if as_json:
         emit_json({"serial": serial, "recoveries": rows})
         return
@@ -137,6 +158,7 @@ def blacklist_add(
             "delay_days": delay_days,
             "reason": reason,
         },
+        expect=_ENTRY,
     )
     if as_json:
         emit_json(result)
@@ -152,7 +174,7 @@ def blacklist_list(
     as_json: bool = JSON,
 ) -> None:
     """The blacklisted containers."""
-    rows = AdminClient(url, token, ca).request("GET", "/api/v1/blacklist")
+    rows = AdminClient(url, token, ca).request("GET", "/api/v1/blacklist", expect=ListOf(_ENTRY))
     if as_json:
         emit_json({"entries": rows})
         return
@@ -167,6 +189,7 @@ def blacklist_list(
 @blacklist_app.command("export")
 def blacklist_export(
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the signed blacklist."),
+    vendor_key: Path | None = VENDOR_KEY,
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
@@ -174,8 +197,14 @@ def blacklist_export(
 ) -> None:
     """Write the signed blacklist file to ship with the next product version."""
     client = AdminClient(url, token, ca)
+    keyring = load_keyring(vendor_key) if vendor_key is not None else None
     check_writable(out)
-    result = client.request("POST", "/api/v1/blacklist/export")
+    result = client.request(
+        "POST",
+        "/api/v1/blacklist/export",
+        expect={"sequence": int, "containers": int, "serials": int, "file": str},
+    )
+    _check_blacklist(client, result, keyring)
     write_file_atomic(out, result["file"].encode("utf-8"))
     if as_json:
         emit_json({k: result[k] for k in ("sequence", "containers", "serials")} | {"file": str(out)})
@@ -187,6 +216,25 @@ def blacklist_export(
         )
 
 
+def _check_blacklist(client: AdminClient, result: dict[str, Any], keyring: Keyring | None) -> None:
+    """The file ships with the product and locks customers out: a junk or foreign one must
+    not reach the disk looking like an export."""
+    try:
+        signed = parse_blacklist(result["file"])
+    except TesseraError as exc:
+        client.unexpected(f"its blacklist file does not parse: {exc}")
+    got = signed.blacklist
+    if (got.sequence, len(got.containers), len(got.serials)) != (
+        result["sequence"], result["containers"], result["serials"]
+    ):  # fmt: skip
+        client.unexpected("its blacklist file does not match the export it reports")
+    if keyring is not None:
+        try:
+            signed.verify(keyring)
+        except TesseraError as exc:
+            client.unexpected(f"its blacklist file is not signed by the vendor key: {exc}")
+
+
 @report_app.command("blacklist-hits")
 def report_blacklist_hits(
     url: str | None = URL,
@@ -195,7 +243,14 @@ def report_blacklist_hits(
     as_json: bool = JSON,
 ) -> None:
     """Every time a blacklisted or recovered container was caught, for sales to follow up."""
-    rows = AdminClient(url, token, ca).request("GET", "/api/v1/reports/blacklist-hits")
+    rows = AdminClient(url, token, ca).request(
+        "GET",
+        "/api/v1/reports/blacklist-hits",
+        expect=ListOf(
+            {"at": str, "locking_id": str, "serial": (str, NULL), "how": str, "action": str,
+             "suppressed": (int, NULL)}
+        ),
+    )  # fmt: skip
     if as_json:
         emit_json({"hits": rows})
         return

@@ -1,0 +1,100 @@
+"""The admin client against a broken or impostor server: one line, exit 1, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..server.processes import clean_env, tessera
+from .fake_server import fake_server
+
+LID = "TL1-" + "A" * 40
+
+VERBS = {
+    "customer create": ["customer", "create", "ACME"],
+    "product create": ["product", "create", "p2", "--name", "X", "--feature", "a"],
+    "license issue": ["license", "issue", "--customer", "1", "--product", "p", "--feature", "a=1"],
+    "license show": ["license", "show", "2026-000001"],
+    "license update": ["license", "update", "2026-000001", "--machines", "3"],
+    "blacklist add": ["blacklist", "add", LID],
+    "license rehost": ["license", "rehost", "2026-000001", "--locking-id", LID, "-o", "out.lic"],
+    "blacklist export": ["blacklist", "export", "-o", "out.lic"],
+    "license activate-offline": ["license", "activate-offline", "req.json", "-o", "out.lic"],
+}
+
+
+def _run(tmp_path: Path, args: list[str], answer: Any) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "req.json").write_text('{"request": 1}')
+    with fake_server() as server:
+        server.default = (200, answer)
+        return tessera(*args, env=clean_env(**server.env()), cwd=tmp_path)
+
+
+def _unexpected(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: the server at http://127.0.0.1:"), lines
+    assert "gave an unexpected answer (" in lines[0] and "Traceback" not in result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("answer", "as_json"),
+    [([1, 2], True), (None, False), ("x", True), ({}, False)],
+    ids=["list-json", "null", "string-json", "empty"],
+)
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_an_answer_of_the_wrong_shape_is_one_line(
+    tmp_path: Path, verb: str, answer: Any, as_json: bool
+) -> None:
+    # --json used to print the junk with exit 0; without, a KeyError was "internal error", 70.
+    args = VERBS[verb] + (["--json"] if as_json else [])
+    _unexpected(_run(tmp_path, args, answer))
+    assert not (tmp_path / "out.lic").exists()
+
+
+@pytest.mark.parametrize(
+    ("verb", "answer", "needle"),
+    [
+        ("customer create", {"id": "7"}, "'id' is text, expected a number"),
+        ("customer create", {"id": True}, "'id' is true/false"),
+        ("license issue", {"serial": "2026-1"}, "'key' is missing"),
+        (
+            "license activate-offline",
+            {"serial": "2026-000001", "license": "not a license\n", "identity": None},
+            "license file does not parse",
+        ),
+        (
+            "license rehost",
+            {"serial": "2026-000001", "slot": 1, "locking_id": LID, "reason": "r", "license": "junk"},
+            "license file does not parse",
+        ),
+        (
+            "blacklist export",
+            {"sequence": 1, "containers": 0, "serials": 0, "file": "[BLACKLIST]\n"},
+            "blacklist file does not parse",
+        ),
+        (
+            "license show",
+            {
+                "serial": "2026-000001",
+                "status": "active",
+                "revision": 1,
+                "licensee": "A",
+                "product": "p",
+                "machines_allowed": 1,
+                "locations": {"main": {"a": 5}},
+            },
+            "locations.main.a",
+        ),
+    ],
+)
+def test_junk_inside_a_well_shaped_answer_is_refused(
+    tmp_path: Path, verb: str, answer: Any, needle: str
+) -> None:
+    assert needle in _unexpected(_run(tmp_path, VERBS[verb], answer))
+    assert not (tmp_path / "out.lic").exists()
