@@ -66,6 +66,17 @@ def _error(result: subprocess.CompletedProcess[str], code: int) -> str:
             1,
             "cannot reach",
         ),
+        *[
+            (["license", "show", "2026-000001"], {"TESSERA_URL": bad, "TESSERA_TOKEN": "t"}, 2, "--url")
+            for bad in (
+                "https://127.0.0.1:abc",
+                "http://127.0.0.1:99999",
+                "https://",
+                "http://:7790",
+                "https://127.0.0.1:0",
+                "https://host name:7790",
+            )
+        ],
         (["server", "run", "--data-dir", "nowhere"], {}, 2, "not an initialized data directory"),
         (
             ["server", "init", "--data-dir", "d", "--db", "mysql://u@h/db"],

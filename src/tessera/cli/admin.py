@@ -19,7 +19,7 @@ import time
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import typer
 from rich.table import Table
@@ -172,6 +172,7 @@ class AdminClient:
             fail("--url is required (or set TESSERA_URL)")
         if not url.startswith(("https://", "http://")):
             fail(f"--url must start with https:// or http://, not {url!r}")
+        _check_url(url)
         if not token:
             fail("--token is required (or set TESSERA_TOKEN)")
         verify: ssl.SSLContext | bool = True
@@ -186,12 +187,15 @@ class AdminClient:
         import httpx  # here, not at the top: every other verb starts faster without it
 
         self.url = url.rstrip("/")
-        self._client = httpx.Client(
-            base_url=self.url,
-            verify=verify,
-            timeout=30.0,
-            headers={"Authorization": f"Bearer {token}"},
-        )
+        try:
+            self._client = httpx.Client(
+                base_url=self.url,
+                verify=verify,
+                timeout=30.0,
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        except httpx.InvalidURL as exc:
+            fail(f"--url {url!r} is not a valid URL: {_first_line(exc)}")
 
     def unexpected(self, why: str) -> NoReturn:
         fail(f"the server at {self.url} gave an unexpected answer ({why})", EXIT_DENIED)
@@ -211,6 +215,8 @@ class AdminClient:
             fail(f"cannot reach the server at {self.url}: {_first_line(exc)}", EXIT_DENIED)
         except httpx.TimeoutException:
             fail(f"the server at {self.url} did not answer in time", EXIT_DENIED)
+        except httpx.InvalidURL as exc:
+            fail(f"--url {self.url!r} is not a valid URL: {_first_line(exc)}")
         except httpx.HTTPError as exc:
             fail(f"talking to {self.url} failed: {_first_line(exc)}", EXIT_DENIED)
         if response.status_code >= 400:
@@ -246,6 +252,24 @@ class AdminClient:
             except TesseraError as exc:
                 self.unexpected(f"its {what} file is not signed by the vendor key: {exc}")
         return text
+
+
+def _check_url(url: str) -> None:
+    """Refuse a URL that can never work before any request: a bad port or a missing host
+    otherwise surfaced as 'cannot reach' (exit 1) or an httpx InvalidURL (exit 70)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that is not a number in 0-65535
+    except ValueError as exc:
+        fail(f"--url {url!r} is not a valid URL: {exc}")
+    if not parts.hostname:
+        fail(f"--url {url!r} has no host name")
+    if port == 0:
+        fail(f"--url {url!r}: port 0 is not a port a server listens on")
+    if any(c.isspace() for c in url) or not url.isprintable():
+        fail(f"--url {url!r} contains spaces or control characters")
+    if parts.query or parts.fragment:
+        fail(f"--url {url!r}: give the server's address only (no ?query or #fragment)")
 
 
 def _first_line(exc: Exception) -> str:
