@@ -98,3 +98,11 @@ def test_junk_inside_a_well_shaped_answer_is_refused(
 ) -> None:
     assert needle in _unexpected(_run(tmp_path, VERBS[verb], answer))
     assert not (tmp_path / "out.lic").exists()
+
+
+@pytest.mark.parametrize(
+    ("features", "said"), [({"a": ""}, "1 feature\n"), ({"a": "", "b": ""}, "2 features\n")]
+)
+def test_product_create_counts_in_english(tmp_path: Path, features: dict[str, str], said: str) -> None:
+    result = _run(tmp_path, VERBS["product create"], {"code": "p6", "name": "X", "features": features})
+    assert result.returncode == 0 and result.stdout == f"product p6 created with {said}", result

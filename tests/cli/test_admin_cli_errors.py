@@ -116,3 +116,29 @@ def test_unwritable_output_is_refused_before_any_request(tmp_path: Path, args: l
         line = _error(result, 2)
         assert where.split("/")[0] in line or "is a directory" in line
         assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (
+            ["license", "update", "S", "--feature", "uniplex=1", "--feature", "uniplex=2"],
+            "feature uniplex is given twice",
+        ),
+        (
+            ["license", "issue", "--customer", "1", "--product", "p", "--feature", "a=1", "--feature", "a=2"],
+            "feature a is given twice",
+        ),
+        (["product", "create", "p2", "--name", "X", "--feature", "a", "--feature", "a=dup"], "given twice"),
+        (
+            ["license", "update", "S", "--remove-feature", "uniplex", "--feature", "uniplex=3"],
+            "feature uniplex is both removed (--remove-feature) and set (--feature)",
+        ),
+    ],
+)
+def test_contradicting_options_are_refused_before_any_request(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    with fake_server() as server:
+        assert needle in _error(tessera(*args, env=clean_env(**server.env()), cwd=tmp_path), 2)
+        assert server.requests == []

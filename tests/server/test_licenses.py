@@ -130,3 +130,25 @@ def test_emergency_features_must_be_entitled(state: ServerState, admin: Principa
             START,
         )
         assert licenses.license_view(row)["emergency"] == ["reporting"]
+
+
+def test_a_request_that_contradicts_itself_is_422(state: ServerState, admin: Principal) -> None:
+    from tessera.server import catalog
+    from tessera.server.schemas import ProductIn
+
+    body = {"code": "p2", "name": "X", "features": [{"code": "a"}, {"code": "a", "description": "dup"}]}
+    with state.db.write() as session, pytest.raises(Invalid, match=r"features\[1\]: feature code a"):
+        catalog.create_product(session, admin, ProductIn.model_validate(body), START)
+    serial, _ = setup_license(state, admin, START)
+    for fields, message in (
+        (
+            {"entitlements": [{"feature": "uniplex", "count": 1}, {"feature": "uniplex", "count": 2}]},
+            r"entitlements\[1\]: feature uniplex listed twice",
+        ),
+        (
+            {"entitlements": [{"feature": "uniplex", "count": 3}], "remove": ["uniplex"]},
+            "remove: feature uniplex is both removed and set",
+        ),
+    ):
+        with state.db.write() as session, pytest.raises(Invalid, match=message):
+            licenses.update_license(session, admin, serial, LicenseUpdate.model_validate(fields), START)

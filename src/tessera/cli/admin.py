@@ -340,6 +340,19 @@ def parse_entitlement(text: str, location: str | None = None) -> dict[str, Any]:
     return item
 
 
+def parse_entitlements(features: list[str], location: str | None = None) -> list[dict[str, Any]]:
+    """Every ``--feature``, each code once: a repeat is a typo, and the server would keep
+    only one of them without saying which."""
+    items = [parse_entitlement(f, location) for f in features]
+    seen: dict[str, str] = {}
+    for text, item in zip(features, items, strict=True):
+        code = item["feature"]
+        if code in seen:
+            fail(f"--feature {text!r}: feature {code} is given twice (also {seen[code]!r})")
+        seen[code] = text
+    return items
+
+
 # ---------------------------------------------------------------------------- product
 
 
@@ -354,10 +367,15 @@ def product_create(
     as_json: bool = JSON,
 ) -> None:
     """Create a product with its features."""
-    features = []
+    features: list[dict[str, str]] = []
+    seen: dict[str, str] = {}
     for item in feature:
         fcode, _, description = item.partition("=")
-        features.append({"code": fcode.strip(), "description": description.strip()})
+        fcode = fcode.strip()
+        if fcode in seen:
+            fail(f"--feature {item!r}: feature code {fcode} is given twice (also {seen[fcode]!r})")
+        seen[fcode] = item
+        features.append({"code": fcode, "description": description.strip()})
     result = AdminClient(url, token, ca).request(
         "POST",
         "/api/v1/products",
@@ -367,7 +385,8 @@ def product_create(
     if as_json:
         emit_json(result)
     else:
-        console.print(f"product {result['code']} created with {len(result['features'])} features")
+        count = len(result["features"])
+        console.print(f"product {result['code']} created with {count} feature{'' if count == 1 else 's'}")
 
 
 @product_app.command("show")
@@ -539,7 +558,7 @@ def _license_template(
     return {
         "customer_id": customer,
         "product": product,
-        "entitlements": [parse_entitlement(f) for f in feature],
+        "entitlements": parse_entitlements(feature),
         "location": location,
         "binding": binding,
         "machines": machines,
@@ -805,10 +824,13 @@ def license_update(
     as_json: bool = JSON,
 ) -> None:
     """Change a license centrally: a new revision reaches installations at their next check-in."""
-    body: dict[str, Any] = {
-        "entitlements": [parse_entitlement(f, location) for f in feature],
-        "remove": remove_feature,
-    }
+    entitlements = parse_entitlements(feature, location)
+    for code in remove_feature:
+        if remove_feature.count(code) > 1:
+            fail(f"--remove-feature {code} is given twice")
+        if any(e["feature"] == code for e in entitlements):
+            fail(f"feature {code} is both removed (--remove-feature) and set (--feature)")
+    body: dict[str, Any] = {"entitlements": entitlements, "remove": remove_feature}
     if machines is not None:
         body["machines"] = machines
     if failover_days is not None:

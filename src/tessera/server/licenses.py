@@ -516,6 +516,14 @@ def update_license(
         partner,
     )
     default_location = row.entitlements[0].location if row.entitlements else "main"
+    seen: set[tuple[str, str]] = set()
+    for i, item in enumerate(data.entitlements):
+        place = (item.location or default_location, item.feature)
+        if place in seen:  # the last one silently won
+            raise Invalid(f"entitlements[{i}]: feature {item.feature} listed twice for location {place[0]}")
+        seen.add(place)
+        if item.feature in data.remove:
+            raise Invalid(f"remove: feature {item.feature} is both removed and set (entitlements[{i}])")
     _set_entitlements(row, data.entitlements, default_location)
     for code in data.remove:
         matches = [e for e in row.entitlements if e.feature == code]
