@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,18 @@ def test_junk_inside_a_well_shaped_answer_is_refused(
 def test_product_create_counts_in_english(tmp_path: Path, features: dict[str, str], said: str) -> None:
     result = _run(tmp_path, VERBS["product create"], {"code": "p6", "name": "X", "features": features})
     assert result.returncode == 0 and result.stdout == f"product p6 created with {said}", result
+
+
+def test_blacklist_add_says_when_new_options_were_not_applied(tmp_path: Path) -> None:
+    # The server keeps a whole-container entry as it is and answers with it.
+    entry = {"locking_id": LID, "scope": "container", "since": "2026-01-02", "delay_days": 0, "reason": "r"}
+    args = [*VERBS["blacklist add"], "--revoke-recovered-only", "--delay-days", "5"]
+    result = _run(tmp_path, args, entry)
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "was blacklisted already (whole container, delay 0 days" in lines[0]
+    assert "(recovered licenses only, delay 5 days) were not applied" in lines[0]
+    as_json = _run(tmp_path, [*args, "--json"], entry)
+    assert as_json.returncode == 1 and json.loads(as_json.stdout)["applied"] is False
+    same = _run(tmp_path, [*VERBS["blacklist add"], "--json"], entry)
+    assert same.returncode == 0 and json.loads(same.stdout)["applied"] is True

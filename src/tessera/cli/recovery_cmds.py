@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from tessera.cli._common import check_writable, console, emit_json, fail, write_file_atomic
+from tessera.cli._common import EXIT_DENIED, check_writable, console, emit_json, fail, write_file_atomic
 from tessera.cli.admin import CA, JSON, NULL, TOKEN, URL, VENDOR_KEY, AdminClient, ListOf, _seg
 from tessera.cli.apps import app, license_app
 from tessera.cli.keys import load_keyring
@@ -160,10 +160,27 @@ def blacklist_add(
         },
         expect=_ENTRY,
     )
+    wanted = ("recovered" if revoke_recovered_only else "container", delay_days)
+    applied = (result["scope"], result["delay_days"]) == wanted
     if as_json:
-        emit_json(result)
+        emit_json({**result, "applied": applied})
     else:
         console.print(f"{result['locking_id']} is blacklisted ({result['scope']})", markup=False)
+    if not applied:
+        # The server never narrows a whole-container entry and then answers with the entry
+        # as it stands: saying only "is blacklisted" hid that the new options were dropped.
+        fail(
+            f"{result['locking_id']} was blacklisted already ({_describe_entry(result)}); "
+            f"the new options ({_describe_entry({'scope': wanted[0], 'delay_days': wanted[1]})}) "
+            "were not applied: a whole-container entry is never narrowed",
+            EXIT_DENIED,
+        )
+
+
+def _describe_entry(entry: dict[str, Any]) -> str:
+    scope = "whole container" if entry["scope"] == "container" else "recovered licenses only"
+    since = f", since {entry['since']}" if entry.get("since") else ""
+    return f"{scope}, delay {entry['delay_days']} days{since}"
 
 
 @blacklist_app.command("list")
