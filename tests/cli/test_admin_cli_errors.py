@@ -77,6 +77,12 @@ def _error(result: subprocess.CompletedProcess[str], code: int) -> str:
                 "https://host name:7790",
             )
         ],
+        (
+            ["license", "show", "2026-000001"],
+            {"TESSERA_URL": "https://127.0.0.1:1", "TESSERA_TOKEN": "t", "TESSERA_CA": "/tmp"},
+            2,
+            "--ca /tmp is a directory, not a CA certificate file",
+        ),
         (["server", "run", "--data-dir", "nowhere"], {}, 2, "not an initialized data directory"),
         (
             ["server", "init", "--data-dir", "d", "--db", "mysql://u@h/db"],

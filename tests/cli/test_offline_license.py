@@ -88,7 +88,7 @@ def test_usage_errors_are_one_line_exit_2(tessera) -> None:  # type: ignore[no-u
 def test_keys_generate_needs_a_passphrase_without_a_terminal(tessera) -> None:  # type: ignore[no-untyped-def]
     result = tessera("keys", "generate", "-o", "k2", env={"TESSERA_KEY_PASSPHRASE": ""})
     assert_one_line_error(result, 2)
-    assert "TESSERA_KEY_PASSPHRASE" in result.stderr
+    assert "TESSERA_KEY_PASSPHRASE is set but empty" in result.stderr
 
 
 def test_wrong_passphrase_is_one_line(tessera, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

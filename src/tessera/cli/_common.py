@@ -78,6 +78,8 @@ def read_passphrase(*, confirm: bool = False, what: str = "vendor key") -> bytes
     if value:
         return value.encode("utf-8")
     if not sys.stdin.isatty():
+        if value == "":  # "set TESSERA_KEY_PASSPHRASE" reads as if it were not set at all
+            fail(f"the {what} is encrypted: TESSERA_KEY_PASSPHRASE is set but empty (no terminal to ask on)")
         fail(f"the {what} is encrypted: set TESSERA_KEY_PASSPHRASE (no terminal to ask on)")
     entered: str = typer.prompt(f"Passphrase for the {what}", hide_input=True, confirmation_prompt=confirm)
     if not entered:

@@ -177,8 +177,12 @@ class AdminClient:
             fail("--token is required (or set TESSERA_TOKEN)")
         verify: ssl.SSLContext | bool = True
         if ca is not None:
-            if not ca.is_file():
+            if ca.is_dir():
+                fail(f"--ca {ca} is a directory, not a CA certificate file")
+            if not ca.exists():
                 fail(f"--ca {ca} does not exist")
+            if not ca.is_file():
+                fail(f"--ca {ca} is not a regular file")
             try:
                 verify = ssl.create_default_context(cafile=str(ca))
             except (ssl.SSLError, OSError):
