@@ -122,3 +122,41 @@ def test_blacklist_add_says_when_new_options_were_not_applied(tmp_path: Path) ->
     assert as_json.returncode == 1 and json.loads(as_json.stdout)["applied"] is False
     same = _run(tmp_path, [*VERBS["blacklist add"], "--json"], entry)
     assert same.returncode == 0 and json.loads(same.stdout)["applied"] is True
+
+
+LONG_LID = "TL1-" + "B" * 200
+SHOW = {
+    "serial": "2026-000001", "status": "active", "revision": 1, "licensee": "A", "product": "p",
+    "machines_allowed": 1, "locations": {"main": {"a": {"count": 1, "expiry": None}}},
+    "machines": [{"slot": 1, "locking_id": LONG_LID, "activated_at": "2026-01-01T00:00:00+00:00",
+                  "last_checkin_at": None}],
+}  # fmt: skip
+ENTRY = {"locking_id": LONG_LID, "scope": "container", "since": "2026-01-02", "delay_days": 0, "reason": "r"}
+HIT = {"at": "2026-01-02T00:00:00+00:00", "locking_id": LONG_LID, "serial": None, "how": "checkin",
+       "action": "locked", "suppressed": 0}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "answer"),
+    [
+        (VERBS["license show"], SHOW),
+        (["blacklist", "list"], [ENTRY]),
+        (["report", "blacklist-hits"], [HIT]),
+    ],
+    ids=["license-show", "blacklist-list", "blacklist-hits"],
+)
+def test_piped_tables_keep_locking_ids_whole(tmp_path: Path, args: list[str], answer: Any) -> None:
+    """Support copies the ID from these tables into `license rehost`: it must not be cut."""
+    (tmp_path / "req.json").write_text("{}")
+    with fake_server() as server:
+        server.default = (200, answer)
+        result = tessera(*args, env=clean_env(**server.env(), COLUMNS="80"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert LONG_LID in result.stdout and "…" not in result.stdout
+
+
+def test_help_is_not_read_as_markup_nor_cut() -> None:
+    helped = tessera("--help", env=clean_env(COLUMNS="80"))
+    assert "web portal ([interfaces] web_portal)" in helped.stdout
+    option = tessera("blacklist", "add", "--help", env=clean_env(COLUMNS="80"))
+    assert "--revoke-recovered-only" in option.stdout and "…" not in option.stdout

@@ -16,6 +16,8 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -25,6 +27,7 @@ __all__ = [
     "console",
     "emit_json",
     "fail",
+    "print_table",
     "read_input_file",
     "read_passphrase",
 ]
@@ -47,6 +50,22 @@ class CliError(Exception):
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     raise CliError(message, code)
+
+
+def print_table(table: Table) -> None:
+    """A table whose IDs are never cut. On a terminal the ID columns fold (``overflow="fold"``);
+    piped into a file or a script the table gets its natural width, so each Locking ID or
+    serial stays whole on one line for support to copy into ``license rehost``."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update(max_width=100_000), table).maximum
+    width = console.width
+    console.width = max(width, natural)  # print(width=...) is capped at the console's width
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def emit_json(obj: Any) -> None:

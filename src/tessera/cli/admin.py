@@ -32,6 +32,7 @@ from tessera.cli._common import (
     console,
     emit_json,
     fail,
+    print_table,
     read_input_file,
     write_file_atomic,
 )
@@ -411,7 +412,7 @@ def product_show(
     table.add_column("description")
     for fcode, description in result["features"].items():
         table.add_row(fcode, description)
-    console.print(table)
+    print_table(table)
 
 
 def _seg(value: str) -> str:
@@ -743,21 +744,21 @@ def _print_license(view: dict[str, Any]) -> None:
         table.add_row("checkpoint days", str(view["checkpoint_days"]))
     if view.get("emergency"):
         table.add_row("emergency", ", ".join(view["emergency"]))
-    console.print(table)
+    print_table(table)
     features = Table(title="entitlements")
     for col in ("location", "feature", "count", "expiry"):
         features.add_column(col)
     for loc, items in view.get("locations", {}).items():
         for code, ent in items.items():
             features.add_row(loc, code, str(ent["count"]), ent["expiry"] or "permanent")
-    console.print(features)
+    print_table(features)
     if view.get("machines"):
         bound = Table(title="machines")
         for col in ("slot", "locking id", "activated", "last check-in"):
-            bound.add_column(col)
+            bound.add_column(col, overflow="fold")
         for m in view["machines"]:
             bound.add_row(str(m["slot"]), m["locking_id"], m["activated_at"], m["last_checkin_at"] or "-")
-        console.print(bound)
+        print_table(bound)
 
 
 @license_app.command("show")
@@ -804,13 +805,13 @@ def license_list(
         return
     table = Table()
     for col in ("serial", "status", "rev", "licensee", "product", "machines"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(
             r["serial"], r["status"], str(r["revision"]), r["licensee"], r["product"],
             str(r["machines_allowed"]),
         )  # fmt: skip
-    console.print(table)
+    print_table(table)
 
 
 @license_app.command("update")

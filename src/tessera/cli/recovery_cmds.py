@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from tessera.cli._common import EXIT_DENIED, check_writable, console, emit_json, fail, write_file_atomic
+from tessera.cli._common import (
+    EXIT_DENIED,
+    check_writable,
+    console,
+    emit_json,
+    fail,
+    print_table,
+    write_file_atomic,
+)
 from tessera.cli.admin import CA, JSON, NULL, TOKEN, URL, VENDOR_KEY, AdminClient, ListOf, _seg
 from tessera.cli.apps import app, license_app
 from tessera.cli.keys import load_keyring
@@ -130,7 +138,7 @@ def license_recoveries(
         table.add_column(col)
     for r in rows:
         table.add_row(r["at"], r["via"], "yes" if r["granted"] else "no", r["rule"], r["reason"])
-    console.print(table)
+    print_table(table)
 
 
 @blacklist_app.command("add")
@@ -197,10 +205,10 @@ def blacklist_list(
         return
     table = Table()
     for col in ("locking_id", "scope", "since", "delay", "reason"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(r["locking_id"], r["scope"], r["since"], str(r["delay_days"]), r["reason"])
-    console.print(table)
+    print_table(table)
 
 
 @blacklist_app.command("export")
@@ -273,8 +281,8 @@ def report_blacklist_hits(
         return
     table = Table()
     for col in ("at", "locking_id", "serial", "how", "action", "hits"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in rows:
         hits = 1 + int(r.get("suppressed") or 0)  # the row, and those the limit left out before it
         table.add_row(r["at"], r["locking_id"], r["serial"] or "-", r["how"], r["action"], str(hits))
-    console.print(table)
+    print_table(table)
