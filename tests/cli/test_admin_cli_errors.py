@@ -137,6 +137,21 @@ def test_unwritable_output_is_refused_before_any_request(tmp_path: Path, args: l
         ),
         (["product", "create", "p2", "--name", "X", "--feature", "a", "--feature", "a=dup"], "given twice"),
         (
+            [
+                "license",
+                "issue",
+                "--customer",
+                "1",
+                "--product",
+                "p",
+                "--feature",
+                "a=1",
+                "--emergency-feature",
+                "b",
+            ],
+            "--emergency-feature b: not among the license's features",
+        ),
+        (
             ["license", "update", "S", "--remove-feature", "uniplex", "--feature", "uniplex=3"],
             "feature uniplex is both removed (--remove-feature) and set (--feature)",
         ),

@@ -560,10 +560,17 @@ def _license_template(
     seal: bool,
 ) -> dict[str, Any]:
     """The API's license fields, shared by ``license issue`` and ``license issue-bulk``."""
+    entitlements = parse_entitlements(feature)
+    granted = {e["feature"] for e in entitlements}
+    for code in emergency_feature:
+        if code not in granted:
+            fail(f"--emergency-feature {code}: not among the license's features (give it with --feature)")
+    if len(set(emergency_feature)) != len(emergency_feature):
+        fail("--emergency-feature: a feature is given twice")
     return {
         "customer_id": customer,
         "product": product,
-        "entitlements": parse_entitlements(feature),
+        "entitlements": entitlements,
         "location": location,
         "binding": binding,
         "machines": machines,
