@@ -24,6 +24,11 @@ VERBS = {
     "license rehost": ["license", "rehost", "2026-000001", "--locking-id", LID, "-o", "out.lic"],
     "blacklist export": ["blacklist", "export", "-o", "out.lic"],
     "license activate-offline": ["license", "activate-offline", "req.json", "-o", "out.lic"],
+    "order show": ["order", "show", "PO-1"],
+    "order list": ["order", "list"],
+    "webhook list": ["webhook", "list"],
+    "webhook add": ["webhook", "add", "https://example.invalid/hook"],
+    "license credential": ["license", "credential", "2026-000001", "--user", "ann", "-o", "out.lic"],
 }
 
 
@@ -78,6 +83,11 @@ def test_an_answer_of_the_wrong_shape_is_one_line(
             "blacklist export",
             {"sequence": 1, "containers": 0, "serials": 0, "file": "[BLACKLIST]\n"},
             "blacklist file does not parse",
+        ),
+        (
+            "order show",
+            {"number": "PO-1", "customer_id": 1, "status": "open", "created_at": "2026", "licenses": [1]},
+            "licenses: item 0: expected an object, got a number",
         ),
         (
             "license show",

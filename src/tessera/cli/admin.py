@@ -146,6 +146,11 @@ def shape_problem(answer: Any, shape: Shape) -> str | None:
     if not isinstance(answer, dict):
         return f"expected an object, got {_kind(answer)}"
     for key, want in shape.items():
+        if isinstance(want, ListOf):
+            problem = shape_problem(answer.get(key), want)
+            if problem:
+                return f"{key}: {problem}"
+            continue
         wants = want if isinstance(want, tuple) else (want,)
         if key not in answer:
             if NULL in wants:

@@ -25,7 +25,7 @@ from tessera.cli._common import (
     read_input_file,
     write_file_atomic,
 )
-from tessera.cli.admin import CA, JSON, TOKEN, URL, AdminClient, _seg
+from tessera.cli.admin import CA, JSON, NULL, TOKEN, URL, AdminClient, ListOf, _seg
 from tessera.cli.apps import agent_app, app, license_app
 from tessera.cli.keys import load_keyring
 from tessera.core.credential import parse_credential
@@ -124,7 +124,9 @@ def webhook_add(
         body["secret"] = secret
     if endpoint_ca is not None:
         body["ca"] = read_input_file(endpoint_ca, "CA certificate").decode("utf-8", "replace")
-    result = AdminClient(url, token, ca).request("POST", "/api/v1/webhooks", json=body)
+    result = AdminClient(url, token, ca).request(
+        "POST", "/api/v1/webhooks", json=body, expect={"id": int, "url": str, "secret": (str, NULL)}
+    )
     if as_json:
         emit_json(result)
         return
@@ -138,7 +140,9 @@ def webhook_list(
     url: str | None = URL, token: str | None = TOKEN, ca: Path | None = CA, as_json: bool = JSON
 ) -> None:
     """The registered endpoints."""
-    rows = AdminClient(url, token, ca).request("GET", "/api/v1/webhooks")
+    rows = AdminClient(url, token, ca).request(
+        "GET", "/api/v1/webhooks", expect=ListOf({"id": int, "url": str, "events": list})
+    )
     if as_json:
         emit_json({"webhooks": rows})
         return
@@ -171,7 +175,12 @@ def webhook_deliveries(
     params: dict[str, Any] = {"limit": limit}
     if status:
         params["status"] = status
-    rows = AdminClient(url, token, ca).request("GET", "/api/v1/webhooks/deliveries", params=params)
+    rows = AdminClient(url, token, ca).request(
+        "GET",
+        "/api/v1/webhooks/deliveries",
+        params=params,
+        expect=ListOf({"id": int, "event": str, "status": str, "attempts": int, "last_error": (str, NULL)}),
+    )
     if as_json:
         emit_json({"deliveries": rows})
         return
