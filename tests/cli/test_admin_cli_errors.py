@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ..server.processes import clean_env, free_port, tessera
+from .fake_server import fake_server
 
 
 def _error(result: subprocess.CompletedProcess[str], code: int) -> str:
@@ -65,6 +66,23 @@ def _error(result: subprocess.CompletedProcess[str], code: int) -> str:
             1,
             "cannot reach",
         ),
+        *[
+            (["license", "show", "2026-000001"], {"TESSERA_URL": bad, "TESSERA_TOKEN": "t"}, 2, "--url")
+            for bad in (
+                "https://127.0.0.1:abc",
+                "http://127.0.0.1:99999",
+                "https://",
+                "http://:7790",
+                "https://127.0.0.1:0",
+                "https://host name:7790",
+            )
+        ],
+        (
+            ["license", "show", "2026-000001"],
+            {"TESSERA_URL": "https://127.0.0.1:1", "TESSERA_TOKEN": "t", "TESSERA_CA": "/tmp"},
+            2,
+            "--ca /tmp is a directory, not a CA certificate file",
+        ),
         (["server", "run", "--data-dir", "nowhere"], {}, 2, "not an initialized data directory"),
         (
             ["server", "init", "--data-dir", "d", "--db", "mysql://u@h/db"],
@@ -81,3 +99,67 @@ def test_admin_cli_errors(
         env = {**env, "TESSERA_URL": f"http://127.0.0.1:{free_port()}"}
     assert needle in _error(tessera(*args, env=clean_env(**env), cwd=tmp_path), code)
     assert not (tmp_path / "d" / "tessera.toml").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["license", "rehost", "2026-000001", "--locking-id", "TL1-AAAAAAAA", "-o", "OUT"],
+        ["license", "activate-offline", "req.json", "-o", "OUT"],
+        ["blacklist", "export", "-o", "OUT"],
+        ["license", "credential", "2026-000001", "--user", "ann", "-o", "OUT"],
+    ],
+)
+@pytest.mark.parametrize("where", ["/proc/nope/x.lic", "DIR", "missing/x.lic"])
+def test_unwritable_output_is_refused_before_any_request(tmp_path: Path, args: list[str], where: str) -> None:
+    """A rehost, a bound slot or a blacklist sequence number cannot be taken back, so a path
+    the CLI cannot write must be refused before the server hears of it."""
+    (tmp_path / "req.json").write_text('{"request": 1}')
+    (tmp_path / "DIR").mkdir()
+    args = [str(tmp_path / where) if a == "OUT" else a for a in args]
+    with fake_server() as server:
+        result = tessera(*args, env=clean_env(**server.env()), cwd=tmp_path)
+        line = _error(result, 2)
+        assert where.split("/")[0] in line or "is a directory" in line
+        assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (
+            ["license", "update", "S", "--feature", "uniplex=1", "--feature", "uniplex=2"],
+            "feature uniplex is given twice",
+        ),
+        (
+            ["license", "issue", "--customer", "1", "--product", "p", "--feature", "a=1", "--feature", "a=2"],
+            "feature a is given twice",
+        ),
+        (["product", "create", "p2", "--name", "X", "--feature", "a", "--feature", "a=dup"], "given twice"),
+        (
+            [
+                "license",
+                "issue",
+                "--customer",
+                "1",
+                "--product",
+                "p",
+                "--feature",
+                "a=1",
+                "--emergency-feature",
+                "b",
+            ],
+            "--emergency-feature b: not among the license's features",
+        ),
+        (
+            ["license", "update", "S", "--remove-feature", "uniplex", "--feature", "uniplex=3"],
+            "feature uniplex is both removed (--remove-feature) and set (--feature)",
+        ),
+    ],
+)
+def test_contradicting_options_are_refused_before_any_request(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    with fake_server() as server:
+        assert needle in _error(tessera(*args, env=clean_env(**server.env()), cwd=tmp_path), 2)
+        assert server.requests == []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from .conftest import assert_one_line_error
 
 SPEC = """\
@@ -86,7 +88,7 @@ def test_usage_errors_are_one_line_exit_2(tessera) -> None:  # type: ignore[no-u
 def test_keys_generate_needs_a_passphrase_without_a_terminal(tessera) -> None:  # type: ignore[no-untyped-def]
     result = tessera("keys", "generate", "-o", "k2", env={"TESSERA_KEY_PASSPHRASE": ""})
     assert_one_line_error(result, 2)
-    assert "TESSERA_KEY_PASSPHRASE" in result.stderr
+    assert "TESSERA_KEY_PASSPHRASE is set but empty" in result.stderr
 
 
 def test_wrong_passphrase_is_one_line(tessera, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -120,3 +122,55 @@ def test_vectors_through_the_cli(tessera) -> None:  # type: ignore[no-untyped-de
     bad = tessera("license", "verify", str(vectors / "malformed-date.lic"), "--vendor-key", pub)
     assert_one_line_error(bad, 2)
     assert "line 17" in bad.stderr
+
+
+def test_lax_spec_values_are_refused_not_signed(tessera, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    tessera("keys", "generate", "-o", "keys", check=True)
+    lid = tessera("agent", "locking-id", "--product", "cortex", check=True).stdout.strip()
+    cases = [
+        ('connect = "off"\n', "'connect' must be true or false"),
+        ('emergency = "ctxjs"\n', "'emergency' must be a list"),
+        ('emergency = ["ctxjs", "nope"]\n', "does not grant: nope"),
+    ]
+    for line, needle in cases:
+        spec = SPEC.format(lid=lid).replace('emergency = ["ctxjs"]\n', line)
+        (tmp_path / "lax.toml").write_text(spec)
+        result = tessera("license", "sign", "lax.toml", "--key", "keys", "-o", "lax.lic")
+        assert needle in assert_one_line_error(result, 2)
+        assert not (tmp_path / "lax.lic").exists()
+    spec = SPEC.format(lid=lid).replace('backup = "1, 2099-01-15"', 'backup = "1, 20990115"')
+    (tmp_path / "lax.toml").write_text(spec)
+    result = tessera("license", "sign", "lax.toml", "--key", "keys", "-o", "lax.lic")
+    assert "YYYY-MM-DD" in assert_one_line_error(result, 2)
+
+
+VERDICT_CASES = [
+    c
+    for c in json.loads((Path(__file__).parent.parent / "vectors" / "verdicts.json").read_text())
+    if c["verdict"] not in ("valid", "expired")  # those two depend on the day of the check
+]
+
+
+@pytest.mark.parametrize("case", VERDICT_CASES, ids=lambda c: f"{c['file']}-{c['verdict']}")
+def test_verify_json_reports_the_documented_verdict(tessera, case: dict[str, object]) -> None:  # type: ignore[no-untyped-def]
+    # Unknown key, bad signature and wrong binding all used to be "rejected".
+    vectors = Path(__file__).parent.parent / "vectors"
+    pub = str(vectors / "vendor.pub")
+    args = ["license", "verify", str(vectors / str(case["file"])), "--vendor-key", pub]
+    for option in ("locking_id", "license_key"):
+        if option in case:
+            args += ["--" + option.replace("_", "-"), str(case[option])]
+    result = tessera(*args, "--json")
+    info = json.loads(result.stdout)
+    assert info["verdict"] == case["verdict"], info
+    assert result.returncode == (2 if case["verdict"] == "malformed" else 1)
+    if "line" in case:
+        assert info["line"] == case["line"]
+
+
+def test_verify_json_wrong_version(tessera, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    make_license(tessera, tmp_path)
+    result = tessera(
+        "license", "verify", "a.lic", "--vendor-key", "keys/vendor.pub", "--product-version", "5.0", "--json"
+    )
+    assert result.returncode == 1 and json.loads(result.stdout)["verdict"] == "wrong-version"

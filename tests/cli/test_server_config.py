@@ -27,3 +27,24 @@ def test_interfaces_switched_off_in_the_config_are_not_served(tmp_path: Path) ->
     config.write_text("[server\n")
     result = tessera("server", "run", "--data-dir", str(data_dir))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_tls_files_are_named(tmp_path: Path) -> None:
+    """OpenSSL's own words were '[SSL] PEM lib (_ssl.c:3905)': no file, no reason."""
+    data_dir = tmp_path / "srv"
+    init_data_dir(data_dir)
+    cert, key = data_dir / "tls" / "server.pem", data_dir / "tls" / "server.key"
+    good_cert, good_key = cert.read_bytes(), key.read_bytes()
+    ca_cert = (data_dir / "tls" / "ca.pem").read_bytes()
+    for target, junk, needle in (
+        (cert, b"garbage\n", f"TLS certificate {cert} is not a PEM certificate"),
+        (key, b"garbage\n", f"TLS key {key} is not an unencrypted PEM private key"),
+        (cert, ca_cert, f"TLS key {key} does not fit certificate {cert}"),
+    ):
+        cert.write_bytes(good_cert)
+        key.write_bytes(good_key)
+        target.write_bytes(junk)
+        result = tessera("server", "run", "--data-dir", str(data_dir), "--port", "1")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0] == f"error: {needle}" or lines[0].startswith(f"error: {needle} ("), lines

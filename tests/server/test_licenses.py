@@ -152,3 +152,47 @@ def _admin(state: ServerState) -> Principal:
     with state.db.write() as session:
         row, _ = create_token(session, name="m5-admin", role=Role.ADMIN, now=START)
         return Principal(row.id, row.name, Role.ADMIN)
+
+
+def test_emergency_features_must_be_entitled(state: ServerState, admin: Principal) -> None:
+    # reporting is a feature of the product but not granted by this license.
+    with pytest.raises(Invalid, match=r"emergency\[1\]: reporting is not among"):
+        setup_license(state, admin, START, emergency=["backup", "reporting"])
+    serial, _ = setup_license(state, admin, START, emergency=["backup"])
+    with state.db.write() as session, pytest.raises(Invalid, match=r"emergency\[0\]: reporting"):
+        licenses.update_license(
+            session, admin, serial, LicenseUpdate.model_validate({"emergency": ["reporting"]}), START
+        )
+    with state.db.write() as session:
+        row = licenses.update_license(
+            session,
+            admin,
+            serial,
+            LicenseUpdate.model_validate(
+                {"entitlements": [{"feature": "reporting", "count": 1}], "emergency": ["reporting"]}
+            ),
+            START,
+        )
+        assert licenses.license_view(row)["emergency"] == ["reporting"]
+
+
+def test_a_request_that_contradicts_itself_is_422(state: ServerState, admin: Principal) -> None:
+    from tessera.server import catalog
+    from tessera.server.schemas import ProductIn
+
+    body = {"code": "p2", "name": "X", "features": [{"code": "a"}, {"code": "a", "description": "dup"}]}
+    with state.db.write() as session, pytest.raises(Invalid, match=r"features\[1\]: feature code a"):
+        catalog.create_product(session, admin, ProductIn.model_validate(body), START)
+    serial, _ = setup_license(state, admin, START)
+    for fields, message in (
+        (
+            {"entitlements": [{"feature": "uniplex", "count": 1}, {"feature": "uniplex", "count": 2}]},
+            r"entitlements\[1\]: feature uniplex listed twice",
+        ),
+        (
+            {"entitlements": [{"feature": "uniplex", "count": 3}], "remove": ["uniplex"]},
+            r"remove\[0\]: feature uniplex is also set in entitlements",
+        ),
+    ):
+        with state.db.write() as session, pytest.raises(Invalid, match=message):
+            licenses.update_license(session, admin, serial, LicenseUpdate.model_validate(fields), START)

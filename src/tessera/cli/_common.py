@@ -16,14 +16,18 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_DENIED",
     "CliError",
+    "check_writable",
     "console",
     "emit_json",
     "fail",
+    "print_table",
     "read_input_file",
     "read_passphrase",
 ]
@@ -46,6 +50,22 @@ class CliError(Exception):
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     raise CliError(message, code)
+
+
+def print_table(table: Table) -> None:
+    """A table whose IDs are never cut. On a terminal the ID columns fold (``overflow="fold"``);
+    piped into a file or a script the table gets its natural width, so each Locking ID or
+    serial stays whole on one line for support to copy into ``license rehost``."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update(max_width=100_000), table).maximum
+    width = console.width
+    console.width = max(width, natural)  # print(width=...) is capped at the console's width
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def emit_json(obj: Any) -> None:
@@ -77,11 +97,31 @@ def read_passphrase(*, confirm: bool = False, what: str = "vendor key") -> bytes
     if value:
         return value.encode("utf-8")
     if not sys.stdin.isatty():
+        if value == "":  # "set TESSERA_KEY_PASSPHRASE" reads as if it were not set at all
+            fail(f"the {what} is encrypted: TESSERA_KEY_PASSPHRASE is set but empty (no terminal to ask on)")
         fail(f"the {what} is encrypted: set TESSERA_KEY_PASSPHRASE (no terminal to ask on)")
     entered: str = typer.prompt(f"Passphrase for the {what}", hide_input=True, confirmation_prompt=confirm)
     if not entered:
         fail("an empty passphrase is not allowed")
     return entered.encode("utf-8")
+
+
+def check_writable(path: Path, option: str = "-o") -> None:
+    """Refuse an output path that cannot be written before the server is asked to change
+    anything: a rehost, a bound slot or a used-up blacklist sequence number cannot be taken
+    back when the file write fails afterwards."""
+    path = Path(path)
+    if path.is_dir():
+        fail(f"{option} {path} is a directory")
+    parent = path.parent
+    if not parent.exists():
+        fail(f"cannot write {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        fail(f"cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"cannot write {path}: directory {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        fail(f"cannot write {path}: permission denied")
 
 
 def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -2,8 +2,10 @@
 ``license`` verbs, talking to the server's REST API.
 
 Connection: ``--url/--token/--ca`` or ``TESSERA_URL``, ``TESSERA_TOKEN``, ``TESSERA_CA``.
-Exit codes: 0 done; 1 the server refused or does not know the thing, or cannot be
-reached; 2 bad usage or input (the server's 422 names the field).
+Exit codes: 0 done; 1 the server refused or does not know the thing, cannot be
+reached, or gave an answer that is not what the API promises (the input was fine: it is
+the server's fault, like an unreachable one); 2 bad usage or input (the server's 422
+names the field).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import typer
 from rich.table import Table
@@ -26,16 +28,21 @@ from tessera.cli._common import (
     EXIT_BAD_INPUT,
     EXIT_DENIED,
     CliError,
+    check_writable,
     console,
     emit_json,
     fail,
+    print_table,
     read_input_file,
     write_file_atomic,
 )
 from tessera.cli.apps import app, license_app
+from tessera.cli.keys import load_keyring
 
 if TYPE_CHECKING:
     import httpx
+
+    from tessera.core.signing import Keyring
 
 __all__ = [
     "AdminClient",
@@ -63,6 +70,12 @@ URL = typer.Option(None, "--url", envvar="TESSERA_URL", help="Server URL, e.g. h
 TOKEN = typer.Option(None, "--token", envvar="TESSERA_TOKEN", help="API token.")
 CA = typer.Option(None, "--ca", envvar="TESSERA_CA", help="CA certificate to trust (pinned).")
 JSON = typer.Option(False, "--json", help="Print one JSON object.")
+VENDOR_KEY = typer.Option(
+    None,
+    "--vendor-key",
+    envvar="TESSERA_VENDOR_KEY",
+    help="Vendor keyring (vendor.pub): check the signature of files the server sends.",
+)
 
 #: The license template's options, shared by `license issue` and `license issue-bulk`.
 CUSTOMER = typer.Option(..., "--customer", help="Customer id.")
@@ -88,6 +101,72 @@ ON_RECOVERY = typer.Option(
 ORDER = typer.Option(None, "--order", help="The order the license fulfils.")
 SEAL = typer.Option(False, "--seal", help="Encrypt entitlements to the license key.")
 
+NULL = type(None)
+
+
+class ListOf:
+    """An answer that is a list whose every item has the shape ``item``."""
+
+    def __init__(self, item: dict[str, Any]) -> None:
+        self.item = item
+
+
+#: What a verb needs from an answer: an object whose keys have these types (a tuple of
+#: types means any of them; one with ``NULL`` may also be left out), or a list of such.
+Shape = dict[str, Any] | ListOf
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    return {int: "a number", float: "a number", str: "text", dict: "an object", list: "a list"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _is(value: Any, want: type) -> bool:
+    if want is int:  # True is an int to Python, not to the API
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, want)
+
+
+def shape_problem(answer: Any, shape: Shape) -> str | None:
+    """Why ``answer`` does not have ``shape``, or None: the verbs index into answers, and a
+    broken or impostor server must get one line, not a KeyError or a junk file."""
+    if isinstance(shape, ListOf):
+        if not isinstance(answer, list):
+            return f"expected a list, got {_kind(answer)}"
+        for i, item in enumerate(answer):
+            problem = shape_problem(item, shape.item)
+            if problem:
+                return f"item {i}: {problem}"
+        return None
+    if not isinstance(answer, dict):
+        return f"expected an object, got {_kind(answer)}"
+    for key, want in shape.items():
+        if isinstance(want, ListOf):
+            problem = shape_problem(answer.get(key), want)
+            if problem:
+                return f"{key}: {problem}"
+            continue
+        wants = want if isinstance(want, tuple) else (want,)
+        if key not in answer:
+            if NULL in wants:
+                continue
+            return f"{key!r} is missing"
+        if not any(_is(answer[key], w) for w in wants):
+            return f"{key!r} is {_kind(answer[key])}, expected {' or '.join(_kind_of(w) for w in wants)}"
+    return None
+
+
+def _kind_of(want: type) -> str:
+    return {NULL: "null", bool: "true/false", int: "a number", str: "text", dict: "an object"}.get(
+        want, "a list" if want is list else want.__name__
+    )
+
+
 _ENTITLEMENT_RE = re.compile(r"^([^=,\s]+)=([0-9]{1,10})(?:,([0-9]{4}-[0-9]{2}-[0-9]{2}|permanent))?$")
 
 
@@ -99,12 +178,17 @@ class AdminClient:
             fail("--url is required (or set TESSERA_URL)")
         if not url.startswith(("https://", "http://")):
             fail(f"--url must start with https:// or http://, not {url!r}")
+        _check_url(url)
         if not token:
             fail("--token is required (or set TESSERA_TOKEN)")
         verify: ssl.SSLContext | bool = True
         if ca is not None:
-            if not ca.is_file():
+            if ca.is_dir():
+                fail(f"--ca {ca} is a directory, not a CA certificate file")
+            if not ca.exists():
                 fail(f"--ca {ca} does not exist")
+            if not ca.is_file():
+                fail(f"--ca {ca} is not a regular file")
             try:
                 verify = ssl.create_default_context(cafile=str(ca))
             except (ssl.SSLError, OSError):
@@ -113,14 +197,21 @@ class AdminClient:
         import httpx  # here, not at the top: every other verb starts faster without it
 
         self.url = url.rstrip("/")
-        self._client = httpx.Client(
-            base_url=self.url,
-            verify=verify,
-            timeout=30.0,
-            headers={"Authorization": f"Bearer {token}"},
-        )
+        try:
+            self._client = httpx.Client(
+                base_url=self.url,
+                verify=verify,
+                timeout=30.0,
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        except httpx.InvalidURL as exc:
+            fail(f"--url {url!r} is not a valid URL: {_first_line(exc)}")
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def unexpected(self, why: str) -> NoReturn:
+        fail(f"the server at {self.url} gave an unexpected answer ({why})", EXIT_DENIED)
+
+    def request(self, method: str, path: str, *, expect: Shape | None = None, **kwargs: Any) -> Any:
+        """The answer's JSON; with ``expect``, only an answer of that shape."""
         import httpx
 
         try:
@@ -134,14 +225,61 @@ class AdminClient:
             fail(f"cannot reach the server at {self.url}: {_first_line(exc)}", EXIT_DENIED)
         except httpx.TimeoutException:
             fail(f"the server at {self.url} did not answer in time", EXIT_DENIED)
+        except httpx.InvalidURL as exc:
+            fail(f"--url {self.url!r} is not a valid URL: {_first_line(exc)}")
         except httpx.HTTPError as exc:
             fail(f"talking to {self.url} failed: {_first_line(exc)}", EXIT_DENIED)
         if response.status_code >= 400:
             _refused(response)
         try:
-            return response.json()
+            answer = response.json()
         except ValueError:
             fail(f"the server at {self.url} sent a response that is not JSON", EXIT_DENIED)
+        if expect is not None:
+            problem = shape_problem(answer, expect)
+            if problem:
+                self.unexpected(problem)
+        return answer
+
+    def license_file(self, text: str, serial: str, keyring: Keyring | None, what: str = "license") -> str:
+        """A license (or identity) file from an answer, checked before it reaches the disk:
+        it parses, is the kind and serial asked for and, with the vendor keyring, is signed."""
+        from tessera.core.errors import TesseraError
+        from tessera.core.fileformat import parse
+        from tessera.core.model import Identity, License
+        from tessera.core.verify import verify_signature
+
+        kind = Identity if what == "identity" else License
+        try:
+            signed = parse(text)
+        except TesseraError as exc:
+            self.unexpected(f"its {what} file does not parse: {exc}")
+        if not isinstance(signed.document, kind) or signed.document.serial != serial:
+            self.unexpected(f"its {what} file is not the {what} of {serial}")
+        if keyring is not None:
+            try:
+                verify_signature(signed, keyring)
+            except TesseraError as exc:
+                self.unexpected(f"its {what} file is not signed by the vendor key: {exc}")
+        return text
+
+
+def _check_url(url: str) -> None:
+    """Refuse a URL that can never work before any request: a bad port or a missing host
+    otherwise surfaced as 'cannot reach' (exit 1) or an httpx InvalidURL (exit 70)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that is not a number in 0-65535
+    except ValueError as exc:
+        fail(f"--url {url!r} is not a valid URL: {exc}")
+    if not parts.hostname:
+        fail(f"--url {url!r} has no host name")
+    if port == 0:
+        fail(f"--url {url!r}: port 0 is not a port a server listens on")
+    if any(c.isspace() for c in url) or not url.isprintable():
+        fail(f"--url {url!r} contains spaces or control characters")
+    if parts.query or parts.fragment:
+        fail(f"--url {url!r}: give the server's address only (no ?query or #fragment)")
 
 
 def _first_line(exc: Exception) -> str:
@@ -174,6 +312,27 @@ def _refused(response: httpx.Response) -> NoReturn:
     fail(f"server answered {status}: {detail}", EXIT_DENIED)
 
 
+_PRODUCT: dict[str, Any] = {"code": str, "name": str, "features": dict}
+_BULK: dict[str, Any] = {"licenses": list, "first_serial": str, "last_serial": str, "count": int}
+_LICENSE_ROW: dict[str, Any] = {
+    "serial": str, "status": str, "revision": int, "licensee": str, "product": str,
+    "machines_allowed": int,
+}  # fmt: skip
+_MACHINE: dict[str, Any] = {
+    "slot": int,
+    "locking_id": str,
+    "activated_at": str,
+    "last_checkin_at": (str, NULL),
+}
+#: ``license show`` and ``license update``: what the table and the summary line read.
+LICENSE_VIEW: dict[str, Any] = {
+    **_LICENSE_ROW,
+    "locations": dict,
+    "machines": (list, NULL),
+    "emergency": (list, NULL),
+}
+
+
 def parse_entitlement(text: str, location: str | None = None) -> dict[str, Any]:
     """``CODE=COUNT[,EXPIRY]`` (EXPIRY a date or ``permanent``) to the API's entitlement."""
     m = _ENTITLEMENT_RE.match(text.strip())
@@ -191,6 +350,19 @@ def parse_entitlement(text: str, location: str | None = None) -> dict[str, Any]:
     return item
 
 
+def parse_entitlements(features: list[str], location: str | None = None) -> list[dict[str, Any]]:
+    """Every ``--feature``, each code once: a repeat is a typo, and the server would keep
+    only one of them without saying which."""
+    items = [parse_entitlement(f, location) for f in features]
+    seen: dict[str, str] = {}
+    for text, item in zip(features, items, strict=True):
+        code = item["feature"]
+        if code in seen:
+            fail(f"--feature {text!r}: feature {code} is given twice (also {seen[code]!r})")
+        seen[code] = text
+    return items
+
+
 # ---------------------------------------------------------------------------- product
 
 
@@ -205,17 +377,26 @@ def product_create(
     as_json: bool = JSON,
 ) -> None:
     """Create a product with its features."""
-    features = []
+    features: list[dict[str, str]] = []
+    seen: dict[str, str] = {}
     for item in feature:
         fcode, _, description = item.partition("=")
-        features.append({"code": fcode.strip(), "description": description.strip()})
+        fcode = fcode.strip()
+        if fcode in seen:
+            fail(f"--feature {item!r}: feature code {fcode} is given twice (also {seen[fcode]!r})")
+        seen[fcode] = item
+        features.append({"code": fcode, "description": description.strip()})
     result = AdminClient(url, token, ca).request(
-        "POST", "/api/v1/products", json={"code": code, "name": name, "features": features}
+        "POST",
+        "/api/v1/products",
+        json={"code": code, "name": name, "features": features},
+        expect=_PRODUCT,
     )
     if as_json:
         emit_json(result)
     else:
-        console.print(f"product {result['code']} created with {len(result['features'])} features")
+        count = len(result["features"])
+        console.print(f"product {result['code']} created with {count} feature{'' if count == 1 else 's'}")
 
 
 @product_app.command("show")
@@ -227,7 +408,7 @@ def product_show(
     as_json: bool = JSON,
 ) -> None:
     """Show a product and its features."""
-    result = AdminClient(url, token, ca).request("GET", f"/api/v1/products/{_seg(code)}")
+    result = AdminClient(url, token, ca).request("GET", f"/api/v1/products/{_seg(code)}", expect=_PRODUCT)
     if as_json:
         emit_json(result)
         return
@@ -236,7 +417,7 @@ def product_show(
     table.add_column("description")
     for fcode, description in result["features"].items():
         table.add_row(fcode, description)
-    console.print(table)
+    print_table(table)
 
 
 def _seg(value: str) -> str:
@@ -263,7 +444,7 @@ def customer_create(
     body: dict[str, Any] = {"name": name}
     if city is not None:
         body["city"] = city
-    result = AdminClient(url, token, ca).request("POST", "/api/v1/customers", json=body)
+    result = AdminClient(url, token, ca).request("POST", "/api/v1/customers", json=body, expect={"id": int})
     if as_json:
         emit_json(result)
     else:
@@ -284,7 +465,7 @@ def partner_create(
 ) -> None:
     """Create a partner with its own feature namespace."""
     result = AdminClient(url, token, ca).request(
-        "POST", "/api/v1/partners", json={"code": code, "name": name}
+        "POST", "/api/v1/partners", json={"code": code, "name": name}, expect={"code": str, "namespace": str}
     )
     if as_json:
         emit_json(result)
@@ -402,7 +583,9 @@ def license_issue(
         checkpoint_days, emergency_feature, no_connect, validation_hours, match,
         recovery_allowance, recovery_interval_days, on_recovery, order, seal,
     )  # fmt: skip
-    result = AdminClient(url, token, ca).request("POST", "/api/v1/licenses", json=body)
+    result = AdminClient(url, token, ca).request(
+        "POST", "/api/v1/licenses", json=body, expect={"serial": str, "key": str}
+    )
     if as_json:
         emit_json(result)
     else:
@@ -432,10 +615,17 @@ def _license_template(
     seal: bool,
 ) -> dict[str, Any]:
     """The API's license fields, shared by ``license issue`` and ``license issue-bulk``."""
+    entitlements = parse_entitlements(feature)
+    granted = {e["feature"] for e in entitlements}
+    for code in emergency_feature:
+        if code not in granted:
+            fail(f"--emergency-feature {code}: not among the license's features (give it with --feature)")
+    if len(set(emergency_feature)) != len(emergency_feature):
+        fail("--emergency-feature: a feature is given twice")
     return {
         "customer_id": customer,
         "product": product,
-        "entitlements": [parse_entitlement(f) for f in feature],
+        "entitlements": entitlements,
         "location": location,
         "binding": binding,
         "machines": machines,
@@ -556,7 +746,7 @@ def license_issue_bulk(
                     body["locking_ids"] = ids[issued : issued + size]
                 else:
                     body["count"] = size
-                result = client.request("POST", "/api/v1/licenses/bulk", json=body)
+                result = client.request("POST", "/api/v1/licenses/bulk", json=body, expect=_BULK)
                 # Each chunk is on disk before the next is asked for: keys exist only here.
                 lines = (json.dumps(item, separators=(",", ":")) + "\n" for item in result["licenses"])
                 handle.write("".join(lines))
@@ -593,6 +783,19 @@ def license_issue_bulk(
         )
 
 
+def _view_problem(view: dict[str, Any]) -> str | None:
+    """The nested parts of a license view the table reads (locations, machines)."""
+    for loc, items in view["locations"].items():
+        if not isinstance(items, dict):
+            return f"locations.{loc} is {_kind(items)}, expected an object"
+        for code, ent in items.items():
+            problem = shape_problem(ent, {"count": int, "expiry": (str, NULL)})
+            if problem:
+                return f"locations.{loc}.{code}: {problem}"
+    problem = shape_problem(view.get("machines") or [], ListOf(_MACHINE))
+    return f"machines: {problem}" if problem else None
+
+
 def _print_license(view: dict[str, Any]) -> None:
     table = Table(show_header=False, box=None)
     for name in ("serial", "status", "revision", "licensee", "product", "version", "binding"):
@@ -603,21 +806,21 @@ def _print_license(view: dict[str, Any]) -> None:
         table.add_row("checkpoint days", str(view["checkpoint_days"]))
     if view.get("emergency"):
         table.add_row("emergency", ", ".join(view["emergency"]))
-    console.print(table)
+    print_table(table)
     features = Table(title="entitlements")
     for col in ("location", "feature", "count", "expiry"):
         features.add_column(col)
     for loc, items in view.get("locations", {}).items():
         for code, ent in items.items():
-            features.add_row(loc, code, str(ent["count"]), ent["expiry"])
-    console.print(features)
+            features.add_row(loc, code, str(ent["count"]), ent["expiry"] or "permanent")
+    print_table(features)
     if view.get("machines"):
         bound = Table(title="machines")
         for col in ("slot", "locking id", "activated", "last check-in"):
-            bound.add_column(col)
+            bound.add_column(col, overflow="fold")
         for m in view["machines"]:
             bound.add_row(str(m["slot"]), m["locking_id"], m["activated_at"], m["last_checkin_at"] or "-")
-        console.print(bound)
+        print_table(bound)
 
 
 @license_app.command("show")
@@ -629,7 +832,11 @@ def license_show(
     as_json: bool = JSON,
 ) -> None:
     """Show a license: entitlements, policy, bound machines."""
-    view = AdminClient(url, token, ca).request("GET", f"/api/v1/licenses/{_seg(serial)}")
+    client = AdminClient(url, token, ca)
+    view = client.request("GET", f"/api/v1/licenses/{_seg(serial)}", expect=LICENSE_VIEW)
+    problem = _view_problem(view)
+    if problem:
+        client.unexpected(problem)
     if as_json:
         emit_json(view)
     else:
@@ -652,19 +859,21 @@ def license_list(
         params["customer_id"] = customer
     if revoked:
         params["status"] = "revoked"
-    rows = AdminClient(url, token, ca).request("GET", "/api/v1/licenses", params=params)
+    rows = AdminClient(url, token, ca).request(
+        "GET", "/api/v1/licenses", params=params, expect=ListOf(_LICENSE_ROW)
+    )
     if as_json:
         emit_json({"licenses": rows})
         return
     table = Table()
     for col in ("serial", "status", "rev", "licensee", "product", "machines"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(
             r["serial"], r["status"], str(r["revision"]), r["licensee"], r["product"],
             str(r["machines_allowed"]),
         )  # fmt: skip
-    console.print(table)
+    print_table(table)
 
 
 @license_app.command("update")
@@ -682,10 +891,13 @@ def license_update(
     as_json: bool = JSON,
 ) -> None:
     """Change a license centrally: a new revision reaches installations at their next check-in."""
-    body: dict[str, Any] = {
-        "entitlements": [parse_entitlement(f, location) for f in feature],
-        "remove": remove_feature,
-    }
+    entitlements = parse_entitlements(feature, location)
+    for code in remove_feature:
+        if remove_feature.count(code) > 1:
+            fail(f"--remove-feature {code} is given twice")
+        if any(e["feature"] == code for e in entitlements):
+            fail(f"feature {code} is both removed (--remove-feature) and set (--feature)")
+    body: dict[str, Any] = {"entitlements": entitlements, "remove": remove_feature}
     if machines is not None:
         body["machines"] = machines
     if failover_days is not None:
@@ -694,7 +906,9 @@ def license_update(
         body["status"] = "revoked"
     if len(body) == 2 and not feature and not remove_feature:
         fail("nothing to change (give --feature, --remove-feature, --machines, ... )")
-    view = AdminClient(url, token, ca).request("PATCH", f"/api/v1/licenses/{_seg(serial)}", json=body)
+    view = AdminClient(url, token, ca).request(
+        "PATCH", f"/api/v1/licenses/{_seg(serial)}", json=body, expect=LICENSE_VIEW
+    )
     if as_json:
         emit_json(view)
     else:
@@ -705,6 +919,7 @@ def license_update(
 def license_activate_offline(
     request_file: Path = typer.Argument(..., help="The request file written by `tessera agent request`."),
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the license file."),
+    vendor_key: Path | None = VENDOR_KEY,
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
@@ -712,23 +927,32 @@ def license_activate_offline(
 ) -> None:
     """Activate an offline installation: upload its request file, write its license file."""
     data = read_input_file(request_file, "request file")
+    if vendor_key is not None:
+        load_keyring(vendor_key)  # a bad keyring is refused before the slot is bound
     try:
         json.loads(data)
     except ValueError:
         fail(f"request file {request_file} is not JSON (expected the file `tessera agent request` writes)")
     client = AdminClient(url, token, ca)
+    check_writable(out)
+    check_writable(out.with_suffix(".par"))
     result = client.request(
         "POST",
         "/api/v1/activate-offline",
         content=data,
         headers={"Content-Type": "application/json"},
+        expect={"serial": str, "license": str, "identity": (str, NULL)},
     )
+    keyring = load_keyring(vendor_key) if vendor_key is not None else None
+    serial = result["serial"]
+    license_text = client.license_file(result["license"], serial, keyring)
     identity = result.get("identity")
-    identity_out = out.with_suffix(".par") if identity else None
-    if identity_out is not None:
+    identity_text = client.license_file(identity, serial, keyring, "identity") if identity else None
+    identity_out = out.with_suffix(".par") if identity_text else None
+    if identity_out is not None and identity_text is not None:
         # The identity part first: the agent imports it before the license it belongs to.
-        write_file_atomic(identity_out, identity.encode("utf-8"))
-    write_file_atomic(out, result["license"].encode("utf-8"))
+        write_file_atomic(identity_out, identity_text.encode("utf-8"))
+    write_file_atomic(out, license_text.encode("utf-8"))
     if as_json:
         emit_json(
             {
@@ -756,7 +980,9 @@ def audit_verify(
     as_json: bool = JSON,
 ) -> None:
     """Check the audit chain: exit 0 intact, 1 when a row was removed or edited."""
-    report = AdminClient(url, token, ca).request("GET", "/api/v1/audit/verify")
+    report = AdminClient(url, token, ca).request(
+        "GET", "/api/v1/audit/verify", expect={"ok": bool, "problems": list, "rows": int, "head": (str, NULL)}
+    )
     if as_json:
         emit_json(report)
     else:

@@ -18,15 +18,18 @@ from rich.table import Table
 
 from tessera.cli._common import (
     EXIT_DENIED,
+    check_writable,
     console,
     emit_json,
     fail,
     read_input_file,
     write_file_atomic,
 )
-from tessera.cli.admin import CA, JSON, TOKEN, URL, AdminClient, _seg
+from tessera.cli.admin import CA, JSON, NULL, TOKEN, URL, AdminClient, ListOf, _seg
 from tessera.cli.apps import agent_app, app, license_app
 from tessera.cli.keys import load_keyring
+from tessera.core.credential import parse_credential
+from tessera.core.errors import TesseraError
 
 __all__ = ["webhook_app"]
 
@@ -49,9 +52,18 @@ def license_credential(
     as_json: bool = JSON,
 ) -> None:
     """Issue USER's credential file; issuing again invalidates the previous file at once."""
-    result = AdminClient(url, token, ca).request(
-        "POST", f"/api/v1/licenses/{_seg(serial)}/credentials", json={"user_id": user}
+    client = AdminClient(url, token, ca)
+    check_writable(out)
+    result = client.request(
+        "POST",
+        f"/api/v1/licenses/{_seg(serial)}/credentials",
+        json={"user_id": user},
+        expect={"credential": str, "serial": str, "user_id": str, "generation": int, "leases_freed": int},
     )
+    try:
+        parse_credential(result["credential"])
+    except TesseraError as exc:
+        client.unexpected(f"its credential file does not parse: {exc}")
     write_file_atomic(out, result["credential"].encode("utf-8"), mode=0o600)
     info = {k: result[k] for k in ("serial", "user_id", "generation", "leases_freed")}
     if as_json:
@@ -73,7 +85,11 @@ def license_leases(
     as_json: bool = JSON,
 ) -> None:
     """Credentials and the leases in force on a user-bound license."""
-    view = AdminClient(url, token, ca).request("GET", f"/api/v1/licenses/{_seg(serial)}/leases")
+    view = AdminClient(url, token, ca).request(
+        "GET",
+        f"/api/v1/licenses/{_seg(serial)}/leases",
+        expect={"serial": str, "credentials": list, "leases": list},
+    )
     if as_json:
         emit_json(view)
         return
@@ -108,7 +124,9 @@ def webhook_add(
         body["secret"] = secret
     if endpoint_ca is not None:
         body["ca"] = read_input_file(endpoint_ca, "CA certificate").decode("utf-8", "replace")
-    result = AdminClient(url, token, ca).request("POST", "/api/v1/webhooks", json=body)
+    result = AdminClient(url, token, ca).request(
+        "POST", "/api/v1/webhooks", json=body, expect={"id": int, "url": str, "secret": (str, NULL)}
+    )
     if as_json:
         emit_json(result)
         return
@@ -122,7 +140,9 @@ def webhook_list(
     url: str | None = URL, token: str | None = TOKEN, ca: Path | None = CA, as_json: bool = JSON
 ) -> None:
     """The registered endpoints."""
-    rows = AdminClient(url, token, ca).request("GET", "/api/v1/webhooks")
+    rows = AdminClient(url, token, ca).request(
+        "GET", "/api/v1/webhooks", expect=ListOf({"id": int, "url": str, "events": list})
+    )
     if as_json:
         emit_json({"webhooks": rows})
         return
@@ -155,7 +175,12 @@ def webhook_deliveries(
     params: dict[str, Any] = {"limit": limit}
     if status:
         params["status"] = status
-    rows = AdminClient(url, token, ca).request("GET", "/api/v1/webhooks/deliveries", params=params)
+    rows = AdminClient(url, token, ca).request(
+        "GET",
+        "/api/v1/webhooks/deliveries",
+        params=params,
+        expect=ListOf({"id": int, "event": str, "status": str, "attempts": int, "last_error": (str, NULL)}),
+    )
     if as_json:
         emit_json({"deliveries": rows})
         return

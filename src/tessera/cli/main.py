@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
+
+import typer
 
 from tessera.cli import (  # noqa: F401  (register verbs)
     admin,
@@ -28,10 +31,25 @@ def _say(message: str) -> None:
     err_console.print(f"error: {message}", markup=False, highlight=False)
 
 
+def _plain_help(command: Any) -> Any:
+    """Every command's help in click's plain layout. Typer's Rich layout read help texts as
+    markup (``[interfaces] web_portal`` lost its brackets) and cut long option names to fit
+    the terminal (``--revoke-recovered-on…``); the plain layout prints both as written."""
+    if hasattr(command, "rich_markup_mode"):
+        command.rich_markup_mode = None
+    for sub in getattr(command, "commands", {}).values():
+        if not sub.short_help and sub.help:
+            # The group's list would cut the first sentence to the line with "...".
+            sub.short_help = " ".join(sub.help.split("\n\n")[0].split())
+        _plain_help(sub)
+    return command
+
+
 def run() -> None:
     """Run the CLI; every failure becomes one line on stderr and an exit code."""
     try:
-        result = app(prog_name="tessera", standalone_mode=False)
+        command = _plain_help(typer.main.get_command(app))
+        result = command(prog_name="tessera", standalone_mode=False)
         sys.exit(result if isinstance(result, int) else 0)
     except SystemExit:
         raise

@@ -20,7 +20,15 @@ from tessera.cli._common import (
 from tessera.cli.apps import license_app
 from tessera.cli.keys import load_keyring, load_signing_key
 from tessera.core import sign_document
-from tessera.core.errors import VerificationError
+from tessera.core.errors import (
+    BindingError,
+    DecryptionError,
+    FormatError,
+    SignatureError,
+    UnknownKeyError,
+    VerificationError,
+    VersionError,
+)
 from tessera.core.fileformat import SignedDocument, parse
 from tessera.core.model import Identity, License
 from tessera.core.sealing import seal, unseal
@@ -86,6 +94,16 @@ def _describe(signed: SignedDocument, lic_view: License | None) -> dict[str, Any
     return info
 
 
+#: The verdicts of docs/license-format.md ("Verdicts"), by the error that decides them.
+_VERDICTS: dict[type[VerificationError], str] = {
+    UnknownKeyError: "unknown-key",
+    SignatureError: "bad-signature",
+    DecryptionError: "decryption",
+    BindingError: "wrong-binding",
+    VersionError: "wrong-version",
+}
+
+
 @license_app.command("verify")
 def verify(
     file: Path = typer.Argument(..., help="A license (.lic) or identity (.par) file."),
@@ -107,29 +125,38 @@ def verify(
     if vendor_key is None:
         fail("--vendor-key is required (or set TESSERA_VENDOR_KEY)")
     keyring = load_keyring(vendor_key)
-    signed = parse(read_input_file(file, "license file"))
+    data = read_input_file(file, "license file")
+    try:
+        signed = parse(data)
+    except FormatError as exc:
+        if not as_json:
+            raise
+        # The documented verdict, as one JSON object; the error line still goes to stderr.
+        emit_json({"verdict": "malformed", "reason": exc.reason, "line": exc.line})
+        fail(str(exc))
     verdict = "valid"
     reason = ""
     lic_view: License | None = None
     try:
+        # In the order docs/license-format.md gives: the first failing check is the verdict.
         verify_signature(signed, keyring)
         doc = signed.document
-        if product_version is not None:
-            check_version(doc, product_version)
         if isinstance(doc, License):
             lic_view = doc
             if doc.sealed is not None and license_key is not None:
                 lic_view = unseal(doc, license_key)
             if locking_id is not None:
                 check_binding(doc, locking_id)
-            if lic_view.locations:
-                report = expired_features(lic_view, datetime.now(UTC).date())
-                if not report.valid:
-                    verdict, reason = "expired", "every entitlement has expired"
         elif locking_id is not None:
-            raise VerificationError("an identity file is not bound to a Locking ID")
+            raise BindingError("an identity file is not bound to a Locking ID")
+        if product_version is not None:
+            check_version(doc, product_version)
+        if lic_view is not None and lic_view.locations:
+            report = expired_features(lic_view, datetime.now(UTC).date())
+            if not report.valid:
+                verdict, reason = "expired", "every entitlement has expired"
     except VerificationError as exc:
-        verdict, reason = "rejected", str(exc)
+        verdict, reason = _VERDICTS.get(type(exc), "rejected"), str(exc)
 
     info = _describe(signed, lic_view)
     info["verdict"] = verdict

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from tessera.cli._common import console, emit_json
-from tessera.cli.admin import CA, JSON, TOKEN, URL, AdminClient
+from tessera.cli.admin import CA, JSON, TOKEN, URL, AdminClient, ListOf
 from tessera.cli.apps import app
 
 __all__ = ["order_app"]
@@ -23,6 +23,11 @@ order_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(order_app, name="order")
+
+
+_ORDER = {"number": str, "customer_id": int, "status": str, "created_at": str}
+_LICENSE = {"serial": str, "product": str, "machines_allowed": int, "status": str}
+_ORDER_VIEW = {**_ORDER, "licenses": ListOf(_LICENSE)}
 
 
 def _path(number: str) -> str:
@@ -53,7 +58,9 @@ def order_list(
 ) -> None:
     """Orders, newest first, with how many licenses fulfil each."""
     params = {"customer_id": customer} if customer is not None else {}
-    result = AdminClient(url, token, ca).request("GET", "/api/v1/orders", params=params)
+    result = AdminClient(url, token, ca).request(
+        "GET", "/api/v1/orders", params=params, expect=ListOf({**_ORDER, "licenses": int})
+    )
     if as_json:
         emit_json({"orders": result})
         return
@@ -76,7 +83,7 @@ def order_show(
     as_json: bool = JSON,
 ) -> None:
     """One order and its licenses."""
-    result = AdminClient(url, token, ca).request("GET", _path(number))
+    result = AdminClient(url, token, ca).request("GET", _path(number), expect=_ORDER_VIEW)
     if as_json:
         emit_json(result)
     else:
@@ -93,7 +100,7 @@ def order_cancel(
 ) -> None:
     """Cancel the order: each of its active licenses is revoked (the installations learn it
     at their next check-in), and no license can be issued for it any more."""
-    result = AdminClient(url, token, ca).request("POST", _path(number) + "/cancel")
+    result = AdminClient(url, token, ca).request("POST", _path(number) + "/cancel", expect=_ORDER_VIEW)
     if as_json:
         emit_json(result)
     else:

@@ -6,14 +6,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 
-from tessera.cli._common import console, emit_json, fail, write_file_atomic
-from tessera.cli.admin import CA, JSON, TOKEN, URL, AdminClient, _seg
+from tessera.cli._common import (
+    EXIT_DENIED,
+    check_writable,
+    console,
+    emit_json,
+    fail,
+    print_table,
+    write_file_atomic,
+)
+from tessera.cli.admin import CA, JSON, NULL, TOKEN, URL, VENDOR_KEY, AdminClient, ListOf, _seg
 from tessera.cli.apps import app, license_app
+from tessera.cli.keys import load_keyring
+from tessera.core.blacklist import parse_blacklist
+from tessera.core.errors import TesseraError
+
+if TYPE_CHECKING:
+    from tessera.core.signing import Keyring
 
 __all__ = ["blacklist_app", "report_app"]
 
@@ -26,6 +40,10 @@ app.add_typer(report_app, name="report")
 DELAY = typer.Option(
     0, "--delay-days", min=0, max=3650, help="Days the shipped blacklist file waits before it acts."
 )
+
+
+_REHOST = {"serial": str, "slot": int, "locking_id": str, "reason": str, "license": (str, NULL)}
+_ENTRY = {"locking_id": str, "scope": str, "since": str, "delay_days": int, "reason": str}
 
 
 @license_app.command("rehost")
@@ -41,6 +59,7 @@ def license_rehost(
     out: Path | None = typer.Option(
         None, "-o", "--out", help="Also write the new machine's license file here."
     ),
+    vendor_key: Path | None = VENDOR_KEY,
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
@@ -52,7 +71,13 @@ def license_rehost(
     body: dict[str, Any] = {"locking_id": locking_id, "slot": slot, "delay_days": delay_days}
     if blacklist_old or revoke_only:
         body["old_container"] = "blacklist" if blacklist_old else "revoke"
-    result = AdminClient(url, token, ca).request("POST", f"/api/v1/licenses/{_seg(serial)}/rehost", json=body)
+    client = AdminClient(url, token, ca)
+    keyring = load_keyring(vendor_key) if vendor_key is not None else None
+    if out is not None:
+        check_writable(out)
+    result = client.request("POST", f"/api/v1/licenses/{_seg(serial)}/rehost", json=body, expect=_REHOST)
+    if result["license"] is not None:
+        client.license_file(result["license"], result["serial"], keyring)
     if out is not None:
         if result["license"] is None:
             fail("this license is sealed: the new machine gets its file when it activates")
@@ -78,7 +103,10 @@ def license_authorize_recovery(
 ) -> None:
     """Allow extra recoveries beyond the license's rule (support, admin)."""
     result = AdminClient(url, token, ca).request(
-        "POST", f"/api/v1/licenses/{_seg(serial)}/authorize-recovery", json={"count": count}
+        "POST",
+        f"/api/v1/licenses/{_seg(serial)}/authorize-recovery",
+        json={"count": count},
+        expect={"serial": str, "recoveries_authorized": int},
     )
     if as_json:
         emit_json(result)
@@ -97,7 +125,11 @@ def license_recoveries(
     as_json: bool = JSON,
 ) -> None:
     """Every recovery decision on a license, granted or denied, and why."""
-    rows = AdminClient(url, token, ca).request("GET", f"/api/v1/licenses/{_seg(serial)}/recoveries")
+    rows = AdminClient(url, token, ca).request(
+        "GET",
+        f"/api/v1/licenses/{_seg(serial)}/recoveries",
+        expect=ListOf({"at": str, "via": str, "granted": bool, "rule": str, "reason": str}),
+    )
     if as_json:
         emit_json({"serial": serial, "recoveries": rows})
         return
@@ -106,7 +138,7 @@ def license_recoveries(
         table.add_column(col)
     for r in rows:
         table.add_row(r["at"], r["via"], "yes" if r["granted"] else "no", r["rule"], r["reason"])
-    console.print(table)
+    print_table(table)
 
 
 @blacklist_app.command("add")
@@ -134,11 +166,29 @@ def blacklist_add(
             "delay_days": delay_days,
             "reason": reason,
         },
+        expect=_ENTRY,
     )
+    wanted = ("recovered" if revoke_recovered_only else "container", delay_days)
+    applied = (result["scope"], result["delay_days"]) == wanted
     if as_json:
-        emit_json(result)
+        emit_json({**result, "applied": applied})
     else:
         console.print(f"{result['locking_id']} is blacklisted ({result['scope']})", markup=False)
+    if not applied:
+        # The server never narrows a whole-container entry and then answers with the entry
+        # as it stands: saying only "is blacklisted" hid that the new options were dropped.
+        fail(
+            f"{result['locking_id']} was blacklisted already ({_describe_entry(result)}); "
+            f"the new options ({_describe_entry({'scope': wanted[0], 'delay_days': wanted[1]})}) "
+            "were not applied: a whole-container entry is never narrowed",
+            EXIT_DENIED,
+        )
+
+
+def _describe_entry(entry: dict[str, Any]) -> str:
+    scope = "whole container" if entry["scope"] == "container" else "recovered licenses only"
+    since = f", since {entry['since']}" if entry.get("since") else ""
+    return f"{scope}, delay {entry['delay_days']} days{since}"
 
 
 @blacklist_app.command("list")
@@ -149,28 +199,37 @@ def blacklist_list(
     as_json: bool = JSON,
 ) -> None:
     """The blacklisted containers."""
-    rows = AdminClient(url, token, ca).request("GET", "/api/v1/blacklist")
+    rows = AdminClient(url, token, ca).request("GET", "/api/v1/blacklist", expect=ListOf(_ENTRY))
     if as_json:
         emit_json({"entries": rows})
         return
     table = Table()
     for col in ("locking_id", "scope", "since", "delay", "reason"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(r["locking_id"], r["scope"], r["since"], str(r["delay_days"]), r["reason"])
-    console.print(table)
+    print_table(table)
 
 
 @blacklist_app.command("export")
 def blacklist_export(
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the signed blacklist."),
+    vendor_key: Path | None = VENDOR_KEY,
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
     as_json: bool = JSON,
 ) -> None:
     """Write the signed blacklist file to ship with the next product version."""
-    result = AdminClient(url, token, ca).request("POST", "/api/v1/blacklist/export")
+    client = AdminClient(url, token, ca)
+    keyring = load_keyring(vendor_key) if vendor_key is not None else None
+    check_writable(out)
+    result = client.request(
+        "POST",
+        "/api/v1/blacklist/export",
+        expect={"sequence": int, "containers": int, "serials": int, "file": str},
+    )
+    _check_blacklist(client, result, keyring)
     write_file_atomic(out, result["file"].encode("utf-8"))
     if as_json:
         emit_json({k: result[k] for k in ("sequence", "containers", "serials")} | {"file": str(out)})
@@ -182,6 +241,25 @@ def blacklist_export(
         )
 
 
+def _check_blacklist(client: AdminClient, result: dict[str, Any], keyring: Keyring | None) -> None:
+    """The file ships with the product and locks customers out: a junk or foreign one must
+    not reach the disk looking like an export."""
+    try:
+        signed = parse_blacklist(result["file"])
+    except TesseraError as exc:
+        client.unexpected(f"its blacklist file does not parse: {exc}")
+    got = signed.blacklist
+    if (got.sequence, len(got.containers), len(got.serials)) != (
+        result["sequence"], result["containers"], result["serials"]
+    ):  # fmt: skip
+        client.unexpected("its blacklist file does not match the export it reports")
+    if keyring is not None:
+        try:
+            signed.verify(keyring)
+        except TesseraError as exc:
+            client.unexpected(f"its blacklist file is not signed by the vendor key: {exc}")
+
+
 @report_app.command("blacklist-hits")
 def report_blacklist_hits(
     url: str | None = URL,
@@ -190,14 +268,21 @@ def report_blacklist_hits(
     as_json: bool = JSON,
 ) -> None:
     """Every time a blacklisted or recovered container was caught, for sales to follow up."""
-    rows = AdminClient(url, token, ca).request("GET", "/api/v1/reports/blacklist-hits")
+    rows = AdminClient(url, token, ca).request(
+        "GET",
+        "/api/v1/reports/blacklist-hits",
+        expect=ListOf(
+            {"at": str, "locking_id": str, "serial": (str, NULL), "how": str, "action": str,
+             "suppressed": (int, NULL)}
+        ),
+    )  # fmt: skip
     if as_json:
         emit_json({"hits": rows})
         return
     table = Table()
     for col in ("at", "locking_id", "serial", "how", "action", "hits"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in rows:
         hits = 1 + int(r.get("suppressed") or 0)  # the row, and those the limit left out before it
         table.add_row(r["at"], r["locking_id"], r["serial"] or "-", r["how"], r["action"], str(hits))
-    console.print(table)
+    print_table(table)

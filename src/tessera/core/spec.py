@@ -19,6 +19,7 @@ Example (``tessera license sign spec.toml --key keys/ -o customer.lic``)::
 
 from __future__ import annotations
 
+import re
 import tomllib
 from datetime import date, datetime
 from typing import Any
@@ -51,6 +52,30 @@ _SCALARS = {
 }
 
 
+#: Keys that are switches: only TOML ``true``/``false``, since a string such as ``"off"`` is
+#: truthy and would sign the opposite of what the vendor wrote.
+_BOOLEANS = frozenset({"connect"})
+#: Keys that are text: a number written there is a mistake, not something to stringify.
+_TEXTS = frozenset({"licensee", "serial", "product", "binding", "locking-id", "match"})
+_TEXTS |= frozenset({"instance-id", "user-id", "agent-key", "version"})
+_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+_COUNT_RE = re.compile(r"^[0-9]{1,10}$")
+
+
+def _expiry(feature: str, text: str) -> date | None:
+    """Only ``YYYY-MM-DD`` or ``permanent``, the file format's forms: ``date.fromisoformat``
+    also takes ``20270115`` and ISO weeks (``2027-W03-1``), which a vendor reading the spec
+    back would not recognise as the date that was signed."""
+    if text == "permanent":
+        return None
+    if not _DATE_RE.match(text):
+        raise ValueError(f"{feature}: expiry {text!r} is not a date YYYY-MM-DD (or 'permanent')")
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{feature}: expiry {text!r} is not a valid date") from None
+
+
 def _entitlement(feature: str, value: Any) -> Entitlement:
     if isinstance(value, bool):
         raise ValueError(f"{feature}: expected a count")
@@ -61,19 +86,17 @@ def _entitlement(feature: str, value: Any) -> Entitlement:
         if len(parts) != 2:
             raise ValueError(f"{feature}: expected 'count, expiry', got {value!r}")
         count, until = parts
-        if not count.isdigit():
+        if not _COUNT_RE.match(count):
             raise ValueError(f"{feature}: bad count {count!r}")
-        return Entitlement(feature, int(count), None if until == "permanent" else date.fromisoformat(until))
+        return Entitlement(feature, int(count), _expiry(feature, until))
     if isinstance(value, dict):
         extra = set(value) - {"count", "expiry"}
         if extra or "count" not in value:
             raise ValueError(f"{feature}: expected {{ count = N, expiry = DATE }}")
         raw = value.get("expiry", "permanent")
         expiry: date | None
-        if raw == "permanent":
-            expiry = None
-        elif isinstance(raw, str):
-            expiry = date.fromisoformat(raw)
+        if isinstance(raw, str):
+            expiry = _expiry(feature, raw)
         elif isinstance(raw, date) and not isinstance(raw, datetime):
             expiry = raw
         else:
@@ -89,17 +112,31 @@ def license_from_spec(spec: dict[str, Any], now: datetime) -> License:
         if key not in known:
             raise FormatError(f"unknown field {key!r} in the license spec")
     try:
+        for key in _BOOLEANS & spec.keys():
+            if not isinstance(spec[key], bool):
+                raise ValueError(f"{key!r} must be true or false (TOML booleans), not {spec[key]!r}")
+        for key in _TEXTS & spec.keys():
+            if not isinstance(spec[key], str):
+                raise ValueError(f"{key!r} must be a string in quotes, not {spec[key]!r}")
         kwargs: dict[str, Any] = {_SCALARS[k]: v for k, v in spec.items() if k in _SCALARS}
         if "version" not in spec:
             raise ValueError("the spec needs a 'version' range, e.g. \"4.*\"")
-        kwargs["version"] = VersionRange.parse(str(spec["version"]))
+        kwargs["version"] = VersionRange.parse(spec["version"])
         issued = spec.get("issued", now)
         if isinstance(issued, str):
             issued = parse_timestamp(issued)
         elif not isinstance(issued, datetime):  # a TOML date, number or array
             raise ValueError("'issued' must be a timestamp, e.g. 2026-11-22T10:00:00Z")
+        elif issued is not now and issued.tzinfo is None:
+            # A TOML local date-time: which zone the vendor meant is a guess.
+            raise ValueError("'issued' needs a time zone, e.g. 2026-11-22T10:00:00Z")
         kwargs["issued"] = utc(issued).replace(microsecond=0)
-        kwargs["emergency"] = tuple(spec.get("emergency", ()))
+        emergency = spec.get("emergency", [])
+        if not isinstance(emergency, list) or not all(isinstance(e, str) for e in emergency):
+            raise ValueError(
+                f"'emergency' must be a list of feature codes, e.g. [\"ctxjs\"], not {emergency!r}"
+            )
+        kwargs["emergency"] = tuple(emergency)
         locations = spec.get("locations")
         if not isinstance(locations, dict) or not locations:
             raise ValueError("the spec needs at least one [locations.NAME] table")
@@ -109,6 +146,11 @@ def license_from_spec(spec: dict[str, Any], now: datetime) -> License:
                 raise ValueError(f"locations.{name} must be a table")
             built.append(Location(name, tuple(_entitlement(f, v) for f, v in features.items())))
         kwargs["locations"] = tuple(built)
+        entitled = {e.feature for loc in built for e in loc.entitlements}
+        strangers = [code for code in emergency if code not in entitled]
+        if strangers:
+            # Emergency mode keeps entitled features running; it grants nothing new.
+            raise ValueError(f"'emergency' names features the license does not grant: {', '.join(strangers)}")
         return License(**kwargs)
     except (ValueError, TypeError) as exc:
         raise FormatError(f"license spec: {exc}") from None

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from tessera.server.errors import Conflict, Forbidden, NotFound
+from tessera.server.errors import Conflict, Forbidden, Invalid, NotFound
 from tessera.server.models import Customer, Partner, Product, ProductFeature
 from tessera.server.schemas import CustomerIn, FeatureIn, PartnerIn, ProductIn
 from tessera.server.tokens import Principal, Role, require
@@ -47,9 +47,12 @@ def list_products(session: Session) -> list[Product]:
 
 def create_product(session: Session, principal: Principal, data: ProductIn, now: datetime) -> Product:
     require(principal, Role.ADMIN)
-    codes = [f.code for f in data.features]
-    if len(set(codes)) != len(codes):
-        raise Conflict("features: a feature code is listed twice")
+    seen: set[str] = set()
+    for i, feature in enumerate(data.features):
+        if feature.code in seen:
+            # A mistake inside this one request (422), not a clash with stored data (409).
+            raise Invalid(f"features[{i}]: feature code {feature.code} is listed twice")
+        seen.add(feature.code)
     if session.execute(select(Product.id).where(Product.code == data.code)).first():
         raise Conflict(f"product {data.code!r} exists already")
     product = Product(code=data.code, name=data.name, created_at=now)

@@ -429,7 +429,16 @@ def check_template(
     )
     if len(set(data.emergency)) != len(data.emergency):
         raise Invalid("emergency: a feature is listed twice")
+    _check_emergency(data.emergency, {e.feature for e in data.entitlements})
     return customer, product, partner, _version(data.version, "version")
+
+
+def _check_emergency(emergency: list[str], entitled: set[str]) -> None:
+    """Emergency mode keeps entitled features running; naming a feature the license does not
+    grant would hand it out when the server is unreachable."""
+    for i, code in enumerate(emergency):
+        if code not in entitled:
+            raise Invalid(f"emergency[{i}]: {code} is not among the license's entitlements")
 
 
 def issue_license(
@@ -577,6 +586,7 @@ def update_license(
         if value is not None:
             setattr(row, name, value)
     if data.emergency is not None:
+        _check_emergency(data.emergency, {e.feature for e in row.entitlements})
         row.emergency = ",".join(data.emergency)
     session.flush()
     session.refresh(row, ["entitlements"])

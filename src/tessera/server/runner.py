@@ -172,7 +172,32 @@ def _tls_options(cert: Path, key: Path) -> dict[str, Any]:
     for path in (cert, key):
         if not path.is_file():
             raise ConfigError(f"TLS file {path} is missing (or use --no-tls behind a TLS proxy)")
+    _check_tls_files(cert, key)
     return {"ssl_certfile": str(cert), "ssl_keyfile": str(key), "ssl_version": ssl.PROTOCOL_TLS_SERVER}
+
+
+def _check_tls_files(cert: Path, key: Path) -> None:
+    """Load the pair here: uvicorn's own failure is OpenSSL's '[SSL] PEM lib (_ssl.c:...)',
+    which names neither the file nor what is wrong with it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        x509.load_pem_x509_certificate(cert.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"TLS certificate {cert} cannot be read: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"TLS certificate {cert} is not a PEM certificate") from None
+    try:
+        load_pem_private_key(key.read_bytes(), password=None)
+    except OSError as exc:
+        raise ConfigError(f"TLS key {key} cannot be read: {exc.strerror}") from None
+    except (ValueError, TypeError):  # TypeError: encrypted, and uvicorn has no passphrase
+        raise ConfigError(f"TLS key {key} is not an unencrypted PEM private key") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"TLS key {key} does not fit certificate {cert} ({exc.reason or exc})") from None
 
 
 def _listen(host: str, port: int) -> socket.socket:
