@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agent_support import make_tls
 from tests.server.conftest import START, LiveServer, serve
 from tests.server.helpers import setup_license
 
@@ -43,15 +44,21 @@ def server(tmp_path: Path) -> Iterator[tuple[LiveServer, str]]:
     with state.db.write() as session:
         text, _, _ = leases.issue_credential(session, admin, serial, "ann", state.now(), state.signing_key)
     (tmp_path / "ann.cred").write_text(text)
-    with serve(state) as live:
+    ca_pem, cert, key = make_tls(tmp_path)
+    (tmp_path / "ca.pem").write_bytes(ca_pem)
+    with serve(state, tls=(cert, key)) as live:
         yield live, str(tmp_path / "ann.cred")
     db.dispose()
+
+
+def _ca(path: str) -> bytes:
+    return (Path(path).parent / "ca.pem").read_bytes()  # beside the credential
 
 
 def test_hold_heartbeats_and_close_releases(server: tuple[LiveServer, str]) -> None:
     live, path = server
     keyring = Keyring([live.state.signing_key.public])
-    with LeaseClient.from_file(path, live.url, None, keyring) as client:
+    with LeaseClient.from_file(path, live.url, _ca(path), keyring) as client:
         lease = client.hold("uniplex")
         assert (lease.in_use, lease.count) == (1, 1)
         time.sleep(4.5)  # longer than the 3 s lease: only heartbeats keep it
@@ -59,7 +66,7 @@ def test_hold_heartbeats_and_close_releases(server: tuple[LiveServer, str]) -> N
         with pytest.raises(ServerRefused, match="all 1 leases of uniplex"):
             client.lease("uniplex")
     # close() released it at once.
-    with LeaseClient.from_file(path, live.url, None, keyring) as client:
+    with LeaseClient.from_file(path, live.url, _ca(path), keyring) as client:
         again = client.lease("uniplex")
         assert client.release(again) == 0
 
@@ -69,6 +76,6 @@ def test_forged_or_foreign_credential_is_refused_before_sending(
 ) -> None:
     live, path = server
     with pytest.raises(UnknownKeyError):
-        LeaseClient.from_file(path, live.url, None, Keyring([SigningKey.generate().public]))
-    with pytest.raises(FormatError):
-        LeaseClient(parse_credential(b"[CREDENTIAL]\n"), live.url, None, Keyring([]))
+        LeaseClient.from_file(path, live.url, _ca(path), Keyring([SigningKey.generate().public]))
+    with pytest.raises(FormatError, match="credential"):
+        LeaseClient(parse_credential(b"[CREDENTIAL]\n"), live.url, _ca(path), Keyring([]))

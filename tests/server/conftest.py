@@ -173,13 +173,22 @@ def live_server(state: ServerState) -> Iterator[LiveServer]:
 
 
 @contextmanager
-def serve(state: ServerState, interfaces: Interfaces | None = None) -> Iterator[LiveServer]:
-    """Serve ``state``'s app on a loopback port until the block ends."""
+def serve(
+    state: ServerState, interfaces: Interfaces | None = None, tls: tuple[Path, Path] | None = None
+) -> Iterator[LiveServer]:
+    """Serve ``state``'s app on a loopback port until the block ends (over TLS with ``tls``,
+    a certificate and key file: agents talk to nothing else)."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(state, interfaces), log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        create_app(state, interfaces),
+        log_level="warning",
+        access_log=False,
+        ssl_certfile=None if tls is None else str(tls[0]),
+        ssl_keyfile=None if tls is None else str(tls[1]),
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -189,7 +198,7 @@ def serve(state: ServerState, interfaces: Interfaces | None = None) -> Iterator[
             raise RuntimeError("test server did not start")
         time.sleep(0.01)
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", state)
+        yield LiveServer(f"{'http' if tls is None else 'https'}://127.0.0.1:{port}", state)
     finally:
         server.should_exit = True
         thread.join(10)
