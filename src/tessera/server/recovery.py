@@ -81,7 +81,9 @@ PENDING_PREFIX = "rehost-"
 
 class NeedsPortal(Exception):
     """The rule says no and a portal is configured: ask it (outside the transaction, which
-    is rolled back) and run the request again with its verdict."""
+    is rolled back) and run the request again with its verdict. Raised again when the
+    verdict answers another move than the one the re-run would make (see
+    :meth:`~tessera.server.portal.PortalVerdict.answers`)."""
 
     def __init__(self, question: dict[str, Any]) -> None:
         super().__init__("the recovery portal must be asked")
@@ -322,7 +324,10 @@ def recover_machine(
         )
     decision = decide(session, row, old, now)
     if not decision.granted and portal:
-        if portal_verdict is None:
+        # A verdict for another move (the license moved while the portal was asked: two
+        # recoveries at once) must not be applied to this one: it would replace a machine
+        # the portal never approved of replacing. Ask again about the move as it is now.
+        if portal_verdict is None or not portal_verdict.answers(row.serial, old.locking_id, new_locking_id):
             raise NeedsPortal(
                 {
                     "serial": row.serial,
