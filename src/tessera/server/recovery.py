@@ -259,16 +259,33 @@ def _blacklist(
     actor: str,
     reason: str,
 ) -> BlacklistEntryRow:
+    """List ``locking_id``, or make its entry stricter; an entry is never weakened.
+
+    A container already listed keeps what it has unless the new options are stricter: the
+    whole container rather than recovered licenses only, an earlier enforcement day (since
+    + delay). Otherwise a later re-add (by hand, or a rehost with ``--blacklist-old
+    --delay-days 90``) would postpone a blacklisting already in force, and the next
+    exported file would unlock a container the previous one locked. The original reason
+    stays: it says why the container was listed. Nothing changed means no audit line.
+    """
+    today = utc(now).date()
     entry = blacklist_entry(session, locking_id)
     if entry is None:
-        entry = BlacklistEntryRow(locking_id=locking_id, since=utc(now).date(), added_at=now)
+        entry = BlacklistEntryRow(
+            locking_id=locking_id, since=today, added_at=now, scope=scope,
+            delay_days=delay_days, actor=actor, reason=reason,
+        )  # fmt: skip
         session.add(entry)
-    elif entry.scope == "container" and scope != "container":
-        return entry  # a whole-container entry is never weakened by a narrower one
-    entry.scope = scope
-    entry.delay_days = delay_days
-    entry.actor = actor
-    entry.reason = reason
+    else:
+        widen = entry.scope != "container" and scope == "container"
+        earlier = today + timedelta(days=delay_days) < entry.since + timedelta(days=entry.delay_days)
+        if not widen and not earlier:
+            return entry
+        if earlier:  # enforced from the new, earlier day
+            entry.since, entry.delay_days = today, delay_days
+        if widen:
+            entry.scope, entry.actor, entry.reason = "container", actor, reason
+        scope, delay_days, reason = entry.scope, entry.delay_days, entry.reason
     session.flush()
     audit.append(
         session,
