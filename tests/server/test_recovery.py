@@ -404,3 +404,35 @@ def test_an_existing_blacklist_entry_is_never_weakened(
     log = api.get("/api/v1/audit", params={"target": lid}).json()
     added = [e for e in log if e["action"] == "blacklist.add"]
     assert len(added) == 1  # the re-adds that changed nothing wrote no audit line
+
+
+def test_a_rehost_onto_a_blacklisted_container_whose_hardware_drifted_is_refused(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    admin_token: str,
+    keyring: Keyring,
+) -> None:
+    """The rehost target is checked as tolerantly as an activation: a listed machine with
+    one fact changed (a new hostname) is still that machine, so no recovery is used up and
+    the license's working machine is not blacklisted."""
+    serial, key = setup_license(state, admin, START, connect=False, recovery_allowance=1)
+    api = live_server.client(admin_token)
+    working, listed = agent(1), agent(2)
+    _activate(live_server.client(), working, key, keyring)
+    assert api.post("/api/v1/blacklist", json={"locking_id": listed.locking_id}).is_success
+    drifted = FakeAgent(
+        machine="m2",
+        system_id="system-0002-abcdef",
+        facts=[(k, "new-hostname" if k == "m" else v) for k, v in listed.facts],
+    )
+    assert drifted.locking_id != listed.locking_id
+    refused = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": drifted.locking_id})
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["detail"] == f"the target container {drifted.locking_id} is blacklisted"
+    assert [e["locking_id"] for e in api.get("/api/v1/blacklist").json()] == [listed.locking_id]
+    decisions = api.get(f"/api/v1/licenses/{serial}/recoveries").json()
+    assert [(d["granted"], d["rule"]) for d in decisions] == [(False, "none")]
+    # The allowance is untouched: a rehost to a clean machine still goes through.
+    moved = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": agent(3).locking_id})
+    assert moved.status_code == 200 and moved.json()["rule"] == "allowance"

@@ -40,6 +40,7 @@ from tessera.core import sign_document
 from tessera.core.blacklist import Blacklist, BlacklistEntry, sign_blacklist
 from tessera.core.clock import utc
 from tessera.core.fingerprint import LockingId
+from tessera.core.model import MatchLevel
 from tessera.core.signing import SigningKey
 from tessera.server import audit, webhooks
 from tessera.server.errors import Conflict, Invalid, NotFound, RecordedRefusal
@@ -331,8 +332,13 @@ def recover_machine(
         "new_locking_id": new_locking_id,
         "old_container": action,
     }
-    target = blacklist_entry(session, new_locking_id)
-    if target is not None and target.scope == "container":
+    # Tolerant, as at activation: a listed container whose hardware drifted a little (a
+    # new hostname) is the same machine; moving a license onto it would use up a recovery
+    # and blacklist the customer's working machine.
+    from tessera.server.activation import BLACKLISTED_CONTAINERS, blacklisted  # import cycle
+
+    containers = session.execute(BLACKLISTED_CONTAINERS).scalars()
+    if blacklisted(containers, new_locking_id, MatchLevel(row.match_level)):
         raise _refuse(
             row.id,
             row.serial,
