@@ -358,3 +358,81 @@ def test_a_blacklisted_machine_checking_in_again_and_again_is_counted_within_the
         ("checkin", "lock", 4),
     ]
     assert sum(1 + h["suppressed"] for h in hits) == 7
+
+
+def test_an_existing_blacklist_entry_is_never_weakened(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    admin_token: str,
+    keyring: Keyring,
+    clock: ManualClock,
+) -> None:
+    """A re-add, by hand or by a rehost, keeps the earlier enforcement day and the
+    original reason; only stricter options (whole container, an earlier day) apply."""
+    serial, key = setup_license(state, admin, START)
+    api, connect = live_server.client(admin_token), live_server.client()
+    old = agent(1)
+    _activate(connect, old, key, keyring)
+    lid = old.locking_id
+    first = api.post("/api/v1/blacklist", json={"locking_id": lid, "reason": "stolen laptop"}).json()
+    assert (first["delay_days"], first["reason"]) == (0, "stolen laptop")
+    clock.advance(timedelta(days=3))
+    again = api.post("/api/v1/blacklist", json={"locking_id": lid, "delay_days": 400}).json()
+    assert (again["since"], again["delay_days"], again["reason"]) == (first["since"], 0, "stolen laptop")
+    # A rehost that blacklists the old container with a delay does not postpone it either.
+    moved = api.post(
+        f"/api/v1/licenses/{serial}/rehost",
+        json={"locking_id": agent(2).locking_id, "old_container": "blacklist", "delay_days": 90},
+    )
+    assert moved.status_code == 200, moved.text
+    [entry] = [e for e in api.get("/api/v1/blacklist").json() if e["locking_id"] == lid]
+    assert (entry["since"], entry["delay_days"], entry["reason"]) == (first["since"], 0, "stolen laptop")
+    export = parse_blacklist(api.post("/api/v1/blacklist/export").json()["file"]).verify(keyring)
+    listed = export.container_entry(lid)
+    assert listed is not None and listed.enforced_on(clock.now().date())
+    # Stricter options do apply: an earlier day, a whole container instead of recovered only.
+    later = agent(3).locking_id
+    assert api.post("/api/v1/blacklist", json={"locking_id": later, "delay_days": 30}).is_success
+    clock.advance(timedelta(days=2))
+    sooner = api.post("/api/v1/blacklist", json={"locking_id": later, "delay_days": 7}).json()
+    assert (sooner["since"], sooner["delay_days"]) == (clock.now().date().isoformat(), 7)
+    narrow = agent(4).locking_id
+    api.post("/api/v1/blacklist", json={"locking_id": narrow, "revoke_recovered_only": True})
+    whole = api.post("/api/v1/blacklist", json={"locking_id": narrow}).json()
+    assert whole["scope"] == "container"
+    log = api.get("/api/v1/audit", params={"target": lid}).json()
+    added = [e for e in log if e["action"] == "blacklist.add"]
+    assert len(added) == 1  # the re-adds that changed nothing wrote no audit line
+
+
+def test_a_rehost_onto_a_blacklisted_container_whose_hardware_drifted_is_refused(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    admin_token: str,
+    keyring: Keyring,
+) -> None:
+    """The rehost target is checked as tolerantly as an activation: a listed machine with
+    one fact changed (a new hostname) is still that machine, so no recovery is used up and
+    the license's working machine is not blacklisted."""
+    serial, key = setup_license(state, admin, START, connect=False, recovery_allowance=1)
+    api = live_server.client(admin_token)
+    working, listed = agent(1), agent(2)
+    _activate(live_server.client(), working, key, keyring)
+    assert api.post("/api/v1/blacklist", json={"locking_id": listed.locking_id}).is_success
+    drifted = FakeAgent(
+        machine="m2",
+        system_id="system-0002-abcdef",
+        facts=[(k, "new-hostname" if k == "m" else v) for k, v in listed.facts],
+    )
+    assert drifted.locking_id != listed.locking_id
+    refused = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": drifted.locking_id})
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["detail"] == f"the target container {drifted.locking_id} is blacklisted"
+    assert [e["locking_id"] for e in api.get("/api/v1/blacklist").json()] == [listed.locking_id]
+    decisions = api.get(f"/api/v1/licenses/{serial}/recoveries").json()
+    assert [(d["granted"], d["rule"]) for d in decisions] == [(False, "none")]
+    # The allowance is untouched: a rehost to a clean machine still goes through.
+    moved = api.post(f"/api/v1/licenses/{serial}/rehost", json={"locking_id": agent(3).locking_id})
+    assert moved.status_code == 200 and moved.json()["rule"] == "allowance"

@@ -12,12 +12,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tessera.core.signing import Keyring
+from tessera.server import recovery
 from tessera.server.app import ServerState
 from tessera.server.config import ConfigError, load_config
-from tessera.server.portal import SIGNATURE_HEADER, PortalConfig, RecoveryPortal, sign_body
+from tessera.server.portal import (
+    SIGNATURE_HEADER,
+    PortalConfig,
+    PortalVerdict,
+    RecoveryPortal,
+    sign_body,
+)
 from tessera.server.tokens import Principal
 
 from .conftest import START, LiveServer
@@ -154,3 +162,85 @@ def test_the_portal_is_configured_in_tessera_toml(tmp_path: Path) -> None:
         (tmp_path / "tessera.toml").write_text(base + "[recovery]\n" + bad)
         with pytest.raises(ConfigError, match=why):
             load_config(tmp_path)
+
+
+class RacingPortal:
+    """A portal whose answers the test controls: it approves moves away from ``approves``
+    only, and while it thinks about the first move to ``race_to``, another recovery of
+    the license (``during``) gets in and commits - two recoveries at nearly the same time."""
+
+    def __init__(self, approves: str, race_to: str, during: Any) -> None:
+        self.approves, self.race_to, self.during = approves, race_to, during
+        self.questions: list[tuple[str, str]] = []
+
+    def ask(self, question: dict[str, Any]) -> PortalVerdict:
+        self.questions.append((question["from"], question["to"]))
+        if question["to"] == self.race_to and self.during is not None:
+            during, self.during = self.during, None
+            during()  # the other recovery is decided and committed before this answer
+        allow = question["from"] == self.approves
+        return PortalVerdict(allow, "allowed" if allow else "the portal refused", question=question)
+
+
+def test_a_portal_verdict_only_applies_to_the_move_it_approved(
+    live_server: LiveServer, state: ServerState, admin: Principal, admin_token: str
+) -> None:
+    """Y0 bound; Y1 and Y2 recover at once. The portal approved "Y0 to Y1" and "Y0 to Y2":
+    once Y1 has the license, the approval "Y0 to Y2" must not move it on from Y1 (and
+    blacklist Y1, which nobody approved): the portal is asked about Y1 to Y2."""
+    serial, key = setup_license(state, admin, START, connect=False, recovery_allowance=0)
+    connect, api = live_server.client(), live_server.client(admin_token)
+    y0, y1, y2 = agent(1), agent(2), agent(3)
+    assert connect.post("/api/v1/activate", content=y0.activation(key).to_json()).is_success
+    first: list[httpx.Response] = []
+
+    def y1_recovers() -> None:
+        first.append(connect.post("/api/v1/recover", content=y1.activation(key).to_json()))
+
+    fake = RacingPortal(approves=y0.locking_id, race_to=y2.locking_id, during=y1_recovers)
+    state.portal = fake  # type: ignore[assignment]
+    second = connect.post("/api/v1/recover", content=y2.activation(key).to_json())
+    assert first[0].status_code == 200, first[0].text
+    assert fake.questions == [
+        (y0.locking_id, y2.locking_id),
+        (y0.locking_id, y1.locking_id),
+        (y1.locking_id, y2.locking_id),  # asked again about the move as it is now
+    ]
+    assert second.status_code == 403 and second.json()["detail"] == "the portal refused"
+    assert [e["locking_id"] for e in api.get("/api/v1/blacklist").json()] == [y0.locking_id]
+    decisions = api.get(f"/api/v1/licenses/{serial}/recoveries").json()
+    assert [(d["from"], d["to"], d["granted"]) for d in decisions] == [
+        (y0.locking_id, y1.locking_id, True),
+        (y1.locking_id, y2.locking_id, False),
+    ]
+
+
+def test_a_license_that_keeps_moving_is_refused_with_a_reason_to_retry(
+    live_server: LiveServer, state: ServerState, admin: Principal, admin_token: str
+) -> None:
+    """Each answer arrives after the license moved again: after a few questions the
+    request is refused (409), nothing changed by it, rather than waiting for ever."""
+    serial, key = setup_license(state, admin, START, connect=False, recovery_allowance=0)
+    connect, api = live_server.client(), live_server.client(admin_token)
+    assert connect.post("/api/v1/activate", content=agent(1).activation(key).to_json()).is_success
+    target = agent(9)
+    movers = iter(range(2, 9))
+
+    class MovingPortal:
+        def ask(self, question: dict[str, Any]) -> PortalVerdict:
+            if question["to"] == target.locking_id:
+                state.portal = None  # the other recoveries go by the rule: support authorized them
+                with state.db.write() as session:
+                    recovery.authorize_recovery(session, admin, serial, 1, state.now())
+                moved = connect.post("/api/v1/recover", content=agent(next(movers)).activation(key).to_json())
+                assert moved.status_code == 200, moved.text
+                state.portal = self  # type: ignore[assignment]
+            return PortalVerdict(True, "allowed", question=question)
+
+    state.portal = MovingPortal()  # type: ignore[assignment]
+    refused = connect.post("/api/v1/recover", content=target.activation(key).to_json())
+    assert refused.status_code == 409
+    assert "moved by another recovery while the recovery portal was asked" in refused.json()["detail"]
+    assert "retry" in refused.json()["detail"]
+    decisions = api.get(f"/api/v1/licenses/{serial}/recoveries").json()
+    assert target.locking_id not in {d["to"] for d in decisions}

@@ -175,12 +175,13 @@ def blacklist_add(
     else:
         console.print(f"{result['locking_id']} is blacklisted ({result['scope']})", markup=False)
     if not applied:
-        # The server never narrows a whole-container entry and then answers with the entry
-        # as it stands: saying only "is blacklisted" hid that the new options were dropped.
+        # The server never weakens an existing entry (narrower scope, later enforcement
+        # day) and then answers with the entry as it stands: saying only "is blacklisted"
+        # hid that the new options were dropped.
         fail(
             f"{result['locking_id']} was blacklisted already ({_describe_entry(result)}); "
             f"the new options ({_describe_entry({'scope': wanted[0], 'delay_days': wanted[1]})}) "
-            "were not applied: a whole-container entry is never narrowed",
+            "were not applied: an existing entry is never weakened (narrowed or postponed)",
             EXIT_DENIED,
         )
 

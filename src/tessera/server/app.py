@@ -52,7 +52,7 @@ from tessera.server import (
 from tessera.server.checkins import CheckinWriter
 from tessera.server.checkpoints import CheckpointWatch
 from tessera.server.config import DEFAULT_TWO_STEP_ROLES
-from tessera.server.errors import Invalid, RecordedRefusal, ServiceError
+from tessera.server.errors import Conflict, Invalid, RecordedRefusal, ServiceError
 from tessera.server.hsm import HsmError
 from tessera.server.lane import ConnectLane, Handler
 from tessera.server.limits import BodySizeLimit
@@ -115,6 +115,9 @@ log = logging.getLogger("tessera.server")
 #: No request body may be larger (Connect messages are capped lower, at MAX_MESSAGE_SIZE).
 MAX_REQUEST_BODY = 4 * 1024 * 1024
 T = TypeVar("T")
+#: How many times one request asks the recovery portal before giving up (see
+#: :meth:`ServerState.asking_portal`).
+PORTAL_ASKS = 3
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     **{code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413)},
@@ -151,13 +154,26 @@ class ServerState:
 
     async def asking_portal(self, once: Callable[[PortalVerdict | None], Awaitable[T]]) -> T:
         """Run ``once``; if a recovery needs the portal, ask it (no transaction is open
-        while it answers) and run ``once`` again with its verdict."""
+        while it answers) and run ``once`` again with its verdict.
+
+        The license may move while the portal answers (another recovery of it got in);
+        then the verdict is for another move and the re-run asks again, about the move it
+        would make now. After :data:`PORTAL_ASKS` questions the request is refused (409)
+        rather than keeping a client waiting on a license that keeps moving."""
+        verdict: PortalVerdict | None = None
+        for _ in range(PORTAL_ASKS):
+            try:
+                return await once(verdict)
+            except recovery.NeedsPortal as exc:
+                assert self.portal is not None  # only raised when a portal is configured
+                verdict = await run_in_threadpool(self.portal.ask, exc.question)
         try:
-            return await once(None)
-        except recovery.NeedsPortal as exc:
-            assert self.portal is not None  # only raised when a portal is configured
-            verdict = await run_in_threadpool(self.portal.ask, exc.question)
             return await once(verdict)
+        except recovery.NeedsPortal as exc:
+            raise Conflict(
+                f"license {exc.question.get('serial')} was moved by another recovery while the "
+                "recovery portal was asked: nothing changed, retry the recovery"
+            ) from None
 
     def keep_record(self, refusal: RecordedRefusal) -> None:
         """The refused transaction was rolled back; its record goes in on its own, within

@@ -24,7 +24,8 @@ import hmac
 import json
 import secrets
 import ssl
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -44,6 +45,20 @@ def sign_body(secret: bytes, body: bytes) -> str:
 class PortalVerdict:
     allow: bool
     reason: str
+    #: The question this verdict answers. The request is run again with the verdict in a
+    #: new transaction, and the license may have moved meanwhile (another recovery got in
+    #: while the portal thought): the verdict only applies to the same move it approved.
+    question: Mapping[str, Any] | None = field(default=None, compare=False)
+
+    def answers(self, serial: str, old_locking_id: str, new_locking_id: str) -> bool:
+        """Was this verdict given for moving ``serial`` from ``old_locking_id`` to
+        ``new_locking_id``? A verdict without its question answers nothing."""
+        q = self.question
+        return q is not None and (q.get("serial"), q.get("from"), q.get("to")) == (
+            serial,
+            old_locking_id,
+            new_locking_id,
+        )
 
 
 class RecoveryPortal:
@@ -59,6 +74,10 @@ class RecoveryPortal:
             self._verify = ssl.create_default_context(cafile=str(config.ca_file))
 
     def ask(self, question: dict[str, Any]) -> PortalVerdict:
+        """The portal's verdict on ``question``, which it carries (see :attr:`PortalVerdict.question`)."""
+        return replace(self._ask(question), question=dict(question))
+
+    def _ask(self, question: dict[str, Any]) -> PortalVerdict:
         body = json.dumps({**question, "nonce": secrets.token_urlsafe(16)}, sort_keys=True).encode()
         headers = {
             "Content-Type": "application/json",

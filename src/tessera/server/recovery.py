@@ -40,6 +40,7 @@ from tessera.core import sign_document
 from tessera.core.blacklist import Blacklist, BlacklistEntry, sign_blacklist
 from tessera.core.clock import utc
 from tessera.core.fingerprint import LockingId
+from tessera.core.model import MatchLevel
 from tessera.core.signing import SigningKey
 from tessera.server import audit, webhooks
 from tessera.server.errors import Conflict, Invalid, NotFound, RecordedRefusal
@@ -81,7 +82,9 @@ PENDING_PREFIX = "rehost-"
 
 class NeedsPortal(Exception):
     """The rule says no and a portal is configured: ask it (outside the transaction, which
-    is rolled back) and run the request again with its verdict."""
+    is rolled back) and run the request again with its verdict. Raised again when the
+    verdict answers another move than the one the re-run would make (see
+    :meth:`~tessera.server.portal.PortalVerdict.answers`)."""
 
     def __init__(self, question: dict[str, Any]) -> None:
         super().__init__("the recovery portal must be asked")
@@ -257,16 +260,33 @@ def _blacklist(
     actor: str,
     reason: str,
 ) -> BlacklistEntryRow:
+    """List ``locking_id``, or make its entry stricter; an entry is never weakened.
+
+    A container already listed keeps what it has unless the new options are stricter: the
+    whole container rather than recovered licenses only, an earlier enforcement day (since
+    + delay). Otherwise a later re-add (by hand, or a rehost with ``--blacklist-old
+    --delay-days 90``) would postpone a blacklisting already in force, and the next
+    exported file would unlock a container the previous one locked. The original reason
+    stays: it says why the container was listed. Nothing changed means no audit line.
+    """
+    today = utc(now).date()
     entry = blacklist_entry(session, locking_id)
     if entry is None:
-        entry = BlacklistEntryRow(locking_id=locking_id, since=utc(now).date(), added_at=now)
+        entry = BlacklistEntryRow(
+            locking_id=locking_id, since=today, added_at=now, scope=scope,
+            delay_days=delay_days, actor=actor, reason=reason,
+        )  # fmt: skip
         session.add(entry)
-    elif entry.scope == "container" and scope != "container":
-        return entry  # a whole-container entry is never weakened by a narrower one
-    entry.scope = scope
-    entry.delay_days = delay_days
-    entry.actor = actor
-    entry.reason = reason
+    else:
+        widen = entry.scope != "container" and scope == "container"
+        earlier = today + timedelta(days=delay_days) < entry.since + timedelta(days=entry.delay_days)
+        if not widen and not earlier:
+            return entry
+        if earlier:  # enforced from the new, earlier day
+            entry.since, entry.delay_days = today, delay_days
+        if widen:
+            entry.scope, entry.actor, entry.reason = "container", actor, reason
+        scope, delay_days, reason = entry.scope, entry.delay_days, entry.reason
     session.flush()
     audit.append(
         session,
@@ -312,8 +332,13 @@ def recover_machine(
         "new_locking_id": new_locking_id,
         "old_container": action,
     }
-    target = blacklist_entry(session, new_locking_id)
-    if target is not None and target.scope == "container":
+    # Tolerant, as at activation: a listed container whose hardware drifted a little (a
+    # new hostname) is the same machine; moving a license onto it would use up a recovery
+    # and blacklist the customer's working machine.
+    from tessera.server.activation import BLACKLISTED_CONTAINERS, blacklisted  # import cycle
+
+    containers = session.execute(BLACKLISTED_CONTAINERS).scalars()
+    if blacklisted(containers, new_locking_id, MatchLevel(row.match_level)):
         raise _refuse(
             row.id,
             row.serial,
@@ -322,7 +347,10 @@ def recover_machine(
         )
     decision = decide(session, row, old, now)
     if not decision.granted and portal:
-        if portal_verdict is None:
+        # A verdict for another move (the license moved while the portal was asked: two
+        # recoveries at once) must not be applied to this one: it would replace a machine
+        # the portal never approved of replacing. Ask again about the move as it is now.
+        if portal_verdict is None or not portal_verdict.answers(row.serial, old.locking_id, new_locking_id):
             raise NeedsPortal(
                 {
                     "serial": row.serial,
