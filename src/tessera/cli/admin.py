@@ -646,33 +646,61 @@ def _license_template(
 
 #: Most licenses per request the server accepts (``MAX_BULK`` in tessera.server.schemas).
 BULK_CAP = 10_000
-_LOCKING_ID_RE = re.compile(r"^TL1-[A-Z2-7]{8,400}$")
+#: How the server names one entry of ``locking_ids`` in a refusal: ``locking_ids[3]`` in its
+#: own checks, ``locking_ids.3`` in a schema error, ``(also at [1])`` for a repeated one.
+_CHUNK_INDEX_RE = re.compile(r"locking_ids(?:\[(\d+)\]|\.(\d+))|\(also at \[(\d+)\]\)")
 
 
-def _read_locking_ids(path: Path) -> list[str]:
-    """One Locking ID per line (blank lines and ``#`` comments skipped), each checked here
-    so a bad file is refused before anything is issued."""
+def _read_locking_ids(path: Path) -> tuple[list[str], list[int]]:
+    """One Locking ID per line (blank lines and ``#`` comments skipped), and the file line of
+    each. Every line is parsed as the server parses it (:meth:`LockingId.parse`, not just its
+    ``TL1-`` prefix), so a bad file is refused, naming its line, before anything is issued:
+    a refusal in chunk 3 would leave chunks 1 and 2 issued."""
+    from tessera.core.fingerprint import LockingId
+
     data = read_input_file(path, "--locking-ids file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         fail(f"--locking-ids {path}: not a text file (one Locking ID per line)")
     ids: list[str] = []
+    lines: list[int] = []
     seen: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), 1):
         item = line.strip()
         if not item or item.startswith("#"):
             continue
-        if not _LOCKING_ID_RE.match(item):
-            shown = item if len(item) <= 60 else item[:57] + "..."
+        shown = item if len(item) <= 60 else item[:57] + "..."
+        if not item.startswith("TL1-"):
             fail(f"--locking-ids {path} line {number}: {shown!r} is not a Locking ID (TL1-...)")
+        try:
+            LockingId.parse(item)
+        except ValueError as exc:
+            fail(f"--locking-ids {path} line {number}: {shown!r} is not a Locking ID ({exc})")
         if item in seen:
             fail(f"--locking-ids {path} line {number}: {item} is listed twice (also line {seen[item]})")
         seen[item] = number
         ids.append(item)
+        lines.append(number)
     if not ids:
         fail(f"--locking-ids {path}: no Locking IDs in the file")
-    return ids
+    return ids, lines
+
+
+def _name_file_lines(message: str, path: Path, lines: list[int]) -> str:
+    """A server refusal of one chunk with its ``locking_ids`` indices (which count from the
+    chunk's start) replaced by the lines of the file they came from: the admin edits the
+    file, not the request."""
+
+    def replace(found: re.Match[str]) -> str:
+        index = int(next(g for g in found.groups() if g is not None))
+        if index >= len(lines):
+            return found.group(0)
+        if found.group(3) is not None:
+            return f"(also line {lines[index]})"
+        return f"--locking-ids {path} line {lines[index]}"
+
+    return _CHUNK_INDEX_RE.sub(replace, message)
 
 
 @license_app.command("issue-bulk")
@@ -717,7 +745,7 @@ def license_issue_bulk(
     --locking-ids FILE); writes serial and key (shown only here) per line to OUT."""
     if (count is None) == (locking_ids is None):
         fail("give either --count N or --locking-ids FILE (exactly one)")
-    ids = _read_locking_ids(locking_ids) if locking_ids is not None else None
+    ids, id_lines = _read_locking_ids(locking_ids) if locking_ids is not None else (None, [])
     total = len(ids) if ids is not None else int(count or 0)
     if total < 1:
         fail("--count must be at least 1")
@@ -746,7 +774,13 @@ def license_issue_bulk(
                     body["locking_ids"] = ids[issued : issued + size]
                 else:
                     body["count"] = size
-                result = client.request("POST", "/api/v1/licenses/bulk", json=body, expect=_BULK)
+                try:
+                    result = client.request("POST", "/api/v1/licenses/bulk", json=body, expect=_BULK)
+                except CliError as exc:
+                    if ids is None or locking_ids is None:
+                        raise
+                    message = _name_file_lines(str(exc), locking_ids, id_lines[issued : issued + size])
+                    raise CliError(message, exc.code) from None
                 # Each chunk is on disk before the next is asked for: keys exist only here.
                 lines = (json.dumps(item, separators=(",", ":")) + "\n" for item in result["licenses"])
                 handle.write("".join(lines))
