@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ class FakeServer:
     #: What any other request gets.
     default: tuple[int, Any] = (200, {})
     requests: list[tuple[str, str, bytes]] = field(default_factory=list)
+    #: Seconds each answer waits after its request is recorded (a request "in flight").
+    delay: float = 0.0
 
     def env(self) -> dict[str, str]:
         return {"TESSERA_URL": self.url, "TESSERA_TOKEN": "t"}
@@ -36,6 +39,8 @@ def fake_server() -> Iterator[FakeServer]:
             body = self.rfile.read(length) if length else b""
             path = self.path.split("?", 1)[0]
             state.requests.append((self.command, path, body))
+            if state.delay:
+                time.sleep(state.delay)
             planned = state.answers.get((self.command, path), state.default)
             if isinstance(planned, list):
                 planned = planned.pop(0) if len(planned) > 1 else planned[0]

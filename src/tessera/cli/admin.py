@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import ssl
 import time
 from datetime import date
@@ -703,6 +704,35 @@ def _name_file_lines(message: str, path: Path, lines: list[int]) -> str:
     return _CHUNK_INDEX_RE.sub(replace, message)
 
 
+class _StopRequests:
+    """SIGINT and SIGTERM, while bulk licenses are being issued, only ask the loop to stop.
+
+    The keys of a chunk exist nowhere but in the server's answer (the server keeps them
+    hashed): dying between the request and the write would leave those serials issued with
+    no key anywhere. So a signal is noted and acted on between chunks: the chunk in flight
+    is received, written and synced, no further chunk is sent. A second signal changes
+    nothing (the request in flight still ends by the client's timeout at the latest).
+    SIGKILL cannot be caught: docs/server.md says what it may lose and how to find it.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _note(self, signum: int, _frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def __enter__(self) -> _StopRequests:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 @license_app.command("issue-bulk")
 def license_issue_bulk(
     customer: int = CUSTOMER,
@@ -766,8 +796,8 @@ def license_issue_bulk(
     first_serial = last_serial = ""
     start = time.perf_counter()
     try:
-        with handle:
-            while issued < total:
+        with handle, _StopRequests() as stop:
+            while issued < total and stop.signum is None:
                 size = min(chunk, total - issued)
                 body = dict(template)
                 if ids is not None:
@@ -796,6 +826,14 @@ def license_issue_bulk(
             raise
         done = f"{issued} of {total} licenses were issued before: {first_serial}..{last_serial}"
         raise CliError(f"{exc} ({done}, in {out})", exc.code) from None
+    if stop.signum is not None:
+        # The shell's convention: 128 + the signal (130 for SIGINT, 143 for SIGTERM).
+        if issued == 0:
+            with contextlib.suppress(OSError):
+                out.unlink()
+            fail("interrupted before any license was issued", 128 + stop.signum)
+        where = f"{first_serial}..{last_serial} are in {out}"
+        fail(f"interrupted after {issued} licenses ({where})", 128 + stop.signum)
     seconds = time.perf_counter() - start
     if as_json:
         emit_json(
