@@ -826,7 +826,7 @@ def license_issue_bulk(
             raise
         done = f"{issued} of {total} licenses were issued before: {first_serial}..{last_serial}"
         raise CliError(f"{exc} ({done}, in {out})", exc.code) from None
-    if stop.signum is not None:
+    if stop.signum is not None and issued < total:  # a signal after the last chunk: all done
         # The shell's convention: 128 + the signal (130 for SIGINT, 143 for SIGTERM).
         if issued == 0:
             with contextlib.suppress(OSError):
