@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,10 +17,13 @@ from typing import Any
 class FakeServer:
     url: str = ""
     #: (METHOD, path) -> (status, body); a body that is bytes goes out as is, else as JSON.
-    answers: dict[tuple[str, str], tuple[int, Any]] = field(default_factory=dict)
+    #: A list of them is answered one per request, in order (the last one repeats).
+    answers: dict[tuple[str, str], Any] = field(default_factory=dict)
     #: What any other request gets.
     default: tuple[int, Any] = (200, {})
     requests: list[tuple[str, str, bytes]] = field(default_factory=list)
+    #: Seconds each answer waits after its request is recorded (a request "in flight").
+    delay: float = 0.0
 
     def env(self) -> dict[str, str]:
         return {"TESSERA_URL": self.url, "TESSERA_TOKEN": "t"}
@@ -35,7 +39,12 @@ def fake_server() -> Iterator[FakeServer]:
             body = self.rfile.read(length) if length else b""
             path = self.path.split("?", 1)[0]
             state.requests.append((self.command, path, body))
-            status, answer = state.answers.get((self.command, path), state.default)
+            if state.delay:
+                time.sleep(state.delay)
+            planned = state.answers.get((self.command, path), state.default)
+            if isinstance(planned, list):
+                planned = planned.pop(0) if len(planned) > 1 else planned[0]
+            status, answer = planned
             data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")

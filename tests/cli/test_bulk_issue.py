@@ -6,7 +6,9 @@ and bad input that issues nothing."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,9 @@ import pytest
 from tessera.core.fingerprint import locking_id_for
 
 from ..server.conftest import backend_database
-from ..server.processes import clean_env, running_server, tessera
+from ..server.processes import TESSERA, clean_env, running_server, tessera
 from .conftest import assert_one_line_error
+from .fake_server import fake_server
 
 
 def _lines(path: Path) -> list[dict[str, str]]:
@@ -125,3 +128,87 @@ def _journey(tmp: Path, db_url: str | None) -> None:
         assert len(listed) == 10
         verify = cli("audit", "verify", "--json")
         assert verify.returncode == 0 and json.loads(verify.stdout)["ok"] is True
+
+
+def _machines(n: int) -> list[str]:
+    return [str(locking_id_for([("m", f"line-{i}"), ("u", f"u-{i}")], "cortex")) for i in range(n)]
+
+
+def _bulk_answer(ids: list[str], first: int) -> dict[str, object]:
+    serials = [f"2026-{first + i:06d}" for i in range(len(ids))]
+    return {
+        "count": len(ids),
+        "first_serial": serials[0],
+        "last_serial": serials[-1],
+        "licenses": [
+            {"serial": s, "key": f"K-{s}", "locking_id": i} for s, i in zip(serials, ids, strict=True)
+        ],
+    }
+
+
+BULK = ("POST", "/api/v1/licenses/bulk")
+TEMPLATE = ["license", "issue-bulk", "--customer", "1", "--product", "cortex", "--feature", "a=1"]
+
+
+def test_a_malformed_locking_id_is_refused_by_its_line_before_any_request(tmp_path: Path) -> None:
+    # QA: line 21 "TL1-NOTVALID" passed the prefix check; 20 licenses were issued in two
+    # chunks before the server refused "locking_ids[0]" of the third.
+    ids = _machines(20)
+    (tmp_path / "ids.txt").write_text("\n".join(ids) + "\nTL1-NOTVALID\n")
+    with fake_server() as server:
+        server.default = (500, {"detail": "must not be asked"})
+        result = tessera(*TEMPLATE, "--locking-ids", "ids.txt", "--chunk", "10", "-o", "out.jsonl",
+                         env=clean_env(**server.env()), cwd=tmp_path)  # fmt: skip
+        line = assert_one_line_error(result, 2)
+        assert "ids.txt line 21" in line and "TL1-NOTVALID" in line and "not a Locking ID" in line
+        assert server.requests == []
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_refused_chunk_names_file_lines_not_chunk_indices(tmp_path: Path) -> None:
+    ids = _machines(4)
+    # Comments and blank lines shift the file lines away from the list positions.
+    (tmp_path / "ids.txt").write_text(f"# machines\n{ids[0]}\n{ids[1]}\n\n{ids[2]}\n{ids[3]}\n")
+    refusal = f"locking_ids[1]: the machine {ids[3]} is blacklisted by the vendor: nothing was issued"
+    with fake_server() as server:
+        server.answers[BULK] = [(201, _bulk_answer(ids[:2], 1)), (422, {"detail": refusal})]
+        result = tessera(*TEMPLATE, "--locking-ids", "ids.txt", "--chunk", "2", "-o", "out.jsonl",
+                         env=clean_env(**server.env()), cwd=tmp_path)  # fmt: skip
+        line = assert_one_line_error(result, 2)
+        assert len(server.requests) == 2
+    assert "ids.txt line 6: the machine" in line and "locking_ids[" not in line, line
+    assert "2 of 4 licenses were issued before: 2026-000001..2026-000002" in line
+    assert [x["serial"] for x in _lines(tmp_path / "out.jsonl")] == ["2026-000001", "2026-000002"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_finishes_the_chunk_in_flight_and_says_what_is_in_the_file(
+    tmp_path: Path, signum: int
+) -> None:
+    # QA: SIGTERM mid-run exited 143 with no word while the chunk in flight was issued on
+    # the server and its keys were in no file; SIGINT gave 130 and an empty stderr.
+    with fake_server() as server:
+        server.delay = 0.5
+        server.answers[BULK] = [(201, _bulk_answer_plain(n * 3 + 1, 3)) for n in range(10)]
+        proc = subprocess.Popen(
+            [TESSERA, *TEMPLATE, "--count", "30", "--chunk", "3", "-o", "out.jsonl"],
+            env=clean_env(**server.env()), cwd=tmp_path, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while len(server.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signum)  # the second chunk is in flight
+        _, stderr = proc.communicate(timeout=30)
+        sent = len(server.requests)
+    assert proc.returncode == 128 + signum, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines == ["error: interrupted after 6 licenses (2026-000001..2026-000006 are in out.jsonl)"]
+    assert sent == 2  # no chunk was sent after the signal
+    assert [x["serial"] for x in _lines(tmp_path / "out.jsonl")] == [f"2026-{n:06d}" for n in range(1, 7)]
+
+
+def _bulk_answer_plain(first: int, count: int) -> dict[str, object]:
+    serials = [f"2026-{first + i:06d}" for i in range(count)]
+    licenses = [{"serial": s, "key": f"K-{s}"} for s in serials]
+    return {"count": count, "first_serial": serials[0], "last_serial": serials[-1], "licenses": licenses}

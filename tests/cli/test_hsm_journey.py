@@ -74,6 +74,20 @@ def test_a_server_whose_vendor_key_lives_in_an_hsm(tmp_path: Path) -> None:
         status = json.loads(run_agent("status", "--json").stdout)
         assert status["state"] == "normal"
 
+        # The token goes away (its directory moved, as QA did): answers that need a
+        # signature are refused; it comes back: the next one succeeds, no restart (the
+        # server used to answer 503 with ObjectHandleInvalid until restarted).
+        tokens = token.conf.parent / "tokens"
+        tokens.rename(tokens.with_name("tokens.away"))
+        try:
+            outage = run_agent("connect")
+            assert outage.returncode != 0, outage.stdout
+            assert "cannot sign right now" in outage.stderr
+        finally:
+            tokens.with_name("tokens.away").rename(tokens)
+        connected = run_agent("connect")
+        assert connected.returncode == 0, connected.stderr
+
     checklist = tessera("security", "checklist", "--data-dir", str(data), "--format", "json", env=env)
     assert checklist.returncode == 0, checklist.stderr
     measures = {m["id"]: m for m in json.loads(checklist.stdout)["measures"]}

@@ -8,6 +8,7 @@ import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pkcs11
 import pytest
 
 from tessera.core import sign_document
@@ -16,7 +17,7 @@ from tessera.core.signing import Keyring
 from tessera.core.verify import load_signed
 from tessera.server.checklist import Check, audit
 from tessera.server.config import ConfigError, HsmConfig, load_config
-from tessera.server.hsm import HsmSigningKey, open_signing_key
+from tessera.server.hsm import HsmError, HsmSigningKey, generate_key, open_signing_key
 from tessera.server.runner import build_state
 from tessera.server.setup import initialize
 
@@ -182,3 +183,70 @@ def test_a_damaged_hsm_section_is_one_clear_error(tmp_path: Path, section: str, 
     (data_dir / "tessera.toml").write_text(section + '[server]\ndatabase = "sqlite:///x.db"\n')
     with pytest.raises(ConfigError, match=words):
         load_config(data_dir)
+
+
+def _tokens_dir(token: Token) -> Path:
+    return token.conf.parent / "tokens"
+
+
+def test_signing_resumes_when_the_token_comes_back(token: Token, pin: str) -> None:
+    # QA: with the token directory moved away and back, every signature still failed with
+    # ObjectHandleInvalid (a 503 on every activation) until the server was restarted.
+    generate_key(hsm_of(token), pin)
+    key = open_signing_key(hsm_of(token))
+    try:
+        before = key.sign(b"a batch root")
+        tokens = _tokens_dir(token)
+        away = tokens.with_name("tokens.away")
+        tokens.rename(away)
+        try:
+            for _ in range(2):  # gone: refused each time, one clear error, no crash
+                with pytest.raises(HsmError):
+                    key.sign(b"a batch root")
+        finally:
+            away.rename(tokens)
+        assert key.sign(b"a batch root") == before  # the very next signature succeeds
+    finally:
+        key.close()
+
+
+def test_a_session_lost_under_the_key_is_reopened_at_once(token: Token, pin: str) -> None:
+    # The module finalized and initialized again (an HSM restart looks alike): the key's
+    # session and handle are dead while the token is fine; the next signature still works.
+    generate_key(hsm_of(token), pin)
+    key = open_signing_key(hsm_of(token))
+    try:
+        before = key.sign(b"x")
+        pkcs11.lib(str(token.module)).reinitialize()
+        assert key.sign(b"x") == before
+        assert key.sign(b"x") == before
+    finally:
+        key.close()
+
+
+def test_a_closed_key_does_not_reopen(token: Token, pin: str) -> None:
+    generate_key(hsm_of(token), pin)
+    key = open_signing_key(hsm_of(token))
+    key.close()
+    with pytest.raises(HsmError, match="cannot be re-opened"):
+        key.sign(b"x")
+
+
+def test_a_reopened_session_signs_only_with_the_same_vendor_key(token: Token, pin: str) -> None:
+    # Between the outage and the re-open the label may name another key (a token replaced
+    # by a fresh one): signing with it would orphan what agents trust, so nothing is signed.
+    generate_key(hsm_of(token), pin)
+    key = open_signing_key(hsm_of(token))
+    try:
+        lib = pkcs11.lib(str(token.module))
+        lib.reinitialize()  # the key's session is gone
+        with lib.get_token(token_label=token.label).open(rw=True, user_pin=pin) as session:
+            for item in list(session.get_objects({pkcs11.Attribute.LABEL: "tessera-vendor"})):
+                item.destroy()
+        generate_key(hsm_of(token), pin)
+        with pytest.raises(HsmError):
+            key.sign(b"x")
+        with pytest.raises(HsmError, match="another key"):
+            key.sign(b"x")
+    finally:
+        key.close()

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import ssl
 import time
 from datetime import date
@@ -646,33 +647,90 @@ def _license_template(
 
 #: Most licenses per request the server accepts (``MAX_BULK`` in tessera.server.schemas).
 BULK_CAP = 10_000
-_LOCKING_ID_RE = re.compile(r"^TL1-[A-Z2-7]{8,400}$")
+#: How the server names one entry of ``locking_ids`` in a refusal: ``locking_ids[3]`` in its
+#: own checks, ``locking_ids.3`` in a schema error, ``(also at [1])`` for a repeated one.
+_CHUNK_INDEX_RE = re.compile(r"locking_ids(?:\[(\d+)\]|\.(\d+))|\(also at \[(\d+)\]\)")
 
 
-def _read_locking_ids(path: Path) -> list[str]:
-    """One Locking ID per line (blank lines and ``#`` comments skipped), each checked here
-    so a bad file is refused before anything is issued."""
+def _read_locking_ids(path: Path) -> tuple[list[str], list[int]]:
+    """One Locking ID per line (blank lines and ``#`` comments skipped), and the file line of
+    each. Every line is parsed as the server parses it (:meth:`LockingId.parse`, not just its
+    ``TL1-`` prefix), so a bad file is refused, naming its line, before anything is issued:
+    a refusal in chunk 3 would leave chunks 1 and 2 issued."""
+    from tessera.core.fingerprint import LockingId
+
     data = read_input_file(path, "--locking-ids file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         fail(f"--locking-ids {path}: not a text file (one Locking ID per line)")
     ids: list[str] = []
+    lines: list[int] = []
     seen: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), 1):
         item = line.strip()
         if not item or item.startswith("#"):
             continue
-        if not _LOCKING_ID_RE.match(item):
-            shown = item if len(item) <= 60 else item[:57] + "..."
+        shown = item if len(item) <= 60 else item[:57] + "..."
+        if not item.startswith("TL1-"):
             fail(f"--locking-ids {path} line {number}: {shown!r} is not a Locking ID (TL1-...)")
+        try:
+            LockingId.parse(item)
+        except ValueError as exc:
+            fail(f"--locking-ids {path} line {number}: {shown!r} is not a Locking ID ({exc})")
         if item in seen:
             fail(f"--locking-ids {path} line {number}: {item} is listed twice (also line {seen[item]})")
         seen[item] = number
         ids.append(item)
+        lines.append(number)
     if not ids:
         fail(f"--locking-ids {path}: no Locking IDs in the file")
-    return ids
+    return ids, lines
+
+
+def _name_file_lines(message: str, path: Path, lines: list[int]) -> str:
+    """A server refusal of one chunk with its ``locking_ids`` indices (which count from the
+    chunk's start) replaced by the lines of the file they came from: the admin edits the
+    file, not the request."""
+
+    def replace(found: re.Match[str]) -> str:
+        index = int(next(g for g in found.groups() if g is not None))
+        if index >= len(lines):
+            return found.group(0)
+        if found.group(3) is not None:
+            return f"(also line {lines[index]})"
+        return f"--locking-ids {path} line {lines[index]}"
+
+    return _CHUNK_INDEX_RE.sub(replace, message)
+
+
+class _StopRequests:
+    """SIGINT and SIGTERM, while bulk licenses are being issued, only ask the loop to stop.
+
+    The keys of a chunk exist nowhere but in the server's answer (the server keeps them
+    hashed): dying between the request and the write would leave those serials issued with
+    no key anywhere. So a signal is noted and acted on between chunks: the chunk in flight
+    is received, written and synced, no further chunk is sent. A second signal changes
+    nothing (the request in flight still ends by the client's timeout at the latest).
+    SIGKILL cannot be caught: docs/server.md says what it may lose and how to find it.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _note(self, signum: int, _frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def __enter__(self) -> _StopRequests:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 @license_app.command("issue-bulk")
@@ -717,7 +775,7 @@ def license_issue_bulk(
     --locking-ids FILE); writes serial and key (shown only here) per line to OUT."""
     if (count is None) == (locking_ids is None):
         fail("give either --count N or --locking-ids FILE (exactly one)")
-    ids = _read_locking_ids(locking_ids) if locking_ids is not None else None
+    ids, id_lines = _read_locking_ids(locking_ids) if locking_ids is not None else (None, [])
     total = len(ids) if ids is not None else int(count or 0)
     if total < 1:
         fail("--count must be at least 1")
@@ -738,15 +796,21 @@ def license_issue_bulk(
     first_serial = last_serial = ""
     start = time.perf_counter()
     try:
-        with handle:
-            while issued < total:
+        with handle, _StopRequests() as stop:
+            while issued < total and stop.signum is None:
                 size = min(chunk, total - issued)
                 body = dict(template)
                 if ids is not None:
                     body["locking_ids"] = ids[issued : issued + size]
                 else:
                     body["count"] = size
-                result = client.request("POST", "/api/v1/licenses/bulk", json=body, expect=_BULK)
+                try:
+                    result = client.request("POST", "/api/v1/licenses/bulk", json=body, expect=_BULK)
+                except CliError as exc:
+                    if ids is None or locking_ids is None:
+                        raise
+                    message = _name_file_lines(str(exc), locking_ids, id_lines[issued : issued + size])
+                    raise CliError(message, exc.code) from None
                 # Each chunk is on disk before the next is asked for: keys exist only here.
                 lines = (json.dumps(item, separators=(",", ":")) + "\n" for item in result["licenses"])
                 handle.write("".join(lines))
@@ -762,6 +826,14 @@ def license_issue_bulk(
             raise
         done = f"{issued} of {total} licenses were issued before: {first_serial}..{last_serial}"
         raise CliError(f"{exc} ({done}, in {out})", exc.code) from None
+    if stop.signum is not None and issued < total:  # a signal after the last chunk: all done
+        # The shell's convention: 128 + the signal (130 for SIGINT, 143 for SIGTERM).
+        if issued == 0:
+            with contextlib.suppress(OSError):
+                out.unlink()
+            fail("interrupted before any license was issued", 128 + stop.signum)
+        where = f"{first_serial}..{last_serial} are in {out}"
+        fail(f"interrupted after {issued} licenses ({where})", 128 + stop.signum)
     seconds = time.perf_counter() - start
     if as_json:
         emit_json(

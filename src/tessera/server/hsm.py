@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,29 +66,81 @@ def read_pin() -> str:
 
 
 class HsmSigningKey(SigningKey):
-    """A vendor key that lives in a PKCS#11 token: it signs, and cannot be exported."""
+    """A vendor key that lives in a PKCS#11 token: it signs, and cannot be exported.
 
-    __slots__ = ("_failure", "_lock", "_mechanism", "_private", "_session", "token")
+    A token that goes away (pulled, its directory moved, the HSM restarted) leaves the
+    session and the key's handle dead for good: they keep failing (``ObjectHandleInvalid``)
+    after the token is back. So a failed signature drops them, and the next signature opens
+    a new session (log in, find the key again, re-initializing the PKCS#11 library when the
+    module no longer sees the token) and tries once more: the server signs again as soon as
+    the token does, without a restart. Re-opened, the key must still be this server's
+    vendor key (same public key), or nothing is signed.
+    """
 
-    def __init__(self, session: Any, private: Any, public: PublicKey, token: str) -> None:
+    __slots__ = ("_failure", "_lock", "_mechanism", "_private", "_reopen", "_session", "token")
+
+    def __init__(
+        self,
+        session: Any,
+        private: Any,
+        public: PublicKey,
+        token: str,
+        reopen: Callable[[], tuple[Any, Any, PublicKey]] | None = None,
+    ) -> None:
         import pkcs11
 
         # Not SigningKey.__init__: there is no key material in this process.
         self._mechanism = pkcs11.Mechanism.EDDSA  # looked up once, not per signature
         self._failure = pkcs11.PKCS11Error
-        self._session = session
-        self._private = private
+        self._session: Any = session
+        self._private: Any = private
+        self._reopen = reopen
         self._lock = threading.Lock()
         self.public = public
         self.token = token
 
     def sign(self, data: bytes) -> bytes:
         with self._lock:
+            if self._private is None:  # dropped after a failure: the token may be back
+                self._reconnect()
+                return self._sign_once(data)
             try:
-                signature = self._private.sign(bytes(data), mechanism=self._mechanism)
-            except self._failure as exc:
-                raise HsmError(f"token {self.token!r} refused to sign: {_name(exc)}") from None
-        return bytes(signature)
+                return self._sign_once(data)
+            except HsmError:
+                if self._reopen is None:
+                    raise
+                # The token may be back already while this session is stale: one fresh
+                # session, one more try; still failing, the first reason is the one told.
+                try:
+                    self._reconnect()
+                except HsmError:
+                    pass
+                else:
+                    return self._sign_once(data)
+                raise
+
+    def _sign_once(self, data: bytes) -> bytes:
+        try:
+            return bytes(self._private.sign(bytes(data), mechanism=self._mechanism))
+        except self._failure as exc:
+            self._drop()
+            raise HsmError(f"token {self.token!r} refused to sign: {_name(exc)}") from None
+
+    def _drop(self) -> None:
+        session, self._session, self._private = self._session, None, None
+        if session is not None:
+            with contextlib.suppress(Exception):  # the token went away: nothing left to close
+                session.close()
+
+    def _reconnect(self) -> None:
+        if self._reopen is None:
+            raise HsmError(f"token {self.token!r}: the session was lost and cannot be re-opened")
+        session, private, public = self._reopen()
+        if public != self.public:
+            with contextlib.suppress(Exception):
+                session.close()
+            raise HsmError(f"token {self.token!r} now holds another key than the vendor key: not signing")
+        self._session, self._private = session, private
 
     def to_pem(self, passphrase: bytes) -> bytes:
         raise KeyFileError("the vendor key lives in the HSM and cannot be exported")
@@ -96,8 +149,9 @@ class HsmSigningKey(SigningKey):
         raise KeyFileError("the vendor key lives in the HSM and cannot be exported")
 
     def close(self) -> None:
-        with self._lock, contextlib.suppress(Exception):  # the token went away: nothing left to close
-            self._session.close()
+        with self._lock:
+            self._reopen = None  # closed for good: no later signature re-opens a session
+            self._drop()
 
     def __repr__(self) -> str:
         return f"HsmSigningKey(key_id={self.key_id!r}, token={self.token!r})"
@@ -253,12 +307,13 @@ def import_key(config: HsmConfig, pin: str, key: SigningKey) -> PublicKey:
         session.close()
 
 
-def open_signing_key(config: HsmConfig, pin: str | None = None) -> HsmSigningKey:
-    """The vendor key of ``config``'s token, ready to sign (a session held until closed)."""
+def _find_key(config: HsmConfig, pin: str) -> tuple[Any, Any, PublicKey]:
+    """A new session on ``config``'s token and the vendor key pair in it (private handle,
+    public key); the session is closed again if the key is not usable."""
     import pkcs11
     from pkcs11 import Attribute, ObjectClass
 
-    session = _session(config, pin if pin is not None else read_pin(), rw=False)
+    session = _session(config, pin, rw=False)
     try:
         try:
             private = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=config.key)
@@ -267,16 +322,54 @@ def open_signing_key(config: HsmConfig, pin: str | None = None) -> HsmSigningKey
             raise HsmError(f"token {config.token!r} has no key labelled {config.key!r}") from None
         except pkcs11.MultipleObjectsReturned:
             raise HsmError(f"token {config.token!r} has several keys labelled {config.key!r}") from None
+        except pkcs11.PKCS11Error as exc:
+            raise HsmError(f"token {config.token!r}: cannot find key {config.key!r}: {_name(exc)}") from None
         if private[Attribute.KEY_TYPE] != pkcs11.KeyType.EC_EDWARDS:
             raise HsmError(f"the key {config.key!r} in token {config.token!r} is not an Ed25519 key")
-        key = HsmSigningKey(session, private, _public_key(public), config.token)
+        return session, private, _public_key(public)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            session.close()
+        raise
+
+
+def _reopener(config: HsmConfig, pin: str) -> Callable[[], tuple[Any, Any, PublicKey]]:
+    """How a signing key gets a new session after its token came back. A module may keep
+    the token's old state until it is initialized again (SoftHSM answers ``GeneralError``
+    for a token whose directory went away and came back): if a plain re-open fails, the
+    library is re-initialized (``C_Finalize``, ``C_Initialize``) and asked once more. Only
+    the signing key holds sessions in a server process, and its own is dead already."""
+
+    def reopen() -> tuple[Any, Any, PublicKey]:
+        import pkcs11
+
+        try:
+            return _find_key(config, pin)
+        except HsmError:
+            lib = _library(config)
+            try:
+                lib.reinitialize()
+            except pkcs11.PKCS11Error as exc:
+                raise HsmError(f"cannot re-initialize PKCS#11 module {config.module}: {_name(exc)}") from None
+            return _find_key(config, pin)
+
+    return reopen
+
+
+def open_signing_key(config: HsmConfig, pin: str | None = None) -> HsmSigningKey:
+    """The vendor key of ``config``'s token, ready to sign (a session held until closed,
+    re-opened after the token failed and came back)."""
+    pin = pin if pin is not None else read_pin()
+    session, private, public = _find_key(config, pin)
+    key = HsmSigningKey(session, private, public, config.token, _reopener(config, pin))
+    try:
         # One signature proves the pair belongs together and the token signs with it.
         probe = b"tessera hsm probe"
         if not key.public.verify(key.sign(probe), probe):
             raise HsmError(f"the key pair {config.key!r} in token {config.token!r} does not match")
         return key
     except BaseException:
-        session.close()
+        key.close()
         raise
 
 
