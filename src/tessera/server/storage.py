@@ -33,6 +33,7 @@ __all__ = [
     "Database",
     "begin_immediate",
     "describe_db_error",
+    "describe_db_url",
     "dialect_insert",
     "normalize_db_url",
     "sqlite_file",
@@ -103,9 +104,14 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def describe_db_url(url: str) -> str:
+    """The URL to show in a message: its password hidden."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def describe_db_error(url: str, exc: Exception) -> str:
     """One line for a database that cannot be used (password hidden)."""
-    shown = make_url(url).render_as_string(hide_password=True)
+    shown = describe_db_url(url)
     cause = getattr(exc, "orig", None) or exc
     first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
     return f"cannot use the database {shown}: {first}"
