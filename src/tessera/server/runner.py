@@ -17,9 +17,9 @@ from uvicorn.supervisors import Multiprocess
 from tessera.core.clock import SystemClock
 from tessera.server.app import Interfaces, ServerState, create_app
 from tessera.server.config import ConfigError, load_config
-from tessera.server.migrate import upgrade
+from tessera.server.migrate import SchemaError, check_and_upgrade
 from tessera.server.portal import RecoveryPortal
-from tessera.server.storage import Database, describe_db_error
+from tessera.server.storage import Database, describe_db_error, sqlite_file
 
 __all__ = ["TlsFloorConfig", "build_state", "relay_worker_app", "serve", "serve_relay", "worker_app"]
 
@@ -42,10 +42,24 @@ def build_state(data_dir: Path, *, migrate: bool = True) -> ServerState:
     config = load_config(data_dir)
     signing_key = config.load_signing_key()
     pepper = config.read_pepper()
-    db = Database(config.database)
+    path = sqlite_file(config.database)
+    if path is not None and not path.is_file():  # connecting would create it (mode 0644)
+        raise SchemaError(
+            f"the database at {config.database} holds no Tessera data (there is no file {path}): "
+            "run `tessera server init` (or fix [server] database)"
+        )
+    try:
+        db = Database(config.database)
+    except ValueError as exc:
+        raise ConfigError(f"{config.config_file}: [server] database: {exc}") from None
     if migrate:
         try:
-            upgrade(db)  # a newer server version brings its migrations; idempotent otherwise
+            # Refuses a database init never made or a newer version's; an older one is
+            # brought forward (a newer server version brings its migrations).
+            check_and_upgrade(db)
+        except SchemaError:
+            db.dispose()
+            raise
         except SQLAlchemyError as exc:
             db.dispose()
             raise ConfigError(describe_db_error(config.database, exc)) from None
