@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def test_run_refuses_a_new_sqlite_path(tmp_path: Path) -> None:
     init_data_dir(data_dir)
     config = data_dir / "tessera.toml"
     other = tmp_path / "elsewhere.db"
-    config.write_text(config.read_text().replace(str(data_dir / "tessera.db"), str(other)))
+    config.write_text(config.read_text().replace("sqlite:///tessera.db", f"sqlite:///{other}"))
     line = assert_one_line_error(tessera("server", "run", "--data-dir", str(data_dir), "--port", "1"), 2)
     assert line.endswith(
         "holds no Tessera data (there is no file "
@@ -125,3 +126,42 @@ def test_run_refuses_an_empty_postgresql_database(tmp_path: Path) -> None:
                 ).scalar_one()
         finally:
             db.dispose()
+
+
+def test_a_copied_data_dir_uses_its_own_sqlite_database(tmp_path: Path) -> None:
+    """init writes the default SQLite path relative to the data directory: a copy
+    (``cp -a var var2``) used to keep reading and writing the original's database."""
+    data_dir = tmp_path / "srv"
+    init_data_dir(data_dir)
+    assert 'database = "sqlite:///tessera.db"' in (data_dir / "tessera.toml").read_text()
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)
+    (data_dir / "tessera.db").rename(tmp_path / "moved-away.db")
+    with running_server(copy, tls=False) as server:  # from another working directory too
+        assert httpx.get(f"{server}/api/v1/health").status_code == 200
+    assert not (data_dir / "tessera.db").exists()
+
+
+def test_an_absolute_sqlite_path_is_still_read(tmp_path: Path) -> None:
+    """tessera.toml files written by earlier versions name the database absolutely."""
+    data_dir = tmp_path / "srv"
+    init_data_dir(data_dir)
+    moved = tmp_path / "elsewhere" / "licenses.db"
+    moved.parent.mkdir()
+    (data_dir / "tessera.db").rename(moved)
+    config = data_dir / "tessera.toml"
+    config.write_text(config.read_text().replace("sqlite:///tessera.db", f"sqlite:///{moved}"))
+    with running_server(data_dir, tls=False) as server:
+        assert httpx.get(f"{server}/api/v1/health").status_code == 200
+    assert not (data_dir / "tessera.db").exists()
+
+
+def test_init_keeps_a_relative_db_path_as_typed(tmp_path: Path) -> None:
+    """``--db sqlite:///x.db`` meant the working directory's file when it was typed."""
+    data_dir = tmp_path / "srv"
+    result = tessera(
+        "server", "init", "--data-dir", str(data_dir), "--db", "sqlite:///typed.db", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "typed.db").is_file()
+    assert f'database = "sqlite:///{tmp_path / "typed.db"}"' in (data_dir / "tessera.toml").read_text()

@@ -28,6 +28,7 @@ from tessera.core.signing import SigningKey
 __all__ = [
     "CONFIG_NAME",
     "DEFAULT_PORT",
+    "DEFAULT_SQLITE_SETTING",
     "ConfigError",
     "HsmConfig",
     "PortalConfig",
@@ -36,6 +37,7 @@ __all__ = [
     "load_config",
     "read_passphrase",
     "render_config",
+    "resolve_sqlite_url",
     "toml_string",
 ]
 
@@ -194,17 +196,37 @@ def read_passphrase(config: ServerConfig) -> bytes:
     return text.encode("utf-8")
 
 
+#: What ``server init`` writes for its default SQLite database: relative, so a copied or
+#: moved data directory (``cp -a var var2``) uses its own database, not the original's.
+DEFAULT_SQLITE_SETTING: Final = "sqlite:///tessera.db"
+
+
+def resolve_sqlite_url(url: str, data_dir: Path) -> str:
+    """A SQLite URL with a relative path (``sqlite:///tessera.db``) made absolute against
+    the data directory; every other URL unchanged. SQLite itself would resolve it against
+    the working directory of whoever runs the server."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url.startswith(prefix + "/"):
+        return url
+    path, sep, query = url[len(prefix) :].partition("?")
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return url
+    return f"{prefix}{data_dir / path}{sep}{query}"
+
+
 def toml_string(value: str) -> str:
     """``value`` as a TOML basic string."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_config(config: ServerConfig) -> str:
+def render_config(config: ServerConfig, database: str | None = None) -> str:
+    """tessera.toml for ``config``; ``database``: the setting to write instead of
+    ``config.database`` (init's relative default)."""
     roles = ", ".join(toml_string(role) for role in config.two_step_roles)
     return (
         "# Tessera license server (written by `tessera server init`).\n"
         "[server]\n"
-        f"database = {toml_string(config.database)}\n"
+        f"database = {toml_string(database or config.database)}\n"
         "\n"
         "# Optional interfaces; switch off what this deployment does not need.\n"
         "[interfaces]\n"
@@ -285,7 +307,7 @@ def load_config(data_dir: Path) -> ServerConfig:
     )  # fmt: skip
     return ServerConfig(
         data_dir=data_dir.resolve(),
-        database=database,
+        database=resolve_sqlite_url(database, data_dir.resolve()),
         hsm=_hsm_config(raw, path),
         portal=portal,
         lease_seconds=int(lease_seconds),

@@ -21,12 +21,14 @@ from tessera.core.errors import KeyFileError
 from tessera.core.signing import Keyring, PublicKey, SigningKey
 from tessera.server.config import (
     CONFIG_NAME,
+    DEFAULT_SQLITE_SETTING,
     ConfigError,
     HsmConfig,
     ServerConfig,
     hsm_section,
     load_config,
     render_config,
+    resolve_sqlite_url,
 )
 from tessera.server.files import write_file
 from tessera.server.migrate import upgrade
@@ -73,6 +75,9 @@ def initialize(
         url = normalize_db_url(db_url) if db_url else f"sqlite:///{data_dir / 'tessera.db'}"
     except ValueError as exc:
         raise ConfigError(f"--db: {exc}") from None
+    # A relative --db SQLite path means the working directory's file, as typed; tessera.toml
+    # resolves relative paths against the data directory, so it gets the absolute one.
+    url = resolve_sqlite_url(url, Path.cwd())
     config = ServerConfig(data_dir=data_dir, database=url, hsm=hsm, web_portal=web_portal)
     _refuse_existing_material(config)
     pin = None if hsm is None else _checked_pin(hsm)
@@ -107,7 +112,8 @@ def initialize(
     finally:
         db.dispose()
     # Written last: its presence means "initialized" (Makefile and re-init check it).
-    write_file(config.config_file, render_config(config).encode("utf-8"))
+    setting = DEFAULT_SQLITE_SETTING if db_url is None else None
+    write_file(config.config_file, render_config(config, setting).encode("utf-8"))
     return InitResult(config, admin_token, public.key_id, generated)
 
 
