@@ -266,10 +266,13 @@ def load_config(data_dir: Path) -> ServerConfig:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    server = raw.get("server", {})
-    database = server.get("database") if isinstance(server, dict) else None
-    if not isinstance(database, str) or not database:
-        raise ConfigError(f"{path}: [server] database is missing")
+    unknown_tables = sorted(set(raw) - KNOWN_TABLES)
+    if unknown_tables:
+        raise ConfigError(
+            f"{path}: unknown table [{unknown_tables[0]}] (known: {', '.join(sorted(KNOWN_TABLES))})"
+        )
+    server = _table(raw, "server", path, {"database"})
+    database = _database_setting(server.get("database"), path)
     interfaces = raw.get("interfaces", {})
     if not isinstance(interfaces, dict):
         raise ConfigError(f"{path}: [interfaces] must be a table")
@@ -315,6 +318,36 @@ def load_config(data_dir: Path) -> ServerConfig:
         two_step_roles=tuple(dict.fromkeys(two_step)),
         **switches,
     )
+
+
+#: The tables tessera.toml may hold. Anything else (``[interface]`` for ``[interfaces]``)
+#: is refused like an unknown key: silently ignored, a typo switches nothing off.
+KNOWN_TABLES: Final = frozenset(
+    {"server", "interfaces", "web_portal", "leases", "webhooks", "recovery", "hsm"}
+)
+#: URL schemes ``[server] database`` may use (``postgres://`` and ``postgresql://`` mean
+#: psycopg 3, the only PostgreSQL driver installed).
+DATABASE_SCHEMES: Final = frozenset(
+    {"sqlite", "sqlite+pysqlite", "postgresql", "postgres", "postgresql+psycopg"}
+)
+
+
+def _database_setting(value: object, path: Path) -> str:
+    """``[server] database``, checked here (without SQLAlchemy, which this module must not
+    import): a URL of another database, or no URL, used to end in "internal error"."""
+    if value is None:
+        raise ConfigError(f"{path}: [server] database is missing")
+    example = "sqlite:///tessera.db or postgresql://user@host/db"
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{path}: [server] database must be a database URL string ({example})")
+    scheme, sep, _ = value.partition("://")
+    if not sep:
+        raise ConfigError(f"{path}: [server] database is not a database URL ({example})")
+    if scheme.lower() not in DATABASE_SCHEMES:
+        raise ConfigError(
+            f"{path}: [server] database: unsupported database {scheme!r} (sqlite or postgresql)"
+        )
+    return value
 
 
 def _hsm_config(raw: dict[str, object], path: Path) -> HsmConfig | None:
