@@ -78,3 +78,16 @@ def test_bad_database_settings_and_unknown_tables_are_one_line(tmp_path: Path) -
     config.write_text("[server]\ndatabase = 'sqlite:///x.db'\n[server.extra]\n")
     result = tessera("server", "run", "--data-dir", str(data_dir), "--port", "1")
     assert result.returncode == 2 and "[server] has unknown key 'extra'" in result.stderr
+
+
+def test_run_says_where_it_listens(tmp_path: Path) -> None:
+    """`server run` printed nothing at all on start."""
+    data_dir = tmp_path / "srv"
+    init_data_dir(data_dir)
+    with running_server(data_dir, tls=False) as url:
+        port = url.rsplit(":", 1)[1]
+        log = (data_dir / f"server-{port}.log").read_text()
+    assert (
+        f"tessera server listening on http://127.0.0.1:{port} "
+        f"(data dir {data_dir.resolve()}, database SQLite sqlite:///{data_dir.resolve() / 'tessera.db'})"
+    ) in log, log

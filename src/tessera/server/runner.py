@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from tessera.server.app import Interfaces, ServerState, create_app
 from tessera.server.config import ConfigError, load_config
 from tessera.server.migrate import SchemaError, check_and_upgrade
 from tessera.server.portal import RecoveryPortal
-from tessera.server.storage import Database, describe_db_error, sqlite_file
+from tessera.server.storage import Database, describe_db_error, describe_db_url, sqlite_file
 
 __all__ = ["TlsFloorConfig", "build_state", "relay_worker_app", "serve", "serve_relay", "worker_app"]
 
@@ -113,6 +114,7 @@ def serve(data_dir: Path, host: str, port: int, *, tls: bool, workers: int = 1) 
         **options,
     }
     listener = _listen(host, port)
+    _announce(listener, tls=tls, data_dir=data_dir, database=state.db, workers=workers)
     try:
         if workers <= 1:
             server_config = TlsFloorConfig(_app_for(data_dir, state), **common)
@@ -129,6 +131,25 @@ def serve(data_dir: Path, host: str, port: int, *, tls: bool, workers: int = 1) 
     finally:
         listener.close()
         state.db.dispose()
+
+
+def _announce(
+    listener: socket.socket, *, tls: bool, data_dir: Path, database: Database, workers: int
+) -> None:
+    """One line on stderr once the port is bound: where the server listens and what it
+    serves (uvicorn's own start-up lines are off with its log level at "warning"; without
+    this an operator saw nothing at all)."""
+    host, port = listener.getsockname()[:2]
+    shown = f"[{host}]" if ":" in str(host) else str(host)
+    kind = "SQLite" if database.is_sqlite else "PostgreSQL"
+    where = database.url if database.is_sqlite else describe_db_url(database.url)
+    plural = f", {workers} workers" if workers > 1 else ""
+    print(
+        f"tessera server listening on {'https' if tls else 'http'}://{shown}:{port} "
+        f"(data dir {data_dir}, database {kind} {where}{plural})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _metrics_directory(data_dir: Path) -> None:

@@ -136,7 +136,9 @@ class Database:
             kwargs["connect_args"] = {k: v for k, v in settings.items() if k not in query}
             self._pg_connect_args = kwargs["connect_args"]
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
-        self.engine: Engine = create_engine(self.url, **kwargs)
+        # hide_parameters: a failing statement's text (in exceptions and log lines) would
+        # otherwise carry every parameter set: token hashes, sealed secrets, license data.
+        self.engine: Engine = create_engine(self.url, hide_parameters=True, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine, int(self.busy_timeout * 1000))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
