@@ -20,6 +20,7 @@ from tessera.server.app import Interfaces, ServerState, create_app
 from tessera.server.config import ConfigError, load_config
 from tessera.server.migrate import SchemaError, check_and_upgrade
 from tessera.server.portal import RecoveryPortal
+from tessera.server.runlock import hold_run_lock
 from tessera.server.storage import Database, describe_db_error, describe_db_url, sqlite_file
 
 __all__ = ["TlsFloorConfig", "build_state", "relay_worker_app", "serve", "serve_relay", "worker_app"]
@@ -114,6 +115,7 @@ def serve(data_dir: Path, host: str, port: int, *, tls: bool, workers: int = 1) 
         **options,
     }
     listener = _listen(host, port)
+    lock = hold_run_lock(data_dir)  # `server hsm-import` refuses while it is held
     _announce(listener, tls=tls, data_dir=data_dir, database=state.db, workers=workers)
     try:
         if workers <= 1:
@@ -131,6 +133,8 @@ def serve(data_dir: Path, host: str, port: int, *, tls: bool, workers: int = 1) 
     finally:
         listener.close()
         state.db.dispose()
+        if lock is not None:
+            lock.close()
 
 
 def _announce(
