@@ -25,9 +25,16 @@ venv: $(VENV)/.installed
 dev: $(VENV)/.dev-installed
 
 # Initialises ./var (SQLite, vendor key, TLS CA + server certificate, first admin token)
-# on first use and serves HTTPS. Never waits for input.
+# on first use and serves HTTPS. Never waits for input. "First use" means the directory
+# holds neither tessera.toml nor any key or database: a directory that lost only its
+# tessera.toml is reported, never initialized over (that would replace the vendor key).
+INIT_MARKERS := tessera.toml tessera.db vendor.key vendor.pub tls/ca.pem tls/ca.key secrets/pepper
 run: $(VENV)/.installed
-	@if [ ! -f $(DATA_DIR)/tessera.toml ]; then $(BIN)/tessera server init --data-dir $(DATA_DIR); fi
+	@found=; for f in $(INIT_MARKERS); do [ -e "$(DATA_DIR)/$$f" ] && found="$$found $$f"; done; \
+	if [ -z "$$found" ]; then $(BIN)/tessera server init --data-dir $(DATA_DIR) || exit 1; \
+	elif [ ! -f "$(DATA_DIR)/tessera.toml" ]; then \
+		echo "error: $(DATA_DIR) holds$$found but no tessera.toml: restore it (not initializing over existing keys)" >&2; exit 2; \
+	fi
 	$(BIN)/tessera server run --data-dir $(DATA_DIR) --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.dev-installed

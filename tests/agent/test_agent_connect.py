@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable
 
+import httpx
 import pytest
 from agent_support import LICENSE_KEY, LOCKING_ID, FakeServer, make_license
 
 from tessera.agent import Agent, AgentState, BadResponse, ServerRefused, ServerUnreachable
 from tessera.core import ManualClock, SigningKey
 from tessera.core.protocol import derive_checkin_key
+from tessera.core.signing import Keyring
 
 ALLOWED_ACTIVATE = {
     "protocol",
@@ -228,3 +230,21 @@ def test_only_a_tls_url_with_host_and_port_is_used(
     with pytest.raises(FormatError, match="server URL"):
         agent.activate(url, LICENSE_KEY)
     assert server.bodies == [] and agent.status().state is AgentState.UNLICENSED
+
+
+@pytest.mark.parametrize(
+    ("status", "verb"), [(503, "is unavailable"), (502, "is unavailable"), (403, "refused")]
+)
+def test_an_unavailable_server_is_not_called_a_refusal(status: int, verb: str) -> None:
+    """Behind the relay the agent said 'the license server refused (HTTP 503): the license
+    server is unreachable'."""
+    from tessera.agent.connect import ConnectClient
+
+    detail = "the relay cannot reach the license server: connection refused"
+    transport = httpx.MockTransport(lambda _request: httpx.Response(status, json={"detail": detail}))
+    client = ConnectClient(
+        "https://license.example:7790", None, Keyring([SigningKey.generate().public]), transport=transport
+    )
+    with pytest.raises(ServerRefused) as caught:
+        client.post_raw("/api/v1/checkin", b"{}")
+    assert str(caught.value) == f"the license server {verb} (HTTP {status}): {detail}"

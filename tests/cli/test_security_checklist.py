@@ -82,3 +82,22 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     for args, message in cases:
         line = assert_one_line_error(tessera("security", "checklist", *args), 2)
         assert message in line, (args, line)
+
+
+def test_json_is_an_alias_of_format_json(tmp_path: Path) -> None:
+    """SPEC: every verb that prints data takes --json; the checklist had only --format json."""
+    data_dir = tmp_path / "srv"
+    init_data_dir(data_dir)
+    args = ["security", "checklist", "--data-dir", str(data_dir)]
+    by_flag = tessera(*args, "--json")
+    assert by_flag.returncode == 0, by_flag.stderr
+    by_format = json.loads(tessera(*args, "--format", "json").stdout)
+    assert [m["id"] for m in json.loads(by_flag.stdout)["measures"]] == [
+        m["id"] for m in by_format["measures"]
+    ]
+    assert tessera(*args, "--json", "--format", "json").returncode == 0
+    clash = tessera(*args, "--json", "--format", "html")
+    assert (
+        clash.returncode == 2
+        and clash.stderr.strip() == "error: --json and --format html contradict each other"
+    )

@@ -48,3 +48,46 @@ def test_bad_tls_files_are_named(tmp_path: Path) -> None:
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr
         assert lines[0] == f"error: {needle}" or lines[0].startswith(f"error: {needle} ("), lines
+
+
+def test_bad_database_settings_and_unknown_tables_are_one_line(tmp_path: Path) -> None:
+    """These ended in 'internal error (ValueError ...)' exit 70, the wrong wording, or were
+    silently ignored (an unknown table: a typo like [interface] switched nothing off)."""
+    data_dir = tmp_path / "srv"
+    init_data_dir(data_dir)
+    config = data_dir / "tessera.toml"
+    text = config.read_text()
+    good = 'database = "sqlite:///tessera.db"'
+    assert good in text
+    prefix = f"error: {config}: "
+    for replacement, message in (
+        ('database = "mysql://x"', "[server] database: unsupported database 'mysql' (sqlite or postgresql)"),
+        ('database = "not a url"', "[server] database is not a database URL"),
+        ("database = 5", "[server] database must be a database URL string"),
+        ('database = ""', "[server] database must be a database URL string"),
+        ("", "[server] database is missing"),
+        (good + "\nport = 7790", "[server] has unknown key 'port'"),
+        (good + "\n[nothing]", "unknown table [nothing]"),
+        (good + "\n[interface]\nadmin_api = false", "unknown table [interface]"),
+    ):
+        config.write_text(text.replace(good, replacement))
+        result = tessera("server", "run", "--data-dir", str(data_dir), "--port", "1")
+        assert result.returncode == 2, (replacement, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(prefix + message), (replacement, lines)
+    config.write_text("[server]\ndatabase = 'sqlite:///x.db'\n[server.extra]\n")
+    result = tessera("server", "run", "--data-dir", str(data_dir), "--port", "1")
+    assert result.returncode == 2 and "[server] has unknown key 'extra'" in result.stderr
+
+
+def test_run_says_where_it_listens(tmp_path: Path) -> None:
+    """`server run` printed nothing at all on start."""
+    data_dir = tmp_path / "srv"
+    init_data_dir(data_dir)
+    with running_server(data_dir, tls=False) as url:
+        port = url.rsplit(":", 1)[1]
+        log = (data_dir / f"server-{port}.log").read_text()
+    assert (
+        f"tessera server listening on http://127.0.0.1:{port} "
+        f"(data dir {data_dir.resolve()}, database SQLite sqlite:///{data_dir.resolve() / 'tessera.db'})"
+    ) in log, log

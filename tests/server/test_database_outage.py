@@ -26,7 +26,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from tessera.core.protocol import ServerResponse
 from tessera.core.signing import Keyring
-from tessera.server.outage import outage_reason
+from tessera.server.outage import describe_failure, outage_reason
 
 from .conftest import PG_ENV, _pg_admin_url, create_pg_database, drop_pg_database
 from .helpers import FakeAgent, agent
@@ -216,3 +216,23 @@ def test_each_kind_of_database_trouble_has_its_own_reason() -> None:
         reason = outage_reason(exc)
         assert expected in reason
         assert "10.0.0.7" not in reason and "5432" not in reason
+
+
+def test_a_full_disk_is_named_and_logs_stay_short() -> None:
+    """SQLite's "database or disk is full" was answered "cannot reach its database"; the log
+    line carried the whole statement with every parameter set (25 KB for 6 failures)."""
+    full = OperationalError(
+        "INSERT INTO x VALUES (?)", None, sqlite3.OperationalError("database or disk is full")
+    )
+    assert outage_reason(full) == "the server's database is out of disk space (its disk is full)"
+    pg_full = OperationalError(
+        "INSERT", None, psycopg.errors.DiskFull("could not extend file: No space left on device")
+    )
+    assert "disk is full" in outage_reason(pg_full)
+    statement = "INSERT INTO checkins (a, b) VALUES (?, ?)" + " " * 10 + ", (?, ?)" * 2000
+    params = [(f"secret-{i}", i) for i in range(2000)]
+    line = describe_failure(
+        OperationalError(statement, params, sqlite3.OperationalError("database or disk is full"))
+    )
+    assert line.startswith("OperationalError: database or disk is full [INSERT INTO checkins (a, b) VALUES")
+    assert len(line) < 300 and "secret-" not in line

@@ -178,3 +178,11 @@ def test_the_latest_migrations_go_down_and_up_again(database: Database) -> None:
     if not database.is_sqlite:
         assert before is not None and "FOR UPDATE" in before and "LOOP" not in before
         assert after is not None and "LOOP" in after and "FOR UPDATE" not in after
+
+
+def test_failing_statements_never_show_their_parameters(database: Database) -> None:
+    """Parameters may be token hashes or sealed secrets; they ended up in logs and errors."""
+    with pytest.raises(Exception) as caught, database.engine.connect() as connection:
+        connection.execute(text("SELECT * FROM no_such_table WHERE x = :x"), {"x": "s3cret-value"})
+    assert "s3cret-value" not in str(caught.value)
+    assert database.engine.hide_parameters

@@ -111,8 +111,12 @@ class ConnectClient:
                 f"cannot reach the license server at {self.server_url}: {_why(exc)}"
             ) from None
         if response.status_code != 200:
+            # 502-504 are a server (or the relay in front of it) that cannot answer now,
+            # not a refusal: "refused" read oddly before "the relay cannot reach ...".
+            unavailable = response.status_code in (502, 503, 504)
             raise ServerRefused(
-                f"the license server refused (HTTP {response.status_code}): "
+                f"the license server {'is unavailable' if unavailable else 'refused'} "
+                f"(HTTP {response.status_code}): "
                 f"{_detail(content, response.reason_phrase)}",
                 response.status_code,
             )

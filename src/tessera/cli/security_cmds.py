@@ -56,6 +56,7 @@ def checklist(
         None, "--comments", help='TOML file: [comments] MEASURE-ID = "why" (the customer\'s column).'
     ),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when a measure is not executed."),
+    as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
 ) -> None:
     """Check each hardening measure of this deployment and print the checklist: measure,
     references, needed access rights, executed (yes, no, n/a, unchecked), what was found,
@@ -65,6 +66,10 @@ def checklist(
 
     if output_format not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)} (got {output_format!r})")
+    if as_json:  # every verb that prints data takes --json (SPEC); --format json stays
+        if output_format not in ("markdown", "json"):
+            fail(f"--json and --format {output_format} contradict each other")
+        output_format = "json"
     if url is not None:
         try:
             parts = urlsplit(url)

@@ -105,10 +105,15 @@ def hsm_import(
     the key file's passphrase as for `server run`.
     """
     from tessera.server.config import HsmConfig
+    from tessera.server.runlock import server_running
     from tessera.server.setup import move_key_to_hsm
 
     if not hsm_token.strip() or not hsm_key.strip():
         fail("--hsm-token and --hsm-key must not be empty")
+    # A running server keeps signing with the file key and would not see [hsm] until its
+    # restart; with --remove-key-file it would lose the key it signs with.
+    if server_running(data_dir.resolve()):
+        fail(f"the server of {data_dir.resolve()} is running: stop it first, then run `server hsm-import`")
     hsm = HsmConfig(module=hsm_module.absolute(), token=hsm_token, key=hsm_key)
     try:
         moved = move_key_to_hsm(data_dir, hsm, remove_key_file=remove_key_file)

@@ -71,6 +71,7 @@ from tessera.server.activation import (
 )
 from tessera.server.errors import NotFound, ServiceError
 from tessera.server.models import LicenseRow, Machine
+from tessera.server.outage import describe_failure
 from tessera.server.rawsql import (
     Broken,
     Busy,
@@ -321,7 +322,7 @@ class CheckinWriter:
             raise
         except Exception as exc:
             failure = _wrap(exc)
-            log.warning("check-in batch of %d not recorded: %s", len(batch), exc)
+            log.warning("check-in batch of %d not recorded: %s", len(batch), describe_failure(exc))
             settle(batch, [failure] * len(batch), on_loop=on_loop)
             return
         settle(batch, self._answers(batch, outcomes), on_loop=on_loop)
@@ -529,7 +530,7 @@ class CheckinWriter:
         except Exception as exc:
             cause = exc.__cause__ if isinstance(exc, _Stale) and isinstance(exc.__cause__, Exception) else exc
             failure = _wrap(cause)
-            log.warning("check-in batch of %d not recorded: %s", len(batch), cause)
+            log.warning("check-in batch of %d not recorded: %s", len(batch), describe_failure(cause))
             settle(batch, [failure] * len(batch), on_loop=True)
             return
         except BaseException:  # cancelled: the loop is going away

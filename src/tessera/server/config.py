@@ -28,6 +28,7 @@ from tessera.core.signing import SigningKey
 __all__ = [
     "CONFIG_NAME",
     "DEFAULT_PORT",
+    "DEFAULT_SQLITE_SETTING",
     "ConfigError",
     "HsmConfig",
     "PortalConfig",
@@ -36,6 +37,7 @@ __all__ = [
     "load_config",
     "read_passphrase",
     "render_config",
+    "resolve_sqlite_url",
     "toml_string",
 ]
 
@@ -194,17 +196,37 @@ def read_passphrase(config: ServerConfig) -> bytes:
     return text.encode("utf-8")
 
 
+#: What ``server init`` writes for its default SQLite database: relative, so a copied or
+#: moved data directory (``cp -a var var2``) uses its own database, not the original's.
+DEFAULT_SQLITE_SETTING: Final = "sqlite:///tessera.db"
+
+
+def resolve_sqlite_url(url: str, data_dir: Path) -> str:
+    """A SQLite URL with a relative path (``sqlite:///tessera.db``) made absolute against
+    the data directory; every other URL unchanged. SQLite itself would resolve it against
+    the working directory of whoever runs the server."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url.startswith(prefix + "/"):
+        return url
+    path, sep, query = url[len(prefix) :].partition("?")
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return url
+    return f"{prefix}{data_dir / path}{sep}{query}"
+
+
 def toml_string(value: str) -> str:
     """``value`` as a TOML basic string."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_config(config: ServerConfig) -> str:
+def render_config(config: ServerConfig, database: str | None = None) -> str:
+    """tessera.toml for ``config``; ``database``: the setting to write instead of
+    ``config.database`` (init's relative default)."""
     roles = ", ".join(toml_string(role) for role in config.two_step_roles)
     return (
         "# Tessera license server (written by `tessera server init`).\n"
         "[server]\n"
-        f"database = {toml_string(config.database)}\n"
+        f"database = {toml_string(database or config.database)}\n"
         "\n"
         "# Optional interfaces; switch off what this deployment does not need.\n"
         "[interfaces]\n"
@@ -244,10 +266,13 @@ def load_config(data_dir: Path) -> ServerConfig:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    server = raw.get("server", {})
-    database = server.get("database") if isinstance(server, dict) else None
-    if not isinstance(database, str) or not database:
-        raise ConfigError(f"{path}: [server] database is missing")
+    unknown_tables = sorted(set(raw) - KNOWN_TABLES)
+    if unknown_tables:
+        raise ConfigError(
+            f"{path}: unknown table [{unknown_tables[0]}] (known: {', '.join(sorted(KNOWN_TABLES))})"
+        )
+    server = _table(raw, "server", path, {"database"})
+    database = _database_setting(server.get("database"), path)
     interfaces = raw.get("interfaces", {})
     if not isinstance(interfaces, dict):
         raise ConfigError(f"{path}: [interfaces] must be a table")
@@ -285,7 +310,7 @@ def load_config(data_dir: Path) -> ServerConfig:
     )  # fmt: skip
     return ServerConfig(
         data_dir=data_dir.resolve(),
-        database=database,
+        database=resolve_sqlite_url(database, data_dir.resolve()),
         hsm=_hsm_config(raw, path),
         portal=portal,
         lease_seconds=int(lease_seconds),
@@ -293,6 +318,36 @@ def load_config(data_dir: Path) -> ServerConfig:
         two_step_roles=tuple(dict.fromkeys(two_step)),
         **switches,
     )
+
+
+#: The tables tessera.toml may hold. Anything else (``[interface]`` for ``[interfaces]``)
+#: is refused like an unknown key: silently ignored, a typo switches nothing off.
+KNOWN_TABLES: Final = frozenset(
+    {"server", "interfaces", "web_portal", "leases", "webhooks", "recovery", "hsm"}
+)
+#: URL schemes ``[server] database`` may use (``postgres://`` and ``postgresql://`` mean
+#: psycopg 3, the only PostgreSQL driver installed).
+DATABASE_SCHEMES: Final = frozenset(
+    {"sqlite", "sqlite+pysqlite", "postgresql", "postgres", "postgresql+psycopg"}
+)
+
+
+def _database_setting(value: object, path: Path) -> str:
+    """``[server] database``, checked here (without SQLAlchemy, which this module must not
+    import): a URL of another database, or no URL, used to end in "internal error"."""
+    if value is None:
+        raise ConfigError(f"{path}: [server] database is missing")
+    example = "sqlite:///tessera.db or postgresql://user@host/db"
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{path}: [server] database must be a database URL string ({example})")
+    scheme, sep, _ = value.partition("://")
+    if not sep:
+        raise ConfigError(f"{path}: [server] database is not a database URL ({example})")
+    if scheme.lower() not in DATABASE_SCHEMES:
+        raise ConfigError(
+            f"{path}: [server] database: unsupported database {scheme!r} (sqlite or postgresql)"
+        )
+    return value
 
 
 def _hsm_config(raw: dict[str, object], path: Path) -> HsmConfig | None:

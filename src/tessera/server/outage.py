@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-__all__ = ["RETRY_AFTER_SECONDS", "install_outage_handlers", "outage_reason"]
+__all__ = ["RETRY_AFTER_SECONDS", "describe_failure", "install_outage_handlers", "outage_reason"]
 
 log = logging.getLogger("tessera.server")
 
@@ -31,16 +31,40 @@ def outage_reason(exc: Exception) -> str:
     text = str(getattr(exc, "orig", None) or exc).lower()
     if "locked" in text or "busy" in text:
         return "the server's database is busy (locked by another process)"
+    # SQLite: "database or disk is full"; PostgreSQL: "No space left on device" (53100).
+    # Told apart from "cannot reach": the operator frees space, not the network.
+    if (
+        "disk is full" in text
+        or "no space left" in text
+        or getattr(getattr(exc, "orig", None), "sqlstate", None) == "53100"
+    ):
+        return "the server's database is out of disk space (its disk is full)"
     if isinstance(exc, OperationalError):
         return "the server cannot reach its database"
     return "the server's database refused the request"
+
+
+#: How much of the failing statement a log line shows: enough to know which one it was.
+LOGGED_STATEMENT_CHARS = 200
+
+
+def describe_failure(exc: Exception) -> str:
+    """One log line for a database failure: the driver's first line and the statement's
+    start. SQLAlchemy's own text carries the whole statement and every parameter set (25 KB
+    for one failed batch; parameters may hold secrets, which the engines hide anyway)."""
+    cause = getattr(exc, "orig", None) or exc
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    statement = " ".join(str(getattr(exc, "statement", "") or "").split())
+    if len(statement) > LOGGED_STATEMENT_CHARS:
+        statement = statement[:LOGGED_STATEMENT_CHARS] + "..."
+    return f"{type(cause).__name__}: {first}" + (f" [{statement}]" if statement else "")
 
 
 def install_outage_handlers(app: FastAPI) -> None:
     """Map database failures to 503 (IntegrityError keeps its own, more specific handler)."""
 
     async def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
-        log.warning("database error: %s", exc)
+        log.warning("database error: %s", describe_failure(exc))
         return JSONResponse(
             {"detail": outage_reason(exc)},
             status_code=503,

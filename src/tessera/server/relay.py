@@ -294,7 +294,11 @@ class Relay:
         await _send(send, status, content)
 
     async def _forward(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
-        """The server's status and answer, or the relay's own 502/503/504 with the reason."""
+        """The server's status and answer, or the relay's own 502/503/504 with the reason.
+
+        The reason names the relay: the agent shows it after its own words about the
+        license server ("... (HTTP 503): the relay cannot reach the license server"), and
+        the operator must know which of the two hops failed."""
         headers = {"content-type": "application/json"} if method == "POST" else {}
         try:
             request = self._http().build_request(method, path, content=body or None, headers=headers)
@@ -304,15 +308,18 @@ class Relay:
             finally:
                 await response.aclose()
         except httpx.TimeoutException:
-            return _error(504, f"the license server did not answer within {self.config.timeout_seconds:g} s")
+            return _error(
+                504,
+                f"the relay got no answer from the license server within {self.config.timeout_seconds:g} s",
+            )
         except httpx.ConnectError as exc:
             log.warning("license server unreachable: %s", exc)
-            return _error(503, f"the license server is unreachable: {_reason(exc)}")
+            return _error(503, f"the relay cannot reach the license server: {_reason(exc)}")
         except httpx.HTTPError as exc:
             log.warning("license server connection failed: %s", exc)
-            return _error(502, f"the license server's answer broke off: {_reason(exc)}")
+            return _error(502, f"the license server's answer to the relay broke off: {_reason(exc)}")
         if content is None:
-            return _error(502, "the license server's answer is too large")
+            return _error(502, "the license server's answer is too large for the relay")
         return response.status_code, content
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

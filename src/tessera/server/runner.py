@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ from uvicorn.supervisors import Multiprocess
 from tessera.core.clock import SystemClock
 from tessera.server.app import Interfaces, ServerState, create_app
 from tessera.server.config import ConfigError, load_config
-from tessera.server.migrate import upgrade
+from tessera.server.migrate import SchemaError, check_and_upgrade
 from tessera.server.portal import RecoveryPortal
-from tessera.server.storage import Database, describe_db_error
+from tessera.server.runlock import hold_run_lock
+from tessera.server.storage import Database, describe_db_error, describe_db_url, sqlite_file
 
 __all__ = ["TlsFloorConfig", "build_state", "relay_worker_app", "serve", "serve_relay", "worker_app"]
 
@@ -42,10 +44,24 @@ def build_state(data_dir: Path, *, migrate: bool = True) -> ServerState:
     config = load_config(data_dir)
     signing_key = config.load_signing_key()
     pepper = config.read_pepper()
-    db = Database(config.database)
+    path = sqlite_file(config.database)
+    if path is not None and not path.is_file():  # connecting would create it (mode 0644)
+        raise SchemaError(
+            f"the database at {config.database} holds no Tessera data (there is no file {path}): "
+            "run `tessera server init` (or fix [server] database)"
+        )
+    try:
+        db = Database(config.database)
+    except ValueError as exc:
+        raise ConfigError(f"{config.config_file}: [server] database: {exc}") from None
     if migrate:
         try:
-            upgrade(db)  # a newer server version brings its migrations; idempotent otherwise
+            # Refuses a database init never made or a newer version's; an older one is
+            # brought forward (a newer server version brings its migrations).
+            check_and_upgrade(db)
+        except SchemaError:
+            db.dispose()
+            raise
         except SQLAlchemyError as exc:
             db.dispose()
             raise ConfigError(describe_db_error(config.database, exc)) from None
@@ -99,6 +115,8 @@ def serve(data_dir: Path, host: str, port: int, *, tls: bool, workers: int = 1) 
         **options,
     }
     listener = _listen(host, port)
+    lock = hold_run_lock(data_dir)  # `server hsm-import` refuses while it is held
+    _announce(listener, tls=tls, data_dir=data_dir, database=state.db, workers=workers)
     try:
         if workers <= 1:
             server_config = TlsFloorConfig(_app_for(data_dir, state), **common)
@@ -115,6 +133,27 @@ def serve(data_dir: Path, host: str, port: int, *, tls: bool, workers: int = 1) 
     finally:
         listener.close()
         state.db.dispose()
+        if lock is not None:
+            lock.close()
+
+
+def _announce(
+    listener: socket.socket, *, tls: bool, data_dir: Path, database: Database, workers: int
+) -> None:
+    """One line on stderr once the port is bound: where the server listens and what it
+    serves (uvicorn's own start-up lines are off with its log level at "warning"; without
+    this an operator saw nothing at all)."""
+    host, port = listener.getsockname()[:2]
+    shown = f"[{host}]" if ":" in str(host) else str(host)
+    kind = "SQLite" if database.is_sqlite else "PostgreSQL"
+    where = database.url if database.is_sqlite else describe_db_url(database.url)
+    plural = f", {workers} workers" if workers > 1 else ""
+    print(
+        f"tessera server listening on {'https' if tls else 'http'}://{shown}:{port} "
+        f"(data dir {data_dir}, database {kind} {where}{plural})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _metrics_directory(data_dir: Path) -> None:

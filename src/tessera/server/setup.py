@@ -21,16 +21,24 @@ from tessera.core.errors import KeyFileError
 from tessera.core.signing import Keyring, PublicKey, SigningKey
 from tessera.server.config import (
     CONFIG_NAME,
+    DEFAULT_SQLITE_SETTING,
     ConfigError,
     HsmConfig,
     ServerConfig,
     hsm_section,
     load_config,
     render_config,
+    resolve_sqlite_url,
 )
 from tessera.server.files import write_file
 from tessera.server.migrate import upgrade
-from tessera.server.storage import Database, describe_db_error, normalize_db_url, sqlite_file
+from tessera.server.storage import (
+    Database,
+    describe_db_error,
+    describe_db_url,
+    normalize_db_url,
+    sqlite_file,
+)
 from tessera.server.tls import make_tls_material
 from tessera.server.tokens import INITIAL_TOKEN_NAME, Role, create_token
 
@@ -67,20 +75,24 @@ def initialize(
         url = normalize_db_url(db_url) if db_url else f"sqlite:///{data_dir / 'tessera.db'}"
     except ValueError as exc:
         raise ConfigError(f"--db: {exc}") from None
+    # A relative --db SQLite path means the working directory's file, as typed; tessera.toml
+    # resolves relative paths against the data directory, so it gets the absolute one.
+    url = resolve_sqlite_url(url, Path.cwd())
+    config = ServerConfig(data_dir=data_dir, database=url, hsm=hsm, web_portal=web_portal)
+    _refuse_existing_material(config)
     pin = None if hsm is None else _checked_pin(hsm)
     data_dir.mkdir(parents=True, exist_ok=True)
-    config = ServerConfig(data_dir=data_dir, database=url, hsm=hsm, web_portal=web_portal)
     os.makedirs(config.pepper_file.parent, mode=0o700, exist_ok=True)
-
-    passphrase_text, generated = ("", False) if hsm is not None else _passphrase(config)
 
     _create_private_sqlite_file(url)
     db = Database(url)
     try:
         try:
+            _refuse_tessera_database(db)
             upgrade(db)
         except SQLAlchemyError as exc:
             raise ConfigError(describe_db_error(url, exc)) from None
+        passphrase_text, generated = ("", False) if hsm is not None else _passphrase(config)
         if hsm is not None and pin is not None:
             public = _hsm_key(hsm, pin)
         else:
@@ -100,8 +112,65 @@ def initialize(
     finally:
         db.dispose()
     # Written last: its presence means "initialized" (Makefile and re-init check it).
-    write_file(config.config_file, render_config(config).encode("utf-8"))
+    setting = DEFAULT_SQLITE_SETTING if db_url is None else None
+    write_file(config.config_file, render_config(config, setting).encode("utf-8"))
     return InitResult(config, admin_token, public.key_id, generated)
+
+
+def _material(config: ServerConfig) -> tuple[Path, ...]:
+    """What an initialized data directory holds besides tessera.toml: the vendor key and
+    keyring, the CA and server certificate, the pepper, a generated passphrase and the
+    default SQLite database."""
+    return (
+        config.vendor_key,
+        config.vendor_pub,
+        config.ca_cert,
+        config.ca_key,
+        config.server_cert,
+        config.server_key,
+        config.pepper_file,
+        config.passphrase_file,
+        config.data_dir / "tessera.db",
+    )
+
+
+def _refuse_existing_material(config: ServerConfig) -> None:
+    """Refuse a data directory that holds any key material or database already.
+
+    tessera.toml is written last, so its absence does not mean "empty": it may have been
+    moved away, lost, or an earlier init may have stopped half-way. Writing over
+    ``vendor.key`` would orphan every license signed with it (agents pin ``vendor.pub``)
+    and a new CA would cut every agent off, so nothing is ever replaced: the operator
+    restores tessera.toml, or clears the directory knowingly.
+    """
+    for path in _material(config):
+        if path.exists() or path.is_symlink():
+            raise AlreadyInitialized(
+                f"{config.data_dir} holds {path.relative_to(config.data_dir)} already (refusing to "
+                "replace its keys; restore its tessera.toml, or init another directory)"
+            )
+
+
+def _refuse_tessera_database(db: Database) -> None:
+    """Refuse a database that holds a Tessera schema already (any ``alembic_version``).
+
+    Its licenses are signed by the vendor key of the data directory it was made with; a
+    second init with another data directory would add a new admin token and serve them with
+    a new key and CA. There is no override on purpose: to serve that database again, use
+    (or restore) its own data directory; to start afresh, give init an empty database.
+    """
+    from sqlalchemy import inspect
+
+    with db.engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return
+        row = connection.exec_driver_sql("SELECT version_num FROM alembic_version").first()
+    shown = describe_db_url(db.url)
+    revision = f" (schema revision {row[0]})" if row else ""
+    raise AlreadyInitialized(
+        f"the database {shown} holds Tessera data already{revision}: refusing to give it new keys; "
+        "use its own data directory, or init with an empty database"
+    )
 
 
 def _passphrase(config: ServerConfig) -> tuple[str, bool]:

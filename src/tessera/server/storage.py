@@ -33,6 +33,7 @@ __all__ = [
     "Database",
     "begin_immediate",
     "describe_db_error",
+    "describe_db_url",
     "dialect_insert",
     "normalize_db_url",
     "sqlite_file",
@@ -103,9 +104,14 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def describe_db_url(url: str) -> str:
+    """The URL to show in a message: its password hidden."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def describe_db_error(url: str, exc: Exception) -> str:
     """One line for a database that cannot be used (password hidden)."""
-    shown = make_url(url).render_as_string(hide_password=True)
+    shown = describe_db_url(url)
     cause = getattr(exc, "orig", None) or exc
     first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
     return f"cannot use the database {shown}: {first}"
@@ -130,7 +136,9 @@ class Database:
             kwargs["connect_args"] = {k: v for k, v in settings.items() if k not in query}
             self._pg_connect_args = kwargs["connect_args"]
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
-        self.engine: Engine = create_engine(self.url, **kwargs)
+        # hide_parameters: a failing statement's text (in exceptions and log lines) would
+        # otherwise carry every parameter set: token hashes, sealed secrets, license data.
+        self.engine: Engine = create_engine(self.url, hide_parameters=True, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine, int(self.busy_timeout * 1000))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)

@@ -47,7 +47,7 @@ from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest
 from tessera.server import activation, catalog, licenses, orders, users
 from tessera.server.errors import Conflict, Forbidden, RecordedRefusal, ServiceError
 from tessera.server.hsm import HsmError
-from tessera.server.outage import RETRY_AFTER_SECONDS, outage_reason
+from tessera.server.outage import RETRY_AFTER_SECONDS, describe_failure, outage_reason
 from tessera.server.portal import PortalVerdict
 from tessera.server.schemas import LicenseUpdate
 from tessera.server.textcheck import BODY_CONTROL, control_character_error, reject_parameter_control
@@ -293,7 +293,7 @@ def portal_router(state: ServerState) -> APIRouter:
             await run_in_threadpool(state.keep_record, exc)
             return failure(request, exc.status, str(exc), None)
         except (DBAPIError, PoolTimeout) as exc:
-            log.warning("database error: %s", exc)
+            log.warning("database error: %s", describe_failure(exc))
             return failure(request, 503, outage_reason(exc), None)
         except HsmError as exc:
             log.error("the vendor key's HSM failed: %s", exc)
@@ -369,7 +369,7 @@ def portal_router(state: ServerState) -> APIRouter:
             async with sign_ins:
                 outcome = await run_in_threadpool(run)
         except (DBAPIError, PoolTimeout) as exc:
-            log.warning("database error: %s", exc)
+            log.warning("database error: %s", describe_failure(exc))
             return failure(request, 503, outage_reason(exc), None)
         if isinstance(outcome, users.SignInRefused):
             failures.failed(address, now)
