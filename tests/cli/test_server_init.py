@@ -75,25 +75,7 @@ def test_make_run_never_initializes_over_existing_keys(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         port = busy.getsockname()[1]
-        env = {**clean_env(), "MAKEFLAGS": ""}
-        result = subprocess.run(
-            [
-                "make",
-                "-s",
-                "-C",
-                str(ROOT),
-                "-o",
-                ".venv/.installed",
-                "run",
-                f"DATA_DIR={data_dir}",
-                f"PORT={port}",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = _make_run(data_dir, port)
     assert result.returncode != 0
     assert "no tessera.toml" in result.stderr, result.stderr
     assert _snapshot(data_dir) == before
@@ -108,24 +90,30 @@ def test_make_run_initializes_an_empty_directory(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = subprocess.run(
-            [
-                "make",
-                "-s",
-                "-C",
-                str(ROOT),
-                "-o",
-                ".venv/.installed",
-                "run",
-                f"DATA_DIR={data_dir}",
-                f"PORT={port}",
-            ],
-            env={**clean_env(), "MAKEFLAGS": ""},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = _make_run(data_dir, port)
     assert (data_dir / "tessera.toml").is_file(), result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert os.stat(data_dir / "vendor.key").st_mode & 0o077 == 0
+
+
+def _make_run(data_dir: Path, port: int) -> subprocess.CompletedProcess[str]:
+    """``make run`` on ``data_dir`` and ``port``, as a new user types it (the venv taken as
+    made: the suite's own)."""
+    return subprocess.run(
+        [
+            "make",
+            "-s",
+            "-C",
+            str(ROOT),
+            "-o",
+            ".venv/.installed",
+            "run",
+            f"DATA_DIR={data_dir}",
+            f"PORT={port}",
+        ],
+        env={**clean_env(), "MAKEFLAGS": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
