@@ -29,6 +29,7 @@ from tessera.agent.connect import (
     CHECKIN_PATH,
     RECOVER_PATH,
     ConnectClient,
+    check_server_url,
     pinned_ssl_context,
 )
 from tessera.agent.errors import (
@@ -1111,14 +1112,12 @@ def _portable_settings(settings: Mapping[str, Any]) -> dict[str, str]:
     updates: dict[str, str] = {}
     url = settings.get("server_url")
     if url is not None:
-        if not isinstance(url, str) or not url.startswith("https://"):
-            raise BackupError(f"the backup's server_url must be an https:// URL (got {url!r})")
+        if not isinstance(url, str):
+            raise BackupError(f"the backup's server_url is not a URL (got {url!r})")
         try:
-            host = httpx.URL(url).host
-        except (httpx.InvalidURL, ValueError):
-            host = ""
-        if not host:
-            raise BackupError(f"the backup's server_url is not a valid URL: {url!r}")
+            check_server_url(url)  # what activate and connect accept, nothing more
+        except FormatError as exc:
+            raise BackupError(f"the backup's server_url: {exc}") from None
         updates["server_url"] = url
     ca = settings.get("server_ca")
     if ca is not None:

@@ -18,7 +18,14 @@ from tessera.core.errors import FormatError, VerificationError
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ServerResponse
 from tessera.core.signing import Keyring
 
-__all__ = ["ACTIVATE_PATH", "CHECKIN_PATH", "RECOVER_PATH", "ConnectClient", "pinned_ssl_context"]
+__all__ = [
+    "ACTIVATE_PATH",
+    "CHECKIN_PATH",
+    "RECOVER_PATH",
+    "ConnectClient",
+    "check_server_url",
+    "pinned_ssl_context",
+]
 
 ACTIVATE_PATH = "/api/v1/activate"
 CHECKIN_PATH = "/api/v1/checkin"
