@@ -3,13 +3,25 @@ hash is ever shown, a revoked token stops at once, the last admin token stays.""
 
 from __future__ import annotations
 
+import importlib
+import json
+import secrets
 from typing import Any
 
 import httpx
+from sqlalchemy import select
 
-from tessera.server.tokens import MAX_TOKEN_NAME
+from tessera.core.clock import ManualClock
+from tessera.core.signing import SigningKey
+from tessera.server import audit
+from tessera.server.app import ServerState
+from tessera.server.migrate import upgrade
+from tessera.server.models import ApiToken, AuditEntry
+from tessera.server.storage import Database
+from tessera.server.tokens import MAX_TOKEN_NAME, Role, create_token, resolve_token
 
-from .conftest import LiveServer
+from .conftest import START, LiveServer
+from .helpers import setup_license
 
 
 def _make(admin: httpx.Client, **body: Any) -> dict[str, Any]:
@@ -165,3 +177,59 @@ def test_scope_fields_must_fit_the_role_and_are_audited(live_server: LiveServer,
         "name": "reseller", "role": "partner", "partner": "acme", "customer_id": None
     }  # fmt: skip
     assert details["alice"] == {"name": "alice", "role": "customer", "partner": None, "customer_id": alice}
+
+
+def test_migration_0011_shortens_the_names_of_older_tokens_to_fit_the_actor(db_url: str) -> None:
+    """Before names were capped, the API took 200 characters: on PostgreSQL every audited
+    write by such a token failed. The migration gives it a name that fits (its first
+    characters and its id), keeps tokens that shared a long prefix apart, leaves every
+    other name alone and records the old name in the audit log, whose chain stays whole."""
+    db = Database(db_url)
+    try:
+        upgrade(db, "0010")
+        names = {"long": "é" * 200, "twin": "é" * 196 + "twin", "edge": "n" * MAX_TOKEN_NAME, "short": "ops"}
+        with db.write() as session:
+            audit.append(session, at=START, actor="admin:ops", action="x", target="x", details={})
+            made = {k: create_token(session, name=n, role=Role.ADMIN, now=START) for k, n in names.items()}
+        ids = {key: row.id for key, (row, _) in made.items()}
+        upgrade(db)
+        upgrade(db)  # a second run changes nothing
+
+        def state_of_tokens() -> tuple[dict[str, str], list[AuditEntry]]:
+            with db.read() as session:
+                named = {key: session.get_one(ApiToken, ids[key]).name for key in names}
+                assert audit.verify_chain(session).ok
+                entries = session.execute(select(AuditEntry).order_by(AuditEntry.id)).scalars().all()
+            return named, [e for e in entries if e.action == "token.rename"]
+
+        named, renames = state_of_tokens()
+        assert named["edge"] == names["edge"] and named["short"] == names["short"]
+        for key in ("long", "twin"):
+            suffix = f"… (token {ids[key]})"
+            assert named[key] == names[key][: MAX_TOKEN_NAME - len(suffix)] + suffix
+        assert named["long"] != named["twin"]
+        assert [(e.actor, e.target, json.loads(e.details)) for e in renames] == [
+            ("migration:0011", f"token:{ids[key]}", {"old_name": names[key], "name": named[key]})
+            for key in ("long", "twin")
+        ]
+        # The renamed token writes, on PostgreSQL too (whose VARCHAR(200) is enforced).
+        key = SigningKey.generate()
+        state = ServerState(db=db, signing_key=key, pepper=secrets.token_bytes(32), clock=ManualClock(START))
+        with db.read() as session:
+            principal = resolve_token(session, made["long"][1])
+        setup_license(state, principal, START)
+        with db.read() as session:
+            issued = select(AuditEntry.actor).where(AuditEntry.action == "license.issue")
+            assert session.execute(issued).scalars().all() == [f"admin:{named['long']}"]
+    finally:
+        db.dispose()
+
+
+def test_migration_0011_never_renames_a_token_to_another_tokens_name() -> None:
+    migration = importlib.import_module("tessera.server.migrations.versions.0011_token_names_fit_actor")
+    name = "x" * 200
+    first = migration.shortened(name, 7, set())
+    assert first == "x" * (MAX_TOKEN_NAME - len("… (token 7)")) + "… (token 7)"
+    second = migration.shortened(name, 7, {first})
+    assert second == "x" * (MAX_TOKEN_NAME - len("… (token 7)") - 1) + "… (token 7)"
+    assert migration.shortened(name, 7, {first}) == second  # deterministic
