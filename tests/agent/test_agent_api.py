@@ -55,3 +55,32 @@ def test_bad_arguments_are_refused_before_anything_is_written(
     with pytest.raises(FormatError, match=match):
         Agent(state_dir, keyring, product, version)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_create_false_opens_only_an_existing_installation(tmp_path: Path, keyring: Keyring) -> None:
+    """What ``tessera agent status`` uses: a directory without an installation raises
+    NotInstalled and stays as it was; an installation, or a lost one, opens as always."""
+    from tessera.agent import NotInstalled, StateError
+
+    where = tmp_path / "missing" / "state"
+    with pytest.raises(NotInstalled, match="nothing is installed"):
+        Agent(where, keyring, "cortex", "4.2", create=False)
+    assert not (tmp_path / "missing").exists()
+    where.mkdir(parents=True)
+    with pytest.raises(NotInstalled):
+        Agent(where, keyring, "cortex", "4.2", create=False)
+    assert list(where.iterdir()) == []
+    with pytest.raises(FormatError):  # bad arguments are still named first
+        Agent(where, keyring, "cortex", "x.y", create=False)
+    Agent(where, keyring, "cortex", "4.2").close()
+    with Agent(where, keyring, "cortex", "4.2", create=False) as agent:
+        assert agent.status().state.value == "unlicensed"
+    (where / "state.db").unlink()
+    with pytest.raises(StateError, match="missing or empty") as lost:
+        Agent(where, keyring, "cortex", "4.2", create=False)
+    assert not isinstance(lost.value, NotInstalled)
+    file = tmp_path / "file"
+    file.write_text("")
+    with pytest.raises(StateError) as not_a_dir:
+        Agent(file, keyring, "cortex", "4.2", create=False)
+    assert not isinstance(not_a_dir.value, NotInstalled)

@@ -326,3 +326,47 @@ def test_activate_refuses_a_url_that_is_not_tls(run: Run, url: str) -> None:
 def test_check_of_a_feature_code_that_is_no_code_is_bad_usage(run: Run, licensed: Path) -> None:
     proc = run("check", "")
     assert proc.returncode == 2 and "feature code" in _one_line_error(proc)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["missing-dir", "empty-dir"])
+def test_verbs_that_only_look_create_no_installation(
+    run: Run, env: dict[str, str], tmp_path: Path, existing: bool
+) -> None:
+    """``status`` of a mistyped or not yet used ``--state-dir`` reports "not activated" and
+    leaves nothing behind: no directory, no installation.key, no state.db. So do the verbs
+    that can change nothing where nothing is installed (each with its usual verdict)."""
+    where = tmp_path / "nowhere" / "state"
+    if existing:
+        where.mkdir(parents=True)
+    env["TESSERA_AGENT_DIR"] = str(where)
+
+    def nothing_made() -> bool:
+        return list(where.iterdir()) == [] if existing else not (tmp_path / "nowhere").exists()
+
+    status = run("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert nothing_made()
+    body = json.loads(status.stdout)
+    assert body["state"] == "unlicensed" and body["features"] == {} and body["failover_days_left"] is None
+    assert f"nothing is installed in {where}" in body["message"]
+    plain = run("status")
+    assert plain.returncode == 0 and "unlicensed" in plain.stdout
+    denied = run("check", "uniplex")
+    assert denied.returncode == 1 and "nothing is installed" in _one_line_error(denied)
+    denied = run("check", "uniplex", "--json")
+    assert denied.returncode == 1 and json.loads(denied.stdout)["allowed"] is False
+    seats = run("seats", "--json")
+    assert seats.returncode == 0 and json.loads(seats.stdout) == {"seats": {}}
+    for verb in (("assign", "uniplex", "alice"), ("unassign", "uniplex", "alice"), ("connect",)):
+        proc = run(*verb)
+        assert proc.returncode == 1 and "nothing is installed" in _one_line_error(proc), verb
+    backup = run("backup", "--without-license", "-o", str(tmp_path / "b.json"))
+    assert backup.returncode == 1 and "nothing to back up" in _one_line_error(backup)
+    assert not (tmp_path / "b.json").exists()
+    assert nothing_made()
+    # Bad usage is still bad usage there, and the verbs that install still install.
+    assert run("--product-version", "abc", "status").returncode == 2
+    assert run("check", "").returncode == 2
+    assert run("import-blacklist", str(tmp_path / "missing.bl")).returncode == 2
+    assert run("request", "--key", LICENSE_KEY, "-o", str(tmp_path / "r.json")).returncode == 0
+    assert (where / "state.db").exists() and (where / "installation.key").exists()

@@ -158,6 +158,10 @@ class Agent:
     ``restoring=True`` is for :meth:`restore` only: it opens a directory whose ``state.db``
     was lost (``installation.key`` still there), which otherwise is refused so that a lost
     state never silently becomes a fresh, unlicensed installation with a new grace period.
+
+    ``create=False`` is for tools that only look (``tessera agent status``): a directory
+    that holds no installation raises :class:`NotInstalled` instead of being set up, so
+    asking about a mistyped path leaves no new installation behind.
     """
 
     def __init__(
@@ -174,6 +178,7 @@ class Agent:
         grace_features: tuple[str, ...] = (),
         blacklist: bytes | str | None = None,
         restoring: bool = False,
+        create: bool = True,
     ) -> None:
         # Checked before anything is opened or written: a bad argument changes nothing.
         if isinstance(state_dir, str) and not state_dir.strip():
@@ -194,7 +199,7 @@ class Agent:
         )
         self._transport = transport
         self._write_lock = threading.RLock()
-        self._store = StateStore(Path(state_dir), restoring=restoring)
+        self._store = StateStore(Path(state_dir), restoring=restoring, create=create)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._watcher: threading.Thread | None = None

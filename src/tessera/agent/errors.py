@@ -12,7 +12,8 @@ line (the CLI does) needs nothing new. Import failures keep the core types
         ├── SeatError              assign/unassign: no free seat, feature not licensed,
         │                          subject holds no seat (a malformed code is a FormatError)
         ├── StateError             the state directory cannot be read or written
-        │                          (read-only, disk full, locked, damaged); nothing was lost
+        │   │                      (read-only, disk full, locked, damaged); nothing was lost
+        │   └── NotInstalled       Agent(..., create=False): the directory holds no installation
         ├── BackupError            a backup file is unreadable or not for this installation
         └── ConnectError           one validation with the license server failed
             ├── ServerUnreachable  network, TLS (certificate not the pinned CA), timeout
@@ -24,6 +25,8 @@ A ``ConnectError`` never changes the verified state: the agent keeps running on 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tessera.core.errors import TesseraError
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "BadResponse",
     "ConnectError",
     "FeatureDenied",
+    "NotInstalled",
     "SeatError",
     "ServerRefused",
     "ServerUnreachable",
@@ -87,3 +91,12 @@ class BadResponse(ConnectError):
 
 class StaleBlacklist(AgentError):
     """A blacklist file older than the one in force (a replay that could lift an entry)."""
+
+
+class NotInstalled(StateError):
+    """``Agent(..., create=False)`` on a directory that holds no installation (neither
+    ``state.db`` nor ``installation.key``; the directory may not exist): nothing was created."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        super().__init__(f"nothing is installed in {state_dir} (never activated)")

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from tessera.agent.errors import SeatError, StateError
+from tessera.agent.errors import NotInstalled, SeatError, StateError
 from tessera.core.protocol import new_system_id
 
 __all__ = ["DB_NAME", "PROTECTED", "SEAL_NAME", "SECRET_NAME", "SeatRow", "StateStore"]
@@ -113,9 +113,11 @@ def _explain(exc: BaseException, where: Path) -> str:
 class StateStore:
     """Transactions over ``state.db``; every method is one transaction and thread-safe."""
 
-    def __init__(self, state_dir: Path, *, restoring: bool = False) -> None:
+    def __init__(self, state_dir: Path, *, restoring: bool = False, create: bool = True) -> None:
         self.state_dir = Path(state_dir)
         self._lock = threading.RLock()
+        if not create and self._not_installed():
+            raise NotInstalled(self.state_dir)
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -205,6 +207,27 @@ class StateStore:
             self._close_quietly()
             raise StateError(why) from None
         return check, awaiting
+
+    def _not_installed(self) -> bool:
+        """No installation here: the directory is missing, or holds neither ``state.db``
+        nor ``installation.key``. Anything else (not a directory, unreadable, a lost
+        ``state.db``) is left to the normal opening, which names the problem."""
+
+        def missing(path: Path) -> bool | None:  # None: cannot tell
+            try:
+                os.stat(path)
+            except FileNotFoundError:
+                return True
+            except OSError:
+                return None
+            return False
+
+        here = missing(self.state_dir)
+        if here is None or here:
+            return bool(here)
+        if not self.state_dir.is_dir():
+            return False
+        return all(missing(self.state_dir / name) is True for name in (DB_NAME, SECRET_NAME))
 
     def _state_lost(self, db_path: Path) -> bool:
         """``state.db`` missing or empty beside an existing installation secret.

@@ -22,6 +22,7 @@ import typer
 
 from tessera.cli._common import (
     EXIT_BAD_INPUT,
+    EXIT_DENIED,
     console,
     emit_json,
     fail,
@@ -170,8 +171,11 @@ def _product_version(product: str | None, remembered: dict[str, str]) -> str | N
     return None
 
 
-def _open_agent(*, restoring: bool = False) -> Any:
-    from tessera.agent import Agent, StateError
+def _open_agent(*, restoring: bool = False, create: bool = True) -> Any:
+    """The agent of the state directory. With ``create=False`` (the verbs that only look,
+    or can change nothing where nothing is installed) a directory without an installation
+    is left as it is, not even made, and the answer is None."""
+    from tessera.agent import Agent, NotInstalled, StateError
 
     state_dir = _state_dir()
     remembered = _remembered(state_dir)
@@ -185,7 +189,9 @@ def _open_agent(*, restoring: bool = False) -> Any:
         fail("--vendor-key is required (or set TESSERA_VENDOR_KEY)")
     keyring = load_keyring(key_path)
     try:
-        return Agent(state_dir, keyring, product, version, restoring=restoring)
+        return Agent(state_dir, keyring, product, version, restoring=restoring, create=create)
+    except NotInstalled:
+        return None
     except StateError as exc:
         fail(str(exc), EXIT_BAD_INPUT)
     except ValueError as exc:
@@ -205,6 +211,15 @@ def _state_errors(func: F) -> F:
             fail(str(exc), EXIT_BAD_INPUT)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _not_installed() -> str:
+    """Why a verb has nothing to work on: the state directory, named (a mistyped
+    ``--state-dir`` shows), holds no installation."""
+    return f"nothing is installed in {_state_dir()} (never activated)"
+
+
+_NO_LICENSE = "activate online (tessera agent activate) or import a license file"
 
 
 def _verb(name: str) -> Callable[[F], F]:
@@ -258,7 +273,14 @@ def locking_id(
 @_verb("status")
 def status(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Show the licensing state, failover days left and the features usable now."""
-    with _open_agent() as agent:
+    from tessera.agent import AgentState, AgentStatus
+
+    agent = _open_agent(create=False)
+    if agent is None:
+        message = f"no license: {_not_installed()}; {_NO_LICENSE}"
+        _print_status(AgentStatus(AgentState.UNLICENSED, None, message=message), as_json)
+        return
+    with agent:
         _print_status(agent.status(), as_json)
 
 
@@ -276,14 +298,17 @@ def check(
         check_feature_code(feature)
     except ValueError as exc:
         raise FormatError(str(exc)) from None  # bad usage (2), not a denial (1)
-    with _open_agent() as agent:
-        try:
+    agent = _open_agent(create=False)
+    try:
+        if agent is None:
+            raise FeatureDenied(feature, f"no license: {_not_installed()}; {_NO_LICENSE}")
+        with agent:
             agent.require(feature)
-        except FeatureDenied as exc:
-            if as_json:
-                emit_json({"feature": feature, "allowed": False, "reason": exc.reason})
-                raise typer.Exit(1) from None
-            raise
+    except FeatureDenied as exc:
+        if as_json:
+            emit_json({"feature": feature, "allowed": False, "reason": exc.reason})
+            raise typer.Exit(1) from None
+        raise
     if as_json:
         emit_json({"feature": feature, "allowed": True})
     else:
@@ -324,7 +349,12 @@ def assign(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Give SUBJECT a seat of FEATURE (never beyond the licensed count)."""
-    with _open_agent() as agent:
+    from tessera.agent import SeatError
+
+    agent = _open_agent(create=False)
+    if agent is None:
+        raise SeatError(f"feature {feature} is not licensed here: {_not_installed()}")
+    with agent:
         added = agent.assign(feature, subject)
     if as_json:
         emit_json({"feature": feature, "subject": subject, "assigned": True, "already": not added})
@@ -339,7 +369,12 @@ def unassign(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Take SUBJECT's seat of FEATURE back."""
-    with _open_agent() as agent:
+    from tessera.agent import SeatError
+
+    agent = _open_agent(create=False)
+    if agent is None:
+        raise SeatError(f"{subject} holds no seat of {feature}: {_not_installed()}")
+    with agent:
         agent.unassign(feature, subject)
     if as_json:
         emit_json({"feature": feature, "subject": subject, "assigned": False})
@@ -350,8 +385,12 @@ def unassign(
 @_verb("seats")
 def seats(as_json: bool = typer.Option(False, "--json")) -> None:
     """Who holds which feature; over-assigned features (count reduced centrally) are flagged."""
-    with _open_agent() as agent:
-        report = agent.seats()
+    agent = _open_agent(create=False)
+    if agent is None:
+        report = {}
+    else:
+        with agent:
+            report = agent.seats()
     if as_json:
         emit_json({"seats": {code: s.to_json() for code, s in report.items()}})
         return
@@ -401,9 +440,14 @@ def request(
 def connect(as_json: bool = typer.Option(False, "--json")) -> None:
     """One validation with the license server now: exit 0 if the installation is in order
     afterwards, 1 if the answer was negative (locked, revoked, ...)."""
-    from tessera.agent import AgentState
+    from tessera.agent import AgentState, ConnectError
 
-    with _open_agent() as agent:
+    agent = _open_agent(create=False)
+    if agent is None:
+        raise ConnectError(
+            f"{_not_installed()}: no license server to check in with (run 'tessera agent activate')"
+        )
+    with agent:
         status = agent.connect()
     _print_status(status, as_json)
     if status.state is not AgentState.NORMAL:
@@ -422,7 +466,10 @@ def backup(
     """Back up the agent state (one of --with-license / --without-license)."""
     if with_license == without_license:
         fail("choose exactly one of --with-license and --without-license")
-    with _open_agent() as agent:
+    agent = _open_agent(create=False)
+    if agent is None:
+        fail(f"{_not_installed()}: nothing to back up", EXIT_DENIED)
+    with agent:
         data = agent.backup(with_license=with_license)
     write_file_atomic(out, data, mode=0o600)
     if as_json:
