@@ -24,6 +24,7 @@ __all__ = [
     "EXIT_DENIED",
     "CliError",
     "check_writable",
+    "cli_path",
     "console",
     "emit_json",
     "fail",
@@ -50,6 +51,17 @@ class CliError(Exception):
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     raise CliError(message, code)
+
+
+def cli_path(value: str | Path) -> Path:
+    """Every path option's and argument's parser: an empty (or blank) path is refused.
+
+    ``Path("")`` is the current directory, so ``--state-dir ""`` (or ``--data-dir
+    "$UNSET"``) silently set up an agent installation or a server in whatever directory the
+    command ran from; an ``-o ""`` failed as an internal error."""
+    if isinstance(value, str) and not value.strip():
+        raise typer.BadParameter("an empty path is not allowed")
+    return Path(value)
 
 
 def print_table(table: Table) -> None:

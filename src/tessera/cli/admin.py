@@ -30,6 +30,7 @@ from tessera.cli._common import (
     EXIT_DENIED,
     CliError,
     check_writable,
+    cli_path,
     console,
     emit_json,
     fail,
@@ -69,13 +70,16 @@ app.add_typer(audit_app, name="audit")
 
 URL = typer.Option(None, "--url", envvar="TESSERA_URL", help="Server URL, e.g. https://host:7790.")
 TOKEN = typer.Option(None, "--token", envvar="TESSERA_TOKEN", help="API token.")
-CA = typer.Option(None, "--ca", envvar="TESSERA_CA", help="CA certificate to trust (pinned).")
+CA = typer.Option(
+    None, "--ca", envvar="TESSERA_CA", help="CA certificate to trust (pinned).", parser=cli_path
+)
 JSON = typer.Option(False, "--json", help="Print one JSON object.")
 VENDOR_KEY = typer.Option(
     None,
     "--vendor-key",
     envvar="TESSERA_VENDOR_KEY",
     help="Vendor keyring (vendor.pub): check the signature of files the server sends.",
+    parser=cli_path,
 )
 
 #: The license template's options, shared by `license issue` and `license issue-bulk`.
@@ -744,9 +748,14 @@ def license_issue_bulk(
         "--locking-ids",
         help="File with one Locking ID per line: one license each, bound to that machine, "
         "its license file signed now.",
+        parser=cli_path,
     ),
     out: Path = typer.Option(
-        ..., "-o", "--out", help="JSON Lines file to create: serial, key (and license file) per line."
+        ...,
+        "-o",
+        "--out",
+        help="JSON Lines file to create: serial, key (and license file) per line.",
+        parser=cli_path,
     ),
     chunk: int = typer.Option(
         5000, "--chunk", min=1, max=BULK_CAP, help="Licenses per request (one transaction each)."
@@ -989,8 +998,10 @@ def license_update(
 
 @license_app.command("activate-offline")
 def license_activate_offline(
-    request_file: Path = typer.Argument(..., help="The request file written by `tessera agent request`."),
-    out: Path = typer.Option(..., "-o", "--out", help="Where to write the license file."),
+    request_file: Path = typer.Argument(
+        ..., help="The request file written by `tessera agent request`.", parser=cli_path
+    ),
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write the license file.", parser=cli_path),
     vendor_key: Path | None = VENDOR_KEY,
     url: str | None = URL,
     token: str | None = TOKEN,

@@ -23,6 +23,7 @@ import typer
 from tessera.cli._common import (
     EXIT_BAD_INPUT,
     EXIT_DENIED,
+    cli_path,
     console,
     emit_json,
     fail,
@@ -62,14 +63,16 @@ def _option_params() -> list[inspect.Parameter]:
             "state_dir",
             kw,
             annotation=Path | None,
-            default=typer.Option(None, "--state-dir", help="Agent state directory (TESSERA_AGENT_DIR)."),
+            default=typer.Option(
+                None, "--state-dir", help="Agent state directory (TESSERA_AGENT_DIR).", parser=cli_path
+            ),
         ),
         inspect.Parameter(
             "vendor_key",
             kw,
             annotation=Path | None,
             default=typer.Option(
-                None, "--vendor-key", help="Vendor keyring vendor.pub (TESSERA_VENDOR_KEY)."
+                None, "--vendor-key", help="Vendor keyring vendor.pub (TESSERA_VENDOR_KEY).", parser=cli_path
             ),
         ),
         inspect.Parameter(
@@ -112,9 +115,11 @@ def _with_agent_options(func: F) -> F:
 @agent_app.callback()
 def agent_options(
     state_dir: Path | None = typer.Option(
-        None, "--state-dir", help="Agent state directory (TESSERA_AGENT_DIR)."
+        None, "--state-dir", help="Agent state directory (TESSERA_AGENT_DIR).", parser=cli_path
     ),
-    vendor_key: Path | None = typer.Option(None, "--vendor-key", help="Vendor keyring (TESSERA_VENDOR_KEY)."),
+    vendor_key: Path | None = typer.Option(
+        None, "--vendor-key", help="Vendor keyring (TESSERA_VENDOR_KEY).", parser=cli_path
+    ),
     product: str | None = typer.Option(None, "--product", help="Product code (TESSERA_PRODUCT)."),
     product_version: str | None = typer.Option(None, "--product-version", help="Product version."),
 ) -> None:
@@ -317,7 +322,7 @@ def check(
 
 @_verb("import")
 def import_file(
-    file: Path = typer.Argument(..., help="A license (.lic) or identity (.par) file."),
+    file: Path = typer.Argument(..., help="A license (.lic) or identity (.par) file.", parser=cli_path),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Verify a license file and put it in force (a file that fails changes nothing)."""
@@ -328,7 +333,9 @@ def import_file(
 
 @_verb("import-blacklist")
 def import_blacklist(
-    file: Path = typer.Argument(..., help="A blacklist file from `tessera blacklist export`."),
+    file: Path = typer.Argument(
+        ..., help="A blacklist file from `tessera blacklist export`.", parser=cli_path
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Put the vendor's signed blacklist in force (forged, altered or older files are refused)."""
@@ -404,7 +411,9 @@ def seats(as_json: bool = typer.Option(False, "--json")) -> None:
 @_verb("activate")
 def activate(
     server: str = typer.Option(..., "--server", help="License server URL (https://...)."),
-    ca: Path | None = typer.Option(None, "--ca", help="The server's CA certificate, pinned."),
+    ca: Path | None = typer.Option(
+        None, "--ca", help="The server's CA certificate, pinned.", parser=cli_path
+    ),
     key: str = typer.Option(..., "--key", help="The license key."),
     recover: bool = typer.Option(
         False,
@@ -423,7 +432,7 @@ def activate(
 @_verb("request")
 def request(
     key: str = typer.Option(..., "--key", help="The license key."),
-    out: Path = typer.Option(..., "-o", "--out", help="Where to write the request file."),
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write the request file.", parser=cli_path),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Write an offline activation request (turn it into a license with activate-offline)."""
@@ -460,7 +469,7 @@ def backup(
         False, "--with-license", help="Everything, encrypted to this installation."
     ),
     without_license: bool = typer.Option(False, "--without-license", help="Portable: settings and seats."),
-    out: Path = typer.Option(..., "-o", "--out"),
+    out: Path = typer.Option(..., "-o", "--out", parser=cli_path),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Back up the agent state (one of --with-license / --without-license)."""
@@ -481,7 +490,7 @@ def backup(
 
 @_verb("restore")
 def restore(
-    file: Path = typer.Argument(...),
+    file: Path = typer.Argument(..., parser=cli_path),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Restore a backup (a --with-license backup only into the installation that made it)."""

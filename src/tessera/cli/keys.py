@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from tessera.cli._common import console, emit_json, fail, read_passphrase, write_file_atomic
+from tessera.cli._common import cli_path, console, emit_json, fail, read_passphrase, write_file_atomic
 from tessera.cli.apps import keys_app
 from tessera.core.signing import Keyring, SigningKey
 
@@ -16,7 +16,9 @@ PUBLIC_NAME = "vendor.pub"
 
 @keys_app.command("generate")
 def generate(
-    out: Path = typer.Option(..., "-o", "--out", help="Directory for vendor.key and vendor.pub."),
+    out: Path = typer.Option(
+        ..., "-o", "--out", help="Directory for vendor.key and vendor.pub.", parser=cli_path
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing key pair."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:

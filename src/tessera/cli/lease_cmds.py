@@ -19,6 +19,7 @@ from rich.table import Table
 from tessera.cli._common import (
     EXIT_DENIED,
     check_writable,
+    cli_path,
     console,
     emit_json,
     fail,
@@ -45,7 +46,7 @@ app.add_typer(webhook_app, name="webhook")
 def license_credential(
     serial: str = typer.Argument(..., help="A user-bound license."),
     user: str = typer.Option(..., "--user", help="Who the credential is for (an id, e.g. ann)."),
-    out: Path = typer.Option(..., "-o", "--out", help="Where to write the credential file."),
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write the credential file.", parser=cli_path),
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
@@ -111,7 +112,7 @@ def webhook_add(
     ),
     event: list[str] = typer.Option([], "--event", help="Only these events (repeatable)."),
     endpoint_ca: Path | None = typer.Option(
-        None, "--endpoint-ca", help="PEM CA that signed the endpoint's certificate."
+        None, "--endpoint-ca", help="PEM CA that signed the endpoint's certificate.", parser=cli_path
     ),
     url: str | None = URL,
     token: str | None = TOKEN,
@@ -191,11 +192,11 @@ def webhook_deliveries(
 
 # ---------------------------------------------------------------------------- holder
 
-CREDENTIAL = typer.Option(..., "--credential", help="The credential file issued to you.")
+CREDENTIAL = typer.Option(..., "--credential", help="The credential file issued to you.", parser=cli_path)
 SERVER = typer.Option(..., "--server", help="License server URL (https://...).")
-SERVER_CA = typer.Option(None, "--ca", help="The server's CA certificate, pinned.")
+SERVER_CA = typer.Option(None, "--ca", help="The server's CA certificate, pinned.", parser=cli_path)
 VENDOR_KEY = typer.Option(
-    None, "--vendor-key", envvar="TESSERA_VENDOR_KEY", help="Vendor keyring vendor.pub."
+    None, "--vendor-key", envvar="TESSERA_VENDOR_KEY", help="Vendor keyring vendor.pub.", parser=cli_path
 )
 
 

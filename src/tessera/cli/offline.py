@@ -11,6 +11,7 @@ from rich.table import Table
 
 from tessera.cli._common import (
     EXIT_DENIED,
+    cli_path,
     console,
     emit_json,
     fail,
@@ -38,9 +39,13 @@ from tessera.core.verify import check_binding, check_version, expired_features, 
 
 @license_app.command("sign")
 def sign(
-    spec: Path = typer.Argument(..., help="License spec (TOML), see docs/license-format.md."),
-    key: Path = typer.Option(..., "--key", help="vendor.key, or the directory holding it."),
-    out: Path = typer.Option(..., "-o", "--out", help="Where to write the signed license file."),
+    spec: Path = typer.Argument(
+        ..., help="License spec (TOML), see docs/license-format.md.", parser=cli_path
+    ),
+    key: Path = typer.Option(..., "--key", help="vendor.key, or the directory holding it.", parser=cli_path),
+    out: Path = typer.Option(
+        ..., "-o", "--out", help="Where to write the signed license file.", parser=cli_path
+    ),
     seal_with: str | None = typer.Option(
         None, "--seal", metavar="LICENSE_KEY", help="Encrypt the entitlements to this license key."
     ),
@@ -106,9 +111,13 @@ _VERDICTS: dict[type[VerificationError], str] = {
 
 @license_app.command("verify")
 def verify(
-    file: Path = typer.Argument(..., help="A license (.lic) or identity (.par) file."),
+    file: Path = typer.Argument(..., help="A license (.lic) or identity (.par) file.", parser=cli_path),
     vendor_key: Path = typer.Option(
-        None, "--vendor-key", envvar="TESSERA_VENDOR_KEY", help="Vendor keyring (vendor.pub)."
+        None,
+        "--vendor-key",
+        envvar="TESSERA_VENDOR_KEY",
+        help="Vendor keyring (vendor.pub).",
+        parser=cli_path,
     ),
     locking_id: str | None = typer.Option(
         None, "--locking-id", help="Also check the binding against this Locking ID."

@@ -14,6 +14,7 @@ from rich.table import Table
 from tessera.cli._common import (
     EXIT_DENIED,
     check_writable,
+    cli_path,
     console,
     emit_json,
     fail,
@@ -57,7 +58,7 @@ def license_rehost(
     ),
     delay_days: int = DELAY,
     out: Path | None = typer.Option(
-        None, "-o", "--out", help="Also write the new machine's license file here."
+        None, "-o", "--out", help="Also write the new machine's license file here.", parser=cli_path
     ),
     vendor_key: Path | None = VENDOR_KEY,
     url: str | None = URL,
@@ -214,7 +215,9 @@ def blacklist_list(
 
 @blacklist_app.command("export")
 def blacklist_export(
-    out: Path = typer.Option(..., "-o", "--out", help="Where to write the signed blacklist."),
+    out: Path = typer.Option(
+        ..., "-o", "--out", help="Where to write the signed blacklist.", parser=cli_path
+    ),
     vendor_key: Path | None = VENDOR_KEY,
     url: str | None = URL,
     token: str | None = TOKEN,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from tessera.cli._common import console, emit_json, fail, write_file_atomic
+from tessera.cli._common import cli_path, console, emit_json, fail, write_file_atomic
 from tessera.cli.apps import app, server_app
 from tessera.server.config import DEFAULT_PORT, ConfigError
 
@@ -28,14 +28,21 @@ DEFAULT_RELAY_DIR = Path("./relay")
 def init(
     upstream: str = typer.Option(..., "--upstream", help="The license server: https://HOST:PORT."),
     upstream_ca: Path = typer.Option(
-        ..., "--upstream-ca", help="The server's CA certificate (its tls/ca.pem), pinned."
+        ..., "--upstream-ca", help="The server's CA certificate (its tls/ca.pem), pinned.", parser=cli_path
     ),
-    data_dir: Path = typer.Option(DEFAULT_RELAY_DIR, "--data-dir", help="Where the relay keeps its files."),
+    data_dir: Path = typer.Option(
+        DEFAULT_RELAY_DIR, "--data-dir", help="Where the relay keeps its files.", parser=cli_path
+    ),
     cert: Path | None = typer.Option(
-        None, "--cert", help="The relay's certificate from 'tessera server relay-cert' (with --key and --ca)."
+        None,
+        "--cert",
+        help="The relay's certificate from 'tessera server relay-cert' (with --key and --ca).",
+        parser=cli_path,
     ),
-    key: Path | None = typer.Option(None, "--key", help="That certificate's key."),
-    ca: Path | None = typer.Option(None, "--ca", help="The CA that signed it (the server's tls/ca.pem)."),
+    key: Path | None = typer.Option(None, "--key", help="That certificate's key.", parser=cli_path),
+    ca: Path | None = typer.Option(
+        None, "--ca", help="The CA that signed it (the server's tls/ca.pem).", parser=cli_path
+    ),
     hostname: list[str] = typer.Option(
         [], "--hostname", help="A name agents reach the relay by (its own certificate; repeatable)."
     ),
@@ -75,7 +82,9 @@ def init(
 
 @relay_app.command("run")
 def run(
-    data_dir: Path = typer.Option(DEFAULT_RELAY_DIR, "--data-dir", help="An initialized relay directory."),
+    data_dir: Path = typer.Option(
+        DEFAULT_RELAY_DIR, "--data-dir", help="An initialized relay directory.", parser=cli_path
+    ),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(DEFAULT_PORT, "--port", min=1, max=65535),
     no_tls: bool = typer.Option(False, "--no-tls", help="Plain HTTP, for behind a TLS-terminating proxy."),
@@ -97,8 +106,12 @@ def relay_cert(
     hostname: list[str] = typer.Option(
         ..., "--hostname", help="A name agents reach the relay by (repeatable)."
     ),
-    out: Path = typer.Option(..., "-o", "--output", help="Directory for relay.pem and relay.key."),
-    data_dir: Path = typer.Option(Path("./var"), "--data-dir", help="The server's data directory."),
+    out: Path = typer.Option(
+        ..., "-o", "--output", help="Directory for relay.pem and relay.key.", parser=cli_path
+    ),
+    data_dir: Path = typer.Option(
+        Path("./var"), "--data-dir", help="The server's data directory.", parser=cli_path
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """A certificate for a relay, signed by this server's CA: agents that pin the server's

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import typer
 
-from tessera.cli._common import EXIT_DENIED, console, fail, read_input_file, write_file_atomic
+from tessera.cli._common import EXIT_DENIED, cli_path, console, fail, read_input_file, write_file_atomic
 from tessera.cli.apps import app
 
 __all__ = ["render", "security_app"]
@@ -43,17 +43,28 @@ _COLUMNS = (
 
 @security_app.command("checklist")
 def checklist(
-    data_dir: Path = typer.Option(Path("./var"), "--data-dir", help="The server's data directory."),
+    data_dir: Path = typer.Option(
+        Path("./var"), "--data-dir", help="The server's data directory.", parser=cli_path
+    ),
     url: str | None = typer.Option(
         None, "--url", envvar="TESSERA_URL", help="The running server to probe, e.g. https://host:7790."
     ),
     ca: Path | None = typer.Option(
-        None, "--ca", envvar="TESSERA_CA", help="CA to trust for the probe (default: the data directory's)."
+        None,
+        "--ca",
+        envvar="TESSERA_CA",
+        help="CA to trust for the probe (default: the data directory's).",
+        parser=cli_path,
     ),
     output_format: str = typer.Option("markdown", "--format", help="markdown, html or json."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Write to FILE instead of stdout."),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="Write to FILE instead of stdout.", parser=cli_path
+    ),
     comments_file: Path | None = typer.Option(
-        None, "--comments", help='TOML file: [comments] MEASURE-ID = "why" (the customer\'s column).'
+        None,
+        "--comments",
+        help='TOML file: [comments] MEASURE-ID = "why" (the customer\'s column).',
+        parser=cli_path,
     ),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when a measure is not executed."),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json."),

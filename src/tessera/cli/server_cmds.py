@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from tessera.cli._common import console, emit_json, fail
+from tessera.cli._common import cli_path, console, emit_json, fail
 from tessera.cli.apps import server_app
 from tessera.server.config import DEFAULT_PORT, ConfigError
 
@@ -18,14 +18,19 @@ DEFAULT_DATA_DIR = Path("./var")
 
 @server_app.command("init")
 def init(
-    data_dir: Path = typer.Option(DEFAULT_DATA_DIR, "--data-dir", help="Where the server keeps its state."),
+    data_dir: Path = typer.Option(
+        DEFAULT_DATA_DIR, "--data-dir", help="Where the server keeps its state.", parser=cli_path
+    ),
     db: str | None = typer.Option(
         None,
         "--db",
         help="Database URL (default: SQLite in DATA_DIR; or postgresql+psycopg://...).",
     ),
     hsm_module: Path | None = typer.Option(
-        None, "--hsm-module", help="Make the vendor key in an HSM: its PKCS#11 module (with --hsm-token)."
+        None,
+        "--hsm-module",
+        help="Make the vendor key in an HSM: its PKCS#11 module (with --hsm-token).",
+        parser=cli_path,
     ),
     hsm_token: str | None = typer.Option(None, "--hsm-token", help="The HSM token's label."),
     hsm_key: str = typer.Option("tessera-vendor", "--hsm-key", help="The vendor key's label in the token."),
@@ -86,8 +91,10 @@ def init(
 
 @server_app.command("hsm-import")
 def hsm_import(
-    data_dir: Path = typer.Option(DEFAULT_DATA_DIR, "--data-dir", help="The server's data directory."),
-    hsm_module: Path = typer.Option(..., "--hsm-module", help="The HSM's PKCS#11 module."),
+    data_dir: Path = typer.Option(
+        DEFAULT_DATA_DIR, "--data-dir", help="The server's data directory.", parser=cli_path
+    ),
+    hsm_module: Path = typer.Option(..., "--hsm-module", help="The HSM's PKCS#11 module.", parser=cli_path),
     hsm_token: str = typer.Option(..., "--hsm-token", help="The HSM token's label."),
     hsm_key: str = typer.Option("tessera-vendor", "--hsm-key", help="The label the key gets in the token."),
     remove_key_file: bool = typer.Option(
@@ -141,7 +148,9 @@ def hsm_import(
 
 @server_app.command("run")
 def run(
-    data_dir: Path = typer.Option(DEFAULT_DATA_DIR, "--data-dir", help="An initialized data directory."),
+    data_dir: Path = typer.Option(
+        DEFAULT_DATA_DIR, "--data-dir", help="An initialized data directory.", parser=cli_path
+    ),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(DEFAULT_PORT, "--port", min=1, max=65535),
     no_tls: bool = typer.Option(False, "--no-tls", help="Plain HTTP, for behind a TLS-terminating proxy."),

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import typer
 from rich.table import Table
 
-from tessera.cli._common import console, emit_json, fail, read_input_file
+from tessera.cli._common import cli_path, console, emit_json, fail, read_input_file
 from tessera.cli.admin import CA, JSON, TOKEN, URL, AdminClient
 from tessera.cli.apps import app
 
@@ -33,6 +33,7 @@ PASSWORD_FILE = typer.Option(
     "--password-file",
     help="Read the password from this file (first line; - for standard input). Without it "
     "a strong password is generated and printed once.",
+    parser=cli_path,
 )
 
 
