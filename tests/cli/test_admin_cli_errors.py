@@ -155,6 +155,27 @@ def test_unwritable_output_is_refused_before_any_request(tmp_path: Path, args: l
             ["license", "update", "S", "--remove-feature", "uniplex", "--feature", "uniplex=3"],
             "feature uniplex is both removed (--remove-feature) and set (--feature)",
         ),
+        (
+            ["license", "issue", "--customer", "1", "--product", "p", "--feature", "a=1", "--feature", "b=0"],
+            "--feature 'b=0': a new license grants at least 1",
+        ),
+        (
+            [
+                "license",
+                "issue-bulk",
+                "--customer",
+                "1",
+                "--product",
+                "p",
+                "--feature",
+                "a=0,2099-01-01",
+                "--count",
+                "2",
+                "-o",
+                "out.jsonl",
+            ],
+            "--feature 'a=0,2099-01-01': a new license grants at least 1",
+        ),
     ],
 )
 def test_contradicting_options_are_refused_before_any_request(

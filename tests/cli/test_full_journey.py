@@ -106,6 +106,11 @@ def _journey(tmp: Path, db_url: str | None) -> None:
                      "--emergency-feature", "ctxjs", "--location", "abc", "--json")  # fmt: skip
         assert issued.returncode == 0, issued.stderr
         lic = json.loads(issued.stdout)
+        expired = cli("license", "issue", "--customer", str(customer), "--product", "cortex",
+                      "--feature", "uniplex=5,2020-01-15")  # fmt: skip
+        assert "entitlements[0].expiry: 2020-01-15 (uniplex) is in the past" in assert_one_line_error(
+            expired, 2
+        )
 
         agent_env = clean_env(TESSERA_VENDOR_KEY=vendor_pub)
         a = Machine(tmp, "machine-a", agent_env, other_hardware=False)

@@ -265,7 +265,7 @@ def _setup(side: Side, with_webhook: bool) -> None:
         "loose": {"machines": 2, "match": "loose"},
         "instance": {"machines": 2, "binding": "instance"},
         "sealed": {"machines": 2, "seal": True, "emergency": ["backup"]},
-        "expired": {"entitlements": [{"feature": "uniplex", "count": 1, "expiry": "2026-01-01"}]},
+        "expired": {"entitlements": [{"feature": "uniplex", "count": 1, "expiry": now.date().isoformat()}]},
         "user": {"binding": "user", "machines": 1},
         "versioned": {"machines": 1, "version": "4.*", "checkpoint_days": 7, "recovery_allowance": 1},
     }
@@ -275,6 +275,12 @@ def _setup(side: Side, with_webhook: bool) -> None:
     ):
         for name, fields in plans.items():
             side.serials[name], side.keys[name] = setup_license(state, admin, now, **fields)
+    # Issued licenses never start expired: this one ends in the past by a change.
+    ended = LicenseUpdate.model_validate(
+        {"entitlements": [{"feature": "uniplex", "count": 1, "expiry": "2026-01-01"}]}
+    )
+    with state.db.write() as session:
+        licenses.update_license(session, admin, side.serials["expired"], ended, now)
     if with_webhook:
         with state.db.write() as session:
             webhooks.add_endpoint(

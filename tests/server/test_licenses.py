@@ -196,3 +196,40 @@ def test_a_request_that_contradicts_itself_is_422(state: ServerState, admin: Pri
     ):
         with state.db.write() as session, pytest.raises(Invalid, match=message):
             licenses.update_license(session, admin, serial, LicenseUpdate.model_validate(fields), START)
+
+
+def test_a_new_license_grants_at_least_one_seat_and_nothing_already_expired(
+    live_server: LiveServer, admin_token: str, state: ServerState, admin: Principal
+) -> None:
+    """An entitlement that ended before the server's day, or a count of 0, would make a
+    license that grants nothing (the agent refuses an expired license and a 0-count
+    feature): refused at issue, single and bulk, with 422 naming the field. The server's
+    clock decides (here START, 2026-11-22): its expiry day itself is still valid."""
+    client = live_server.client(admin_token)
+    setup_license(state, admin, START)  # the product cortex and customer 1
+    issued_before = len(client.get("/api/v1/licenses").json())
+
+    def body(**entitlement: object) -> dict[str, object]:
+        return {
+            "customer_id": 1,
+            "product": "cortex",
+            "entitlements": [{"feature": "uniplex", **entitlement}],
+        }
+
+    for path, extra in (("/api/v1/licenses", {}), ("/api/v1/licenses/bulk", {"count": 2})):
+        past = client.post(path, json={**body(count=1, expiry="2026-11-21"), **extra})
+        assert past.status_code == 422, past.text
+        assert past.json()["detail"].startswith("entitlements[0].expiry: 2026-11-21 (uniplex) is in the past")
+        none = client.post(path, json={**body(count=0), **extra})
+        assert none.status_code == 422, none.text
+        assert none.json()["detail"][0]["loc"] == ["body", "entitlements", 0, "count"]
+    assert len(client.get("/api/v1/licenses").json()) == issued_before
+    today = client.post("/api/v1/licenses", json=body(count=1, expiry="2026-11-22"))
+    assert today.status_code == 201, today.text
+    # A change may still set 0 or an expiry in the past (that ends the feature at once).
+    serial = today.json()["serial"]
+    changed = client.patch(
+        f"/api/v1/licenses/{serial}",
+        json={"entitlements": [{"feature": "uniplex", "count": 0, "expiry": "2026-01-01"}]},
+    )
+    assert changed.status_code == 200, changed.text

@@ -114,7 +114,8 @@ def test_database_urls_are_checked() -> None:
 def test_serials_and_keys(state: ServerState, admin: Principal) -> None:
     serials = [setup_license(state, admin, START)[0] for _ in range(3)]
     assert serials == ["2026-000001", "2026-000002", "2026-000003"]
-    serial, key = setup_license(state, admin, START.replace(year=2027))
+    entitlements = [{"feature": "uniplex", "count": 5}]  # the default expiry would be over in 2027-11
+    serial, key = setup_license(state, admin, START.replace(year=2027), entitlements=entitlements)
     assert serial == "2027-000001"
     assert re.fullmatch(r"[0-9A-Z]{5}(-[0-9A-Z]{5}){4}", key)
     with state.db.read() as session:

@@ -355,12 +355,18 @@ def parse_entitlement(text: str, location: str | None = None) -> dict[str, Any]:
     return item
 
 
-def parse_entitlements(features: list[str], location: str | None = None) -> list[dict[str, Any]]:
+def parse_entitlements(
+    features: list[str], location: str | None = None, *, issuing: bool = False
+) -> list[dict[str, Any]]:
     """Every ``--feature``, each code once: a repeat is a typo, and the server would keep
-    only one of them without saying which."""
+    only one of them without saying which. ``issuing``: a new license's counts are at least
+    1 (a change may set 0); whether an expiry lies in the past is the server's to say, by
+    its own date."""
     items = [parse_entitlement(f, location) for f in features]
     seen: dict[str, str] = {}
     for text, item in zip(features, items, strict=True):
+        if issuing and item["count"] == 0:
+            fail(f"--feature {text!r}: a new license grants at least 1 (a count of 0 grants nothing)")
         code = item["feature"]
         if code in seen:
             fail(f"--feature {text!r}: feature {code} is given twice (also {seen[code]!r})")
@@ -620,7 +626,7 @@ def _license_template(
     seal: bool,
 ) -> dict[str, Any]:
     """The API's license fields, shared by ``license issue`` and ``license issue-bulk``."""
-    entitlements = parse_entitlements(feature)
+    entitlements = parse_entitlements(feature, issuing=True)
     granted = {e["feature"] for e in entitlements}
     for code in emergency_feature:
         if code not in granted:

@@ -162,7 +162,7 @@ def issue_bulk(
     """Issue ``data.count`` licenses, or one pre-bound license per ``data.locking_ids``."""
     if (data.count is None) == (data.locking_ids is None):
         raise Invalid("count: give either count or locking_ids (exactly one of them)")
-    customer, product, partner, version = check_template(session, principal, data)
+    customer, product, partner, version = check_template(session, principal, data, now)
     if data.order:
         ensure_order(session, principal, data.order, customer, now)
     locking_ids = data.locking_ids

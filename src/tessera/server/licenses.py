@@ -374,7 +374,7 @@ def _caller_partner(session: Session, principal: Principal) -> Partner | None:
     return partner
 
 
-def _set_entitlements(row: LicenseRow, items: list[EntitlementIn], default_location: str) -> None:
+def _set_entitlements(row: LicenseRow, items: Sequence[EntitlementIn], default_location: str) -> None:
     current = {(e.location, e.feature): e for e in row.entitlements}
     for item in items:
         location = item.location or default_location
@@ -402,12 +402,22 @@ def _snapshot(session: Session, row: LicenseRow, actor: str, now: datetime) -> N
 
 
 def check_template(
-    session: Session, principal: Principal, data: LicenseIn
+    session: Session, principal: Principal, data: LicenseIn, now: datetime
 ) -> tuple[Customer, Product, Partner | None, str]:
     """Every rule a new license must meet (role, customer, product, features, partner
-    namespace, version): checked once, whether one license is issued or ten thousand.
+    namespace, version, no expiry before ``now``'s day): checked once, whether one license
+    is issued or ten thousand.
     Returns the customer, product, the caller's partner (if any) and the normalized version."""
     require(principal, Role.ADMIN, Role.SALES, Role.PARTNER)
+    today = utc(now).date()
+    for i, e in enumerate(data.entitlements):
+        # An entitlement works through its expiry day (UTC): one that ended before today
+        # would make a license that arrives expired (the agent refuses it on import).
+        if e.expiry is not None and e.expiry < today:
+            raise Invalid(
+                f"entitlements[{i}].expiry: {e.expiry.isoformat()} ({e.feature}) is in the past "
+                f"(today is {today.isoformat()}, UTC)"
+            )
     customer = session.get(Customer, data.customer_id)
     if customer is None:
         raise NotFound(f"customer {data.customer_id} not found")
@@ -445,7 +455,7 @@ def issue_license(
     session: Session, principal: Principal, data: LicenseIn, now: datetime, pepper: bytes
 ) -> tuple[LicenseRow, str]:
     """Create the license; return it and its license key (the only time the key exists)."""
-    customer, product, partner, version = check_template(session, principal, data)
+    customer, product, partner, version = check_template(session, principal, data, now)
     if data.order:
         ensure_order(session, principal, data.order, customer, now)
     key = generate_license_key()

@@ -33,6 +33,7 @@ __all__ = [
     "LicenseIssued",
     "LicenseSummary",
     "LicenseUpdate",
+    "NewEntitlementIn",
     "OfflineActivation",
     "OrderLicense",
     "OrderOut",
@@ -171,10 +172,19 @@ class EntitlementIn(_In):
     location: LocationName | None = Field(None, description="Default: the license's location.")
 
 
+class NewEntitlementIn(EntitlementIn):
+    """An entitlement of a license being issued: a count of 0 would grant nothing (the
+    agent refuses such a feature), so a new license holds at least one seat of each. (A
+    change may still set 0, and an expiry in the past is refused at issue by the service,
+    which knows the server's date.)"""
+
+    count: Annotated[int, Field(ge=1, le=MAX_COUNT)]
+
+
 class LicenseIn(_In):
     customer_id: int = Field(ge=1, le=2**31 - 1)
     product: ProductCode
-    entitlements: list[EntitlementIn] = Field(min_length=1, max_length=1000)
+    entitlements: list[NewEntitlementIn] = Field(min_length=1, max_length=1000)
     location: LocationName = "main"
     version: str = Field("*", min_length=1, max_length=100, examples=["4.*"])
     binding: Binding = Binding.MACHINE
