@@ -370,3 +370,48 @@ def test_verbs_that_only_look_create_no_installation(
     assert run("import-blacklist", str(tmp_path / "missing.bl")).returncode == 2
     assert run("request", "--key", LICENSE_KEY, "-o", str(tmp_path / "r.json")).returncode == 0
     assert (where / "state.db").exists() and (where / "installation.key").exists()
+
+
+LONG = "x" * 100_000
+_LONG_INPUTS = [
+    (("assign", "uniplex", LONG), 2, "invalid subject 'xxxx"),
+    (("unassign", "uniplex", LONG), 1, "holds no seat of uniplex"),
+    (("assign", LONG, "alice"), 2, "invalid feature code 'xxxx"),
+    (("check", LONG), 2, "invalid feature code: 'xxxx"),
+    (("activate", "--server", "https://" + LONG, "--key", LICENSE_KEY), 2, "server URL 'https://xxxx"),
+    (("activate", "--server", LONG, "--key", LICENSE_KEY), 2, "must start with https://"),
+    (("--product", LONG, "status"), 2, "invalid product code: 'xxxx"),
+    (("--product-version", LONG, "status"), 2, "not a version number: 'xxxx"),
+    (("import", LONG), 2, "a path of 100,000 characters is too long"),
+    (("--state-dir", LONG, "status"), 2, "a path of 100,000 characters is too long"),
+    (("backup", "--without-license", "-o", LONG), 2, "a path of 100,000 characters is too long"),
+]
+
+
+@pytest.mark.parametrize(
+    ("installed", "args", "code", "needle"),
+    [(True, *case) for case in _LONG_INPUTS] + [(False, *case) for case in _LONG_INPUTS[:3]],
+    ids=lambda a: (
+        str(a)
+        if isinstance(a, (bool, int))
+        else " ".join(x if len(x) < 20 else "LONG" for x in a)
+        if isinstance(a, tuple)
+        else ""
+    ),
+)
+def test_an_error_repeats_at_most_a_prefix_of_what_was_typed(
+    run: Run, tmp_path: Path, vendor: SigningKey, machine_lid: str,
+    installed: bool, args: tuple[str, ...], code: int, needle: str,
+) -> None:  # fmt: skip
+    """A 100,000-character subject (or code, URL, version, path) came back whole in the
+    error line: an error repeats a short prefix of it and "…", or only its length, whether
+    or not anything is installed in the state directory."""
+    if installed:
+        lic = tmp_path / "cortex.lic"
+        lic.write_text(make_license(vendor, {"uniplex": (2, None)}, locking_id=machine_lid, connect=False))
+        assert run("import", str(lic)).returncode == 0
+    proc = run(*args)
+    line = _one_line_error(proc)
+    assert proc.returncode == code, line
+    assert needle in line and len(line) < 400, line[:500]
+    assert "…" in line or "too long" in line

@@ -61,3 +61,17 @@ def test_an_empty_path_is_one_line_exit_2_and_changes_nothing(
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "empty path" in lines[0], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vendor.pub"]
+
+
+def test_no_error_line_floods_the_terminal(tessera: Run) -> None:
+    """Whatever an error would repeat (here a 100,000-character --feature the admin client
+    names in its refusal), the line printed is cut at MAX_ERROR_LINE characters."""
+    from tessera.cli.main import MAX_ERROR_LINE
+
+    env = {"TESSERA_URL": "https://127.0.0.1:1", "TESSERA_TOKEN": "t"}
+    proc = tessera(
+        "license", "issue", "--customer", "1", "--product", "p", "--feature", "x" * 100_000, env=env
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[:300]
+    assert len(lines[0]) <= len("error: ") + MAX_ERROR_LINE + 1

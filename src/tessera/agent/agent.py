@@ -61,6 +61,8 @@ from tessera.core.errors import (
     TesseraError,
     VerificationError,
     VersionError,
+    clipped,
+    shown,
 )
 from tessera.core.fileformat import format_timestamp, parse, parse_timestamp
 from tessera.core.fingerprint import collect_facts, locking_id_for, match_locking_ids
@@ -139,7 +141,7 @@ def _check_subject(subject: str) -> str:
         or len(subject) > _MAX_SUBJECT
         or any(not ch.isprintable() for ch in subject)
     ):
-        raise FormatError(f"invalid subject {subject!r} (1-{_MAX_SUBJECT} printable characters)")
+        raise FormatError(f"invalid subject {shown(subject)} (1-{_MAX_SUBJECT} printable characters)")
     return subject
 
 
@@ -536,7 +538,7 @@ class Agent:
             raise VerificationError("the stored license's serial does not match the recorded state")
         if meta.get("license_revision") != str(verified.license.revision):
             raise VerificationError(
-                f"the recorded license revision {meta.get('license_revision')!r} is not the "
+                f"the recorded license revision {shown(meta.get('license_revision'))} is not the "
                 f"stored file's ({verified.license.revision})"
             )
         return verified
@@ -655,10 +657,16 @@ class Agent:
 
     # ---------------------------------------------------------------- seats
 
-    def assign(self, feature: str, subject: str) -> bool:
-        """Give ``subject`` a seat of ``feature``; False if it had one. Never over the count."""
+    @staticmethod
+    def check_seat_arguments(feature: str, subject: str) -> None:
+        """:class:`FormatError` for a feature code or subject :meth:`assign` refuses, without
+        any state: a tool names bad input first, also where nothing is installed."""
         _valid_feature(feature)
         _check_subject(subject)
+
+    def assign(self, feature: str, subject: str) -> bool:
+        """Give ``subject`` a seat of ``feature``; False if it had one. Never over the count."""
+        self.check_seat_arguments(feature, subject)
         with self._write_lock:
             counts = {e.feature: e.count for e in self._licensed_entitlements()}
             if feature not in counts:
@@ -670,7 +678,9 @@ class Agent:
     def unassign(self, feature: str, subject: str) -> None:
         with self._write_lock:
             if not self._store.remove_seat(feature, subject):
-                raise SeatError(f"{subject} holds no seat of {feature}")
+                # Not validated: a seat an older agent stored must stay removable; only the
+                # echo is bounded.
+                raise SeatError(f"{clipped(subject)} holds no seat of {clipped(feature)}")
             self._rebuild()
 
     # ---------------------------------------------------------------- Connect
@@ -949,7 +959,7 @@ class Agent:
                 raise BackupError("the backup names an invalid product") from None
         if doc.get("product") != self.installation.product:
             raise BackupError(
-                f"this backup is for product {doc.get('product')!r}, not {self.installation.product!r}"
+                f"this backup is for product {shown(doc.get('product'))}, not {self.installation.product!r}"
             )
         with self._write_lock:
             if doc.get("kind") == "with-license":
@@ -1023,7 +1033,7 @@ class Agent:
             if assigned is None:
                 assigned = _ts(self._clock.now())
             elif not isinstance(assigned, str) or _parse_ts(assigned) is None:
-                raise BackupError(f"the backup holds a malformed seat: assigned_at {assigned!r}")
+                raise BackupError(f"the backup holds a malformed seat: assigned_at {shown(assigned)}")
             rows.append(SeatRow(feature, subject, assigned))
         existing = self._store.seats()
         known = {(r.feature, r.subject) for r in existing}
@@ -1118,7 +1128,7 @@ def _portable_settings(settings: Mapping[str, Any]) -> dict[str, str]:
     url = settings.get("server_url")
     if url is not None:
         if not isinstance(url, str):
-            raise BackupError(f"the backup's server_url is not a URL (got {url!r})")
+            raise BackupError(f"the backup's server_url is not a URL (got {shown(url)})")
         try:
             check_server_url(url)  # what activate and connect accept, nothing more
         except FormatError as exc:
@@ -1165,7 +1175,7 @@ def _valid_feature(feature: str) -> bool:
     try:
         check_feature_code(feature)
     except ValueError:
-        raise FormatError(f"invalid feature code {feature!r}") from None
+        raise FormatError(f"invalid feature code {shown(feature)}") from None
     return True
 
 

@@ -14,7 +14,7 @@ import ssl
 import httpx
 
 from tessera.agent.errors import BadResponse, ServerRefused, ServerUnreachable
-from tessera.core.errors import FormatError, VerificationError
+from tessera.core.errors import FormatError, VerificationError, clipped, shown
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ServerResponse
 from tessera.core.signing import Keyring
 
@@ -54,14 +54,14 @@ def check_server_url(server_url: str) -> None:
     """Refuse a URL the agent must not talk to: the license key and Locking ID go out in
     every request, so only TLS to a real host and port (the CA is pinned on top)."""
     if not server_url.startswith("https://"):
-        raise FormatError(f"server URL must start with https:// (got {server_url!r})")
+        raise FormatError(f"server URL must start with https:// (got {shown(server_url)})")
     try:
         url = httpx.URL(server_url)
         port = url.port  # httpx checks the range; a port that is no number raises
     except (httpx.InvalidURL, ValueError) as exc:
-        raise FormatError(f"server URL {server_url!r} is not a valid URL: {exc}") from None
+        raise FormatError(f"server URL {shown(server_url)} is not a valid URL: {clipped(str(exc))}") from None
     if not url.host or (port is not None and not 0 < port < 65536):
-        raise FormatError(f"server URL {server_url!r} needs a host (and a port from 1 to 65535)")
+        raise FormatError(f"server URL {shown(server_url)} needs a host (and a port from 1 to 65535)")
 
 
 class ConnectClient:

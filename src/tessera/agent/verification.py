@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date
 
-from tessera.core.errors import BindingError, DecryptionError, FormatError, VerificationError
+from tessera.core.errors import BindingError, DecryptionError, FormatError, VerificationError, shown
 from tessera.core.fileformat import SignedDocument
 from tessera.core.model import Binding, Identity, License, Location
 from tessera.core.sealing import unseal
@@ -58,7 +58,7 @@ def verify_identity(text: str, inst: Installation) -> Identity:
 def _check_product(doc: License | Identity, inst: Installation) -> None:
     if inst.product is not None and doc.product != inst.product:
         raise VerificationError(
-            f"license {doc.serial} is for product {doc.product!r}, this is {inst.product!r}"
+            f"license {doc.serial} is for product {shown(doc.product)}, this is {inst.product!r}"
         )
 
 
@@ -103,7 +103,7 @@ def verify_license(
         location = lic.location(wanted)
     except KeyError:
         raise VerificationError(
-            f"license {lic.serial} has no location {wanted!r} for this installation"
+            f"license {lic.serial} has no location {shown(wanted)} for this installation"
         ) from None
     return VerifiedLicense(lic, location, text)
 

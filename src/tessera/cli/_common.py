@@ -36,6 +36,9 @@ __all__ = [
 EXIT_DENIED = 1
 EXIT_BAD_INPUT = 2
 MAX_INPUT_FILE = 16 * 1024 * 1024
+#: The longest path a path option takes (Linux's PATH_MAX): the system refuses longer
+#: ones anyway, and every error line that names the path stays bounded.
+MAX_PATH = 4096
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -58,9 +61,13 @@ def cli_path(value: str | Path) -> Path:
 
     ``Path("")`` is the current directory, so ``--state-dir ""`` (or ``--data-dir
     "$UNSET"``) silently set up an agent installation or a server in whatever directory the
-    command ran from; an ``-o ""`` failed as an internal error."""
+    command ran from; an ``-o ""`` failed as an internal error. A path longer than
+    :data:`MAX_PATH` is refused without repeating it."""
     if isinstance(value, str) and not value.strip():
         raise typer.BadParameter("an empty path is not allowed")
+    length = len(str(value))
+    if length > MAX_PATH:
+        raise typer.BadParameter(f"a path of {length:,} characters is too long (at most {MAX_PATH:,})")
     return Path(value)
 
 

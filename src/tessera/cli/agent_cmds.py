@@ -32,6 +32,7 @@ from tessera.cli._common import (
 )
 from tessera.cli.apps import agent_app
 from tessera.cli.keys import load_keyring
+from tessera.core.errors import clipped
 from tessera.core.fingerprint import collect_facts, locking_id_for
 
 _OPTION_NAMES = ("state_dir", "vendor_key", "product", "product_version")
@@ -356,8 +357,9 @@ def assign(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Give SUBJECT a seat of FEATURE (never beyond the licensed count)."""
-    from tessera.agent import SeatError
+    from tessera.agent import Agent, SeatError
 
+    Agent.check_seat_arguments(feature, subject)  # bad input is exit 2 wherever it is given
     agent = _open_agent(create=False)
     if agent is None:
         raise SeatError(f"feature {feature} is not licensed here: {_not_installed()}")
@@ -380,7 +382,7 @@ def unassign(
 
     agent = _open_agent(create=False)
     if agent is None:
-        raise SeatError(f"{subject} holds no seat of {feature}: {_not_installed()}")
+        raise SeatError(f"{clipped(subject)} holds no seat of {clipped(feature)}: {_not_installed()}")
     with agent:
         agent.unassign(feature, subject)
     if as_json:
@@ -424,6 +426,9 @@ def activate(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Activate online: the server binds the license to this machine and sends it."""
+    from tessera.agent.connect import check_server_url
+
+    check_server_url(server)  # before a first activation sets up the installation
     ca_pem = read_input_file(ca, "CA certificate") if ca is not None else None
     with _open_agent() as agent:
         _print_status(agent.activate(server, key, ca_pem, recover=recover), as_json)

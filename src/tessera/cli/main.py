@@ -27,7 +27,15 @@ from tessera.core.errors import FormatError, KeyFileError, TesseraError
 __all__ = ["app", "run"]
 
 
+#: The longest error line printed: a value a user typed is repeated in it at most in part
+#: (``tessera.core.errors.shown``), and anything else that slipped through, such as a
+#: server's detail, is cut here with "…" rather than flooding the terminal.
+MAX_ERROR_LINE = 1000
+
+
 def _say(message: str) -> None:
+    if len(message) > MAX_ERROR_LINE:
+        message = message[:MAX_ERROR_LINE] + "…"
     err_console.print(f"error: {message}", markup=False, highlight=False)
 
 

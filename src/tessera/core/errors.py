@@ -20,6 +20,7 @@ negative verdict about readable input (CLI exit code 1).
 from __future__ import annotations
 
 __all__ = [
+    "SHOWN_CHARS",
     "BindingError",
     "DecryptionError",
     "FormatError",
@@ -29,7 +30,29 @@ __all__ = [
     "UnknownKeyError",
     "VerificationError",
     "VersionError",
+    "clipped",
+    "shown",
 ]
+
+#: How much of a value a user typed an error message repeats: enough to recognize it, and
+#: a 100,000-character argument does not come back as a 100,000-character "line".
+SHOWN_CHARS = 80
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``value`` quoted (``repr``: control characters escaped, so the line stays one line)
+    for an error message: at most ``limit`` characters of it, then "…"."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= limit else value[:limit] + "…")
+    return clipped(repr(value), limit)
+
+
+def clipped(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` unquoted (a path, another error's message) cut to ``limit`` characters and
+    "…"; characters that are not printable are escaped, as ``repr`` would."""
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 class TesseraError(Exception):

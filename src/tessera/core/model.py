@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime
 from enum import StrEnum
 
 from tessera.core.clock import utc
+from tessera.core.errors import shown
 from tessera.core.versions import VersionRange
 
 __all__ = [
@@ -61,7 +62,7 @@ class MatchLevel(StrEnum):
 
 def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
     if not isinstance(value, str) or not pattern.match(value):
-        raise ValueError(f"invalid {what}: {value!r}")
+        raise ValueError(f"invalid {what}: {shown(value)}")
     return value
 
 
@@ -89,7 +90,7 @@ def check_text(value: str, what: str) -> str:
         or len(value) > MAX_TEXT
         or not value.isprintable()  # every character printable (and not empty, checked above)
     ):
-        raise ValueError(f"invalid {what}: {value!r} (1-{MAX_TEXT} printable characters)")
+        raise ValueError(f"invalid {what}: {shown(value)} (1-{MAX_TEXT} printable characters)")
     return value
 
 
@@ -121,7 +122,7 @@ class Entitlement:
         if type(feature) is not str or not _FEATURE_MATCH(feature):
             check_feature_code(feature)
         if type(count) is not int and (isinstance(count, bool) or not isinstance(count, int)):
-            raise ValueError(f"invalid count for {feature}: {count!r}")
+            raise ValueError(f"invalid count for {feature}: {shown(count)}")
         if not 0 <= count <= MAX_COUNT:
             raise ValueError(f"invalid count for {feature}: {count} (0-{MAX_COUNT})")
         if (
@@ -129,7 +130,7 @@ class Entitlement:
             and type(expiry) is not date
             and (not isinstance(expiry, date) or isinstance(expiry, datetime))
         ):
-            raise ValueError(f"invalid expiry for {feature}: {expiry!r}")
+            raise ValueError(f"invalid expiry for {feature}: {shown(expiry)}")
 
     @property
     def permanent(self) -> bool:
@@ -153,7 +154,7 @@ class Location:
         seen: set[str] = set()
         for e in self.entitlements:
             if not isinstance(e, Entitlement):
-                raise ValueError(f"location {self.name}: not an entitlement: {e!r}")
+                raise ValueError(f"location {self.name}: not an entitlement: {shown(e)}")
             if e.feature in seen:
                 raise ValueError(f"location {self.name}: feature {e.feature} listed twice")
             seen.add(e.feature)
@@ -200,7 +201,7 @@ class License:
         check_serial(self.serial)
         check_product_code(self.product)
         if not isinstance(self.version, VersionRange):
-            raise ValueError(f"invalid version range: {self.version!r}")
+            raise ValueError(f"invalid version range: {shown(self.version)}")
         _check_timestamp(self.issued, "issued time")
         # Normalize only what needs it (parsers already pass enums and tuples).
         if type(self.binding) is not Binding:
@@ -214,7 +215,7 @@ class License:
         names: set[str] = set()
         for loc in self.locations:
             if not isinstance(loc, Location):
-                raise ValueError(f"not a location: {loc!r}")
+                raise ValueError(f"not a location: {shown(loc)}")
             if loc.name in names:
                 raise ValueError(f"location {loc.name} listed twice")
             names.add(loc.name)
@@ -261,7 +262,7 @@ class License:
         for loc in self.locations:
             if loc.name == name:
                 return loc
-        raise KeyError(f"license {self.serial} has no location {name!r}")
+        raise KeyError(f"license {self.serial} has no location {shown(name)}")
 
     def evolve(self, **changes: object) -> License:
         """A copy with ``changes`` applied (and validated)."""
@@ -290,7 +291,7 @@ class Identity:
         check_serial(self.serial)
         check_product_code(self.product)
         if not isinstance(self.version, VersionRange):
-            raise ValueError(f"invalid version range: {self.version!r}")
+            raise ValueError(f"invalid version range: {shown(self.version)}")
         check_location_name(self.location)
         _check(INSTANCE_ID_RE, self.instance_id, "instance-id")
         _check(SECRET_HASH_RE, self.admin_secret, "admin-secret hash")
@@ -302,4 +303,4 @@ class Identity:
 
 def _positive(value: int, what: str, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_COUNT:
-        raise ValueError(f"invalid {what}: {value!r}")
+        raise ValueError(f"invalid {what}: {shown(value)}")

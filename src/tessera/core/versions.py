@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from tessera.core.errors import shown
+
 __all__ = ["Version", "VersionRange", "parse_version"]
 
 _VERSION = re.compile(r"^(0|[1-9][0-9]{0,8})(\.(0|[1-9][0-9]{0,8})){0,3}$")
@@ -21,7 +23,7 @@ Version = tuple[int, ...]
 def parse_version(text: str) -> Version:
     """Parse ``4.2.1``; raise ``ValueError`` for anything else."""
     if not _VERSION.match(text):
-        raise ValueError(f"not a version number: {text!r} (expected e.g. 4.2.1)")
+        raise ValueError(f"not a version number: {shown(text)} (expected e.g. 4.2.1)")
     return tuple(int(p) for p in text.split("."))
 
 
@@ -75,19 +77,19 @@ class VersionRange:
     def parse(cls, text: str) -> VersionRange:
         parts = [p.strip() for p in text.split(",")]
         if not text.strip() or any(not p for p in parts):
-            raise ValueError(f"not a version range: {text!r} (expected e.g. 4.* or >=4.1, <5)")
+            raise ValueError(f"not a version range: {shown(text)} (expected e.g. 4.* or >=4.1, <5)")
         clauses: list[_Clause] = []
         for part in parts:
             m = _CLAUSE.match(part)
             if not m:
-                raise ValueError(f"not a version range clause: {part!r}")
+                raise ValueError(f"not a version range clause: {shown(part)}")
             if m.group("all"):
                 clauses.append(_Clause("all", ()))
                 continue
             version = parse_version(m.group("ver"))
             if m.group("wild"):
                 if m.group("op"):
-                    raise ValueError(f"a wildcard cannot follow an operator: {part!r}")
+                    raise ValueError(f"a wildcard cannot follow an operator: {shown(part)}")
                 clauses.append(_Clause("prefix", version))
             else:
                 clauses.append(_Clause(m.group("op") or "==", version))
