@@ -110,18 +110,23 @@ def test_admin_cli_errors(
         ["license", "credential", "2026-000001", "--user", "ann", "-o", "OUT"],
     ],
 )
-@pytest.mark.parametrize("where", ["/proc/nope/x.lic", "DIR", "missing/x.lic"])
+@pytest.mark.parametrize("where", ["/proc/nope/x.lic", "DIR", "missing/x.lic", "earlier.lic"])
 def test_unwritable_output_is_refused_before_any_request(tmp_path: Path, args: list[str], where: str) -> None:
     """A rehost, a bound slot or a blacklist sequence number cannot be taken back, so a path
-    the CLI cannot write must be refused before the server hears of it."""
+    the CLI cannot write must be refused before the server hears of it; so is an existing
+    file (an earlier license or credential), which only --force replaces."""
     (tmp_path / "req.json").write_text('{"request": 1}')
     (tmp_path / "DIR").mkdir()
+    (tmp_path / "earlier.lic").write_text("earlier work")
     args = [str(tmp_path / where) if a == "OUT" else a for a in args]
     with fake_server() as server:
         result = tessera(*args, env=clean_env(**server.env()), cwd=tmp_path)
         line = _error(result, 2)
         assert where.split("/")[0] in line or "is a directory" in line
         assert server.requests == []
+    assert (tmp_path / "earlier.lic").read_text() == "earlier work"
+    if where == "earlier.lic":
+        assert "exists already (use --force to replace it)" in line
 
 
 @pytest.mark.parametrize(

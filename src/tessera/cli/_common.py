@@ -8,6 +8,7 @@ line on stderr.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from rich.table import Table
 __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_DENIED",
+    "FORCE",
     "CliError",
     "check_writable",
     "cli_path",
@@ -125,10 +127,17 @@ def read_passphrase(*, confirm: bool = False, what: str = "vendor key") -> bytes
     return entered.encode("utf-8")
 
 
-def check_writable(path: Path, option: str = "-o") -> None:
+#: Every verb that writes a file with ``-o`` takes this: without it an existing file is
+#: never replaced (a signed license, a response, a backup or a credential written over by
+#: mistake is lost work, and some cost a bound slot or a sequence number to make again).
+FORCE = typer.Option(False, "--force", help="Replace the output file if it exists.")
+
+
+def check_writable(path: Path, option: str = "-o", *, force: bool = False) -> None:
     """Refuse an output path that cannot be written before the server is asked to change
     anything: a rehost, a bound slot or a used-up blacklist sequence number cannot be taken
-    back when the file write fails afterwards."""
+    back when the file write fails afterwards. An existing file is refused too, unless
+    ``force`` (see :data:`FORCE`)."""
     path = Path(path)
     if path.is_dir():
         fail(f"{option} {path} is a directory")
@@ -139,12 +148,22 @@ def check_writable(path: Path, option: str = "-o") -> None:
         fail(f"cannot write {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         fail(f"cannot write {path}: directory {parent} is not writable")
+    if not force and (path.exists() or path.is_symlink()):
+        fail(_exists(path))
     if path.exists() and not os.access(path, os.W_OK):
         fail(f"cannot write {path}: permission denied")
 
 
-def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
+def _exists(path: Path) -> str:
+    return f"{path} exists already (use --force to replace it)"
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int = 0o644, *, force: bool = False) -> None:
+    """Write through a temporary file, so a crash never leaves half a file: the complete,
+    synced file appears under ``path`` at once. An existing file is replaced only with
+    ``force``; otherwise the file is linked into place, which fails rather than replace
+    one that appeared meanwhile (on a file system without hard links: checked, then
+    renamed)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -157,8 +176,39 @@ def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        if force:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+        _sync_directory(path.parent)
+    except FileExistsError:
+        fail(_exists(path))
     except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror}")
+    finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        fail(f"cannot write {path}: {exc.strerror}")
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """``tmp`` under the new name ``path``; FileExistsError if that name is taken."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        if path.exists() or path.is_symlink():  # no hard links here: check, then rename
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+        os.replace(tmp, path)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the new name itself durable (best effort: not every system can sync one)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -28,6 +28,7 @@ from rich.table import Table
 from tessera.cli._common import (
     EXIT_BAD_INPUT,
     EXIT_DENIED,
+    FORCE,
     CliError,
     check_writable,
     cli_path,
@@ -1012,9 +1013,11 @@ def license_activate_offline(
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
+    force: bool = FORCE,
     as_json: bool = JSON,
 ) -> None:
-    """Activate an offline installation: upload its request file, write its license file."""
+    """Activate an offline installation: upload its request file, write its license file
+    (and, for an instance-bound license, the identity file beside it, with suffix .par)."""
     data = read_input_file(request_file, "request file")
     if vendor_key is not None:
         load_keyring(vendor_key)  # a bad keyring is refused before the slot is bound
@@ -1023,8 +1026,8 @@ def license_activate_offline(
     except ValueError:
         fail(f"request file {request_file} is not JSON (expected the file `tessera agent request` writes)")
     client = AdminClient(url, token, ca)
-    check_writable(out)
-    check_writable(out.with_suffix(".par"))
+    check_writable(out, force=force)
+    check_writable(out.with_suffix(".par"), force=force)
     result = client.request(
         "POST",
         "/api/v1/activate-offline",
@@ -1040,8 +1043,8 @@ def license_activate_offline(
     identity_out = out.with_suffix(".par") if identity_text else None
     if identity_out is not None and identity_text is not None:
         # The identity part first: the agent imports it before the license it belongs to.
-        write_file_atomic(identity_out, identity_text.encode("utf-8"))
-    write_file_atomic(out, license_text.encode("utf-8"))
+        write_file_atomic(identity_out, identity_text.encode("utf-8"), force=force)
+    write_file_atomic(out, license_text.encode("utf-8"), force=force)
     if as_json:
         emit_json(
             {

@@ -23,6 +23,8 @@ import typer
 from tessera.cli._common import (
     EXIT_BAD_INPUT,
     EXIT_DENIED,
+    FORCE,
+    check_writable,
     cli_path,
     console,
     emit_json,
@@ -438,12 +440,14 @@ def activate(
 def request(
     key: str = typer.Option(..., "--key", help="The license key."),
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the request file.", parser=cli_path),
+    force: bool = FORCE,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Write an offline activation request (turn it into a license with activate-offline)."""
+    check_writable(out, force=force)
     with _open_agent() as agent:
         req = agent.activation_request(key)
-    write_file_atomic(out, req.to_json() + b"\n")
+    write_file_atomic(out, req.to_json() + b"\n", force=force)
     if as_json:
         emit_json({"file": str(out), "locking_id": req.locking_id, "system_id": req.system_id})
     else:
@@ -475,17 +479,19 @@ def backup(
     ),
     without_license: bool = typer.Option(False, "--without-license", help="Portable: settings and seats."),
     out: Path = typer.Option(..., "-o", "--out", parser=cli_path),
+    force: bool = FORCE,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Back up the agent state (one of --with-license / --without-license)."""
     if with_license == without_license:
         fail("choose exactly one of --with-license and --without-license")
+    check_writable(out, force=force)
     agent = _open_agent(create=False)
     if agent is None:
         fail(f"{_not_installed()}: nothing to back up", EXIT_DENIED)
     with agent:
         data = agent.backup(with_license=with_license)
-    write_file_atomic(out, data, mode=0o600)
+    write_file_atomic(out, data, mode=0o600, force=force)
     if as_json:
         kind = "with-license" if with_license else "without-license"
         emit_json({"file": str(out), "kind": kind, "bytes": len(data)})

@@ -25,16 +25,18 @@ def generate(
     """Make a new Ed25519 vendor key pair: vendor.key (encrypted) and vendor.pub (keyring)."""
     private = out / PRIVATE_NAME
     public = out / PUBLIC_NAME
-    if private.exists() and not force:
-        fail(f"{private} exists already (use --force to replace it)")
+    if not force:
+        for file in (private, public):  # both, before anything is written
+            if file.exists() or file.is_symlink():
+                fail(f"{file} exists already (use --force to replace it)")
     passphrase = read_passphrase(confirm=True)
     key = SigningKey.generate()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         fail(f"cannot create {out}: {exc.strerror}")
-    write_file_atomic(private, key.to_pem(passphrase), mode=0o600)
-    write_file_atomic(public, Keyring([key.public]).dumps().encode("ascii"))
+    write_file_atomic(private, key.to_pem(passphrase), mode=0o600, force=force)
+    write_file_atomic(public, Keyring([key.public]).dumps().encode("ascii"), force=force)
     if as_json:
         emit_json({"key_id": key.key_id, "private_key": str(private), "public_key": str(public)})
     else:

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from tessera.cli._common import (
     EXIT_DENIED,
+    FORCE,
     check_writable,
     cli_path,
     console,
@@ -50,11 +51,12 @@ def license_credential(
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
+    force: bool = FORCE,
     as_json: bool = JSON,
 ) -> None:
     """Issue USER's credential file; issuing again invalidates the previous file at once."""
     client = AdminClient(url, token, ca)
-    check_writable(out)
+    check_writable(out, force=force)
     result = client.request(
         "POST",
         f"/api/v1/licenses/{_seg(serial)}/credentials",
@@ -65,7 +67,7 @@ def license_credential(
         parse_credential(result["credential"])
     except TesseraError as exc:
         client.unexpected(f"its credential file does not parse: {exc}")
-    write_file_atomic(out, result["credential"].encode("utf-8"), mode=0o600)
+    write_file_atomic(out, result["credential"].encode("utf-8"), mode=0o600, force=force)
     info = {k: result[k] for k in ("serial", "user_id", "generation", "leases_freed")}
     if as_json:
         emit_json({**info, "file": str(out)})

@@ -11,6 +11,8 @@ from rich.table import Table
 
 from tessera.cli._common import (
     EXIT_DENIED,
+    FORCE,
+    check_writable,
     cli_path,
     console,
     emit_json,
@@ -49,9 +51,11 @@ def sign(
     seal_with: str | None = typer.Option(
         None, "--seal", metavar="LICENSE_KEY", help="Encrypt the entitlements to this license key."
     ),
+    force: bool = FORCE,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Sign a license from a spec file with an offline vendor key."""
+    check_writable(out, force=force)  # before the passphrase is asked for
     text = read_input_file(spec, "license spec")
     try:
         decoded = text.decode("utf-8")
@@ -64,7 +68,7 @@ def sign(
             lic = seal(lic, seal_with)
         except VerificationError as exc:
             fail(f"--seal: {exc}")
-    write_file_atomic(out, sign_document(lic, signing_key).encode("utf-8"))
+    write_file_atomic(out, sign_document(lic, signing_key).encode("utf-8"), force=force)
     if as_json:
         emit_json({"serial": lic.serial, "file": str(out), "key_id": signing_key.key_id})
     else:

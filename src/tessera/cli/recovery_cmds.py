@@ -13,6 +13,7 @@ from rich.table import Table
 
 from tessera.cli._common import (
     EXIT_DENIED,
+    FORCE,
     check_writable,
     cli_path,
     console,
@@ -64,6 +65,7 @@ def license_rehost(
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
+    force: bool = FORCE,
     as_json: bool = JSON,
 ) -> None:
     """Move a license to a new container under its recovery rule (support, admin)."""
@@ -75,14 +77,14 @@ def license_rehost(
     client = AdminClient(url, token, ca)
     keyring = load_keyring(vendor_key) if vendor_key is not None else None
     if out is not None:
-        check_writable(out)
+        check_writable(out, force=force)
     result = client.request("POST", f"/api/v1/licenses/{_seg(serial)}/rehost", json=body, expect=_REHOST)
     if result["license"] is not None:
         client.license_file(result["license"], result["serial"], keyring)
     if out is not None:
         if result["license"] is None:
             fail("this license is sealed: the new machine gets its file when it activates")
-        write_file_atomic(out, result["license"].encode("utf-8"))
+        write_file_atomic(out, result["license"].encode("utf-8"), force=force)
     if as_json:
         emit_json(result)
     else:
@@ -222,19 +224,20 @@ def blacklist_export(
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
+    force: bool = FORCE,
     as_json: bool = JSON,
 ) -> None:
     """Write the signed blacklist file to ship with the next product version."""
     client = AdminClient(url, token, ca)
     keyring = load_keyring(vendor_key) if vendor_key is not None else None
-    check_writable(out)
+    check_writable(out, force=force)
     result = client.request(
         "POST",
         "/api/v1/blacklist/export",
         expect={"sequence": int, "containers": int, "serials": int, "file": str},
     )
     _check_blacklist(client, result, keyring)
-    write_file_atomic(out, result["file"].encode("utf-8"))
+    write_file_atomic(out, result["file"].encode("utf-8"), force=force)
     if as_json:
         emit_json({k: result[k] for k in ("sequence", "containers", "serials")} | {"file": str(out)})
     else:

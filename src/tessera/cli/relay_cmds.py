@@ -112,6 +112,7 @@ def relay_cert(
     data_dir: Path = typer.Option(
         Path("./var"), "--data-dir", help="The server's data directory.", parser=cli_path
     ),
+    force: bool = typer.Option(False, "--force", help="Replace relay.pem and relay.key if they exist."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """A certificate for a relay, signed by this server's CA: agents that pin the server's
@@ -128,6 +129,10 @@ def relay_cert(
         ca_key_pem = config.ca_key.read_bytes()
     except OSError as exc:
         fail(f"the server's CA is not readable ({exc.filename}: {exc.strerror})")
+    if not force:
+        for name in ("relay.pem", "relay.key"):  # a relay's working key is not replaced by mistake
+            if (out / name).exists() or (out / name).is_symlink():
+                fail(f"{out / name} exists already (use --force to replace it)")
     names = [name.strip() for name in hostname]
     if any(not name or len(name) > 253 or any(c.isspace() for c in name) for name in names):
         fail("--hostname must be a host name")
@@ -140,8 +145,8 @@ def relay_cert(
     except OSError as exc:
         fail(f"cannot create {out}: {exc.strerror}")
     cert_file, key_file = out.resolve() / "relay.pem", out.resolve() / "relay.key"
-    write_file_atomic(cert_file, cert_pem)
-    write_file_atomic(key_file, key_pem, 0o600)
+    write_file_atomic(cert_file, cert_pem, force=force)
+    write_file_atomic(key_file, key_pem, 0o600, force=force)
     if as_json:
         emit_json({"cert": str(cert_file), "key": str(key_file), "ca": str(config.ca_cert), "names": names})
         return

@@ -17,7 +17,16 @@ from urllib.parse import urlsplit
 
 import typer
 
-from tessera.cli._common import EXIT_DENIED, cli_path, console, fail, read_input_file, write_file_atomic
+from tessera.cli._common import (
+    EXIT_DENIED,
+    FORCE,
+    check_writable,
+    cli_path,
+    console,
+    fail,
+    read_input_file,
+    write_file_atomic,
+)
 from tessera.cli.apps import app
 
 __all__ = ["render", "security_app"]
@@ -67,6 +76,7 @@ def checklist(
         parser=cli_path,
     ),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when a measure is not executed."),
+    force: bool = FORCE,
     as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
 ) -> None:
     """Check each hardening measure of this deployment and print the checklist: measure,
@@ -81,6 +91,8 @@ def checklist(
         if output_format not in ("markdown", "json"):
             fail(f"--json and --format {output_format} contradict each other")
         output_format = "json"
+    if output is not None:
+        check_writable(output, "-o", force=force)  # before the audit and its probe run
     if url is not None:
         try:
             parts = urlsplit(url)
@@ -120,7 +132,7 @@ def checklist(
         sys.stdout.write(document)
         sys.stdout.flush()
     else:
-        write_file_atomic(output, document.encode("utf-8"))
+        write_file_atomic(output, document.encode("utf-8"), force=force)
         console.print(f"checklist written to {output}")
     open_items = [m.id for m in measures if m.executed in ("no", "unchecked")]
     if strict and open_items:
