@@ -10,6 +10,7 @@ import pytest
 from agent_support import LICENSE_KEY, OTHER_LOCKING_ID, FakeServer, make_license
 
 from tessera.agent import Agent, AgentState, BackupError, StateError
+from tessera.agent.store import MARKER_NAME
 from tessera.core import SigningKey
 
 
@@ -143,14 +144,82 @@ def test_reactivation_repairs_an_edited_state(
     assert agent.activate("https://license.example", LICENSE_KEY).state is AgentState.NORMAL
 
 
+def _as_before_the_seal(state_dir: Path, *, with_marker: bool = False) -> None:
+    """What an agent older than the seal left: schema 1, no state_mac, and (unless
+    ``with_marker``: the downgrade of a sealed state) no state.sealed beside the key."""
+    _sql(state_dir, "DELETE FROM meta WHERE name = 'state_mac'")
+    _sql(state_dir, "UPDATE meta SET value = '1' WHERE name = 'schema'")
+    if not with_marker:
+        (state_dir / MARKER_NAME).unlink()
+
+
 def test_a_state_from_before_the_seal_is_sealed_on_first_open(
     open_agent: Callable[..., Agent], vendor: SigningKey
 ) -> None:
     state_dir = _licensed(open_agent, vendor)
-    _sql(state_dir, "DELETE FROM meta WHERE name = 'state_mac'")
-    _sql(state_dir, "UPDATE meta SET value = '1' WHERE name = 'schema'")
+    _as_before_the_seal(state_dir)
     agent = open_agent(state_dir)
     assert agent.status().state is AgentState.NORMAL
     agent.close()
+    assert (state_dir / MARKER_NAME).exists()  # sealed now, and marked so
     _sql(state_dir, "UPDATE meta SET value = '2020-01-01T00:00:00Z' WHERE name = 'grace_start'")
     assert open_agent(state_dir).status().state is AgentState.INVALID
+
+
+@pytest.mark.parametrize(
+    "downgrade",
+    [
+        [],  # schema back to 1, state_mac deleted
+        [
+            "DELETE FROM meta WHERE name NOT IN ('schema', 'system_id')",
+            "DELETE FROM seats",
+            "UPDATE meta SET value = '2' WHERE name = 'schema'",
+        ],  # "new"
+    ],
+    ids=["schema-1", "emptied"],
+)
+def test_a_sealed_state_made_to_look_older_or_new_is_not_sealed_again(
+    activated: Agent, server: FakeServer, open_agent: Callable[..., Agent], downgrade: list[str]
+) -> None:
+    """Setting schema back to 1 and deleting state_mac got a locked state re-sealed as
+    it was edited (and emptying the state got a new grace period): the marker beside the
+    key says this installation was sealed before, so the edit stays visible."""
+    server.directives = ("lock",)
+    assert activated.connect().state is AgentState.LOCKED
+    state_dir = activated.state_dir
+    activated.close()
+    assert (state_dir / MARKER_NAME).exists()
+    _as_before_the_seal(state_dir, with_marker=True)
+    _sql(state_dir, "DELETE FROM meta WHERE name = 'locked'")
+    for statement in downgrade:
+        _sql(state_dir, statement)
+    for _ in range(2):  # opening (which writes) does not launder it either
+        agent = open_agent(state_dir)
+        status = agent.status()
+        assert status.state is AgentState.INVALID and "edited outside the agent" in status.message
+        assert not agent.check("uniplex")
+        agent.close()
+
+
+def test_a_state_sealed_before_the_marker_existed_gets_it_on_first_open(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    state_dir = _licensed(open_agent, vendor)
+    (state_dir / MARKER_NAME).unlink()  # sealed (schema 2) by an agent that wrote no marker
+    assert open_agent(state_dir).status().state is AgentState.NORMAL
+    assert (state_dir / MARKER_NAME).exists()
+    _as_before_the_seal(state_dir, with_marker=True)
+    assert open_agent(state_dir).status().state is AgentState.INVALID
+
+
+def test_a_marker_of_another_installation_key_counts_for_nothing(
+    open_agent: Callable[..., Agent], vendor: SigningKey
+) -> None:
+    """A new installation in a directory where only the old marker was left behind."""
+    state_dir = _licensed(open_agent, vendor)
+    for name in ("state.db", "state.db-wal", "state.db-shm", "installation.key"):
+        (state_dir / name).unlink(missing_ok=True)
+    agent = open_agent(state_dir)
+    assert agent.status().state is AgentState.UNLICENSED
+    agent.import_license(make_license(vendor, connect=False))
+    assert agent.status().state is AgentState.NORMAL

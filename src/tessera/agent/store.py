@@ -6,12 +6,13 @@ mix, and a full disk makes the transaction fail as a whole (the old state stays)
 in other processes (``tessera agent status`` while the product runs) never block writers.
 
 The *installation secret* (``installation.key``, 32 random bytes, mode 0600) lives beside
-the database, not in it. Keys derived from it encrypt the agent's private key at rest and
-the ``--with-license`` backups. What that protects against: a copy of the database alone
-(support bundle, a leaked backup, a file-level sync of ``state.db``) does not reveal the
-agent key, and a with-license backup restores only into the installation that wrote it. It
-does not protect against someone who can read the whole state directory on this machine
-(root): nothing that runs unattended can.
+the database, not in it (``state.sealed`` beside both: :data:`MARKER_NAME`). Keys derived
+from it encrypt the agent's private key at rest and the ``--with-license`` backups. What
+that protects against: a copy of the database alone (support bundle, a leaked backup, a
+file-level sync of ``state.db``) does not reveal the agent key, and a with-license backup
+restores only into the installation that wrote it. It does not protect against someone
+who can read the whole state directory on this machine (root): nothing that runs
+unattended can.
 """
 
 from __future__ import annotations
@@ -38,13 +39,18 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from tessera.agent.errors import NotInstalled, SeatError, StateError
 from tessera.core.protocol import new_system_id
 
-__all__ = ["DB_NAME", "PROTECTED", "SEAL_NAME", "SECRET_NAME", "SeatRow", "StateStore"]
+__all__ = ["DB_NAME", "MARKER_NAME", "PROTECTED", "SEAL_NAME", "SECRET_NAME", "SeatRow", "StateStore"]
 
 DB_NAME = "state.db"
 SECRET_NAME = "installation.key"
 #: 2: the security-relevant meta values carry a MAC (``state_mac``); 1: they did not
 _SCHEMA_VERSION = "2"
 SEAL_NAME = "state_mac"
+#: Beside ``installation.key``: this installation's state has been sealed. A state that
+#: looks unsealed (schema 1, no ``state_mac``) is then an edit, not an older agent's state
+#: to seal as it is. Its content is a MAC keyed from the secret, so a marker left over from
+#: another installation key counts for nothing.
+MARKER_NAME = "state.sealed"
 #: The meta values that decide what the agent grants or refuses: an edit to any of them
 #: (including deleting one) breaks the seal. The license text itself is covered by its
 #: vendor signature and ``license_sha256``.
@@ -133,6 +139,7 @@ class StateStore:
         if lost and not restoring:
             raise StateError(self._lost_message())
         self.secret = self._load_or_make_secret(fresh or lost)
+        marked = self._marked()
         try:
             self._db = sqlite3.connect(
                 db_path,
@@ -156,9 +163,12 @@ class StateStore:
                 )
                 if lost:
                     db.execute("INSERT OR REPLACE INTO meta VALUES (?, '1')", (AWAITING_RESTORE,))
-                self._migrate(db)
+                self._migrate(db, marked)
                 awaiting = db.execute("SELECT 1 FROM meta WHERE name = ?", (AWAITING_RESTORE,)).fetchone()
+                sealed = self.seal_ok(self._meta(db))
             check = self._db.execute("PRAGMA quick_check").fetchone()
+            if sealed and not marked:
+                self._mark()
         except sqlite3.Error as exc:
             self._close_quietly()
             if fresh or lost or not self._can_read_frozen(exc, db_path):
@@ -268,15 +278,62 @@ class StateStore:
     def _meta(self, db: sqlite3.Connection) -> dict[str, str]:
         return {str(k): str(v) for k, v in db.execute("SELECT name, value FROM meta").fetchall()}
 
-    def _migrate(self, db: sqlite3.Connection) -> None:
-        """A state written before the seal existed (schema 1) is sealed as it is, once."""
+    def _migrate(self, db: sqlite3.Connection, marked: bool) -> None:
+        """A state written before the seal existed (schema 1) is sealed as it is, once; so
+        is a new one. Where this installation has sealed its state before (``marked``),
+        neither is done: a state made to look older or new (``schema`` set back to 1,
+        ``state_mac`` and the rest deleted) stays unsealed, so the agent reports it as
+        edited instead of sealing the edit. A state.db recreated for a restore is new."""
         meta = self._meta(db)
-        if meta.get("schema") == "1" and SEAL_NAME not in meta:
+        if SEAL_NAME in meta:
+            return
+        if meta.get("schema") == "1":
+            if marked:
+                return
             db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (_SCHEMA_VERSION,))
             meta["schema"] = _SCHEMA_VERSION
             db.execute("INSERT INTO meta VALUES (?, ?)", (SEAL_NAME, self.seal_of(meta)))
-        elif SEAL_NAME not in meta and set(meta) <= {"schema", "system_id", AWAITING_RESTORE}:
+        elif set(meta) <= {"schema", "system_id", AWAITING_RESTORE}:
+            if marked and AWAITING_RESTORE not in meta:
+                return
             db.execute("INSERT INTO meta VALUES (?, ?)", (SEAL_NAME, self.seal_of(meta)))
+
+    def _marker(self) -> bytes:
+        key = self.derive_key("state seal marker")
+        return hmac.new(key, b"sealed", hashlib.sha256).hexdigest().encode("ascii") + b"\n"
+
+    def _marked(self) -> bool:
+        """Has this installation (this secret) sealed its state before? An unreadable
+        marker counts as there: it is never a reason to seal an unsealed state."""
+        try:
+            data = (self.state_dir / MARKER_NAME).read_bytes()
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        return hmac.compare_digest(data, self._marker())
+
+    def _mark(self) -> None:
+        """Write the marker (once the state carries a valid seal): atomically, and best
+        effort, since the next open that finds the seal valid writes it again."""
+        path = self.state_dir / MARKER_NAME
+        tmp = path.with_name(f".{MARKER_NAME}.tmp{os.getpid()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, self._marker())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dir_fd = os.open(self.state_dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            with suppress(OSError):
+                tmp.unlink()
 
     def _reseal(self, db: sqlite3.Connection, was_ok: bool) -> None:
         """Seal what a write left, unless the seal was broken before it.
