@@ -64,6 +64,7 @@ def make_license(
     serial: str = "2026-000001",
     locking_id: str = LOCKING_ID,
     location: str = "main",
+    issued: datetime = START,
     **policy: Any,
 ) -> str:
     features = features if features is not None else {"uniplex": (5, None), "backup": (1, None)}
@@ -72,7 +73,7 @@ def make_license(
         serial=serial,
         product=policy.pop("product", PRODUCT),
         version=VersionRange.parse(policy.pop("version", "4.*")),
-        issued=START,
+        issued=issued,
         locations=(Location(location, tuple(Entitlement(f, c, e) for f, (c, e) in features.items())),),
         locking_id=locking_id,
         **policy,

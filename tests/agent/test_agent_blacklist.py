@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from agent_support import (
@@ -89,6 +89,83 @@ def test_a_recovered_license_is_withdrawn_but_the_container_is_not_locked(
     clock.advance(timedelta(days=1))  # the file is issued after the recovery day
     status = agent.reload()
     assert status.state is AgentState.UNLICENSED and "recovered" in (status.message or "")
+
+
+def _moved_away(locking_id: str, moved: datetime, delay_days: int = 0) -> BlacklistEntry:
+    return BlacklistEntry.moved_away("2026-000001", locking_id, moved, delay_days)
+
+
+def test_a_copy_the_old_container_got_on_the_day_of_the_move_is_withdrawn(
+    open_agent: Callable[..., Agent], vendor: SigningKey, clock: ManualClock
+) -> None:
+    """Activated (or updated at a check-in) in the morning, moved away in the afternoon:
+    a day-grain entry (issued before the day of the move) let this machine keep working."""
+    agent = open_agent()
+    agent.import_license(make_license(vendor, connect=False))  # issued 10:00
+    moved = START + timedelta(hours=5)
+    clock.set(moved + timedelta(hours=1))
+    listed = _blacklist(vendor, 1, serials=(_moved_away(LOCKING_ID, moved),))
+    assert listed.startswith("[BLACKLIST]\nformat = tessera/2\n")
+    agent.import_blacklist(listed)
+    status = agent.status()
+    assert status.state is AgentState.UNLICENSED and "recovered" in (status.message or "")
+    assert not agent.check("uniplex")
+
+
+def test_the_delay_of_a_container_scoped_entry_counts_in_days_of_trusted_time(
+    open_agent: Callable[..., Agent], vendor: SigningKey, clock: ManualClock
+) -> None:
+    agent = open_agent()
+    agent.import_license(make_license(vendor, connect=False))
+    moved = START + timedelta(hours=13)  # 23:00 on the 22nd: enforced from the 24th
+    clock.set(moved)
+    agent.import_blacklist(_blacklist(vendor, 1, serials=(_moved_away(LOCKING_ID, moved, 2),)))
+    clock.set(datetime(2026, 11, 23, 23, 59, 59, tzinfo=UTC))
+    assert agent.reload().state is AgentState.NORMAL
+    clock.set(datetime(2026, 11, 24, 2, tzinfo=UTC))
+    assert agent.reload().state is AgentState.UNLICENSED
+    clock.set(datetime(2026, 11, 23, 12, tzinfo=UTC))  # back by 14 hours: within tolerance
+    assert agent.reload().state is AgentState.UNLICENSED  # trusted time is still the 24th
+
+
+def test_another_seats_copy_of_a_moved_license_keeps_working(
+    open_agent: Callable[..., Agent], vendor: SigningKey, clock: ManualClock
+) -> None:
+    """A multi-seat license, one seat moved with "revoke only": this machine's copy, issued
+    days before, is no copy of the container that seat left."""
+    agent = open_agent()
+    agent.import_license(make_license(vendor, connect=False))
+    moved = START + timedelta(days=3)
+    clock.set(moved)
+    agent.import_blacklist(_blacklist(vendor, 1, serials=(_moved_away(OTHER_LOCKING_ID, moved),)))
+    clock.advance(timedelta(days=30))
+    assert agent.reload().state is AgentState.NORMAL and agent.check("uniplex")
+
+
+def test_the_new_containers_copy_is_untouched_even_if_its_hardware_matches_the_old_one(
+    open_agent: Callable[..., Agent], vendor: SigningKey, clock: ManualClock
+) -> None:
+    """Support moved the license from this machine as it was before a disk swap (the two
+    Locking IDs match at medium): the new copy is issued in the second of the move."""
+    facts = [(k, "disk-serial-2" if k == "d" else v) for k, v in MACHINE_FACTS]
+    old_container = str(locking_id_for(facts, PRODUCT))
+    agent = open_agent()
+    agent.import_license(make_license(vendor, connect=False))  # the new copy, issued at START
+    agent.import_blacklist(_blacklist(vendor, 1, serials=(_moved_away(old_container, START),)))
+    assert agent.status().state is AgentState.NORMAL
+    # ... while an older copy bound to the old Locking ID, kept in a backup, is withdrawn.
+    agent.import_license(make_license(vendor, connect=False, issued=START - timedelta(hours=1)))
+    assert agent.status().state is AgentState.UNLICENSED
+
+
+def test_a_copy_issued_after_the_move_back_to_the_old_container_is_untouched(
+    open_agent: Callable[..., Agent], vendor: SigningKey, clock: ManualClock
+) -> None:
+    agent = open_agent()
+    clock.set(START + timedelta(days=2))
+    agent.import_license(make_license(vendor, connect=False, issued=START + timedelta(days=1)))
+    agent.import_blacklist(_blacklist(vendor, 1, serials=(_moved_away(LOCKING_ID, START),)))
+    assert agent.status().state is AgentState.NORMAL
 
 
 def test_forged_altered_and_replayed_files_are_refused_and_change_nothing(

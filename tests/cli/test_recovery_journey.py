@@ -137,6 +137,7 @@ def _journey(tmp: Path, db_url: str | None) -> None:
         first = cli_json("blacklist", "export", "-o", str(tmp / "blacklist-1.txt"), env=support)
         second = cli_json("blacklist", "export", "-o", str(tmp / "blacklist-2.txt"), env=support)
         assert int(str(second["sequence"])) > int(str(first["sequence"]))
+        assert second["format"] == "tessera/1"  # containers only: shipped agents read it
         imported = a.agent("import-blacklist", str(tmp / "blacklist-2.txt"), state="fresh")
         assert imported.returncode == 0, imported.stderr
         assert a.state("fresh") == "unlicensed"
@@ -194,4 +195,15 @@ def _journey(tmp: Path, db_url: str | None) -> None:
         # The first machine (revoke only) loses this license at its next check-in.
         boxes[0].agent("connect")
         assert boxes[0].state() == "unlicensed"
+        # The second one, offline since, got its copy today and lost the license today: the
+        # exported list (one entry per container the license left) reaches that copy, and
+        # not the copy of the machine it went to.
+        third = cli_json("blacklist", "export", "-o", str(tmp / "blacklist-3.txt"), env=support)
+        assert (third["format"], third["serials"]) == ("tessera/2", 2)
+        assert boxes[1].state() == "normal"
+        assert boxes[1].agent("import-blacklist", str(tmp / "blacklist-3.txt")).returncode == 0
+        assert boxes[1].state() == "unlicensed"
+        assert boxes[2].agent(*activate, str(offline["key"])).returncode == 0
+        assert boxes[2].agent("import-blacklist", str(tmp / "blacklist-3.txt")).returncode == 0
+        assert boxes[2].state() == "normal"
         assert cli("audit", "verify").returncode == 0

@@ -8,7 +8,7 @@ from datetime import timedelta
 import httpx
 from sqlalchemy import func, select
 
-from tessera.core.blacklist import parse_blacklist
+from tessera.core.blacklist import BlacklistEntry, parse_blacklist
 from tessera.core.clock import ManualClock
 from tessera.core.model import License
 from tessera.core.protocol import ServerResponse
@@ -133,6 +133,118 @@ def test_revoke_only_withdraws_just_the_recovered_license(
     assert _checkin(connect, old, other_key, keyring).directives == ()
     export = parse_blacklist(api.post("/api/v1/blacklist/export").json()["file"]).verify(keyring)
     assert export.containers == () and export.serial_entry(serial) is not None
+
+
+def _copy(text: str | None, keyring: Keyring) -> License:
+    assert text is not None
+    document = load_signed(text, keyring).document
+    assert isinstance(document, License)
+    return document
+
+
+def test_a_revoke_only_entry_reaches_exactly_the_old_containers_copies(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    admin_token: str,
+    keyring: Keyring,
+    clock: ManualClock,
+) -> None:
+    """Two seats; the one on A moves to B with "revoke only" on the day A was activated.
+    The exported entry must reach A's copy of that very day, and neither the other seat's
+    copy (issued days before the move) nor B's."""
+    serial, key = setup_license(state, admin, START, machines=2)
+    connect, api = live_server.client(), live_server.client(admin_token)
+    seat, old, new = agent(3), agent(1), agent(2)
+    seat_copy = _copy(_activate(connect, seat, key, keyring).license, keyring)
+    clock.advance(timedelta(days=2))
+    old_copy = _copy(_activate(connect, old, key, keyring).license, keyring)
+    clock.advance(timedelta(hours=5, microseconds=250_000))
+    response = api.post(
+        f"/api/v1/licenses/{serial}/rehost",
+        json={"locking_id": new.locking_id, "old_container": "revoke", "slot": 1},
+    )
+    assert response.status_code == 200, response.text
+    new_copy = _copy(response.json()["license"], keyring)
+    assert new_copy.issued == old_copy.issued + timedelta(hours=5)  # the second of the move
+    exported = api.post("/api/v1/blacklist/export").json()
+    assert exported["file"].startswith("[BLACKLIST]\nformat = tessera/2\n") and exported["serials"] == 1
+    listed = parse_blacklist(exported["file"]).verify(keyring)
+    (entry,) = listed.serial_entries(serial)
+    assert (entry.locking_id, entry.moved, entry.delay_days) == (old.locking_id, new_copy.issued, 0)
+    assert listed.withdrawing(old_copy) == entry
+    assert listed.withdrawing(seat_copy) is None
+    assert listed.withdrawing(new_copy) is None
+    clock.advance(timedelta(minutes=1))
+    assert listed.withdrawing(_copy(_activate(connect, new, key, keyring).license, keyring)) is None
+    # The seat moves too, later: each move is an entry of its own.
+    clock.advance(timedelta(days=1))
+    moved = api.post(
+        f"/api/v1/licenses/{serial}/rehost",
+        json={"locking_id": agent(4).locking_id, "old_container": "revoke", "slot": 0},
+    )
+    assert moved.status_code == 200, moved.text
+    listed = parse_blacklist(api.post("/api/v1/blacklist/export").json()["file"]).verify(keyring)
+    assert [e.locking_id for e in listed.serial_entries(serial)] == sorted([old.locking_id, seat.locking_id])
+    assert listed.withdrawing(seat_copy) is not None and listed.withdrawing(old_copy) is not None
+
+
+def test_an_instance_bound_license_keeps_the_day_grain_entry(
+    live_server: LiveServer, state: ServerState, admin: Principal, admin_token: str, keyring: Keyring
+) -> None:
+    """Its copies name an instance, no Locking ID: a container-scoped entry could reach none."""
+    serial, key = setup_license(
+        state, admin, START, binding="instance", recovery_allowance=1, recovery_old_container="revoke"
+    )
+    connect = live_server.client()
+    _activate(connect, agent(1), key, keyring)
+    _activate(connect, agent(2), key, keyring, RECOVER)
+    exported = live_server.client(admin_token).post("/api/v1/blacklist/export").json()["file"]
+    assert exported.startswith("[BLACKLIST]\nformat = tessera/1\n")
+    assert f"[SERIALS]\n{serial} = {START.date().isoformat()}, 0\n" in exported
+
+
+def test_moves_recorded_before_migration_0012_keep_their_day_grain_entry(
+    live_server: LiveServer,
+    state: ServerState,
+    admin: Principal,
+    admin_token: str,
+    keyring: Keyring,
+    clock: ManualClock,
+) -> None:
+    """A row written before 0012 names no container: exported as before (tessera/1), so a
+    server upgrade alone does not make the files unreadable for shipped agents."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from tessera.server.migrate import alembic_config, upgrade
+
+    serial, key = setup_license(state, admin, START)
+    connect, api = live_server.client(), live_server.client(admin_token)
+    old, new = agent(1), agent(2)
+    _activate(connect, old, key, keyring)
+    clock.advance(timedelta(hours=3))
+    moved = api.post(
+        f"/api/v1/licenses/{serial}/rehost", json={"locking_id": new.locking_id, "old_container": "revoke"}
+    )
+    assert moved.status_code == 200, moved.text
+
+    def columns() -> set[str]:
+        with state.db.engine.connect() as connection:
+            return {c["name"] for c in inspect(connection).get_columns("recovered_machines")}
+
+    config = alembic_config()
+    with state.db.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0011")
+    assert "file_locking_id" not in columns()
+    upgrade(state.db)
+    assert "file_locking_id" in columns()
+    exported = api.post("/api/v1/blacklist/export").json()
+    listed = parse_blacklist(exported["file"]).verify(keyring)
+    assert exported["file"].startswith("[BLACKLIST]\nformat = tessera/1\n")
+    assert f"[SERIALS]\n{serial} = {START.date().isoformat()}, 0\n[SIGNATURE]" in exported["file"]
+    assert listed.serial_entries(serial) == (BlacklistEntry(serial, START.date(), 0),)
 
 
 def test_without_connect_the_allowance_then_support_decides(

@@ -456,9 +456,10 @@ class Agent:
         if verified is None:
             return None
         lic = verified.license
-        entry = listed.serial_entry(lic.serial)
-        # Only copies issued before the recovery: the new machine's file is issued after it.
-        if entry is not None and lic.issued.date() < entry.since:
+        # Only the copies the license left behind: on the container it moved away from
+        # (tessera/2), or issued before the day of the move (tessera/1).
+        entry = listed.withdrawing(lic)
+        if entry is not None:
             return (
                 entry.enforced_from(),
                 AgentState.UNLICENSED,

@@ -236,21 +236,24 @@ def blacklist_export(
         "/api/v1/blacklist/export",
         expect={"sequence": int, "containers": int, "serials": int, "file": str},
     )
-    _check_blacklist(client, result, keyring)
+    # The format says which agents can read the file: tessera/2 needs agents that know it.
+    fmt = _check_blacklist(client, result, keyring)
     write_file_atomic(out, result["file"].encode("utf-8"), force=force)
     if as_json:
-        emit_json({k: result[k] for k in ("sequence", "containers", "serials")} | {"file": str(out)})
+        emit_json(
+            {k: result[k] for k in ("sequence", "containers", "serials")} | {"format": fmt, "file": str(out)}
+        )
     else:
         console.print(
             f"blacklist {result['sequence']} ({result['containers']} containers, "
-            f"{result['serials']} licenses) -> {out}",
+            f"{result['serials']} license entries, {fmt}) -> {out}",
             markup=False,
         )
 
 
-def _check_blacklist(client: AdminClient, result: dict[str, Any], keyring: Keyring | None) -> None:
+def _check_blacklist(client: AdminClient, result: dict[str, Any], keyring: Keyring | None) -> str:
     """The file ships with the product and locks customers out: a junk or foreign one must
-    not reach the disk looking like an export."""
+    not reach the disk looking like an export. Returns its format."""
     try:
         signed = parse_blacklist(result["file"])
     except TesseraError as exc:
@@ -265,6 +268,7 @@ def _check_blacklist(client: AdminClient, result: dict[str, Any], keyring: Keyri
             signed.verify(keyring)
         except TesseraError as exc:
             client.unexpected(f"its blacklist file is not signed by the vendor key: {exc}")
+    return got.format
 
 
 @report_app.command("blacklist-hits")

@@ -364,6 +364,11 @@ class RecoveredMachine(Base):
     agent_key: Mapped[str] = mapped_column(String(64))
     action: Mapped[str] = mapped_column(String(16))
     recovered_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    #: The container the blacklist file's [SERIALS] entry for this move is scoped to (a
+    #: ``tessera/2`` entry). NULL: the entry has the day grain of ``tessera/1``, for moves
+    #: recorded before migration 0012 and instance-bound licenses, whose copies name no
+    #: Locking ID to match.
+    file_locking_id: Mapped[str | None] = mapped_column(String(410), nullable=True)
 
 
 class BlacklistEntryRow(Base):

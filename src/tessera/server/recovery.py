@@ -391,6 +391,7 @@ def recover_machine(
                 agent_key=old.agent_key,
                 action=action,
                 recovered_at=now,
+                file_locking_id=old.locking_id if row.binding == "machine" else None,
             )
         )
         if action == "blacklist":
@@ -557,10 +558,13 @@ def export_blacklist(
     containers = [
         BlacklistEntry(e.locking_id, e.since, e.delay_days) for e in entries if e.scope == "container"
     ]
-    # Licenses that only lost their old container: the serial is withdrawn on copies of the
-    # license issued before the recovery day (the new machine's file is issued on or after).
+    # Licenses that only lost their old container: the serial is withdrawn on the copies
+    # bound to that container issued by the time of the move (one entry per move, tessera/2),
+    # or, for moves recorded without a container, on every copy issued before the day of the
+    # move (the latest such move per license, tessera/1).
     delays = {e.locking_id: e.delay_days for e in entries}
-    serials: dict[str, BlacklistEntry] = {}
+    by_day: dict[str, BlacklistEntry] = {}
+    scoped: dict[tuple[str, str, datetime], BlacklistEntry] = {}
     revoked = session.execute(
         select(RecoveredMachine, LicenseRow.serial)
         .join(LicenseRow, LicenseRow.id == RecoveredMachine.license_id)
@@ -568,15 +572,19 @@ def export_blacklist(
         .order_by(RecoveredMachine.recovered_at)
     ).all()
     for machine, serial in revoked:
-        serials[serial] = BlacklistEntry(
-            serial, utc(machine.recovered_at).date(), delays.get(machine.locking_id, 0)
+        delay = delays.get(machine.locking_id, 0)
+        if machine.file_locking_id is None:
+            by_day[serial] = BlacklistEntry(serial, utc(machine.recovered_at).date(), delay)
+            continue
+        moved = utc(machine.recovered_at).replace(microsecond=0)
+        scoped[(serial, machine.file_locking_id, moved)] = BlacklistEntry.moved_away(
+            serial, machine.file_locking_id, moved, delay
         )
+    serials = [*by_day.values(), *scoped.values()]
     export = BlacklistExport(at=now, actor=principal.actor, containers=len(containers), serials=len(serials))
     session.add(export)
     session.flush()
-    blacklist = Blacklist(
-        utc(now).replace(microsecond=0), export.id, tuple(containers), tuple(serials.values())
-    )
+    blacklist = Blacklist(utc(now).replace(microsecond=0), export.id, tuple(containers), tuple(serials))
     audit.append(
         session,
         at=now,
