@@ -16,9 +16,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+
+from tessera.server.tls import make_tls_material
 
 from ..server.processes import (
     TESSERA,
@@ -155,6 +158,20 @@ def test_relay_commands_refuse_bad_input_in_one_line(tmp_path: Path) -> None:
         "--upstream", "https://core:7790", "--upstream-ca", str(tmp_path / "missing.pem")
     )
     assert "go together" in relay_init("--upstream", "https://core:7790", "--upstream-ca", ca, "--cert", ca)
+    # A relay certificate with a CA that did not sign it: every agent pinning that CA would
+    # fail its TLS handshake, so init refuses it as it refuses a key of another certificate.
+    made = tessera("server", "relay-cert", "--data-dir", str(tmp_path / "server"),
+                   "--hostname", "relay.example", "-o", str(tmp_path / "for-relay"))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "other-ca.pem").write_bytes(make_tls_material(datetime.now(UTC)).ca_cert_pem)
+    cert, key = str(tmp_path / "for-relay" / "relay.pem"), str(tmp_path / "for-relay" / "relay.key")
+    assert "is not signed by --ca" in relay_init(
+        "--upstream", "https://core:7790", "--upstream-ca", ca,
+        "--cert", cert, "--key", key, "--ca", str(tmp_path / "other-ca.pem"),
+    )  # fmt: skip
+    assert "is not a CA certificate" in relay_init(
+        "--upstream", "https://core:7790", "--upstream-ca", ca, "--cert", cert, "--key", key, "--ca", cert
+    )
     assert not (tmp_path / "relay").exists()
     assert "not a relay data directory" in assert_one_line_error(
         tessera("relay", "run", "--data-dir", str(tmp_path / "server"), "--port", str(free_port())), 2

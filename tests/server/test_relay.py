@@ -8,7 +8,7 @@ import asyncio
 import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -286,6 +286,69 @@ def test_init_takes_a_certificate_the_servers_ca_signed(tmp_path: Path, server_c
             certificate=(tmp_path / "relay.pem", tmp_path / "other.key", ca),
         )
     assert not (tmp_path / "relay2" / "relay.toml").exists()
+
+
+def _self_signed(now: datetime, *, ca: bool) -> tuple[bytes, bytes]:
+    """A self-signed certificate and its key: a CA, or a leaf that is not one."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not a CA" if not ca else "a CA")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def test_init_refuses_a_ca_that_did_not_sign_the_certificate(
+    tmp_path: Path, server_ca: tuple[Path, Path]
+) -> None:
+    """The relay hands its --ca to the agents to pin: a CA that did not sign the relay's
+    certificate (or is no CA, or a certificate out of its validity) fails every agent's
+    TLS handshake later, so init refuses it and writes nothing."""
+    ca, ca_key = server_ca
+    cert_pem, key_pem = issue_server_certificate(ca.read_bytes(), ca_key.read_bytes(), ["relay.example"], NOW)
+    (tmp_path / "relay.pem").write_bytes(cert_pem)
+    (tmp_path / "relay.key").write_bytes(key_pem)
+    other = make_tls_material(NOW)  # another CA, the same subject name as the server's
+    (tmp_path / "other-ca.pem").write_bytes(other.ca_cert_pem)
+    leaf_pem, _ = _self_signed(NOW, ca=False)
+    (tmp_path / "leaf.pem").write_bytes(leaf_pem)
+
+    def init(ca_file: Path, now: datetime = NOW) -> None:
+        initialize_relay(
+            tmp_path / "relay",
+            UPSTREAM,
+            ca,
+            now,
+            certificate=(tmp_path / "relay.pem", tmp_path / "relay.key", ca_file),
+        )
+
+    with pytest.raises(ConfigError, match=r"--cert .*relay\.pem is not signed by --ca .*other-ca\.pem"):
+        init(tmp_path / "other-ca.pem")
+    with pytest.raises(ConfigError, match=r"--ca .*leaf\.pem is not a CA certificate"):
+        init(tmp_path / "leaf.pem")
+    with pytest.raises(ConfigError, match=r"relay\.pem is valid only from"):
+        init(ca, NOW + timedelta(days=731))
+    # The relay's certificate given as its own CA: no CA either.
+    with pytest.raises(ConfigError, match="is not a CA certificate"):
+        init(tmp_path / "relay.pem")
+    assert not (tmp_path / "relay").exists()
+    init(ca)
+    assert (tmp_path / "relay" / "relay.toml").exists()
 
 
 @pytest.mark.parametrize(
