@@ -275,3 +275,24 @@ def test_an_unusable_stored_url_fails_per_the_retry_policy(state: ServerState) -
     assert (delivery.status, delivery.attempts) == ("failed", 3)
     assert delivery.last_error
     assert asyncio.run(worker.run_once()) == 0
+
+
+def test_a_removed_endpoints_pending_deliveries_are_cancelled_and_listed_so(
+    state: ServerState, admin_token: str
+) -> None:
+    """``cancelled`` is a status like the other three: the API filters by it, the CLI's
+    --status and the metric name it (docs/webhooks.md)."""
+    from tessera.cli import lease_cmds
+
+    add(state, "https://hooks.example/gone")
+    with state.db.write() as session:
+        webhooks.emit(session, "lease.denied", {"serial": "2026-000001"}, START)
+    with serve(state) as live, live.client(admin_token) as client:
+        assert client.delete("/api/v1/webhooks/1").status_code == 200
+        listed = client.get("/api/v1/webhooks/deliveries", params={"status": "cancelled"}).json()
+        assert [d["status"] for d in listed] == ["cancelled"]
+        assert client.get("/api/v1/webhooks/deliveries", params={"status": "pending"}).json() == []
+        schema = client.get("/openapi.json").json()["paths"]["/api/v1/webhooks/deliveries"]["get"]
+    [status] = [p for p in schema["parameters"] if p["name"] == "status"]
+    offered = status["schema"]["anyOf"][0]["enum"]
+    assert tuple(offered) == webhooks.DELIVERY_STATUSES == lease_cmds.DELIVERY_STATUSES

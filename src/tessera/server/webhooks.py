@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from tessera.server.rawsql import RawTransaction
 
 __all__ = [
+    "DELIVERY_STATUSES",
     "EVENTS",
     "WebhookSettings",
     "WebhookWorker",
@@ -79,6 +80,11 @@ EVENTS = (
     "lease.denied",
     "order.cancelled",
 )
+#: Every status a delivery row has: ``pending`` (due or waiting for a retry), ``delivered``
+#: (a 2xx answer), ``failed`` (``max_attempts`` used up) and ``cancelled`` (its endpoint was
+#: removed before it was delivered). The API's ``status`` filter, the CLI's ``--status``
+#: and the ``tessera_webhook_deliveries`` metric's states are these four.
+DELIVERY_STATUSES = ("pending", "delivered", "failed", "cancelled")
 SIGNATURE_HEADER = "Tessera-Signature"
 MAX_ERROR = 300
 
