@@ -4,6 +4,7 @@ backoff against a real loopback receiver that fails the first attempts, kept acr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import socket
@@ -426,6 +427,45 @@ def test_a_claim_takes_each_endpoints_oldest_rows_in_turn_within_the_bounds(stat
     assert [job.endpoint_id for job in worker._claim(32, {1: 2})] == [1, 1]
     assert worker._claim(32, {1: 4}) == []
     assert [job.endpoint_id for job in worker._claim(32, {1: 3})] == [1]
+
+
+def test_an_attempt_ends_within_its_deadline_even_when_the_answer_trickles(database: Database) -> None:
+    """httpx's timeout is per read: an answer sent a byte at a time would hold the attempt
+    (and its claimed row) for good. An attempt ends after 3 x timeout_seconds."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    done = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
+                if done.is_set():
+                    return
+                with contextlib.suppress(OSError):
+                    conn.sendall(bytes([byte]))
+                time.sleep(0.1)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    state = ServerState(
+        db=database, signing_key=SigningKey.generate(), pepper=secrets.token_bytes(32), clock=SystemClock(),
+        webhook_settings=webhooks.WebhookSettings(timeout_seconds=0.3, retry_base_seconds=60),
+    )  # fmt: skip
+    add(state, f"http://127.0.0.1:{listener.getsockname()[1]}/hook")
+    with state.db.write() as session:
+        webhooks.emit(session, "lease.denied", {})
+    worker = webhooks.WebhookWorker(state.db, state.pepper, state.clock, state.webhook_settings)
+    started = time.monotonic()
+    try:
+        assert asyncio.run(worker.run_once()) == 1
+    finally:
+        done.set()
+        listener.close()
+    assert time.monotonic() - started < 3  # 0.9 s, and the time to record it
+    (row,) = deliveries(state)
+    assert (row.status, row.attempts, row.last_error) == ("pending", 1, "no complete answer within 0.9 s")
 
 
 def test_two_processes_deliver_each_event_once(db_url: str, database: Database) -> None:
