@@ -83,6 +83,12 @@ def _error(result: subprocess.CompletedProcess[str], code: int) -> str:
             2,
             "--ca /tmp is a directory, not a CA certificate file",
         ),
+        (
+            ["webhook", "deliveries", "--status", "bogus"],
+            {"TESSERA_URL": "https://127.0.0.1:1", "TESSERA_TOKEN": "t"},
+            2,
+            "--status must be one of pending, delivered, failed, cancelled, not 'bogus'",
+        ),
         (["server", "run", "--data-dir", "nowhere"], {}, 2, "not an initialized data directory"),
         (
             ["server", "init", "--data-dir", "d", "--db", "mysql://u@h/db"],

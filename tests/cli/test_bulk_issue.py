@@ -6,6 +6,8 @@ and bad input that issues nothing."""
 from __future__ import annotations
 
 import json
+import re
+import resource
 import signal
 import subprocess
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tessera.cli._common import CliError
 from tessera.core.fingerprint import locking_id_for
 
 from ..server.conftest import backend_database
@@ -206,6 +209,61 @@ def test_a_signal_finishes_the_chunk_in_flight_and_says_what_is_in_the_file(
     assert lines == ["error: interrupted after 6 licenses (2026-000001..2026-000006 are in out.jsonl)"]
     assert sent == 2  # no chunk was sent after the signal
     assert [x["serial"] for x in _lines(tmp_path / "out.jsonl")] == [f"2026-{n:06d}" for n in range(1, 7)]
+
+
+def _limit_memory() -> None:
+    """The child's address space capped (1 GiB): a CLI that reads an endless file whole fails
+    with MemoryError in the test instead of taking the machine's memory (QA: 22 GB RSS)."""
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def test_an_endless_locking_ids_file_is_refused_by_its_first_line(tmp_path: Path) -> None:
+    # QA: --locking-ids /dev/zero was read into memory whole (a device has no size to
+    # check first) until the kernel killed the CLI. Now the first line is too long.
+    with fake_server() as server:
+        server.default = (500, {"detail": "must not be asked"})
+        result = subprocess.run(
+            [TESSERA, *TEMPLATE, "--locking-ids", "/dev/zero", "-o", "x.jsonl"],
+            env=clean_env(**server.env()), cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, timeout=60, preexec_fn=_limit_memory, check=False,
+        )  # fmt: skip
+        line = assert_one_line_error(result, 2)
+        assert server.requests == []
+    assert line == (
+        "error: --locking-ids /dev/zero line 1: longer than 1024 bytes "
+        "(a Locking ID is at most 400 characters)"
+    )
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"# " + b"x" * 1022 + b"\n", "line 1: longer than 1024 bytes"),  # a comment counts too
+        (b"\n" * 3 + b"TL1-\xff\xfe\n", "line 4: not text (one Locking ID per line)"),
+        (b"\n" * 200_001, "more than 200,000 lines (split it into several runs)"),
+    ],
+    ids=["long-line", "not-utf8", "too-many-lines"],
+)
+def test_a_locking_ids_file_past_its_limits_is_one_line_naming_where(
+    tmp_path: Path, content: bytes, words: str
+) -> None:
+    from tessera.cli.admin import _read_locking_ids
+
+    (tmp_path / "ids.txt").write_bytes(content)
+    with pytest.raises(CliError, match=re.escape(words)) as refused:
+        _read_locking_ids(tmp_path / "ids.txt")
+    assert refused.value.code == 2
+
+
+def test_a_locking_ids_file_at_its_limits_is_read(tmp_path: Path) -> None:
+    from tessera.cli.admin import LOCKING_ID_LINE_MAX, LOCKING_ID_LINES_MAX, _read_locking_ids
+
+    ids = _machines(2)
+    longest = ("  " + ids[0]).ljust(LOCKING_ID_LINE_MAX - 1) + "\n"  # exactly the line limit
+    rest = "\n" * (LOCKING_ID_LINES_MAX - 2) + ids[1]  # the last line, with no line end
+    (tmp_path / "ids.txt").write_text(longest + rest)
+    assert _read_locking_ids(tmp_path / "ids.txt") == (ids, [1, LOCKING_ID_LINES_MAX])
 
 
 def _bulk_answer_plain(first: int, count: int) -> dict[str, object]:

@@ -16,9 +16,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+
+from tessera.server.tls import make_tls_material
 
 from ..server.processes import (
     TESSERA,
@@ -67,8 +70,10 @@ def test_agents_reach_the_server_through_a_relay(tmp_path: Path) -> None:
     port = free_port()
     server_url = f"https://127.0.0.1:{port}"
 
+    # The agents below reach the relay at 127.0.0.1: its certificate must name that address
+    # (a relay certificate carries only the names asked for).
     made = tessera("server", "relay-cert", "--data-dir", str(server_dir), "--hostname", "relay.example",
-                   "-o", str(tmp_path / "for-relay"), "--json")  # fmt: skip
+                   "--hostname", "127.0.0.1", "-o", str(tmp_path / "for-relay"), "--json")  # fmt: skip
     assert made.returncode == 0, made.stderr
     cert = json.loads(made.stdout)
     assert Path(cert["key"]).stat().st_mode & 0o777 == 0o600
@@ -155,6 +160,23 @@ def test_relay_commands_refuse_bad_input_in_one_line(tmp_path: Path) -> None:
         "--upstream", "https://core:7790", "--upstream-ca", str(tmp_path / "missing.pem")
     )
     assert "go together" in relay_init("--upstream", "https://core:7790", "--upstream-ca", ca, "--cert", ca)
+    assert "--hostname '*.example.com' is not a host name" in relay_init(
+        "--upstream", "https://core:7790", "--upstream-ca", ca, "--hostname", "*.example.com"
+    )
+    # A relay certificate with a CA that did not sign it: every agent pinning that CA would
+    # fail its TLS handshake, so init refuses it as it refuses a key of another certificate.
+    made = tessera("server", "relay-cert", "--data-dir", str(tmp_path / "server"),
+                   "--hostname", "relay.example", "-o", str(tmp_path / "for-relay"))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "other-ca.pem").write_bytes(make_tls_material(datetime.now(UTC)).ca_cert_pem)
+    cert, key = str(tmp_path / "for-relay" / "relay.pem"), str(tmp_path / "for-relay" / "relay.key")
+    assert "is not signed by --ca" in relay_init(
+        "--upstream", "https://core:7790", "--upstream-ca", ca,
+        "--cert", cert, "--key", key, "--ca", str(tmp_path / "other-ca.pem"),
+    )  # fmt: skip
+    assert "is not a CA certificate" in relay_init(
+        "--upstream", "https://core:7790", "--upstream-ca", ca, "--cert", cert, "--key", key, "--ca", cert
+    )
     assert not (tmp_path / "relay").exists()
     assert "not a relay data directory" in assert_one_line_error(
         tessera("relay", "run", "--data-dir", str(tmp_path / "server"), "--port", str(free_port())), 2
@@ -165,8 +187,25 @@ def test_relay_commands_refuse_bad_input_in_one_line(tmp_path: Path) -> None:
         return assert_one_line_error(tessera("server", "relay-cert", *args), 2)
 
     assert "nowhere" in relay_cert(tmp_path / "nowhere", "relay.example")
-    assert "host name" in relay_cert(tmp_path / "server", "a b")
+    for bad in ("a b", "a..b", "-x.com", "*.example.com", "relay_1.example"):
+        assert f"--hostname {bad!r} is not a host name" in relay_cert(tmp_path / "server", bad)
     assert not (tmp_path / "out").exists()
+
+    # An existing relay key is never replaced by accident (server init refuses the same):
+    # the relay using it would stop matching its certificate.
+    out = tmp_path / "for-relay"
+    args = ["server", "relay-cert", "--data-dir", str(tmp_path / "server"), "--hostname", "relay.example"]
+    args += ["-o", str(out)]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    line = assert_one_line_error(tessera(*args), 2)
+    assert f"{out / 'relay.key'} exists already (use --force to replace it)" in line
+    (out / "relay.key").unlink()
+    assert f"{out / 'relay.pem'} exists already" in assert_one_line_error(tessera(*args), 2)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"relay.pem": before["relay.pem"]}
+    forced = tessera(*args, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert (out / "relay.pem").read_bytes() != before["relay.pem"]
+    assert (out / "relay.key").stat().st_mode & 0o777 == 0o600
     # A relay whose server's CA file was damaged after init says so before it listens.
     made = tessera("relay", "init", "--data-dir", str(tmp_path / "relay"), "--upstream", "https://core:7790",
                    "--upstream-ca", ca)  # fmt: skip

@@ -8,7 +8,7 @@ import asyncio
 import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -25,7 +25,7 @@ from tessera.server.relay import (
     load_relay_config,
     upstream_context,
 )
-from tessera.server.tls import issue_server_certificate, make_tls_material
+from tessera.server.tls import check_hostname, issue_server_certificate, make_tls_material
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 UPSTREAM = "https://core.internal:7790"
@@ -286,6 +286,110 @@ def test_init_takes_a_certificate_the_servers_ca_signed(tmp_path: Path, server_c
             certificate=(tmp_path / "relay.pem", tmp_path / "other.key", ca),
         )
     assert not (tmp_path / "relay2" / "relay.toml").exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a..b", "-x.com", "x-.com", "*.example.com", "a b", "", ".", "relay.example.", "bücher.example",
+     "a_b.example", "1.2.3", "999.1.1.1", "x" * 64 + ".example", ("a" * 60 + ".") * 5 + "example"],
+)  # fmt: skip
+def test_a_certificate_name_is_a_host_name_or_an_address(name: str) -> None:
+    with pytest.raises(ValueError, match=r"not a host name|neither an IP address"):
+        check_hostname(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "normal"),
+    [("relay.example", "relay.example"), ("localhost", "localhost"), ("r-1.Example.COM", "r-1.Example.COM"),
+     ("10.0.0.5", "10.0.0.5"), ("::1", "::1"), ("2001:DB8::0:1", "2001:db8::1"), ("x" * 63, "x" * 63)],
+)  # fmt: skip
+def test_host_names_and_addresses_are_taken(name: str, normal: str) -> None:
+    assert check_hostname(name) == normal
+
+
+def test_a_certificate_names_exactly_what_it_is_given(server_ca: tuple[Path, Path]) -> None:
+    """A relay's certificate from the server's CA is trusted by every agent pinning that CA,
+    for each name in it: no loopback address it was not asked for; an address is an
+    address (an agent connecting to https://10.0.0.5 matches an IP name, not a DNS one)."""
+    ca, ca_key = server_ca
+
+    def names(*given: str) -> tuple[list[str], list[str]]:
+        pem, _ = issue_server_certificate(ca.read_bytes(), ca_key.read_bytes(), list(given), NOW)
+        cert = x509.load_pem_x509_certificate(pem)
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        addresses = [str(a) for a in alt.get_values_for_type(x509.IPAddress)]
+        return alt.get_values_for_type(x509.DNSName), addresses
+
+    assert names("relay.example") == (["relay.example"], [])
+    assert names("relay.example", "10.0.0.5", "::1") == (["relay.example"], ["10.0.0.5", "::1"])
+    # The server's own certificate (server init, make run) keeps its loopback names.
+    own = x509.load_pem_x509_certificate(make_tls_material(NOW).server_cert_pem)
+    alt = own.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in alt.get_values_for_type(x509.DNSName)
+    assert {str(a) for a in alt.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1"}
+
+
+def _self_signed(now: datetime, *, ca: bool) -> tuple[bytes, bytes]:
+    """A self-signed certificate and its key: a CA, or a leaf that is not one."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not a CA" if not ca else "a CA")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def test_init_refuses_a_ca_that_did_not_sign_the_certificate(
+    tmp_path: Path, server_ca: tuple[Path, Path]
+) -> None:
+    """The relay hands its --ca to the agents to pin: a CA that did not sign the relay's
+    certificate (or is no CA, or a certificate out of its validity) fails every agent's
+    TLS handshake later, so init refuses it and writes nothing."""
+    ca, ca_key = server_ca
+    cert_pem, key_pem = issue_server_certificate(ca.read_bytes(), ca_key.read_bytes(), ["relay.example"], NOW)
+    (tmp_path / "relay.pem").write_bytes(cert_pem)
+    (tmp_path / "relay.key").write_bytes(key_pem)
+    other = make_tls_material(NOW)  # another CA, the same subject name as the server's
+    (tmp_path / "other-ca.pem").write_bytes(other.ca_cert_pem)
+    leaf_pem, _ = _self_signed(NOW, ca=False)
+    (tmp_path / "leaf.pem").write_bytes(leaf_pem)
+
+    def init(ca_file: Path, now: datetime = NOW) -> None:
+        initialize_relay(
+            tmp_path / "relay",
+            UPSTREAM,
+            ca,
+            now,
+            certificate=(tmp_path / "relay.pem", tmp_path / "relay.key", ca_file),
+        )
+
+    with pytest.raises(ConfigError, match=r"--cert .*relay\.pem is not signed by --ca .*other-ca\.pem"):
+        init(tmp_path / "other-ca.pem")
+    with pytest.raises(ConfigError, match=r"--ca .*leaf\.pem is not a CA certificate"):
+        init(tmp_path / "leaf.pem")
+    with pytest.raises(ConfigError, match=r"relay\.pem is valid only from"):
+        init(ca, NOW + timedelta(days=731))
+    # The relay's certificate given as its own CA: no CA either.
+    with pytest.raises(ConfigError, match="is not a CA certificate"):
+        init(tmp_path / "relay.pem")
+    assert not (tmp_path / "relay").exists()
+    init(ca)
+    assert (tmp_path / "relay" / "relay.toml").exists()
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,14 @@ backoff against a real loopback receiver that fails the first attempts, kept acr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
+import socket
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -275,3 +279,217 @@ def test_an_unusable_stored_url_fails_per_the_retry_policy(state: ServerState) -
     assert (delivery.status, delivery.attempts) == ("failed", 3)
     assert delivery.last_error
     assert asyncio.run(worker.run_once()) == 0
+
+
+def test_a_removed_endpoints_pending_deliveries_are_cancelled_and_listed_so(
+    state: ServerState, admin_token: str
+) -> None:
+    """``cancelled`` is a status like the other three: the API filters by it, the CLI's
+    --status and the metric name it (docs/webhooks.md)."""
+    from tessera.cli import lease_cmds
+
+    add(state, "https://hooks.example/gone")
+    with state.db.write() as session:
+        webhooks.emit(session, "lease.denied", {"serial": "2026-000001"}, START)
+    with serve(state) as live, live.client(admin_token) as client:
+        assert client.delete("/api/v1/webhooks/1").status_code == 200
+        listed = client.get("/api/v1/webhooks/deliveries", params={"status": "cancelled"}).json()
+        assert [d["status"] for d in listed] == ["cancelled"]
+        assert client.get("/api/v1/webhooks/deliveries", params={"status": "pending"}).json() == []
+        schema = client.get("/openapi.json").json()["paths"]["/api/v1/webhooks/deliveries"]["get"]
+    [status] = [p for p in schema["parameters"] if p["name"] == "status"]
+    offered = status["schema"]["anyOf"][0]["enum"]
+    assert tuple(offered) == webhooks.DELIVERY_STATUSES == lease_cmds.DELIVERY_STATUSES
+
+
+class Silent:
+    """A TCP listener that accepts every connection and never answers: an endpoint that
+    hangs each delivery until the worker's timeout. Counts the connections open at once."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+        self.held: list[socket.socket] = []
+        self.most_open = 0
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.held = [c for c in self.held if not _closed_by_peer(c)] + [conn]
+                self.most_open = max(self.most_open, len(self.held))
+
+    def close(self) -> None:
+        """Every held connection closed: the hanging deliveries fail at once."""
+        self.sock.close()
+        with self.lock:
+            for conn in self.held:
+                conn.close()
+
+
+def _closed_by_peer(conn: socket.socket) -> bool:
+    conn.setblocking(False)
+    try:
+        while True:  # drain the request the worker sent; b"" is the worker gone
+            if conn.recv(65536) == b"":
+                conn.close()
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        if conn.fileno() != -1:
+            conn.setblocking(True)
+
+
+@contextmanager
+def running_worker(state: ServerState, db: Database | None = None) -> Iterator[webhooks.WebhookWorker]:
+    """``WebhookWorker.run`` on an event loop of its own in a thread, as in a server process
+    (``db``: that process's own connection pool); stopped when the block ends."""
+    worker = webhooks.WebhookWorker(db or state.db, state.pepper, state.clock, state.webhook_settings)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(worker.run(),), daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        loop.call_soon_threadsafe(worker.stop)
+        thread.join(30)
+        assert not thread.is_alive(), "the worker did not stop"
+        loop.close()
+
+
+def test_a_hanging_endpoint_does_not_delay_the_others(database: Database) -> None:
+    """QA: with one endpoint that never answers, a healthy endpoint's events arrived up to
+    timeout_seconds late (the worker waited for its whole batch before the next poll, and a
+    backlog of the hanging endpoint filled the batch). Each endpoint is now delivered on its
+    own, the hanging one holding at most PER_ENDPOINT connections."""
+    state = ServerState(
+        db=database, signing_key=SigningKey.generate(), pepper=secrets.token_bytes(32), clock=SystemClock(),
+        webhook_settings=webhooks.WebhookSettings(
+            retry_base_seconds=60, max_attempts=3, poll_seconds=0.05, timeout_seconds=8
+        ),
+    )  # fmt: skip
+    silent, healthy = Silent(), Receiver(fail_first=0)
+    try:
+        add(state, silent.url)  # every event, and first: its backlog is the oldest
+        add(state, healthy.url, ["license.activated"])
+        with state.db.write() as session:
+            for n in range(30):
+                webhooks.emit(session, "lease.denied", {"serial": f"2026-{n:06d}"})
+        with running_worker(state):
+            wait_until(lambda: silent.most_open > 0)
+            time.sleep(0.3)  # the worker is inside its hanging deliveries
+            with state.db.write() as session:
+                webhooks.emit(session, "license.activated", {"serial": "2026-000001"})
+            emitted = time.monotonic()
+            wait_until(lambda: len(healthy.received) == 1, 20)
+            took = time.monotonic() - emitted
+            hanging = sum(
+                r.status == "pending" and r.attempts == 0 for r in deliveries(state) if r.endpoint_id == 1
+            )
+            silent.close()  # the hanging deliveries fail now, not after 8 s
+        assert took < 3, f"the healthy endpoint waited {took:.1f} s for the hanging one"
+        assert hanging == 31  # none of the hanging endpoint's deliveries had ended yet
+        assert 1 <= silent.most_open <= webhooks.WebhookWorker.PER_ENDPOINT
+    finally:
+        silent.close()
+        healthy.close()
+    rows = deliveries(state)
+    assert [r.status for r in rows if r.endpoint_id == 2] == ["delivered"]
+    # The hanging endpoint's attempts that ended are failed attempts, retried later.
+    assert all(r.status == "pending" for r in rows if r.endpoint_id == 1)
+    assert all(r.last_error for r in rows if r.endpoint_id == 1 and r.attempts)
+
+
+def test_a_claim_takes_each_endpoints_oldest_rows_in_turn_within_the_bounds(state: ServerState) -> None:
+    add(state, "https://one.example/", ["lease.denied"])  # a backlog of 10, the oldest
+    add(state, "https://two.example/", ["license.activated"])
+    add(state, "https://three.example/", ["checkpoint.overdue"])
+    with state.db.write() as session:
+        for event, times in (("lease.denied", 10), ("license.activated", 2), ("checkpoint.overdue", 1)):
+            for _ in range(times):
+                webhooks.emit(session, event, {}, START)
+    worker = webhooks.WebhookWorker(state.db, state.pepper, state.clock, state.webhook_settings)
+    first = worker._claim(5, {})
+    assert sorted(job.endpoint_id for job in first) == [1, 1, 2, 2, 3]  # in turns, not endpoint 1's five
+    # Endpoint 1 has 2 in flight: 2 more of its rows, up to PER_ENDPOINT; the rest is claimed.
+    assert webhooks.WebhookWorker.PER_ENDPOINT == 4
+    assert [job.endpoint_id for job in worker._claim(32, {1: 2})] == [1, 1]
+    assert worker._claim(32, {1: 4}) == []
+    assert [job.endpoint_id for job in worker._claim(32, {1: 3})] == [1]
+
+
+def test_an_attempt_ends_within_its_deadline_even_when_the_answer_trickles(database: Database) -> None:
+    """httpx's timeout is per read: an answer sent a byte at a time would hold the attempt
+    (and its claimed row) for good. An attempt ends after 3 x timeout_seconds."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    done = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
+                if done.is_set():
+                    return
+                with contextlib.suppress(OSError):
+                    conn.sendall(bytes([byte]))
+                time.sleep(0.1)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    state = ServerState(
+        db=database, signing_key=SigningKey.generate(), pepper=secrets.token_bytes(32), clock=SystemClock(),
+        webhook_settings=webhooks.WebhookSettings(timeout_seconds=0.3, retry_base_seconds=60),
+    )  # fmt: skip
+    add(state, f"http://127.0.0.1:{listener.getsockname()[1]}/hook")
+    with state.db.write() as session:
+        webhooks.emit(session, "lease.denied", {})
+    worker = webhooks.WebhookWorker(state.db, state.pepper, state.clock, state.webhook_settings)
+    started = time.monotonic()
+    try:
+        assert asyncio.run(worker.run_once()) == 1
+    finally:
+        done.set()
+        listener.close()
+    assert time.monotonic() - started < 3  # 0.9 s, and the time to record it
+    (row,) = deliveries(state)
+    assert (row.status, row.attempts, row.last_error) == ("pending", 1, "no complete answer within 0.9 s")
+
+
+def test_two_processes_deliver_each_event_once(db_url: str, database: Database) -> None:
+    """Several server processes on one database (PostgreSQL in production) share the outbox:
+    a row is claimed by one of them only, also now that each claims while its earlier
+    deliveries are still in flight."""
+    state = ServerState(
+        db=database, signing_key=SigningKey.generate(), pepper=secrets.token_bytes(32), clock=SystemClock(),
+        webhook_settings=webhooks.WebhookSettings(poll_seconds=0.02, timeout_seconds=5),
+    )  # fmt: skip
+    receivers = [Receiver(fail_first=0), Receiver(fail_first=0)]
+    other = Database(db_url)  # the second process's own connections
+    try:
+        for r in receivers:
+            add(state, r.url)
+        with state.db.write() as session:
+            events = [webhooks.emit(session, "lease.denied", {"n": n}) for n in range(40)]
+        with running_worker(state), running_worker(state, other):
+            wait_until(lambda: all(r.status == "delivered" for r in deliveries(state)), 60)
+    finally:
+        for r in receivers:
+            r.close()
+        other.dispose()
+    for r in receivers:
+        got = sorted(headers["Tessera-Delivery"] for headers, _, _ in r.received)
+        assert got == sorted(events)  # every event, none twice
+    assert {r.attempts for r in deliveries(state)} == {1}

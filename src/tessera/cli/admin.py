@@ -11,6 +11,7 @@ names the field).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -663,37 +664,75 @@ BULK_CAP = 10_000
 _CHUNK_INDEX_RE = re.compile(r"locking_ids(?:\[(\d+)\]|\.(\d+))|\(also at \[(\d+)\]\)")
 
 
+#: A line of a ``--locking-ids`` file is at most this long (bytes, its newline included): a
+#: Locking ID is at most 400 characters, the rest leaves room for blanks and a comment.
+#: Longer is an error naming the line, so a file with no line ends (``/dev/zero``, a
+#: binary) is refused after this many bytes instead of being read into memory whole.
+LOCKING_ID_LINE_MAX = 1024
+#: At most this many lines (blank and comment lines included) in a ``--locking-ids`` file:
+#: twice the 100,000 licenses of a large bulk run (SPEC section 7). Every ID is held (and
+#: parsed) before the first request, so this bounds the memory and the time to read it.
+LOCKING_ID_LINES_MAX = 200_000
+
+
 def _read_locking_ids(path: Path) -> tuple[list[str], list[int]]:
     """One Locking ID per line (blank lines and ``#`` comments skipped), and the file line of
     each. Every line is parsed as the server parses it (:meth:`LockingId.parse`, not just its
     ``TL1-`` prefix), so a bad file is refused, naming its line, before anything is issued:
-    a refusal in chunk 3 would leave chunks 1 and 2 issued."""
+    a refusal in chunk 3 would leave chunks 1 and 2 issued.
+
+    Read line by line within :data:`LOCKING_ID_LINE_MAX` and :data:`LOCKING_ID_LINES_MAX`
+    (a size check of the file is not enough: a device or a pipe has none), holding only
+    the IDs."""
     from tessera.core.fingerprint import LockingId
 
-    data = read_input_file(path, "--locking-ids file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        fail(f"--locking-ids {path}: not a text file (one Locking ID per line)")
     ids: list[str] = []
     lines: list[int] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        item = line.strip()
-        if not item or item.startswith("#"):
-            continue
-        shown = item if len(item) <= 60 else item[:57] + "..."
-        if not item.startswith("TL1-"):
-            fail(f"--locking-ids {path} line {number}: {shown!r} is not a Locking ID (TL1-...)")
-        try:
-            LockingId.parse(item)
-        except ValueError as exc:
-            fail(f"--locking-ids {path} line {number}: {shown!r} is not a Locking ID ({exc})")
-        if item in seen:
-            fail(f"--locking-ids {path} line {number}: {item} is listed twice (also line {seen[item]})")
-        seen[item] = number
-        ids.append(item)
-        lines.append(number)
+    try:
+        if path.is_dir():
+            fail(f"--locking-ids file {path} is a directory")
+        with path.open("rb") as handle:
+            for number in itertools.count(1):
+                raw = handle.readline(LOCKING_ID_LINE_MAX + 1)
+                if not raw:
+                    break
+                if number > LOCKING_ID_LINES_MAX:
+                    fail(
+                        f"--locking-ids {path}: more than {LOCKING_ID_LINES_MAX:,} lines "
+                        "(split it into several runs)"
+                    )
+                if len(raw) > LOCKING_ID_LINE_MAX:
+                    fail(
+                        f"--locking-ids {path} line {number}: longer than {LOCKING_ID_LINE_MAX} bytes "
+                        "(a Locking ID is at most 400 characters)"
+                    )
+                try:
+                    item = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    fail(f"--locking-ids {path} line {number}: not text (one Locking ID per line)")
+                if not item or item.startswith("#"):
+                    continue
+                shown = item if len(item) <= 60 else item[:57] + "..."
+                if not item.startswith("TL1-"):
+                    fail(f"--locking-ids {path} line {number}: {shown!r} is not a Locking ID (TL1-...)")
+                try:
+                    LockingId.parse(item)
+                except ValueError as exc:
+                    fail(f"--locking-ids {path} line {number}: {shown!r} is not a Locking ID ({exc})")
+                if item in seen:
+                    fail(
+                        f"--locking-ids {path} line {number}: {item} is listed twice (also line {seen[item]})"
+                    )
+                seen[item] = number
+                ids.append(item)
+                lines.append(number)
+    except FileNotFoundError:
+        fail(f"--locking-ids file {path} does not exist")
+    except PermissionError:
+        fail(f"--locking-ids file {path} cannot be read (permission denied)")
+    except OSError as exc:
+        fail(f"--locking-ids file {path} cannot be read: {exc.strerror or exc}")
     if not ids:
         fail(f"--locking-ids {path}: no Locking IDs in the file")
     return ids, lines

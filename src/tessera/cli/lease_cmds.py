@@ -36,6 +36,9 @@ from tessera.core.errors import TesseraError
 __all__ = ["webhook_app"]
 
 _settings: dict[str, Any] = {"no_args_is_help": True, "pretty_exceptions_enable": False}
+#: A delivery's statuses, as the server's ``tessera.server.webhooks.DELIVERY_STATUSES``
+#: (not imported: this client does not load the server's modules).
+DELIVERY_STATUSES = ("pending", "delivered", "failed", "cancelled")
 webhook_app = typer.Typer(help="Webhooks: license events sent to your endpoints.", **_settings)
 app.add_typer(webhook_app, name="webhook")
 
@@ -167,7 +170,9 @@ def webhook_remove(
 
 @webhook_app.command("deliveries")
 def webhook_deliveries(
-    status: str | None = typer.Option(None, "--status", help="pending, delivered, failed."),
+    status: str | None = typer.Option(
+        None, "--status", help=f"Only deliveries in this status: {', '.join(DELIVERY_STATUSES)}."
+    ),
     limit: int = typer.Option(100, "--limit", min=1, max=10_000),
     url: str | None = URL,
     token: str | None = TOKEN,
@@ -175,6 +180,8 @@ def webhook_deliveries(
     as_json: bool = JSON,
 ) -> None:
     """The outbox: every event per endpoint, its status, attempts and last error."""
+    if status is not None and status not in DELIVERY_STATUSES:
+        fail(f"--status must be one of {', '.join(DELIVERY_STATUSES)}, not {status!r}")
     params: dict[str, Any] = {"limit": limit}
     if status:
         params["status"] = status

@@ -44,22 +44,31 @@ def init(
         None, "--ca", help="The CA that signed it (the server's tls/ca.pem).", parser=cli_path
     ),
     hostname: list[str] = typer.Option(
-        [], "--hostname", help="A name agents reach the relay by (its own certificate; repeatable)."
+        [],
+        "--hostname",
+        help="A host name or IP address agents reach the relay by (its own certificate; repeatable).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Make a relay's data directory: the server's URL and CA, the relay's TLS files."""
     from tessera.server.relay import initialize_relay
+    from tessera.server.tls import check_hostname
 
     given = [option for option, value in (("--cert", cert), ("--key", key), ("--ca", ca)) if value]
     if given and len(given) != 3:
         fail("--cert, --key and --ca go together (from 'tessera server relay-cert')")
     if given and hostname:
         fail("--hostname names the relay's own certificate; with --cert the names are in that certificate")
+    names: list[str] = []
+    for name in hostname:
+        try:
+            names.append(check_hostname(name.strip()))
+        except ValueError as exc:
+            fail(f"--hostname {exc}")
     certificate = (cert, key, ca) if cert and key and ca else None
     try:
         config = initialize_relay(
-            data_dir, upstream, upstream_ca, datetime.now(UTC), certificate=certificate, hostnames=hostname
+            data_dir, upstream, upstream_ca, datetime.now(UTC), certificate=certificate, hostnames=names
         )
     except ConfigError as exc:
         fail(str(exc))
@@ -104,7 +113,7 @@ def run(
 @server_app.command("relay-cert")
 def relay_cert(
     hostname: list[str] = typer.Option(
-        ..., "--hostname", help="A name agents reach the relay by (repeatable)."
+        ..., "--hostname", help="A host name or IP address agents reach the relay by (repeatable)."
     ),
     out: Path = typer.Option(
         ..., "-o", "--output", help="Directory for relay.pem and relay.key.", parser=cli_path
@@ -112,14 +121,25 @@ def relay_cert(
     data_dir: Path = typer.Option(
         Path("./var"), "--data-dir", help="The server's data directory.", parser=cli_path
     ),
-    force: bool = typer.Option(False, "--force", help="Replace relay.pem and relay.key if they exist."),
+    force: bool = typer.Option(False, "--force", help="Replace a relay.pem and relay.key already in -o."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """A certificate for a relay, signed by this server's CA: agents that pin the server's
-    CA trust the relay unchanged. Copy the two files and tls/ca.pem to the relay."""
-    from tessera.server.config import load_config
-    from tessera.server.tls import issue_server_certificate
+    CA trust the relay unchanged. Copy the two files and tls/ca.pem to the relay.
 
+    It names exactly the --hostname values (host names or IP addresses): no loopback
+    address unless one is given, since every agent pinning the CA trusts it for each name."""
+    from tessera.server.config import load_config
+    from tessera.server.tls import check_hostname, issue_server_certificate
+
+    names: list[str] = []
+    for given in hostname:
+        try:
+            name = check_hostname(given.strip())
+        except ValueError as exc:
+            fail(f"--hostname {exc}")
+        if name not in names:
+            names.append(name)
     try:
         config = load_config(data_dir)
     except ConfigError as exc:
@@ -129,13 +149,12 @@ def relay_cert(
         ca_key_pem = config.ca_key.read_bytes()
     except OSError as exc:
         fail(f"the server's CA is not readable ({exc.filename}: {exc.strerror})")
+    cert_file, key_file = out.resolve() / "relay.pem", out.resolve() / "relay.key"
     if not force:
-        for name in ("relay.pem", "relay.key"):  # a relay's working key is not replaced by mistake
-            if (out / name).exists() or (out / name).is_symlink():
-                fail(f"{out / name} exists already (use --force to replace it)")
-    names = [name.strip() for name in hostname]
-    if any(not name or len(name) > 253 or any(c.isspace() for c in name) for name in names):
-        fail("--hostname must be a host name")
+        # Like server init: a key in use by a relay is never replaced by accident.
+        for existing in (key_file, cert_file):
+            if existing.exists() or existing.is_symlink():
+                fail(f"{existing} exists already (use --force to replace it)")
     try:
         cert_pem, key_pem = issue_server_certificate(ca_pem, ca_key_pem, names, datetime.now(UTC))
     except ValueError as exc:
@@ -144,7 +163,6 @@ def relay_cert(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         fail(f"cannot create {out}: {exc.strerror}")
-    cert_file, key_file = out.resolve() / "relay.pem", out.resolve() / "relay.key"
     write_file_atomic(cert_file, cert_pem, force=force)
     write_file_atomic(key_file, key_pem, 0o600, force=force)
     if as_json:

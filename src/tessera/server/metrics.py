@@ -47,6 +47,7 @@ from tessera.server.models import (
     WebhookDelivery,
 )
 from tessera.server.storage import Database
+from tessera.server.webhooks import DELIVERY_STATUSES
 
 __all__ = ["MULTIPROC_ENV", "Metrics", "MetricsMiddleware", "StockCollector"]
 
@@ -184,7 +185,7 @@ class StockCollector(Collector):
         deliveries = GaugeMetricFamily(
             "tessera_webhook_deliveries", "Webhook deliveries in the outbox, by state.", labels=["state"]
         )
-        for state in sorted({"pending", "delivered", "failed", *outbox}):
+        for state in sorted({*DELIVERY_STATUSES, *outbox}):
             deliveries.add_metric([str(state)], float(outbox.get(state, 0)))
         return [
             licenses,

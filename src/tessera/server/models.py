@@ -487,7 +487,11 @@ class WebhookDelivery(Base):
     event, delivered (and retried) by the server's background worker."""
 
     __tablename__ = "webhook_outbox"
-    __table_args__ = (Index("ix_webhook_outbox_due", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_webhook_outbox_due", "status", "next_attempt_at"),
+        # One endpoint's due rows, oldest first: the worker claims per endpoint (0013).
+        Index("ix_webhook_outbox_endpoint_due", "endpoint_id", "status", "next_attempt_at"),
+    )
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     endpoint_id: Mapped[int] = mapped_column(
         ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True

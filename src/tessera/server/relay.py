@@ -143,6 +143,41 @@ def _check_certificate(cert_pem: bytes, key_pem: bytes | None, what: str) -> Non
         raise ConfigError(f"{what}: the key does not belong to the certificate")
 
 
+def _check_issued_by(cert_pem: bytes, ca_pem: bytes, cert_what: str, ca_what: str, now: datetime) -> None:
+    """``ConfigError`` unless the CA signed the certificate and can sign certificates at
+    all, and both are valid at ``now``. The relay hands out ``ca_pem`` as the CA
+    agents pin: one that did not sign its certificate fails every agent's TLS handshake,
+    long after ``relay init`` said all was well."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+
+    certificate = x509.load_pem_x509_certificate(cert_pem)
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    try:
+        constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+        is_ca = constraints.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    try:
+        usage: x509.KeyUsage | None = ca.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if not is_ca or (usage is not None and not usage.key_cert_sign):
+        raise ConfigError(f"{ca_what} is not a CA certificate (agents could not verify the relay with it)")
+    try:
+        certificate.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ConfigError(
+            f"{cert_what} is not signed by {ca_what} (agents pinning that CA would refuse the relay)"
+        ) from None
+    for what, cert in ((cert_what, certificate), (ca_what, ca)):
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise ConfigError(
+                f"{what} is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} "
+                f"to {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+            )
+
+
 def initialize_relay(
     data_dir: Path,
     upstream: str,
@@ -172,6 +207,7 @@ def initialize_relay(
         ca_pem = _read_pem(ca_path, "--ca")
         _check_certificate(cert_pem, key_pem, f"--cert {cert_path} with --key {key_path}")
         _check_certificate(ca_pem, None, f"--ca {ca_path}")
+        _check_issued_by(cert_pem, ca_pem, f"--cert {cert_path}", f"--ca {ca_path}", now)
     else:
         own = make_tls_material(now, hostnames)  # its CA key is not kept
         ca_pem, cert_pem, key_pem = own.ca_cert_pem, own.server_cert_pem, own.server_key_pem

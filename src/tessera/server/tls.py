@@ -2,22 +2,56 @@
 
 Agents pin the CA (not a public one), so the CA is self-signed and lives with the server;
 the server certificate names localhost, 127.0.0.1, ::1 and the host's name so the pinned
-connection also verifies the host name.
+connection also verifies the host name. A relay's certificate from that CA (``tessera
+server relay-cert``) names only what it is asked for: every agent pinning the CA trusts
+it for each of its names, loopback included.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["TlsMaterial", "issue_server_certificate", "make_tls_material"]
+__all__ = ["LOOPBACK", "TlsMaterial", "check_hostname", "issue_server_certificate", "make_tls_material"]
+
+
+#: The loopback addresses the server's own certificate names (``make run``, local agents).
+LOOPBACK: Final = ("127.0.0.1", "::1")
+_LABEL: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def check_hostname(name: str) -> str:
+    """``name`` as a certificate name: an IP address (in its normal form) or a host name of
+    RFC 1123 labels (letters, digits, inner hyphens; 63 characters each, 253 in all; not
+    all digits at the end, which reads as an address). No wildcard: a certificate the
+    agents' pinned CA signed for ``*.example.com`` would be trusted for every host there.
+
+    ``ValueError`` saying what is wrong."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not name or len(name) > 253:
+        raise ValueError(f"{name!r} is not a host name (1 to 253 characters)")
+    labels = name.split(".")
+    for label in labels:
+        if not _LABEL.fullmatch(label):
+            raise ValueError(
+                f"{name!r} is not a host name (each dot-separated label is 1 to 63 letters, digits "
+                "or inner hyphens; no wildcard)"
+            )
+    if labels[-1].isdigit():
+        raise ValueError(f"{name!r} is neither an IP address nor a host name")
+    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +78,13 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def make_tls_material(now: datetime, hostnames: list[str] | None = None) -> TlsMaterial:
-    """A CA valid 10 years and a server certificate valid 2 years, both ECDSA P-256."""
-    names = ["localhost", *(hostnames or [])]
-    host = socket.gethostname()
-    if host and host not in names:
-        names.append(host)
+    """A CA valid 10 years and a server certificate valid 2 years, both ECDSA P-256. The
+    certificate names localhost, ``hostnames``, this host's name and the loopback addresses:
+    the CA is this server's (or this relay's) alone."""
+    names: list[str] = []
+    for name in ["localhost", *(hostnames or []), socket.gethostname(), *LOOPBACK]:
+        if name and name not in names:
+            names.append(name)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("Tessera license server CA")
     ca_cert = (
@@ -86,10 +122,10 @@ def make_tls_material(now: datetime, hostnames: list[str] | None = None) -> TlsM
 def issue_server_certificate(
     ca_cert_pem: bytes, ca_key_pem: bytes, names: list[str], now: datetime
 ) -> tuple[bytes, bytes]:
-    """A server certificate (PEM) and its new key (PEM, unencrypted) for the DNS ``names``
-    (the last one its common name) and the loopback addresses, signed by the CA, valid 2
-    years: the server's own at ``server init``, and a relay's (``tessera server
-    relay-cert``), so agents that pin the server's CA trust the relay too.
+    """A server certificate (PEM) and its new key (PEM, unencrypted) for ``names`` (host
+    names and IP addresses, exactly these; the last host name its common name), signed by
+    the CA, valid 2 years: the server's own at ``server init``, and a relay's (``tessera
+    server relay-cert``), so agents that pin the server's CA trust the relay too.
 
     ``ValueError`` for a CA certificate or key that cannot be read or do not belong together.
     """
@@ -100,15 +136,20 @@ def issue_server_certificate(
         raise ValueError(f"the CA certificate or key cannot be read: {exc}") from None
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or ca_key.public_key() != ca_cert.public_key():
         raise ValueError("the CA key does not belong to the CA certificate")
+    if not names:
+        raise ValueError("a certificate needs at least one name")
     server_key = ec.generate_private_key(ec.SECP256R1())
-    alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
-    alt_names += [
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.IPAddress(ipaddress.ip_address("::1")),
-    ]
+    alt_names: list[x509.GeneralName] = []
+    dns_names: list[str] = []
+    for name in names:
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt_names.append(x509.DNSName(name))
+            dns_names.append(name)
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(names[-1] if names else "localhost"))
+        .subject_name(_name(dns_names[-1] if dns_names else names[-1] if names else "localhost"))
         .issuer_name(ca_cert.subject)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from tessera.server.rawsql import RawTransaction
 
 __all__ = [
+    "DELIVERY_STATUSES",
     "EVENTS",
     "WebhookSettings",
     "WebhookWorker",
@@ -79,6 +81,11 @@ EVENTS = (
     "lease.denied",
     "order.cancelled",
 )
+#: Every status a delivery row has: ``pending`` (due or waiting for a retry), ``delivered``
+#: (a 2xx answer), ``failed`` (``max_attempts`` used up) and ``cancelled`` (its endpoint was
+#: removed before it was delivered). The API's ``status`` filter, the CLI's ``--status``
+#: and the ``tessera_webhook_deliveries`` metric's states are these four.
+DELIVERY_STATUSES = ("pending", "delivered", "failed", "cancelled")
 SIGNATURE_HEADER = "Tessera-Signature"
 MAX_ERROR = 300
 
@@ -343,6 +350,7 @@ def _wanting(endpoints: Sequence[Sequence[Any]], event: str) -> list[int]:
 @dataclass(frozen=True, slots=True)
 class _Job:
     id: int
+    endpoint_id: int
     url: str
     secret: str
     ca_pem: str | None
@@ -354,10 +362,23 @@ class _Job:
 
 class WebhookWorker:
     """Delivers the outbox from inside a server process (one per process, several may share
-    a database: a row is claimed by a conditional update that only one process wins)."""
+    a database: a row is claimed by a conditional update that only one process wins).
 
+    Endpoints are delivered to independently: each delivery runs as a task of its own,
+    at most :attr:`PER_ENDPOINT` at once to one endpoint and :attr:`MAX_IN_FLIGHT` in all
+    (per process), and the worker claims more while others are in flight. One endpoint
+    that hangs until ``timeout_seconds`` then holds its own slots only, and its backlog
+    never fills a claim meant for the others (a claim takes each endpoint's oldest rows
+    first, round-robin)."""
+
+    #: How long a claimed row is reserved for its process, at least: longer than any
+    #: attempt (:meth:`_attempt_seconds`), so no process claims it again while it is in
+    #: flight (which would deliver it twice).
     CLAIM_SECONDS = 120
-    BATCH = 20
+    #: Deliveries in flight at once to one endpoint, per process.
+    PER_ENDPOINT = 4
+    #: Deliveries in flight at once in all, per process.
+    MAX_IN_FLIGHT = 32
 
     def __init__(self, db: Database, pepper: bytes, clock: Clock, settings: WebhookSettings) -> None:
         self._db = db
@@ -365,89 +386,166 @@ class WebhookWorker:
         self._clock = clock
         self.settings = settings
         self._stop = asyncio.Event()
+        #: Set when :meth:`stop` is called or a delivery ends (a slot is free again).
+        self._wake = asyncio.Event()
+        self._in_flight: dict[int, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def now(self) -> datetime:
         return utc(self._clock.now())
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+
+    def _attempt_seconds(self) -> float:
+        """The longest one attempt may take: connecting, sending and the answer, each within
+        ``timeout_seconds`` (httpx's timeouts are per step, so a receiver trickling its
+        answer could otherwise hold the delivery past its claim)."""
+        return 3 * self.settings.timeout_seconds
+
+    def _claim_seconds(self) -> float:
+        return max(self.CLAIM_SECONDS, self._attempt_seconds() + 60)
+
+    def _room(self) -> int:
+        """How many more deliveries may start now."""
+        return self.MAX_IN_FLIGHT - sum(self._in_flight.values())
 
     async def run(self) -> None:
-        """Poll and deliver until :meth:`stop`; a failing database only delays delivery."""
-        while not self._stop.is_set():
-            try:
-                delivered = await self.run_once()
-            except Exception as exc:  # never let the worker die: log and retry next poll
-                log.warning("webhook worker: %s", exc)
-                delivered = 0
-            if delivered == 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self.settings.poll_seconds)
+        """Poll and deliver until :meth:`stop`; a failing database only delays delivery.
+
+        A poll that started deliveries is followed at once by the next (a backlog drains
+        as fast as the bounds allow); otherwise the worker sleeps ``poll_seconds`` or until
+        a delivery ends. On :meth:`stop` the deliveries in flight are awaited (each ends
+        within its timeout and records its outcome); cancelled, they are cancelled too and
+        their rows are claimed again once the claim lapses."""
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                started = 0
+                room = self._room()
+                if room > 0:
+                    try:
+                        jobs = await run_in_threadpool(self._claim, room, dict(self._in_flight))
+                    except Exception as exc:  # never let the worker die: log and retry next poll
+                        log.warning("webhook worker: %s", exc)
+                        jobs = []
+                    for job in jobs:
+                        self._start(job)
+                    started = len(jobs)
+                if started == 0 or self._room() <= 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+
+    def _start(self, job: _Job) -> None:
+        self._in_flight[job.endpoint_id] = self._in_flight.get(job.endpoint_id, 0) + 1
+        task = asyncio.create_task(self._deliver_logged(job), name=f"tessera-webhook-{job.id}")
+        self._tasks.add(task)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._tasks.discard(finished)
+            left = self._in_flight[job.endpoint_id] - 1
+            if left:
+                self._in_flight[job.endpoint_id] = left
+            else:
+                del self._in_flight[job.endpoint_id]
+            self._wake.set()
+
+        task.add_done_callback(done)
+
+    async def _deliver_logged(self, job: _Job) -> None:
+        try:
+            await self._deliver(job)
+        except Exception as exc:  # the database failed recording it: retried once the claim lapses
+            log.warning("webhook %s to %s: %s", job.event_id, job.url, exc)
 
     async def run_once(self) -> int:
-        """Claim the due deliveries and attempt each once; returns how many were attempted."""
-        jobs = await run_in_threadpool(self._claim)
+        """Claim the due deliveries (within the bounds) and attempt each once, waiting for
+        all of them; returns how many were attempted."""
+        jobs = await run_in_threadpool(self._claim, self._room(), dict(self._in_flight))
         if not jobs:
             return 0
         await asyncio.gather(*(self._deliver(job) for job in jobs))
         return len(jobs)
 
-    def _claim(self) -> list[_Job]:
+    def _claim(self, room: int, in_flight: dict[int, int]) -> list[_Job]:
+        """Up to ``room`` due rows, per endpoint at most :attr:`PER_ENDPOINT` less its
+        deliveries ``in_flight`` in this process: each endpoint's oldest first, taken in
+        turn (the first row of every endpoint, then the second, ...), so one endpoint's
+        backlog cannot crowd out the others."""
+        if room <= 0:
+            return []
         now = self.now()
-        # Look first in a read transaction: an idle poll never takes SQLite's write lock.
+        due_now = (
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.next_attempt_at <= now,
+            or_(WebhookDelivery.locked_until.is_(None), WebhookDelivery.locked_until < now),
+        )
+        # Chosen in a read transaction (an idle poll never takes SQLite's write lock), one
+        # query per endpoint on (endpoint_id, status, next_attempt_at): its cost does not
+        # grow with another endpoint's backlog. The conditional update below decides.
+        queues: list[list[tuple[datetime, int]]] = []
         with self._db.read() as session:
-            due_any = session.execute(
-                select(WebhookDelivery.id)
-                .where(
-                    WebhookDelivery.status == "pending",
-                    WebhookDelivery.next_attempt_at <= now,
-                )
-                .limit(1)
-            ).first()
-        if due_any is None:
+            for endpoint_id in session.execute(select(WebhookEndpoint.id)).scalars().all():
+                free = self.PER_ENDPOINT - in_flight.get(endpoint_id, 0)
+                if free <= 0:
+                    continue
+                due = session.execute(
+                    select(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+                    .where(WebhookDelivery.endpoint_id == endpoint_id, *due_now)
+                    .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+                    .limit(free)
+                ).all()
+                if due:
+                    queues.append([(utc(at), delivery_id) for at, delivery_id in due])
+        # In turns: the first row of every endpoint (the longest-waiting endpoint first),
+        # then the second, ...
+        queues.sort(key=lambda queue: queue[0])
+        chosen: list[int] = []
+        for turn in itertools.zip_longest(*queues):
+            chosen += [entry[1] for entry in turn if entry is not None]
+        del chosen[room:]
+        if not chosen:
             return []
         with self._db.write() as session:
-            due = session.execute(
-                select(WebhookDelivery, WebhookEndpoint)
-                .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
-                .where(
-                    WebhookDelivery.status == "pending",
-                    WebhookDelivery.next_attempt_at <= now,
-                    or_(WebhookDelivery.locked_until.is_(None), WebhookDelivery.locked_until < now),
-                )
-                .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
-                .limit(self.BATCH)
-            ).all()
-            jobs: list[_Job] = []
-            for delivery, endpoint in due:
-                claimed = session.execute(
+            until = now + timedelta(seconds=self._claim_seconds())
+            claimed: list[int] = []
+            for delivery_id in chosen:
+                won = session.execute(
                     update(WebhookDelivery)
-                    .where(
-                        WebhookDelivery.id == delivery.id,
-                        WebhookDelivery.status == "pending",
-                        or_(
-                            WebhookDelivery.locked_until.is_(None),
-                            WebhookDelivery.locked_until < now,
-                        ),
-                    )
-                    .values(locked_until=now + timedelta(seconds=self.CLAIM_SECONDS))
+                    .where(WebhookDelivery.id == delivery_id, *due_now)
+                    .values(locked_until=until)
                     .execution_options(synchronize_session=False)
                 )
-                if claimed.rowcount != 1:  # type: ignore[attr-defined]
-                    continue
-                jobs.append(
-                    _Job(
-                        delivery.id,
-                        endpoint.url,
-                        _open_secret(endpoint.secret, self._pepper),
-                        endpoint.ca_pem,
-                        delivery.event,
-                        delivery.event_id,
-                        delivery.payload.encode("utf-8"),
-                        delivery.attempts,
-                    )
+                if won.rowcount == 1:  # type: ignore[attr-defined]
+                    claimed.append(delivery_id)
+            if not claimed:
+                return []
+            rows = session.execute(
+                select(WebhookDelivery, WebhookEndpoint)
+                .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
+                .where(WebhookDelivery.id.in_(claimed))
+                .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+            ).all()
+            return [
+                _Job(
+                    delivery.id,
+                    endpoint.id,
+                    endpoint.url,
+                    _open_secret(endpoint.secret, self._pepper),
+                    endpoint.ca_pem,
+                    delivery.event,
+                    delivery.event_id,
+                    delivery.payload.encode("utf-8"),
+                    delivery.attempts,
                 )
-            return jobs
+                for delivery, endpoint in rows
+            ]
 
     async def _deliver(self, job: _Job) -> None:
         error: str | None = None
@@ -464,15 +562,20 @@ class WebhookWorker:
             if job.ca_pem:
                 verify = ssl.create_default_context(cadata=job.ca_pem)
                 verify.minimum_version = ssl.TLSVersion.TLSv1_2
-            async with httpx.AsyncClient(
-                verify=verify,
-                timeout=self.settings.timeout_seconds,
-                trust_env=False,
-                follow_redirects=False,
-            ) as client:
+            async with (
+                asyncio.timeout(self._attempt_seconds()),
+                httpx.AsyncClient(
+                    verify=verify,
+                    timeout=self.settings.timeout_seconds,
+                    trust_env=False,
+                    follow_redirects=False,
+                ) as client,
+            ):
                 response = await client.post(job.url, content=job.payload, headers=headers)
             if not 200 <= response.status_code < 300:
                 error = f"HTTP {response.status_code}"
+        except TimeoutError:
+            error = f"no complete answer within {self._attempt_seconds():g} s"
         except (httpx.HTTPError, httpx.InvalidURL, ssl.SSLError, ValueError) as exc:
             # An endpoint that can never work (a URL or CA the client refuses, stored before
             # they were checked as strictly) is a failed attempt like a refused connection,
