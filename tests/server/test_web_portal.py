@@ -604,6 +604,60 @@ def test_an_admin_sets_up_two_step_sign_in_before_anything_else(
     assert out.status_code == 303 and out.headers["location"] == "/portal/login"
 
 
+def _offer(page: str) -> tuple[str, str]:
+    secret = re.search(r'name="secret" value="([A-Z2-7]+)"', page)
+    proof = re.search(r'name="proof" value="([0-9a-f]{64})"', page)
+    assert secret and proof, page
+    return secret.group(1), proof.group(1)
+
+
+def test_a_session_cannot_swap_the_authenticator_without_a_current_code(
+    state: ServerState, world: dict[str, Any], admin: Principal, clock: ManualClock
+) -> None:
+    """QA: start + enable with a code of the NEW secret replaced the old one (200), even
+    for a role that requires two-step sign-in; the old authenticator was dead."""
+    with state.db.write() as session:
+        users.create_user(
+            session, admin, username="boss", password=PASSWORD, role=Role.ADMIN, now=state.now()
+        )
+    client = portal(state)
+    sign_in(client, "boss")
+    token = csrf(client.get("/portal/account").text)
+    secret, proof = _offer(client.post("/portal/account/two-factor/start", data={"csrf": token}).text)
+    old = pyotp.TOTP(secret)
+    fields = {"csrf": token, "secret": secret, "proof": proof, "code": old.at(state.now())}
+    assert client.post("/portal/account/two-factor/enable", data=fields).status_code == 200
+    clock.advance(timedelta(seconds=30))
+    account = client.get("/portal/account")
+    assert "Move to a new authenticator app" in account.text
+    offer = client.post("/portal/account/two-factor/start", data={"csrf": token})
+    assert offer.status_code == 200 and "Code from the app you use now" in offer.text
+    secret, proof = _offer(offer.text)
+    new = pyotp.TOTP(secret)
+    fields = {"csrf": token, "secret": secret, "proof": proof, "code": new.at(state.now())}
+    swapped = client.post("/portal/account/two-factor/enable", data=fields)
+    assert swapped.status_code == 403 and "current code: enter" in swapped.text
+    assert secret in swapped.text  # the same offer again, to finish with the current code
+    good = old.at(state.now())
+    bad = "000000" if good != "000000" else "111111"
+    wrong = client.post("/portal/account/two-factor/enable", data={**fields, "current": bad})
+    assert wrong.status_code == 403 and "current code: wrong or used code" in wrong.text
+    assert _failed_logins(state, "boss") == (1, None)
+    # The old authenticator still signs in; the new one does not.
+    assert (
+        portal(state)
+        .post("/portal/login", data={"username": "boss", "password": PASSWORD, "code": new.at(state.now())})
+        .status_code
+        == 401
+    )
+    done = client.post("/portal/account/two-factor/enable", data={**fields, "current": good})
+    assert done.status_code == 200 and "the new app" in done.text
+    clock.advance(timedelta(seconds=30))
+    for code, status in ((old.at(state.now()), 401), (new.at(state.now()), 303)):
+        fields = {"username": "boss", "password": PASSWORD, "code": code}
+        assert portal(state).post("/portal/login", data=fields).status_code == status
+
+
 def test_roles_outside_the_rule_need_no_set_up(state: ServerState, world: dict[str, Any]) -> None:
     client = portal(state)
     assert sign_in(client, "staff").headers["location"] == "/portal/licenses"  # support: not required

@@ -726,17 +726,17 @@ def portal_router(state: ServerState) -> APIRouter:
 
     @router.post("/account/two-factor/enable")
     async def two_factor_enable(request: Request) -> Response:
+        """Turn two-step sign-in on, or move it to a new app (with a current code of the old)."""
         form = await _form(request)
         if isinstance(form, Response):
             return form
         secret, proof = _text(form.get("secret"))[:64], _text(form.get("proof"))[:64]
         code = _text(form.get("code"))[:20]
+        current = _text(form.get("current"))[:20]
         now = state.now()
 
         def work(session: Session, signed_in: users.SignedIn) -> _Page:
-            try:
-                users.enable_totp(session, signed_in, secret, proof, code, now, state.pepper)
-            except ServiceError as exc:
+            def again(message: str, status: int) -> _Page:
                 # Offer the same secret again only if this server made it for this user.
                 genuine = users.genuine_offer(signed_in, secret, proof, state.pepper)
                 offer = (
@@ -744,13 +744,22 @@ def portal_router(state: ServerState) -> APIRouter:
                     if genuine
                     else None
                 )
-                values = {
-                    "offer": offer,
-                    "qr": _qr(offer.uri) if offer else None,
-                    "two_factor_error": str(exc),
-                }
-                return _Page("account.html", values, exc.status)
-            return _Page("account.html", {"two_factor_done": "on"})
+                qr = _qr(offer.uri) if offer else None
+                return _Page("account.html", {"offer": offer, "qr": qr, "two_factor_error": message}, status)
+
+            try:
+                refused = users.enable_totp(
+                    session, signed_in, secret, proof, code, now, state.pepper, current_code=current
+                )
+            except ServiceError as exc:
+                return again(str(exc), exc.status)
+            if refused is not None:  # committed: a wrong current code counts
+                return (
+                    _refused_here(refused, "two_factor_error")
+                    if refused.signed_out
+                    else again(refused.reason, 403)
+                )
+            return _Page("account.html", {"two_factor_done": "replaced" if signed_in.two_factor else "on"})
 
         return await page(request, work, form=form, account=True)
 
