@@ -275,15 +275,19 @@ def plain_license_document(
 
 
 def check_access(session: Session, principal: Principal, row: LicenseRow, *, write: bool) -> None:
-    """Partners see their own licenses, customers theirs; readonly never writes."""
+    """Partners see their own licenses, customers theirs; readonly never writes.
+
+    A license outside a partner's or customer's scope answers exactly as one that does not
+    exist (:func:`get_license`'s 404): serials are sequential, and a 403 would tell them
+    which exist. What a role may not do is said only about a license it may see."""
     if principal.role is Role.CUSTOMER:
+        if row.customer_id != principal.customer_id:
+            raise NotFound(f"license {row.serial!r} not found")
         if write:
             raise Forbidden("a customer token may not change licenses")
-        if row.customer_id != principal.customer_id:
-            raise Forbidden(f"license {row.serial} belongs to another customer")
     elif principal.role is Role.PARTNER:
         if row.partner_id is None or row.partner_id != principal.partner_id:
-            raise Forbidden(f"license {row.serial} is not one of this partner's licenses")
+            raise NotFound(f"license {row.serial!r} not found")
     elif write and principal.role is Role.READONLY:
         raise Forbidden("role readonly may not change licenses")
 
