@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from tessera.core.licensekey import generate_license_key
 from tessera.server.app import Interfaces, ServerState, create_app
-from tessera.server.models import ApiToken
+from tessera.server.models import ApiToken, LicenseRow
 
 from .conftest import LiveServer
 from .helpers import agent
@@ -140,8 +140,9 @@ def test_partner_stays_in_its_namespace(world: dict[str, Any]) -> None:
     assert outside.status_code == 403 and "partner.acme." in outside.json()["detail"]
     inside = partner.post("/api/v1/products/cortex/features", json={"code": "partner.acme.reporting"})
     assert inside.status_code == 201, inside.text
-    assert issue(partner, world["alice"], "uniplex").status_code == 403
-    own = issue(partner, world["alice"], "partner.acme.reporting")
+    carol = partner.post("/api/v1/customers", json={"name": "Carol"}).json()["id"]
+    assert issue(partner, carol, "uniplex").status_code == 403
+    own = issue(partner, carol, "partner.acme.reporting")
     assert own.status_code == 201, own.text
     assert partner.get(f"/api/v1/licenses/{own.json()['serial']}").status_code == 200
     assert partner.get(f"/api/v1/licenses/{world['alice_license']['serial']}").status_code == 404
@@ -189,10 +190,11 @@ def test_partner_neither_sees_nor_uses_orders_nor_drops_vendor_features(world: d
         )  # fmt: skip
         assert made.status_code == 201, made.text
     assert admin.post("/api/v1/orders/PO-A1/cancel").status_code == 200
+    carol = partner.post("/api/v1/customers", json={"name": "Carol"}).json()["id"]
     for number in ("PO-B1", "PO-A1", "PO-NEW"):
         answer = partner.post(
             "/api/v1/licenses",
-            json={"customer_id": world["alice"], "product": "cortex", "order": number,
+            json={"customer_id": carol, "product": "cortex", "order": number,
                   "entitlements": [{"feature": "partner.acme.x", "count": 1}]},
         )  # fmt: skip
         assert answer.status_code == 403, answer.text
@@ -204,7 +206,7 @@ def test_partner_neither_sees_nor_uses_orders_nor_drops_vendor_features(world: d
     # The partner's license, to which the vendor added a feature of its own.
     own = partner.post(
         "/api/v1/licenses",
-        json={"customer_id": world["alice"], "product": "cortex",
+        json={"customer_id": carol, "product": "cortex",
               "entitlements": [{"feature": "partner.acme.x", "count": 1}]},
     )  # fmt: skip
     serial = own.json()["serial"]
@@ -284,3 +286,47 @@ def test_other_customers_objects_answer_exactly_like_missing_ones(world: dict[st
             for key in (world["bob_license"]["key"], generate_license_key())
         ]
         assert [(a.status_code, a.json()) for a in answers] == [(404, {"detail": "unknown license key"})] * 2
+
+
+def test_a_partner_sees_and_licenses_only_its_own_customers(world: dict[str, Any]) -> None:
+    """QA: a partner token read any vendor customer (ids are sequential) and issued licenses
+    to it. A partner's namespace holds the customers it created and those holding one of
+    its licenses; any other answers exactly as a missing one."""
+    server: LiveServer = world["server"]
+    admin: httpx.Client = world["admin"]
+    partner = server.client(world["tokens"]["partner"])
+    assert admin.post("/api/v1/products/cortex/features", json={"code": "partner.acme.x"}).status_code == 201
+    assert admin.post("/api/v1/partners", json={"code": "beta", "name": "Beta"}).status_code == 201
+    beta = server.client(_token(admin, "partner", partner="beta"))
+    body = {"product": "cortex", "entitlements": [{"feature": "partner.acme.x", "count": 1}]}
+    alice = world["alice"]
+    missing = 999_999
+    for client in (partner, beta):
+        there, absent = client.get(f"/api/v1/customers/{alice}"), client.get(f"/api/v1/customers/{missing}")
+        assert (there.status_code, absent.status_code) == (404, 404)
+        assert there.json()["detail"].replace(str(alice), str(missing)) == absent.json()["detail"]
+    before = admin.get("/api/v1/licenses").json()
+    for path, extra in (("/api/v1/licenses", {}), ("/api/v1/licenses/bulk", {"count": 2})):
+        refused = partner.post(path, json={**body, **extra, "customer_id": alice})
+        assert refused.status_code == 404 and refused.json()["detail"] == f"customer {alice} not found", path
+    assert admin.get("/api/v1/licenses").json() == before  # nothing issued
+    # Its own customer: read and licensed; not the other partner's.
+    carol = partner.post("/api/v1/customers", json={"name": "Carol", "city": "Graz"})
+    assert carol.status_code == 201, carol.text
+    carol_id = carol.json()["id"]
+    assert partner.get(f"/api/v1/customers/{carol_id}").json()["licensee"] == "Carol, Graz"
+    assert partner.post("/api/v1/licenses", json={**body, "customer_id": carol_id}).status_code == 201
+    assert beta.get(f"/api/v1/customers/{carol_id}").status_code == 404
+    assert admin.get(f"/api/v1/customers/{carol_id}").status_code == 200  # the vendor sees every one
+    # A vendor customer that holds one of the partner's licenses (issued before this rule)
+    # stays the partner's: it sees that customer on the license anyway.
+    with server.state.db.write() as session:
+        row = session.execute(
+            select(LicenseRow).where(LicenseRow.serial == world["alice_license"]["serial"])
+        ).scalar_one()
+        row.partner_id = (
+            session.execute(select(ApiToken.partner_id).where(ApiToken.role == "partner")).scalars().first()
+        )
+    assert partner.get(f"/api/v1/customers/{alice}").status_code == 200
+    assert partner.post("/api/v1/licenses", json={**body, "customer_id": alice}).status_code == 201
+    assert beta.get(f"/api/v1/customers/{alice}").status_code == 404

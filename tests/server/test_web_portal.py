@@ -23,9 +23,10 @@ from tessera.core.licensekey import license_key_digest
 from tessera.core.model import License
 from tessera.core.signing import Keyring
 from tessera.core.verify import check_binding, load_signed
-from tessera.server import licenses, users
+from tessera.server import catalog, licenses, users
 from tessera.server.app import Interfaces, ServerState, create_app
 from tessera.server.models import AuditEntry, LicenseRow
+from tessera.server.schemas import CustomerIn, FeatureIn, PartnerIn
 from tessera.server.tokens import Principal, Role
 from tessera.server.web import FailedSignIns
 
@@ -722,6 +723,32 @@ def test_sales_issues_a_license_and_sees_its_key_once(
     with state.db.read() as session:
         entry = session.scalars(select(AuditEntry).where(AuditEntry.target == serial.group(1))).first()
     assert entry is not None and entry.action == "license.issue" and "seller" in entry.actor
+
+
+def test_a_partner_issues_only_to_its_own_customers_in_the_portal(
+    state: ServerState, world: dict[str, Any], admin: Principal
+) -> None:
+    """The portal's form goes through the same rule as the API: a partner's customers are
+    the ones it created (or that hold its licenses); it is offered those, not the vendor's."""
+    with state.db.write() as session:
+        acme = catalog.create_partner(session, admin, PartnerIn(code="acme", name="ACME"), state.now())
+        catalog.add_feature(session, admin, "cortex", FeatureIn(code="partner.acme.x"))
+        users.create_user(
+            session, admin, username="reseller", password=PASSWORD, role=Role.PARTNER, now=state.now(),
+            partner_code="acme",
+        )  # fmt: skip
+        vendors = licenses.get_license(session, world["alice"][0]).customer_id
+        partner = Principal(-1, "reseller", Role.PARTNER, partner_id=acme.id)
+        carol = catalog.create_customer(session, partner, CustomerIn(name="Carol"), state.now()).id
+    client = portal(state)
+    sign_in(client, "reseller")
+    form = client.get("/portal/licenses/new?product=cortex")
+    assert f'<option value="{carol} Carol">' in form.text and "myCompany" not in form.text
+    fields = {"csrf": csrf(form.text), "product": "cortex", "count:partner.acme.x": "1", "machines": "1"}
+    refused = client.post("/portal/licenses/new", data={**fields, "customer": str(vendors)})
+    assert refused.status_code == 404 and f"customer {vendors} not found" in refused.text
+    issued = client.post("/portal/licenses/new", data={**fields, "customer": str(carol)})
+    assert issued.status_code == 201, issued.text
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from tessera.core.passwords import hash_secret
 from tessera.core.sealing import seal
 from tessera.core.versions import VersionRange
 from tessera.server import audit, webhooks
-from tessera.server.catalog import get_product
+from tessera.server.catalog import get_customer, get_product
 from tessera.server.errors import Forbidden, Invalid, NotFound
 from tessera.server.models import (
     Customer,
@@ -412,9 +412,7 @@ def check_template(
     namespace, version): checked once, whether one license is issued or ten thousand.
     Returns the customer, product, the caller's partner (if any) and the normalized version."""
     require(principal, Role.ADMIN, Role.SALES, Role.PARTNER)
-    customer = session.get(Customer, data.customer_id)
-    if customer is None:
-        raise NotFound(f"customer {data.customer_id} not found")
+    customer = get_customer(session, principal, data.customer_id)  # a partner: only its own
     product = get_product(session, data.product)
     partner = _caller_partner(session, principal)
     features = {f.code: f.partner_id for f in product.features}
