@@ -254,6 +254,57 @@ def test_bad_uploads_get_one_line_and_change_nothing(state: ServerState, world: 
     assert "Not activated" in staff.get(f"/portal/licenses/{world['bob'][0]}").text
 
 
+def _portal_page(response: Any, status: int) -> str:
+    """A refusal as the portal promises it: a page (not JSON) with one line, its headers."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("text/html"), response.headers
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["cache-control"] == "no-store"
+    line = _alert(response.text)
+    assert line and "\n" not in line and "Traceback" not in response.text
+    return line
+
+
+def test_every_refusal_under_the_portal_is_a_portal_page(
+    state: ServerState, world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QA: a control character in ?next= got FastAPI's JSON 422 and a 30 MB upload the body
+    limit's JSON 413, both without the portal's headers (CSP, X-Frame-Options...)."""
+    client = portal(state)
+    line = _portal_page(client.get("/portal/login?next=%01"), 422)
+    assert line == "next: must not contain a control character (U+0001)"
+    assert "no such page" in _portal_page(client.get("/portal/no-such-page"), 404)
+    _portal_page(client.get("/portal/logout"), 405)
+    sign_in(client, "alice")
+    token = csrf(client.get("/portal/activate").text)
+    huge = b"x" * (5 * 1024 * 1024)
+    declared = client.post("/portal/activate", data={"csrf": token}, files={"request": ("r.json", huge, "x")})
+    assert "too large" in _portal_page(declared, 413)
+
+    def chunks() -> Any:  # no Content-Length: the limit cuts the stream off while the form is read
+        yield b'--b\r\nContent-Disposition: form-data; name="request"; filename="r"\r\n\r\n'
+        for _ in range(5):
+            yield b"x" * (1024 * 1024)
+
+    streamed = client.post(
+        "/portal/activate", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert "too large" in _portal_page(streamed, 413)
+    # The API keeps its JSON.
+    api = client.get("/api/v1/nothing-here")
+    assert api.status_code == 404 and api.json() == {"detail": "no such endpoint"}
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(licenses, "list_licenses", broken)
+    failing = TestClient(client.app, base_url=BASE, follow_redirects=False, raise_server_exceptions=False)
+    failing.cookies = client.cookies
+    assert "a bug" not in _portal_page(failing.get("/portal/licenses"), 500)
+
+
 def test_forms_need_the_csrf_token_and_this_site(state: ServerState, world: dict[str, Any]) -> None:
     client = portal(state)
     sign_in(client, "alice")
