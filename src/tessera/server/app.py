@@ -1157,7 +1157,8 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                 actor=p.actor,
                 action="webhook.add",
                 target=f"webhook:{row.id}",
-                details={"url": row.url, "events": data.events},
+                # The audit log is read by support and readonly too: no secret of the URL.
+                details={"url": webhooks.redact_url(row.url), "events": data.events},
             )
             return {**webhooks.endpoint_view(row), "secret": secret}
 
