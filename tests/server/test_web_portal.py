@@ -276,6 +276,7 @@ def test_every_refusal_under_the_portal_is_a_portal_page(
     line = _portal_page(client.get("/portal/login?next=%01"), 422)
     assert line == "next: must not contain a control character (U+0001)"
     assert "no such page" in _portal_page(client.get("/portal/no-such-page"), 404)
+    assert "no such file" in _portal_page(client.get("/portal/static/nothing.js"), 404)
     _portal_page(client.get("/portal/logout"), 405)
     sign_in(client, "alice")
     token = csrf(client.get("/portal/activate").text)

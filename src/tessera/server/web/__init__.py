@@ -324,7 +324,7 @@ def portal_router(state: ServerState) -> APIRouter:
     async def static_file(name: str) -> Response:
         found = static.get(name)
         if found is None:
-            return Response("not found", status_code=404, media_type="text/plain")
+            return _error_page(f"/portal/static/{name}", 404, "no such file")
         body, media_type = found
         return Response(
             body,
