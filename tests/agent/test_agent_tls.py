@@ -39,6 +39,39 @@ def test_certificate_of_another_ca_is_refused(
         live.stop()
 
 
+def test_without_a_pinned_ca_the_refusal_names_the_system_store(
+    open_agent: Callable[..., Agent], server: FakeServer, tmp_path: Path
+) -> None:
+    """QA: with no --ca (the system's CA store trusted) the refusal said "not signed by the
+    pinned CA", though nothing was pinned."""
+    _, cert, key = make_tls(tmp_path)
+    live = LiveServer(server, tls=(cert, key))
+    try:
+        agent = open_agent(transport=None)
+        with pytest.raises(ServerUnreachable) as caught:
+            agent.activate(live.url, LICENSE_KEY, None)
+        message = str(caught.value)
+        assert "not trusted by this machine's CA store" in message and "--ca" in message, message
+        assert "pinned CA" not in message
+    finally:
+        live.stop()
+
+
+def test_a_host_name_the_certificate_lacks_is_named_as_the_cause(
+    open_agent: Callable[..., Agent], server: FakeServer, tmp_path: Path
+) -> None:
+    ca_pem, cert, key = make_tls(tmp_path)  # made out to 127.0.0.1 only
+    live = LiveServer(server, tls=(cert, key))
+    try:
+        agent = open_agent(transport=None)
+        with pytest.raises(ServerUnreachable) as caught:
+            agent.activate(live.url.replace("127.0.0.1", "localhost"), LICENSE_KEY, ca_pem)
+        message = str(caught.value)
+        assert "not made out to the host in the URL" in message and "pinned CA" not in message, message
+    finally:
+        live.stop()
+
+
 def test_server_stopped_means_failover(
     open_agent: Callable[..., Agent], server: FakeServer, tmp_path: Path
 ) -> None:

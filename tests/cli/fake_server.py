@@ -4,13 +4,18 @@ request, so a test can show that the CLI sent nothing, or what it did with a bro
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+
+from tessera.server.tls import make_tls_material
 
 
 @dataclass
@@ -30,7 +35,9 @@ class FakeServer:
 
 
 @contextmanager
-def fake_server() -> Iterator[FakeServer]:
+def fake_server(tls_dir: Path | None = None) -> Iterator[FakeServer]:
+    """Plain HTTP; with ``tls_dir``, HTTPS with a certificate for localhost and 127.0.0.1
+    signed by a CA of its own (``tls_dir/ca.pem``), as ``server init`` makes them."""
     state = FakeServer()
 
     class Handler(BaseHTTPRequestHandler):
@@ -59,6 +66,15 @@ def fake_server() -> Iterator[FakeServer]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    if tls_dir is not None:
+        material = make_tls_material(datetime.now(UTC))
+        (tls_dir / "ca.pem").write_bytes(material.ca_cert_pem)
+        (tls_dir / "server.pem").write_bytes(material.server_cert_pem)
+        (tls_dir / "server.key").write_bytes(material.server_key_pem)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls_dir / "server.pem", tls_dir / "server.key")
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        state.url = state.url.replace("http://", "https://")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -129,7 +129,7 @@ def test_unwritable_output_is_refused_before_any_request(tmp_path: Path, args: l
         result = tessera(*args, env=clean_env(**server.env()), cwd=tmp_path)
         line = _error(result, 2)
         assert where.split("/")[0] in line or "is a directory" in line
-        assert server.requests == []
+        assert server.requests == []  # neither TLS connection got as far as a request
     assert (tmp_path / "earlier.lic").read_text() == "earlier work"
     if where == "earlier.lic":
         assert "exists already (use --force to replace it)" in line
@@ -194,4 +194,26 @@ def test_contradicting_options_are_refused_before_any_request(
 ) -> None:
     with fake_server() as server:
         assert needle in _error(tessera(*args, env=clean_env(**server.env()), cwd=tmp_path), 2)
-        assert server.requests == []
+        assert server.requests == []  # neither TLS connection got as far as a request
+
+
+def test_tls_refusals_say_whether_a_ca_was_pinned(tmp_path: Path) -> None:
+    """QA: the CLIs said "not signed by the pinned CA" when no CA was pinned (the system's
+    CA store was used); and "(check --ca)" after OpenSSL's own words either way."""
+    (tmp_path / "other").mkdir()
+    with fake_server(tmp_path) as server, fake_server(tmp_path / "other"):
+        server.default = (200, {"code": "cortex", "name": "Cortex", "features": {}})
+        env = clean_env(**server.env())
+        unpinned = _error(tessera("product", "show", "cortex", env=env), 1)
+        assert "not trusted by this machine's CA store" in unpinned and "--ca" in unpinned, unpinned
+        assert "pinned" not in unpinned.replace("no CA was pinned", "")
+        foreign = _error(
+            tessera(
+                "product", "show", "cortex", env={**env, "TESSERA_CA": str(tmp_path / "other" / "ca.pem")}
+            ),
+            1,
+        )
+        assert "is not signed by the CA of --ca" in foreign, foreign
+        assert server.requests == []  # neither TLS connection got as far as a request
+        right = tessera("product", "show", "cortex", env={**env, "TESSERA_CA": str(tmp_path / "ca.pem")})
+        assert right.returncode == 0, right.stderr

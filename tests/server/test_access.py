@@ -9,8 +9,9 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from tessera.core.licensekey import generate_license_key
 from tessera.server.app import Interfaces, ServerState, create_app
-from tessera.server.models import ApiToken
+from tessera.server.models import ApiToken, LicenseRow
 
 from .conftest import LiveServer
 from .helpers import agent
@@ -118,7 +119,7 @@ def test_roles(world: dict[str, Any]) -> None:
     assert issue(as_["support"], world["bob"]).status_code == 403
     # customer: only its own licenses, read only
     assert as_["customer"].get(f"/api/v1/licenses/{serial}").status_code == 200
-    assert as_["customer"].get(f"/api/v1/licenses/{bob_serial}").status_code == 403
+    assert as_["customer"].get(f"/api/v1/licenses/{bob_serial}").status_code == 404
     assert as_["customer"].patch(f"/api/v1/licenses/{serial}", json={"status": "revoked"}).status_code == 403
     assert issue(as_["customer"], world["alice"]).status_code == 403
     # listing: everyone sees what they may read, no more
@@ -139,11 +140,12 @@ def test_partner_stays_in_its_namespace(world: dict[str, Any]) -> None:
     assert outside.status_code == 403 and "partner.acme." in outside.json()["detail"]
     inside = partner.post("/api/v1/products/cortex/features", json={"code": "partner.acme.reporting"})
     assert inside.status_code == 201, inside.text
-    assert issue(partner, world["alice"], "uniplex").status_code == 403
-    own = issue(partner, world["alice"], "partner.acme.reporting")
+    carol = partner.post("/api/v1/customers", json={"name": "Carol"}).json()["id"]
+    assert issue(partner, carol, "uniplex").status_code == 403
+    own = issue(partner, carol, "partner.acme.reporting")
     assert own.status_code == 201, own.text
     assert partner.get(f"/api/v1/licenses/{own.json()['serial']}").status_code == 200
-    assert partner.get(f"/api/v1/licenses/{world['alice_license']['serial']}").status_code == 403
+    assert partner.get(f"/api/v1/licenses/{world['alice_license']['serial']}").status_code == 404
 
 
 def test_offline_activation_over_the_api(world: dict[str, Any]) -> None:
@@ -155,7 +157,7 @@ def test_offline_activation_over_the_api(world: dict[str, Any]) -> None:
     assert response.json()["serial"] == world["alice_license"]["serial"]
     assert "[SIGNATURE]" in response.json()["license"]
     other = agent(8).activation(world["bob_license"]["key"])
-    assert customer.post("/api/v1/activate-offline", content=other.to_json()).status_code == 403
+    assert customer.post("/api/v1/activate-offline", content=other.to_json()).status_code == 404
     assert server.client().post("/api/v1/activate-offline", content=other.to_json()).status_code == 401
 
 
@@ -188,10 +190,11 @@ def test_partner_neither_sees_nor_uses_orders_nor_drops_vendor_features(world: d
         )  # fmt: skip
         assert made.status_code == 201, made.text
     assert admin.post("/api/v1/orders/PO-A1/cancel").status_code == 200
+    carol = partner.post("/api/v1/customers", json={"name": "Carol"}).json()["id"]
     for number in ("PO-B1", "PO-A1", "PO-NEW"):
         answer = partner.post(
             "/api/v1/licenses",
-            json={"customer_id": world["alice"], "product": "cortex", "order": number,
+            json={"customer_id": carol, "product": "cortex", "order": number,
                   "entitlements": [{"feature": "partner.acme.x", "count": 1}]},
         )  # fmt: skip
         assert answer.status_code == 403, answer.text
@@ -203,7 +206,7 @@ def test_partner_neither_sees_nor_uses_orders_nor_drops_vendor_features(world: d
     # The partner's license, to which the vendor added a feature of its own.
     own = partner.post(
         "/api/v1/licenses",
-        json={"customer_id": world["alice"], "product": "cortex",
+        json={"customer_id": carol, "product": "cortex",
               "entitlements": [{"feature": "partner.acme.x", "count": 1}]},
     )  # fmt: skip
     serial = own.json()["serial"]
@@ -238,3 +241,92 @@ def test_an_offline_request_with_a_short_agent_key_is_422_naming_it(world: dict[
     response = world["admin"].post("/api/v1/activate-offline", content=json.dumps(body))
     assert response.status_code == 422 and "agent_key" in response.json()["detail"], response.text
     assert server.client().get("/api/v1/health").status_code == 200
+
+
+def test_other_customers_objects_answer_exactly_like_missing_ones(world: dict[str, Any]) -> None:
+    """QA: 403 "belongs to another customer" for an existing object and 404 for a missing one
+    told a customer (or partner) which serials, orders, customers and keys exist (serials
+    and customer ids are sequential)."""
+    server: LiveServer = world["server"]
+    admin: httpx.Client = world["admin"]
+    bob_serial = world["bob_license"]["serial"]
+    made = admin.post(
+        "/api/v1/licenses",
+        json={"customer_id": world["bob"], "product": "cortex", "order": "PO-2",
+              "entitlements": [{"feature": "uniplex", "count": 1}]},
+    )  # fmt: skip
+    assert made.status_code == 201, made.text
+    missing_serial = "2099-999999"
+
+    def same(client: httpx.Client, path: str, missing_path: str, found: str, missing: str) -> None:
+        there, absent = client.get(path), client.get(missing_path)
+        assert there.status_code == absent.status_code == 404, (path, there.text, absent.text)
+        assert there.json()["detail"].replace(found, missing) == absent.json()["detail"], (path, there.text)
+
+    customer = server.client(world["tokens"]["customer"])
+    partner = server.client(world["tokens"]["partner"])
+    for client in (customer, partner):
+        for suffix in ("", "/revisions", "/leases"):
+            same(
+                client, f"/api/v1/licenses/{bob_serial}{suffix}",
+                f"/api/v1/licenses/{missing_serial}{suffix}", bob_serial, missing_serial,
+            )  # fmt: skip
+    same(customer, "/api/v1/orders/PO-2", "/api/v1/orders/PO-404", "PO-2", "PO-404")
+    same(
+        customer, f"/api/v1/customers/{world['bob']}", "/api/v1/customers/999999", str(world["bob"]), "999999"
+    )
+    assert customer.get(f"/api/v1/customers/{world['alice']}").status_code == 200
+    # A customer may not change its own licenses: said only about its own.
+    own = world["alice_license"]["serial"]
+    assert customer.patch(f"/api/v1/licenses/{own}", json={"status": "revoked"}).status_code == 403
+    # Offline activation with another customer's key: as an unknown key.
+    for client in (customer, partner):
+        answers = [
+            client.post("/api/v1/activate-offline", content=agent(9).activation(key).to_json())
+            for key in (world["bob_license"]["key"], generate_license_key())
+        ]
+        assert [(a.status_code, a.json()) for a in answers] == [(404, {"detail": "unknown license key"})] * 2
+
+
+def test_a_partner_sees_and_licenses_only_its_own_customers(world: dict[str, Any]) -> None:
+    """QA: a partner token read any vendor customer (ids are sequential) and issued licenses
+    to it. A partner's namespace holds the customers it created and those holding one of
+    its licenses; any other answers exactly as a missing one."""
+    server: LiveServer = world["server"]
+    admin: httpx.Client = world["admin"]
+    partner = server.client(world["tokens"]["partner"])
+    assert admin.post("/api/v1/products/cortex/features", json={"code": "partner.acme.x"}).status_code == 201
+    assert admin.post("/api/v1/partners", json={"code": "beta", "name": "Beta"}).status_code == 201
+    beta = server.client(_token(admin, "partner", partner="beta"))
+    body = {"product": "cortex", "entitlements": [{"feature": "partner.acme.x", "count": 1}]}
+    alice = world["alice"]
+    missing = 999_999
+    for client in (partner, beta):
+        there, absent = client.get(f"/api/v1/customers/{alice}"), client.get(f"/api/v1/customers/{missing}")
+        assert (there.status_code, absent.status_code) == (404, 404)
+        assert there.json()["detail"].replace(str(alice), str(missing)) == absent.json()["detail"]
+    before = admin.get("/api/v1/licenses").json()
+    for path, extra in (("/api/v1/licenses", {}), ("/api/v1/licenses/bulk", {"count": 2})):
+        refused = partner.post(path, json={**body, **extra, "customer_id": alice})
+        assert refused.status_code == 404 and refused.json()["detail"] == f"customer {alice} not found", path
+    assert admin.get("/api/v1/licenses").json() == before  # nothing issued
+    # Its own customer: read and licensed; not the other partner's.
+    carol = partner.post("/api/v1/customers", json={"name": "Carol", "city": "Graz"})
+    assert carol.status_code == 201, carol.text
+    carol_id = carol.json()["id"]
+    assert partner.get(f"/api/v1/customers/{carol_id}").json()["licensee"] == "Carol, Graz"
+    assert partner.post("/api/v1/licenses", json={**body, "customer_id": carol_id}).status_code == 201
+    assert beta.get(f"/api/v1/customers/{carol_id}").status_code == 404
+    assert admin.get(f"/api/v1/customers/{carol_id}").status_code == 200  # the vendor sees every one
+    # A vendor customer that holds one of the partner's licenses (issued before this rule)
+    # stays the partner's: it sees that customer on the license anyway.
+    with server.state.db.write() as session:
+        row = session.execute(
+            select(LicenseRow).where(LicenseRow.serial == world["alice_license"]["serial"])
+        ).scalar_one()
+        row.partner_id = (
+            session.execute(select(ApiToken.partner_id).where(ApiToken.role == "partner")).scalars().first()
+        )
+    assert partner.get(f"/api/v1/customers/{alice}").status_code == 200
+    assert partner.post("/api/v1/licenses", json={**body, "customer_id": alice}).status_code == 201
+    assert beta.get(f"/api/v1/customers/{alice}").status_code == 404

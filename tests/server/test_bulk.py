@@ -14,9 +14,9 @@ from tessera.core.signing import Keyring
 from tessera.core.verify import check_binding, load_signed
 from tessera.server import audit, bulk, catalog, licenses, recovery
 from tessera.server.app import ServerState
-from tessera.server.errors import Forbidden, Invalid
+from tessera.server.errors import Forbidden, Invalid, NotFound
 from tessera.server.models import AuditEntry, LicenseRevision, LicenseRow, Machine, WebhookDelivery
-from tessera.server.schemas import BulkLicenseIn, PartnerIn
+from tessera.server.schemas import BulkLicenseIn, CustomerIn, PartnerIn
 from tessera.server.tokens import Principal, Role, create_token
 from tessera.server.webhooks import add_endpoint
 
@@ -206,6 +206,15 @@ def test_partner_bulk_issues_only_inside_its_namespace(state: ServerState, admin
         row, _ = create_token(session, name="ro", role=Role.READONLY, now=START)
         readonly = Principal(row.id, row.name, Role.READONLY)
     before = _counts(state)
+    # The vendor's customer is not the partner's: as a missing one.
+    with pytest.raises(NotFound, match=f"customer {body['customer_id']} not found"):
+        _issue(
+            state,
+            acme,
+            body | {"count": 2, "entitlements": [{"feature": "partner.acme.reporting", "count": 1}]},
+        )
+    with state.db.write() as session:
+        body["customer_id"] = catalog.create_customer(session, acme, CustomerIn(name="Carol"), START).id
     with pytest.raises(Forbidden, match="outside partner namespace"):
         _issue(state, acme, body | {"count": 2})
     with pytest.raises(Forbidden):

@@ -109,7 +109,7 @@ def test_orders_are_scoped_by_role(state: ServerState, admin_token: str) -> None
         alpha = live.client(_token(state, Role.CUSTOMER, customer_id=customers["alpha"]))
         assert [o["number"] for o in alpha.get("/api/v1/orders").json()] == ["PO-1"]
         assert alpha.get("/api/v1/orders/PO-1").status_code == 200
-        assert alpha.get("/api/v1/orders/PO-2").status_code == 403
+        assert alpha.get("/api/v1/orders/PO-2").json() == {"detail": "order 'PO-2' not found"}
         assert alpha.post("/api/v1/orders/PO-1/cancel").status_code == 403
         readonly = live.client(_token(state, Role.READONLY))
         assert len(readonly.get("/api/v1/orders").json()) == 2

@@ -141,8 +141,9 @@ def test_the_models_match_the_migrations(database: Database) -> None:
 
 def test_the_latest_migrations_go_down_and_up_again(database: Database) -> None:
     """A release can be rolled back: the newest migrations' downgrades run and restore what
-    their upgrades replaced (0009: orders; 0008: the portal's tables; 0007: blacklist_hits.suppressed;
-    0006, on PostgreSQL: the check-in batch function of migration 0005)."""
+    their upgrades replaced (0014: customers.partner_id; 0009: orders; 0008: the portal's
+    tables; 0007: blacklist_hits.suppressed; 0006, on PostgreSQL: the check-in batch
+    function of migration 0005)."""
     from alembic import command
     from sqlalchemy import inspect
 
@@ -159,6 +160,10 @@ def test_the_latest_migrations_go_down_and_up_again(database: Database) -> None:
         with database.engine.connect() as connection:
             return {c["name"] for c in inspect(connection).get_columns("blacklist_hits")}
 
+    def customer_columns() -> set[str]:
+        with database.engine.connect() as connection:
+            return {c["name"] for c in inspect(connection).get_columns("customers")}
+
     config = alembic_config()
     with database.engine.begin() as connection:
         config.attributes["connection"] = connection
@@ -169,8 +174,10 @@ def test_the_latest_migrations_go_down_and_up_again(database: Database) -> None:
             return set(inspect(connection).get_table_names())
 
     before, columns_before, tables_before = record_function(), hit_columns(), tables()
+    assert "partner_id" not in customer_columns()
     upgrade(database)
     after, columns_after, tables_after = record_function(), hit_columns(), tables()
+    assert "partner_id" in customer_columns()
     assert tables_after - tables_before == {"portal_users", "portal_sessions", "orders"}
     with database.read() as session:
         version = session.execute(text("SELECT version_num FROM alembic_version")).scalar()

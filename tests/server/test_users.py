@@ -337,6 +337,60 @@ def test_two_step_sign_in_is_turned_off_with_a_code_or_by_an_admin(
     assert actions.count("user.two-factor") == 3 and "user.update" in actions
 
 
+def test_replacing_the_two_step_secret_needs_a_current_code_of_the_old_one(
+    state: ServerState, admin: Principal, clock: ManualClock
+) -> None:
+    """QA: a session alone (a browser left open) swapped the authenticator for one of its
+    own, past the rule that turning two-step sign-in off needs a current code."""
+    signed_in, old = _two_factor(state, admin, clock)
+    offer = users.offer_totp(signed_in, state.pepper)
+    new = pyotp.TOTP(offer.secret)
+
+    def replace(current: str) -> users.SignInRefused | None:
+        with state.db.write() as session:
+            return users.enable_totp(
+                session, signed_in, offer.secret, offer.proof, new.at(state.now()), state.now(),
+                state.pepper, current_code=current,
+            )  # fmt: skip
+
+    def failed() -> int:
+        with state.db.read() as session:
+            return session.execute(select(PortalUser.failed_logins)).scalar_one()
+
+    missing = replace("")
+    assert missing is not None and missing.reason.startswith("current code: enter")
+    assert failed() == 0  # a missing code is asked for, as at sign-in
+    good = old.at(state.now())
+    wrong = replace("000000" if good != "000000" else "111111")
+    assert wrong is not None and wrong.reason.startswith("current code: wrong or used code")
+    assert failed() == 1  # counts towards the lockout
+    with state.db.write() as session, pytest.raises(Invalid, match="wrong code"):
+        users.enable_totp(
+            session, signed_in, offer.secret, offer.proof, "000000", state.now(), state.pepper,
+            current_code=good,
+        )  # fmt: skip
+    assert replace(good) is None
+    clock.advance(timedelta(seconds=30))
+
+    def attempt(code: str) -> tuple[str, users.SignedIn] | users.SignInRefused:
+        with state.db.write() as session:
+            return users.sign_in(session, "maria.keller", GOOD, state.now(), code=code, pepper=state.pepper)
+
+    assert attempt(old.at(state.now())) == users.SignInRefused("wrong code from the authenticator app")
+    assert not isinstance(attempt(new.at(state.now())), users.SignInRefused)
+    with state.db.read() as session:
+        details = (
+            session.execute(
+                select(AuditEntry.details)
+                .where(AuditEntry.action == "user.two-factor")
+                .order_by(AuditEntry.id)
+            )
+            .scalars()
+            .all()
+        )
+    assert len(details) == 2 and "replaced" in str(details[-1])
+
+
 def test_every_refused_sign_in_costs_one_argon2_hash(
     state: ServerState, admin: Principal, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -23,9 +23,10 @@ from tessera.core.licensekey import license_key_digest
 from tessera.core.model import License
 from tessera.core.signing import Keyring
 from tessera.core.verify import check_binding, load_signed
-from tessera.server import licenses, users
+from tessera.server import catalog, licenses, users
 from tessera.server.app import Interfaces, ServerState, create_app
 from tessera.server.models import AuditEntry, LicenseRow
+from tessera.server.schemas import CustomerIn, FeatureIn, PartnerIn
 from tessera.server.tokens import Principal, Role
 from tessera.server.web import FailedSignIns
 
@@ -183,9 +184,11 @@ def test_a_customer_sees_only_its_own_licenses(state: ServerState, world: dict[s
     assert world["alice"][0] in page.text and world["bob"][0] not in page.text
     detail = client.get(f"/portal/licenses/{world['alice'][0]}")
     assert detail.status_code == 200 and "uniplex" in detail.text and "Not activated" in detail.text
+    # Another customer's license answers exactly as a missing one (serials are sequential).
     other = client.get(f"/portal/licenses/{world['bob'][0]}")
-    assert other.status_code == 403 and "belongs to another customer" in other.text
-    assert client.get("/portal/licenses/2099-999999").status_code == 404
+    missing = client.get("/portal/licenses/2099-999999")
+    assert other.status_code == missing.status_code == 404
+    assert _alert(other.text).replace(world["bob"][0], "2099-999999") == _alert(missing.text)
 
 
 def test_staff_see_everything_and_search(state: ServerState, world: dict[str, Any]) -> None:
@@ -245,10 +248,62 @@ def test_bad_uploads_get_one_line_and_change_nothing(state: ServerState, world: 
     assert bad.status_code == 422 and "bad signature" in bad.text
     other = agent(5).activation(world["bob"][1]).to_json()
     refused = client.post("/portal/activate", data={"csrf": token}, files={"request": ("r.json", other, "x")})
-    assert refused.status_code == 403 and "another customer" in refused.text
+    assert refused.status_code == 404 and _alert(refused.text) == "unknown license key"
     staff = portal(state)
     sign_in(staff, "staff")
     assert "Not activated" in staff.get(f"/portal/licenses/{world['bob'][0]}").text
+
+
+def _portal_page(response: Any, status: int) -> str:
+    """A refusal as the portal promises it: a page (not JSON) with one line, its headers."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("text/html"), response.headers
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["cache-control"] == "no-store"
+    line = _alert(response.text)
+    assert line and "\n" not in line and "Traceback" not in response.text
+    return line
+
+
+def test_every_refusal_under_the_portal_is_a_portal_page(
+    state: ServerState, world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QA: a control character in ?next= got FastAPI's JSON 422 and a 30 MB upload the body
+    limit's JSON 413, both without the portal's headers (CSP, X-Frame-Options...)."""
+    client = portal(state)
+    line = _portal_page(client.get("/portal/login?next=%01"), 422)
+    assert line == "next: must not contain a control character (U+0001)"
+    assert "no such page" in _portal_page(client.get("/portal/no-such-page"), 404)
+    assert "no such file" in _portal_page(client.get("/portal/static/nothing.js"), 404)
+    _portal_page(client.get("/portal/logout"), 405)
+    sign_in(client, "alice")
+    token = csrf(client.get("/portal/activate").text)
+    huge = b"x" * (5 * 1024 * 1024)
+    declared = client.post("/portal/activate", data={"csrf": token}, files={"request": ("r.json", huge, "x")})
+    assert "too large" in _portal_page(declared, 413)
+
+    def chunks() -> Any:  # no Content-Length: the limit cuts the stream off while the form is read
+        yield b'--b\r\nContent-Disposition: form-data; name="request"; filename="r"\r\n\r\n'
+        for _ in range(5):
+            yield b"x" * (1024 * 1024)
+
+    streamed = client.post(
+        "/portal/activate", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert "too large" in _portal_page(streamed, 413)
+    # The API keeps its JSON.
+    api = client.get("/api/v1/nothing-here")
+    assert api.status_code == 404 and api.json() == {"detail": "no such endpoint"}
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(licenses, "list_licenses", broken)
+    failing = TestClient(client.app, base_url=BASE, follow_redirects=False, raise_server_exceptions=False)
+    failing.cookies = client.cookies
+    assert "a bug" not in _portal_page(failing.get("/portal/licenses"), 500)
 
 
 def test_forms_need_the_csrf_token_and_this_site(state: ServerState, world: dict[str, Any]) -> None:
@@ -502,7 +557,9 @@ def test_orders_in_the_portal(state: ServerState, world: dict[str, Any], admin: 
     alice = portal(state)
     sign_in(alice, "alice")
     assert "bob-order" not in alice.get("/portal/orders").text
-    assert alice.get("/portal/orders/bob-order").status_code == 403
+    foreign, missing = alice.get("/portal/orders/bob-order"), alice.get("/portal/orders/no-order")
+    assert foreign.status_code == missing.status_code == 404
+    assert _alert(foreign.text).replace("bob-order", "no-order") == _alert(missing.text)
     with state.db.write() as session:
         users.create_user(
             session, admin, username="boss", password=PASSWORD, role=Role.ADMIN, now=state.now()
@@ -604,6 +661,60 @@ def test_an_admin_sets_up_two_step_sign_in_before_anything_else(
     assert out.status_code == 303 and out.headers["location"] == "/portal/login"
 
 
+def _offer(page: str) -> tuple[str, str]:
+    secret = re.search(r'name="secret" value="([A-Z2-7]+)"', page)
+    proof = re.search(r'name="proof" value="([0-9a-f]{64})"', page)
+    assert secret and proof, page
+    return secret.group(1), proof.group(1)
+
+
+def test_a_session_cannot_swap_the_authenticator_without_a_current_code(
+    state: ServerState, world: dict[str, Any], admin: Principal, clock: ManualClock
+) -> None:
+    """QA: start + enable with a code of the NEW secret replaced the old one (200), even
+    for a role that requires two-step sign-in; the old authenticator was dead."""
+    with state.db.write() as session:
+        users.create_user(
+            session, admin, username="boss", password=PASSWORD, role=Role.ADMIN, now=state.now()
+        )
+    client = portal(state)
+    sign_in(client, "boss")
+    token = csrf(client.get("/portal/account").text)
+    secret, proof = _offer(client.post("/portal/account/two-factor/start", data={"csrf": token}).text)
+    old = pyotp.TOTP(secret)
+    fields = {"csrf": token, "secret": secret, "proof": proof, "code": old.at(state.now())}
+    assert client.post("/portal/account/two-factor/enable", data=fields).status_code == 200
+    clock.advance(timedelta(seconds=30))
+    account = client.get("/portal/account")
+    assert "Move to a new authenticator app" in account.text
+    offer = client.post("/portal/account/two-factor/start", data={"csrf": token})
+    assert offer.status_code == 200 and "Code from the app you use now" in offer.text
+    secret, proof = _offer(offer.text)
+    new = pyotp.TOTP(secret)
+    fields = {"csrf": token, "secret": secret, "proof": proof, "code": new.at(state.now())}
+    swapped = client.post("/portal/account/two-factor/enable", data=fields)
+    assert swapped.status_code == 403 and "current code: enter" in swapped.text
+    assert secret in swapped.text  # the same offer again, to finish with the current code
+    good = old.at(state.now())
+    bad = "000000" if good != "000000" else "111111"
+    wrong = client.post("/portal/account/two-factor/enable", data={**fields, "current": bad})
+    assert wrong.status_code == 403 and "current code: wrong or used code" in wrong.text
+    assert _failed_logins(state, "boss") == (1, None)
+    # The old authenticator still signs in; the new one does not.
+    assert (
+        portal(state)
+        .post("/portal/login", data={"username": "boss", "password": PASSWORD, "code": new.at(state.now())})
+        .status_code
+        == 401
+    )
+    done = client.post("/portal/account/two-factor/enable", data={**fields, "current": good})
+    assert done.status_code == 200 and "the new app" in done.text
+    clock.advance(timedelta(seconds=30))
+    for code, status in ((old.at(state.now()), 401), (new.at(state.now()), 303)):
+        fields = {"username": "boss", "password": PASSWORD, "code": code}
+        assert portal(state).post("/portal/login", data=fields).status_code == status
+
+
 def test_roles_outside_the_rule_need_no_set_up(state: ServerState, world: dict[str, Any]) -> None:
     client = portal(state)
     assert sign_in(client, "staff").headers["location"] == "/portal/licenses"  # support: not required
@@ -664,6 +775,32 @@ def test_sales_issues_a_license_and_sees_its_key_once(
     with state.db.read() as session:
         entry = session.scalars(select(AuditEntry).where(AuditEntry.target == serial.group(1))).first()
     assert entry is not None and entry.action == "license.issue" and "seller" in entry.actor
+
+
+def test_a_partner_issues_only_to_its_own_customers_in_the_portal(
+    state: ServerState, world: dict[str, Any], admin: Principal
+) -> None:
+    """The portal's form goes through the same rule as the API: a partner's customers are
+    the ones it created (or that hold its licenses); it is offered those, not the vendor's."""
+    with state.db.write() as session:
+        acme = catalog.create_partner(session, admin, PartnerIn(code="acme", name="ACME"), state.now())
+        catalog.add_feature(session, admin, "cortex", FeatureIn(code="partner.acme.x"))
+        users.create_user(
+            session, admin, username="reseller", password=PASSWORD, role=Role.PARTNER, now=state.now(),
+            partner_code="acme",
+        )  # fmt: skip
+        vendors = licenses.get_license(session, world["alice"][0]).customer_id
+        partner = Principal(-1, "reseller", Role.PARTNER, partner_id=acme.id)
+        carol = catalog.create_customer(session, partner, CustomerIn(name="Carol"), state.now()).id
+    client = portal(state)
+    sign_in(client, "reseller")
+    form = client.get("/portal/licenses/new?product=cortex")
+    assert f'<option value="{carol} Carol">' in form.text and "myCompany" not in form.text
+    fields = {"csrf": csrf(form.text), "product": "cortex", "count:partner.acme.x": "1", "machines": "1"}
+    refused = client.post("/portal/licenses/new", data={**fields, "customer": str(vendors)})
+    assert refused.status_code == 404 and f"customer {vendors} not found" in refused.text
+    issued = client.post("/portal/licenses/new", data={**fields, "customer": str(carol)})
+    assert issued.status_code == 201, issued.text
 
 
 @pytest.mark.parametrize(

@@ -493,3 +493,51 @@ def test_two_processes_deliver_each_event_once(db_url: str, database: Database) 
         got = sorted(headers["Tessera-Delivery"] for headers, _, _ in r.received)
         assert got == sorted(events)  # every event, none twice
     assert {r.attempts for r in deliveries(state)} == {1}
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://hooks.example.com/tessera?token=s3cret", "https://hooks.example.com/tessera?[redacted]"),
+        ("https://user:s3cret@hooks.example.com:8443/x", "https://[redacted]@hooks.example.com:8443/x"),
+        ("https://hooks.example.com/x#s3cret", "https://hooks.example.com/x#[redacted]"),
+        ("https://hooks.example.com/plain", "https://hooks.example.com/plain"),
+        ("http://[::1]:9/a?b=s3cret", "http://[::1]:9/a?[redacted]"),
+    ],
+)
+def test_redacted_urls_keep_where_but_no_secret(url: str, shown: str) -> None:
+    assert webhooks.redact_url(url) == shown
+
+
+def test_a_failing_endpoints_secrets_stay_out_of_the_log_and_the_audit_log(
+    state: ServerState, admin_token: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """QA: a failed delivery wrote the endpoint URL (a token in its query) to the server log,
+    and readonly/support tokens read it in the audit log. The admin who manages webhooks
+    still sees the whole URL."""
+    url = "http://127.0.0.1:9/closed?token=s3cret-in-query"  # nothing listens on the discard port
+    with serve(state) as live, live.client(admin_token) as client:
+        assert client.post("/api/v1/webhooks", json={"url": url, "secret": SECRET}).status_code == 201
+        assert client.get("/api/v1/webhooks").json()[0]["url"] == url
+        readonly = client.post("/api/v1/tokens", json={"name": "ro", "role": "readonly"}).json()["token"]
+        audit = live.client(readonly).get("/api/v1/audit")
+        assert audit.status_code == 200 and "webhook.add" in audit.text
+        assert "s3cret" not in audit.text and "127.0.0.1:9/closed?[redacted]" in audit.text
+    with state.db.write() as session:
+        # One stored before credentials in the URL were refused.
+        session.add(
+            WebhookEndpoint(
+                url="http://user:s3cret-in-userinfo@127.0.0.1:9/old", events="", active=True,
+                created_at=START, secret=webhooks._seal_secret(SECRET, state.pepper),
+            )
+        )  # fmt: skip
+        session.flush()
+        webhooks.emit(session, "lease.denied", {"serial": "2026-000001"}, START)
+    settings = webhooks.WebhookSettings(retry_base_seconds=0, retry_max_seconds=0, max_attempts=1)
+    worker = webhooks.WebhookWorker(state.db, state.pepper, state.clock, settings)
+    with caplog.at_level("WARNING", logger="tessera.server.webhooks"):
+        assert asyncio.run(worker.run_once()) == 2
+    assert [r.status for r in deliveries(state)] == ["failed", "failed"]
+    assert "failed for good" in caplog.text and "127.0.0.1:9/closed?[redacted]" in caplog.text
+    assert "s3cret" not in caplog.text
+    assert all("s3cret" not in (d.last_error or "") for d in deliveries(state))

@@ -2,7 +2,8 @@
 
 The agent opens no port. TLS is 1.2 or newer and, when the installation was given the
 server's CA (``--ca``, made at ``server init``), *only* that CA is trusted: a certificate from
-any other authority, even a public one, is refused like an unreachable server. The
+any other authority, even a public one, is refused like an unreachable server. Without it
+the system's CA store is used, and a refusal says so (not "the pinned CA"). The
 transport is pluggable so tests (and embedders) can pass ``httpx.MockTransport``.
 """
 
@@ -17,6 +18,7 @@ from tessera.agent.errors import BadResponse, ServerRefused, ServerUnreachable
 from tessera.core.errors import FormatError, VerificationError, clipped, shown
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ServerResponse
 from tessera.core.signing import Keyring
+from tessera.core.tlsfailure import describe_tls_failure
 
 __all__ = [
     "ACTIVATE_PATH",
@@ -79,6 +81,8 @@ class ConnectClient:
         self.server_url = server_url.rstrip("/")
         self._keyring = keyring
         verify: ssl.SSLContext | bool = pinned_ssl_context(ca_pem)
+        #: Whether the server's CA alone is trusted (else the system's store): the error says so.
+        self._pinned = ca_pem is not None
         self._client = httpx.Client(
             verify=verify,
             transport=transport,
@@ -115,7 +119,7 @@ class ConnectClient:
                 content = _read_capped(response)
         except httpx.HTTPError as exc:
             raise ServerUnreachable(
-                f"cannot reach the license server at {self.server_url}: {_why(exc)}"
+                f"cannot reach the license server at {self.server_url}: {_why(exc, pinned=self._pinned)}"
             ) from None
         if response.status_code != 200:
             # 502-504 are a server (or the relay in front of it) that cannot answer now,
@@ -132,42 +136,17 @@ class ConnectClient:
         return content
 
 
-#: OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED
-_CERT_NOT_YET_VALID = 9
-_CERT_HAS_EXPIRED = 10
+#: What to do when the server's certificate is not trusted and no CA was pinned.
+_UNPINNED_HINT = "pass the server's CA certificate (tls/ca.pem in its data directory) with --ca"
 
 
-def _verify_code(exc: BaseException) -> int | None:
-    """OpenSSL's verification error code, from wherever httpx/httpcore wrapped it."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ssl.SSLCertVerificationError):
-            return current.verify_code
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def _why(exc: httpx.HTTPError) -> str:
-    text = str(exc) or type(exc).__name__
-    code = _verify_code(exc)
-    # A certificate outside its validity period is nearly always this machine's clock
-    # (set back, or a dead RTC battery); blaming the CA would send the admin the wrong way.
-    if code == _CERT_NOT_YET_VALID or "not yet valid" in text:
-        return (
-            "its TLS certificate is not valid yet by this machine's clock; check the system "
-            "clock (date) on this machine"
-        )
-    if code == _CERT_HAS_EXPIRED or "certificate has expired" in text:
-        return (
-            "its TLS certificate has expired by this machine's clock; check the system clock "
-            "(date) on this machine, else the server's certificate must be renewed"
-        )
-    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate" in text.lower():
-        return "its TLS certificate is not signed by the pinned CA"
+def _why(exc: httpx.HTTPError, *, pinned: bool) -> str:
+    tls = describe_tls_failure(exc, pinned="the pinned CA" if pinned else None, unpinned_hint=_UNPINNED_HINT)
+    if tls is not None:
+        return tls
     if isinstance(exc, httpx.TimeoutException):
         return "timed out"
+    text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]
 
 

@@ -204,6 +204,8 @@ class AdminClient:
         import httpx  # here, not at the top: every other verb starts faster without it
 
         self.url = url.rstrip("/")
+        #: The CA file trusted alone (None: the system's store), for the TLS error's words.
+        self._ca = ca
         try:
             self._client = httpx.Client(
                 base_url=self.url,
@@ -224,11 +226,16 @@ class AdminClient:
         try:
             response = self._client.request(method, path, **kwargs)
         except httpx.ConnectError as exc:
-            if "CERTIFICATE" in str(exc).upper() or "SSL" in str(exc).upper():
-                fail(
-                    f"TLS failure talking to {self.url}: {_first_line(exc)} (check --ca)",
-                    EXIT_DENIED,
-                )
+            from tessera.core.tlsfailure import describe_tls_failure
+
+            pinned = f"the CA of --ca ({self._ca})" if self._ca is not None else None
+            tls = describe_tls_failure(
+                exc,
+                pinned=pinned,
+                unpinned_hint="pass the server's CA certificate (its tls/ca.pem) with --ca or TESSERA_CA",
+            )
+            if tls is not None:
+                fail(f"TLS failure talking to {self.url}: {tls}", EXIT_DENIED)
             fail(f"cannot reach the server at {self.url}: {_first_line(exc)}", EXIT_DENIED)
         except httpx.TimeoutException:
             fail(f"the server at {self.url} did not answer in time", EXIT_DENIED)

@@ -1157,7 +1157,8 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
                 actor=p.actor,
                 action="webhook.add",
                 target=f"webhook:{row.id}",
-                details={"url": row.url, "events": data.events},
+                # The audit log is read by support and readonly too: no secret of the URL.
+                details={"url": webhooks.redact_url(row.url), "events": data.events},
             )
             return {**webhooks.endpoint_view(row), "secret": secret}
 
@@ -1212,9 +1213,11 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
     if interfaces.offline_activation:
         app.include_router(offline)
     if interfaces.web_portal:
-        from tessera.server.web import portal_router  # Jinja2 loads only where it is used
+        from tessera.server.web import PortalErrorPages, portal_router  # Jinja2 loads only here
 
         app.include_router(portal_router(state))
+        # Outside the body limit, so that its 413 becomes a page too.
+        app.add_middleware(PortalErrorPages)
     if interfaces.metrics:
         _add_metrics(app, state)
     # In front of the whole middleware stack, so check-ins and online activations skip it

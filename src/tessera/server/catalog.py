@@ -1,15 +1,22 @@
-"""The catalog: products and their features, partners and their namespaces, customers."""
+"""The catalog: products and their features, partners and their namespaces, customers.
+
+A partner's namespace (SPEC: "own namespace only") covers its features (``partner.<code>.``),
+its licenses and its customers: those it created, and those that hold one of its licenses
+(which it sees on those licenses anyway). The vendor's other customers are not a partner's
+to read or license: to a partner they answer as missing ones (404), like another
+customer's record to a customer token, since ids are sequential.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import Select, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tessera.server.errors import Conflict, Forbidden, Invalid, NotFound
-from tessera.server.models import Customer, Partner, Product, ProductFeature
+from tessera.server.models import Customer, LicenseRow, Partner, Product, ProductFeature
 from tessera.server.schemas import CustomerIn, FeatureIn, PartnerIn, ProductIn
 from tessera.server.tokens import Principal, Role, require
 
@@ -22,6 +29,7 @@ __all__ = [
     "get_partner_by_code",
     "get_product",
     "list_products",
+    "partner_customers",
     "product_view",
 ]
 
@@ -112,17 +120,48 @@ def get_partner_by_code(session: Session, code: str) -> Partner:
 
 
 def create_customer(session: Session, principal: Principal, data: CustomerIn, now: datetime) -> Customer:
+    """A new customer; one a partner creates is the partner's (see the module's docstring)."""
     require(principal, Role.ADMIN, Role.SALES, Role.PARTNER)
-    customer = Customer(name=data.name, city=data.city, created_at=now)
+    partner_id = principal.partner_id if principal.role is Role.PARTNER else None
+    customer = Customer(name=data.name, city=data.city, created_at=now, partner_id=partner_id)
     session.add(customer)
     session.flush()
     return customer
 
 
+def _partner_holds(partner_id: int) -> Select[int]:
+    """The customers that hold one of the partner's licenses (a subquery of their ids)."""
+    return select(LicenseRow.customer_id).where(LicenseRow.partner_id == partner_id)
+
+
+def _sees(session: Session, principal: Principal, customer: Customer) -> bool:
+    if principal.role is Role.CUSTOMER:
+        return principal.customer_id == customer.id
+    if principal.role is Role.PARTNER:
+        if principal.partner_id is None:
+            return False
+        if customer.partner_id == principal.partner_id:
+            return True
+        held = _partner_holds(principal.partner_id).where(LicenseRow.customer_id == customer.id).limit(1)
+        return session.execute(held).first() is not None
+    return True
+
+
 def get_customer(session: Session, principal: Principal, customer_id: int) -> Customer:
+    """The customer, if the caller may see it: a customer token sees itself, a partner its
+    own customers; any other one answers exactly as a missing one (ids are sequential)."""
     customer = session.get(Customer, customer_id)
-    if customer is None:
+    if customer is None or not _sees(session, principal, customer):
         raise NotFound(f"customer {customer_id} not found")
-    if principal.role is Role.CUSTOMER and principal.customer_id != customer.id:
-        raise Forbidden("a customer token sees only its own customer record")
     return customer
+
+
+def partner_customers(session: Session, partner_id: int, limit: int) -> list[Customer]:
+    """A partner's customers, newest first: those it created and those holding its licenses."""
+    stmt = (
+        select(Customer)
+        .where(or_(Customer.partner_id == partner_id, Customer.id.in_(_partner_holds(partner_id))))
+        .order_by(Customer.id.desc())
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))

@@ -24,7 +24,7 @@ from tessera.core.passwords import hash_secret
 from tessera.core.sealing import seal
 from tessera.core.versions import VersionRange
 from tessera.server import audit, webhooks
-from tessera.server.catalog import get_product
+from tessera.server.catalog import get_customer, get_product
 from tessera.server.errors import Forbidden, Invalid, NotFound
 from tessera.server.models import (
     Customer,
@@ -275,15 +275,19 @@ def plain_license_document(
 
 
 def check_access(session: Session, principal: Principal, row: LicenseRow, *, write: bool) -> None:
-    """Partners see their own licenses, customers theirs; readonly never writes."""
+    """Partners see their own licenses, customers theirs; readonly never writes.
+
+    A license outside a partner's or customer's scope answers exactly as one that does not
+    exist (:func:`get_license`'s 404): serials are sequential, and a 403 would tell them
+    which exist. What a role may not do is said only about a license it may see."""
     if principal.role is Role.CUSTOMER:
+        if row.customer_id != principal.customer_id:
+            raise NotFound(f"license {row.serial!r} not found")
         if write:
             raise Forbidden("a customer token may not change licenses")
-        if row.customer_id != principal.customer_id:
-            raise Forbidden(f"license {row.serial} belongs to another customer")
     elif principal.role is Role.PARTNER:
         if row.partner_id is None or row.partner_id != principal.partner_id:
-            raise Forbidden(f"license {row.serial} is not one of this partner's licenses")
+            raise NotFound(f"license {row.serial!r} not found")
     elif write and principal.role is Role.READONLY:
         raise Forbidden("role readonly may not change licenses")
 
@@ -418,9 +422,7 @@ def check_template(
                 f"entitlements[{i}].expiry: {e.expiry.isoformat()} ({e.feature}) is in the past "
                 f"(today is {today.isoformat()}, UTC)"
             )
-    customer = session.get(Customer, data.customer_id)
-    if customer is None:
-        raise NotFound(f"customer {data.customer_id} not found")
+    customer = get_customer(session, principal, data.customer_id)  # a partner: only its own
     product = get_product(session, data.product)
     partner = _caller_partner(session, principal)
     features = {f.code: f.partner_id for f in product.features}

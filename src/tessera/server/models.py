@@ -132,6 +132,9 @@ class Customer(Base):
     name: Mapped[str] = mapped_column(String(200))
     city: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    #: The partner that created this customer (None: the vendor's). A partner sees and
+    #: licenses only its own customers and those that hold one of its licenses.
+    partner_id: Mapped[int | None] = mapped_column(ForeignKey("partners.id"), nullable=True)
 
     @property
     def licensee(self) -> str:

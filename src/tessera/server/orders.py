@@ -61,10 +61,9 @@ def ensure_order(
 def get_order(session: Session, principal: Principal, number: str) -> Order:
     require(principal, *_READERS)
     order = session.execute(select(Order).where(Order.number == number)).scalar_one_or_none()
-    if order is None:
+    # Another customer's order answers as a missing one: a 403 would tell which numbers exist.
+    if order is None or (principal.role is Role.CUSTOMER and order.customer_id != principal.customer_id):
         raise NotFound(f"order {number!r} not found")
-    if principal.role is Role.CUSTOMER and order.customer_id != principal.customer_id:
-        raise Forbidden(f"order {number} belongs to another customer")
     return order
 
 

@@ -36,6 +36,7 @@ import httpx
 from starlette.types import Message, Receive, Scope, Send
 
 from tessera.core.protocol import MAX_MESSAGE_SIZE
+from tessera.core.tlsfailure import describe_tls_failure
 from tessera.server.config import ConfigError, toml_string
 from tessera.server.files import write_file
 from tessera.server.tls import make_tls_material
@@ -402,9 +403,12 @@ async def _read_capped(response: httpx.Response) -> bytes | None:
 
 
 def _reason(exc: httpx.HTTPError) -> str:
+    # The relay always pins the server's CA (upstream_context): an expired certificate or
+    # a host name it lacks is still said as what it is.
+    tls = describe_tls_failure(exc, pinned="the pinned CA (upstream-ca.pem)", unpinned_hint="")
+    if tls is not None:
+        return tls
     text = str(exc) or type(exc).__name__
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        return "its TLS certificate is not signed by the pinned CA (upstream-ca.pem)"
     return text.splitlines()[0][:200]
 
 

@@ -554,21 +554,51 @@ def totp_uri(secret: str, username: str) -> str:
 
 
 def enable_totp(
-    session: Session, signed_in: SignedIn, secret: str, proof: str, code: str, now: datetime, pepper: bytes
-) -> None:
-    """Turn two-step sign-in on once the user shows a code of the offered secret."""
+    session: Session,
+    signed_in: SignedIn,
+    secret: str,
+    proof: str,
+    code: str,
+    now: datetime,
+    pepper: bytes,
+    *,
+    current_code: str = "",
+) -> SignInRefused | None:
+    """Turn two-step sign-in on once the user shows a code of the offered secret.
+
+    While it is on, the offer replaces the secret (a new phone) only with a current code of
+    the old one as well: otherwise a session alone (a browser left open) could swap in an
+    authenticator of its own, which turning it off does not allow, and the user's own app
+    would be dead. A wrong or used current code is returned, not raised, so that it counts
+    towards the lockout like at sign-in; a missing one is asked for without counting."""
     if not genuine_offer(signed_in, secret, proof, pepper):
         raise Invalid("code: this set-up has expired; start again")
+    user = _user(session, signed_in.username)
+    replacing = user.totp_secret is not None
+    if replacing:
+        refused = _locked(user, now)
+        if refused is not None:
+            return refused
     step = _code_step(secret, code.replace(" ", ""), now)
     if step is None:
         raise Invalid("code: wrong code; check the app's clock and enter the code it shows now")
-    user = _user(session, signed_in.username)
+    if user.totp_secret is not None:
+        current_code = current_code.replace(" ", "").strip()
+        if not current_code:
+            return SignInRefused("current code: enter the code the app you use now shows")
+        old = _code_step(_open_secret(pepper, user.id, user.totp_secret), current_code, now)
+        if old is None or (user.totp_last_step is not None and old <= user.totp_last_step):
+            return _wrong_in_session(session, user, now, "current code: wrong or used code")
     user.totp_secret = _seal_secret(pepper, user.id, secret)
     user.totp_last_step = step
+    details: dict[str, object] = {"enabled": True}
+    if replacing:
+        details["replaced"] = True
     audit.append(
         session, at=now, actor=signed_in.principal.actor, action="user.two-factor",
-        target=f"user:{user.username}", details={"enabled": True},
+        target=f"user:{user.username}", details=details,
     )  # fmt: skip
+    return None
 
 
 def disable_totp(

@@ -60,6 +60,7 @@ __all__ = [
     "emit_raw",
     "list_deliveries",
     "list_endpoints",
+    "redact_url",
     "remove_endpoint",
     "sign_payload",
     "verify_signature",
@@ -167,6 +168,22 @@ def check_url(url: str) -> str:
         if not loopback:
             raise Invalid("url: must be https:// (plain http only to a loopback address)")
     return url
+
+
+def redact_url(url: str) -> str:
+    """The endpoint's URL for the server log, a delivery's error and the audit log: where it
+    goes (scheme, host, port, path), without what may be a secret (user info, the query, as
+    ``?token=...``, and the fragment). Those are read by more people than the admins who
+    manage webhooks; ``GET /api/v1/webhooks`` (admin only) keeps the whole URL."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(an unparsable URL)"
+    _userinfo, at, host = parts.netloc.rpartition("@")
+    shown = f"{parts.scheme}://{'[redacted]@' if at else ''}{host}{parts.path}"
+    shown += "?[redacted]" if parts.query else ""
+    shown += "#[redacted]" if parts.fragment else ""
+    return _URL_BAD.sub("_", shown)  # an old URL's CR LF must not forge a log line
 
 
 def add_endpoint(
@@ -462,7 +479,9 @@ class WebhookWorker:
         try:
             await self._deliver(job)
         except Exception as exc:  # the database failed recording it: retried once the claim lapses
-            log.warning("webhook %s to %s: %s", job.event_id, job.url, exc)
+            log.warning(
+                "webhook %s to endpoint %d (%s): %s", job.event_id, job.endpoint_id, redact_url(job.url), exc
+            )
 
     async def run_once(self) -> int:
         """Claim the due deliveries (within the bounds) and attempt each once, waiting for
@@ -581,6 +600,8 @@ class WebhookWorker:
             # they were checked as strictly) is a failed attempt like a refused connection,
             # so the retry policy ends it as "failed" rather than leaving it pending for good.
             error = (str(exc) or type(exc).__name__).splitlines()[0]
+            # Support reads the deliveries: an error that quotes the URL quotes it redacted.
+            error = error.replace(job.url, redact_url(job.url))
         await run_in_threadpool(self._record, job, error)
 
     def _record(self, job: _Job, error: str | None) -> None:
@@ -593,7 +614,10 @@ class WebhookWorker:
             values["last_error"] = error[:MAX_ERROR]
             if attempts >= self.settings.max_attempts:
                 values["status"] = "failed"
-                log.warning("webhook %s to %s failed for good: %s", job.event_id, job.url, error)
+                log.warning(
+                    "webhook %s to endpoint %d (%s) failed for good: %s",
+                    job.event_id, job.endpoint_id, redact_url(job.url), error,
+                )  # fmt: skip
             else:
                 delay = min(
                     self.settings.retry_base_seconds * 2 ** (attempts - 1),

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from http import HTTPStatus
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import quote, unquote, urlsplit
@@ -40,13 +42,15 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tessera.core.errors import FormatError, SignatureError, TesseraError
 from tessera.core.protocol import MAX_MESSAGE_SIZE, ActivationRequest
 from tessera.server import activation, catalog, licenses, orders, users
 from tessera.server.errors import Conflict, Forbidden, RecordedRefusal, ServiceError
 from tessera.server.hsm import HsmError
+from tessera.server.limits import BodyTooLarge
 from tessera.server.outage import RETRY_AFTER_SECONDS, describe_failure, outage_reason
 from tessera.server.portal import PortalVerdict
 from tessera.server.schemas import LicenseUpdate
@@ -65,7 +69,7 @@ from tessera.server.web.issue import (
 if TYPE_CHECKING:
     from tessera.server.app import ServerState
 
-__all__ = ["COOKIE", "FailedSignIns", "portal_router"]
+__all__ = ["COOKIE", "FailedSignIns", "PortalErrorPages", "portal_router"]
 
 log = logging.getLogger("tessera.server")
 T = TypeVar("T")
@@ -320,7 +324,7 @@ def portal_router(state: ServerState) -> APIRouter:
     async def static_file(name: str) -> Response:
         found = static.get(name)
         if found is None:
-            return Response("not found", status_code=404, media_type="text/plain")
+            return _error_page(f"/portal/static/{name}", 404, "no such file")
         body, media_type = found
         return Response(
             body,
@@ -726,17 +730,17 @@ def portal_router(state: ServerState) -> APIRouter:
 
     @router.post("/account/two-factor/enable")
     async def two_factor_enable(request: Request) -> Response:
+        """Turn two-step sign-in on, or move it to a new app (with a current code of the old)."""
         form = await _form(request)
         if isinstance(form, Response):
             return form
         secret, proof = _text(form.get("secret"))[:64], _text(form.get("proof"))[:64]
         code = _text(form.get("code"))[:20]
+        current = _text(form.get("current"))[:20]
         now = state.now()
 
         def work(session: Session, signed_in: users.SignedIn) -> _Page:
-            try:
-                users.enable_totp(session, signed_in, secret, proof, code, now, state.pepper)
-            except ServiceError as exc:
+            def again(message: str, status: int) -> _Page:
                 # Offer the same secret again only if this server made it for this user.
                 genuine = users.genuine_offer(signed_in, secret, proof, state.pepper)
                 offer = (
@@ -744,13 +748,22 @@ def portal_router(state: ServerState) -> APIRouter:
                     if genuine
                     else None
                 )
-                values = {
-                    "offer": offer,
-                    "qr": _qr(offer.uri) if offer else None,
-                    "two_factor_error": str(exc),
-                }
-                return _Page("account.html", values, exc.status)
-            return _Page("account.html", {"two_factor_done": "on"})
+                qr = _qr(offer.uri) if offer else None
+                return _Page("account.html", {"offer": offer, "qr": qr, "two_factor_error": message}, status)
+
+            try:
+                refused = users.enable_totp(
+                    session, signed_in, secret, proof, code, now, state.pepper, current_code=current
+                )
+            except ServiceError as exc:
+                return again(str(exc), exc.status)
+            if refused is not None:  # committed: a wrong current code counts
+                return (
+                    _refused_here(refused, "two_factor_error")
+                    if refused.signed_out
+                    else again(refused.reason, 403)
+                )
+            return _Page("account.html", {"two_factor_done": "replaced" if signed_in.two_factor else "on"})
 
         return await page(request, work, form=form, account=True)
 
@@ -779,6 +792,8 @@ def portal_router(state: ServerState) -> APIRouter:
             parsed = await request.form(
                 max_files=1, max_fields=max_fields, max_part_size=MAX_MESSAGE_SIZE + 1
             )
+        except BodyTooLarge:
+            raise  # the body limit answers 413 (as a page: PortalErrorPages)
         except Exception as exc:  # multipart's own errors carry no common base worth naming
             return failure(
                 request, 400, f"form: {str(exc).splitlines()[0] if str(exc) else 'malformed'}", None
@@ -789,6 +804,91 @@ def portal_router(state: ServerState) -> APIRouter:
         return dict(parsed)
 
     return router
+
+
+def _under_portal(path: str) -> bool:
+    return path == "/portal" or path.startswith("/portal/")
+
+
+def _one_line(status: int, body: bytes) -> str:
+    """The one line a JSON error body (``{"detail": ...}``) says, for a page."""
+    try:
+        detail = json.loads(body).get("detail")
+    except (ValueError, AttributeError, RecursionError):
+        detail = None
+    text = ""
+    if isinstance(detail, str):
+        text = "no such page" if status == 404 and detail == "no such endpoint" else detail
+    elif isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        first = detail[0]  # a validation error: name the parameter, as the API's loc does
+        where = [str(part) for part in first.get("loc", ()) if part not in ("path", "query", "body")]
+        text = f"{'.'.join(where)}: {first.get('msg', '')}" if where else str(first.get("msg", ""))
+    lines = text.strip().splitlines()
+    return lines[0][:300] if lines else HTTPStatus(status).phrase.lower()
+
+
+def _error_page(path: str, status: int, message: str) -> HTMLResponse:
+    """The portal's error page for someone not known to be signed in (no menu)."""
+    values = {"user": None, "path": path, "status": status, "message": message}
+    return HTMLResponse(
+        _templates.get_template("error.html").render(values), status_code=status, headers=_HEADERS
+    )
+
+
+#: Headers of an error answer that still apply to its page.
+_KEPT_HEADERS = ("retry-after", "allow")
+
+
+class PortalErrorPages:
+    """Every error answer under ``/portal`` as a portal page with the portal's headers.
+
+    The pages render their own refusals, but some answers are made before a page handler
+    runs or outside it: a control character in a query parameter (the router's check, a
+    422), an unknown path (404), a wrong method (405), the body limit (413, in front of
+    everything), an outage or a bug. Those are the API's JSON, without the CSP or
+    ``X-Frame-Options`` that docs/portal.md promises on every page. Outermost (plain
+    ASGI), this turns any JSON error under ``/portal`` into the page with its one line,
+    and an unhandled exception into a 500 page (the exception still reaches the log)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not _under_portal(path):
+            await self.app(scope, receive, send)
+            return
+        held: Message | None = None
+        body = bytearray()
+        started = False
+
+        async def page(status: int, message: str, kept: list[tuple[bytes, bytes]]) -> None:
+            response = _error_page(path, status, message)
+            response.raw_headers.extend(kept)
+            await response(scope, receive, send)
+
+        async def intercept(message: Message) -> None:
+            nonlocal held, started
+            if message["type"] == "http.response.start":
+                started = True
+                kind = Headers(raw=message.get("headers", [])).get("content-type", "")
+                if message["status"] >= 400 and kind.startswith("application/json"):
+                    held = message
+                    return
+            elif message["type"] == "http.response.body" and held is not None:
+                body.extend(message.get("body", b""))
+                if not message.get("more_body", False):
+                    kept = [(k, v) for k, v in held.get("headers", []) if k.lower().decode() in _KEPT_HEADERS]
+                    await page(held["status"], _one_line(held["status"], bytes(body)), kept)
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, intercept)
+        except Exception:
+            if not started:  # the server's error layer logs it and sends nothing more
+                await page(500, "the server failed to answer this request (the cause is in its log)", [])
+            raise
 
 
 class FailedSignIns:

@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tessera.core.model import Binding, MatchLevel
+from tessera.server import catalog
 from tessera.server.errors import Invalid
 from tessera.server.models import Customer, Product
 from tessera.server.schemas import LicenseIn, LicenseUpdate
@@ -68,8 +69,10 @@ class IssueForm:
 
 
 def customer_choices(session: Session, principal: Principal) -> list[Customer]:
-    """Customers to suggest: the vendor's staff see theirs; a partner types a number (the
-    vendor's customer list is not a partner's to browse)."""
+    """Customers to suggest: the vendor's staff see all; a partner its own (the vendor's
+    customer list is not a partner's to browse, see :mod:`tessera.server.catalog`)."""
+    if principal.role is Role.PARTNER and principal.partner_id is not None:
+        return catalog.partner_customers(session, principal.partner_id, MAX_CHOICES)
     if principal.role not in (Role.ADMIN, Role.SALES):
         return []
     return list(session.scalars(select(Customer).order_by(Customer.id.desc()).limit(MAX_CHOICES)))
