@@ -382,3 +382,25 @@ def test_parallel_renewals_over_a_lowered_count_keep_the_count(
     assert [r for r in results if r[1] == 200] == [("renew", 200)]
     # The renewed lease moved to slot 0; the ended one keeps its slot until it expires.
     assert sorted(slots(state).values()) in ([0, 1], [0, 2])
+
+
+def test_a_release_names_the_lease_only_if_it_freed_one(state: ServerState, admin: Principal) -> None:
+    """Releasing stays idempotent (always answered), but the signed answer says whether it
+    freed a lease: its lease_id is empty for another user's lease, a made-up id, a lease
+    released before and one that expired."""
+    serial = user_license(state, admin)
+    ann, bob = credential(state, admin, serial), credential(state, admin, serial, "bob")
+    held = lease(state, ann)
+    assert isinstance(held, LeaseResponse)
+
+    def release(cred: SignedCredential, lease_id: str) -> LeaseResponse:
+        answer = send(state, LeaseRequest.create("release", cred, "uniplex", state.now(), lease_id))
+        assert isinstance(answer, LeaseResponse), answer
+        return answer
+
+    for cred, lease_id in ((bob, held.lease_id), (ann, "ls_" + "A" * 24)):
+        answer = release(cred, lease_id)
+        assert (answer.lease_id, answer.in_use) == ("", 1)
+    answer = release(ann, held.lease_id)
+    assert (answer.lease_id, answer.in_use) == (held.lease_id, 0)
+    assert release(ann, held.lease_id).lease_id == ""

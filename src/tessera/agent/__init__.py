@@ -29,7 +29,7 @@ from tessera.agent.errors import (
     StaleBlacklist,
     StateError,
 )
-from tessera.agent.leasing import Lease, LeaseClient, LeaseError
+from tessera.agent.leasing import Lease, LeaseClient, LeaseError, Released
 from tessera.agent.policy import CLOCK_TOLERANCE
 from tessera.agent.status import AgentState, AgentStatus, FeatureGrant, FeatureSeats
 
@@ -48,6 +48,7 @@ __all__ = [
     "Lease",
     "LeaseClient",
     "LeaseError",
+    "Released",
     "SeatError",
     "ServerRefused",
     "ServerUnreachable",

@@ -303,6 +303,10 @@ def handle_lease(
                 _move_under(session, row, lease, count, request, now)
             lease.expires_at = now + timedelta(seconds=lease_seconds)
         else:
+            # Idempotent, but truthful: the answer names the lease only if this request freed
+            # one in force (not one released or expired before, nor another user's).
+            if lease is None or utc(lease.expires_at) <= now:
+                lease_id = ""
             if lease is not None:
                 session.delete(lease)
             session.flush()
