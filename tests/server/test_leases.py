@@ -404,3 +404,30 @@ def test_a_release_names_the_lease_only_if_it_freed_one(state: ServerState, admi
     answer = release(ann, held.lease_id)
     assert (answer.lease_id, answer.in_use) == (held.lease_id, 0)
     assert release(ann, held.lease_id).lease_id == ""
+
+
+def test_a_reissue_counts_only_the_leases_in_force_it_freed(
+    state: ServerState, admin: Principal, clock: ManualClock
+) -> None:
+    serial = user_license(state, admin, count=3)
+    ann = credential(state, admin, serial)
+    assert isinstance(lease(state, ann), LeaseResponse)
+    clock.advance(seconds=state.lease_seconds + 1)  # that one expired (its row is still there)
+    assert isinstance(lease(state, ann, "backup"), LeaseResponse)
+    with state.db.write() as session:
+        _, generation, freed = leases.issue_credential(
+            session, admin, serial, "ann", state.now(), state.signing_key
+        )
+    assert (generation, freed) == (2, 1)
+    with state.db.read() as session:
+        entry = (
+            session.execute(
+                select(AuditEntry)
+                .where(AuditEntry.action == "credential.issue")
+                .order_by(AuditEntry.id.desc())
+            )
+            .scalars()
+            .first()
+        )
+        assert entry is not None and json.loads(entry.details)["leases_freed"] == 1
+        assert session.execute(select(func.count()).select_from(Lease)).scalar_one() == 0

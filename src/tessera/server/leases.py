@@ -121,7 +121,16 @@ def issue_credential(
         )
         session.add(current)
     else:
-        freed = session.execute(delete(Lease).where(Lease.credential_id == current.id)).rowcount  # type: ignore[attr-defined]
+        # Count only the leases in force: expired rows wait for a lease request to delete
+        # them, and were not in use (``leases_freed`` tells who lost a feature just now).
+        freed = int(
+            session.execute(
+                select(func.count())
+                .select_from(Lease)
+                .where(Lease.credential_id == current.id, Lease.expires_at > now)
+            ).scalar_one()
+        )
+        session.execute(delete(Lease).where(Lease.credential_id == current.id))
         current.generation += 1
         current.public_key = public
         current.issued_at = now
