@@ -623,6 +623,10 @@ def _license_template(
             fail(f"--emergency-feature {code}: not among the license's features (give it with --feature)")
     if len(set(emergency_feature)) != len(emergency_feature):
         fail("--emergency-feature: a feature is given twice")
+    if checkpoint_days is not None and binding == "user":
+        fail("--checkpoint-days: a user-bound license never checks in (its leases expire on their own)")
+    if checkpoint_days is not None and no_connect:
+        fail("--checkpoint-days: a checkpoint license is renewed by check-ins; not with --no-connect")
     return {
         "customer_id": customer,
         "product": product,

@@ -430,7 +430,26 @@ def check_template(
     if len(set(data.emergency)) != len(data.emergency):
         raise Invalid("emergency: a feature is listed twice")
     _check_emergency(data.emergency, {e.feature for e in data.entitlements})
+    _check_checkpoint(data.checkpoint_days, connect=data.connect, binding=data.binding.value)
     return customer, product, partner, _version(data.version, "version")
+
+
+def _check_checkpoint(checkpoint_days: int | None, *, connect: bool, binding: str) -> None:
+    """A checkpoint license counts its days from the last check-in, so one that can never
+    check in would be refused or flagged overdue for ever: the agent ignores a checkpoint
+    without connect, and a user-bound license is never activated on a machine."""
+    if checkpoint_days is None:
+        return
+    if binding == "user":
+        raise Invalid(
+            "checkpoint_days: a user-bound license is never activated on a machine, so it has "
+            "no check-ins to count from (its leases expire on their own; leave it out)"
+        )
+    if not connect:
+        raise Invalid(
+            "checkpoint_days: a checkpoint license is renewed by its check-ins, so it needs "
+            "connect (a license with connect off never checks in)"
+        )
 
 
 def _check_emergency(emergency: list[str], entitled: set[str]) -> None:
@@ -581,6 +600,14 @@ def update_license(
         if data.machines < bound:
             raise Invalid(f"machines: {bound} machines are bound already (release some first)")
         row.machines_allowed = data.machines
+    if data.connect is False and data.checkpoint_days is None and row.checkpoint_days is not None:
+        raise Invalid(
+            f"connect: license {serial} is a checkpoint license ({row.checkpoint_days} days), "
+            "renewed by its check-ins: it cannot be without connect"
+        )
+    if data.checkpoint_days is not None:
+        connect = row.connect if data.connect is None else data.connect
+        _check_checkpoint(data.checkpoint_days, connect=connect, binding=row.binding)
     for name in ("connect", "validation_hours", "failover_days", "checkpoint_days"):
         value = getattr(data, name)
         if value is not None:
