@@ -25,12 +25,13 @@ from tessera.core.sealing import seal
 from tessera.core.versions import VersionRange
 from tessera.server import audit, webhooks
 from tessera.server.catalog import get_product
-from tessera.server.errors import Forbidden, Invalid, NotFound
+from tessera.server.errors import Conflict, Forbidden, Invalid, NotFound
 from tessera.server.models import (
     Customer,
     EntitlementRow,
     LicenseRevision,
     LicenseRow,
+    Order,
     Partner,
     Product,
     SerialCounter,
@@ -555,6 +556,23 @@ def _check_partner_scope(data: LicenseUpdate, emergency_now: list[str], partner:
                 )
 
 
+def _check_reactivation(session: Session, row: LicenseRow) -> None:
+    """A license of a cancelled order was revoked by the cancellation: reactivating it would
+    hand out again what the vendor took back (and no new license may be issued for that
+    order either). The order row is locked, so a cancellation running meanwhile is waited
+    for (a cancellation locks the order, then only active licenses: no cycle)."""
+    if row.order_ref is None:
+        return
+    status = session.execute(
+        select(Order.status).where(Order.number == row.order_ref).with_for_update()
+    ).scalar_one_or_none()
+    if status == "cancelled":
+        raise Conflict(
+            f"status: license {row.serial} belongs to order {row.order_ref}, which is cancelled; "
+            "it cannot be reactivated (issue a new license)"
+        )
+
+
 def update_license(
     session: Session, principal: Principal, serial: str, data: LicenseUpdate, now: datetime
 ) -> LicenseRow:
@@ -591,6 +609,8 @@ def update_license(
             row.entitlements.remove(e)
     if not row.entitlements:
         raise Invalid("remove: a license needs at least one entitlement")
+    if data.status == "active" and row.status != "active":
+        _check_reactivation(session, row)
     if data.status is not None:
         row.status = data.status
     if data.version is not None:
