@@ -85,7 +85,11 @@ def test_an_order_collects_its_licenses_and_cancels_them(state: ServerState, adm
         assert {lic["status"] for lic in cancelled.json()["licenses"]} == {"revoked"}
         revoked = client.get(f"/api/v1/licenses/{first['serial']}").json()
         assert revoked["status"] == "revoked" and revoked["revision"] == 2  # a central change
-        assert client.post("/api/v1/orders/PO-4711/cancel").status_code == 422
+        assert cancelled.json()["cancelled_now"] is True
+        twice = client.post("/api/v1/orders/PO-4711/cancel")  # no error, no change
+        assert twice.status_code == 200 and twice.json()["cancelled_now"] is False, twice.text
+        assert twice.json()["cancelled_at"] == cancelled.json()["cancelled_at"]
+        assert client.get(f"/api/v1/licenses/{first['serial']}").json()["revision"] == 2
         again = _issue(client, customers["alpha"], "PO-4711")
         assert again.status_code == 422 and "cancelled" in again.json()["detail"]
         assert client.get("/api/v1/orders/PO-4712").json()["status"] == "open"
