@@ -35,3 +35,30 @@ def test_cancelling_a_cancelled_order_is_no_error(tmp_path: Path) -> None:
         server.default = (200, {**ORDER, "cancelled_now": True})
         first = _run(server, tmp_path, "order", "cancel", "PO-3")
         assert first.returncode == 0 and "already" not in first.stdout
+
+
+LICENSE: dict[str, Any] = {
+    "serial": "2026-000001",
+    "status": "active",
+    "revision": 3,
+    "licensee": "myCompany",
+    "product": "cortex",
+    "machines_allowed": 1,
+    "locations": {},
+    "machines": [],
+    "emergency": [],
+}
+
+
+def test_license_update_revokes_and_reactivates(tmp_path: Path) -> None:
+    with fake_server() as server:
+        server.default = (200, LICENSE)
+        for flag, status in (("--revoke", "revoked"), ("--reactivate", "active")):
+            result = _run(server, tmp_path, "license", "update", "2026-000001", flag)
+            assert result.returncode == 0, result.stderr
+            method, path, body = server.requests[-1]
+            assert (method, path) == ("PATCH", "/api/v1/licenses/2026-000001")
+            assert json.loads(body)["status"] == status
+        both = _run(server, tmp_path, "license", "update", "2026-000001", "--revoke", "--reactivate")
+        assert both.returncode == 2 and "--revoke and --reactivate contradict" in both.stderr
+        assert len(server.requests) == 2

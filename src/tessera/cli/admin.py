@@ -961,6 +961,9 @@ def license_update(
     machines: int | None = typer.Option(None, "--machines"),
     failover_days: int | None = typer.Option(None, "--failover-days"),
     revoke: bool = typer.Option(False, "--revoke", help="Withdraw the license everywhere."),
+    reactivate: bool = typer.Option(
+        False, "--reactivate", help="Put a revoked license back in force (not one of a cancelled order)."
+    ),
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
@@ -978,8 +981,12 @@ def license_update(
         body["machines"] = machines
     if failover_days is not None:
         body["failover_days"] = failover_days
+    if revoke and reactivate:
+        fail("--revoke and --reactivate contradict each other (give one)")
     if revoke:
         body["status"] = "revoked"
+    if reactivate:
+        body["status"] = "active"
     if len(body) == 2 and not feature and not remove_feature:
         fail("nothing to change (give --feature, --remove-feature, --machines, ... )")
     view = AdminClient(url, token, ca).request(
