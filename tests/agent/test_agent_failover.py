@@ -96,6 +96,23 @@ def test_checkpoint_license_lapses_and_renews(
     assert agent.check("uniplex")
 
 
+def test_a_lapsed_checkpoint_in_emergency_mode_says_every_feature_is_refused(
+    open_agent: Callable[..., Agent], server: FakeServer, vendor: SigningKey, clock: ManualClock
+) -> None:
+    """Past both the checkpoint (3 days) and the failover period (10): emergency mode would
+    leave the emergency feature working, but the lapsed checkpoint refuses it too, and the
+    message must say so rather than "only emergency features work"."""
+    agent = _activate(open_agent, server, vendor, checkpoint_days=3, failover_days=10)
+    server.mode = "down"
+    clock.advance(days=12)
+    status = agent.status()
+    assert status.state is AgentState.EMERGENCY and status.failover_days_left == 0
+    assert not agent.check("ctxjs") and not agent.check("uniplex")
+    assert "only emergency features work" not in status.message
+    assert "every feature is refused (the emergency features too) until a check-in" in status.message
+    assert status.message.startswith("emergency mode: ") and "tessera agent connect" in status.message
+
+
 def test_connect_off_license_never_fails_over(
     open_agent: Callable[..., Agent], vendor: SigningKey, clock: ManualClock
 ) -> None:

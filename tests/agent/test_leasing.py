@@ -12,7 +12,7 @@ from agent_support import make_tls
 from tests.server.conftest import START, LiveServer, serve
 from tests.server.helpers import setup_license
 
-from tessera.agent import LeaseClient, ServerRefused
+from tessera.agent import LeaseClient, Released, ServerRefused
 from tessera.core.clock import SystemClock
 from tessera.core.credential import parse_credential
 from tessera.core.errors import FormatError, UnknownKeyError
@@ -69,6 +69,10 @@ def test_hold_heartbeats_and_close_releases(server: tuple[LiveServer, str]) -> N
     with LeaseClient.from_file(path, live.url, _ca(path), keyring) as client:
         again = client.lease("uniplex")
         assert client.release(again) == 0
+        # Releasing again is harmless, and says that it freed nothing.
+        assert client.give_back(again.lease_id, "uniplex") == Released(False, 0)
+        third = client.lease("uniplex")
+        assert client.give_back(third.lease_id, "uniplex") == Released(True, 0)
 
 
 def test_forged_or_foreign_credential_is_refused_before_sending(

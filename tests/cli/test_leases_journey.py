@@ -101,6 +101,13 @@ def _journey(tmp_path: Path, db_url: str | None, receiver: Receiver) -> None:
         released = agent("release", "uniplex", str(first["lease_id"]))
         assert released.returncode == 0, released.stderr
         assert json.loads(released.stdout)["in_use"] == 1
+        # Releasing it again (or a made-up lease) is harmless, and says nothing was released.
+        for lease_id in (str(first["lease_id"]), "ls_" + "A" * 24):
+            again = agent("release", "uniplex", lease_id)
+            assert again.returncode == 0, again.stderr
+            answer = json.loads(again.stdout)
+            assert (answer["released"], answer["in_use"]) == (False, 1), answer
+            assert answer["message"].startswith("uniplex: nothing released: you hold no lease")
 
         # Re-issuing ann's credential: the old file fails at once, for leasing and heartbeats.
         assert ok("license", "credential", serial, "--user", "ann", "-o", "ann2.cred")["generation"] == 2

@@ -7,12 +7,12 @@ import json
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from tessera.server import activation, checkpoints, webhooks
 from tessera.server.app import ServerState
 from tessera.server.checkpoints import sweep
-from tessera.server.models import WebhookDelivery
+from tessera.server.models import LicenseRow, WebhookDelivery
 from tessera.server.tokens import Principal
 
 from .conftest import START
@@ -73,3 +73,14 @@ def test_machines_not_yet_due_never_hide_the_due_ones(
         for n, key in ((1, patient_key), (2, due_key)):
             activation.activate(session, agent(n).activation(key), START, state.signing_key, state.pepper)
     assert sweep(state.db, START + timedelta(days=3)) == 1
+
+
+def test_licenses_without_connect_are_never_overdue(state: ServerState, admin: Principal) -> None:
+    """A license with connect off never checks in, so a checkpoint on it (issue and update
+    refuse the pair now; rows made before remain) can never be met: the sweep skips it."""
+    serial, key = setup_license(state, admin, START, checkpoint_days=2)
+    with state.db.write() as session:
+        activation.activate(session, agent(1).activation(key), START, state.signing_key, state.pepper)
+        session.execute(update(LicenseRow).where(LicenseRow.serial == serial).values(connect=False))
+    assert sweep(state.db, START + timedelta(days=3)) == 0
+    assert _overdue_events(state) == []

@@ -15,10 +15,11 @@ from sqlalchemy import func, select
 from tessera.core.clock import ManualClock
 from tessera.core.credential import LeaseRequest, LeaseResponse, SignedCredential, parse_credential
 from tessera.core.signing import Keyring
-from tessera.server import leases
+from tessera.server import leases, licenses
 from tessera.server.app import ServerState
 from tessera.server.errors import Invalid
 from tessera.server.models import AuditEntry, Lease, WebhookDelivery
+from tessera.server.schemas import LicenseUpdate
 from tessera.server.tokens import Principal
 
 from .conftest import START, LiveServer
@@ -271,3 +272,162 @@ def test_a_late_request_for_an_unknown_serial_is_a_404_and_not_recorded(
     assert unknown.status_code == 404 and "unknown license 2026-999999" in unknown.json()["detail"]
     assert known.status_code == 403 and "too far from the server's time" in known.json()["detail"]
     assert [r["kind"] for r in refusals(state)] == ["replay"]
+
+
+def set_count(state: ServerState, admin: Principal, serial: str, count: int) -> None:
+    with state.db.write() as session:
+        update = LicenseUpdate.model_validate({"entitlements": [{"feature": "uniplex", "count": count}]})
+        licenses.update_license(session, admin, serial, update, state.now())
+
+
+def slots(state: ServerState) -> dict[str, int]:
+    with state.db.read() as session:
+        rows = session.execute(select(Lease.lease_id, Lease.slot).where(Lease.expires_at > state.now()))
+        return {lease_id: slot for lease_id, slot in rows}
+
+
+def test_a_lowered_count_holds_for_new_leases_and_for_renewals(
+    state: ServerState, admin: Principal, clock: ManualClock
+) -> None:
+    """The QA reproduction: count 3, slots 1 and 2 held (slot 0 released), count lowered to
+    1. A new lease must not take free slot 0 while two are held; of the two leases over the
+    count, the first to renew keeps going (moved into slot 0), the other ends at its renewal."""
+    serial = user_license(state, admin, count=3)
+    u1, u2, u3, u4 = (credential(state, admin, serial, user) for user in ("u1", "u2", "u3", "u4"))
+    a, b, c = lease(state, u1), lease(state, u2), lease(state, u3)
+    assert isinstance(a, LeaseResponse) and isinstance(b, LeaseResponse) and isinstance(c, LeaseResponse)
+    released = send(state, LeaseRequest.create("release", u1, "uniplex", state.now(), a.lease_id))
+    assert isinstance(released, LeaseResponse)
+    set_count(state, admin, serial, 1)
+
+    refused = lease(state, u4)
+    assert isinstance(refused, leases.LeaseRefused), refused
+    assert refused.reason == (
+        f"all 1 leases of uniplex on license {serial} are in use (2 held: the count was lowered)"
+    )
+    assert (refused.kind, refused.in_use, refused.count) == ("denied", 2, 1)
+
+    renewed = send(state, LeaseRequest.create("renew", u2, "uniplex", state.now(), b.lease_id))
+    assert isinstance(renewed, LeaseResponse), renewed
+    assert (renewed.in_use, renewed.count) == (2, 1)
+    assert slots(state)[b.lease_id] == 0  # moved under the count
+    ended = send(state, LeaseRequest.create("renew", u3, "uniplex", state.now(), c.lease_id))
+    assert isinstance(ended, leases.LeaseRefused), ended
+    assert ended.reason == (
+        f"lease {c.lease_id} ends: license {serial} now grants 1 lease(s) of uniplex and "
+        "all are in use (the count was lowered)"
+    )
+    assert (ended.kind, ended.in_use, ended.count) == ("denied", 2, 1)
+    assert [r["kind"] for r in refusals(state)] == ["denied", "denied"]
+    # The refused renewal changed nothing: that lease counts until its expiry, then frees.
+    assert isinstance(lease(state, u4), leases.LeaseRefused)
+    clock.advance(seconds=state.lease_seconds - 10)
+    assert isinstance(
+        send(state, LeaseRequest.create("renew", u2, "uniplex", state.now(), b.lease_id)), LeaseResponse
+    )
+    clock.advance(seconds=20)  # c expired
+    assert slots(state) == {b.lease_id: 0}
+    assert isinstance(lease(state, u4), leases.LeaseRefused)  # b holds the one lease
+    send(state, LeaseRequest.create("release", u2, "uniplex", state.now(), b.lease_id))
+    assert isinstance(lease(state, u4), LeaseResponse)
+
+
+def test_a_lease_over_a_lowered_count_ends_only_when_no_slot_under_it_is_free(
+    state: ServerState, admin: Principal
+) -> None:
+    serial = user_license(state, admin, count=3)
+    ann = credential(state, admin, serial)
+    held = [lease(state, ann) for _ in range(3)]
+    assert all(isinstance(h, LeaseResponse) for h in held)
+    set_count(state, admin, serial, 2)
+
+    def renew(h: LeaseResponse) -> LeaseResponse | leases.LeaseRefused:
+        return send(state, LeaseRequest.create("renew", ann, "uniplex", state.now(), h.lease_id))
+
+    # All three in force, slots 0 and 1 taken: the lease in slot 2 ends, the others go on.
+    assert isinstance(renew(held[2]), leases.LeaseRefused)
+    assert isinstance(renew(held[0]), LeaseResponse) and isinstance(renew(held[1]), LeaseResponse)
+    # Once slot 0 is free, the lease in slot 2 moves there instead of ending.
+    send(state, LeaseRequest.create("release", ann, "uniplex", state.now(), held[0].lease_id))
+    assert isinstance(renew(held[2]), LeaseResponse)
+    assert slots(state) == {held[1].lease_id: 1, held[2].lease_id: 0}
+
+
+def test_parallel_renewals_over_a_lowered_count_keep_the_count(
+    live_server: LiveServer, admin: Principal, keyring: Keyring
+) -> None:
+    """Two leases over a count lowered to 1 renew at once, among 20 new lease requests:
+    exactly one request succeeds (a renewal), on both backends."""
+    state = live_server.state
+    serial = user_license(state, admin, count=3)
+    ann = credential(state, admin, serial)
+    held = [lease(state, ann) for _ in range(3)]
+    assert all(isinstance(h, LeaseResponse) for h in held)
+    send(state, LeaseRequest.create("release", ann, "uniplex", state.now(), held[0].lease_id))
+    set_count(state, admin, serial, 1)
+    requests = [LeaseRequest.create("renew", ann, "uniplex", state.now(), h.lease_id) for h in held[1:]]
+    requests += [LeaseRequest.create("lease", ann, "uniplex", state.now()) for _ in range(20)]
+
+    def post(request: LeaseRequest) -> tuple[str, int]:
+        with httpx.Client(base_url=live_server.url, timeout=60) as c:
+            response = c.post("/api/v1/lease", content=request.to_json())
+        if response.status_code == 200:
+            LeaseResponse.from_json(response.content, keyring, request.nonce)
+        else:
+            assert "are in use" in response.json()["detail"], response.text
+        return request.action, response.status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(post, requests))
+    assert [r for r in results if r[1] == 200] == [("renew", 200)]
+    # The renewed lease moved to slot 0; the ended one keeps its slot until it expires.
+    assert sorted(slots(state).values()) in ([0, 1], [0, 2])
+
+
+def test_a_release_names_the_lease_only_if_it_freed_one(state: ServerState, admin: Principal) -> None:
+    """Releasing stays idempotent (always answered), but the signed answer says whether it
+    freed a lease: its lease_id is empty for another user's lease, a made-up id, a lease
+    released before and one that expired."""
+    serial = user_license(state, admin)
+    ann, bob = credential(state, admin, serial), credential(state, admin, serial, "bob")
+    held = lease(state, ann)
+    assert isinstance(held, LeaseResponse)
+
+    def release(cred: SignedCredential, lease_id: str) -> LeaseResponse:
+        answer = send(state, LeaseRequest.create("release", cred, "uniplex", state.now(), lease_id))
+        assert isinstance(answer, LeaseResponse), answer
+        return answer
+
+    for cred, lease_id in ((bob, held.lease_id), (ann, "ls_" + "A" * 24)):
+        answer = release(cred, lease_id)
+        assert (answer.lease_id, answer.in_use) == ("", 1)
+    answer = release(ann, held.lease_id)
+    assert (answer.lease_id, answer.in_use) == (held.lease_id, 0)
+    assert release(ann, held.lease_id).lease_id == ""
+
+
+def test_a_reissue_counts_only_the_leases_in_force_it_freed(
+    state: ServerState, admin: Principal, clock: ManualClock
+) -> None:
+    serial = user_license(state, admin, count=3)
+    ann = credential(state, admin, serial)
+    assert isinstance(lease(state, ann), LeaseResponse)
+    clock.advance(seconds=state.lease_seconds + 1)  # that one expired (its row is still there)
+    assert isinstance(lease(state, ann, "backup"), LeaseResponse)
+    with state.db.write() as session:
+        _, generation, freed = leases.issue_credential(
+            session, admin, serial, "ann", state.now(), state.signing_key
+        )
+    assert (generation, freed) == (2, 1)
+    with state.db.read() as session:
+        entry = (
+            session.execute(
+                select(AuditEntry)
+                .where(AuditEntry.action == "credential.issue")
+                .order_by(AuditEntry.id.desc())
+            )
+            .scalars()
+            .first()
+        )
+        assert entry is not None and json.loads(entry.details)["leases_freed"] == 1
+        assert session.execute(select(func.count()).select_from(Lease)).scalar_one() == 0

@@ -233,3 +233,57 @@ def test_a_new_license_grants_at_least_one_seat_and_nothing_already_expired(
         json={"entitlements": [{"feature": "uniplex", "count": 0, "expiry": "2026-01-01"}]},
     )
     assert changed.status_code == 200, changed.text
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"connect": False, "checkpoint_days": 3}, r"^checkpoint_days: a checkpoint license .* connect"),
+        ({"binding": "user", "checkpoint_days": 3}, r"^checkpoint_days: a user-bound license"),
+    ],
+)
+def test_a_checkpoint_that_can_never_be_met_is_refused_at_issue(
+    state: ServerState, admin: Principal, fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(Invalid, match=message):
+        setup_license(state, admin, START, **fields)
+
+
+def test_a_checkpoint_that_can_never_be_met_is_refused_on_update(
+    state: ServerState, admin: Principal
+) -> None:
+    checkpoint, _ = setup_license(state, admin, START, checkpoint_days=3)
+    offline, _ = setup_license(state, admin, START, connect=False)
+    user, _ = setup_license(state, admin, START, binding="user")
+    for serial, fields, message in (
+        (checkpoint, {"connect": False}, rf"^connect: license {checkpoint} is a checkpoint license"),
+        (offline, {"checkpoint_days": 3}, r"^checkpoint_days: a checkpoint license .* connect"),
+        (user, {"checkpoint_days": 3}, r"^checkpoint_days: a user-bound license"),
+    ):
+        with state.db.write() as session, pytest.raises(Invalid, match=message):
+            licenses.update_license(session, admin, serial, LicenseUpdate.model_validate(fields), START)
+    # Both at once, the other way round, is a consistent change.
+    with state.db.write() as session:
+        both = LicenseUpdate.model_validate({"connect": True, "checkpoint_days": 3})
+        view = licenses.license_view(licenses.update_license(session, admin, offline, both, START))
+    assert (view["connect"], view["checkpoint_days"]) == (True, 3)
+
+
+def test_a_checkpoint_without_connect_over_the_api_is_422(live_server: LiveServer, admin_token: str) -> None:
+    state = live_server.state
+    serial, _ = setup_license(state, _admin(state), START, checkpoint_days=3)
+    client = live_server.client(admin_token)
+    with state.db.read() as session:
+        customer_id = licenses.get_license(session, serial).customer_id
+    body = {
+        "customer_id": customer_id,
+        "product": "cortex",
+        "entitlements": [{"feature": "uniplex", "count": 1}],
+        "connect": False,
+        "checkpoint_days": 3,
+    }
+    issued = client.post("/api/v1/licenses", json=body)
+    assert issued.status_code == 422 and issued.json()["detail"].startswith("checkpoint_days:"), issued.text
+    changed = client.patch(f"/api/v1/licenses/{serial}", json={"connect": False})
+    assert changed.status_code == 422 and changed.json()["detail"].startswith("connect:"), changed.text
+    assert client.get(f"/api/v1/licenses/{serial}").json()["connect"] is True

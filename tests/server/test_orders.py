@@ -85,7 +85,11 @@ def test_an_order_collects_its_licenses_and_cancels_them(state: ServerState, adm
         assert {lic["status"] for lic in cancelled.json()["licenses"]} == {"revoked"}
         revoked = client.get(f"/api/v1/licenses/{first['serial']}").json()
         assert revoked["status"] == "revoked" and revoked["revision"] == 2  # a central change
-        assert client.post("/api/v1/orders/PO-4711/cancel").status_code == 422
+        assert cancelled.json()["cancelled_now"] is True
+        twice = client.post("/api/v1/orders/PO-4711/cancel")  # no error, no change
+        assert twice.status_code == 200 and twice.json()["cancelled_now"] is False, twice.text
+        assert twice.json()["cancelled_at"] == cancelled.json()["cancelled_at"]
+        assert client.get(f"/api/v1/licenses/{first['serial']}").json()["revision"] == 2
         again = _issue(client, customers["alpha"], "PO-4711")
         assert again.status_code == 422 and "cancelled" in again.json()["detail"]
         assert client.get("/api/v1/orders/PO-4712").json()["status"] == "open"
@@ -166,3 +170,24 @@ def test_an_encoded_slash_does_not_reach_another_route(state: ServerState, admin
         for url in (f"/api/v1/licenses/{serial}%2Frevisions", f"/api/v1/licenses/{serial}%2frevisions"):
             answer = client.get(url)
             assert answer.status_code == 404 and answer.json() == {"detail": "no such endpoint"}
+
+
+def test_a_license_of_a_cancelled_order_stays_revoked(state: ServerState, admin_token: str) -> None:
+    """Cancelling revoked it; reactivating it would hand out what the vendor took back: 409,
+    naming the order. Its other terms may still change, and other revoked licenses may
+    be reactivated."""
+    with serve(state) as live, live.client(admin_token) as client:
+        customers = _setup(client)
+        serial = _issue(client, customers["alpha"], "PO-3").json()["serial"]
+        loose = _issue(client, customers["alpha"], None).json()["serial"]
+        assert client.post("/api/v1/orders/PO-3/cancel").status_code == 200
+        refused = client.patch(f"/api/v1/licenses/{serial}", json={"status": "active"})
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["detail"] == (
+            f"status: license {serial} belongs to order PO-3, which is cancelled; "
+            "it cannot be reactivated (issue a new license)"
+        )
+        assert client.get(f"/api/v1/licenses/{serial}").json()["status"] == "revoked"
+        assert client.patch(f"/api/v1/licenses/{serial}", json={"machines": 3}).status_code == 200
+        assert client.patch(f"/api/v1/licenses/{loose}", json={"status": "revoked"}).status_code == 200
+        assert client.patch(f"/api/v1/licenses/{loose}", json={"status": "active"}).status_code == 200

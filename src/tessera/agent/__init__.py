@@ -30,7 +30,7 @@ from tessera.agent.errors import (
     StaleBlacklist,
     StateError,
 )
-from tessera.agent.leasing import Lease, LeaseClient, LeaseError
+from tessera.agent.leasing import Lease, LeaseClient, LeaseError, Released
 from tessera.agent.policy import CLOCK_TOLERANCE
 from tessera.agent.status import AgentState, AgentStatus, FeatureGrant, FeatureSeats
 
@@ -50,6 +50,7 @@ __all__ = [
     "LeaseClient",
     "LeaseError",
     "NotInstalled",
+    "Released",
     "SeatError",
     "ServerRefused",
     "ServerUnreachable",

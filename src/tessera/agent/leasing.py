@@ -37,7 +37,7 @@ from tessera.core.credential import (
 from tessera.core.errors import FormatError, VerificationError
 from tessera.core.signing import Keyring
 
-__all__ = ["LEASE_PATH", "Lease", "LeaseClient", "LeaseError"]
+__all__ = ["LEASE_PATH", "Lease", "LeaseClient", "LeaseError", "Released"]
 
 LEASE_PATH = "/api/v1/lease"
 log = logging.getLogger("tessera.agent.leasing")
@@ -63,6 +63,16 @@ class Lease:
 
     def valid(self, now: datetime) -> bool:
         return not self.released and self.lost is None and utc(now) < self.expires
+
+
+@dataclass(frozen=True)
+class Released:
+    """The answer to a release: ``released`` is False when the server held no such lease in
+    force for this credential (released or expired already, or another user's): nothing
+    changed, which is no error, since releasing twice must be harmless."""
+
+    released: bool
+    in_use: int
 
 
 class LeaseClient:
@@ -133,16 +143,23 @@ class LeaseClient:
 
     def release(self, lease: Lease | str, feature: str | None = None) -> int:
         """Free a lease now; returns how many of the feature remain in use."""
+        return self.give_back(lease, feature).in_use
+
+    def give_back(self, lease: Lease | str, feature: str | None = None) -> Released:
+        """:meth:`release`, telling also whether this call freed the lease."""
         lease_id = lease if isinstance(lease, str) else lease.lease_id
         code = feature if isinstance(lease, str) else lease.feature
         if code is None:
             raise ValueError("releasing by id needs the feature")
         r = self._send("release", code, lease_id)
+        # The server names the lease it freed, or none (protocol: lease_id is empty).
+        if r.lease_id not in ("", lease_id) or r.feature != code:
+            raise BadResponse("the license server's answer is about another lease")
         if isinstance(lease, Lease):
             lease.released = True
         with self._lock:
             self._held.pop(lease_id, None)
-        return r.in_use
+        return Released(r.lease_id == lease_id, r.in_use)
 
     # ------------------------------------------------------------------ held leases
 

@@ -173,7 +173,15 @@ def decide(facts: Facts, clock_now: datetime) -> Snapshot:
                 )
             else:
                 recompute.append(checkpoint_end)
-    if checkpoint_lapsed is not None and not emergency:
+    if checkpoint_lapsed is not None and emergency:
+        # Emergency mode would say "only emergency features work": past its checkpoint, a
+        # checkpoint license grants none, the emergency features included.
+        message = (
+            f"emergency mode: no successful check-in for {lic.failover_days} days ({why}), "
+            f"past the checkpoint license's {lic.checkpoint_days} day(s), so every feature is "
+            f"refused (the emergency features too) until a check-in succeeds; {_advice(facts)}"
+        )
+    elif checkpoint_lapsed is not None:
         # Failover would say "everything works": for a checkpoint license nothing does.
         message = (
             f"checkpoint license: no successful check-in for {lic.checkpoint_days} day(s), so "

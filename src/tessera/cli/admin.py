@@ -642,6 +642,10 @@ def _license_template(
             fail(f"--emergency-feature {code}: not among the license's features (give it with --feature)")
     if len(set(emergency_feature)) != len(emergency_feature):
         fail("--emergency-feature: a feature is given twice")
+    if checkpoint_days is not None and binding == "user":
+        fail("--checkpoint-days: a user-bound license never checks in (its leases expire on their own)")
+    if checkpoint_days is not None and no_connect:
+        fail("--checkpoint-days: a checkpoint license is renewed by check-ins; not with --no-connect")
     return {
         "customer_id": customer,
         "product": product,
@@ -1019,6 +1023,9 @@ def license_update(
     machines: int | None = typer.Option(None, "--machines"),
     failover_days: int | None = typer.Option(None, "--failover-days"),
     revoke: bool = typer.Option(False, "--revoke", help="Withdraw the license everywhere."),
+    reactivate: bool = typer.Option(
+        False, "--reactivate", help="Put a revoked license back in force (not one of a cancelled order)."
+    ),
     url: str | None = URL,
     token: str | None = TOKEN,
     ca: Path | None = CA,
@@ -1036,8 +1043,12 @@ def license_update(
         body["machines"] = machines
     if failover_days is not None:
         body["failover_days"] = failover_days
+    if revoke and reactivate:
+        fail("--revoke and --reactivate contradict each other (give one)")
     if revoke:
         body["status"] = "revoked"
+    if reactivate:
+        body["status"] = "active"
     if len(body) == 2 and not feature and not remove_feature:
         fail("nothing to change (give --feature, --remove-feature, --machines, ... )")
     view = AdminClient(url, token, ca).request(

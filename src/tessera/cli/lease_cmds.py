@@ -315,13 +315,29 @@ def agent_release(
     vendor_key: Path | None = VENDOR_KEY,
     as_json: bool = JSON,
 ) -> None:
-    """Give LEASE_ID of FEATURE back now."""
+    """Give LEASE_ID of FEATURE back now (exit 0 also when you held no such lease: then
+    nothing changed, and the output says so)."""
     client = _client(credential, server, ca, vendor_key, feature)
     try:
-        in_use = client.release(lease_id, feature)
+        result = client.give_back(lease_id, feature)
     finally:
         client.close()
-    if as_json:
-        emit_json({"feature": feature, "lease_id": lease_id, "released": True, "in_use": in_use})
+    if result.released:
+        message = f"{feature}: lease {lease_id} released ({result.in_use} in use)"
     else:
-        console.print(f"{feature}: lease {lease_id} released ({in_use} in use)", markup=False)
+        message = (
+            f"{feature}: nothing released: you hold no lease {lease_id} of {feature} in force "
+            f"(released or expired already, or not yours) ({result.in_use} in use)"
+        )
+    if as_json:
+        emit_json(
+            {
+                "feature": feature,
+                "lease_id": lease_id,
+                "released": result.released,
+                "in_use": result.in_use,
+                "message": message,
+            }
+        )
+    else:
+        console.print(message, markup=False)

@@ -99,9 +99,18 @@ def order_cancel(
     as_json: bool = JSON,
 ) -> None:
     """Cancel the order: each of its active licenses is revoked (the installations learn it
-    at their next check-in), and no license can be issued for it any more."""
-    result = AdminClient(url, token, ca).request("POST", _path(number) + "/cancel", expect=_ORDER_VIEW)
+    at their next check-in), and no license can be issued for it any more. An order
+    cancelled already stays as it is (exit 0, and the output says so)."""
+    result = AdminClient(url, token, ca).request(
+        "POST", _path(number) + "/cancel", expect={**_ORDER_VIEW, "cancelled_now": bool}
+    )
     if as_json:
         emit_json(result)
-    else:
-        _print_order(result)
+        return
+    if not result["cancelled_now"]:
+        when = str(result.get("cancelled_at") or "")[:10]
+        console.print(
+            f"order {result['number']} was cancelled already{f' on {when}' if when else ''}: nothing changed",
+            markup=False,
+        )
+    _print_order(result)

@@ -78,6 +78,7 @@ from tessera.server.schemas import (
     LicenseSummary,
     LicenseUpdate,
     OfflineActivation,
+    OrderCancelled,
     OrderOut,
     OrderSummary,
     PartnerIn,
@@ -787,18 +788,24 @@ def create_app(state: ServerState, interfaces: Interfaces | None = None) -> Fast
         )
 
     @admin.post(
-        "/api/v1/orders/{number:path}/cancel", response_model=OrderOut, tags=["orders"], responses=_ERRORS
+        "/api/v1/orders/{number:path}/cancel",
+        response_model=OrderCancelled,
+        tags=["orders"],
+        responses=_ERRORS,
     )
     async def cancel_order(
         number: str = Path(max_length=100), credentials: HTTPAuthorizationCredentials | None = Auth
     ) -> Any:
         """Cancel the order: each of its active licenses is revoked (a central change that
         reaches the installations at their next check-in); no license can be issued for it
-        any more."""
+        any more. Cancelling it again changes nothing (``cancelled_now`` is false)."""
         now = state.now()
-        return await in_transaction(
-            lambda s, p: orders.order_view(s, orders.cancel_order(s, p, number, now)), credentials, write=True
-        )
+
+        def cancel(session: Session, principal: Principal) -> dict[str, Any]:
+            order, cancelled_now = orders.cancel_order(session, principal, number, now)
+            return {**orders.order_view(session, order), "cancelled_now": cancelled_now}
+
+        return await in_transaction(cancel, credentials, write=True)
 
     @offline.post(
         "/api/v1/activate-offline",

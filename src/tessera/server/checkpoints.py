@@ -47,6 +47,9 @@ def sweep(db: Database, now: datetime) -> int:
                 .where(
                     Machine.id > after,
                     LicenseRow.checkpoint_days.is_not(None),
+                    # Without connect there are no check-ins to wait for (issue and update
+                    # refuse the pair; rows made before that remain).
+                    LicenseRow.connect.is_(True),
                     LicenseRow.status == "active",
                     Machine.checkpoint_overdue_at.is_(None),
                 )

@@ -6,10 +6,12 @@ under the old one, so a lost or stolen file stops working at its next request.
 
 A lease holds one unit of a feature's count until it expires; heartbeats (``renew``) push
 the expiry out, ``release`` frees it at once, and an expired lease is freed by the next
-request that needs its slot. The count holds under concurrency for the same reasons as
+request that needs its slot. Every lease in force counts, also one granted before the
+count was lowered; such a lease ends at its next renewal unless a slot under the new count
+is free (docs/leases.md). The count holds under concurrency for the same reasons as
 machine activations: the license row is locked for the transaction (``FOR UPDATE`` on
-PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), and ``(license, feature, slot)`` is unique with
-slots below the count.
+PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), and ``(license, feature, slot)`` is unique and a
+lease takes (or moves into) a slot only below the count.
 
 A refused request changes nothing: the service raises :class:`LeaseRefused` (its
 transaction rolls back), and the HTTP layer records the refusal in a transaction of its
@@ -119,7 +121,16 @@ def issue_credential(
         )
         session.add(current)
     else:
-        freed = session.execute(delete(Lease).where(Lease.credential_id == current.id)).rowcount  # type: ignore[attr-defined]
+        # Count only the leases in force: expired rows wait for a lease request to delete
+        # them, and were not in use (``leases_freed`` tells who lost a feature just now).
+        freed = int(
+            session.execute(
+                select(func.count())
+                .select_from(Lease)
+                .where(Lease.credential_id == current.id, Lease.expires_at > now)
+            ).scalar_one()
+        )
+        session.execute(delete(Lease).where(Lease.credential_id == current.id))
         current.generation += 1
         current.public_key = public
         current.issued_at = now
@@ -151,6 +162,41 @@ def _in_use(session: Session, license_id: int, feature: str, now: datetime) -> i
             .where(Lease.license_id == license_id, Lease.feature == feature, Lease.expires_at > now)
         ).scalar_one()
     )
+
+
+def _slots_in_force(session: Session, license_id: int, feature: str, now: datetime) -> set[int]:
+    """The slots of ``feature``'s leases in force; expired ones are deleted on the way (their
+    slots are free, and the unique constraint must not trip over them)."""
+    session.execute(
+        delete(Lease).where(Lease.license_id == license_id, Lease.feature == feature, Lease.expires_at <= now)
+    )
+    return set(
+        session.execute(
+            select(Lease.slot).where(Lease.license_id == license_id, Lease.feature == feature)
+        ).scalars()
+    )
+
+
+def _move_under(
+    session: Session, row: LicenseRow, lease: Lease, count: int, request: LeaseRequest, now: datetime
+) -> None:
+    """Renewing a lease whose slot is at or above a count lowered since it was granted: it
+    goes on in a free slot under the count, if there is one; else it ends here (refused: it
+    stays counted until its current expiry, as every granted lease does). So the leases over
+    a lowered count end at their next renewals, and the first to renew keeps a free place."""
+    used = _slots_in_force(session, row.id, request.feature, now)
+    free = next((s for s in range(count) if s not in used), None)
+    if free is None:
+        raise LeaseRefused(
+            f"lease {lease.lease_id} ends: license {row.serial} now grants {count} lease(s) of "
+            f"{request.feature} and all are in use (the count was lowered)",
+            "denied",
+            request,
+            in_use=len(used),
+            count=count,
+        )
+    lease.slot = free
+    session.flush()
 
 
 def handle_lease(
@@ -220,22 +266,14 @@ def handle_lease(
     expires: datetime | None = now + timedelta(seconds=lease_seconds)
     lease_id = request.lease_id
     if request.action == "lease":
-        session.execute(
-            delete(Lease).where(
-                Lease.license_id == row.id,
-                Lease.feature == request.feature,
-                Lease.expires_at <= now,
-            )
-        )
-        used = set(
-            session.execute(
-                select(Lease.slot).where(Lease.license_id == row.id, Lease.feature == request.feature)
-            ).scalars()
-        )
+        used = _slots_in_force(session, row.id, request.feature, now)
+        # Every lease in force counts, also those in slots at or above a count lowered
+        # since they were granted: a free slot under the count alone is not room.
         free = next((s for s in range(count) if s not in used), None)
-        if free is None:
+        if len(used) >= count or free is None:
+            over = f" ({len(used)} held: the count was lowered)" if len(used) > count else ""
             raise LeaseRefused(
-                f"all {count} leases of {request.feature} on license {row.serial} are in use",
+                f"all {count} leases of {request.feature} on license {row.serial} are in use{over}",
                 "denied",
                 request,
                 in_use=len(used),
@@ -270,8 +308,14 @@ def handle_lease(
                     "expired",
                     request,
                 )
+            if lease.slot >= count:
+                _move_under(session, row, lease, count, request, now)
             lease.expires_at = now + timedelta(seconds=lease_seconds)
         else:
+            # Idempotent, but truthful: the answer names the lease only if this request freed
+            # one in force (not one released or expired before, nor another user's).
+            if lease is None or utc(lease.expires_at) <= now:
+                lease_id = ""
             if lease is not None:
                 session.delete(lease)
             session.flush()

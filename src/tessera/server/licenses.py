@@ -25,12 +25,13 @@ from tessera.core.sealing import seal
 from tessera.core.versions import VersionRange
 from tessera.server import audit, webhooks
 from tessera.server.catalog import get_customer, get_product
-from tessera.server.errors import Forbidden, Invalid, NotFound
+from tessera.server.errors import Conflict, Forbidden, Invalid, NotFound
 from tessera.server.models import (
     Customer,
     EntitlementRow,
     LicenseRevision,
     LicenseRow,
+    Order,
     Partner,
     Product,
     SerialCounter,
@@ -442,7 +443,26 @@ def check_template(
     if len(set(data.emergency)) != len(data.emergency):
         raise Invalid("emergency: a feature is listed twice")
     _check_emergency(data.emergency, {e.feature for e in data.entitlements})
+    _check_checkpoint(data.checkpoint_days, connect=data.connect, binding=data.binding.value)
     return customer, product, partner, _version(data.version, "version")
+
+
+def _check_checkpoint(checkpoint_days: int | None, *, connect: bool, binding: str) -> None:
+    """A checkpoint license counts its days from the last check-in, so one that can never
+    check in would be refused or flagged overdue for ever: the agent ignores a checkpoint
+    without connect, and a user-bound license is never activated on a machine."""
+    if checkpoint_days is None:
+        return
+    if binding == "user":
+        raise Invalid(
+            "checkpoint_days: a user-bound license is never activated on a machine, so it has "
+            "no check-ins to count from (its leases expire on their own; leave it out)"
+        )
+    if not connect:
+        raise Invalid(
+            "checkpoint_days: a checkpoint license is renewed by its check-ins, so it needs "
+            "connect (a license with connect off never checks in)"
+        )
 
 
 def _check_emergency(emergency: list[str], entitled: set[str]) -> None:
@@ -548,6 +568,23 @@ def _check_partner_scope(data: LicenseUpdate, emergency_now: list[str], partner:
                 )
 
 
+def _check_reactivation(session: Session, row: LicenseRow) -> None:
+    """A license of a cancelled order was revoked by the cancellation: reactivating it would
+    hand out again what the vendor took back (and no new license may be issued for that
+    order either). The order row is locked, so a cancellation running meanwhile is waited
+    for (a cancellation locks the order, then only active licenses: no cycle)."""
+    if row.order_ref is None:
+        return
+    status = session.execute(
+        select(Order.status).where(Order.number == row.order_ref).with_for_update()
+    ).scalar_one_or_none()
+    if status == "cancelled":
+        raise Conflict(
+            f"status: license {row.serial} belongs to order {row.order_ref}, which is cancelled; "
+            "it cannot be reactivated (issue a new license)"
+        )
+
+
 def update_license(
     session: Session, principal: Principal, serial: str, data: LicenseUpdate, now: datetime
 ) -> LicenseRow:
@@ -584,6 +621,8 @@ def update_license(
             row.entitlements.remove(e)
     if not row.entitlements:
         raise Invalid("remove: a license needs at least one entitlement")
+    if data.status == "active" and row.status != "active":
+        _check_reactivation(session, row)
     if data.status is not None:
         row.status = data.status
     if data.version is not None:
@@ -593,6 +632,14 @@ def update_license(
         if data.machines < bound:
             raise Invalid(f"machines: {bound} machines are bound already (release some first)")
         row.machines_allowed = data.machines
+    if data.connect is False and data.checkpoint_days is None and row.checkpoint_days is not None:
+        raise Invalid(
+            f"connect: license {serial} is a checkpoint license ({row.checkpoint_days} days), "
+            "renewed by its check-ins: it cannot be without connect"
+        )
+    if data.checkpoint_days is not None:
+        connect = row.connect if data.connect is None else data.connect
+        _check_checkpoint(data.checkpoint_days, connect=connect, binding=row.binding)
     for name in ("connect", "validation_hours", "failover_days", "checkpoint_days"):
         value = getattr(data, name)
         if value is not None:

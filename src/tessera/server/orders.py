@@ -123,8 +123,10 @@ def list_orders(
     ]
 
 
-def cancel_order(session: Session, principal: Principal, number: str, now: datetime) -> Order:
-    """Cancel the order and revoke each of its active licenses."""
+def cancel_order(session: Session, principal: Principal, number: str, now: datetime) -> tuple[Order, bool]:
+    """Cancel the order and revoke each of its active licenses; returns the order and
+    whether this call cancelled it. Cancelling a cancelled order changes nothing and is no
+    error (as revoking a revoked token): the caller wanted it cancelled, and it is."""
     require(principal, Role.ADMIN, Role.SALES)
     order = session.execute(
         select(Order).where(Order.number == number).with_for_update()
@@ -132,7 +134,7 @@ def cancel_order(session: Session, principal: Principal, number: str, now: datet
     if order is None:
         raise NotFound(f"order {number!r} not found")
     if order.status == "cancelled":
-        raise Invalid(f"order: {number} is cancelled already")
+        return order, False
     serials = (
         session.execute(
             select(LicenseRow.serial)
@@ -156,4 +158,4 @@ def cancel_order(session: Session, principal: Principal, number: str, now: datet
         session, "order.cancelled",
         {"order": number, "customer_id": order.customer_id, "revoked": list(serials)}, now,
     )  # fmt: skip
-    return order
+    return order, True

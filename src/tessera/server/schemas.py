@@ -356,6 +356,12 @@ class OrderOut(BaseModel):
     licenses: list[OrderLicense]
 
 
+class OrderCancelled(OrderOut):
+    cancelled_now: bool = Field(
+        description="False: the order was cancelled already (see cancelled_at); nothing changed."
+    )
+
+
 Username = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._@-]{2,63}$", examples=["maria.keller"])]
 Password = Annotated[str, Field(min_length=1, max_length=256)]
 

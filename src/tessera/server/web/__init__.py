@@ -623,7 +623,7 @@ def portal_router(state: ServerState) -> APIRouter:
         now = state.now()
 
         def work(session: Session, signed_in: users.SignedIn) -> _Page:
-            orders.cancel_order(session, signed_in.principal, number[:100], now)
+            orders.cancel_order(session, signed_in.principal, number[:100], now)  # twice: no change
             return _Page(redirect=f"/portal/orders/{quote(number[:100], safe='')}")
 
         return await page(request, work, form=form)
