@@ -32,7 +32,9 @@ from ..server.processes import TESSERA, clean_env, init_data_dir, running_server
 from ..server.test_webhooks import Receiver
 
 SECRET = "journey-secret-0123456789"
-#: Short, but long enough for a few CLI processes on a loaded 2-core machine.
+#: Short, but long enough for a few CLI processes on a loaded 2-core machine: the first
+#: lease must outlive the four CLI calls up to its release (1.5 s each with the machine
+#: loaded six times over, 5 s each when it was loaded eight times over).
 LEASE_SECONDS = 20
 
 
@@ -136,8 +138,9 @@ def _journey(tmp_path: Path, db_url: str | None, receiver: Receiver) -> None:
             held = json.loads("".join(lines))
             assert held["in_use"] == 1
             assert agent("lease", "uniplex", cred="ann2.cred").returncode == 0
+            granted = time.monotonic()  # the unrenewed lease ends by granted + LEASE_SECONDS
             assert "are in use" in _error(agent("lease", "uniplex", cred="ann2.cred"), 1)
-            time.sleep(LEASE_SECONDS + 1)
+            time.sleep(max(0.0, granted + LEASE_SECONDS + 1 - time.monotonic()))
             again = agent("lease", "uniplex", cred="ann2.cred")
             assert again.returncode == 0, again.stderr  # the unrenewed lease was freed
             assert json.loads(again.stdout)["in_use"] == 2  # the holder's lease still counts

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 
-from ..server.processes import init_data_dir, running_server, tessera
+from ..server.processes import clean_env, init_data_dir, running_server, tessera
 
 
 def test_interfaces_switched_off_in_the_config_are_not_served(tmp_path: Path) -> None:
@@ -91,3 +93,27 @@ def test_run_says_where_it_listens(tmp_path: Path) -> None:
         f"tessera server listening on http://127.0.0.1:{port} "
         f"(data dir {data_dir.resolve()}, database SQLite sqlite:///{data_dir.resolve() / 'tessera.db'})"
     ) in log, log
+
+
+def test_a_bad_config_is_reported_before_the_server_is_loaded(tmp_path: Path) -> None:
+    """`server run` imported the web framework and the database layer (about a second of
+    CPU) before it read tessera.toml, so each mistake in it took that long to report."""
+    data_dir = tmp_path / "srv"
+    data_dir.mkdir()
+    (data_dir / "tessera.toml").write_text('[server]\ndatabase = "sqlite:///tessera.db"\n[nothing]\n')
+    probe = (
+        "import sys\n"
+        "from tessera.cli.main import run\n"
+        f"sys.argv = ['tessera', 'server', 'run', '--data-dir', {str(data_dir)!r}, '--port', '1']\n"
+        "try:\n"
+        "    run()\n"
+        "except SystemExit as exc:\n"
+        "    loaded = [m for m in ('uvicorn', 'fastapi', 'sqlalchemy', 'alembic') if m in sys.modules]\n"
+        "    print(exc.code, loaded)\n"
+    )
+    command = [sys.executable, "-c", probe]
+    result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=60, check=False)
+    assert result.stdout.strip() == "2 []", (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    config = data_dir / "tessera.toml"
+    assert len(lines) == 1 and lines[0].startswith(f"error: {config}: unknown table [nothing]"), lines

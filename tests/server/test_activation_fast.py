@@ -59,7 +59,7 @@ from tessera.server.tokens import Principal, Role, create_token
 
 from ..core.crafted import mixed_order_activation
 from ..core.strategies import machine_pairs
-from .conftest import START, LiveServer, create_pg_database, drop_pg_database
+from .conftest import START, LiveServer, SchemaTemplates, migrated_database_url
 from .helpers import FakeAgent, agent, setup_license
 
 Outcome = tuple[str, Any]
@@ -88,47 +88,42 @@ def _orm(state: ServerState) -> Callable[[ActivationRequest], bytes]:
 
 
 @pytest.fixture
-def sides(db_url: str, clock: ManualClock) -> Iterator[tuple[Side, Side]]:
-    """The ORM side on ``db_url``, the writer's side on a second database of its backend."""
-    if db_url.startswith("sqlite"):
-        other_url = db_url.replace("tessera.db", "tessera-fast.db")
-        other_pg = None
-    else:
-        other_pg = create_pg_database()
-        other_url = other_pg.url
+def sides(
+    database: Database, tmp_path: Path, schema_templates: SchemaTemplates, clock: ManualClock
+) -> Iterator[tuple[Side, Side]]:
+    """The ORM side on the test's database, the writer's side on a second (migrated)
+    database of its backend."""
+    backend = "sqlite" if database.engine.dialect.name == "sqlite" else "postgresql"
     signing_key, pepper = SigningKey.generate(), secrets.token_bytes(32)
     keyring = Keyring([signing_key.public])
-    dbs = [Database(db_url), Database(other_url)]
     loop = asyncio.new_event_loop()
     writer: activations.ActivationWriter | None = None
-    try:
-        made = []
-        for db in dbs:
-            upgrade(db)
-            state = ServerState(db=db, signing_key=signing_key, pepper=pepper, clock=clock)
-            with db.write() as session:
-                row, _ = create_token(session, name="admin", role=Role.ADMIN, now=START)
-                admin = Principal(row.id, row.name, Role.ADMIN)
-            made.append((state, admin))
-        (orm_state, orm_admin), (fast_state, fast_admin) = made
-        writer = activations.ActivationWriter(fast_state.db, signing_key, pepper)
+    with migrated_database_url(backend, schema_templates, tmp_path / "tessera-fast.db") as other_url:
+        other = Database(other_url)
+        try:
+            made = []
+            for db in (database, other):
+                state = ServerState(db=db, signing_key=signing_key, pepper=pepper, clock=clock)
+                with db.write() as session:
+                    row, _ = create_token(session, name="admin", role=Role.ADMIN, now=START)
+                    admin = Principal(row.id, row.name, Role.ADMIN)
+                made.append((state, admin))
+            (orm_state, orm_admin), (fast_state, fast_admin) = made
+            writer = activations.ActivationWriter(fast_state.db, signing_key, pepper)
 
-        def fast(request: ActivationRequest) -> bytes:
-            assert writer is not None
-            return loop.run_until_complete(writer.activate(request, fast_state.now()))
+            def fast(request: ActivationRequest) -> bytes:
+                assert writer is not None
+                return loop.run_until_complete(writer.activate(request, fast_state.now()))
 
-        yield (
-            Side(orm_state, orm_admin, _orm(orm_state), keyring),
-            Side(fast_state, fast_admin, fast, keyring),
-        )
-    finally:
-        if writer is not None:
-            writer.stop()
-        loop.close()
-        for db in dbs:
-            db.dispose()
-        if other_pg is not None:
-            drop_pg_database(other_pg)
+            yield (
+                Side(orm_state, orm_admin, _orm(orm_state), keyring),
+                Side(fast_state, fast_admin, fast, keyring),
+            )
+        finally:
+            if writer is not None:
+                writer.stop()
+            loop.close()
+            other.dispose()
 
 
 def _both(sides: tuple[Side, Side], work: Callable[[Side], Any]) -> None:
