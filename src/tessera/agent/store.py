@@ -316,24 +316,8 @@ class StateStore:
     def _mark(self) -> None:
         """Write the marker (once the state carries a valid seal): atomically, and best
         effort, since the next open that finds the seal valid writes it again."""
-        path = self.state_dir / MARKER_NAME
-        tmp = path.with_name(f".{MARKER_NAME}.tmp{os.getpid()}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, self._marker())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            dir_fd = os.open(self.state_dir, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            with suppress(OSError):
-                tmp.unlink()
+        with suppress(OSError):
+            _write_durably(self.state_dir / MARKER_NAME, self._marker())
 
     def _reseal(self, db: sqlite3.Connection, was_ok: bool) -> None:
         """Seal what a write left, unless the seal was broken before it.
@@ -371,23 +355,9 @@ class StateStore:
                     "restore a --without-license backup"
                 ) from None
             data = os.urandom(32)
-            tmp = path.with_name(f".{SECRET_NAME}.tmp{os.getpid()}")
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
-                    os.write(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, path)
-                dir_fd = os.open(self.state_dir, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+                _write_durably(path, data)
             except OSError as exc:
-                with suppress(OSError):
-                    tmp.unlink()
                 raise StateError(_explain(exc, self.state_dir)) from None
         except OSError as exc:
             raise StateError(_explain(exc, self.state_dir)) from None
@@ -554,3 +524,27 @@ class StateStore:
             raise StateError(
                 f"cannot decrypt the {purpose}: it was written by another installation"
             ) from None
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write ``path`` (mode 0600) so that a crash leaves the old file or the new one, never
+    half of one: a temporary file, fsynced, renamed over it, and the directory fsynced.
+    The temporary file is removed when anything fails; the error is the caller's."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
