@@ -43,8 +43,10 @@ def _revision(url: str) -> str:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-@pytest.mark.parametrize("stamp", ["0011", "zz99_future"])
+@pytest.mark.parametrize("stamp", ["next", "zz99_future"])
 def test_run_refuses_a_newer_schema_revision(tmp_path: Path, backend: str, stamp: str) -> None:
+    if stamp == "next":  # the revision the next migration will have
+        stamp = f"{int(head_revision()) + 1:04d}"
     with backend_database(backend) as db_url:
         data_dir = tmp_path / "srv"
         init_data_dir(data_dir, db_url)
